@@ -1,0 +1,59 @@
+//! Capacities, protocol numbers, flag bits and timeouts of schema v1.
+
+/// Default capacity of `LB4_SVC_V1` and of the per-service arrays (service ids are `< MAX_SERVICES`).
+pub const MAX_SERVICES: u32 = 131_072;
+/// Default capacity of `LB4_BE_V1` and `LB_BE_STAT_V1` (backend ids are `< MAX_BACKENDS`; id 0 is never used).
+pub const MAX_BACKENDS: u32 = 262_144;
+/// Default number of slots in `LB_MAGLEV_V1`, shared by every service's slice.
+pub const MAGLEV_SLOTS: u32 = 1 << 22;
+/// Default capacity of the conntrack and reverse-NAT maps.
+pub const MAX_FLOWS: u32 = 262_144;
+/// Capacity of `LB4_NODEIP_V1`.
+pub const MAX_NODE_IPS: u32 = 256;
+/// Longest `namespace/name:port` kept in `LB_SVC_NAME_V1`.
+pub const NAME_LEN: usize = 120;
+
+/// A backend id that never names a backend: slot arrays are zeroed, so an unwritten slot reads as this.
+pub const BACKEND_NONE: u32 = 0;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+// Service4KeyV1::scope
+/// The frontend answers for every client (externalTrafficPolicy/internalTrafficPolicy: Cluster).
+pub const SCOPE_CLUSTER: u8 = 0;
+
+// Service4V1::kind, for display and per-kind policy.
+pub const KIND_CLUSTER_IP: u8 = 1;
+pub const KIND_NODE_PORT: u8 = 2;
+pub const KIND_LOAD_BALANCER: u8 = 3;
+pub const KIND_EXTERNAL_IP: u8 = 4;
+
+// Backend4V1::flags
+/// The backend runs on this node: deliver it directly, never SNAT.
+pub const F_BACKEND_LOCAL: u8 = 1 << 0;
+
+// Ct4EntryV1::flags and RevNat4V1::flags
+/// The flow was source-NATed to a node address and port (remote backend of an external frontend).
+pub const F_CT_SNAT: u8 = 1 << 0;
+
+// TCP flag bits as they sit in byte 13 of the TCP header; conntrack ORs them per direction.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Conntrack lifetimes, in nanoseconds of CLOCK_MONOTONIC (what `bpf_ktime_get_ns` returns).
+/// The values follow Cilium's defaults.
+pub const CT_TIMEOUT_TCP_SYN_NS: u64 = 60 * 1_000_000_000;
+pub const CT_TIMEOUT_TCP_ESTABLISHED_NS: u64 = 21_600 * 1_000_000_000;
+pub const CT_TIMEOUT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
+pub const CT_TIMEOUT_UDP_NS: u64 = 60 * 1_000_000_000;
+
+/// Source ports handed out for SNAT, inclusive. Kept clear of the NodePort range (30000-32767)
+/// and of Linux's default ephemeral range (32768-60999).
+pub const NAT_PORT_MIN: u16 = 61_000;
+pub const NAT_PORT_MAX: u16 = 65_535;
+/// How many candidate ports one new SNAT flow tries before it is dropped as exhausted.
+pub const NAT_PORT_TRIES: u32 = 16;

@@ -1,0 +1,45 @@
+//! Map schema v1, shared by the kernel programs (`lb-ebpf`) and user space (`lb-agent`,
+//! `lbctl`, tests and benchmarks).
+//!
+//! Layout rules: every key and value is `#[repr(C)]`, padding is spelled out as `_pad`
+//! fields (the kernel compares keys byte for byte, so no byte may be left undefined), and
+//! every type has size and offset asserts at the bottom of this file. A layout change adds a
+//! `V2` type and map beside the `V1` ones; it never edits a `V1` type in place.
+//!
+//! Addresses and ports are stored exactly as they appear on the wire (network byte order),
+//! read with `from_ne_bytes`, so the datapath never swaps bytes. Use [`ip4_raw`] and
+//! [`port_raw`] to build them in user space.
+#![no_std]
+
+pub mod consts;
+pub mod hash;
+pub mod maps;
+pub mod reason;
+
+pub use consts::*;
+pub use hash::flow_hash4;
+pub use maps::*;
+
+/// The raw (wire order) form of an IPv4 address, as stored in every map.
+#[inline(always)]
+pub const fn ip4_raw(octets: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(octets)
+}
+
+/// The octets of a raw (wire order) IPv4 address.
+#[inline(always)]
+pub const fn ip4_octets(raw: u32) -> [u8; 4] {
+    raw.to_ne_bytes()
+}
+
+/// The raw (wire order) form of a port, as stored in every map.
+#[inline(always)]
+pub const fn port_raw(port: u16) -> u16 {
+    port.to_be()
+}
+
+/// The host-order value of a raw (wire order) port.
+#[inline(always)]
+pub const fn port_host(raw: u16) -> u16 {
+    u16::from_be(raw)
+}

@@ -1,0 +1,51 @@
+//! Verdict reasons: every packet the programs see is counted under exactly one of these in
+//! `LB_REASON_V1`. `PASS_*` leave the packet untouched, `FWD_*` rewrote it, `DROP_*` and
+//! `REJECT_*` end it.
+
+pub const PASS_NOT_IP: u32 = 0;
+pub const PASS_NOT_SERVICE: u32 = 1;
+pub const PASS_IPV6: u32 = 2;
+pub const PASS_NOT_TCP_UDP: u32 = 3;
+pub const PASS_FRAGMENT: u32 = 4;
+pub const DROP_TRUNCATED_ETH: u32 = 5;
+pub const DROP_TRUNCATED_VLAN: u32 = 6;
+pub const DROP_TRUNCATED_IP4: u32 = 7;
+pub const DROP_MALFORMED_IP4: u32 = 8;
+pub const DROP_TRUNCATED_IP6: u32 = 9;
+pub const DROP_TRUNCATED_L4: u32 = 10;
+pub const DROP_SERVICE_FRAGMENT: u32 = 11;
+pub const FWD_LOCAL_BACKEND: u32 = 12;
+pub const FWD_REMOTE_BACKEND: u32 = 13;
+pub const FWD_REVERSE_NAT: u32 = 14;
+pub const REJECT_NO_BACKEND: u32 = 15;
+pub const DROP_CT_FULL: u32 = 16;
+pub const DROP_NAT_PORTS_EXHAUSTED: u32 = 17;
+pub const DROP_FIB_LOOKUP: u32 = 18;
+pub const DROP_BACKEND_MISSING: u32 = 19;
+
+/// Number of reasons; `LB_REASON_V1` has this many slots.
+pub const COUNT: u32 = 20;
+
+/// Stable names for metrics and `lbctl stats`, indexed by reason.
+pub const NAMES: [&str; COUNT as usize] = [
+    "pass_not_ip",
+    "pass_not_service",
+    "pass_ipv6",
+    "pass_not_tcp_udp",
+    "pass_fragment",
+    "drop_truncated_eth",
+    "drop_truncated_vlan",
+    "drop_truncated_ip4",
+    "drop_malformed_ip4",
+    "drop_truncated_ip6",
+    "drop_truncated_l4",
+    "drop_service_fragment",
+    "fwd_local_backend",
+    "fwd_remote_backend",
+    "fwd_reverse_nat",
+    "reject_no_backend",
+    "drop_ct_full",
+    "drop_nat_ports_exhausted",
+    "drop_fib_lookup",
+    "drop_backend_missing",
+];
