@@ -57,3 +57,19 @@ pub const NAT_PORT_MIN: u16 = 61_000;
 pub const NAT_PORT_MAX: u16 = 65_535;
 /// How many candidate ports one new SNAT flow tries before it is dropped as exhausted.
 pub const NAT_PORT_TRIES: u32 = 16;
+
+/// How long a tracked flow lives without packets, from the TCP flags seen in each direction.
+/// Shared by the kernel (none today) and the agent's conntrack GC, so both agree on expiry.
+pub const fn ct_lifetime_ns(proto: u8, forward_flags: u8, reply_flags: u8) -> u64 {
+    if proto != IPPROTO_TCP {
+        return CT_TIMEOUT_UDP_NS;
+    }
+    let seen = forward_flags | reply_flags;
+    if seen & (TCP_FIN | TCP_RST) != 0 {
+        CT_TIMEOUT_TCP_CLOSING_NS
+    } else if reply_flags & TCP_ACK != 0 {
+        CT_TIMEOUT_TCP_ESTABLISHED_NS
+    } else {
+        CT_TIMEOUT_TCP_SYN_NS
+    }
+}

@@ -69,7 +69,7 @@ pub struct Service4V1 {
 
 /// One endpoint address and port.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Backend4V1 {
     pub addr: u32,
     pub port: u16,

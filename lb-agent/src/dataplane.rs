@@ -1,0 +1,296 @@
+//! Programs the maps from a desired set of frontends, without ever exposing a half-built
+//! state: new backends are written first, a service's new Maglev table is built in a fresh
+//! slice beside the old one, the service entry is flipped in one write, and only then is what
+//! became unused freed. Deletion runs in reverse.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use lb_common::*;
+use maglev::Maglev;
+
+use crate::{
+    maps::{zero_counters, Maps},
+    slices::SliceAllocator,
+};
+
+/// One frontend as the control plane wants it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    pub key: Service4KeyV1,
+    /// `KIND_*`.
+    pub kind: u8,
+    /// `namespace/name:port/PROTO`, for lbctl and metrics.
+    pub name: String,
+    /// Ready endpoints; empty means new flows are rejected.
+    pub backends: Vec<BackendSpec>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendSpec {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub local: bool,
+    pub weight: u32,
+}
+
+impl BackendSpec {
+    fn entry(&self) -> Backend4V1 {
+        Backend4V1 { addr: ip4_raw(self.addr.octets()), port: port_raw(self.port), flags: if self.local { F_BACKEND_LOCAL } else { 0 }, _pad: 0 }
+    }
+}
+
+/// A frontend as it is in the maps.
+#[derive(Clone, Debug)]
+struct Programmed {
+    frontend: Frontend,
+    entry: Service4V1,
+    backend_ids: Vec<u32>,
+}
+
+/// What one `apply` changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub added: usize,
+    pub updated: usize,
+    pub removed: usize,
+    pub unchanged: usize,
+}
+
+pub struct Dataplane {
+    pub maps: Maps,
+    maglev_seed: u64,
+    min_table_size: u32,
+    slices: SliceAllocator,
+    services: BTreeMap<Service4KeyV1, Programmed>,
+    /// Backend entry -> id, and id -> (entry, number of services using it).
+    backend_ids: HashMap<Backend4V1, u32>,
+    backend_users: HashMap<u32, (Backend4V1, usize)>,
+    free_backend_ids: Vec<u32>,
+    next_backend_id: u32,
+    free_service_ids: Vec<u32>,
+    next_service_id: u32,
+}
+
+impl Dataplane {
+    /// `min_table_size` is the smallest Maglev table a service gets (a prime from
+    /// `maglev::TABLE_SIZES`); services with many backends get the first size above 100 N.
+    pub fn new(maps: Maps, maglev_seed: u64, min_table_size: u32) -> Result<Self> {
+        Maglev::new(min_table_size, maglev_seed)?;
+        let slots = maps.maglev.len();
+        Ok(Self {
+            maps,
+            maglev_seed,
+            min_table_size,
+            slices: SliceAllocator::new(slots),
+            services: BTreeMap::new(),
+            backend_ids: HashMap::new(),
+            backend_users: HashMap::new(),
+            free_backend_ids: Vec::new(),
+            next_backend_id: 1,
+            free_service_ids: Vec::new(),
+            next_service_id: 0,
+        })
+    }
+
+    pub fn set_config(&mut self, config: ConfigV1) -> Result<()> {
+        self.maps.config.set(0, &config, 0).context("writing LB_CONFIG_V1")
+    }
+
+    /// Replaces the set of node addresses where NodePorts answer.
+    pub fn set_node_ips(&mut self, ips: &[(Ipv4Addr, u32)]) -> Result<()> {
+        let wanted: HashMap<u32, u32> = ips.iter().map(|(ip, ifindex)| (ip4_raw(ip.octets()), *ifindex)).collect();
+        for (ip, ifindex) in &wanted {
+            self.maps.node_ips.insert(ip, ifindex, 0).context("writing LB4_NODEIP_V1")?;
+        }
+        let stale: Vec<u32> = self.maps.node_ips.keys().filter_map(|k| k.ok()).filter(|k| !wanted.contains_key(k)).collect();
+        for ip in stale {
+            self.maps.node_ips.remove(&ip)?;
+        }
+        Ok(())
+    }
+
+    /// The table size for a service with `n` backends.
+    pub fn table_size_for(&self, n: usize) -> u32 {
+        maglev::TABLE_SIZES
+            .iter()
+            .copied()
+            .filter(|&m| m >= self.min_table_size)
+            .find(|&m| m as usize > 100 * n)
+            .unwrap_or(*maglev::TABLE_SIZES.last().unwrap())
+    }
+
+    /// Makes the maps hold exactly `desired`. An error leaves every frontend either at its old
+    /// or at its new state, never between; frontends already done stay done.
+    pub fn apply(&mut self, desired: &[Frontend]) -> Result<ApplyStats> {
+        let mut stats = ApplyStats::default();
+        let mut wanted: BTreeMap<Service4KeyV1, &Frontend> = BTreeMap::new();
+        for f in desired {
+            if wanted.insert(f.key, f).is_some() {
+                bail!("frontend {} is declared twice", f.name);
+            }
+        }
+        for (key, frontend) in &wanted {
+            match self.services.get(key) {
+                Some(p) if &p.frontend == *frontend => stats.unchanged += 1,
+                Some(_) => {
+                    self.upsert(frontend)?;
+                    stats.updated += 1;
+                }
+                None => {
+                    self.upsert(frontend)?;
+                    stats.added += 1;
+                }
+            }
+        }
+        let stale: Vec<Service4KeyV1> = self.services.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
+        for key in stale {
+            self.remove(&key)?;
+            stats.removed += 1;
+        }
+        Ok(stats)
+    }
+
+    fn upsert(&mut self, frontend: &Frontend) -> Result<()> {
+        let old = self.services.get(&frontend.key).cloned();
+        let service_id = match &old {
+            Some(p) => p.entry.service_id,
+            None => self.alloc_service_id()?,
+        };
+
+        // 1. Backends first, so every id the new table names already resolves.
+        let mut backend_ids = Vec::with_capacity(frontend.backends.len());
+        for b in &frontend.backends {
+            backend_ids.push(self.acquire_backend(b.entry())?);
+        }
+
+        // 2. The new table, in a slice of its own.
+        let (maglev_offset, maglev_size) = if frontend.backends.is_empty() {
+            (0, 0)
+        } else {
+            match self.write_table(frontend, &backend_ids) {
+                Ok(slice) => slice,
+                Err(e) => {
+                    self.release_backends(&backend_ids)?;
+                    return Err(e.context(format!("service {}", frontend.name)));
+                }
+            }
+        };
+
+        // 3. The flip: one write moves every new flow to the new table.
+        if old.is_none() {
+            self.maps.service_names.set(service_id, &NameV1::new(&frontend.name), 0)?;
+            self.maps.service_stats.set(service_id, zero_counters()?, 0)?;
+        }
+        let entry = Service4V1 {
+            service_id,
+            maglev_offset,
+            maglev_size,
+            backend_count: frontend.backends.len().min(u16::MAX as usize) as u16,
+            kind: frontend.kind,
+            _pad: 0,
+        };
+        self.maps.services.insert(&frontend.key, &entry, 0).with_context(|| format!("writing service {} to {MAP_SERVICES}", frontend.name))?;
+
+        // 4. Free what the old state used.
+        if let Some(old) = old {
+            if old.entry.maglev_size > 0 {
+                self.slices.free(old.entry.maglev_offset, old.entry.maglev_size);
+            }
+            self.release_backends(&old.backend_ids)?;
+        }
+        self.services.insert(frontend.key, Programmed { frontend: frontend.clone(), entry, backend_ids });
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &Service4KeyV1) -> Result<()> {
+        let Some(old) = self.services.remove(key) else { return Ok(()) };
+        self.maps.services.remove(key).with_context(|| format!("removing service {}", old.frontend.name))?;
+        if old.entry.maglev_size > 0 {
+            self.slices.free(old.entry.maglev_offset, old.entry.maglev_size);
+        }
+        self.release_backends(&old.backend_ids)?;
+        self.free_service_ids.push(old.entry.service_id);
+        Ok(())
+    }
+
+    fn write_table(&mut self, frontend: &Frontend, backend_ids: &[u32]) -> Result<(u32, u32)> {
+        let size = self.table_size_for(frontend.backends.len());
+        let keys: Vec<String> = frontend.backends.iter().map(|b| format!("{}:{}", b.addr, b.port)).collect();
+        let input: Vec<maglev::Backend<'_, u32>> = keys
+            .iter()
+            .zip(frontend.backends.iter().zip(backend_ids))
+            .map(|(k, (b, id))| maglev::Backend { id: *id, key: k.as_bytes(), weight: b.weight })
+            .collect();
+        let table = Maglev::new(size, self.maglev_seed)?.build(&input)?;
+        let offset = self
+            .slices
+            .alloc(size)
+            .ok_or_else(|| anyhow!("{MAP_MAGLEV} is full: no {size} free slots ({} free in all)", self.slices.free_slots()))?;
+        for (i, id) in table.iter().enumerate() {
+            if let Err(e) = self.maps.maglev.set(offset + i as u32, id, 0) {
+                self.slices.free(offset, size);
+                return Err(e).context("writing Maglev slots");
+            }
+        }
+        Ok((offset, size))
+    }
+
+    fn acquire_backend(&mut self, entry: Backend4V1) -> Result<u32> {
+        if let Some(&id) = self.backend_ids.get(&entry) {
+            self.backend_users.get_mut(&id).expect("both maps agree").1 += 1;
+            return Ok(id);
+        }
+        let id = match self.free_backend_ids.pop() {
+            Some(id) => id,
+            None if self.next_backend_id < self.maps.backends.len() => {
+                self.next_backend_id += 1;
+                self.next_backend_id - 1
+            }
+            None => bail!("{MAP_BACKENDS} is full ({} backends)", self.maps.backends.len() - 1),
+        };
+        self.maps.backend_stats.set(id, zero_counters()?, 0)?;
+        self.maps.backends.set(id, &entry, 0).context("writing a backend")?;
+        self.backend_ids.insert(entry, id);
+        self.backend_users.insert(id, (entry, 1));
+        Ok(id)
+    }
+
+    fn release_backends(&mut self, ids: &[u32]) -> Result<()> {
+        for id in ids {
+            let Some((entry, users)) = self.backend_users.get_mut(id) else { continue };
+            *users -= 1;
+            if *users == 0 {
+                self.backend_ids.remove(&*entry);
+                self.backend_users.remove(id);
+                // A zeroed entry reads as "gone": flows pinned to it re-select (see lb.rs).
+                self.maps.backends.set(*id, &Backend4V1::default(), 0)?;
+                self.free_backend_ids.push(*id);
+            }
+        }
+        Ok(())
+    }
+
+    fn alloc_service_id(&mut self) -> Result<u32> {
+        if let Some(id) = self.free_service_ids.pop() {
+            return Ok(id);
+        }
+        if self.next_service_id >= self.maps.service_names.len() {
+            bail!("{MAP_SERVICES} is full ({} frontends)", self.next_service_id);
+        }
+        self.next_service_id += 1;
+        Ok(self.next_service_id - 1)
+    }
+
+    /// The backend id programmed for `spec`, if any.
+    pub fn backend_id(&self, spec: &BackendSpec) -> Option<u32> {
+        self.backend_ids.get(&spec.entry()).copied()
+    }
+
+    /// The service entry programmed for `key`.
+    pub fn service(&self, key: &Service4KeyV1) -> Option<Service4V1> {
+        self.services.get(key).map(|p| p.entry)
+    }
+}

@@ -1,0 +1,6 @@
+//! The load balancer's user space: loading the kernel programs, programming the maps from
+//! Kubernetes objects, and reading them back for `lbctl`.
+pub mod bpf;
+pub mod dataplane;
+pub mod maps;
+pub mod slices;

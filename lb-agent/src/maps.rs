@@ -1,0 +1,83 @@
+//! Typed handles on the maps of schema v1, from a freshly loaded object or from their pins.
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    Ebpf,
+};
+use lb_common::*;
+
+pub struct Maps {
+    pub services: HashMap<MapData, Service4KeyV1, Service4V1>,
+    pub backends: Array<MapData, Backend4V1>,
+    pub maglev: Array<MapData, u32>,
+    pub conntrack: HashMap<MapData, Ct4KeyV1, Ct4EntryV1>,
+    pub reverse_nat: HashMap<MapData, Ct4KeyV1, RevNat4V1>,
+    pub service_stats: PerCpuArray<MapData, TrafficCountersV1>,
+    pub backend_stats: PerCpuArray<MapData, TrafficCountersV1>,
+    pub reasons: PerCpuArray<MapData, u64>,
+    pub config: Array<MapData, ConfigV1>,
+    pub node_ips: HashMap<MapData, u32, u32>,
+    pub service_names: Array<MapData, NameV1>,
+}
+
+impl Maps {
+    /// Takes the maps out of a loaded object (load its programs first).
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        Self::build(|name| ebpf.take_map(name).with_context(|| format!("map {name} missing from the object")))
+    }
+
+    /// Opens the maps an agent pinned in `pin_dir`; works while no agent runs.
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
+        Self::build(|name| {
+            let path = pin_dir.join(name);
+            let data = MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
+            Map::from_map_data(data).with_context(|| format!("map {}", path.display()))
+        })
+    }
+
+    fn build(mut open: impl FnMut(&str) -> Result<Map>) -> Result<Self> {
+        macro_rules! typed {
+            ($name:expr) => {
+                open($name)?.try_into().with_context(|| format!("map {} has an unexpected type or layout", $name))?
+            };
+        }
+        Ok(Self {
+            services: typed!(MAP_SERVICES),
+            backends: typed!(MAP_BACKENDS),
+            maglev: typed!(MAP_MAGLEV),
+            conntrack: typed!(MAP_CONNTRACK),
+            reverse_nat: typed!(MAP_REVERSE_NAT),
+            service_stats: typed!(MAP_SERVICE_STATS),
+            backend_stats: typed!(MAP_BACKEND_STATS),
+            reasons: typed!(MAP_REASONS),
+            config: typed!(MAP_CONFIG),
+            node_ips: typed!(MAP_NODE_IPS),
+            service_names: typed!(MAP_SERVICE_NAMES),
+        })
+    }
+
+    /// Per-reason packet counts, summed over CPUs.
+    pub fn reason_counts(&self) -> Result<Vec<u64>> {
+        (0..reason::COUNT).map(|r| Ok(self.reasons.get(&r, 0)?.iter().sum())).collect()
+    }
+
+    pub fn service_counters(&self, service_id: u32) -> Result<TrafficCountersV1> {
+        sum_counters(&self.service_stats.get(&service_id, 0)?)
+    }
+
+    pub fn backend_counters(&self, backend_id: u32) -> Result<TrafficCountersV1> {
+        sum_counters(&self.backend_stats.get(&backend_id, 0)?)
+    }
+}
+
+fn sum_counters(per_cpu: &PerCpuValues<TrafficCountersV1>) -> Result<TrafficCountersV1> {
+    Ok(per_cpu.iter().fold(TrafficCountersV1::default(), |a, c| TrafficCountersV1 { packets: a.packets + c.packets, bytes: a.bytes + c.bytes }))
+}
+
+/// Zeroed per-CPU counters, to reset an id before it is reused.
+pub fn zero_counters() -> Result<PerCpuValues<TrafficCountersV1>> {
+    let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?.get() as usize;
+    Ok(PerCpuValues::try_from(vec![TrafficCountersV1::default(); cpus])?)
+}

@@ -1,0 +1,20 @@
+//! Incremental Internet checksum updates (RFC 1624, eqn. 3): `HC' = ~(~HC + ~m + m')`.
+//! The one's-complement sum does not care about byte order, so raw wire-order values are used.
+
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+#[inline(always)]
+pub fn replace4(csum: u16, old: u32, new: u32) -> u16 {
+    let sum = (!csum) as u32 + (!old & 0xffff) + (!old >> 16) + (new & 0xffff) + (new >> 16);
+    !fold(sum)
+}
+
+#[inline(always)]
+pub fn replace2(csum: u16, old: u16, new: u16) -> u16 {
+    !fold((!csum) as u32 + (!old) as u32 + new as u32)
+}

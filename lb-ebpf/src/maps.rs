@@ -1,0 +1,56 @@
+//! The maps of schema v1 (see `lb_common::maps` for what each holds). All are pinned by name,
+//! so a restarted agent adopts them and established flows keep their state.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray},
+};
+use lb_common::*;
+
+#[map]
+pub static LB4_SVC_V1: HashMap<Service4KeyV1, Service4V1> = HashMap::pinned(MAX_SERVICES, 0);
+#[map]
+pub static LB4_BE_V1: Array<Backend4V1> = Array::pinned(MAX_BACKENDS, 0);
+#[map]
+pub static LB_MAGLEV_V1: Array<u32> = Array::pinned(MAGLEV_SLOTS, 0);
+#[map]
+pub static LB4_CT_V1: HashMap<Ct4KeyV1, Ct4EntryV1> = HashMap::pinned(MAX_FLOWS, 0);
+#[map]
+pub static LB4_RNAT_V1: HashMap<Ct4KeyV1, RevNat4V1> = HashMap::pinned(MAX_FLOWS, 0);
+#[map]
+pub static LB_SVC_STAT_V1: PerCpuArray<TrafficCountersV1> = PerCpuArray::pinned(MAX_SERVICES, 0);
+#[map]
+pub static LB_BE_STAT_V1: PerCpuArray<TrafficCountersV1> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+#[map]
+pub static LB_REASON_V1: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
+#[map]
+pub static LB_CONFIG_V1: Array<ConfigV1> = Array::pinned(1, 0);
+#[map]
+pub static LB4_NODEIP_V1: HashMap<u32, u32> = HashMap::pinned(MAX_NODE_IPS, 0);
+#[map]
+pub static LB_SVC_NAME_V1: Array<NameV1> = Array::pinned(MAX_SERVICES, 0);
+
+#[inline(always)]
+pub fn count_reason(reason: u32) {
+    if let Some(c) = LB_REASON_V1.get_ptr_mut(reason) {
+        unsafe { *c += 1 }
+    }
+}
+
+#[inline(always)]
+pub fn count_traffic(map: &PerCpuArray<TrafficCountersV1>, id: u32, bytes: u32) {
+    if let Some(c) = map.get_ptr_mut(id) {
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes as u64;
+        }
+    }
+}
+
+/// The config, or defaults when the agent has not written one yet.
+#[inline(always)]
+pub fn config() -> ConfigV1 {
+    match LB_CONFIG_V1.get(0) {
+        Some(c) if c.nat_port_min != 0 => *c,
+        _ => ConfigV1 { nat_port_min: NAT_PORT_MIN, nat_port_max: NAT_PORT_MAX, ..ConfigV1::default() },
+    }
+}

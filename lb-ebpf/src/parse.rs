@@ -1,0 +1,127 @@
+//! Header parsing shared by XDP and TC. Every read is bounds-checked against `data_end`.
+use core::mem::size_of;
+
+use lb_common::{reason, Ct4KeyV1, IPPROTO_TCP, IPPROTO_UDP};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
+
+const ETH_P_IP: u16 = 0x0800u16.to_be();
+const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
+const ETH_P_8021Q: u16 = 0x8100u16.to_be();
+const ETH_P_8021AD: u16 = 0x88A8u16.to_be();
+/// Flags and offset bits of the IPv4 fragment field, in host order.
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET_MASK: u16 = 0x1fff;
+
+/// An IPv4 TCP or UDP packet, located.
+pub struct Ipv4Packet {
+    /// Offset of the IPv4 header from the start of the frame.
+    pub l3_off: usize,
+    /// Offset of the TCP/UDP header (IHL honoured, so options are skipped).
+    pub l4_off: usize,
+    pub tuple: Ct4KeyV1,
+    /// Byte 13 of the TCP header (0 for UDP).
+    pub tcp_flags: u8,
+    /// The first fragment of a fragmented datagram (ports present, rest elsewhere).
+    pub first_fragment: bool,
+}
+
+/// Where parsing stopped: either a packet to balance, or a verdict reason with no rewrite.
+pub enum Parsed {
+    Ipv4(Ipv4Packet),
+    /// Leave the packet untouched (`reason::PASS_*`).
+    Pass(u32),
+    /// Drop it (`reason::DROP_*`).
+    Drop(u32),
+}
+
+/// A pointer to a `T` at `off`, or `None` when the frame is too short.
+#[inline(always)]
+pub fn ptr_at<T>(data: usize, data_end: usize, off: usize) -> Option<*mut T> {
+    if data + off + size_of::<T>() > data_end {
+        return None;
+    }
+    Some((data + off) as *mut T)
+}
+
+#[inline(always)]
+pub fn parse(data: usize, data_end: usize) -> Parsed {
+    let Some(eth) = ptr_at::<EthHdr>(data, data_end, 0) else {
+        return Parsed::Drop(reason::DROP_TRUNCATED_ETH);
+    };
+    let mut ether_type = unsafe { (*eth).ether_type };
+    let mut l3_off = EthHdr::LEN;
+    // Up to two tags (802.1ad outer, 802.1Q inner); unrolled for the verifier.
+    for _ in 0..2 {
+        if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
+            break;
+        }
+        let Some(vlan) = ptr_at::<VlanHdr>(data, data_end, l3_off) else {
+            return Parsed::Drop(reason::DROP_TRUNCATED_VLAN);
+        };
+        ether_type = unsafe { (*vlan).ether_type };
+        l3_off += VlanHdr::LEN;
+    }
+    if ether_type == ETH_P_IPV6 {
+        if ptr_at::<Ipv6Hdr>(data, data_end, l3_off).is_none() {
+            return Parsed::Drop(reason::DROP_TRUNCATED_IP6);
+        }
+        return Parsed::Pass(reason::PASS_IPV6);
+    }
+    if ether_type != ETH_P_IP {
+        return Parsed::Pass(reason::PASS_NOT_IP);
+    }
+
+    let Some(ip) = ptr_at::<Ipv4Hdr>(data, data_end, l3_off) else {
+        return Parsed::Drop(reason::DROP_TRUNCATED_IP4);
+    };
+    let ip = unsafe { &*ip };
+    let ihl = (ip.vihl & 0x0f) as usize * 4;
+    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || (u16::from_be_bytes(ip.tot_len) as usize) < ihl {
+        return Parsed::Drop(reason::DROP_MALFORMED_IP4);
+    }
+    let l4_off = l3_off + ihl;
+    if data + l4_off > data_end {
+        return Parsed::Drop(reason::DROP_TRUNCATED_IP4);
+    }
+    let proto = ip.proto;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Parsed::Pass(reason::PASS_NOT_TCP_UDP);
+    }
+    let frag = u16::from_be_bytes(ip.frags);
+    if frag & IP_OFFSET_MASK != 0 {
+        // A later fragment carries no ports: it cannot be matched to a flow here.
+        return Parsed::Pass(reason::PASS_FRAGMENT);
+    }
+
+    let mut tuple = Ct4KeyV1 {
+        src_addr: u32::from_ne_bytes(ip.src_addr),
+        dst_addr: u32::from_ne_bytes(ip.dst_addr),
+        proto,
+        ..Ct4KeyV1::default()
+    };
+    let mut tcp_flags = 0;
+    if proto == IPPROTO_TCP {
+        let Some(tcp) = ptr_at::<TcpHdr>(data, data_end, l4_off) else {
+            return Parsed::Drop(reason::DROP_TRUNCATED_L4);
+        };
+        let tcp = unsafe { &*tcp };
+        tuple.src_port = u16::from_ne_bytes(tcp.source);
+        tuple.dst_port = u16::from_ne_bytes(tcp.dest);
+        // Byte 13 of the header: CWR ECE URG ACK PSH RST SYN FIN.
+        tcp_flags = unsafe { *((tcp as *const TcpHdr as *const u8).add(13)) };
+    } else {
+        let Some(udp) = ptr_at::<UdpHdr>(data, data_end, l4_off) else {
+            return Parsed::Drop(reason::DROP_TRUNCATED_L4);
+        };
+        let udp = unsafe { &*udp };
+        tuple.src_port = u16::from_ne_bytes(udp.src);
+        tuple.dst_port = u16::from_ne_bytes(udp.dst);
+    }
+    Parsed::Ipv4(Ipv4Packet { l3_off, l4_off, tuple, tcp_flags, first_fragment: frag & IP_MF != 0 })
+}
