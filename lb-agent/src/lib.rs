@@ -4,3 +4,4 @@ pub mod bpf;
 pub mod dataplane;
 pub mod maps;
 pub mod slices;
+pub mod testbed;
