@@ -2,6 +2,8 @@
 //! Kubernetes objects, and reading them back for `lbctl`.
 pub mod bpf;
 pub mod dataplane;
+pub mod manifests;
 pub mod maps;
 pub mod slices;
 pub mod testbed;
+pub mod translate;

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what a fresh Debian machine lacks to build, demo and test the load balancer.
+# Idempotent: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v ip >/dev/null || missing+=(iproute2)
+command -v iptables >/dev/null || missing+=(iptables)
+command -v nft >/dev/null || missing+=(nftables)
+command -v python3 >/dev/null || missing+=(python3 python3-pip)
+if ((${#missing[@]})); then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# The toolchains the rust-toolchain.toml files pin: stable for the workspace, a dated nightly
+# (with rust-src and llvm-tools) for the kernel programs. rustup 1.29 does not install them on
+# first use, so install them here.
+rustup toolchain install >/dev/null
+(cd lb-ebpf && rustup toolchain install >/dev/null)
+echo "setup: toolchains ready: $(rustc --version) / $(cd lb-ebpf && rustc --version)"
