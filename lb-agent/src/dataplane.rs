@@ -95,6 +95,41 @@ impl Dataplane {
         })
     }
 
+    /// Takes over what an earlier agent left in pinned maps, without changing a byte: its
+    /// slices, ids and backends become ours, so the next `apply` replaces them the safe way
+    /// (new slice, flip, free) and removes what is stale. Returns the frontends adopted.
+    pub fn adopt(&mut self) -> Result<usize> {
+        let entries: Vec<(Service4KeyV1, Service4V1)> = self.maps.services.iter().collect::<Result<_, _>>().context("reading LB4_SVC_V1")?;
+        let mut max_service_id = None;
+        for (key, entry) in &entries {
+            if entry.maglev_size > 0 && !self.slices.reserve(entry.maglev_offset, entry.maglev_size) {
+                bail!("pinned service {key:?} claims slots {}+{} that overlap another service", entry.maglev_offset, entry.maglev_size);
+            }
+            let mut ids: Vec<u32> = Vec::new();
+            for slot in entry.maglev_offset..entry.maglev_offset + entry.maglev_size {
+                let id = self.maps.maglev.get(&slot, 0)?;
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+            for id in &ids {
+                let backend = self.maps.backends.get(id, 0)?;
+                self.backend_ids.insert(backend, *id);
+                self.backend_users.entry(*id).or_insert((backend, 0)).1 += 1;
+                self.next_backend_id = self.next_backend_id.max(id + 1);
+            }
+            let name = self.maps.service_names.get(&entry.service_id, 0).map(|n| n.as_str().to_string()).unwrap_or_default();
+            max_service_id = max_service_id.max(Some(entry.service_id));
+            let frontend = Frontend { key: *key, kind: entry.kind, name, backends: Vec::new() };
+            self.services.insert(*key, Programmed { frontend, entry: *entry, backend_ids: ids });
+        }
+        self.next_service_id = max_service_id.map_or(0, |m| m + 1);
+        let used: std::collections::HashSet<u32> = entries.iter().map(|(_, e)| e.service_id).collect();
+        self.free_service_ids = (0..self.next_service_id).filter(|id| !used.contains(id)).collect();
+        self.free_backend_ids = (1..self.next_backend_id).filter(|id| !self.backend_users.contains_key(id)).collect();
+        Ok(entries.len())
+    }
+
     pub fn set_config(&mut self, config: ConfigV1) -> Result<()> {
         self.maps.config.set(0, &config, 0).context("writing LB_CONFIG_V1")
     }

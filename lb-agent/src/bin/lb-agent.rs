@@ -1,1 +1,99 @@
-fn main() {}
+//! lb-agent: the node daemon. Standalone mode reads Kubernetes manifests from a directory.
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+
+use anyhow::Result;
+use aya::programs::XdpMode;
+use clap::{Parser, ValueEnum};
+use lb_agent::{
+    agent::{enable_ip_forwarding, Agent, AgentConfig},
+    bpf::MapSizes,
+};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "XDP/TC load balancer and kube-proxy replacement: node agent")]
+struct Args {
+    /// Directory of Kubernetes manifests (Service, EndpointSlice, Node; YAML or JSON, multi-document).
+    #[arg(long)]
+    manifests: PathBuf,
+    /// This node's name, as in EndpointSlice `nodeName` (decides local or remote backends).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// Source address for SNAT to remote backends [default: the Node object's InternalIP, else
+    /// the first address found through rtnetlink].
+    #[arg(long)]
+    node_ip: Option<Ipv4Addr>,
+    /// Devices that receive traffic from outside the cluster; they get the XDP program.
+    #[arg(long, value_delimiter = ',')]
+    external_devices: Vec<String>,
+    #[arg(long, value_enum, default_value_t = Mode::Native)]
+    xdp_mode: Mode,
+    /// Name patterns of pods' host-side devices (a trailing * matches any suffix); they get the TC program.
+    #[arg(long, value_delimiter = ',', default_value = "lxc*,cali*,veth*")]
+    pod_devices: Vec<String>,
+    /// Also treat every device with a /32 route as a pod device.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pod_devices_from_routes: bool,
+    /// Where the maps are pinned; a bpffs is mounted there if none is.
+    #[arg(long, default_value = "/sys/fs/bpf/lb")]
+    pin_dir: PathBuf,
+    /// Smallest Maglev table per service (a prime from 251 to 131071); services with many
+    /// backends get the first size above 100 per backend.
+    #[arg(long, default_value_t = 1021)]
+    maglev_table_size: u32,
+    /// Seed of the flow hash. Give every node the same one, so a flow maps to the same backend anywhere.
+    #[arg(long, default_value_t = 0)]
+    hash_seed: u32,
+    /// How often to re-read manifests, devices and addresses, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    sync_interval_ms: u64,
+    /// How often to collect expired conntrack entries, in seconds.
+    #[arg(long, default_value_t = 10)]
+    gc_interval_s: u64,
+    /// Capacity of the conntrack and reverse-NAT maps [default: 262144 each].
+    #[arg(long)]
+    max_flows: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Mode {
+    Native,
+    Generic,
+}
+
+fn main() -> Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = Args::parse();
+    let cfg = AgentConfig {
+        manifests: args.manifests,
+        node_name: args.node_name,
+        node_ip: args.node_ip,
+        external_devices: args.external_devices,
+        xdp_mode: match args.xdp_mode {
+            Mode::Native => XdpMode::Driver,
+            Mode::Generic => XdpMode::Skb,
+        },
+        pod_device_patterns: args.pod_devices,
+        pod_devices_from_routes: args.pod_devices_from_routes,
+        pin_dir: args.pin_dir,
+        maglev_min_table: args.maglev_table_size,
+        hash_seed: args.hash_seed,
+        sync_interval: Duration::from_millis(args.sync_interval_ms),
+        gc_interval: Duration::from_secs(args.gc_interval_s),
+        sizes: MapSizes { flows: args.max_flows, maglev_slots: None },
+    };
+    enable_ip_forwarding()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let agent = Agent::start(cfg).await?;
+        agent.run(shutdown_signal()).await
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

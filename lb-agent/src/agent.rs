@@ -1,0 +1,225 @@
+//! The agent's main loop: load and attach the programs, then keep the maps equal to what the
+//! manifests say, the pod devices covered, the node addresses current and conntrack collected.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode},
+    Ebpf,
+};
+use lb_common::*;
+use log::{error, info, warn};
+
+use crate::{
+    bpf::{self, MapSizes},
+    conntrack,
+    dataplane::{Dataplane, Frontend},
+    manifests::ManifestDir,
+    maps::Maps,
+    node,
+    translate::{self, ServiceName},
+};
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub manifests: PathBuf,
+    pub node_name: String,
+    pub node_ip: Option<Ipv4Addr>,
+    pub external_devices: Vec<String>,
+    pub xdp_mode: XdpMode,
+    pub pod_device_patterns: Vec<String>,
+    pub pod_devices_from_routes: bool,
+    pub pin_dir: PathBuf,
+    pub maglev_min_table: u32,
+    pub hash_seed: u32,
+    pub sync_interval: Duration,
+    pub gc_interval: Duration,
+    pub sizes: MapSizes,
+}
+
+pub struct Agent {
+    cfg: AgentConfig,
+    ebpf: Ebpf,
+    dataplane: Dataplane,
+    netlink: rtnetlink::Handle,
+    source: ManifestDir,
+    /// The last frontends of each Service that translated cleanly; a Service whose manifest
+    /// turns bad keeps these.
+    last_good: BTreeMap<ServiceName, Vec<Frontend>>,
+    reported: BTreeSet<String>,
+    tc_links: HashMap<u32, String>,
+    node_ips: Vec<(Ipv4Addr, u32)>,
+    last_gc: Instant,
+}
+
+impl Agent {
+    pub async fn start(cfg: AgentConfig) -> Result<Self> {
+        let mut ebpf = bpf::load(&cfg.pin_dir, &cfg.sizes)?;
+        let xdp: &mut Xdp = ebpf.program_mut(bpf::XDP_PROGRAM).context("no XDP program")?.try_into()?;
+        xdp.load().context("loading lb_xdp")?;
+        let tc: &mut SchedClassifier = ebpf.program_mut(bpf::TC_PROGRAM).context("no TC program")?.try_into()?;
+        tc.load().context("loading lb_tc")?;
+        let maps = Maps::take(&mut ebpf)?;
+        let mut dataplane = Dataplane::new(maps, cfg.hash_seed as u64, cfg.maglev_min_table)?;
+        let adopted = dataplane.adopt()?;
+        if adopted > 0 {
+            info!("adopted {adopted} frontends from the maps pinned in {}; conntrack kept", cfg.pin_dir.display());
+        }
+        let netlink = node::connect()?;
+        let source = ManifestDir::new(&cfg.manifests);
+        let mut agent = Self {
+            cfg,
+            ebpf,
+            dataplane,
+            netlink,
+            source,
+            last_good: BTreeMap::new(),
+            reported: BTreeSet::new(),
+            tc_links: HashMap::new(),
+            node_ips: Vec::new(),
+            last_gc: Instant::now(),
+        };
+        agent.attach_external().await?;
+        Ok(agent)
+    }
+
+    async fn attach_external(&mut self) -> Result<()> {
+        let links = node::links(&self.netlink).await?;
+        let xdp: &mut Xdp = self.ebpf.program_mut(bpf::XDP_PROGRAM).context("no XDP program")?.try_into()?;
+        for dev in &self.cfg.external_devices {
+            let Some((&ifindex, _)) = links.iter().find(|(_, n)| *n == dev) else {
+                bail!("external device {dev} does not exist");
+            };
+            xdp.attach(ifindex, self.cfg.xdp_mode).with_context(|| format!("attaching XDP to {dev} in mode {:?}", self.cfg.xdp_mode))?;
+            info!("XDP attached to {dev} (ifindex {ifindex}, mode {:?})", self.cfg.xdp_mode);
+        }
+        Ok(())
+    }
+
+    /// One pass: sources, then devices and addresses, then maps, then GC.
+    pub async fn sync(&mut self) -> Result<()> {
+        self.sync_node().await?;
+        self.sync_pod_devices().await?;
+        self.sync_services()?;
+        if self.last_gc.elapsed() >= self.cfg.gc_interval {
+            self.last_gc = Instant::now();
+            let stats = conntrack::gc(&mut self.dataplane.maps, conntrack::monotonic_ns())?;
+            if stats.flows_removed + stats.orphans_removed > 0 {
+                info!("conntrack gc: {stats:?}");
+            }
+        }
+        Ok(())
+    }
+
+    async fn sync_node(&mut self) -> Result<()> {
+        let ips = node::ipv4_addresses(&self.netlink).await?;
+        if ips == self.node_ips {
+            return Ok(());
+        }
+        let state = self.source.state();
+        let snat = self
+            .cfg
+            .node_ip
+            .or_else(|| translate::node_ip(&state, &self.cfg.node_name).filter(|ip| ips.iter().any(|(a, _)| a == ip)))
+            .or_else(|| ips.first().map(|(ip, _)| *ip))
+            .unwrap_or(Ipv4Addr::UNSPECIFIED);
+        self.dataplane.set_node_ips(&ips)?;
+        self.dataplane.set_config(ConfigV1 { hash_seed: self.cfg.hash_seed, snat_addr: ip4_raw(snat.octets()), nat_port_min: NAT_PORT_MIN, nat_port_max: NAT_PORT_MAX, _pad: 0 })?;
+        info!("node addresses {:?}; SNAT address {snat}", ips.iter().map(|(ip, _)| ip).collect::<Vec<_>>());
+        self.node_ips = ips;
+        Ok(())
+    }
+
+    /// Attaches TC to every pod device: the host side of each, found by name pattern or by
+    /// the /32 routes that lead to pods. Devices that appear later are picked up here too.
+    async fn sync_pod_devices(&mut self) -> Result<()> {
+        let links = node::links(&self.netlink).await?;
+        let routed = if self.cfg.pod_devices_from_routes { node::host_route_links(&self.netlink).await? } else { Vec::new() };
+        self.tc_links.retain(|ifindex, _| links.contains_key(ifindex));
+        let tc: &mut SchedClassifier = self.ebpf.program_mut(bpf::TC_PROGRAM).context("no TC program")?.try_into()?;
+        for (ifindex, name) in &links {
+            if self.tc_links.contains_key(ifindex) || self.cfg.external_devices.contains(name) || name == "lo" {
+                continue;
+            }
+            let by_name = self.cfg.pod_device_patterns.iter().any(|p| node::name_matches(p, name));
+            if !by_name && !routed.contains(ifindex) {
+                continue;
+            }
+            match tc.attach(*ifindex, TcAttachType::Ingress) {
+                Ok(_) => {
+                    info!("TC attached to pod device {name} (ifindex {ifindex})");
+                    self.tc_links.insert(*ifindex, name.clone());
+                }
+                Err(e) => warn!("attaching TC to {name}: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    fn sync_services(&mut self) -> Result<()> {
+        let (changed, file_errors) = self.source.refresh().with_context(|| format!("reading {}", self.source.dir().display()))?;
+        for e in &file_errors {
+            self.report(format!("manifest rejected, its last good version stays in force: {e}"));
+        }
+        if !changed && !self.last_good.is_empty() {
+            return Ok(());
+        }
+        let translation = translate::translate(&self.source.state(), &self.cfg.node_name);
+        let mut desired = translation.frontends;
+        for (service, e) in &translation.errors {
+            self.report(format!("service rejected, its last good version stays in force: {e}"));
+            if let Some(previous) = self.last_good.get(service) {
+                desired.insert(service.clone(), previous.clone());
+            }
+        }
+        let all: Vec<Frontend> = desired.values().flatten().cloned().collect();
+        let stats = self.dataplane.apply(&all)?;
+        if stats.added + stats.updated + stats.removed > 0 {
+            info!("programmed {} frontends of {} services: {stats:?}", all.len(), desired.len());
+        }
+        self.last_good = desired;
+        Ok(())
+    }
+
+    /// Logs a problem once, not on every sync.
+    fn report(&mut self, message: String) {
+        if self.reported.insert(message.clone()) {
+            error!("{message}");
+        }
+    }
+
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+        tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval(self.cfg.sync_interval);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => {
+                    info!("shutting down");
+                    return Ok(());
+                }
+                _ = tick.tick() => {
+                    if let Err(e) = self.sync().await {
+                        error!("sync failed: {e:#}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Turns on IPv4 forwarding in this network namespace: NodePort and ClusterIP traffic is
+/// routed through the node.
+pub fn enable_ip_forwarding() -> Result<()> {
+    let path = "/proc/sys/net/ipv4/conf/all/forwarding";
+    if std::fs::read_to_string(path).map(|v| v.trim() == "1").unwrap_or(false) {
+        return Ok(());
+    }
+    std::fs::write(path, "1").with_context(|| format!("writing {path}"))?;
+    info!("enabled IPv4 forwarding");
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! What the agent learns about this node from rtnetlink: its links, its IPv4 addresses, and
+//! which links lead to pods.
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use anyhow::{Context, Result};
+use futures_util::stream::TryStreamExt;
+use netlink_packet_route::{
+    address::AddressAttribute,
+    link::LinkAttribute,
+    route::{RouteAddress, RouteAttribute, RouteType},
+};
+use rtnetlink::{Handle, RouteMessageBuilder};
+
+/// The main routing table.
+const RT_TABLE_MAIN: u8 = 254;
+
+pub fn connect() -> Result<Handle> {
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening an rtnetlink socket")?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+/// Link name by ifindex.
+pub async fn links(handle: &Handle) -> Result<BTreeMap<u32, String>> {
+    let mut out = BTreeMap::new();
+    let mut stream = handle.link().get().execute();
+    while let Some(msg) = stream.try_next().await.context("listing links")? {
+        if let Some(name) = msg.attributes.iter().find_map(|a| if let LinkAttribute::IfName(n) = a { Some(n.clone()) } else { None }) {
+            out.insert(msg.header.index, name);
+        }
+    }
+    Ok(out)
+}
+
+/// Every IPv4 address of this node but loopback ones, with its link.
+pub async fn ipv4_addresses(handle: &Handle) -> Result<Vec<(Ipv4Addr, u32)>> {
+    let mut out = Vec::new();
+    let mut stream = handle.address().get().execute();
+    while let Some(msg) = stream.try_next().await.context("listing addresses")? {
+        for attr in &msg.attributes {
+            if let AddressAttribute::Local(std::net::IpAddr::V4(ip)) = attr {
+                if !ip.is_loopback() {
+                    out.push((*ip, msg.header.index));
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// Links that carry a /32 route in the main table: the host side of pod devices, as CNIs
+/// (Calico, Cilium, ptp) set them up.
+pub async fn host_route_links(handle: &Handle) -> Result<Vec<u32>> {
+    let mut out = Vec::new();
+    let mut stream = handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+    while let Some(msg) = stream.try_next().await.context("listing routes")? {
+        let h = &msg.header;
+        if h.destination_prefix_length != 32 || h.table != RT_TABLE_MAIN || h.kind != RouteType::Unicast {
+            continue;
+        }
+        let has_dst = msg.attributes.iter().any(|a| matches!(a, RouteAttribute::Destination(RouteAddress::Inet(_))));
+        let has_gateway = msg.attributes.iter().any(|a| matches!(a, RouteAttribute::Gateway(_)));
+        if let Some(oif) = msg.attributes.iter().find_map(|a| if let RouteAttribute::Oif(i) = a { Some(*i) } else { None }) {
+            if has_dst && !has_gateway {
+                out.push(oif);
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// Shell-style match of a link name against a pattern with one optional trailing `*`.
+pub fn name_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => pattern == name,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn patterns() {
+        assert!(super::name_matches("lxc*", "lxc12ab"));
+        assert!(super::name_matches("eth0", "eth0"));
+        assert!(!super::name_matches("eth0", "eth01"));
+        assert!(!super::name_matches("cali*", "lxc1"));
+    }
+}
