@@ -81,6 +81,11 @@ fn xdp_fib_forward(ctx: &XdpContext, pkt: &Ipv4Packet, why: u32) -> (u32, u32) {
         return (xdp_action::XDP_DROP, reason::DROP_TRUNCATED_IP4);
     };
     let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut params, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
+        // XDP cannot resolve a neighbour; the stack can (and queues the packet meanwhile). The
+        // agent sets accept_local on external devices so a node source address is not martian.
+        return (xdp_action::XDP_PASS, why);
+    }
     if rc != BPF_FIB_LKUP_RET_SUCCESS {
         return (xdp_action::XDP_DROP, reason::DROP_FIB_LOOKUP);
     }

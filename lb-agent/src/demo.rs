@@ -1,0 +1,105 @@
+//! The standalone demo: a node with three backend pods and a client pod, an outside client,
+//! the example manifests, real requests through the load balancer, and lbctl's view of it.
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+
+use crate::topology::{tcp_request, udp_request, AgentProcess, Cluster, EchoServer, Netns};
+
+pub const BACKEND_TCP_PORT: u16 = 8080;
+pub const BACKEND_UDP_PORT: u16 = 7007;
+
+/// The example topology: node 1 ("node-a", 10.99.0.1) with pods 10.244.1.11-13 running echo
+/// servers named web-0..2, and a client pod 10.244.1.14.
+pub struct Demo {
+    pub servers: Vec<EchoServer>,
+    pub cluster: Cluster,
+}
+
+impl Demo {
+    pub fn build(tag: &str) -> Result<Self> {
+        let cluster = Cluster::new(tag, &[4])?;
+        let mut servers = Vec::new();
+        for (i, pod) in cluster.nodes[0].pods.iter().take(3).enumerate() {
+            servers.push(EchoServer::start(&pod.ns, &format!("web-{i}"), BACKEND_TCP_PORT, BACKEND_UDP_PORT)?);
+        }
+        Ok(Self { servers, cluster })
+    }
+
+    pub fn client_pod(&self) -> &Netns {
+        &self.cluster.nodes[0].pods[3].ns
+    }
+
+    /// Starts lb-agent on node 1 with `manifests`.
+    pub fn start_agent(&mut self, agent_bin: &Path, manifests: &Path, extra: &[&str]) -> Result<(AgentProcess, PathBuf)> {
+        let pin_dir = self.cluster.pin_dir()?;
+        let log = std::env::temp_dir().join(format!("{}-agent.log", self.cluster.prefix));
+        let mut args: Vec<String> = [
+            "--manifests",
+            &manifests.display().to_string(),
+            "--node-name",
+            "node-a",
+            "--external-devices",
+            "eth0",
+            "--pin-dir",
+            &pin_dir.display().to_string(),
+            "--sync-interval-ms",
+            "100",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut agent = AgentProcess::start(agent_bin, &self.cluster.nodes[0].ns, &args, &log)?;
+        agent.wait_for_log("programmed", Duration::from_secs(20))?;
+        Ok((agent, pin_dir))
+    }
+}
+
+/// Runs the demo end to end and prints what happened.
+pub fn run(bin_dir: &Path, manifests: &Path) -> Result<()> {
+    println!("== building the topology: outside client, node-a (10.99.0.1), pods web-0..2 and a client pod");
+    let mut demo = Demo::build("demo")?;
+    println!("== starting lb-agent on node-a with the manifests in {}", manifests.display());
+    let (agent, pin_dir) = demo.start_agent(&bin_dir.join("lb-agent"), manifests, &[])?;
+    let timeout = Duration::from_secs(2);
+    let show = |what: &str, r: Result<crate::topology::Answer>| match r {
+        Ok(a) => println!("   {what:<44} answered by {} (it saw source {})", a.backend, a.seen_source),
+        Err(e) => println!("   {what:<44} FAILED: {e:#}"),
+    };
+    let client_pod_ip = demo.cluster.nodes[0].pods[3].ip;
+    println!("== pod {client_pod_ip} -> ClusterIP demo/web 10.96.0.10 (TC on the pod's device)");
+    for i in 0..6 {
+        show(&format!("TCP 10.96.0.10:80 request {i}"), tcp_request(demo.client_pod(), sock([10, 96, 0, 10], 80), None, timeout));
+    }
+    for i in 0..3 {
+        show(&format!("UDP 10.96.0.10:7 request {i}"), udp_request(demo.client_pod(), sock([10, 96, 0, 10], 7), 0, timeout));
+    }
+    println!("== outside client 10.99.0.100 -> NodePort, LoadBalancer IP and ExternalIP (XDP on node-a eth0)");
+    for (what, addr, port) in [("NodePort 10.99.0.1:30080", [10, 99, 0, 1], 30080), ("LoadBalancer 10.99.100.10:80", [10, 99, 100, 10], 80), ("ExternalIP 10.99.200.10:80", [10, 99, 200, 10], 80)] {
+        for _ in 0..2 {
+            show(&format!("TCP {what}"), tcp_request(&demo.cluster.client, sock(addr, port), None, timeout));
+        }
+    }
+    show("UDP NodePort 10.99.0.1:30007", udp_request(&demo.cluster.client, sock([10, 99, 0, 1], 30007), 0, timeout));
+    show("UDP LoadBalancer 10.99.100.10:7", udp_request(&demo.cluster.client, sock([10, 99, 100, 10], 7), 0, timeout));
+
+    let lbctl = bin_dir.join("lbctl");
+    for args in [vec!["service", "list"], vec!["maglev", "get", "demo/web:http/TCP"], vec!["stats"]] {
+        println!("== lbctl {}", args.join(" "));
+        let out = Command::new(&lbctl).arg("--pin-dir").arg(&pin_dir).args(&args).output().context("running lbctl")?;
+        print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    drop(agent);
+    println!("== cleaning up: agent stopped, namespaces and bpffs removed");
+    Ok(())
+}
+
+pub fn sock(addr: [u8; 4], port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::from(addr), port))
+}
