@@ -8,6 +8,7 @@ missing=()
 command -v ip >/dev/null || missing+=(iproute2)
 command -v iptables >/dev/null || missing+=(iptables)
 command -v nft >/dev/null || missing+=(nftables)
+command -v ethtool >/dev/null || missing+=(ethtool)
 command -v python3 >/dev/null || missing+=(python3 python3-pip)
 if ((${#missing[@]})); then
   echo "setup: installing Debian packages: ${missing[*]}"

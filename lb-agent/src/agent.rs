@@ -95,6 +95,10 @@ impl Agent {
             let Some((&ifindex, _)) = links.iter().find(|(_, n)| *n == dev) else {
                 bail!("external device {dev} does not exist");
             };
+            // XDP hands packets whose next hop it cannot resolve to the stack after SNAT; their
+            // source is then a node address, which the stack drops as martian without this.
+            let accept_local = format!("/proc/sys/net/ipv4/conf/{dev}/accept_local");
+            std::fs::write(&accept_local, "1").with_context(|| format!("writing {accept_local}"))?;
             xdp.attach(ifindex, self.cfg.xdp_mode).with_context(|| format!("attaching XDP to {dev} in mode {:?}", self.cfg.xdp_mode))?;
             info!("XDP attached to {dev} (ifindex {ifindex}, mode {:?})", self.cfg.xdp_mode);
         }

@@ -13,6 +13,7 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_BPF_OBJECT"));
 
 pub const XDP_PROGRAM: &str = "lb_xdp";
 pub const TC_PROGRAM: &str = "lb_tc";
+pub const XDP_PASS_PROGRAM: &str = "lb_xdp_pass";
 
 /// Capacities that differ from the schema's defaults (tests shrink conntrack to fill it).
 #[derive(Clone, Debug, Default)]

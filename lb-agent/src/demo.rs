@@ -15,7 +15,8 @@ pub const BACKEND_TCP_PORT: u16 = 8080;
 pub const BACKEND_UDP_PORT: u16 = 7007;
 
 /// The example topology: node 1 ("node-a", 10.99.0.1) with pods 10.244.1.11-13 running echo
-/// servers named web-0..2, and a client pod 10.244.1.14.
+/// servers named web-0..2, a client pod 10.244.1.14, and a spare pod 10.244.1.15 running
+/// web-3, which no manifest names yet.
 pub struct Demo {
     pub servers: Vec<EchoServer>,
     pub cluster: Cluster,
@@ -23,10 +24,11 @@ pub struct Demo {
 
 impl Demo {
     pub fn build(tag: &str) -> Result<Self> {
-        let cluster = Cluster::new(tag, &[4])?;
+        let cluster = Cluster::new(tag, &[5])?;
         let mut servers = Vec::new();
-        for (i, pod) in cluster.nodes[0].pods.iter().take(3).enumerate() {
-            servers.push(EchoServer::start(&pod.ns, &format!("web-{i}"), BACKEND_TCP_PORT, BACKEND_UDP_PORT)?);
+        for (i, pod) in cluster.nodes[0].pods.iter().enumerate().filter(|(i, _)| *i != 3) {
+            let name = format!("web-{}", if i == 4 { 3 } else { i });
+            servers.push(EchoServer::start(&pod.ns, &name, BACKEND_TCP_PORT, BACKEND_UDP_PORT)?);
         }
         Ok(Self { servers, cluster })
     }

@@ -138,7 +138,8 @@ fn serve_tcp(conn: TcpStream, peer: SocketAddr, name: &str, stop: &AtomicBool) {
         match reader.read_line(&mut line) {
             Ok(0) => return,
             Ok(_) => {
-                if writeln!(writer, "{name} {} {}", peer.ip(), line.trim()).is_err() {
+                // One write, one segment.
+                if writer.write_all(format!("{name} {} {}\n", peer.ip(), line.trim()).as_bytes()).is_err() {
                     return;
                 }
                 line.clear();
@@ -187,7 +188,7 @@ pub fn tcp_request(ns: &Netns, to: SocketAddr, source_port: Option<u16>, timeout
         };
         stream.set_read_timeout(Some(timeout))?;
         let mut writer = stream.try_clone()?;
-        writeln!(writer, "hello")?;
+        writer.write_all(b"hello\n")?;
         let mut line = String::new();
         BufReader::new(stream).read_line(&mut line)?;
         parse_answer(&line)
@@ -220,7 +221,7 @@ impl LongConnection {
     }
 
     pub fn exchange(&mut self, msg: &str) -> Result<Answer> {
-        writeln!(self.writer, "{msg}")?;
+        self.writer.write_all(format!("{msg}\n").as_bytes())?;
         let mut line = String::new();
         if self.reader.read_line(&mut line)? == 0 {
             bail!("connection closed");
@@ -324,10 +325,21 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     pub client: Netns,
     pub lan: Netns,
+    /// `lb_xdp_pass` on the LAN side of every node's `eth0`: a veth delivers native XDP_TX
+    /// frames only to a peer that runs XDP (real NICs have no such rule).
+    peer_xdp: Option<aya::Ebpf>,
     pub bpffs: Vec<BpfMount>,
 }
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 100);
+/// veths hand each other packets whose checksum is left to "hardware" (CHECKSUM_PARTIAL). XDP
+/// sees no skb flags, and a frame it sends back out (XDP_TX) would carry that half-done
+/// checksum; a wire delivers complete ones. Filling them in at the sender makes veths behave
+/// like the wire.
+fn no_tx_csum_offload(dev: &str) -> String {
+    format!("ethtool -K {dev} tx off >/dev/null")
+}
+
 /// The address pods use as their gateway (Calico-style: link-local, answered by the host).
 const POD_GATEWAY: &str = "169.254.1.1";
 
@@ -339,7 +351,7 @@ impl Cluster {
         let lan = Netns::new(&format!("{prefix}-lan"))?;
         lan.exec("ip link add br0 type bridge && ip link set br0 up")?;
         let client = Netns::new(&format!("{prefix}-cl"))?;
-        let mut cluster = Self { prefix: prefix.clone(), nodes: Vec::new(), client, lan, bpffs: Vec::new() };
+        let mut cluster = Self { prefix: prefix.clone(), nodes: Vec::new(), client, lan, peer_xdp: None, bpffs: Vec::new() };
         cluster.plug(&cluster.client.name.clone(), "eth0", CLIENT_IP, 0)?;
         cluster.client.exec("ip route add 10.99.100.0/24 via 10.99.0.1 && ip route add 10.99.200.0/24 via 10.99.0.1")?;
 
@@ -355,6 +367,7 @@ impl Cluster {
             }
             cluster.nodes.push(node);
         }
+        cluster.attach_peer_xdp(pods_per_node.len())?;
         // Every node routes the other nodes' pod ranges through them.
         for a in &cluster.nodes {
             for b in &cluster.nodes {
@@ -367,11 +380,31 @@ impl Cluster {
         Ok(cluster)
     }
 
+    fn attach_peer_xdp(&mut self, nodes: usize) -> Result<()> {
+        let mount = BpfMount::new(&format!("{}peer", self.prefix))?;
+        let pin_dir = mount.dir.clone();
+        self.bpffs.push(mount);
+        let ports: Vec<u32> = (1..=nodes)
+            .map(|n| Ok(self.lan.exec(&format!("cat /sys/class/net/p{n}/ifindex"))?.trim().parse()?))
+            .collect::<Result<_>>()?;
+        let ebpf = self.lan.run(move || -> Result<aya::Ebpf> {
+            let mut ebpf = crate::bpf::load(&pin_dir, &Default::default())?;
+            let prog: &mut aya::programs::Xdp = ebpf.program_mut(crate::bpf::XDP_PASS_PROGRAM).context("no lb_xdp_pass")?.try_into()?;
+            prog.load()?;
+            for ifindex in ports {
+                prog.attach(ifindex, aya::programs::XdpMode::Driver)?;
+            }
+            Ok(ebpf)
+        })??;
+        self.peer_xdp = Some(ebpf);
+        Ok(())
+    }
+
     /// Connects `ns` to the LAN bridge with a veth named `dev`.
     fn plug(&self, ns: &str, dev: &str, ip: Ipv4Addr, index: usize) -> Result<()> {
         let port = format!("p{index}");
-        self.lan.exec(&format!("ip link add {port} type veth peer name {dev} netns {ns} && ip link set {port} master br0 && ip link set {port} up"))?;
-        sh(&format!("ip netns exec {ns} sh -c 'ip addr add {ip}/24 dev {dev} && ip link set {dev} up'"))?;
+        self.lan.exec(&format!("ip link add {port} type veth peer name {dev} netns {ns} && ip link set {port} master br0 && ip link set {port} up && {}", no_tx_csum_offload(&port)))?;
+        sh(&format!("ip netns exec {ns} sh -c 'ip addr add {ip}/24 dev {dev} && ip link set {dev} up && {}'", no_tx_csum_offload(dev)))?;
         Ok(())
     }
 
@@ -388,7 +421,8 @@ impl Cluster {
 /// gateway in the pod, static neighbours both ways.
 pub fn add_pod(node: &Netns, name: &str, ip: Ipv4Addr, host_dev: &str) -> Result<Pod> {
     let ns = Netns::new(name)?;
-    node.exec(&format!("ip link add {host_dev} type veth peer name eth0 netns {name} && ip link set {host_dev} up"))?;
+    node.exec(&format!("ip link add {host_dev} type veth peer name eth0 netns {name} && ip link set {host_dev} up && {}", no_tx_csum_offload(host_dev)))?;
+    ns.exec(&no_tx_csum_offload("eth0"))?;
     ns.exec(&format!("ip addr add {ip}/32 dev eth0 && ip link set eth0 up && ip route add {POD_GATEWAY} dev eth0 scope link && ip route add default via {POD_GATEWAY} dev eth0"))?;
     let host_mac = node.mac(host_dev)?;
     let pod_mac = ns.mac("eth0")?;

@@ -1,6 +1,7 @@
 //! The load balancer's kernel programs, one object with two attach points:
 //! - `lb_xdp`: XDP on external devices (north-south: NodePort, LoadBalancer, ExternalIP);
-//! - `lb_tc`: TC ingress on the host side of every pod's device (pod to ClusterIP, replies).
+//! - `lb_tc`: TC ingress on the host side of every pod's device (pod to ClusterIP, replies);
+//! - `lb_xdp_pass`: passes everything (benchmark floor, veth peers).
 //!
 //! Each reads top to bottom: parse, decide (`lb::decide`, shared), apply, count the reason.
 #![no_std]
@@ -151,6 +152,13 @@ impl PacketWriter for XdpWriter<'_> {
         unsafe { *field = new.to_ne_bytes() };
         self.update_l4_csum(pkt, |c| csum::replace4(c, old, new))
     }
+}
+
+/// Passes everything. The floor for per-packet benchmarks, and the program a veth peer needs
+/// so that native XDP_TX/REDIRECT frames are delivered to it (veth drops them otherwise).
+#[xdp]
+pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
 }
 
 // ---------------------------------------------------------------------------------------------

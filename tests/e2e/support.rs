@@ -1,0 +1,79 @@
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+pub const TIMEOUT: Duration = Duration::from_secs(2);
+
+pub fn agent_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_lb-agent"))
+}
+
+pub fn example_manifests() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/manifests").canonicalize().unwrap()
+}
+
+/// A private copy of the example manifests that a test may edit.
+pub struct ManifestCopy {
+    pub dir: PathBuf,
+}
+
+impl ManifestCopy {
+    pub fn new(tag: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("lb-manifests-{tag}-{}", lb_agent::topology::unique_prefix("m")));
+        std::fs::create_dir_all(&dir)?;
+        for entry in std::fs::read_dir(example_manifests())? {
+            let path = entry?.path();
+            std::fs::copy(&path, dir.join(path.file_name().unwrap()))?;
+        }
+        Ok(Self { dir })
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> Result<()> {
+        // Write then rename, so the agent never reads half a file.
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.dir.join(name))?;
+        Ok(())
+    }
+
+    pub fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(name)).unwrap()
+    }
+}
+
+impl Drop for ManifestCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `lbctl -o json ARGS` as parsed JSON.
+pub fn lbctl_json(pin_dir: &Path, args: &[&str]) -> Result<Vec<Value>> {
+    let out = lbctl(pin_dir, &[&["-o", "json"], args].concat())?;
+    Ok(serde_json::from_str::<Value>(&out)?.as_array().context("lbctl printed no array")?.clone())
+}
+
+pub fn lbctl(pin_dir: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_lbctl")).arg("--pin-dir").arg(pin_dir).args(args).output()?;
+    if !out.status.success() {
+        bail!("lbctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Polls `check` until it returns Ok, for at most `timeout`.
+pub fn eventually<T>(timeout: Duration, mut check: impl FnMut() -> Result<T>) -> Result<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(v) => return Ok(v),
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
