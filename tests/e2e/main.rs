@@ -2,4 +2,6 @@
 //! Each test builds its own topology (unique names) and removes it, agent included, on drop.
 mod support;
 
+mod changes;
+mod lbctl;
 mod service_path;

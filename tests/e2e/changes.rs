@@ -1,0 +1,149 @@
+//! Changes while traffic flows: backends added and removed, endpoints unready, bad manifests.
+use std::{collections::BTreeSet, io::ErrorKind, time::Duration};
+
+use anyhow::{anyhow, Result};
+use lb_agent::{
+    demo::{sock, Demo},
+    topology::{tcp_request, udp_request, LongConnection},
+};
+
+use crate::support::*;
+
+const WEB: [u8; 4] = [10, 96, 0, 10];
+
+/// The example manifests with `web`'s EndpointSlice moved to its own file, so tests can
+/// rewrite it: `endpoints` are (pod index 0-4, ready).
+fn manifests_with_web_slice(tag: &str) -> Result<ManifestCopy> {
+    let m = ManifestCopy::new(tag)?;
+    let endpoints = m.read("endpoints.yaml");
+    let rest: Vec<&str> = endpoints.split("\n---\n").filter(|doc| !doc.contains("name: web-abc12")).collect();
+    m.write("endpoints.yaml", &rest.join("\n---\n"))?;
+    write_web_slice(&m, &[(0, true), (1, true), (2, true)])?;
+    Ok(m)
+}
+
+fn pod_ip(index: u8) -> String {
+    format!("10.244.1.{}", 11 + index)
+}
+
+fn write_web_slice(m: &ManifestCopy, endpoints: &[(u8, bool)]) -> Result<()> {
+    let eps: String = endpoints.iter().map(|(i, ready)| format!("  - {{addresses: [{}], conditions: {{ready: {ready}}}, nodeName: node-a}}\n", pod_ip(*i))).collect();
+    m.write(
+        "web-slice.yaml",
+        &format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-abc12, namespace: demo, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports:\n  - {{name: http, protocol: TCP, port: 8080}}\n  - {{name: echo, protocol: UDP, port: 7007}}\nendpoints:\n{eps}"),
+    )
+}
+
+/// Which pod index (0-2, or 4 for web-3) a backend name is.
+fn pod_of(backend: &str) -> u8 {
+    match backend {
+        "web-3" => 4,
+        b => b.trim_start_matches("web-").parse().unwrap(),
+    }
+}
+
+fn backends_of_new_flows(demo: &Demo, n: usize) -> Result<BTreeSet<String>> {
+    (0..n).map(|_| Ok(tcp_request(demo.client_pod(), sock(WEB, 80), None, TIMEOUT)?.backend)).collect()
+}
+
+#[test]
+fn established_connection_survives_backend_changes() -> Result<()> {
+    let mut demo = Demo::build("e4")?;
+    let manifests = manifests_with_web_slice("e4")?;
+    let (mut agent, _pins) = demo.start_agent(agent_bin(), &manifests.dir, &[])?;
+    let mut conn = LongConnection::open(demo.client_pod(), sock(WEB, 80), TIMEOUT)?;
+    let original = conn.exchange("first")?.backend;
+    let own = pod_of(&original);
+    let other = (0..3u8).find(|i| *i != own).unwrap();
+
+    // Add web-3 (pod 4) and remove a different backend.
+    let endpoints: Vec<(u8, bool)> = (0..3u8).filter(|i| *i != other).map(|i| (i, true)).chain([(4, true)]).collect();
+    write_web_slice(&manifests, &endpoints)?;
+    let removed = format!("web-{other}");
+    eventually(Duration::from_secs(5), || {
+        let seen = backends_of_new_flows(&demo, 12)?;
+        if seen.contains("web-3") && !seen.contains(&removed) { Ok(()) } else { Err(anyhow!("new flows still see {seen:?}")) }
+    })?;
+    for i in 0..20 {
+        assert_eq!(conn.exchange(&format!("msg {i}"))?.backend, original, "the established connection stays on its backend");
+    }
+
+    // Remove the connection's own backend: nothing crashes, new flows avoid it.
+    let endpoints: Vec<(u8, bool)> = endpoints.into_iter().filter(|(i, _)| *i != own).collect();
+    write_web_slice(&manifests, &endpoints)?;
+    eventually(Duration::from_secs(5), || {
+        let seen = backends_of_new_flows(&demo, 12)?;
+        if !seen.contains(&original) { Ok(()) } else { Err(anyhow!("new flows still reach {original}")) }
+    })?;
+    // The old connection either goes on (its backend still serves other Services, as
+    // kube-proxy's conntrack would keep it) or is reset; it never hangs.
+    match conn.exchange("after removal") {
+        Ok(a) => assert_eq!(a.backend, original),
+        Err(e) => {
+            let kind = e.downcast_ref::<std::io::Error>().map(|e| e.kind());
+            assert!(matches!(kind, Some(ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof)) || e.to_string().contains("closed"), "{e:#}");
+        }
+    }
+    assert!(agent.child.try_wait()?.is_none(), "the agent is still running:\n{}", agent.log_text());
+    Ok(())
+}
+
+#[test]
+fn service_without_ready_endpoints_refuses_at_once() -> Result<()> {
+    let mut demo = Demo::build("e5")?;
+    let manifests = manifests_with_web_slice("e5")?;
+    write_web_slice(&manifests, &[(0, false), (1, false), (2, false)])?;
+    // And the LoadBalancer Service too, for the XDP path.
+    let endpoints = manifests.read("endpoints.yaml").replace("name: web-lb-gh56", "name: web-lb-gh56x");
+    let unready: String = endpoints
+        .split("\n---\n")
+        .map(|doc| if doc.contains("web-lb-gh56x") { doc.replace("ready: true", "ready: false") } else { doc.to_string() })
+        .collect::<Vec<_>>()
+        .join("\n---\n");
+    manifests.write("endpoints.yaml", &unready)?;
+    let (_agent, _pins) = demo.start_agent(agent_bin(), &manifests.dir, &[])?;
+
+    for (who, ns, addr, port) in [("pod -> ClusterIP (TC)", demo.client_pod(), WEB, 80), ("outside -> LoadBalancer (XDP)", &demo.cluster.client, [10, 99, 100, 10], 80)] {
+        let started = std::time::Instant::now();
+        let err = tcp_request(ns, sock(addr, port), None, Duration::from_secs(5)).expect_err("no backend is ready");
+        let kind = err.downcast_ref::<std::io::Error>().map(|e| e.kind());
+        assert_eq!(kind, Some(ErrorKind::ConnectionRefused), "{who}: {err:#}");
+        assert!(started.elapsed() < Duration::from_millis(500), "{who}: refused at once, not after a timeout ({:?})", started.elapsed());
+    }
+    // The NodePort Service, whose endpoints are ready, still serves.
+    tcp_request(&demo.cluster.client, sock([10, 99, 0, 1], 30080), None, TIMEOUT)?;
+    Ok(())
+}
+
+#[test]
+fn bad_manifests_are_reported_and_change_nothing() -> Result<()> {
+    let mut demo = Demo::build("e6")?;
+    let manifests = ManifestCopy::new("e6")?;
+    let (mut agent, _pins) = demo.start_agent(agent_bin(), &manifests.dir, &[])?;
+    let serving = |demo: &Demo| -> Result<()> {
+        tcp_request(demo.client_pod(), sock(WEB, 80), None, TIMEOUT)?;
+        udp_request(demo.client_pod(), sock(WEB, 7), 0, TIMEOUT)?;
+        tcp_request(&demo.cluster.client, sock([10, 99, 0, 1], 30080), None, TIMEOUT)?;
+        tcp_request(&demo.cluster.client, sock([10, 99, 100, 10], 80), None, TIMEOUT)?;
+        Ok(())
+    };
+    serving(&demo)?;
+
+    // A new file with a port out of range.
+    manifests.write("broken.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: broken, namespace: demo}\nspec:\n  clusterIP: 10.96.0.99\n  ports: [{name: http, port: 70000}]\n")?;
+    agent.wait_for_log("broken.yaml: Service demo/broken: spec.ports[0].port: port 70000 is out of range 1-65535", Duration::from_secs(5))?;
+    serving(&demo)?;
+
+    // An existing Service turned bad keeps its last good version.
+    let services = manifests.read("services.yaml");
+    manifests.write("services.yaml", &services.replacen("protocol: UDP", "protocol: UDPX", 1))?;
+    agent.wait_for_log("services.yaml: Service demo/web: spec.ports[1].protocol: unknown protocol \"UDPX\"", Duration::from_secs(5))?;
+    serving(&demo)?;
+
+    // A file that is not even YAML keeps its last good objects.
+    manifests.write("endpoints.yaml", "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nendpoints: [\n")?;
+    agent.wait_for_log("endpoints.yaml: document 1: -: invalid YAML", Duration::from_secs(5))?;
+    serving(&demo)?;
+    assert!(agent.child.try_wait()?.is_none());
+    Ok(())
+}
