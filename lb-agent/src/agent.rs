@@ -3,13 +3,16 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+    },
     Ebpf,
 };
 use lb_common::*;
@@ -99,8 +102,18 @@ impl Agent {
             // source is then a node address, which the stack drops as martian without this.
             let accept_local = format!("/proc/sys/net/ipv4/conf/{dev}/accept_local");
             std::fs::write(&accept_local, "1").with_context(|| format!("writing {accept_local}"))?;
-            xdp.attach(ifindex, self.cfg.xdp_mode).with_context(|| format!("attaching XDP to {dev} in mode {:?}", self.cfg.xdp_mode))?;
-            info!("XDP attached to {dev} (ifindex {ifindex}, mode {:?})", self.cfg.xdp_mode);
+            let pin = links_dir(&self.cfg.pin_dir)?.join(format!("xdp-{dev}"));
+            let mode = self.cfg.xdp_mode;
+            let adopted = attach_pinned(
+                &pin,
+                |xdp: &mut Xdp, old| Ok(xdp.attach_to_link(old.try_into()?).map(|_| ())?),
+                |xdp: &mut Xdp| {
+                    let id = xdp.attach(ifindex, mode).with_context(|| format!("attaching XDP to {dev} in mode {mode:?}"))?;
+                    Ok(xdp.take_link(id)?.try_into()?)
+                },
+                xdp,
+            )?;
+            info!("XDP {} on {dev} (ifindex {ifindex}, mode {mode:?})", if adopted { "replaced in place" } else { "attached" });
         }
         Ok(())
     }
@@ -154,12 +167,23 @@ impl Agent {
             if !by_name && !routed.contains(ifindex) {
                 continue;
             }
-            match tc.attach(*ifindex, TcAttachType::Ingress) {
-                Ok(_) => {
-                    info!("TC attached to pod device {name} (ifindex {ifindex})");
-                    self.tc_links.insert(*ifindex, name.clone());
+            let pin = links_dir(&self.cfg.pin_dir)?.join(format!("tc-{name}"));
+            let ifindex = *ifindex;
+            let attached = attach_pinned(
+                &pin,
+                |tc: &mut SchedClassifier, old| Ok(tc.attach_to_link(old.try_into()?).map(|_| ())?),
+                |tc: &mut SchedClassifier| {
+                    let id = tc.attach(ifindex, TcAttachType::Ingress)?;
+                    Ok(tc.take_link(id)?.try_into()?)
+                },
+                tc,
+            );
+            match attached {
+                Ok(adopted) => {
+                    info!("TC {} on pod device {name} (ifindex {ifindex})", if adopted { "replaced in place" } else { "attached" });
+                    self.tc_links.insert(ifindex, name.clone());
                 }
-                Err(e) => warn!("attaching TC to {name}: {e}"),
+                Err(e) => warn!("attaching TC to {name}: {e:#}"),
             }
         }
         Ok(())
@@ -214,6 +238,36 @@ impl Agent {
             }
         }
     }
+}
+
+/// Where attachments are pinned: they outlive the agent, so a crash or an upgrade never
+/// detaches the datapath.
+fn links_dir(pin_dir: &Path) -> Result<PathBuf> {
+    let dir = pin_dir.join("links");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Attaches a program through a pinned link: if an earlier agent left one at `pin`, the new
+/// program replaces the old one on it atomically (no packet sees neither); otherwise a new
+/// link is made and pinned. A pin whose device is gone is replaced. Returns whether it adopted.
+fn attach_pinned<P>(pin: &Path, replace: impl FnOnce(&mut P, FdLink) -> Result<()>, attach: impl FnOnce(&mut P) -> Result<FdLink>, prog: &mut P) -> Result<bool> {
+    match PinnedLink::from_pin(pin) {
+        Ok(old) => match replace(prog, FdLink::from(old)) {
+            Ok(()) => return Ok(true),
+            Err(e) => {
+                warn!("pinned link {} could not be reused ({e:#}); attaching anew", pin.display());
+                std::fs::remove_file(pin)?;
+            }
+        },
+        Err(e) if pin.exists() => {
+            warn!("pinned link {} is unreadable ({e}); attaching anew", pin.display());
+            std::fs::remove_file(pin)?;
+        }
+        Err(_) => {}
+    }
+    attach(prog)?.pin(pin).with_context(|| format!("pinning {}", pin.display()))?;
+    Ok(false)
 }
 
 /// Turns on IPv4 forwarding in this network namespace: NodePort and ClusterIP traffic is

@@ -26,6 +26,7 @@ pub struct MapSizes {
 /// are, so their entries, conntrack included, survive a restart; missing ones are created and pinned.
 pub fn load(pin_dir: &Path, sizes: &MapSizes) -> Result<Ebpf> {
     ensure_bpffs(pin_dir)?;
+    set_aside_incompatible_pins(pin_dir)?;
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(pin_dir);
     if let Some(flows) = sizes.flows {
@@ -36,6 +37,55 @@ pub fn load(pin_dir: &Path, sizes: &MapSizes) -> Result<Ebpf> {
         loader.map_max_entries(lb_common::MAP_MAGLEV, slots);
     }
     loader.load(OBJECT).with_context(|| format!("loading the BPF object with maps pinned in {}", pin_dir.display()))
+}
+
+/// Key and value sizes of every map of schema v1, as the kernel reports them.
+fn expected_layouts() -> [(&'static str, usize, usize); 11] {
+    use lb_common::*;
+    use std::mem::size_of;
+    [
+        (MAP_SERVICES, size_of::<Service4KeyV1>(), size_of::<Service4V1>()),
+        (MAP_BACKENDS, 4, size_of::<Backend4V1>()),
+        (MAP_MAGLEV, 4, 4),
+        (MAP_CONNTRACK, size_of::<Ct4KeyV1>(), size_of::<Ct4EntryV1>()),
+        (MAP_REVERSE_NAT, size_of::<Ct4KeyV1>(), size_of::<RevNat4V1>()),
+        (MAP_SERVICE_STATS, 4, size_of::<TrafficCountersV1>()),
+        (MAP_BACKEND_STATS, 4, size_of::<TrafficCountersV1>()),
+        (MAP_REASONS, 4, 8),
+        (MAP_CONFIG, 4, size_of::<ConfigV1>()),
+        (MAP_NODE_IPS, 4, 4),
+        (MAP_SERVICE_NAMES, 4, size_of::<NameV1>()),
+    ]
+}
+
+/// A pinned map whose key or value size differs from this build's schema was left by a build
+/// with another layout under the same name (a bug: layouts change by adding a V2 map). Reusing
+/// it would corrupt every lookup, so it is moved aside, loudly, and a fresh map is created.
+/// Conntrack is never wiped silently: the old map stays pinned under its new name.
+pub fn set_aside_incompatible_pins(pin_dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut moved = Vec::new();
+    for (name, key_size, value_size) in expected_layouts() {
+        let path = pin_path(pin_dir, name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapData::from_pin(&path).and_then(|m| m.info()).with_context(|| format!("inspecting pinned map {}", path.display()))?;
+        if info.key_size() as usize == key_size && info.value_size() as usize == value_size {
+            continue;
+        }
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let aside = pin_dir.join(format!("{name}.incompatible-{stamp}"));
+        std::fs::rename(&path, &aside).with_context(|| format!("moving {} aside", path.display()))?;
+        log::error!(
+            "pinned map {name} has key/value sizes {}/{} but this build expects {key_size}/{value_size}: moved it to {} and created a new one{}",
+            info.key_size(),
+            info.value_size(),
+            aside.display(),
+            if name == lb_common::MAP_CONNTRACK || name == lb_common::MAP_REVERSE_NAT { "; established flows will be balanced again as new ones" } else { "" }
+        );
+        moved.push(aside);
+    }
+    Ok(moved)
 }
 
 /// Makes sure `dir` exists on a bpffs, mounting one at `dir` when it is not.

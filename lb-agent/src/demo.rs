@@ -37,10 +37,19 @@ impl Demo {
         &self.cluster.nodes[0].pods[3].ns
     }
 
-    /// Starts lb-agent on node 1 with `manifests`.
+    /// Starts lb-agent on node 1 with `manifests`, its maps pinned on a fresh bpffs.
     pub fn start_agent(&mut self, agent_bin: &Path, manifests: &Path, extra: &[&str]) -> Result<(AgentProcess, PathBuf)> {
         let pin_dir = self.cluster.pin_dir()?;
-        let log = std::env::temp_dir().join(format!("{}-agent.log", self.cluster.prefix));
+        let agent = self.start_agent_on(agent_bin, manifests, &pin_dir, extra)?;
+        Ok((agent, pin_dir))
+    }
+
+    /// Starts lb-agent on node 1 with maps pinned in `pin_dir` (where an earlier agent may have
+    /// left them), and waits until it has programmed the maps.
+    pub fn start_agent_on(&self, agent_bin: &Path, manifests: &Path, pin_dir: &Path, extra: &[&str]) -> Result<AgentProcess> {
+        static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = std::env::temp_dir().join(format!("{}-agent-{n}.log", self.cluster.prefix));
         let mut args: Vec<String> = [
             "--manifests",
             &manifests.display().to_string(),
@@ -59,7 +68,7 @@ impl Demo {
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut agent = AgentProcess::start(agent_bin, &self.cluster.nodes[0].ns, &args, &log)?;
         agent.wait_for_log("programmed", Duration::from_secs(20))?;
-        Ok((agent, pin_dir))
+        Ok(agent)
     }
 }
 

@@ -4,4 +4,5 @@ mod support;
 
 mod changes;
 mod lbctl;
+mod restart;
 mod service_path;
