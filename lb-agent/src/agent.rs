@@ -2,6 +2,7 @@
 //! manifests say, the pod devices covered, the node addresses current and conntrack collected.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    sync::{atomic::AtomicBool, Arc},
     net::Ipv4Addr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -19,6 +20,7 @@ use lb_common::*;
 use log::{error, info, warn};
 
 use crate::{
+    kube_source::KubeSource,
     bpf::{self, MapSizes},
     conntrack,
     dataplane::{Dataplane, Frontend},
@@ -28,9 +30,23 @@ use crate::{
     translate::{self, ServiceName},
 };
 
+/// Where Services, EndpointSlices and Nodes come from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// A directory of manifests, re-read when files change.
+    Manifests(PathBuf),
+    /// The API server: in-cluster, or from a kubeconfig (`KUBECONFIG` or the given path).
+    Kubernetes { kubeconfig: Option<PathBuf> },
+}
+
+enum Source {
+    Manifests(ManifestDir),
+    Kubernetes(KubeSource),
+}
+
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
     pub node_name: String,
     pub node_ip: Option<Ipv4Addr>,
     pub external_devices: Vec<String>,
@@ -50,7 +66,7 @@ pub struct Agent {
     ebpf: Ebpf,
     dataplane: Dataplane,
     netlink: rtnetlink::Handle,
-    source: ManifestDir,
+    source: Source,
     /// The last frontends of each Service that translated cleanly; a Service whose manifest
     /// turns bad keeps these.
     last_good: BTreeMap<ServiceName, Vec<Frontend>>,
@@ -58,6 +74,12 @@ pub struct Agent {
     tc_links: HashMap<u32, String>,
     node_ips: Vec<(Ipv4Addr, u32)>,
     last_gc: Instant,
+    synced_once: bool,
+    /// Turns true after the first full sync was programmed (the readiness probe).
+    pub ready: Arc<AtomicBool>,
+    /// CLOCK_MONOTONIC ns of the last loop iteration (the liveness probe).
+    pub heartbeat_ns: Arc<std::sync::atomic::AtomicU64>,
+    last_export: Instant,
 }
 
 impl Agent {
@@ -74,7 +96,10 @@ impl Agent {
             info!("adopted {adopted} frontends from the maps pinned in {}; conntrack kept", cfg.pin_dir.display());
         }
         let netlink = node::connect()?;
-        let source = ManifestDir::new(&cfg.manifests);
+        let source = match &cfg.source {
+            SourceConfig::Manifests(dir) => Source::Manifests(ManifestDir::new(dir)),
+            SourceConfig::Kubernetes { kubeconfig } => Source::Kubernetes(KubeSource::start(kube_client(kubeconfig.as_deref()).await?)),
+        };
         let mut agent = Self {
             cfg,
             ebpf,
@@ -86,6 +111,10 @@ impl Agent {
             tc_links: HashMap::new(),
             node_ips: Vec::new(),
             last_gc: Instant::now(),
+            synced_once: false,
+            ready: Arc::new(AtomicBool::new(false)),
+            heartbeat_ns: Arc::new(std::sync::atomic::AtomicU64::new(conntrack::monotonic_ns())),
+            last_export: Instant::now(),
         };
         agent.attach_external().await?;
         Ok(agent)
@@ -114,6 +143,7 @@ impl Agent {
                 xdp,
             )?;
             info!("XDP {} on {dev} (ifindex {ifindex}, mode {mode:?})", if adopted { "replaced in place" } else { "attached" });
+            crate::metrics::program_attached(dev, bpf::XDP_PROGRAM);
         }
         Ok(())
     }
@@ -123,6 +153,10 @@ impl Agent {
         self.sync_node().await?;
         self.sync_pod_devices().await?;
         self.sync_services()?;
+        if self.last_export.elapsed() >= Duration::from_secs(1) {
+            self.last_export = Instant::now();
+            crate::metrics::export_datapath(&self.dataplane.maps, self.dataplane.used_slots())?;
+        }
         if self.last_gc.elapsed() >= self.cfg.gc_interval {
             self.last_gc = Instant::now();
             let stats = conntrack::gc(&mut self.dataplane.maps, conntrack::monotonic_ns())?;
@@ -138,7 +172,7 @@ impl Agent {
         if ips == self.node_ips {
             return Ok(());
         }
-        let state = self.source.state();
+        let state = self.cluster_state().unwrap_or_default();
         let snat = self
             .cfg
             .node_ip
@@ -157,7 +191,13 @@ impl Agent {
     async fn sync_pod_devices(&mut self) -> Result<()> {
         let links = node::links(&self.netlink).await?;
         let routed = if self.cfg.pod_devices_from_routes { node::host_route_links(&self.netlink).await? } else { Vec::new() };
-        self.tc_links.retain(|ifindex, _| links.contains_key(ifindex));
+        self.tc_links.retain(|ifindex, name| {
+            let present = links.contains_key(ifindex);
+            if !present {
+                crate::metrics::program_detached(name, bpf::TC_PROGRAM);
+            }
+            present
+        });
         let tc: &mut SchedClassifier = self.ebpf.program_mut(bpf::TC_PROGRAM).context("no TC program")?.try_into()?;
         for (ifindex, name) in &links {
             if self.tc_links.contains_key(ifindex) || self.cfg.external_devices.contains(name) || name == "lo" {
@@ -182,6 +222,7 @@ impl Agent {
                 Ok(adopted) => {
                     info!("TC {} on pod device {name} (ifindex {ifindex})", if adopted { "replaced in place" } else { "attached" });
                     self.tc_links.insert(ifindex, name.clone());
+                    crate::metrics::program_attached(name, bpf::TC_PROGRAM);
                 }
                 Err(e) => warn!("attaching TC to {name}: {e:#}"),
             }
@@ -189,15 +230,35 @@ impl Agent {
         Ok(())
     }
 
-    fn sync_services(&mut self) -> Result<()> {
-        let (changed, file_errors) = self.source.refresh().with_context(|| format!("reading {}", self.source.dir().display()))?;
-        for e in &file_errors {
-            self.report(format!("manifest rejected, its last good version stays in force: {e}"));
+    fn cluster_state(&self) -> Option<translate::ClusterState> {
+        match &self.source {
+            Source::Manifests(dir) => Some(dir.state()),
+            Source::Kubernetes(kube) => kube.state(),
         }
-        if !changed && !self.last_good.is_empty() {
+    }
+
+    /// Whether the source changed since the last sync (manifests are re-read here).
+    fn source_changed(&mut self) -> Result<bool> {
+        match &mut self.source {
+            Source::Manifests(dir) => {
+                let (changed, file_errors) = dir.refresh().with_context(|| format!("reading {}", dir.dir().display()))?;
+                for e in &file_errors {
+                    self.report(format!("manifest rejected, its last good version stays in force: {e}"));
+                }
+                Ok(changed || !self.synced_once)
+            }
+            Source::Kubernetes(kube) => Ok(kube.synced() && (kube.take_changed() || !self.synced_once)),
+        }
+    }
+
+    fn sync_services(&mut self) -> Result<()> {
+        if !self.source_changed()? {
             return Ok(());
         }
-        let translation = translate::translate(&self.source.state(), &self.cfg.node_name);
+        // Before the first full sync there is no state, and nothing is pruned.
+        let Some(state) = self.cluster_state() else { return Ok(()) };
+        let started = Instant::now();
+        let translation = translate::translate(&state, &self.cfg.node_name);
         let mut desired = translation.frontends;
         for (service, e) in &translation.errors {
             self.report(format!("service rejected, its last good version stays in force: {e}"));
@@ -207,10 +268,13 @@ impl Agent {
         }
         let all: Vec<Frontend> = desired.values().flatten().cloned().collect();
         let stats = self.dataplane.apply(&all)?;
-        if stats.added + stats.updated + stats.removed > 0 {
+        if stats.added + stats.updated + stats.removed > 0 || !self.synced_once {
             info!("programmed {} frontends of {} services: {stats:?}", all.len(), desired.len());
         }
         self.last_good = desired;
+        self.synced_once = true;
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
+        crate::metrics::sync_done(started.elapsed(), &stats);
         Ok(())
     }
 
@@ -224,17 +288,25 @@ impl Agent {
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(self.cfg.sync_interval);
+        let notify = match &self.source {
+            Source::Kubernetes(kube) => kube.notify.clone(),
+            Source::Manifests(_) => Arc::new(tokio::sync::Notify::new()),
+        };
         loop {
             tokio::select! {
                 _ = &mut shutdown => {
-                    info!("shutting down");
+                    // The programs stay attached through their pinned links: traffic keeps
+                    // flowing until the next agent takes over.
+                    info!("shutting down; the datapath stays in place");
                     return Ok(());
                 }
-                _ = tick.tick() => {
-                    if let Err(e) = self.sync().await {
-                        error!("sync failed: {e:#}");
-                    }
-                }
+                _ = tick.tick() => {}
+                _ = notify.notified() => {}
+            }
+            self.heartbeat_ns.store(conntrack::monotonic_ns(), std::sync::atomic::Ordering::Release);
+            if let Err(e) = self.sync().await {
+                crate::metrics::sync_failed();
+                error!("sync failed: {e:#}");
             }
         }
     }
@@ -268,6 +340,18 @@ fn attach_pinned<P>(pin: &Path, replace: impl FnOnce(&mut P, FdLink) -> Result<(
     }
     attach(prog)?.pin(pin).with_context(|| format!("pinning {}", pin.display()))?;
     Ok(false)
+}
+
+async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path).with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+        }
+        None => kube::Config::infer().await.context("no in-cluster config and no kubeconfig")?,
+    };
+    info!("Kubernetes API server {}", config.cluster_url);
+    Ok(kube::Client::try_from(config)?)
 }
 
 /// Turns on IPv4 forwarding in this network namespace: NodePort and ClusterIP traffic is

@@ -319,6 +319,11 @@ impl Dataplane {
         Ok(self.next_service_id - 1)
     }
 
+    /// Maglev slots held by programmed services.
+    pub fn used_slots(&self) -> u64 {
+        self.maps.maglev.len() as u64 - self.slices.free_slots()
+    }
+
     /// The backend id programmed for `spec`, if any.
     pub fn backend_id(&self, spec: &BackendSpec) -> Option<u32> {
         self.backend_ids.get(&spec.entry()).copied()

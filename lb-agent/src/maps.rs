@@ -20,6 +20,8 @@ pub struct Maps {
     pub config: Array<MapData, ConfigV1>,
     pub node_ips: HashMap<MapData, u32, u32>,
     pub service_names: Array<MapData, NameV1>,
+    /// Capacity of the conntrack (and reverse-NAT) map, which the loader may have resized.
+    pub flow_capacity: u32,
 }
 
 impl Maps {
@@ -43,11 +45,17 @@ impl Maps {
                 open($name)?.try_into().with_context(|| format!("map {} has an unexpected type or layout", $name))?
             };
         }
+        let conntrack = open(MAP_CONNTRACK)?;
+        let flow_capacity = match &conntrack {
+            Map::HashMap(data) => data.info()?.max_entries(),
+            _ => 0,
+        };
         Ok(Self {
+            flow_capacity,
             services: typed!(MAP_SERVICES),
             backends: typed!(MAP_BACKENDS),
             maglev: typed!(MAP_MAGLEV),
-            conntrack: typed!(MAP_CONNTRACK),
+            conntrack: conntrack.try_into().with_context(|| format!("map {MAP_CONNTRACK} has an unexpected type or layout"))?,
             reverse_nat: typed!(MAP_REVERSE_NAT),
             service_stats: typed!(MAP_SERVICE_STATS),
             backend_stats: typed!(MAP_BACKEND_STATS),

@@ -5,16 +5,26 @@ use anyhow::Result;
 use aya::programs::XdpMode;
 use clap::{Parser, ValueEnum};
 use lb_agent::{
-    agent::{enable_ip_forwarding, Agent, AgentConfig},
+    agent::{enable_ip_forwarding, Agent, AgentConfig, SourceConfig},
     bpf::MapSizes,
 };
 
 #[derive(Parser, Debug)]
 #[command(version, about = "XDP/TC load balancer and kube-proxy replacement: node agent")]
 struct Args {
-    /// Directory of Kubernetes manifests (Service, EndpointSlice, Node; YAML or JSON, multi-document).
+    /// Standalone mode: a directory of Kubernetes manifests (Service, EndpointSlice, Node; YAML
+    /// or JSON, multi-document), re-read when files change.
+    #[arg(long, conflicts_with = "kubernetes", required_unless_present = "kubernetes")]
+    manifests: Option<PathBuf>,
+    /// Kubernetes mode: watch Services, EndpointSlices and Nodes on the API server (in-cluster,
+    /// or from --kubeconfig / KUBECONFIG).
     #[arg(long)]
-    manifests: PathBuf,
+    kubernetes: bool,
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// Where to serve /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:9970")]
+    metrics_addr: std::net::SocketAddr,
     /// This node's name, as in EndpointSlice `nodeName` (decides local or remote backends).
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
@@ -63,8 +73,12 @@ enum Mode {
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
+    let metrics_addr = args.metrics_addr;
     let cfg = AgentConfig {
-        manifests: args.manifests,
+        source: match args.manifests {
+            Some(dir) => SourceConfig::Manifests(dir),
+            None => SourceConfig::Kubernetes { kubeconfig: args.kubeconfig },
+        },
         node_name: args.node_name,
         node_ip: args.node_ip,
         external_devices: args.external_devices,
@@ -84,8 +98,18 @@ fn main() -> Result<()> {
     enable_ip_forwarding()?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
+        let metrics = lb_agent::metrics::install()?;
         let agent = Agent::start(cfg).await?;
-        agent.run(shutdown_signal()).await
+        let health = lb_agent::metrics::Health {
+            ready: agent.ready.clone(),
+            heartbeat_ns: agent.heartbeat_ns.clone(),
+            stale_after: Duration::from_secs(30),
+        };
+        let server = tokio::spawn(lb_agent::metrics::serve(metrics_addr, metrics, health));
+        tokio::select! {
+            r = agent.run(shutdown_signal()) => r,
+            r = server => r?,
+        }
     })
 }
 

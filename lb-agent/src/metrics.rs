@@ -1,0 +1,157 @@
+//! Prometheus metrics (`metrics` with the Prometheus exporter) and the health endpoints.
+//! Datapath counters are read from the per-CPU maps and exported as absolute counters.
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use http_body_util::Full;
+use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use lb_common::*;
+use log::{info, warn};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::{dataplane::ApplyStats, maps::Maps};
+
+/// Installs the recorder and describes every metric (HELP and TYPE lines for promtool).
+pub fn install() -> Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full("lb_sync_duration_seconds".into()), &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    describe_counter!("lb_service_packets_total", Unit::Count, "Packets of new and tracked flows to a frontend, from the datapath.");
+    describe_counter!("lb_service_bytes_total", Unit::Bytes, "Bytes of packets to a frontend, from the datapath.");
+    describe_counter!("lb_backend_packets_total", Unit::Count, "Packets forwarded to a backend, from the datapath.");
+    describe_counter!("lb_backend_bytes_total", Unit::Bytes, "Bytes forwarded to a backend, from the datapath.");
+    describe_counter!("lb_datapath_packets_total", Unit::Count, "Packets seen by the XDP and TC programs, by verdict reason (drops included).");
+    describe_gauge!("lb_map_entries", Unit::Count, "Entries in a BPF map (Maglev: slots in use).");
+    describe_gauge!("lb_map_capacity", Unit::Count, "Capacity of a BPF map.");
+    describe_histogram!("lb_sync_duration_seconds", Unit::Seconds, "Time to translate the sources and program the maps.");
+    describe_counter!("lb_sync_errors_total", Unit::Count, "Syncs that failed, map-write errors included.");
+    describe_counter!("lb_frontend_changes_total", Unit::Count, "Frontends added, updated or removed in the maps.");
+    describe_gauge!("lb_programs_attached", Unit::Count, "BPF programs attached, per device and program.");
+    Ok(handle)
+}
+
+pub fn sync_done(took: Duration, stats: &ApplyStats) {
+    histogram!("lb_sync_duration_seconds").record(took.as_secs_f64());
+    for (change, n) in [("added", stats.added), ("updated", stats.updated), ("removed", stats.removed)] {
+        counter!("lb_frontend_changes_total", "change" => change).increment(n as u64);
+    }
+}
+
+pub fn sync_failed() {
+    counter!("lb_sync_errors_total").increment(1);
+}
+
+pub fn program_attached(device: &str, program: &'static str) {
+    gauge!("lb_programs_attached", "device" => device.to_string(), "program" => program).set(1.0);
+}
+
+pub fn program_detached(device: &str, program: &'static str) {
+    gauge!("lb_programs_attached", "device" => device.to_string(), "program" => program).set(0.0);
+}
+
+/// Copies the datapath's counters and the maps' fill levels into the registry.
+pub fn export_datapath(maps: &Maps, used_slots: u64) -> Result<()> {
+    for (reason, packets) in reason::NAMES.iter().zip(maps.reason_counts()?) {
+        counter!("lb_datapath_packets_total", "reason" => *reason).absolute(packets);
+    }
+    let mut services = 0u64;
+    for entry in maps.services.iter() {
+        let (key, svc) = entry?;
+        services += 1;
+        let name = maps.service_names.get(&svc.service_id, 0)?.as_str().to_string();
+        let addr = if key.addr == 0 { "*".to_string() } else { std::net::Ipv4Addr::from(ip4_octets(key.addr)).to_string() };
+        let frontend = format!("{addr}:{}", port_host(key.port));
+        let c = maps.service_counters(svc.service_id)?;
+        let labels = [("service", name), ("frontend", frontend)];
+        counter!("lb_service_packets_total", &labels).absolute(c.packets);
+        counter!("lb_service_bytes_total", &labels).absolute(c.bytes);
+    }
+    let mut backends = 0u64;
+    for id in 1..maps.backends.len() {
+        let Ok(b) = maps.backends.get(&id, 0) else { break };
+        if b.addr == 0 {
+            continue;
+        }
+        backends += 1;
+        let c = maps.backend_counters(id)?;
+        let label = [("backend", format!("{}:{}", std::net::Ipv4Addr::from(ip4_octets(b.addr)), port_host(b.port)))];
+        counter!("lb_backend_packets_total", &label).absolute(c.packets);
+        counter!("lb_backend_bytes_total", &label).absolute(c.bytes);
+    }
+    let flows = maps.conntrack.keys().count() as u64;
+    let replies = maps.reverse_nat.keys().count() as u64;
+    for (map, entries, capacity) in [
+        (MAP_SERVICES, services, maps.service_names.len() as u64),
+        (MAP_BACKENDS, backends, maps.backends.len() as u64 - 1),
+        (MAP_MAGLEV, used_slots, maps.maglev.len() as u64),
+        (MAP_CONNTRACK, flows, maps.flow_capacity as u64),
+        (MAP_REVERSE_NAT, replies, maps.flow_capacity as u64),
+    ] {
+        gauge!("lb_map_entries", "map" => map).set(entries as f64);
+        gauge!("lb_map_capacity", "map" => map).set(capacity as f64);
+    }
+    Ok(())
+}
+
+/// Liveness: the sync loop ran within `stale_after` (its heartbeat is a CLOCK_MONOTONIC stamp).
+#[derive(Clone)]
+pub struct Health {
+    pub ready: Arc<AtomicBool>,
+    pub heartbeat_ns: Arc<AtomicU64>,
+    pub stale_after: Duration,
+}
+
+/// Serves `/metrics`, `/healthz` (liveness) and `/readyz` (ready after the first full sync).
+pub async fn serve(addr: SocketAddr, handle: PrometheusHandle, health: Health) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
+    info!("metrics and health on http://{addr}/metrics, /healthz, /readyz");
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let (handle, health) = (handle.clone(), health.clone());
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (handle, health) = (handle.clone(), health.clone());
+                async move { Ok::<_, std::convert::Infallible>(route(req.uri().path(), &handle, &health)) }
+            });
+            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                warn!("metrics connection: {e}");
+            }
+        });
+    }
+}
+
+fn route(path: &str, handle: &PrometheusHandle, health: &Health) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r
+    };
+    match path {
+        "/metrics" => {
+            let mut r = reply(StatusCode::OK, handle.render());
+            r.headers_mut().insert("content-type", "text/plain; version=0.0.4".parse().unwrap());
+            r
+        }
+        "/healthz" => {
+            let age = crate::conntrack::monotonic_ns().saturating_sub(health.heartbeat_ns.load(Ordering::Acquire));
+            if Duration::from_nanos(age) <= health.stale_after {
+                reply(StatusCode::OK, "ok\n".into())
+            } else {
+                reply(StatusCode::SERVICE_UNAVAILABLE, format!("sync loop silent for {:.1}s\n", age as f64 / 1e9))
+            }
+        }
+        "/readyz" if health.ready.load(Ordering::Acquire) => reply(StatusCode::OK, "ready\n".into()),
+        "/readyz" => reply(StatusCode::SERVICE_UNAVAILABLE, "waiting for the first full sync\n".into()),
+        _ => reply(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
