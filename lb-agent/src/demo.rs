@@ -47,12 +47,17 @@ impl Demo {
     /// Starts lb-agent on node 1 with maps pinned in `pin_dir` (where an earlier agent may have
     /// left them), and waits until it has programmed the maps.
     pub fn start_agent_on(&self, agent_bin: &Path, manifests: &Path, pin_dir: &Path, extra: &[&str]) -> Result<AgentProcess> {
+        let source = ["--manifests".to_string(), manifests.display().to_string()];
+        self.start_agent_with(agent_bin, &source, pin_dir, extra)
+    }
+
+    /// Starts lb-agent on node 1 with the given source flags.
+    pub fn start_agent_with(&self, agent_bin: &Path, source: &[String], pin_dir: &Path, extra: &[&str]) -> Result<AgentProcess> {
         static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = std::env::temp_dir().join(format!("{}-agent-{n}.log", self.cluster.prefix));
-        let mut args: Vec<String> = [
-            "--manifests",
-            &manifests.display().to_string(),
+        let mut args: Vec<String> = source.to_vec();
+        args.extend([
             "--node-name",
             "node-a",
             "--external-devices",
@@ -63,8 +68,7 @@ impl Demo {
             "100",
         ]
         .iter()
-        .map(|s| s.to_string())
-        .collect();
+        .map(|s| s.to_string()));
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut agent = AgentProcess::start(agent_bin, &self.cluster.nodes[0].ns, &args, &log)?;
         agent.wait_for_log("programmed", Duration::from_secs(20))?;

@@ -39,14 +39,7 @@ impl Netns {
 
     /// Runs `f` on a new thread that lives in this namespace; sockets it opens belong here.
     pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<Result<T>> {
-        let path = PathBuf::from("/run/netns").join(&self.name);
-        std::thread::spawn(move || {
-            let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("setns {}: {}", path.display(), std::io::Error::last_os_error());
-            }
-            Ok(f())
-        })
+        spawn_in(&self.name, f)
     }
 
     /// Runs `f` in this namespace and waits for it.
@@ -63,6 +56,18 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = sh(&format!("ip netns del {}", self.name));
     }
+}
+
+/// Runs `f` on a new thread inside the named network namespace.
+pub fn spawn_in<T: Send + 'static>(ns_name: &str, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<Result<T>> {
+    let path = PathBuf::from("/run/netns").join(ns_name);
+    std::thread::spawn(move || {
+        let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns {}: {}", path.display(), std::io::Error::last_os_error());
+        }
+        Ok(f())
+    })
 }
 
 /// A server in a pod: every TCP line and every UDP datagram is answered with

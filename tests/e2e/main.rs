@@ -1,8 +1,10 @@
 //! End-to-end tests: real TCP and UDP traffic between network namespaces through lb-agent.
 //! Each test builds its own topology (unique names) and removes it, agent included, on drop.
+mod apiserver;
 mod support;
 
 mod changes;
+mod kubernetes;
 mod lbctl;
 mod restart;
 mod service_path;

@@ -45,18 +45,17 @@ fn connections_survive_kill_9_and_restart_of_the_agent() -> Result<()> {
     let node_port = LongConnection::open(&demo.cluster.client, sock([10, 99, 0, 1], 30080), TIMEOUT)?;
     let talkers = [keep_talking(cluster_ip, stop.clone()), keep_talking(node_port, stop.clone())];
 
-    let mut agent = Some(agent);
+    let mut agent = agent;
     for round in 0..5 {
         std::thread::sleep(Duration::from_millis(300));
-        agent.as_mut().unwrap().kill9()?;
-        agent = None;
+        agent.kill9()?;
         std::thread::sleep(Duration::from_millis(300)); // no agent at all for a while
         let restarted = demo.start_agent_on(agent_bin(), &manifests, &pins, &[])?;
         let log = restarted.log_text();
         if !log.contains("adopted 14 frontends") || !log.contains("XDP replaced in place") {
             bail!("round {round}: the restarted agent did not adopt the pinned state:\n{log}");
         }
-        agent = Some(restarted);
+        agent = restarted;
     }
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);

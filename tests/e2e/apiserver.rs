@@ -1,0 +1,260 @@
+//! A stand-in for kube-apiserver, the one part that cannot be had here. It speaks the real
+//! list/watch protocol over HTTP with real Kubernetes JSON (objects serialized from
+//! k8s-openapi types): lists carry a resourceVersion, watches stream ADDED/MODIFIED/DELETED
+//! events from a resourceVersion and BOOKMARKs, and a watch from a compacted version gets
+//! `410 Gone` (an ERROR event with a Status, as the real server sends it).
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use http_body_util::{channel::Channel, Either, Full};
+use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response};
+use hyper_util::rt::TokioIo;
+use lb_agent::topology::{spawn_in, Netns};
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+
+/// The three kinds the agent watches: (kind, list path).
+const KINDS: [(&str, &str); 3] = [("Service", "/api/v1/services"), ("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices"), ("Node", "/api/v1/nodes")];
+
+#[derive(Clone)]
+struct Event {
+    rv: u64,
+    kind: String,
+    kind_type: &'static str,
+    object: Value,
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    /// (kind, namespace/name) -> object.
+    objects: BTreeMap<(String, String), Value>,
+    history: Vec<Event>,
+    /// Watches from a resourceVersion below this get 410 Gone.
+    oldest_rv: u64,
+    lists: usize,
+    watches: usize,
+    gone_sent: usize,
+}
+
+pub struct FakeApiServer {
+    state: Arc<Mutex<State>>,
+    events: broadcast::Sender<Option<Event>>,
+    pub port: u16,
+    ns_name: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<Result<()>>>>,
+}
+
+fn key(obj: &Value) -> (String, String) {
+    let kind = obj["kind"].as_str().unwrap_or_default().to_string();
+    let ns = obj["metadata"]["namespace"].as_str().unwrap_or("");
+    let name = obj["metadata"]["name"].as_str().unwrap_or("");
+    (kind, format!("{ns}/{name}"))
+}
+
+impl FakeApiServer {
+    /// Starts serving on 127.0.0.1:`port` inside `ns`.
+    pub fn start(ns: &Netns, port: u16) -> Result<Self> {
+        let (events, _) = broadcast::channel(1024);
+        let mut server = Self { state: Arc::new(Mutex::new(State { rv: 100, oldest_rv: 0, ..Default::default() })), events, port, ns_name: ns.name.clone(), stop: None, thread: None };
+        server.listen()?;
+        Ok(server)
+    }
+
+    fn listen(&mut self) -> Result<()> {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (state, events, port) = (self.state.clone(), self.events.clone(), self.port);
+        let thread = spawn_in(&self.ns_name, move || -> Result<()> {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+                let _ = ready_tx.send(());
+                let accept = async {
+                    loop {
+                        let (stream, _) = listener.accept().await?;
+                        let (state, events) = (state.clone(), events.clone());
+                        tokio::spawn(async move {
+                            let svc = service_fn(move |req| handle(req, state.clone(), events.clone()));
+                            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                        });
+                    }
+                    #[allow(unreachable_code)]
+                    Ok::<(), anyhow::Error>(())
+                };
+                tokio::select! {
+                    r = accept => r,
+                    _ = stop_rx => Ok(()),
+                }
+            })
+            // Dropping the runtime here closes the listener and every open watch.
+        });
+        ready_rx.recv_timeout(Duration::from_secs(5)).context("fake API server did not start")?;
+        self.stop = Some(stop_tx);
+        self.thread = Some(thread);
+        Ok(())
+    }
+
+    /// Stops answering: the listener and every open watch are closed.
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Serves again, with the same objects and history.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.listen()
+    }
+
+    /// Creates or replaces an object (anything serializable to Kubernetes JSON).
+    pub fn apply(&self, object: &impl serde::Serialize) -> Result<()> {
+        let mut obj = serde_json::to_value(object)?;
+        let mut st = self.state.lock().unwrap();
+        st.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        let k = key(&obj);
+        let kind_type = if st.objects.insert(k.clone(), obj.clone()).is_some() { "MODIFIED" } else { "ADDED" };
+        let ev = Event { rv: st.rv, kind: k.0, kind_type, object: obj };
+        st.history.push(ev.clone());
+        let _ = self.events.send(Some(ev));
+        Ok(())
+    }
+
+    pub fn delete(&self, kind: &str, namespace: &str, name: &str) -> Result<()> {
+        let mut st = self.state.lock().unwrap();
+        let mut obj = st.objects.remove(&(kind.to_string(), format!("{namespace}/{name}"))).context("no such object")?;
+        st.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        let ev = Event { rv: st.rv, kind: kind.to_string(), kind_type: "DELETED", object: obj };
+        st.history.push(ev.clone());
+        let _ = self.events.send(Some(ev));
+        Ok(())
+    }
+
+    /// Compacts the history, as etcd does, and ends every open watch: clients re-watch from
+    /// their last resourceVersion, get 410 Gone, and must relist.
+    pub fn compact_and_drop_watches(&self) {
+        let mut st = self.state.lock().unwrap();
+        st.oldest_rv = st.rv + 1;
+        st.history.clear();
+        let _ = self.events.send(None);
+    }
+
+    /// (lists, watches, 410s sent) so far.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let st = self.state.lock().unwrap();
+        (st.lists, st.watches, st.gone_sent)
+    }
+
+    /// A kubeconfig pointing at this server (plain HTTP, no credentials).
+    pub fn kubeconfig(&self, dir: &std::path::Path) -> Result<PathBuf> {
+        let path = dir.join("kubeconfig.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://127.0.0.1:{}\"}}\nusers:\n- name: agent\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: agent}}\ncurrent-context: fake\n",
+                self.port
+            ),
+        )?;
+        Ok(path)
+    }
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+type Body = Either<Full<Bytes>, Channel<Bytes>>;
+
+fn json_response(status: u16, body: Value) -> Response<Body> {
+    let mut r = Response::new(Either::Left(Full::new(Bytes::from(body.to_string()))));
+    *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+    r.headers_mut().insert("content-type", "application/json".parse().unwrap());
+    r
+}
+
+async fn handle(req: Request<hyper::body::Incoming>, state: Arc<Mutex<State>>, events: broadcast::Sender<Option<Event>>) -> Result<Response<Body>, Infallible> {
+    let Some((kind, _)) = KINDS.iter().find(|(_, path)| *path == req.uri().path()) else {
+        return Ok(json_response(404, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404})));
+    };
+    let query: BTreeMap<String, String> = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect();
+    let api_version = if *kind == "EndpointSlice" { "discovery.k8s.io/v1" } else { "v1" };
+    if query.get("watch").map(String::as_str) != Some("true") {
+        let mut st = state.lock().unwrap();
+        st.lists += 1;
+        let items: Vec<Value> = st.objects.iter().filter(|((k, _), _)| k == kind).map(|(_, o)| o.clone()).collect();
+        return Ok(json_response(200, json!({"kind": format!("{kind}List"), "apiVersion": api_version, "metadata": {"resourceVersion": st.rv.to_string()}, "items": items})));
+    }
+
+    let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let mut rx = events.subscribe();
+    let (backlog, gone, current) = {
+        let mut st = state.lock().unwrap();
+        st.watches += 1;
+        let gone = from < st.oldest_rv;
+        if gone {
+            st.gone_sent += 1;
+        }
+        let backlog: Vec<Event> = st.history.iter().filter(|e| e.rv > from && e.kind == *kind).cloned().collect();
+        (backlog, gone, st.rv)
+    };
+    let (mut tx, body) = Channel::<Bytes>::new(64);
+    let kind = kind.to_string();
+    tokio::spawn(async move {
+        let line = |v: Value| Bytes::from(format!("{v}\n"));
+        if gone {
+            let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": format!("too old resource version: {from} ({current})"), "reason": "Expired", "code": 410});
+            let _ = tx.send_data(line(json!({"type": "ERROR", "object": status}))).await;
+            return;
+        }
+        let mut last = from;
+        for e in backlog {
+            last = e.rv;
+            if tx.send_data(line(json!({"type": e.kind_type, "object": e.object}))).await.is_err() {
+                return;
+            }
+        }
+        let mut bookmark = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                ev = rx.recv() => match ev {
+                    Ok(Some(e)) if e.kind == kind && e.rv > last => {
+                        last = e.rv;
+                        if tx.send_data(line(json!({"type": e.kind_type, "object": e.object}))).await.is_err() { return; }
+                    }
+                    Ok(Some(_)) => {}
+                    // Compaction: end this watch.
+                    Ok(None) | Err(_) => return,
+                },
+                _ = bookmark.tick() => {
+                    let rv = last.max(from);
+                    let mark = json!({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": api_version, "metadata": {"resourceVersion": rv.to_string()}}});
+                    if tx.send_data(line(mark)).await.is_err() { return; }
+                }
+            }
+        }
+    });
+    let mut r = Response::new(Either::Right(body));
+    r.headers_mut().insert("content-type", "application/json".parse().unwrap());
+    Ok(r)
+}

@@ -1,0 +1,122 @@
+//! Kubernetes mode against a list/watch server speaking the real protocol and JSON.
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use lb_agent::{
+    demo::{sock, Demo},
+    manifests::parse_manifest,
+    topology::{tcp_request, AgentProcess},
+};
+use serde_json::Value;
+
+use crate::{apiserver::FakeApiServer, support::*};
+
+/// The example manifests, loaded into the API server.
+fn load_examples(api: &FakeApiServer) -> Result<()> {
+    for entry in std::fs::read_dir(example_manifests())? {
+        let path = entry?.path();
+        let state = parse_manifest(&path.display().to_string(), &std::fs::read_to_string(&path)?).map_err(|e| anyhow!("{e}"))?;
+        for s in state.services {
+            api.apply(&s.object)?;
+        }
+        for s in state.slices {
+            api.apply(&s.object)?;
+        }
+        for n in state.nodes {
+            api.apply(&n.object)?;
+        }
+    }
+    Ok(())
+}
+
+fn slice(name: &str, service: &str, pods: &[u8]) -> EndpointSlice {
+    let eps: String = pods.iter().map(|p| format!("  - {{addresses: [10.244.1.{}], conditions: {{ready: true}}, nodeName: node-a}}\n", 11 + p)).collect();
+    let yaml = format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: demo, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: [{{name: http, protocol: TCP, port: 8080}}]\nendpoints:\n{eps}");
+    parse_manifest("test", &yaml).unwrap().slices.remove(0).object
+}
+
+fn service(name: &str, ip: &str) -> k8s_openapi::api::core::v1::Service {
+    let yaml = format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  clusterIP: {ip}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n");
+    parse_manifest("test", &yaml).unwrap().services.remove(0).object
+}
+
+fn maglev_backends(pins: &std::path::Path, service: &str) -> Result<Vec<String>> {
+    let rows = lbctl_json(pins, &["maglev", "get", service])?;
+    Ok(rows.iter().map(|r| r["backend"].as_str().unwrap().to_string()).collect())
+}
+
+fn frontend_names(pins: &std::path::Path) -> Result<Vec<String>> {
+    Ok(lbctl_json(pins, &["service", "list"])?.iter().map(|s: &Value| s["name"].as_str().unwrap().to_string()).collect())
+}
+
+/// Every "programmed" line's removal count after the log reached `from` bytes.
+fn removals_since(agent: &AgentProcess, from: usize) -> Vec<String> {
+    agent.log_text()[from..].lines().filter(|l| l.contains("programmed") && !l.contains("removed: 0")).map(str::to_string).collect()
+}
+
+#[test]
+fn kubernetes_mode_follows_the_api_through_relists_and_outages() -> Result<()> {
+    let mut demo = Demo::build("k1")?;
+    let mut api = FakeApiServer::start(&demo.cluster.nodes[0].ns, 6443)?;
+    load_examples(&api)?;
+    let dir = ManifestCopy::new("k1")?; // a scratch directory for the kubeconfig
+    let kubeconfig = api.kubeconfig(&dir.dir)?;
+    let pins = demo.cluster.pin_dir()?;
+    let source = ["--kubernetes".to_string(), "--kubeconfig".to_string(), kubeconfig.display().to_string()];
+    let agent = demo.start_agent_with(agent_bin(), &source, &pins, &[])?;
+    assert_eq!(frontend_names(&pins)?.len(), 14);
+    tcp_request(demo.client_pod(), sock([10, 96, 0, 10], 80), None, TIMEOUT)?;
+
+    // Add a Service whose endpoints span two EndpointSlices: they are merged.
+    api.apply(&service("api", "10.96.0.30"))?;
+    api.apply(&slice("api-a", "api", &[0]))?;
+    api.apply(&slice("api-b", "api", &[1, 2]))?;
+    eventually(Duration::from_secs(5), || {
+        let b = maglev_backends(&pins, "demo/api")?;
+        if b.len() == 3 { Ok(()) } else { Err(anyhow!("backends {b:?}")) }
+    })?;
+    let answer = tcp_request(demo.client_pod(), sock([10, 96, 0, 30], 80), None, TIMEOUT)?;
+    assert!(answer.backend.starts_with("web-"));
+
+    // Change one slice: its endpoint goes, the other slice's stay.
+    api.apply(&slice("api-b", "api", &[2]))?;
+    eventually(Duration::from_secs(5), || {
+        let b = maglev_backends(&pins, "demo/api")?;
+        if b == ["10.244.1.11:8080", "10.244.1.13:8080"] { Ok(()) } else { Err(anyhow!("backends {b:?}")) }
+    })?;
+
+    // 410 Gone: history compacted, watches dropped; the agent relists and deletes nothing.
+    let log_mark = agent.log_text().len();
+    let (lists_before, _, _) = api.counts();
+    api.compact_and_drop_watches();
+    eventually(Duration::from_secs(10), || {
+        let (lists, _, gone) = api.counts();
+        if gone >= 3 && lists >= lists_before + 3 { Ok(()) } else { Err(anyhow!("lists {lists} (before {lists_before}), 410s {gone}")) }
+    })?;
+    for _ in 0..5 {
+        tcp_request(demo.client_pod(), sock([10, 96, 0, 30], 80), None, TIMEOUT)?;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(frontend_names(&pins)?.len(), 15);
+    assert!(removals_since(&agent, log_mark).is_empty(), "the relist removed frontends: {:?}", removals_since(&agent, log_mark));
+
+    // The API server goes away: traffic keeps flowing on what is programmed.
+    api.stop();
+    for _ in 0..10 {
+        tcp_request(demo.client_pod(), sock([10, 96, 0, 10], 80), None, TIMEOUT)?;
+        tcp_request(&demo.cluster.client, sock([10, 99, 0, 1], 30080), None, TIMEOUT)?;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(frontend_names(&pins)?.len(), 15);
+
+    // It comes back; a deletion made there reaches the maps.
+    api.restart()?;
+    api.delete("Service", "demo", "api")?;
+    eventually(Duration::from_secs(15), || {
+        let names = frontend_names(&pins)?;
+        if names.len() == 14 && !names.iter().any(|n| n.starts_with("demo/api")) { Ok(()) } else { Err(anyhow!("{names:?}")) }
+    })?;
+    assert!(agent.log_text().contains("retrying with backoff"), "the outage was seen:\n{}", agent.log_text());
+    Ok(())
+}
