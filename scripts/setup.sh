@@ -10,11 +10,16 @@ command -v iptables >/dev/null || missing+=(iptables)
 command -v nft >/dev/null || missing+=(nftables)
 command -v ethtool >/dev/null || missing+=(ethtool)
 command -v python3 >/dev/null || missing+=(python3 python3-pip)
+command -v prometheus >/dev/null || missing+=(prometheus)
+command -v bpftool >/dev/null || missing+=(bpftool)
 if ((${#missing[@]})); then
   echo "setup: installing Debian packages: ${missing[*]}"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# kubernetes-validate checks deploy/ against the real Kubernetes schemas in the tests.
+command -v kubernetes-validate >/dev/null || python3 -m pip install -q kubernetes-validate==1.37.0
 
 # The toolchains the rust-toolchain.toml files pin: stable for the workspace, a dated nightly
 # (with rust-src and llvm-tools) for the kernel programs. rustup 1.29 does not install them on

@@ -79,7 +79,7 @@ pub struct Agent {
     pub ready: Arc<AtomicBool>,
     /// CLOCK_MONOTONIC ns of the last loop iteration (the liveness probe).
     pub heartbeat_ns: Arc<std::sync::atomic::AtomicU64>,
-    last_export: Instant,
+    last_export: Option<Instant>,
 }
 
 impl Agent {
@@ -114,7 +114,7 @@ impl Agent {
             synced_once: false,
             ready: Arc::new(AtomicBool::new(false)),
             heartbeat_ns: Arc::new(std::sync::atomic::AtomicU64::new(conntrack::monotonic_ns())),
-            last_export: Instant::now(),
+            last_export: None,
         };
         agent.attach_external().await?;
         Ok(agent)
@@ -129,8 +129,7 @@ impl Agent {
             };
             // XDP hands packets whose next hop it cannot resolve to the stack after SNAT; their
             // source is then a node address, which the stack drops as martian without this.
-            let accept_local = format!("/proc/sys/net/ipv4/conf/{dev}/accept_local");
-            std::fs::write(&accept_local, "1").with_context(|| format!("writing {accept_local}"))?;
+            ensure_sysctl(&format!("net/ipv4/conf/{dev}/accept_local"), "1")?;
             let pin = links_dir(&self.cfg.pin_dir)?.join(format!("xdp-{dev}"));
             let mode = self.cfg.xdp_mode;
             let adopted = attach_pinned(
@@ -153,8 +152,8 @@ impl Agent {
         self.sync_node().await?;
         self.sync_pod_devices().await?;
         self.sync_services()?;
-        if self.last_export.elapsed() >= Duration::from_secs(1) {
-            self.last_export = Instant::now();
+        if self.last_export.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            self.last_export = Some(Instant::now());
             crate::metrics::export_datapath(&self.dataplane.maps, self.dataplane.used_slots())?;
         }
         if self.last_gc.elapsed() >= self.cfg.gc_interval {
@@ -357,11 +356,17 @@ async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
 /// Turns on IPv4 forwarding in this network namespace: NodePort and ClusterIP traffic is
 /// routed through the node.
 pub fn enable_ip_forwarding() -> Result<()> {
-    let path = "/proc/sys/net/ipv4/conf/all/forwarding";
-    if std::fs::read_to_string(path).map(|v| v.trim() == "1").unwrap_or(false) {
+    ensure_sysctl("net/ipv4/conf/all/forwarding", "1")
+}
+
+/// Sets a sysctl unless it already has the value (a DaemonSet's init step sets them, and the
+/// agent itself may not write /proc/sys).
+fn ensure_sysctl(name: &str, value: &str) -> Result<()> {
+    let path = format!("/proc/sys/{name}");
+    if std::fs::read_to_string(&path).map(|v| v.trim() == value).unwrap_or(false) {
         return Ok(());
     }
-    std::fs::write(path, "1").with_context(|| format!("writing {path}"))?;
-    info!("enabled IPv4 forwarding");
+    std::fs::write(&path, value).with_context(|| format!("setting {} = {value}", name.replace('/', ".")))?;
+    info!("set {} = {value}", name.replace('/', "."));
     Ok(())
 }

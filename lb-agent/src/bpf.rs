@@ -74,7 +74,8 @@ pub fn set_aside_incompatible_pins(pin_dir: &Path) -> Result<Vec<PathBuf>> {
             continue;
         }
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let aside = pin_dir.join(format!("{name}.incompatible-{stamp}"));
+        // bpffs reserves dots in names.
+        let aside = pin_dir.join(format!("{name}_incompatible_{stamp}"));
         std::fs::rename(&path, &aside).with_context(|| format!("moving {} aside", path.display()))?;
         log::error!(
             "pinned map {name} has key/value sizes {}/{} but this build expects {key_size}/{value_size}: moved it to {} and created a new one{}",

@@ -86,6 +86,22 @@ fn kubernetes_mode_follows_the_api_through_relists_and_outages() -> Result<()> {
         if b == ["10.244.1.11:8080", "10.244.1.13:8080"] { Ok(()) } else { Err(anyhow!("backends {b:?}")) }
     })?;
 
+    // Another proxy's label, or type ExternalName, unprograms the Service; undoing it programs it again.
+    let mut labelled = service("api", "10.96.0.30");
+    labelled.metadata.labels = Some([("service.kubernetes.io/service-proxy-name".to_string(), "other-proxy".to_string())].into());
+    api.apply(&labelled)?;
+    eventually(Duration::from_secs(5), || if frontend_names(&pins)?.iter().any(|n| n.starts_with("demo/api")) { Err(anyhow!("still programmed")) } else { Ok(()) })?;
+    api.apply(&service("api", "10.96.0.30"))?;
+    eventually(Duration::from_secs(5), || if frontend_names(&pins)?.iter().any(|n| n.starts_with("demo/api")) { Ok(()) } else { Err(anyhow!("not programmed")) })?;
+    let mut external_name = service("api", "10.96.0.30");
+    let spec = external_name.spec.as_mut().unwrap();
+    spec.type_ = Some("ExternalName".into());
+    spec.external_name = Some("api.example.org".into());
+    api.apply(&external_name)?;
+    eventually(Duration::from_secs(5), || if frontend_names(&pins)?.iter().any(|n| n.starts_with("demo/api")) { Err(anyhow!("still programmed")) } else { Ok(()) })?;
+    api.apply(&service("api", "10.96.0.30"))?;
+    eventually(Duration::from_secs(5), || if frontend_names(&pins)?.len() == 15 { Ok(()) } else { Err(anyhow!("not programmed")) })?;
+
     // 410 Gone: history compacted, watches dropped; the agent relists and deletes nothing.
     let log_mark = agent.log_text().len();
     let (lists_before, _, _) = api.counts();

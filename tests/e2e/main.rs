@@ -6,5 +6,6 @@ mod support;
 mod changes;
 mod kubernetes;
 mod lbctl;
+mod metrics;
 mod restart;
 mod service_path;
