@@ -56,6 +56,8 @@ impl Testbed {
         let mut ebpf = bpf::load(&mount.dir, sizes)?;
         let xdp: &mut Xdp = ebpf.program_mut(bpf::XDP_PROGRAM).context("no XDP program")?.try_into()?;
         xdp.load().context("verifier rejected lb_xdp")?;
+        let pass: &mut Xdp = ebpf.program_mut(bpf::XDP_PASS_PROGRAM).context("no XDP pass program")?.try_into()?;
+        pass.load()?;
         let tc: &mut SchedClassifier = ebpf.program_mut(bpf::TC_PROGRAM).context("no TC program")?.try_into()?;
         tc.load().context("verifier rejected lb_tc")?;
         let maps = Maps::take(&mut ebpf)?;
@@ -77,7 +79,16 @@ impl Testbed {
 
     /// Runs `lb_xdp` with `repeat` iterations; returns the kernel's mean time per run in ns.
     pub fn time_xdp(&self, packet: &[u8], repeat: u32) -> Result<(u32, f64)> {
-        let prog: &Xdp = self.ebpf.program(bpf::XDP_PROGRAM).context("no XDP program")?.try_into()?;
+        self.time(bpf::XDP_PROGRAM, packet, repeat)
+    }
+
+    /// The same for `lb_xdp_pass`, the floor.
+    pub fn time_xdp_pass(&self, packet: &[u8], repeat: u32) -> Result<(u32, f64)> {
+        self.time(bpf::XDP_PASS_PROGRAM, packet, repeat)
+    }
+
+    fn time(&self, program: &str, packet: &[u8], repeat: u32) -> Result<(u32, f64)> {
+        let prog: &Xdp = self.ebpf.program(program).with_context(|| format!("no program {program}"))?.try_into()?;
         run(&|o| prog.test_run(o), packet, repeat).map(|(verdict, _, ns)| (verdict, ns))
     }
 }

@@ -435,3 +435,64 @@ pub fn add_pod(node: &Netns, name: &str, ip: Ipv4Addr, host_dev: &str) -> Result
     node.exec(&format!("ip route add {ip}/32 dev {host_dev} && ip neigh add {ip} lladdr {pod_mac} dev {host_dev} nud permanent"))?;
     Ok(Pod { ns, ip, host_dev: host_dev.to_string() })
 }
+
+/// An HTTP/1.1 server in a pod, for load generators: `GET /?bytes=N` answers `N` bytes
+/// (default 64) starting with the server's name. Stopped on drop.
+pub struct HttpServer {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<Result<Result<()>>>>,
+}
+
+impl HttpServer {
+    pub fn start(ns: &Netns, name: &str, port: u16) -> Result<Self> {
+        use hyper::{body::Bytes, server::conn::http1, service::service_fn, Response};
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let name = name.to_string();
+        let thread = ns.spawn(move || -> Result<()> {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let listener = match tokio::net::TcpListener::bind(("0.0.0.0", port)).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return Err(e.into());
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                let accept = async {
+                    loop {
+                        let Ok((stream, _)) = listener.accept().await else { continue };
+                        let name = name.clone();
+                        tokio::spawn(async move {
+                            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                                let bytes = req.uri().query().and_then(|q| q.strip_prefix("bytes=")).and_then(|n| n.parse::<usize>().ok()).unwrap_or(64).min(1 << 20);
+                                let mut body = format!("{name}\n").into_bytes();
+                                body.resize(bytes.max(body.len()), b'.');
+                                async move { Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::from(body)))) }
+                            });
+                            let _ = http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await;
+                        });
+                    }
+                };
+                tokio::select! {
+                    _ = accept => Ok(()),
+                    _ = stop_rx => Ok(()),
+                }
+            })
+        });
+        ready_rx.recv_timeout(Duration::from_secs(5)).context("HTTP server did not start")?.map_err(|e| anyhow!("HTTP server: {e}"))?;
+        Ok(Self { stop: Some(stop_tx), thread: Some(thread) })
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! lb-bench: one entry point for every benchmark suite. Writes `results.md`, `results.json`
+//! and PNG plots to the output directory, and removes every namespace, mount and process it
+//! made. `--smoke` runs tiny sizes and few repeats (the test suite does, so this cannot rot).
+mod packet;
+mod plot;
+mod rules;
+mod stats;
+mod traffic;
+
+use std::{fmt::Write as _, path::PathBuf, time::Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use serde_json::json;
+use stats::Summary;
+
+#[derive(Parser)]
+#[command(about = "Benchmarks of the load balancer, side by side with kube-proxy's iptables and nftables rules")]
+struct Args {
+    /// Tiny sizes and few repeats: checks that every suite runs, measures nothing.
+    #[arg(long)]
+    smoke: bool,
+    /// Suites to run.
+    #[arg(long, value_delimiter = ',', default_value = "maglev,packet,dataplanes")]
+    suites: Vec<String>,
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
+    out: PathBuf,
+    /// The lb-agent binary [default: next to this one].
+    #[arg(long)]
+    agent_bin: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    std::fs::create_dir_all(&args.out)?;
+    plot::register_font()?;
+    let started = Instant::now();
+    let mut md = String::new();
+    let mut js = serde_json::Map::new();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim().to_string();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")?.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).unwrap_or("?").trim().to_string();
+    let cpus = std::thread::available_parallelism()?.get();
+    writeln!(md, "# Benchmark results\n\nKernel {kernel}; CPU: {cpu} ({cpus} CPUs); {}.\n", if args.smoke { "SMOKE RUN (tiny sizes, not a measurement)" } else { "full run" })?;
+    js.insert("machine".into(), json!({"kernel": kernel, "cpu": cpu, "cpus": cpus, "smoke": args.smoke}));
+
+    if args.suites.iter().any(|s| s == "maglev") {
+        maglev_suite(&args, &mut md, &mut js)?;
+    }
+    if args.suites.iter().any(|s| s == "packet") {
+        packet_suite(&args, &mut md, &mut js)?;
+    }
+    if args.suites.iter().any(|s| s == "dataplanes") {
+        dataplane_suite(&args, &mut md, &mut js)?;
+    }
+    writeln!(md, "\nTotal time {:.0} s. Reproduce: `cargo run --release -p lb-bench` (as root).", started.elapsed().as_secs_f64())?;
+    std::fs::write(args.out.join("results.md"), &md)?;
+    std::fs::write(args.out.join("results.json"), serde_json::to_string_pretty(&js)?)?;
+    print!("{md}");
+    Ok(())
+}
+
+fn maglev_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    let cases: &[(u32, usize)] = if args.smoke { &[(251, 3), (1021, 10)] } else { &[(4093, 10), (16381, 100), (65521, 100), (65521, 1000), (131071, 1000)] };
+    let runs = if args.smoke { 3 } else { 21 };
+    writeln!(md, "## Maglev table build\n\nTime to build one table, median of {runs} builds (min-max).\n\n| M | N | ms |\n|---|---|---|")?;
+    let mut rows = Vec::new();
+    for &(m, n) in cases {
+        let keys: Vec<String> = (0..n).map(|i| format!("10.{}.{}.{}:8080", i / 65536, (i / 256) % 256, i % 256)).collect();
+        let backends: Vec<maglev::Backend<'_, u32>> = keys.iter().enumerate().map(|(i, k)| maglev::Backend { id: i as u32, key: k.as_bytes(), weight: 1 }).collect();
+        let builder = maglev::Maglev::new(m, 0)?;
+        let samples: Vec<f64> = (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(builder.build(&backends)).map(|_| t.elapsed().as_secs_f64() * 1e3)
+            })
+            .collect::<Result<_, _>>()?;
+        let s = Summary::of(&samples);
+        writeln!(md, "| {m} | {n} | {} |", s.show(3))?;
+        rows.push(json!({"m": m, "n": n, "ms": s.median, "min": s.min, "max": s.max, "runs": s.runs}));
+    }
+    js.insert("maglev".into(), json!(rows));
+    Ok(())
+}
+
+fn packet_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    let cfg = if args.smoke {
+        packet::Config { sizes: vec![1, 100], repeat: 1000, single_runs: 200, runs: 2 }
+    } else {
+        packet::Config { sizes: vec![1, 1_000, 10_000, 100_000], repeat: 1_000_000, single_runs: 20_000, runs: 5 }
+    };
+    let rows = packet::run(&cfg)?;
+    writeln!(
+        md,
+        "\n## Per-packet cost (BPF_PROG_TEST_RUN)\n\nns per packet, median of {} runs (min-max). `repeat`: {} iterations on the same packet (paths that leave it unchanged; the ct-hit path restores itself through two services that are each other's backend). `single`: {} runs of one iteration on distinct new flows, minus the XDP_PASS floor's single run.\n",
+        cfg.runs, cfg.repeat, cfg.single_runs
+    )?;
+    let paths: Vec<&str> = rows.iter().map(|r| r.path).fold(Vec::new(), |mut v, p| {
+        if !v.contains(&p) {
+            v.push(p)
+        }
+        v
+    });
+    write!(md, "| path | method |")?;
+    for n in &cfg.sizes {
+        write!(md, " {n} services |")?;
+    }
+    writeln!(md, " largest / 1 |\n|---|---|{}---|", "---|".repeat(cfg.sizes.len()))?;
+    for p in &paths {
+        let of = |n: usize| rows.iter().find(|r| r.path == *p && r.services == n).unwrap();
+        write!(md, "| {p} | {} |", of(cfg.sizes[0]).method)?;
+        for n in &cfg.sizes {
+            write!(md, " {} |", of(*n).ns.show(1))?;
+        }
+        writeln!(md, " {:.2} |", of(*cfg.sizes.last().unwrap()).ns.median / of(cfg.sizes[0]).ns.median)?;
+    }
+    let series: Vec<(String, Vec<(usize, Summary)>)> = paths.iter().map(|p| (p.to_string(), rows.iter().filter(|r| r.path == *p).map(|r| (r.services, r.ns)).collect())).collect();
+    plot::lines(&args.out.join("packet_cost.png"), "Per-packet cost vs configured services", "ns per packet", &series, false)?;
+    writeln!(md, "\n![per-packet cost](packet_cost.png)")?;
+    js.insert("packet".into(), json!(rows.iter().map(|r| json!({"services": r.services, "path": r.path, "method": r.method, "ns": r.ns.median, "min": r.ns.min, "max": r.ns.max, "runs": r.ns.runs})).collect::<Vec<_>>()));
+    Ok(())
+}
+
+fn dataplane_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let agent_bin = match &args.agent_bin {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?.parent().context("binary dir")?.join("lb-agent"),
+    };
+    anyhow::ensure!(agent_bin.exists(), "{} is missing: build it first (cargo build --release --bins)", agent_bin.display());
+    let work_dir = std::env::temp_dir().join(format!("lb-bench-{}", std::process::id()));
+    let cfg = if args.smoke {
+        traffic::Config { sizes: vec![1, 10], runs: 1, duration: "1s".into(), vus: 4, rate: 50, k6_dir: root.join("k6"), agent_bin, work_dir: work_dir.clone() }
+    } else {
+        traffic::Config { sizes: vec![1, 1_000, 10_000], runs: 5, duration: "5s".into(), vus: 16, rate: 200, k6_dir: root.join("k6"), agent_bin, work_dir: work_dir.clone() }
+    };
+    let result = traffic::run(&cfg);
+    let _ = std::fs::remove_dir_all(&work_dir);
+    let rows = result?;
+    let ipt = std::process::Command::new("iptables").arg("-V").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    writeln!(
+        md,
+        "\n## Three dataplanes, one topology\n\nOutside client -> node -> 3 backend pods (network namespaces, veth), traffic to the last of N Services. k6 `churn.js` ({} VUs, {}, a new connection per request) gives new connections/s; k6 `http-mix.js` ({} requests/s, new connection each) gives latency. Median of {} runs (min-max). Service change: median of {} runs. iptables: `{ipt}`.\n",
+        cfg.vus, cfg.duration, cfg.rate, cfg.runs, cfg.runs.max(5)
+    )?;
+    writeln!(md, "| services | dataplane | new conns/s | p50 ms | p99 ms | one Service change, ms | how |\n|---|---|---|---|---|---|---|")?;
+    for r in &rows {
+        writeln!(md, "| {} | {} | {} | {} | {} | {} | {} |", r.services, r.dataplane, r.conns_per_s.show(0), r.p50_ms.show(2), r.p99_ms.show(2), r.update_ms.show(3), r.update_method)?;
+    }
+    writeln!(md, "\nRatios, same run:\n\n| services | conns/s lb / iptables | conns/s lb / nftables | change: iptables-restore / lb | change: nft / lb |\n|---|---|---|---|---|")?;
+    for n in &cfg.sizes {
+        let of = |d: &str| rows.iter().find(|r| r.services == *n && r.dataplane == d).unwrap();
+        let (lb, ipt, nft) = (of(traffic::DATAPLANES[0]), of(traffic::DATAPLANES[1]), of(traffic::DATAPLANES[2]));
+        writeln!(
+            md,
+            "| {n} | {:.2} | {:.2} | {:.0} | {:.1} |",
+            lb.conns_per_s.median / ipt.conns_per_s.median,
+            lb.conns_per_s.median / nft.conns_per_s.median,
+            ipt.update_ms.median / lb.update_ms.median,
+            nft.update_ms.median / lb.update_ms.median
+        )?;
+    }
+    let series = |f: fn(&traffic::Row) -> Summary| -> Vec<(String, Vec<(usize, Summary)>)> {
+        traffic::DATAPLANES.iter().map(|d| (d.to_string(), rows.iter().filter(|r| r.dataplane == *d).map(|r| (r.services, f(r))).collect())).collect()
+    };
+    plot::lines(&args.out.join("conns_per_s.png"), "New TCP connections per second", "connections/s", &series(|r| r.conns_per_s), false)?;
+    plot::lines(&args.out.join("latency_p99.png"), "Request latency p99 under a fixed load", "ms", &series(|r| r.p99_ms), false)?;
+    plot::lines(&args.out.join("update_ms.png"), "Time to apply one Service change", "ms (log)", &series(|r| r.update_ms), true)?;
+    writeln!(md, "\n![connections per second](conns_per_s.png)\n![p99 latency](latency_p99.png)\n![update time](update_ms.png)")?;
+    js.insert(
+        "dataplanes".into(),
+        json!(rows
+            .iter()
+            .map(|r| json!({"services": r.services, "dataplane": r.dataplane, "conns_per_s": r.conns_per_s.median, "conns_min": r.conns_per_s.min, "conns_max": r.conns_per_s.max, "p50_ms": r.p50_ms.median, "p99_ms": r.p99_ms.median, "update_ms": r.update_ms.median, "update_method": r.update_method}))
+            .collect::<Vec<_>>()),
+    );
+    Ok(())
+}

@@ -1,0 +1,132 @@
+//! Per-packet cost through BPF_PROG_TEST_RUN, swept over the number of configured services.
+//!
+//! Methods (the kernel runs `repeat` iterations on the *same* buffer, so a rewriting program
+//! would mostly measure its own output):
+//! - `repeat`: paths that leave the packet unchanged (not a service, drop, the XDP_PASS floor)
+//!   and the ct-hit DNAT path made to restore itself: two services whose only backends are each
+//!   other's frontend, so every iteration is a conntrack hit and a DNAT. Kernel-reported mean ns
+//!   per iteration.
+//! - `single`: a ct miss needs a new flow per run, so each run is `repeat = 1` on a distinct
+//!   packet; the kernel-reported time of one run, minus the median single run of the XDP_PASS
+//!   floor measured the same way.
+use std::net::Ipv4Addr;
+
+use anyhow::Result;
+use lb_agent::{
+    bpf::MapSizes,
+    dataplane::{BackendSpec, Frontend},
+    testbed::Testbed,
+};
+use lb_common::*;
+
+use crate::stats::Summary;
+
+pub struct Config {
+    pub sizes: Vec<usize>,
+    pub repeat: u32,
+    pub single_runs: usize,
+    pub runs: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub services: usize,
+    pub path: &'static str,
+    pub method: &'static str,
+    pub ns: Summary,
+}
+
+const CLIENT: [u8; 4] = [192, 0, 2, 10];
+const VIP_A: [u8; 4] = [10, 96, 0, 1];
+const VIP_B: [u8; 4] = [10, 96, 0, 2];
+const VIP_MISS: [u8; 4] = [10, 96, 0, 3];
+
+/// An Ethernet/IPv4/TCP SYN, laid out by hand only to keep this crate free of a packet
+/// builder; the program tests build theirs with etherparse. Checksums are left zero: the
+/// paths measured here never verify them.
+fn syn(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    let mut p = vec![0u8; 14 + 20 + 20];
+    p[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    p[14] = 0x45;
+    p[16..18].copy_from_slice(&40u16.to_be_bytes());
+    p[22] = 64;
+    p[23] = IPPROTO_TCP;
+    p[26..30].copy_from_slice(&src);
+    p[30..34].copy_from_slice(&dst);
+    p[34..36].copy_from_slice(&sport.to_be_bytes());
+    p[36..38].copy_from_slice(&dport.to_be_bytes());
+    p[46] = 0x50;
+    p[47] = TCP_SYN;
+    p
+}
+
+fn frontend(vip: [u8; 4], backends: &[([u8; 4], u16)]) -> Frontend {
+    Frontend {
+        key: Service4KeyV1 { addr: ip4_raw(vip), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER },
+        kind: KIND_CLUSTER_IP,
+        name: format!("bench/{}", Ipv4Addr::from(vip)),
+        backends: backends.iter().map(|(a, p)| BackendSpec { addr: Ipv4Addr::from(*a), port: *p, local: true, weight: 1 }).collect(),
+    }
+}
+
+/// A testbed with `n` configured services: the measured ones through the agent's dataplane,
+/// the rest written as frontends sharing one Maglev slice (what matters for lookups is how
+/// many keys the service map holds).
+fn testbed(n: usize, flows: u32) -> Result<Testbed> {
+    let mut tb = Testbed::new(&MapSizes { flows: Some(flows), maglev_slots: None })?;
+    let measured = [
+        frontend(VIP_A, &[(VIP_B, 80)]),
+        frontend(VIP_B, &[(VIP_A, 80)]),
+        frontend(VIP_MISS, &[([10, 244, 1, 11], 8080), ([10, 244, 1, 12], 8080), ([10, 244, 1, 13], 8080)]),
+    ];
+    tb.dataplane.apply(&measured)?;
+    let shared = tb.dataplane.service(&measured[2].key).expect("programmed");
+    for i in 0..n.saturating_sub(measured.len()) {
+        let key = Service4KeyV1 { addr: ip4_raw([10, 200 + (i >> 16) as u8, (i >> 8) as u8, i as u8]), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER };
+        tb.dataplane.maps.services.insert(&key, &shared, 0)?;
+    }
+    Ok(tb)
+}
+
+pub fn run(cfg: &Config) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for &n in &cfg.sizes {
+        let tb = testbed(n, (cfg.single_runs * cfg.runs + 1024).next_power_of_two() as u32)?;
+        let mut truncated = syn(CLIENT, 1000, [10, 1, 1, 1], 80);
+        truncated.truncate(14 + 20 + 10);
+        let repeat_paths: [(&str, Vec<u8>, bool); 4] = [
+            ("XDP_PASS floor", syn(CLIENT, 1000, [10, 1, 1, 1], 80), true),
+            ("not a service (pass)", syn(CLIENT, 1000, [10, 1, 1, 1], 80), false),
+            ("drop (truncated TCP)", truncated, false),
+            ("ct hit + DNAT", syn(CLIENT, 1001, VIP_A, 80), false),
+        ];
+        for (path, packet, floor) in &repeat_paths {
+            let samples: Vec<f64> = (0..cfg.runs)
+                .map(|_| if *floor { tb.time_xdp_pass(packet, cfg.repeat) } else { tb.time_xdp(packet, cfg.repeat) }.map(|(_, ns)| ns))
+                .collect::<Result<_>>()?;
+            rows.push(Row { services: n, path, method: "repeat", ns: Summary::of(&samples) });
+        }
+        // Single runs: a new flow each time, against the floor measured the same way.
+        let floor_packet = syn(CLIENT, 1000, [10, 1, 1, 1], 80);
+        let mut next_port = 0u32;
+        let mut samples = Vec::new();
+        for _ in 0..cfg.runs {
+            let mut floor: Vec<f64> = (0..cfg.single_runs).map(|_| tb.time_xdp_pass(&floor_packet, 1).map(|(_, ns)| ns)).collect::<Result<_>>()?;
+            let mut miss = Vec::with_capacity(cfg.single_runs);
+            for _ in 0..cfg.single_runs {
+                next_port += 1;
+                let src = [172, 16, (next_port >> 16) as u8, (next_port >> 8) as u8];
+                let packet = syn(src, next_port as u16 | 1, VIP_MISS, 80);
+                miss.push(tb.time_xdp(&packet, 1)?.1);
+            }
+            floor.sort_by(f64::total_cmp);
+            miss.sort_by(f64::total_cmp);
+            samples.push(miss[miss.len() / 2] - floor[floor.len() / 2]);
+        }
+        rows.push(Row { services: n, path: "ct miss + Maglev + DNAT", method: "single, minus floor", ns: Summary::of(&samples) });
+        let reasons = tb.dataplane.maps.reason_counts()?;
+        anyhow::ensure!(reasons[reason::DROP_CT_FULL as usize] == 0, "conntrack filled up during the ct-miss runs");
+        anyhow::ensure!(reasons[reason::FWD_LOCAL_BACKEND as usize] > cfg.repeat as u64, "the ct-hit path did not forward");
+    }
+    Ok(rows)
+}

@@ -1,0 +1,30 @@
+//! The benchmark harness in smoke mode (tiny sizes, few repeats), so it cannot rot. It checks
+//! that every suite ran and produced its table and plots, not what the numbers are.
+use std::{path::Path, process::Command};
+
+#[test]
+fn every_suite_runs_and_writes_its_results() {
+    let bench = Path::new(env!("CARGO_BIN_EXE_lb-bench"));
+    let agent = bench.parent().unwrap().join("lb-agent");
+    assert!(agent.exists(), "{} is missing: run the tests from the workspace root (cargo test builds it)", agent.display());
+    let out = std::env::temp_dir().join(format!("lb-bench-smoke-{}", std::process::id()));
+    let run = Command::new(bench).arg("--smoke").arg("--out").arg(&out).arg("--agent-bin").arg(&agent).output().unwrap();
+    let text = String::from_utf8_lossy(&run.stdout).to_string() + &String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{text}");
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    for heading in ["## Maglev table build", "## Per-packet cost", "## Three dataplanes, one topology", "Ratios, same run"] {
+        assert!(md.contains(heading), "{heading} missing:\n{md}");
+    }
+    for dataplane in ["lb (XDP/TC)", "iptables", "nftables"] {
+        assert_eq!(md.matches(&format!("| {dataplane} |")).count(), 2, "{dataplane}: one row per size:\n{md}");
+    }
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    for row in json["dataplanes"].as_array().unwrap() {
+        assert!(row["conns_per_s"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    for png in ["packet_cost.png", "conns_per_s.png", "latency_p99.png", "update_ms.png"] {
+        let bytes = std::fs::read(out.join(png)).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{png} is a PNG");
+    }
+    std::fs::remove_dir_all(&out).unwrap();
+}
