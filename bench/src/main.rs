@@ -142,9 +142,21 @@ fn dataplane_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String
         "\n## Three dataplanes, one topology\n\nOutside client -> node -> 3 backend pods (network namespaces, veth), traffic to the last of N Services. k6 `churn.js` ({} VUs, {}, a new connection per request) gives new connections/s; k6 `http-mix.js` ({} requests/s, new connection each) gives latency. Median of {} runs (min-max). Service change: median of {} runs. iptables: `{ipt}`.\n",
         cfg.vus, cfg.duration, cfg.rate, cfg.runs, cfg.runs.max(5)
     )?;
-    writeln!(md, "| services | dataplane | new conns/s | p50 ms | p99 ms | one Service change, ms | how |\n|---|---|---|---|---|---|---|")?;
+    writeln!(md, "| services | dataplane | new conns/s | p50 ms | p99 ms | failed requests | one Service change, ms | how |\n|---|---|---|---|---|---|---|---|")?;
     for r in &rows {
-        writeln!(md, "| {} | {} | {} | {} | {} | {} | {} |", r.services, r.dataplane, r.conns_per_s.show(0), r.p50_ms.show(2), r.p99_ms.show(2), r.update_ms.show(3), r.update_method)?;
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} of {} | {} | {} |",
+            r.services,
+            r.dataplane,
+            r.conns_per_s.show(0),
+            r.p50_ms.show(2),
+            r.p99_ms.show(2),
+            r.failed.0,
+            r.failed.1,
+            r.update_ms.show(3),
+            r.update_method
+        )?;
     }
     writeln!(md, "\nRatios, same run:\n\n| services | conns/s lb / iptables | conns/s lb / nftables | change: iptables-restore / lb | change: nft / lb |\n|---|---|---|---|---|")?;
     for n in &cfg.sizes {

@@ -41,6 +41,8 @@ pub struct Row {
     /// Time to apply one Service change, and how.
     pub update_ms: Summary,
     pub update_method: &'static str,
+    /// Requests that failed, of all sent in the runs.
+    pub failed: (u64, u64),
 }
 
 pub const DATAPLANES: [&str; 3] = ["lb (XDP/TC)", "iptables", "nftables"];
@@ -86,26 +88,36 @@ fn k6(cfg: &Config, client: &str, script: &str, target: Ipv4Addr, env: &[(&str, 
     if !res.status.success() {
         bail!("k6 {script} failed: {}{}", String::from_utf8_lossy(&res.stdout), String::from_utf8_lossy(&res.stderr));
     }
-    let summary: Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
-    let failed = summary["metrics"]["checks"]["fails"].as_u64().unwrap_or(0);
-    if failed > 0 {
-        bail!("k6 {script}: {failed} requests failed");
-    }
-    Ok(summary)
+    // k6 itself fails the run above 1% failed requests (the scripts' threshold); fewer are
+    // counted and reported.
+    Ok(serde_json::from_str(&std::fs::read_to_string(&out)?)?)
+}
+
+struct Measured {
+    conns: Summary,
+    p50: Summary,
+    p99: Summary,
+    failed: (u64, u64),
 }
 
 /// Connections per second (churn) and latency percentiles under a fixed rate (mix).
-fn measure(cfg: &Config, client: &str, target: Ipv4Addr) -> Result<(Summary, Summary, Summary)> {
-    let (mut rate, mut p50, mut p99) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..cfg.runs {
+fn measure(cfg: &Config, client: &str, target: Ipv4Addr, what: &str) -> Result<Measured> {
+    let (mut rate, mut p50, mut p99, mut failed) = (Vec::new(), Vec::new(), Vec::new(), (0, 0));
+    for run in 0..cfg.runs {
         let churn = k6(cfg, client, "churn.js", target, &[("VUS", cfg.vus.to_string())])?;
         rate.push(churn["metrics"]["http_reqs"]["rate"].as_f64().context("no http_reqs rate")?);
         let mix = k6(cfg, client, "http-mix.js", target, &[("RATE", cfg.rate.to_string())])?;
         let d = &mix["metrics"]["http_req_duration"];
         p50.push(d["med"].as_f64().context("no median")?);
         p99.push(d["p(99)"].as_f64().context("no p99")?);
+        for s in [&churn, &mix] {
+            let checks = &s["metrics"]["checks"];
+            failed.0 += checks["fails"].as_u64().unwrap_or(0);
+            failed.1 += checks["passes"].as_u64().unwrap_or(0) + checks["fails"].as_u64().unwrap_or(0);
+        }
+        eprintln!("  {what} run {}: {:.0} conns/s, p50 {:.2} ms, p99 {:.2} ms", run + 1, rate[run], p50[run], p99[run]);
     }
-    Ok((Summary::of(&rate), Summary::of(&p50), Summary::of(&p99)))
+    Ok(Measured { conns: Summary::of(&rate), p50: Summary::of(&p50), p99: Summary::of(&p99), failed })
 }
 
 fn timed(f: impl FnOnce() -> Result<()>) -> Result<f64> {
@@ -159,12 +171,14 @@ pub fn run(cfg: &Config) -> Result<Vec<Row>> {
             .map(|s| s.to_string())
             .collect();
         let mut agent = AgentProcess::start(&cfg.agent_bin, &cluster.nodes[0].ns, &args, &log)?;
+        let started = Instant::now();
         agent.wait_for_log("programmed", Duration::from_secs(600))?;
-        let (conns, p50, p99) = measure(cfg, &client, target)?;
+        eprintln!("  {n} services: lb-agent programmed them in {:.1} s", started.elapsed().as_secs_f64());
+        let m = measure(cfg, &client, target, &format!("{n} services, {}", DATAPLANES[0]))?;
         drop(agent);
         cluster.bpffs.pop(); // unmounting drops the pinned links: the programs detach
         let update = lb_update_ms(n, &endpoints, cfg.runs.max(5))?;
-        rows.push(Row { services: n, dataplane: DATAPLANES[0], conns_per_s: conns, p50_ms: p50, p99_ms: p99, update_ms: update, update_method: "map update (one Service)" });
+        rows.push(Row { services: n, dataplane: DATAPLANES[0], conns_per_s: m.conns, p50_ms: m.p50, p99_ms: m.p99, update_ms: update, update_method: "map update (one Service)", failed: m.failed });
 
         // kube-proxy-style iptables: every change is a full iptables-restore.
         let restore = cfg.work_dir.join(format!("iptables-{n}.rules"));
@@ -174,15 +188,15 @@ pub fn run(cfg: &Config) -> Result<Vec<Row>> {
             full_sync.push(timed(|| sh(&format!("ip netns exec {node} iptables-restore --noflush < {}", restore.display())).map(|_| ()))?);
         }
         sh(&format!("ip netns exec {node} iptables -t nat -I PREROUTING -j KUBE-SERVICES"))?;
-        let (conns, p50, p99) = measure(cfg, &client, target)?;
+        let m = measure(cfg, &client, target, &format!("{n} services, {}", DATAPLANES[1]))?;
         sh(&format!("ip netns exec {node} sh -c 'iptables -t nat -F && iptables -t nat -X'"))?;
-        rows.push(Row { services: n, dataplane: DATAPLANES[1], conns_per_s: conns, p50_ms: p50, p99_ms: p99, update_ms: Summary::of(&full_sync), update_method: "iptables-restore (full sync)" });
+        rows.push(Row { services: n, dataplane: DATAPLANES[1], conns_per_s: m.conns, p50_ms: m.p50, p99_ms: m.p99, update_ms: Summary::of(&full_sync), update_method: "iptables-restore (full sync)", failed: m.failed });
 
         // kube-proxy-style nftables: changes are incremental.
         let ruleset = cfg.work_dir.join(format!("nft-{n}.rules"));
         std::fs::write(&ruleset, rules::nft_ruleset(&svcs))?;
         sh(&format!("ip netns exec {node} nft -f {}", ruleset.display()))?;
-        let (conns, p50, p99) = measure(cfg, &client, target)?;
+        let m = measure(cfg, &client, target, &format!("{n} services, {}", DATAPLANES[2]))?;
         let mut incremental = Vec::new();
         for r in 0..cfg.runs.max(5) {
             let one = cfg.work_dir.join("nft-one.rules");
@@ -190,7 +204,7 @@ pub fn run(cfg: &Config) -> Result<Vec<Row>> {
             incremental.push(timed(|| sh(&format!("ip netns exec {node} nft -f {}", one.display())).map(|_| ()))?);
         }
         sh(&format!("ip netns exec {node} nft delete table ip kube-proxy"))?;
-        rows.push(Row { services: n, dataplane: DATAPLANES[2], conns_per_s: conns, p50_ms: p50, p99_ms: p99, update_ms: Summary::of(&incremental), update_method: "nft -f (one Service)" });
+        rows.push(Row { services: n, dataplane: DATAPLANES[2], conns_per_s: m.conns, p50_ms: m.p50, p99_ms: m.p99, update_ms: Summary::of(&incremental), update_method: "nft -f (one Service)", failed: m.failed });
     }
     Ok(rows)
 }

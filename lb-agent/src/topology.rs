@@ -200,14 +200,16 @@ pub fn tcp_request(ns: &Netns, to: SocketAddr, source_port: Option<u16>, timeout
     })?
 }
 
-/// One UDP request from `ns`; `source_port` 0 lets the kernel choose.
+/// One UDP request from `ns`; `source_port` 0 lets the kernel choose. The socket is
+/// connected, so an ICMP port unreachable comes back as `ConnectionRefused`.
 pub fn udp_request(ns: &Netns, to: SocketAddr, source_port: u16, timeout: Duration) -> Result<Answer> {
     ns.run(move || -> Result<Answer> {
         let socket = UdpSocket::bind(("0.0.0.0", source_port))?;
         socket.set_read_timeout(Some(timeout))?;
-        socket.send_to(b"hello", to)?;
+        socket.connect(to)?;
+        socket.send(b"hello")?;
         let mut buf = [0u8; 2048];
-        let (n, _) = socket.recv_from(&mut buf)?;
+        let n = socket.recv(&mut buf)?;
         parse_answer(&String::from_utf8_lossy(&buf[..n]))
     })?
 }

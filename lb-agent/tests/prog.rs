@@ -100,6 +100,23 @@ fn decode(frame: &[u8]) -> Out {
     Out { src: ip_header.source, dst: ip_header.destination, sport, dport, eth_src: eth.source, eth_dst: eth.destination, tcp_flags: flags, tcp_seq_ack: seq_ack }
 }
 
+/// An ICMP port unreachable from the frontend to the client, quoting `original`.
+fn assert_icmp_port_unreachable(frame: &[u8], original: &[u8]) {
+    let p = SlicedPacket::from_ethernet(frame).expect("parses");
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else { panic!("not IPv4") };
+    let h = ip.header().to_header();
+    assert_eq!(h.header_checksum, h.calc_header_checksum(), "IPv4 checksum");
+    assert_eq!((h.source, h.destination, h.protocol), (VIP, CLIENT, IpNumber::ICMP));
+    let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else { panic!("not ICMP") };
+    assert_eq!(icmp.icmp_type(), etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port));
+    let mut expected = icmp.header();
+    expected.update_checksum(icmp.payload());
+    assert_eq!(icmp.checksum(), expected.checksum, "ICMP checksum");
+    assert_eq!(icmp.payload(), &original[14..14 + 28], "quotes the IP header and 8 bytes of UDP");
+    assert_eq!(&frame[..6], &original[6..12], "back to the sender's MAC");
+    assert_eq!(frame.len(), 14 + 20 + 8 + 28);
+}
+
 /// The backend Maglev must pick for this flow, computed in user space from the same hash.
 fn predicted_backend(tb: &Testbed, svc: &Frontend, src: [u8; 4], sport: u16) -> [u8; 4] {
     let entry = tb.dataplane.service(&svc.key).unwrap();
@@ -348,7 +365,7 @@ fn ipv4_options_and_vlan_tags_are_honoured() -> Result<()> {
 }
 
 #[test]
-fn service_without_backends_rejects_tcp_with_a_reset() -> Result<()> {
+fn service_without_backends_rejects_with_a_reset_or_icmp() -> Result<()> {
     in_private_netns(|| {
         let mut tb = testbed();
         tb.dataplane.apply(&[frontend(VIP, 80, IPPROTO_TCP, KIND_LOAD_BALANCER, &[], true), frontend(VIP, 53, IPPROTO_UDP, KIND_LOAD_BALANCER, &[], true)])?;
@@ -363,10 +380,14 @@ fn service_without_backends_rejects_tcp_with_a_reset() -> Result<()> {
         let (verdict, out) = tb.run_tc(&tcp_syn(CLIENT, VIP, 43001, 80))?;
         assert_eq!(verdict, 7, "TC_ACT_REDIRECT");
         assert_eq!(decode(&out).tcp_flags, (false, true, true));
-        // UDP gets no answer yet, but a counted verdict.
-        let (verdict, _) = tb.run_xdp(&udp(CLIENT, VIP, 43000, 53, b"q"))?;
-        assert_eq!(verdict, XDP_DROP);
-        assert_eq!(reason_count(&tb, reason::REJECT_NO_BACKEND), 3);
+        // UDP gets an ICMP port unreachable that quotes the datagram's IP header and 8 bytes.
+        let query = udp(CLIENT, VIP, 43000, 53, b"a payload the error does not quote");
+        for hook in ["xdp", "tc"] {
+            let (verdict, out) = if hook == "xdp" { tb.run_xdp(&query)? } else { tb.run_tc(&query)? };
+            assert_eq!(verdict, if hook == "xdp" { XDP_TX } else { 7 }, "{hook}");
+            assert_icmp_port_unreachable(&out, &query);
+        }
+        assert_eq!(reason_count(&tb, reason::REJECT_NO_BACKEND), 4);
         Ok(())
     })
 }

@@ -30,8 +30,9 @@ pub enum Action {
     Pass(u32),
     Drop(u32),
     Rewrite { reason: u32, to: Nat4, forward: Forward },
-    /// No ready backend: answer the client (TCP RST) so it fails at once.
-    RejectTcp,
+    /// No ready backend: answer the client (TCP RST, or ICMP port unreachable for UDP) so
+    /// it fails at once.
+    Reject,
 }
 
 const EEXIST: i32 = -17;
@@ -89,7 +90,7 @@ pub fn decide(pkt: &Ipv4Packet, hook: Hook, bytes: u32) -> Action {
 
     // 4. A new flow: Maglev picks the backend from the flow hash.
     if svc.maglev_size == 0 {
-        return if t.proto == IPPROTO_TCP { Action::RejectTcp } else { Action::Drop(reason::REJECT_NO_BACKEND) };
+        return Action::Reject;
     }
     let cfg = config();
     let hash = flow_hash4(t.src_addr, t.dst_addr, t.src_port, t.dst_port, t.proto, cfg.hash_seed);

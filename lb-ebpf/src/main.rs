@@ -15,19 +15,19 @@ mod rewrite;
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, bpf_redir_neigh, xdp_action, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
-use lb_common::{reason, IPPROTO_UDP};
+use lb_common::{reason, IPPROTO_TCP, IPPROTO_UDP};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     lb::{decide, Action, Forward, Hook},
     maps::count_reason,
     parse::{parse, ptr_at, Ipv4Packet, Parsed},
-    rewrite::{apply_nat, l4_csum_off, make_tcp_reset, Fault, PacketWriter},
+    rewrite::{apply_nat, l4_csum_off, make_tcp_reset, write_icmp_port_unreachable, Fault, IcmpQuote, PacketWriter, ICMP_ERROR_GROWTH},
 };
 
 const AF_INET: u8 = 2;
@@ -58,10 +58,13 @@ fn xdp_path(ctx: &XdpContext) -> (u32, u32) {
     match decide(&pkt, Hook::External, bytes) {
         Action::Pass(why) => (xdp_action::XDP_PASS, why),
         Action::Drop(why) => (xdp_action::XDP_DROP, why),
-        Action::RejectTcp => match make_tcp_reset(&w, &pkt) {
-            Ok(()) => (xdp_action::XDP_TX, reason::REJECT_NO_BACKEND),
-            Err(Fault) => (xdp_action::XDP_DROP, reason::REJECT_NO_BACKEND),
-        },
+        Action::Reject => {
+            let answered = if pkt.tuple.proto == IPPROTO_TCP { make_tcp_reset(&w, &pkt) } else { xdp_icmp_port_unreachable(ctx, &pkt) };
+            match answered {
+                Ok(()) => (xdp_action::XDP_TX, reason::REJECT_NO_BACKEND),
+                Err(Fault) => (xdp_action::XDP_DROP, reason::REJECT_NO_BACKEND),
+            }
+        }
         Action::Rewrite { reason: why, to, forward } => {
             if apply_nat(&w, &pkt, &to).is_err() {
                 return (xdp_action::XDP_DROP, reason::DROP_TRUNCATED_L4);
@@ -72,6 +75,21 @@ fn xdp_path(ctx: &XdpContext) -> (u32, u32) {
             }
         }
     }
+}
+
+/// Turns the datagram into an ICMP port unreachable to its sender: cut it to what the error
+/// quotes, grow the front by an IPv4 and an ICMP header, write them.
+#[inline(always)]
+fn xdp_icmp_port_unreachable(ctx: &XdpContext, pkt: &Ipv4Packet) -> Result<(), Fault> {
+    let quote = IcmpQuote::save(ctx.data(), ctx.data_end(), pkt)?;
+    let trim = quote.kept_len() as i32 - (ctx.data_end() - ctx.data()) as i32;
+    if trim != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, trim) } != 0 {
+        return Err(Fault);
+    }
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(ICMP_ERROR_GROWTH as i32)) } != 0 {
+        return Err(Fault);
+    }
+    write_icmp_port_unreachable(ctx.data(), ctx.data_end(), &quote)
 }
 
 /// Sends a rewritten packet straight out the device the FIB names, with its MACs.
@@ -191,11 +209,14 @@ fn tc_path(ctx: &TcContext) -> (i32, u32) {
     match decide(&pkt, Hook::Pod, len) {
         Action::Pass(why) => (TC_ACT_OK, why),
         Action::Drop(why) => (TC_ACT_SHOT, why),
-        Action::RejectTcp => match make_tcp_reset(&w, &pkt) {
-            // Back out of the device it came in on, to the pod.
-            Ok(()) => (unsafe { bpf_redirect(ifindex, 0) } as i32, reason::REJECT_NO_BACKEND),
-            Err(Fault) => (TC_ACT_SHOT, reason::REJECT_NO_BACKEND),
-        },
+        Action::Reject => {
+            let answered = if pkt.tuple.proto == IPPROTO_TCP { make_tcp_reset(&w, &pkt) } else { tc_icmp_port_unreachable(ctx, &pkt) };
+            match answered {
+                // Back out of the device it came in on, to the pod.
+                Ok(()) => (unsafe { bpf_redirect(ifindex, 0) } as i32, reason::REJECT_NO_BACKEND),
+                Err(Fault) => (TC_ACT_SHOT, reason::REJECT_NO_BACKEND),
+            }
+        }
         Action::Rewrite { reason: why, to, forward } => {
             if apply_nat(&w, &pkt, &to).is_err() {
                 return (TC_ACT_SHOT, reason::DROP_TRUNCATED_L4);
@@ -206,6 +227,15 @@ fn tc_path(ctx: &TcContext) -> (i32, u32) {
             }
         }
     }
+}
+
+/// The TC twin of `xdp_icmp_port_unreachable`.
+#[inline(always)]
+fn tc_icmp_port_unreachable(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<(), Fault> {
+    let quote = IcmpQuote::save(ctx.data(), ctx.data_end(), pkt)?;
+    ctx.change_tail(quote.kept_len() as u32, 0).map_err(|_| Fault)?;
+    ctx.change_head(ICMP_ERROR_GROWTH as u32, 0).map_err(|_| Fault)?;
+    write_icmp_port_unreachable(ctx.data(), ctx.data_end(), &quote)
 }
 
 /// Routes a rewritten packet here; falls back to the stack when the FIB has no answer.

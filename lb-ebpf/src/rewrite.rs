@@ -1,6 +1,6 @@
 //! Packet rewrites shared by XDP and TC. The two hooks differ only in how a field is stored
 //! and its checksums kept right ([`PacketWriter`]); what to write is decided here once.
-use lb_common::{IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use lb_common::{Ct4KeyV1, IPPROTO_ICMP, IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
 
 use crate::parse::{ptr_at, Ipv4Packet};
@@ -109,3 +109,79 @@ pub fn l4_csum_off(pkt: &Ipv4Packet) -> usize {
     pkt.l4_off + if pkt.tuple.proto == IPPROTO_TCP { TCP_CSUM } else { UDP_CSUM }
 }
 
+
+/// Bytes an ICMP error puts in front of the datagram it quotes: an IPv4 and an ICMP header.
+pub const ICMP_ERROR_GROWTH: usize = 28;
+/// Ethernet and up to two VLAN tags.
+const MAX_L2: usize = 22;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_PORT_UNREACH: u8 = 3;
+
+/// What an ICMP error needs from the original frame, saved before the frame is resized.
+pub struct IcmpQuote {
+    /// The L2 header (only `l2_len` bytes of it count).
+    l2: [u8; MAX_L2],
+    l2_len: usize,
+    /// The original IPv4 header and the first 8 bytes of its payload (RFC 792).
+    quoted_len: usize,
+    /// One's-complement sum of the quoted bytes, so the ICMP checksum needs no loop over
+    /// the packet: a valid IPv4 header sums to 0xffff, plus the 4 words of the UDP header.
+    quoted_sum: u32,
+    tuple: Ct4KeyV1,
+}
+
+impl IcmpQuote {
+    #[inline(always)]
+    pub fn save(data: usize, data_end: usize, pkt: &Ipv4Packet) -> Result<Self, Fault> {
+        // Every IPv4 UDP frame that got here is longer than MAX_L2 bytes.
+        let l2 = unsafe { *ptr_at::<[u8; MAX_L2]>(data, data_end, 0).ok_or(Fault)? };
+        let udp = unsafe { *ptr_at::<[u16; 4]>(data, data_end, pkt.l4_off).ok_or(Fault)? };
+        let quoted_sum = 0xffff + udp.iter().map(|w| *w as u32).sum::<u32>();
+        Ok(Self { l2, l2_len: pkt.l3_off & 0x1f, quoted_len: (pkt.l4_off - pkt.l3_off + 8) & 0x7f, quoted_sum, tuple: pkt.tuple })
+    }
+
+    /// Bytes of the original frame the error keeps: its L2 header and the quote.
+    pub fn kept_len(&self) -> usize {
+        self.l2_len + self.quoted_len
+    }
+}
+
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// Writes an ICMP port unreachable into a frame that was cut to `q.kept_len()` bytes and then
+/// grown by `ICMP_ERROR_GROWTH` bytes at the front: L2 header with MACs swapped, a new IPv4
+/// header from the frontend to the client, the ICMP header, then the quote, already in place.
+#[inline(always)]
+pub fn write_icmp_port_unreachable(data: usize, data_end: usize, q: &IcmpQuote) -> Result<(), Fault> {
+    // MACs swapped, tags and ethertype kept; what lies past the L2 header is overwritten next.
+    let mut l2 = q.l2;
+    l2[..6].copy_from_slice(&q.l2[6..12]);
+    l2[6..12].copy_from_slice(&q.l2[..6]);
+    unsafe { *ptr_at::<[u8; MAX_L2]>(data, data_end, 0).ok_or(Fault)? = l2 };
+
+    let ip_off = q.l2_len & 0x1f;
+    let icmp_len = 8 + q.quoted_len;
+    let tot_len = ((20 + icmp_len) as u16).to_be_bytes();
+    let (src, dst) = (q.tuple.dst_addr.to_ne_bytes(), q.tuple.src_addr.to_ne_bytes());
+    let mut ip = [0x45, 0, tot_len[0], tot_len[1], 0, 0, 0, 0, 64, IPPROTO_ICMP, 0, 0, src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3]];
+    let mut sum = 0u32;
+    for w in 0..10 {
+        sum += u16::from_ne_bytes([ip[2 * w], ip[2 * w + 1]]) as u32;
+    }
+    let csum = (!fold(sum)).to_ne_bytes();
+    ip[10] = csum[0];
+    ip[11] = csum[1];
+    unsafe { *ptr_at::<[u8; 20]>(data, data_end, ip_off).ok_or(Fault)? = ip };
+
+    let mut icmp = [ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0];
+    let csum = (!fold(u16::from_ne_bytes([icmp[0], icmp[1]]) as u32 + q.quoted_sum)).to_ne_bytes();
+    icmp[2] = csum[0];
+    icmp[3] = csum[1];
+    unsafe { *ptr_at::<[u8; 8]>(data, data_end, ip_off + 20).ok_or(Fault)? = icmp };
+    Ok(())
+}

@@ -110,6 +110,14 @@ fn service_without_ready_endpoints_refuses_at_once() -> Result<()> {
         assert_eq!(kind, Some(ErrorKind::ConnectionRefused), "{who}: {err:#}");
         assert!(started.elapsed() < Duration::from_millis(500), "{who}: refused at once, not after a timeout ({:?})", started.elapsed());
     }
+    // UDP: an ICMP port unreachable, which a connected socket reports as refused.
+    for (who, ns, addr) in [("pod -> ClusterIP UDP (TC)", demo.client_pod(), WEB), ("outside -> LoadBalancer UDP (XDP)", &demo.cluster.client, [10, 99, 100, 10])] {
+        let started = std::time::Instant::now();
+        let err = udp_request(ns, sock(addr, 7), 0, Duration::from_secs(5)).expect_err("no backend is ready");
+        let kind = err.downcast_ref::<std::io::Error>().map(|e| e.kind());
+        assert_eq!(kind, Some(ErrorKind::ConnectionRefused), "{who}: {err:#}");
+        assert!(started.elapsed() < Duration::from_millis(500), "{who}: refused at once ({:?})", started.elapsed());
+    }
     // The NodePort Service, whose endpoints are ready, still serves.
     tcp_request(&demo.cluster.client, sock([10, 99, 0, 1], 30080), None, TIMEOUT)?;
     Ok(())
