@@ -73,7 +73,7 @@ pub struct Agent {
     reported: BTreeSet<String>,
     tc_links: HashMap<u32, String>,
     node_ips: Vec<(Ipv4Addr, u32)>,
-    last_gc: Instant,
+    last_gc: Option<Instant>,
     synced_once: bool,
     /// Turns true after the first full sync was programmed (the readiness probe).
     pub ready: Arc<AtomicBool>,
@@ -110,7 +110,7 @@ impl Agent {
             reported: BTreeSet::new(),
             tc_links: HashMap::new(),
             node_ips: Vec::new(),
-            last_gc: Instant::now(),
+            last_gc: None,
             synced_once: false,
             ready: Arc::new(AtomicBool::new(false)),
             heartbeat_ns: Arc::new(std::sync::atomic::AtomicU64::new(conntrack::monotonic_ns())),
@@ -154,11 +154,12 @@ impl Agent {
         self.sync_services()?;
         if self.last_export.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             self.last_export = Some(Instant::now());
-            crate::metrics::export_datapath(&self.dataplane.maps, self.dataplane.used_slots())?;
+            crate::metrics::export_datapath(&self.dataplane)?;
         }
-        if self.last_gc.elapsed() >= self.cfg.gc_interval {
-            self.last_gc = Instant::now();
+        if self.last_gc.is_none_or(|t| t.elapsed() >= self.cfg.gc_interval) {
+            self.last_gc = Some(Instant::now());
             let stats = conntrack::gc(&mut self.dataplane.maps, conntrack::monotonic_ns())?;
+            crate::metrics::export_conntrack(stats.flows_kept, stats.replies_kept, self.dataplane.maps.flow_capacity);
             if stats.flows_removed + stats.orphans_removed > 0 {
                 info!("conntrack gc: {stats:?}");
             }

@@ -17,6 +17,8 @@ pub struct GcStats {
     pub flows_kept: usize,
     pub flows_removed: usize,
     pub orphans_removed: usize,
+    /// Reverse-NAT entries left after the pass.
+    pub replies_kept: usize,
 }
 
 /// The reply key a conntrack entry created (see lb-ebpf lb.rs).
@@ -48,11 +50,13 @@ pub fn gc(maps: &mut Maps, now_ns: u64) -> Result<GcStats> {
         stats.flows_removed += 1;
     }
     // Reverse-NAT entries whose flow is gone (the agent was down, a flow was re-selected).
-    let orphans: Vec<(Ct4KeyV1, RevNat4V1)> = maps.reverse_nat.iter().filter_map(|e| e.ok()).filter(|(k, _)| !live_replies.contains(k)).collect();
-    for (key, r) in orphans {
+    let replies: Vec<(Ct4KeyV1, RevNat4V1)> = maps.reverse_nat.iter().filter_map(|e| e.ok()).collect();
+    stats.replies_kept = replies.len();
+    for (key, r) in replies.into_iter().filter(|(k, _)| !live_replies.contains(k)) {
         if now_ns.saturating_sub(r.last_seen_ns) > ct_lifetime_ns(key.proto, 0, r.tcp_flags_seen) {
             let _ = maps.reverse_nat.remove(&key);
             stats.orphans_removed += 1;
+            stats.replies_kept -= 1;
         }
     }
     Ok(stats)

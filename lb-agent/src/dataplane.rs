@@ -319,6 +319,16 @@ impl Dataplane {
         Ok(self.next_service_id - 1)
     }
 
+    /// Programmed frontends: key, display name, entry.
+    pub fn frontends(&self) -> impl Iterator<Item = (&Service4KeyV1, &str, &Service4V1)> {
+        self.services.iter().map(|(k, p)| (k, p.frontend.name.as_str(), &p.entry))
+    }
+
+    /// Programmed backends: id and entry.
+    pub fn backends(&self) -> impl Iterator<Item = (u32, &Backend4V1)> {
+        self.backend_users.iter().map(|(id, (entry, _))| (*id, entry))
+    }
+
     /// Maglev slots held by programmed services.
     pub fn used_slots(&self) -> u64 {
         self.maps.maglev.len() as u64 - self.slices.free_slots()

@@ -18,7 +18,7 @@ use log::{info, warn};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::{dataplane::ApplyStats, maps::Maps};
+use crate::dataplane::{ApplyStats, Dataplane};
 
 /// Installs the recorder and describes every metric (HELP and TYPE lines for promtool).
 pub fn install() -> Result<PrometheusHandle> {
@@ -59,48 +59,47 @@ pub fn program_detached(device: &str, program: &'static str) {
     gauge!("lb_programs_attached", "device" => device.to_string(), "program" => program).set(0.0);
 }
 
-/// Copies the datapath's counters and the maps' fill levels into the registry.
-pub fn export_datapath(maps: &Maps, used_slots: u64) -> Result<()> {
+/// Copies the datapath's counters and the fill levels of the maps the agent writes into the
+/// registry. Only ids the agent programmed are read, never whole arrays.
+pub fn export_datapath(dataplane: &Dataplane) -> Result<()> {
+    let maps = &dataplane.maps;
     for (reason, packets) in reason::NAMES.iter().zip(maps.reason_counts()?) {
         counter!("lb_datapath_packets_total", "reason" => *reason).absolute(packets);
     }
     let mut services = 0u64;
-    for entry in maps.services.iter() {
-        let (key, svc) = entry?;
+    for (key, name, svc) in dataplane.frontends() {
         services += 1;
-        let name = maps.service_names.get(&svc.service_id, 0)?.as_str().to_string();
         let addr = if key.addr == 0 { "*".to_string() } else { std::net::Ipv4Addr::from(ip4_octets(key.addr)).to_string() };
-        let frontend = format!("{addr}:{}", port_host(key.port));
         let c = maps.service_counters(svc.service_id)?;
-        let labels = [("service", name), ("frontend", frontend)];
+        let labels = [("service", name.to_string()), ("frontend", format!("{addr}:{}", port_host(key.port)))];
         counter!("lb_service_packets_total", &labels).absolute(c.packets);
         counter!("lb_service_bytes_total", &labels).absolute(c.bytes);
     }
     let mut backends = 0u64;
-    for id in 1..maps.backends.len() {
-        let Ok(b) = maps.backends.get(&id, 0) else { break };
-        if b.addr == 0 {
-            continue;
-        }
+    for (id, b) in dataplane.backends() {
         backends += 1;
         let c = maps.backend_counters(id)?;
         let label = [("backend", format!("{}:{}", std::net::Ipv4Addr::from(ip4_octets(b.addr)), port_host(b.port)))];
         counter!("lb_backend_packets_total", &label).absolute(c.packets);
         counter!("lb_backend_bytes_total", &label).absolute(c.bytes);
     }
-    let flows = maps.conntrack.keys().count() as u64;
-    let replies = maps.reverse_nat.keys().count() as u64;
     for (map, entries, capacity) in [
         (MAP_SERVICES, services, maps.service_names.len() as u64),
         (MAP_BACKENDS, backends, maps.backends.len() as u64 - 1),
-        (MAP_MAGLEV, used_slots, maps.maglev.len() as u64),
-        (MAP_CONNTRACK, flows, maps.flow_capacity as u64),
-        (MAP_REVERSE_NAT, replies, maps.flow_capacity as u64),
+        (MAP_MAGLEV, dataplane.used_slots(), maps.maglev.len() as u64),
     ] {
         gauge!("lb_map_entries", "map" => map).set(entries as f64);
         gauge!("lb_map_capacity", "map" => map).set(capacity as f64);
     }
     Ok(())
+}
+
+/// Conntrack fill levels, from the GC pass that walked the maps anyway.
+pub fn export_conntrack(flows: usize, replies: usize, capacity: u32) {
+    for (map, entries) in [(MAP_CONNTRACK, flows), (MAP_REVERSE_NAT, replies)] {
+        gauge!("lb_map_entries", "map" => map).set(entries as f64);
+        gauge!("lb_map_capacity", "map" => map).set(capacity as f64);
+    }
 }
 
 /// Liveness: the sync loop ran within `stale_after` (its heartbeat is a CLOCK_MONOTONIC stamp).

@@ -88,7 +88,10 @@ pub fn translate(state: &ClusterState, node_name: &str) -> Translation {
             slices.entry(format!("{ns}/{svc}")).or_default().push(&s.object);
         }
     }
-    for s in &state.services {
+    let mut claimed: HashMap<Service4KeyV1, ServiceName> = HashMap::new();
+    let mut services: Vec<&Sourced<Service>> = state.services.iter().collect();
+    services.sort_by_key(|s| (s.object.metadata.namespace.clone(), s.object.metadata.name.clone()));
+    for s in services {
         if !is_proxied(&s.object) {
             continue;
         }
@@ -97,6 +100,18 @@ pub fn translate(state: &ClusterState, node_name: &str) -> Translation {
         let svc_slices = slices.get(&name).map(Vec::as_slice).unwrap_or(&[]);
         match service_frontends(&s.object, &name, svc_slices, node_name) {
             Ok(frontends) => {
+                // Two Services may not claim one address and port: the first (by name) keeps
+                // it, the other is rejected and keeps its last good version.
+                let taken = frontends.iter().find_map(|f| claimed.get(&f.key).map(|owner: &String| (f, owner.clone())));
+                if let Some((f, owner)) = taken {
+                    let object = format!("Service {name}");
+                    let message = format!("{} is already used by Service {owner}", f.name.split_once(':').map_or("", |(_, p)| p));
+                    out.errors.push((name, ObjectError { origin: s.origin.clone(), object, field: "spec".into(), message }));
+                    continue;
+                }
+                for f in &frontends {
+                    claimed.insert(f.key, name.clone());
+                }
                 out.frontends.insert(name, frontends);
             }
             Err((field, message)) => {

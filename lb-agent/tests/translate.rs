@@ -119,3 +119,15 @@ fn malformed_documents_name_file_object_and_field() {
     let e = parse_manifest("z.yaml", "apiVersion: v1\nmetadata: {name: a}\n").unwrap_err();
     assert_eq!(e.field, "kind");
 }
+
+#[test]
+fn two_services_on_one_frontend_reject_the_second_only() {
+    let text = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: prod}\nspec: {clusterIP: 10.96.5.5, ports: [{port: 80}]}\n---\n\
+                apiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: prod}\nspec: {clusterIP: 10.96.5.5, ports: [{port: 80}, {name: x, port: 81}]}\n";
+    let t = translate(&parse_manifest("dup.yaml", text).unwrap(), "a");
+    assert!(t.frontends.contains_key("prod/a") && !t.frontends.contains_key("prod/b"));
+    assert_eq!(t.errors.len(), 1);
+    let e = &t.errors[0].1;
+    assert_eq!((e.object.as_str(), e.field.as_str()), ("Service prod/b", "spec"));
+    assert!(e.message.contains("already used by Service prod/a"), "{e}");
+}
