@@ -61,6 +61,7 @@ pub struct AgentConfig {
     pub sizes: MapSizes,
 }
 
+
 pub struct Agent {
     cfg: AgentConfig,
     ebpf: Ebpf,
@@ -268,8 +269,20 @@ impl Agent {
         }
         let all: Vec<Frontend> = desired.values().flatten().cloned().collect();
         let stats = self.dataplane.apply(&all)?;
+        for (frontend, why) in &stats.failed {
+            self.report(format!("frontend {frontend} not programmed, its previous state stays: {why}"));
+        }
         if stats.added + stats.updated + stats.removed > 0 || !self.synced_once {
-            info!("programmed {} frontends of {} services: {stats:?}", all.len(), desired.len());
+            info!(
+                "programmed {} frontends of {} services: added {}, updated {}, removed {}, unchanged {}, failed {}",
+                all.len() - stats.failed.len(),
+                desired.len(),
+                stats.added,
+                stats.updated,
+                stats.removed,
+                stats.unchanged,
+                stats.failed.len()
+            );
         }
         self.last_good = desired;
         self.synced_once = true;

@@ -51,12 +51,15 @@ struct Programmed {
 }
 
 /// What one `apply` changed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ApplyStats {
     pub added: usize,
     pub updated: usize,
     pub removed: usize,
     pub unchanged: usize,
+    /// Frontends that could not be written (a full map, say), with why. They keep their
+    /// previous state; every other frontend is applied.
+    pub failed: Vec<(String, String)>,
 }
 
 pub struct Dataplane {
@@ -157,8 +160,9 @@ impl Dataplane {
             .unwrap_or(*maglev::TABLE_SIZES.last().unwrap())
     }
 
-    /// Makes the maps hold exactly `desired`. An error leaves every frontend either at its old
-    /// or at its new state, never between; frontends already done stay done.
+    /// Makes the maps hold `desired`. Each frontend is either at its old or at its new state,
+    /// never between; one that cannot be written (a full map) is reported in `failed` and keeps
+    /// its old state, and the others are applied. Stale frontends go first, freeing room.
     pub fn apply(&mut self, desired: &[Frontend]) -> Result<ApplyStats> {
         let mut stats = ApplyStats::default();
         let mut wanted: BTreeMap<Service4KeyV1, &Frontend> = BTreeMap::new();
@@ -167,23 +171,25 @@ impl Dataplane {
                 bail!("frontend {} is declared twice", f.name);
             }
         }
-        for (key, frontend) in &wanted {
-            match self.services.get(key) {
-                Some(p) if &p.frontend == *frontend => stats.unchanged += 1,
-                Some(_) => {
-                    self.upsert(frontend)?;
-                    stats.updated += 1;
-                }
-                None => {
-                    self.upsert(frontend)?;
-                    stats.added += 1;
-                }
-            }
-        }
         let stale: Vec<Service4KeyV1> = self.services.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
         for key in stale {
             self.remove(&key)?;
             stats.removed += 1;
+        }
+        for (key, frontend) in &wanted {
+            let existed = match self.services.get(key) {
+                Some(p) if &p.frontend == *frontend => {
+                    stats.unchanged += 1;
+                    continue;
+                }
+                Some(_) => true,
+                None => false,
+            };
+            match self.upsert(frontend) {
+                Ok(()) if existed => stats.updated += 1,
+                Ok(()) => stats.added += 1,
+                Err(e) => stats.failed.push((frontend.name.clone(), format!("{e:#}"))),
+            }
         }
         Ok(stats)
     }

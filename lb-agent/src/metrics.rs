@@ -35,14 +35,14 @@ pub fn install() -> Result<PrometheusHandle> {
     describe_gauge!("lb_map_capacity", Unit::Count, "Capacity of a BPF map.");
     describe_histogram!("lb_sync_duration_seconds", Unit::Seconds, "Time to translate the sources and program the maps.");
     describe_counter!("lb_sync_errors_total", Unit::Count, "Syncs that failed, map-write errors included.");
-    describe_counter!("lb_frontend_changes_total", Unit::Count, "Frontends added, updated or removed in the maps.");
+    describe_counter!("lb_frontend_changes_total", Unit::Count, "Frontends added, updated or removed in the maps, or failed to be written (map full).");
     describe_gauge!("lb_programs_attached", Unit::Count, "BPF programs attached, per device and program.");
     Ok(handle)
 }
 
 pub fn sync_done(took: Duration, stats: &ApplyStats) {
     histogram!("lb_sync_duration_seconds").record(took.as_secs_f64());
-    for (change, n) in [("added", stats.added), ("updated", stats.updated), ("removed", stats.removed)] {
+    for (change, n) in [("added", stats.added), ("updated", stats.updated), ("removed", stats.removed), ("failed", stats.failed.len())] {
         counter!("lb_frontend_changes_total", "change" => change).increment(n as u64);
     }
 }

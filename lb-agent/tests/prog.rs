@@ -455,3 +455,21 @@ fn remote_backend_is_snated_and_its_replies_translated_back() -> Result<()> {
         Ok(())
     })
 }
+
+#[test]
+fn a_full_maglev_array_fails_only_the_service_that_does_not_fit() -> Result<()> {
+    in_private_netns(|| {
+        // Room for one table of 509 slots, not two.
+        let mut tb = Testbed::new(&MapSizes { maglev_slots: Some(600), ..Default::default() })?;
+        let first = frontend(VIP, 80, IPPROTO_TCP, KIND_CLUSTER_IP, &BACKENDS, true);
+        let second = frontend([10, 96, 0, 11], 80, IPPROTO_TCP, KIND_CLUSTER_IP, &BACKENDS, true);
+        let stats = tb.dataplane.apply(&[first.clone(), second.clone()])?;
+        assert_eq!((stats.added, stats.failed.len()), (1, 1));
+        assert_eq!(stats.failed[0].0, "test/svc-80:80", "the error names the frontend");
+        assert!(stats.failed[0].1.contains("LB_MAGLEV_V1 is full"), "{:?}", stats.failed);
+        assert!(tb.dataplane.service(&second.key).is_none(), "nothing half-written for the one that failed");
+        let (verdict, out) = tb.run_xdp(&tcp_syn(CLIENT, VIP, 45000, 80))?;
+        assert_eq!((verdict, decode(&out).dport), (XDP_PASS, 8080), "the service that fit serves");
+        Ok(())
+    })
+}

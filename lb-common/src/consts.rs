@@ -4,8 +4,9 @@
 pub const MAX_SERVICES: u32 = 131_072;
 /// Default capacity of `LB4_BE_V1` and `LB_BE_STAT_V1` (backend ids are `< MAX_BACKENDS`; id 0 is never used).
 pub const MAX_BACKENDS: u32 = 262_144;
-/// Default number of slots in `LB_MAGLEV_V1`, shared by every service's slice.
-pub const MAGLEV_SLOTS: u32 = 1 << 22;
+/// Default number of slots in `LB_MAGLEV_V1`, shared by every service's slice: 64 MiB, room
+/// for 30,000 services of 509 slots (the agent's `--maglev-slots` changes it).
+pub const MAGLEV_SLOTS: u32 = 1 << 24;
 /// Default capacity of the conntrack and reverse-NAT maps.
 pub const MAX_FLOWS: u32 = 262_144;
 /// Capacity of `LB4_NODEIP_V1`.

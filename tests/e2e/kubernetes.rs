@@ -52,7 +52,7 @@ fn frontend_names(pins: &std::path::Path) -> Result<Vec<String>> {
 
 /// Every "programmed" line's removal count after the log reached `from` bytes.
 fn removals_since(agent: &AgentProcess, from: usize) -> Vec<String> {
-    agent.log_text()[from..].lines().filter(|l| l.contains("programmed") && !l.contains("removed: 0")).map(str::to_string).collect()
+    agent.log_text()[from..].lines().filter(|l| l.contains("programmed") && !l.contains("removed 0,")).map(str::to_string).collect()
 }
 
 #[test]

@@ -62,6 +62,9 @@ struct Args {
     /// Capacity of the conntrack and reverse-NAT maps [default: 262144 each].
     #[arg(long)]
     max_flows: Option<u32>,
+    /// Capacity of the Maglev slot array shared by all services [default: 16777216, 64 MiB].
+    #[arg(long)]
+    maglev_slots: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -93,7 +96,7 @@ fn main() -> Result<()> {
         hash_seed: args.hash_seed,
         sync_interval: Duration::from_millis(args.sync_interval_ms),
         gc_interval: Duration::from_secs(args.gc_interval_s),
-        sizes: MapSizes { flows: args.max_flows, maglev_slots: None },
+        sizes: MapSizes { flows: args.max_flows, maglev_slots: args.maglev_slots },
     };
     enable_ip_forwarding()?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
