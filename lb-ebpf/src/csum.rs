@@ -1,8 +1,9 @@
 //! Incremental Internet checksum updates (RFC 1624, eqn. 3): `HC' = ~(~HC + ~m + m')`.
 //! The one's-complement sum does not care about byte order, so raw wire-order values are used.
 
+/// Folds a 32-bit one's-complement sum to 16 bits.
 #[inline(always)]
-fn fold(mut sum: u32) -> u16 {
+pub fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     sum as u16

@@ -3,7 +3,10 @@
 use lb_common::{Ct4KeyV1, IPPROTO_ICMP, IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
 
-use crate::parse::{ptr_at, Ipv4Packet};
+use crate::{
+    csum::fold,
+    parse::{ptr_at, Ipv4Packet},
+};
 
 /// The tuple a packet leaves with.
 #[derive(Clone, Copy)]
@@ -144,13 +147,6 @@ impl IcmpQuote {
     pub fn kept_len(&self) -> usize {
         self.l2_len + self.quoted_len
     }
-}
-
-#[inline(always)]
-fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
 }
 
 /// Writes an ICMP port unreachable into a frame that was cut to `q.kept_len()` bytes and then
