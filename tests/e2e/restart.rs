@@ -62,7 +62,7 @@ fn connections_survive_kill_9_and_restart_of_the_agent() -> Result<()> {
     for (what, t) in ["ClusterIP", "NodePort"].into_iter().zip(talkers) {
         let (n, longest, backends) = t.join().unwrap().map_err(|e| e.context(format!("{what} connection broke")))?;
         assert!(n > 100, "{what}: {n} exchanges");
-        assert!(longest < Duration::from_millis(500), "{what}: stalled for {longest:?}");
+        assert!(longest < Duration::from_secs(1), "{what}: stalled for {longest:?}");
         assert_eq!(backends.len(), 1, "{what}: stayed on one backend: {backends:?}");
     }
     Ok(())
