@@ -395,7 +395,9 @@ impl Cluster {
             .map(|n| Ok(self.lan.exec(&format!("cat /sys/class/net/p{n}/ifindex"))?.trim().parse()?))
             .collect::<Result<_>>()?;
         let ebpf = self.lan.run(move || -> Result<aya::Ebpf> {
-            let mut ebpf = crate::bpf::load(&pin_dir, &Default::default())?;
+            // Only the program is used: keep its maps as small as they go.
+            let tiny = crate::bpf::MapSizes { flows: Some(1), maglev_slots: Some(1) };
+            let mut ebpf = crate::bpf::load(&pin_dir, &tiny)?;
             let prog: &mut aya::programs::Xdp = ebpf.program_mut(crate::bpf::XDP_PASS_PROGRAM).context("no lb_xdp_pass")?.try_into()?;
             prog.load()?;
             for ifindex in ports {
