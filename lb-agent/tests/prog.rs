@@ -142,8 +142,14 @@ fn non_service_packets_pass_unchanged() -> Result<()> {
             if udp { b.udp(1234, 53).write(&mut out, b"q").unwrap() } else { b.tcp(1234, 443, 1, 100).syn().write(&mut out, &[]).unwrap() }
             out
         };
+        let icmp = {
+            let mut out = Vec::new();
+            PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC).ipv4(CLIENT, VIP, 64).icmpv4_echo_request(7, 1).write(&mut out, b"ping").unwrap();
+            out
+        };
         let cases: Vec<(&str, Vec<u8>, u32)> = vec![
             ("ipv4 tcp", tcp_syn(CLIENT, [10, 1, 1, 1], 40000, 80), reason::PASS_NOT_SERVICE),
+            ("icmp to a service address (no ports: v1 leaves ICMP to the stack)", icmp, reason::PASS_NOT_TCP_UDP),
             ("ipv4 udp", udp(CLIENT, [10, 1, 1, 1], 40000, 53, b"hello"), reason::PASS_NOT_SERVICE),
             ("ipv6 tcp", v6(false), reason::PASS_IPV6),
             ("ipv6 udp", v6(true), reason::PASS_IPV6),
