@@ -21,10 +21,14 @@ pub struct GcStats {
     pub replies_kept: usize,
 }
 
-/// The reply key a conntrack entry created (see lb-ebpf lb.rs).
+/// The reply key a conntrack entry's flow created in the reverse-NAT map.
 pub fn reply_key(key: &Ct4KeyV1, entry: &Ct4EntryV1, backend: &Backend4V1) -> Ct4KeyV1 {
-    let (dst_addr, dst_port) = if entry.flags & F_CT_SNAT != 0 { (entry.nat_addr, entry.nat_port) } else { (key.src_addr, key.src_port) };
-    Ct4KeyV1 { src_addr: backend.addr, dst_addr, src_port: backend.port, dst_port, proto: key.proto, _pad: [0; 3] }
+    let mut reply = key.reply_from(backend);
+    if entry.flags & F_CT_SNAT != 0 {
+        reply.dst_addr = entry.nat_addr;
+        reply.dst_port = entry.nat_port;
+    }
+    reply
 }
 
 pub fn gc(maps: &mut Maps, now_ns: u64) -> Result<GcStats> {

@@ -69,7 +69,7 @@ pub fn export_datapath(dataplane: &Dataplane) -> Result<()> {
     let mut services = 0u64;
     for (key, name, svc) in dataplane.frontends() {
         services += 1;
-        let addr = if key.addr == 0 { "*".to_string() } else { std::net::Ipv4Addr::from(ip4_octets(key.addr)).to_string() };
+        let addr = if key.addr == 0 { "*".to_string() } else { ip4_addr(key.addr).to_string() };
         let c = maps.service_counters(svc.service_id)?;
         let labels = [("service", name.to_string()), ("frontend", format!("{addr}:{}", port_host(key.port)))];
         counter!("lb_service_packets_total", &labels).absolute(c.packets);
@@ -79,7 +79,7 @@ pub fn export_datapath(dataplane: &Dataplane) -> Result<()> {
     for (id, b) in dataplane.backends() {
         backends += 1;
         let c = maps.backend_counters(id)?;
-        let label = [("backend", format!("{}:{}", std::net::Ipv4Addr::from(ip4_octets(b.addr)), port_host(b.port)))];
+        let label = [("backend", format!("{}:{}", ip4_addr(b.addr), port_host(b.port)))];
         counter!("lb_backend_packets_total", &label).absolute(c.packets);
         counter!("lb_backend_bytes_total", &label).absolute(c.bytes);
     }

@@ -85,15 +85,7 @@ impl EchoServer {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let ready_udp = ready_tx.clone();
         let tcp = ns.spawn(move || -> Result<()> {
-            let listener = match TcpListener::bind(("0.0.0.0", tcp_port)) {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e.to_string()));
-                    return Err(e.into());
-                }
-            };
-            listener.set_nonblocking(true)?;
-            let _ = ready_tx.send(Ok(()));
+            let listener = bound(TcpListener::bind(("0.0.0.0", tcp_port)).and_then(|l| l.set_nonblocking(true).map(|_| l)), &ready_tx)?;
             while !tcp_stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, peer)) => {
@@ -106,15 +98,7 @@ impl EchoServer {
             Ok(())
         });
         let udp = ns.spawn(move || -> Result<()> {
-            let socket = match UdpSocket::bind(("0.0.0.0", udp_port)) {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = ready_udp.send(Err(e.to_string()));
-                    return Err(e.into());
-                }
-            };
-            socket.set_read_timeout(Some(Duration::from_millis(50)))?;
-            let _ = ready_udp.send(Ok(()));
+            let socket = bound(UdpSocket::bind(("0.0.0.0", udp_port)).and_then(|s| s.set_read_timeout(Some(Duration::from_millis(50))).map(|_| s)), &ready_udp)?;
             let mut buf = [0u8; 2048];
             while !udp_stop.load(Ordering::Relaxed) {
                 if let Ok((n, peer)) = socket.recv_from(&mut buf) {
@@ -129,6 +113,12 @@ impl EchoServer {
         }
         Ok(Self { stop, threads: vec![tcp, udp] })
     }
+}
+
+/// Tells the starting thread whether the socket is ready, and passes it on.
+fn bound<T>(socket: std::io::Result<T>, ready: &std::sync::mpsc::Sender<Result<(), String>>) -> Result<T> {
+    let _ = ready.send(socket.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+    Ok(socket?)
 }
 
 fn serve_tcp(conn: TcpStream, peer: SocketAddr, name: &str, stop: &AtomicBool) {
@@ -456,14 +446,7 @@ impl HttpServer {
         let thread = ns.spawn(move || -> Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async move {
-                let listener = match tokio::net::TcpListener::bind(("0.0.0.0", port)).await {
-                    Ok(l) => l,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e.to_string()));
-                        return Err(e.into());
-                    }
-                };
-                let _ = ready_tx.send(Ok(()));
+                let listener = bound(tokio::net::TcpListener::bind(("0.0.0.0", port)).await, &ready_tx)?;
                 let accept = async {
                     loop {
                         let Ok((stream, _)) = listener.accept().await else { continue };

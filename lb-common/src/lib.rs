@@ -32,6 +32,13 @@ pub const fn ip4_octets(raw: u32) -> [u8; 4] {
     raw.to_ne_bytes()
 }
 
+/// A raw (wire order) IPv4 address as an address, for display.
+#[inline(always)]
+pub const fn ip4_addr(raw: u32) -> core::net::Ipv4Addr {
+    let o = raw.to_ne_bytes();
+    core::net::Ipv4Addr::new(o[0], o[1], o[2], o[3])
+}
+
 /// The raw (wire order) form of a port, as stored in every map.
 #[inline(always)]
 pub const fn port_raw(port: u16) -> u16 {

@@ -90,6 +90,16 @@ pub struct Ct4KeyV1 {
     pub _pad: [u8; 3],
 }
 
+impl Ct4KeyV1 {
+    /// The reply of this flow (client -> frontend) once sent to `backend`, as it arrives:
+    /// backend -> client. A source-NATed flow's reply goes to the SNAT binding instead; the
+    /// caller sets `dst_addr` and `dst_port`. Kernel and agent build reply keys only here.
+    #[inline(always)]
+    pub const fn reply_from(&self, backend: &Backend4V1) -> Ct4KeyV1 {
+        Ct4KeyV1 { src_addr: backend.addr, dst_addr: self.src_addr, src_port: backend.port, dst_port: self.src_port, proto: self.proto, _pad: [0; 3] }
+    }
+}
+
 /// A tracked flow, keyed by its original direction (client -> frontend).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

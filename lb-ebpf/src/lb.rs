@@ -107,7 +107,7 @@ pub fn decide(pkt: &Ipv4Packet, hook: Hook, bytes: u32) -> Action {
     let snat = hook == Hook::External && be.flags & F_BACKEND_LOCAL == 0;
     let mut ct = Ct4EntryV1 { last_seen_ns: now, backend_id, service_id: svc.service_id, tcp_flags_seen: pkt.tcp_flags, ..Default::default() };
     // The reply as it will arrive, and how to turn it back into frontend -> client.
-    let mut reply = Ct4KeyV1 { src_addr: be.addr, dst_addr: t.src_addr, src_port: be.port, dst_port: t.src_port, proto: t.proto, _pad: [0; 3] };
+    let mut reply = t.reply_from(&be);
     let rnat = RevNat4V1 {
         last_seen_ns: now,
         src_addr: t.dst_addr,

@@ -1,5 +1,5 @@
 //! lbctl: reads the pinned maps directly, so it works while the agent is down.
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+use std::{collections::BTreeMap, path::PathBuf};
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -111,10 +111,6 @@ fn print(rows: &[Row], format: Format) {
     }
 }
 
-fn ip(raw: u32) -> Ipv4Addr {
-    Ipv4Addr::from(ip4_octets(raw))
-}
-
 fn proto_name(p: u8) -> &'static str {
     match p {
         IPPROTO_TCP => "TCP",
@@ -124,7 +120,7 @@ fn proto_name(p: u8) -> &'static str {
 }
 
 fn frontend(key: &Service4KeyV1) -> String {
-    let addr = if key.addr == 0 { "*".to_string() } else { ip(key.addr).to_string() };
+    let addr = if key.addr == 0 { "*".to_string() } else { ip4_addr(key.addr).to_string() };
     format!("{addr}:{}/{}", port_host(key.port), proto_name(key.proto))
 }
 
@@ -159,7 +155,7 @@ fn slot_counts(maps: &Maps, svc: &Service4V1) -> Result<BTreeMap<u32, u32>> {
 
 fn backend_name(maps: &Maps, id: u32) -> String {
     match maps.backends.get(&id, 0) {
-        Ok(b) if b.addr != 0 => format!("{}:{}", ip(b.addr), port_host(b.port)),
+        Ok(b) if b.addr != 0 => format!("{}:{}", ip4_addr(b.addr), port_host(b.port)),
         _ => format!("#{id} (gone)"),
     }
 }
@@ -264,12 +260,12 @@ fn conntrack(maps: &Maps) -> Result<Vec<Row>> {
         let name = maps.service_names.get(&ct.service_id, 0).map(|n| n.as_str().to_string()).unwrap_or_default();
         rows.push(vec![
             ("proto", json!(proto_name(key.proto))),
-            ("client", json!(format!("{}:{}", ip(key.src_addr), port_host(key.src_port)))),
-            ("frontend", json!(format!("{}:{}", ip(key.dst_addr), port_host(key.dst_port)))),
+            ("client", json!(format!("{}:{}", ip4_addr(key.src_addr), port_host(key.src_port)))),
+            ("frontend", json!(format!("{}:{}", ip4_addr(key.dst_addr), port_host(key.dst_port)))),
             ("backend", json!(backend_name(maps, ct.backend_id))),
             ("service", json!(name)),
             ("state", json!(tcp_state(key.proto, ct.tcp_flags_seen, rev))),
-            ("snat", json!(if ct.flags & F_CT_SNAT != 0 { format!("{}:{}", ip(ct.nat_addr), port_host(ct.nat_port)) } else { "-".into() })),
+            ("snat", json!(if ct.flags & F_CT_SNAT != 0 { format!("{}:{}", ip4_addr(ct.nat_addr), port_host(ct.nat_port)) } else { "-".into() })),
             ("idle_s", json!(now.saturating_sub(ct.last_seen_ns) / 1_000_000_000)),
         ]);
     }
@@ -285,10 +281,10 @@ fn nat(maps: &Maps) -> Result<Vec<Row>> {
         }
         rows.push(vec![
             ("proto", json!(proto_name(key.proto))),
-            ("node_binding", json!(format!("{}:{}", ip(key.dst_addr), port_host(key.dst_port)))),
-            ("backend", json!(format!("{}:{}", ip(key.src_addr), port_host(key.src_port)))),
-            ("client", json!(format!("{}:{}", ip(r.dst_addr), port_host(r.dst_port)))),
-            ("frontend", json!(format!("{}:{}", ip(r.src_addr), port_host(r.src_port)))),
+            ("node_binding", json!(format!("{}:{}", ip4_addr(key.dst_addr), port_host(key.dst_port)))),
+            ("backend", json!(format!("{}:{}", ip4_addr(key.src_addr), port_host(key.src_port)))),
+            ("client", json!(format!("{}:{}", ip4_addr(r.dst_addr), port_host(r.dst_port)))),
+            ("frontend", json!(format!("{}:{}", ip4_addr(r.src_addr), port_host(r.src_port)))),
         ]);
     }
     Ok(rows)
