@@ -12,11 +12,8 @@
 use std::net::Ipv4Addr;
 
 use anyhow::Result;
-use lb_agent::{
-    bpf::MapSizes,
-    dataplane::{BackendSpec, Frontend},
-    testbed::Testbed,
-};
+use lb_agent::dataplane::{load::MapSizes, BackendSpec, Frontend};
+use testbed::progtest::Testbed;
 use lb_common::*;
 
 use crate::stats::Summary;

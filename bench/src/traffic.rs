@@ -9,11 +9,13 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use lb_agent::{
-    bpf::MapSizes,
-    dataplane::{BackendSpec, Frontend},
-    testbed::{sh, Testbed},
-    topology::{AgentProcess, Cluster, HttpServer},
+use lb_agent::dataplane::{load::MapSizes, BackendSpec, Frontend};
+use testbed::{
+    netns::sh,
+    process::AgentProcess,
+    progtest::Testbed,
+    servers::HttpServer,
+    topology::Cluster,
 };
 use lb_common::*;
 use serde_json::Value;

@@ -20,29 +20,16 @@ use lb_common::*;
 use log::{error, info, warn};
 
 use crate::{
-    kube_source::KubeSource,
-    bpf::{self, MapSizes},
-    conntrack,
-    dataplane::{Dataplane, Frontend},
-    manifests::ManifestDir,
-    maps::Maps,
+    dataplane::{
+        conntrack,
+        load::{self, MapSizes},
+        maps::Maps,
+        Dataplane, Frontend,
+    },
     node,
+    source::{Source, SourceConfig},
     translate::{self, ServiceName},
 };
-
-/// Where Services, EndpointSlices and Nodes come from.
-#[derive(Clone, Debug)]
-pub enum SourceConfig {
-    /// A directory of manifests, re-read when files change.
-    Manifests(PathBuf),
-    /// The API server: in-cluster, or from a kubeconfig (`KUBECONFIG` or the given path).
-    Kubernetes { kubeconfig: Option<PathBuf> },
-}
-
-enum Source {
-    Manifests(ManifestDir),
-    Kubernetes(KubeSource),
-}
 
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -85,10 +72,10 @@ pub struct Agent {
 
 impl Agent {
     pub async fn start(cfg: AgentConfig) -> Result<Self> {
-        let mut ebpf = bpf::load(&cfg.pin_dir, &cfg.sizes)?;
-        let xdp: &mut Xdp = ebpf.program_mut(bpf::XDP_PROGRAM).context("no XDP program")?.try_into()?;
+        let mut ebpf = load::load(&cfg.pin_dir, &cfg.sizes)?;
+        let xdp: &mut Xdp = ebpf.program_mut(load::XDP_PROGRAM).context("no XDP program")?.try_into()?;
         xdp.load().context("loading lb_xdp")?;
-        let tc: &mut SchedClassifier = ebpf.program_mut(bpf::TC_PROGRAM).context("no TC program")?.try_into()?;
+        let tc: &mut SchedClassifier = ebpf.program_mut(load::TC_PROGRAM).context("no TC program")?.try_into()?;
         tc.load().context("loading lb_tc")?;
         let maps = Maps::take(&mut ebpf)?;
         let mut dataplane = Dataplane::new(maps, cfg.hash_seed as u64, cfg.maglev_min_table)?;
@@ -97,10 +84,7 @@ impl Agent {
             info!("adopted {adopted} frontends from the maps pinned in {}; conntrack kept", cfg.pin_dir.display());
         }
         let netlink = node::connect()?;
-        let source = match &cfg.source {
-            SourceConfig::Manifests(dir) => Source::Manifests(ManifestDir::new(dir)),
-            SourceConfig::Kubernetes { kubeconfig } => Source::Kubernetes(KubeSource::start(kube_client(kubeconfig.as_deref()).await?)),
-        };
+        let source = Source::open(&cfg.source).await?;
         let mut agent = Self {
             cfg,
             ebpf,
@@ -123,7 +107,7 @@ impl Agent {
 
     async fn attach_external(&mut self) -> Result<()> {
         let links = node::links(&self.netlink).await?;
-        let xdp: &mut Xdp = self.ebpf.program_mut(bpf::XDP_PROGRAM).context("no XDP program")?.try_into()?;
+        let xdp: &mut Xdp = self.ebpf.program_mut(load::XDP_PROGRAM).context("no XDP program")?.try_into()?;
         for dev in &self.cfg.external_devices {
             let Some((&ifindex, _)) = links.iter().find(|(_, n)| *n == dev) else {
                 bail!("external device {dev} does not exist");
@@ -143,7 +127,7 @@ impl Agent {
                 xdp,
             )?;
             info!("XDP {} on {dev} (ifindex {ifindex}, mode {mode:?})", if adopted { "replaced in place" } else { "attached" });
-            crate::metrics::program_attached(dev, bpf::XDP_PROGRAM);
+            crate::metrics::program_attached(dev, load::XDP_PROGRAM);
         }
         Ok(())
     }
@@ -195,11 +179,11 @@ impl Agent {
         self.tc_links.retain(|ifindex, name| {
             let present = links.contains_key(ifindex);
             if !present {
-                crate::metrics::program_detached(name, bpf::TC_PROGRAM);
+                crate::metrics::program_detached(name, load::TC_PROGRAM);
             }
             present
         });
-        let tc: &mut SchedClassifier = self.ebpf.program_mut(bpf::TC_PROGRAM).context("no TC program")?.try_into()?;
+        let tc: &mut SchedClassifier = self.ebpf.program_mut(load::TC_PROGRAM).context("no TC program")?.try_into()?;
         for (ifindex, name) in &links {
             if self.tc_links.contains_key(ifindex) || self.cfg.external_devices.contains(name) || name == "lo" {
                 continue;
@@ -223,7 +207,7 @@ impl Agent {
                 Ok(adopted) => {
                     info!("TC {} on pod device {name} (ifindex {ifindex})", if adopted { "replaced in place" } else { "attached" });
                     self.tc_links.insert(ifindex, name.clone());
-                    crate::metrics::program_attached(name, bpf::TC_PROGRAM);
+                    crate::metrics::program_attached(name, load::TC_PROGRAM);
                 }
                 Err(e) => warn!("attaching TC to {name}: {e:#}"),
             }
@@ -232,24 +216,16 @@ impl Agent {
     }
 
     fn cluster_state(&self) -> Option<translate::ClusterState> {
-        match &self.source {
-            Source::Manifests(dir) => Some(dir.state()),
-            Source::Kubernetes(kube) => kube.state(),
-        }
+        self.source.state()
     }
 
     /// Whether the source changed since the last sync (manifests are re-read here).
     fn source_changed(&mut self) -> Result<bool> {
-        match &mut self.source {
-            Source::Manifests(dir) => {
-                let (changed, file_errors) = dir.refresh().with_context(|| format!("reading {}", dir.dir().display()))?;
-                for e in &file_errors {
-                    self.report(format!("manifest rejected, its last good version stays in force: {e}"));
-                }
-                Ok(changed || !self.synced_once)
-            }
-            Source::Kubernetes(kube) => Ok(kube.synced() && (kube.take_changed() || !self.synced_once)),
+        let poll = self.source.poll()?;
+        for e in &poll.errors {
+            self.report(format!("manifest rejected, its last good version stays in force: {e}"));
         }
+        Ok(self.source.synced() && (poll.changed || !self.synced_once))
     }
 
     fn sync_services(&mut self) -> Result<()> {
@@ -301,10 +277,7 @@ impl Agent {
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(self.cfg.sync_interval);
-        let notify = match &self.source {
-            Source::Kubernetes(kube) => kube.notify.clone(),
-            Source::Manifests(_) => Arc::new(tokio::sync::Notify::new()),
-        };
+        let notify = self.source.notify();
         loop {
             tokio::select! {
                 _ = &mut shutdown => {
@@ -353,18 +326,6 @@ fn attach_pinned<P>(pin: &Path, replace: impl FnOnce(&mut P, FdLink) -> Result<(
     }
     attach(prog)?.pin(pin).with_context(|| format!("pinning {}", pin.display()))?;
     Ok(false)
-}
-
-async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path).with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
-        }
-        None => kube::Config::infer().await.context("no in-cluster config and no kubeconfig")?,
-    };
-    info!("Kubernetes API server {}", config.cluster_url);
-    Ok(kube::Client::try_from(config)?)
 }
 
 /// Turns on IPv4 forwarding in this network namespace: NodePort and ClusterIP traffic is

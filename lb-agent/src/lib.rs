@@ -1,16 +1,16 @@
 //! The load balancer's user space: loading the kernel programs, programming the maps from
-//! Kubernetes objects, and reading them back for `lbctl`.
+//! Kubernetes objects, and reading them back for `lbctl`. Test and demo code lives in the
+//! dev-only `testbed` crate, never here.
+//!
+//! - [`source`]: where the desired state comes from (manifests or the API server);
+//! - [`translate`]: Kubernetes objects to frontends;
+//! - [`dataplane`]: the kernel object and every map write;
+//! - [`node`]: this node's devices and addresses (rtnetlink);
+//! - [`metrics`]: Prometheus metrics and health endpoints;
+//! - [`agent`]: the loop that ties them together.
 pub mod agent;
-pub mod bpf;
-pub mod conntrack;
 pub mod dataplane;
-pub mod demo;
-pub mod manifests;
-pub mod kube_source;
-pub mod maps;
 pub mod metrics;
 pub mod node;
-pub mod slices;
-pub mod testbed;
-pub mod topology;
+pub mod source;
 pub mod translate;

@@ -142,7 +142,7 @@ fn route(path: &str, handle: &PrometheusHandle, health: &Health) -> Response<Ful
             r
         }
         "/healthz" => {
-            let age = crate::conntrack::monotonic_ns().saturating_sub(health.heartbeat_ns.load(Ordering::Acquire));
+            let age = crate::dataplane::conntrack::monotonic_ns().saturating_sub(health.heartbeat_ns.load(Ordering::Acquire));
             if Duration::from_nanos(age) <= health.stale_after {
                 reply(StatusCode::OK, "ok\n".into())
             } else {

@@ -4,12 +4,12 @@ use std::net::Ipv4Addr;
 
 use anyhow::Result;
 use etherparse::PacketBuilder;
-use lb_agent::{
-    bpf::MapSizes,
+use lb_agent::dataplane::{
     conntrack::{gc, monotonic_ns},
-    dataplane::{BackendSpec, Frontend},
-    testbed::{in_private_netns, Testbed},
+    load::MapSizes,
+    BackendSpec, Frontend,
 };
+use testbed::{netns::in_private_netns, progtest::Testbed};
 use lb_common::*;
 
 const CLIENT: [u8; 4] = [192, 0, 2, 10];

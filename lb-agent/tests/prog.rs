@@ -4,10 +4,10 @@ use std::net::Ipv4Addr;
 
 use anyhow::Result;
 use etherparse::{IpNumber, Ipv4Header, Ipv4Options, PacketBuilder, SlicedPacket, TransportSlice, VlanId};
-use lb_agent::{
-    bpf::MapSizes,
-    dataplane::{BackendSpec, Frontend},
-    testbed::{in_private_netns, sh, Testbed},
+use lb_agent::dataplane::{load::MapSizes, BackendSpec, Frontend};
+use testbed::{
+    netns::{in_private_netns, sh},
+    progtest::Testbed,
 };
 use lb_common::*;
 

@@ -2,7 +2,7 @@
 use std::net::Ipv4Addr;
 
 use lb_agent::{
-    manifests::{parse_manifest, ManifestDir},
+    source::manifests::{parse_manifest, ManifestDir},
     translate::{translate, ClusterState},
 };
 use lb_common::*;

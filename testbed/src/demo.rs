@@ -9,7 +9,12 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use crate::topology::{tcp_request, udp_request, AgentProcess, Cluster, EchoServer, Netns};
+use crate::{
+    netns::Netns,
+    process::AgentProcess,
+    servers::{tcp_request, udp_request, Answer, EchoServer},
+    topology::Cluster,
+};
 
 pub const BACKEND_TCP_PORT: u16 = 8080;
 pub const BACKEND_UDP_PORT: u16 = 7007;
@@ -83,7 +88,7 @@ pub fn run(bin_dir: &Path, manifests: &Path) -> Result<()> {
     println!("== starting lb-agent on node-a with the manifests in {}", manifests.display());
     let (agent, pin_dir) = demo.start_agent(&bin_dir.join("lb-agent"), manifests, &[])?;
     let timeout = Duration::from_secs(2);
-    let show = |what: &str, r: Result<crate::topology::Answer>| match r {
+    let show = |what: &str, r: Result<Answer>| match r {
         Ok(a) => println!("   {what:<44} answered by {} (it saw source {})", a.backend, a.seen_source),
         Err(e) => println!("   {what:<44} FAILED: {e:#}"),
     };

@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use http_body_util::{channel::Channel, Either, Full};
 use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response};
 use hyper_util::rt::TokioIo;
-use lb_agent::topology::{spawn_in, Netns};
+use testbed::netns::{spawn_in, Netns};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 

@@ -2,9 +2,9 @@
 use std::{collections::BTreeSet, io::ErrorKind, time::Duration};
 
 use anyhow::{anyhow, Result};
-use lb_agent::{
+use testbed::{
     demo::{sock, Demo},
-    topology::{tcp_request, udp_request, LongConnection},
+    servers::{tcp_request, udp_request, LongConnection},
 };
 
 use crate::support::*;

@@ -3,10 +3,11 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use lb_agent::{
+use lb_agent::source::manifests::parse_manifest;
+use testbed::{
     demo::{sock, Demo},
-    manifests::parse_manifest,
-    topology::{tcp_request, AgentProcess},
+    process::AgentProcess,
+    servers::tcp_request,
 };
 use serde_json::Value;
 

@@ -2,9 +2,9 @@
 use std::collections::BTreeSet;
 
 use anyhow::Result;
-use lb_agent::{
+use testbed::{
     demo::{sock, Demo},
-    topology::tcp_request,
+    servers::tcp_request,
 };
 use serde_json::Value;
 

@@ -8,9 +8,10 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
-use lb_agent::{
+use testbed::{
     demo::{sock, Demo},
-    topology::{tcp_request, Netns},
+    netns::Netns,
+    servers::tcp_request,
 };
 use serde_json::Value;
 

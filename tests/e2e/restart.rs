@@ -9,9 +9,9 @@ use std::{
 };
 
 use anyhow::{bail, Result};
-use lb_agent::{
+use testbed::{
     demo::{sock, Demo},
-    topology::LongConnection,
+    servers::LongConnection,
 };
 
 use crate::support::*;

@@ -4,9 +4,11 @@ use std::{
 };
 
 use anyhow::Result;
-use lb_agent::{
+use testbed::{
     demo::{sock, Demo},
-    topology::{tcp_request, udp_request, AgentProcess, Answer, Cluster, EchoServer, CLIENT_IP},
+    process::AgentProcess,
+    servers::{tcp_request, udp_request, Answer, EchoServer},
+    topology::{Cluster, CLIENT_IP},
 };
 
 use crate::support::*;

@@ -24,7 +24,7 @@ pub struct ManifestCopy {
 
 impl ManifestCopy {
     pub fn new(tag: &str) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("lb-manifests-{tag}-{}", lb_agent::topology::unique_prefix("m")));
+        let dir = std::env::temp_dir().join(format!("lb-manifests-{tag}-{}", testbed::netns::unique_prefix("m")));
         std::fs::create_dir_all(&dir)?;
         for entry in std::fs::read_dir(example_manifests())? {
             let path = entry?.path();

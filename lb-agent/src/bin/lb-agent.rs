@@ -5,8 +5,9 @@ use anyhow::Result;
 use aya::programs::XdpMode;
 use clap::{Parser, ValueEnum};
 use lb_agent::{
-    agent::{enable_ip_forwarding, Agent, AgentConfig, SourceConfig},
-    bpf::MapSizes,
+    agent::{enable_ip_forwarding, Agent, AgentConfig},
+    dataplane::load::MapSizes,
+    source::SourceConfig,
 };
 
 #[derive(Parser, Debug)]

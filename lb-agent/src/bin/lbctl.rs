@@ -3,7 +3,7 @@ use std::{collections::BTreeMap, path::PathBuf};
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use lb_agent::{conntrack::monotonic_ns, maps::Maps};
+use lb_agent::dataplane::{conntrack::monotonic_ns, maps::Maps};
 use lb_common::*;
 use serde_json::{json, Value};
 
@@ -255,7 +255,7 @@ fn conntrack(maps: &Maps) -> Result<Vec<Row>> {
     for entry in maps.conntrack.iter() {
         let (key, ct) = entry?;
         let backend = maps.backends.get(&ct.backend_id, 0).unwrap_or_default();
-        let reply = lb_agent::conntrack::reply_key(&key, &ct, &backend);
+        let reply = lb_agent::dataplane::conntrack::reply_key(&key, &ct, &backend);
         let rev = maps.reverse_nat.get(&reply, 0).map(|r| r.tcp_flags_seen).unwrap_or(0);
         let name = maps.service_names.get(&ct.service_id, 0).map(|n| n.as_str().to_string()).unwrap_or_default();
         rows.push(vec![

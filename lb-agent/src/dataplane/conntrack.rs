@@ -3,7 +3,7 @@
 use anyhow::Result;
 use lb_common::*;
 
-use crate::maps::Maps;
+use super::maps::Maps;
 
 /// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_ns() -> u64 {

@@ -2,6 +2,16 @@
 //! state: new backends are written first, a service's new Maglev table is built in a fresh
 //! slice beside the old one, the service entry is flipped in one write, and only then is what
 //! became unused freed. Deletion runs in reverse.
+//!
+//! - [`load`]: the embedded kernel object, loaded with every map pinned;
+//! - [`maps`]: typed handles on those maps;
+//! - [`slices`]: where each service's Maglev table sits in the shared slot array;
+//! - [`conntrack`]: expiring flows the kernel tracks.
+pub mod conntrack;
+pub mod load;
+pub mod maps;
+mod slices;
+
 use std::{
     collections::{BTreeMap, HashMap},
     net::Ipv4Addr,
@@ -11,7 +21,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use lb_common::*;
 use maglev::Maglev;
 
-use crate::{
+use self::{
     maps::{zero_counters, Maps},
     slices::SliceAllocator,
 };

@@ -12,7 +12,7 @@ use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
-use kube::{
+use ::kube::{
     runtime::{
         reflector::{self, Store},
         watcher, WatchStreamExt,

@@ -17,5 +17,5 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let bin_dir = std::env::current_exe()?.parent().context("binary directory")?.to_path_buf();
     let manifests = args.manifests.canonicalize().with_context(|| format!("manifests {}", args.manifests.display()))?;
-    lb_agent::demo::run(&bin_dir, &manifests)
+    testbed::demo::run(&bin_dir, &manifests)
 }

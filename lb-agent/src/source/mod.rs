@@ -1,0 +1,97 @@
+//! Where the desired state comes from: a directory of manifests (standalone mode) or the API
+//! server (Kubernetes mode). The agent sees one [`Source`]: a snapshot of Services,
+//! EndpointSlices and Nodes, whether it changed, and a wake-up for changes.
+pub mod kube;
+pub mod manifests;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::{Context, Result};
+use log::info;
+use tokio::sync::Notify;
+
+use crate::translate::{ClusterState, ObjectError};
+use self::{kube::KubeSource, manifests::ManifestDir};
+
+/// Where Services, EndpointSlices and Nodes come from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// A directory of manifests, re-read when files change.
+    Manifests(PathBuf),
+    /// The API server: in-cluster, or from a kubeconfig (`KUBECONFIG` or the given path).
+    Kubernetes { kubeconfig: Option<PathBuf> },
+}
+
+pub enum Source {
+    Manifests(ManifestDir),
+    Kubernetes(KubeSource),
+}
+
+/// What one poll of a source found.
+pub struct Poll {
+    /// Something changed since the last poll.
+    pub changed: bool,
+    /// Inputs that were rejected (each keeps its last good version).
+    pub errors: Vec<ObjectError>,
+}
+
+impl Source {
+    /// Opens the source; Kubernetes mode starts its watches on the current tokio runtime.
+    pub async fn open(cfg: &SourceConfig) -> Result<Self> {
+        Ok(match cfg {
+            SourceConfig::Manifests(dir) => Source::Manifests(ManifestDir::new(dir)),
+            SourceConfig::Kubernetes { kubeconfig } => Source::Kubernetes(KubeSource::start(kube_client(kubeconfig.as_deref()).await?)),
+        })
+    }
+
+    /// The current snapshot; `None` before the first full sync, so nothing is pruned early.
+    pub fn state(&self) -> Option<ClusterState> {
+        match self {
+            Source::Manifests(dir) => Some(dir.state()),
+            Source::Kubernetes(kube) => kube.state(),
+        }
+    }
+
+    /// Looks for changes (manifests are re-read here). A Kubernetes source reports no change
+    /// until its first full list is done.
+    pub fn poll(&mut self) -> Result<Poll> {
+        match self {
+            Source::Manifests(dir) => {
+                let (changed, errors) = dir.refresh().with_context(|| format!("reading {}", dir.dir().display()))?;
+                Ok(Poll { changed, errors })
+            }
+            Source::Kubernetes(kube) => Ok(Poll { changed: kube.synced() && kube.take_changed(), errors: Vec::new() }),
+        }
+    }
+
+    /// Whether the first full view is in (a directory always has one).
+    pub fn synced(&self) -> bool {
+        match self {
+            Source::Manifests(_) => true,
+            Source::Kubernetes(kube) => kube.synced(),
+        }
+    }
+
+    /// Notified when the source has news; a manifest directory is polled instead.
+    pub fn notify(&self) -> Arc<Notify> {
+        match self {
+            Source::Kubernetes(kube) => kube.notify.clone(),
+            Source::Manifests(_) => Arc::new(Notify::new()),
+        }
+    }
+}
+
+async fn kube_client(kubeconfig: Option<&Path>) -> Result<::kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = ::kube::config::Kubeconfig::read_from(path).with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            ::kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+        }
+        None => ::kube::Config::infer().await.context("no in-cluster config and no kubeconfig")?,
+    };
+    info!("Kubernetes API server {}", config.cluster_url);
+    Ok(::kube::Client::try_from(config)?)
+}

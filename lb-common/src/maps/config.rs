@@ -1,0 +1,36 @@
+//! What the agent tells the datapath about this node: settings and its own addresses.
+
+/// Array with one `ConfigV1`: settings the agent gives the datapath.
+pub const MAP_CONFIG: &str = "LB_CONFIG_V1";
+/// Hash `raw IPv4 -> ifindex`: this node's own addresses, where NodePorts answer.
+pub const MAP_NODE_IPS: &str = "LB4_NODEIP_V1";
+
+/// Settings the datapath reads on every packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConfigV1 {
+    /// Seed of `flow_hash4`.
+    pub hash_seed: u32,
+    /// Source address for SNAT to remote backends (this node's primary address, raw).
+    pub snat_addr: u32,
+    /// SNAT port range, inclusive, host order.
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+super::impl_pod!(ConfigV1);
+
+#[cfg(test)]
+mod layout {
+    use super::*;
+    use crate::maps::assert_layout;
+
+    #[test]
+    fn config() {
+        assert_layout!(ConfigV1, size 16, align 4, {
+            hash_seed @ 0, snat_addr @ 4, nat_port_min @ 8, nat_port_max @ 10, _pad @ 12,
+        });
+    }
+}

@@ -1,0 +1,102 @@
+//! Frontends: where clients send, and what each balances to.
+
+/// Hash `Service4KeyV1 -> Service4V1`: one entry per frontend (address, port, protocol).
+pub const MAP_SERVICES: &str = "LB4_SVC_V1";
+/// Array `service id -> NameV1`: written by the agent so `lbctl` can print names with the agent down.
+pub const MAP_SERVICE_NAMES: &str = "LB_SVC_NAME_V1";
+
+/// A frontend: where clients send. A NodePort frontend has `addr == 0` and matches every
+/// address in `LB4_NODEIP_V1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Service4KeyV1 {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    /// `SCOPE_CLUSTER` today; room for traffic-policy Local without a layout change.
+    pub scope: u8,
+}
+
+/// What a frontend balances to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service4V1 {
+    /// Index into the per-service arrays (`LB_SVC_STAT_V1`, `LB_SVC_NAME_V1`).
+    pub service_id: u32,
+    /// First slot of this service's Maglev table in `LB_MAGLEV_V1`.
+    pub maglev_offset: u32,
+    /// Length of the table (a Maglev prime), or 0 when no endpoint is ready: new flows are rejected.
+    pub maglev_size: u32,
+    pub backend_count: u16,
+    /// `KIND_*`.
+    pub kind: u8,
+    pub _pad: u8,
+}
+
+/// A service's display name, `namespace/name:port/proto`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NameV1 {
+    pub len: u16,
+    pub _pad: [u8; 6],
+    pub bytes: [u8; crate::NAME_LEN],
+}
+
+impl Default for NameV1 {
+    fn default() -> Self {
+        Self { len: 0, _pad: [0; 6], bytes: [0; crate::NAME_LEN] }
+    }
+}
+
+impl NameV1 {
+    /// Truncates to `NAME_LEN` bytes at a character boundary.
+    pub fn new(name: &str) -> Self {
+        let mut end = name.len().min(crate::NAME_LEN);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut out = Self { len: end as u16, ..Self::default() };
+        out.bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
+        out
+    }
+
+    pub fn as_str(&self) -> &str {
+        let len = (self.len as usize).min(crate::NAME_LEN);
+        core::str::from_utf8(&self.bytes[..len]).unwrap_or("<invalid utf-8>")
+    }
+}
+
+#[cfg(feature = "user")]
+super::impl_pod!(Service4KeyV1, Service4V1, NameV1);
+
+#[cfg(test)]
+mod layout {
+    use super::*;
+    use crate::maps::assert_layout;
+
+    #[test]
+    fn service_key() {
+        assert_layout!(Service4KeyV1, size 8, align 4, { addr @ 0, port @ 4, proto @ 6, scope @ 7 });
+    }
+
+    #[test]
+    fn service() {
+        assert_layout!(Service4V1, size 16, align 4, {
+            service_id @ 0, maglev_offset @ 4, maglev_size @ 8, backend_count @ 12, kind @ 14, _pad @ 15,
+        });
+    }
+
+    #[test]
+    fn name() {
+        assert_layout!(NameV1, size 128, align 2, { len @ 0, _pad @ 2, bytes @ 8 });
+    }
+
+    #[test]
+    fn name_round_trips_and_truncates_on_char_boundary() {
+        assert_eq!(NameV1::new("default/web:80/TCP").as_str(), "default/web:80/TCP");
+        let long = "é".repeat(100); // 200 bytes
+        let n = NameV1::new(&long);
+        assert_eq!(n.len, 120);
+        assert_eq!(n.as_str().chars().count(), 60);
+    }
+}

@@ -1,0 +1,24 @@
+//! The load balancer's kernel programs: one object, one file per attach point.
+//! - [`xdp`]: `lb_xdp` on external devices (north-south: NodePort, LoadBalancer, ExternalIP),
+//!   and `lb_xdp_pass` (benchmark floor, veth peers);
+//! - [`tc`]: `lb_tc` on the host side of every pod's device (pod to ClusterIP, replies).
+//!
+//! Each hook reads top to bottom: parse ([`parse`]), decide ([`lb::decide`], shared), apply
+//! ([`rewrite`], [`fib`]), count the reason ([`maps`]).
+#![no_std]
+#![no_main]
+
+mod csum;
+mod fib;
+mod lb;
+mod maps;
+mod parse;
+mod rewrite;
+mod tc;
+mod xdp;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,79 @@
+//! The agent as a process: started inside a node's namespace, stopped on drop.
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::netns::Netns;
+
+/// A running lb-agent, stopped (SIGTERM, then SIGKILL) on drop.
+pub struct AgentProcess {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts `binary` inside `ns` with `args`; its log goes to `log`.
+    pub fn start(binary: &Path, ns: &Netns, args: &[String], log: &Path) -> Result<Self> {
+        let out = File::create(log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(binary)
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::from(out.try_clone()?))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        Ok(Self { child, log: log.to_path_buf() })
+    }
+
+    /// Waits until the log contains `needle`, or fails with the log.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if log.contains(needle) {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("lb-agent exited ({status}) before logging {needle:?}:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("lb-agent did not log {needle:?} within {timeout:?}:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash or `kill -9` would.
+    pub fn kill9(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
