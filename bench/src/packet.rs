@@ -51,6 +51,7 @@ fn frontend(vip: [u8; 4], backends: &[([u8; 4], u16)]) -> Frontend {
         kind: KIND_CLUSTER_IP,
         name: format!("bench/{}", Ipv4Addr::from(vip)),
         backends: backends.iter().map(|(a, p)| BackendSpec { addr: Ipv4Addr::from(*a), port: *p, local: true, weight: 1 }).collect(),
+        ..Frontend::default()
     }
 }
 

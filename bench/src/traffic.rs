@@ -136,6 +136,7 @@ fn lb_update_ms(n: usize, endpoints: &[Ipv4Addr], runs: usize) -> Result<Summary
         kind: KIND_CLUSTER_IP,
         name: format!("bench/svc-{i}:http/TCP"),
         backends: eps.iter().map(|a| BackendSpec { addr: *a, port: 8080, local: true, weight: 1 }).collect(),
+        ..Frontend::default()
     };
     let mut all: Vec<Frontend> = (0..n).map(|i| frontend(i, endpoints)).collect();
     tb.dataplane.apply(&all)?;

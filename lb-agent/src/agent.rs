@@ -27,8 +27,9 @@ use crate::{
         Dataplane, Frontend,
     },
     node,
+    health::{ProxyHealth, ServiceHealthServers},
     source::{Source, SourceConfig},
-    translate::{self, ServiceName},
+    translate::{self, Claim, ServiceName},
 };
 
 #[derive(Clone, Debug)]
@@ -46,6 +47,9 @@ pub struct AgentConfig {
     pub sync_interval: Duration,
     pub gc_interval: Duration,
     pub sizes: MapSizes,
+    /// NodePorts answer only on node addresses inside these CIDRs (kube-proxy's
+    /// `--nodeport-addresses`); empty: on every address.
+    pub nodeport_cidrs: Vec<(Ipv4Addr, u8)>,
 }
 
 
@@ -55,10 +59,13 @@ pub struct Agent {
     dataplane: Dataplane,
     netlink: rtnetlink::Handle,
     source: Source,
-    /// The last frontends of each Service that translated cleanly; a Service whose manifest
-    /// turns bad keeps these.
-    last_good: BTreeMap<ServiceName, Vec<Frontend>>,
+    /// The frontends each Service was last given; a Service whose manifest turns bad keeps
+    /// these, and a frontend two Services claim stays with the one that has it.
+    last_good: BTreeMap<ServiceName, Vec<Claim>>,
     reported: BTreeSet<String>,
+    health_servers: ServiceHealthServers,
+    /// kube-proxy's notion of health: synced, and syncs succeeding.
+    pub proxy_health: ProxyHealth,
     tc_links: HashMap<u32, String>,
     node_ips: Vec<(Ipv4Addr, u32)>,
     last_gc: Option<Instant>,
@@ -85,19 +92,30 @@ impl Agent {
         }
         let netlink = node::connect()?;
         let source = Source::open(&cfg.source).await?;
+        // Frontends an earlier agent programmed stay with their Services when claims collide.
+        let mut last_good: BTreeMap<ServiceName, Vec<Claim>> = BTreeMap::new();
+        for (key, name, _) in dataplane.frontends() {
+            let service = name.split_once(':').map_or(name, |(s, _)| s).to_string();
+            let frontend = Frontend { key: *key, name: name.to_string(), ..Frontend::default() };
+            last_good.entry(service).or_default().push(Claim { frontend, field: String::new() });
+        }
+        let ready = Arc::new(AtomicBool::new(false));
+        let proxy_health = ProxyHealth { ready: ready.clone(), ..ProxyHealth::new((cfg.sync_interval * 4).max(Duration::from_secs(2))) };
         let mut agent = Self {
+            health_servers: ServiceHealthServers::new(proxy_health.clone()),
+            proxy_health,
             cfg,
             ebpf,
             dataplane,
             netlink,
             source,
-            last_good: BTreeMap::new(),
+            last_good,
             reported: BTreeSet::new(),
             tc_links: HashMap::new(),
             node_ips: Vec::new(),
             last_gc: None,
             synced_once: false,
-            ready: Arc::new(AtomicBool::new(false)),
+            ready,
             heartbeat_ns: Arc::new(std::sync::atomic::AtomicU64::new(conntrack::monotonic_ns())),
             last_export: None,
         };
@@ -164,7 +182,10 @@ impl Agent {
             .or_else(|| translate::node_ip(&state, &self.cfg.node_name).filter(|ip| ips.iter().any(|(a, _)| a == ip)))
             .or_else(|| ips.first().map(|(ip, _)| *ip))
             .unwrap_or(Ipv4Addr::UNSPECIFIED);
-        self.dataplane.set_node_ips(&ips)?;
+        // NodePorts answer on the addresses --nodeport-addresses allows (all by default).
+        let nodeport_ips: Vec<(Ipv4Addr, u32)> =
+            ips.iter().copied().filter(|(ip, _)| self.cfg.nodeport_cidrs.is_empty() || self.cfg.nodeport_cidrs.iter().any(|(net, len)| in_cidr(*ip, *net, *len))).collect();
+        self.dataplane.set_node_ips(&nodeport_ips)?;
         self.dataplane.set_config(ConfigV1 { hash_seed: self.cfg.hash_seed, snat_addr: ip4_raw(snat.octets()), nat_port_min: NAT_PORT_MIN, nat_port_max: NAT_PORT_MAX, _pad: 0 })?;
         info!("node addresses {:?}; SNAT address {snat}", ips.iter().map(|(ip, _)| ip).collect::<Vec<_>>());
         self.node_ips = ips;
@@ -236,14 +257,29 @@ impl Agent {
         let Some(state) = self.cluster_state() else { return Ok(()) };
         let started = Instant::now();
         let translation = translate::translate(&state, &self.cfg.node_name);
-        let mut desired = translation.frontends;
-        for (service, e) in &translation.errors {
-            self.report(format!("service rejected, its last good version stays in force: {e}"));
-            if let Some(previous) = self.last_good.get(service) {
-                desired.insert(service.clone(), previous.clone());
+        for w in &translation.warnings {
+            self.report_warning(format!("not supported, the rest of the Service works: {w}"));
+        }
+        // A Service that fails translation keeps its last good frontends, in its place in the
+        // claim order; then claims on one frontend are settled.
+        let mut candidates = Vec::new();
+        for service in translation.services {
+            match service.result {
+                Ok(claims) => candidates.push((service.name, service.origin, claims)),
+                Err(e) => {
+                    self.report(format!("service rejected, its last good version stays in force: {e}"));
+                    if let Some(previous) = self.last_good.get(&service.name) {
+                        candidates.push((service.name, service.origin, previous.clone()));
+                    }
+                }
             }
         }
-        let all: Vec<Frontend> = desired.values().flatten().cloned().collect();
+        let owners = self.last_good.iter().flat_map(|(name, claims)| claims.iter().map(move |c| (Service4KeyV1 { scope: SCOPE_CLUSTER, ..c.frontend.key }, name.clone()))).collect();
+        let claimed = translate::claim(candidates, &owners);
+        for e in &claimed.errors {
+            self.report(format!("frontend rejected: {e}"));
+        }
+        let all: Vec<Frontend> = claimed.frontends.values().flatten().map(|c| c.frontend.clone()).collect();
         let stats = self.dataplane.apply(&all)?;
         for (frontend, why) in &stats.failed {
             self.report(format!("frontend {frontend} not programmed, its previous state stays: {why}"));
@@ -252,7 +288,7 @@ impl Agent {
             info!(
                 "programmed {} frontends of {} services: added {}, updated {}, removed {}, unchanged {}, failed {}",
                 all.len() - stats.failed.len(),
-                desired.len(),
+                claimed.frontends.len(),
                 stats.added,
                 stats.updated,
                 stats.removed,
@@ -260,7 +296,10 @@ impl Agent {
                 stats.failed.len()
             );
         }
-        self.last_good = desired;
+        for e in self.health_servers.sync(&translation.health_checks) {
+            self.report(format!("health check not served: {e}"));
+        }
+        self.last_good = claimed.frontends;
         self.synced_once = true;
         self.ready.store(true, std::sync::atomic::Ordering::Release);
         crate::metrics::sync_done(started.elapsed(), &stats);
@@ -271,6 +310,13 @@ impl Agent {
     fn report(&mut self, message: String) {
         if self.reported.insert(message.clone()) {
             error!("{message}");
+        }
+    }
+
+    /// Logs a warning once.
+    fn report_warning(&mut self, message: String) {
+        if self.reported.insert(message.clone()) {
+            warn!("{message}");
         }
     }
 
@@ -290,12 +336,21 @@ impl Agent {
                 _ = notify.notified() => {}
             }
             self.heartbeat_ns.store(conntrack::monotonic_ns(), std::sync::atomic::Ordering::Release);
-            if let Err(e) = self.sync().await {
-                crate::metrics::sync_failed();
-                error!("sync failed: {e:#}");
+            match self.sync().await {
+                Ok(()) => self.proxy_health.sync_succeeded(),
+                Err(e) => {
+                    crate::metrics::sync_failed();
+                    error!("sync failed: {e:#}");
+                }
             }
         }
     }
+}
+
+/// Whether `ip` is inside `net`/`len`.
+pub fn in_cidr(ip: Ipv4Addr, net: Ipv4Addr, len: u8) -> bool {
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len.min(32)) };
+    u32::from(ip) & mask == u32::from(net) & mask
 }
 
 /// Where attachments are pinned: they outlive the agent, so a crash or an upgrade never

@@ -6,10 +6,12 @@
 //! - [`translate`]: Kubernetes objects to frontends;
 //! - [`dataplane`]: the kernel object and every map write;
 //! - [`node`]: this node's devices and addresses (rtnetlink);
-//! - [`metrics`]: Prometheus metrics and health endpoints;
+//! - [`metrics`]: Prometheus metrics and the agent's own health endpoints;
+//! - [`health`]: kube-proxy's health endpoints (proxy healthz, healthCheckNodePorts);
 //! - [`agent`]: the loop that ties them together.
 pub mod agent;
 pub mod dataplane;
+pub mod health;
 pub mod metrics;
 pub mod node;
 pub mod source;

@@ -10,15 +10,16 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use http_body_util::Full;
-use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::StatusCode;
 use lb_common::*;
-use log::{info, warn};
+use log::info;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::dataplane::{ApplyStats, Dataplane};
+use crate::{
+    dataplane::{ApplyStats, Dataplane},
+    health::Reply,
+};
 
 /// Installs the recorder and describes every metric (HELP and TYPE lines for promtool).
 pub fn install() -> Result<PrometheusHandle> {
@@ -114,43 +115,23 @@ pub struct Health {
 pub async fn serve(addr: SocketAddr, handle: PrometheusHandle, health: Health) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
     info!("metrics and health on http://{addr}/metrics, /healthz, /readyz");
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let (handle, health) = (handle.clone(), health.clone());
-        tokio::spawn(async move {
-            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (handle, health) = (handle.clone(), health.clone());
-                async move { Ok::<_, std::convert::Infallible>(route(req.uri().path(), &handle, &health)) }
-            });
-            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
-                warn!("metrics connection: {e}");
-            }
-        });
-    }
+    crate::health::serve_routes(listener, move |path| route(path, &handle, &health)).await
 }
 
-fn route(path: &str, handle: &PrometheusHandle, health: &Health) -> Response<Full<Bytes>> {
-    let reply = |status: StatusCode, body: String| {
-        let mut r = Response::new(Full::new(Bytes::from(body)));
-        *r.status_mut() = status;
-        r
-    };
+fn route(path: &str, handle: &PrometheusHandle, health: &Health) -> Reply {
+    const TEXT: &str = "text/plain";
     match path {
-        "/metrics" => {
-            let mut r = reply(StatusCode::OK, handle.render());
-            r.headers_mut().insert("content-type", "text/plain; version=0.0.4".parse().unwrap());
-            r
-        }
+        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", handle.render()),
         "/healthz" => {
             let age = crate::dataplane::conntrack::monotonic_ns().saturating_sub(health.heartbeat_ns.load(Ordering::Acquire));
             if Duration::from_nanos(age) <= health.stale_after {
-                reply(StatusCode::OK, "ok\n".into())
+                (StatusCode::OK, TEXT, "ok\n".into())
             } else {
-                reply(StatusCode::SERVICE_UNAVAILABLE, format!("sync loop silent for {:.1}s\n", age as f64 / 1e9))
+                (StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("sync loop silent for {:.1}s\n", age as f64 / 1e9))
             }
         }
-        "/readyz" if health.ready.load(Ordering::Acquire) => reply(StatusCode::OK, "ready\n".into()),
-        "/readyz" => reply(StatusCode::SERVICE_UNAVAILABLE, "waiting for the first full sync\n".into()),
-        _ => reply(StatusCode::NOT_FOUND, "not found\n".into()),
+        "/readyz" if health.ready.load(Ordering::Acquire) => (StatusCode::OK, TEXT, "ready\n".into()),
+        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, TEXT, "waiting for the first full sync\n".into()),
+        _ => (StatusCode::NOT_FOUND, TEXT, "not found\n".into()),
     }
 }

@@ -7,7 +7,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Node, Service, ServicePort},
+    core::v1::{Node, Service, ServicePort, ServiceSpec},
     discovery::v1::EndpointSlice,
 };
 use lb_common::*;
@@ -52,16 +52,52 @@ pub struct ClusterState {
 /// Services carrying this label belong to another proxy (KEP-2447).
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The older way to give loadBalancerSourceRanges, still honoured by kube-proxy.
+const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+/// Topology-aware routing, which this proxy does not do.
+const TOPOLOGY_ANNOTATIONS: [&str; 2] = ["service.kubernetes.io/topology-mode", "service.kubernetes.io/topology-aware-hints"];
+/// sessionAffinityConfig.clientIP.timeoutSeconds when unset, and its largest value.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+const MAX_AFFINITY_TIMEOUT_S: i32 = 86_400;
 
 /// `namespace/name` of a Service.
 pub type ServiceName = String;
 
-/// The frontends of each Service this node should program, and the Services that were
-/// rejected (their previous frontends should be kept).
+/// A frontend and the field of its Service that asked for it (named in conflict errors).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    pub frontend: Frontend,
+    pub field: String,
+}
+
+/// One proxied Service: its frontends, or why it was rejected.
+#[derive(Debug)]
+pub struct ServiceFrontends {
+    pub name: ServiceName,
+    pub origin: String,
+    pub result: Result<Vec<Claim>, ObjectError>,
+}
+
+/// kube-proxy's health check for an `externalTrafficPolicy: Local` LoadBalancer: cloud load
+/// balancers send traffic only to nodes whose `healthCheckNodePort` answers 200.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub port: u16,
+    pub namespace: String,
+    pub name: String,
+    /// Ready endpoints of the Service on this node.
+    pub local_endpoints: usize,
+}
+
+/// What the objects ask of this node.
 #[derive(Debug, Default)]
 pub struct Translation {
-    pub frontends: BTreeMap<ServiceName, Vec<Frontend>>,
-    pub errors: Vec<(ServiceName, ObjectError)>,
+    /// Every proxied Service in claim order: the oldest first (creation time, then name), so
+    /// that when two claim one frontend the one that had it first keeps it.
+    pub services: Vec<ServiceFrontends>,
+    /// Fields this proxy does not implement; the rest of each Service works.
+    pub warnings: Vec<ObjectError>,
+    pub health_checks: Vec<HealthCheck>,
 }
 
 /// Whether this proxy programs the Service at all (headless, ExternalName and Services of
@@ -88,44 +124,127 @@ pub fn translate(state: &ClusterState, node_name: &str) -> Translation {
             slices.entry(format!("{ns}/{svc}")).or_default().push(&s.object);
         }
     }
-    let mut claimed: HashMap<Service4KeyV1, ServiceName> = HashMap::new();
-    let mut services: Vec<&Sourced<Service>> = state.services.iter().collect();
-    services.sort_by_key(|s| (s.object.metadata.namespace.clone(), s.object.metadata.name.clone()));
+    let mut services: Vec<&Sourced<Service>> = state.services.iter().filter(|s| is_proxied(&s.object)).collect();
+    services.sort_by_key(|s| (s.object.metadata.creation_timestamp.as_ref().map(|t| t.0), s.object.metadata.namespace.clone(), s.object.metadata.name.clone()));
     for s in services {
-        if !is_proxied(&s.object) {
-            continue;
-        }
         let ns = s.object.metadata.namespace.as_deref().unwrap_or("default");
         let name = format!("{ns}/{}", s.object.metadata.name.as_deref().unwrap_or(""));
         let svc_slices = slices.get(&name).map(Vec::as_slice).unwrap_or(&[]);
-        match service_frontends(&s.object, &name, svc_slices, node_name) {
-            Ok(frontends) => {
-                // Two Services may not claim one address and port: the first (by name) keeps
-                // it, the other is rejected and keeps its last good version.
-                let taken = frontends.iter().find_map(|f| claimed.get(&f.key).map(|owner: &String| (f, owner.clone())));
-                if let Some((f, owner)) = taken {
-                    let object = format!("Service {name}");
-                    let message = format!("{} is already used by Service {owner}", f.name.split_once(':').map_or("", |(_, p)| p));
-                    out.errors.push((name, ObjectError { origin: s.origin.clone(), object, field: "spec".into(), message }));
-                    continue;
-                }
-                for f in &frontends {
-                    claimed.insert(f.key, name.clone());
-                }
-                out.frontends.insert(name, frontends);
-            }
-            Err((field, message)) => {
-                let object = format!("Service {name}");
-                out.errors.push((name, ObjectError { origin: s.origin.clone(), object, field, message }));
-            }
-        }
+        let object = format!("Service {name}");
+        let mut warn = |field: String, message: String| out.warnings.push(ObjectError { origin: s.origin.clone(), object: object.clone(), field, message });
+        let result = service_frontends(&s.object, &name, svc_slices, node_name, &mut warn, &mut out.health_checks)
+            .map_err(|(field, message)| ObjectError { origin: s.origin.clone(), object: object.clone(), field, message });
+        out.services.push(ServiceFrontends { name, origin: s.origin.clone(), result });
     }
     out
 }
 
+/// Frontends each Service gets once claims on one address, port and protocol are settled.
+#[derive(Debug, Default)]
+pub struct Claimed {
+    pub frontends: BTreeMap<ServiceName, Vec<Claim>>,
+    /// Frontends a Service asked for that another Service already has.
+    pub errors: Vec<ObjectError>,
+}
+
+/// Settles frontends that several Services ask for: the Service that has it now (`owners`,
+/// from the last sync) keeps it; a new one goes to the first in claim order. Only the
+/// newcomer's contested frontends are refused; the rest of it, and every other Service, apply.
+pub fn claim(services: Vec<(ServiceName, String, Vec<Claim>)>, owners: &HashMap<Service4KeyV1, ServiceName>) -> Claimed {
+    // Both scopes of a frontend are one claim.
+    let frontend_of = |key: &Service4KeyV1| Service4KeyV1 { scope: SCOPE_CLUSTER, ..*key };
+    let mut holder: HashMap<Service4KeyV1, &str> = HashMap::new();
+    for (name, _, claims) in &services {
+        for c in claims {
+            let key = frontend_of(&c.frontend.key);
+            if owners.get(&key) == Some(name) {
+                holder.insert(key, name);
+            }
+        }
+    }
+    for (name, _, claims) in &services {
+        for c in claims {
+            holder.entry(frontend_of(&c.frontend.key)).or_insert(name);
+        }
+    }
+    let mut out = Claimed::default();
+    for (name, origin, claims) in &services {
+        let mut kept = Vec::new();
+        for c in claims {
+            let owner = holder[&frontend_of(&c.frontend.key)];
+            if owner == name {
+                kept.push(c.clone());
+            } else if c.frontend.key.scope == SCOPE_CLUSTER {
+                let frontend = c.frontend.name.split_once(':').map_or("", |(_, p)| p);
+                let message = format!("{} {frontend} is already used by Service {owner}; this frontend is not programmed", addr_port(&c.frontend.key));
+                out.errors.push(ObjectError { origin: origin.clone(), object: format!("Service {name}"), field: c.field.clone(), message });
+            }
+        }
+        out.frontends.insert(name.clone(), kept);
+    }
+    out
+}
+
+/// `10.0.0.1:80`, or `<node>:30080` for a NodePort.
+fn addr_port(key: &Service4KeyV1) -> String {
+    let port = port_host(key.port);
+    if key.addr == 0 { format!("<every node address>:{port}") } else { format!("{}:{port}", ip4_addr(key.addr)) }
+}
+
 type FieldError = (String, String);
 
-fn service_frontends(svc: &Service, name: &str, slices: &[&EndpointSlice], node_name: &str) -> Result<Vec<Frontend>, FieldError> {
+/// Service-wide settings that shape each of its frontends.
+struct Policy {
+    affinity_timeout_s: Option<u32>,
+    ext_local: bool,
+    int_local: bool,
+    source_ranges: Vec<(Ipv4Addr, u8)>,
+}
+
+fn policy(svc: &Service, spec: &ServiceSpec) -> Result<Policy, FieldError> {
+    let affinity_timeout_s = match spec.session_affinity.as_deref().unwrap_or("None") {
+        "None" => None,
+        "ClientIP" => {
+            let field = "spec.sessionAffinityConfig.clientIP.timeoutSeconds";
+            let timeout = spec.session_affinity_config.as_ref().and_then(|c| c.client_ip.as_ref()).and_then(|c| c.timeout_seconds);
+            match timeout {
+                None => Some(DEFAULT_AFFINITY_TIMEOUT_S),
+                Some(t) if (1..=MAX_AFFINITY_TIMEOUT_S).contains(&t) => Some(t as u32),
+                Some(t) => return Err((field.into(), format!("{t} is out of range 1-{MAX_AFFINITY_TIMEOUT_S}"))),
+            }
+        }
+        other => return Err(("spec.sessionAffinity".into(), format!("unknown value {other:?} (None or ClientIP)"))),
+    };
+    let traffic_policy = |field: &str, value: Option<&str>| match value.unwrap_or("Cluster") {
+        "Cluster" => Ok(false),
+        "Local" => Ok(true),
+        other => Err((field.to_string(), format!("unknown value {other:?} (Cluster or Local)"))),
+    };
+    let ext_local = traffic_policy("spec.externalTrafficPolicy", spec.external_traffic_policy.as_deref())?;
+    let int_local = traffic_policy("spec.internalTrafficPolicy", spec.internal_traffic_policy.as_deref())?;
+    let annotation = svc.metadata.annotations.as_ref().and_then(|a| a.get(SOURCE_RANGES_ANNOTATION));
+    let (field, ranges): (&str, Vec<String>) = match (&spec.load_balancer_source_ranges, annotation) {
+        (Some(r), _) if !r.is_empty() => ("spec.loadBalancerSourceRanges", r.clone()),
+        (_, Some(a)) => (SOURCE_RANGES_ANNOTATION, a.split(',').map(|r| r.trim().to_string()).filter(|r| !r.is_empty()).collect()),
+        _ => ("", Vec::new()),
+    };
+    let mut source_ranges = Vec::new();
+    for (i, cidr) in ranges.iter().enumerate() {
+        if let Some(range) = parse_cidr4(cidr).map_err(|m| (format!("{field}[{i}]"), m))? {
+            source_ranges.push(range);
+        }
+    }
+    Ok(Policy { affinity_timeout_s, ext_local, int_local, source_ranges })
+}
+
+fn service_frontends(
+    svc: &Service,
+    name: &str,
+    slices: &[&EndpointSlice],
+    node_name: &str,
+    warn: &mut impl FnMut(String, String),
+    health_checks: &mut Vec<HealthCheck>,
+) -> Result<Vec<Claim>, FieldError> {
     if svc.metadata.name.as_deref().unwrap_or("").is_empty() {
         return Err(("metadata.name".into(), "is missing".into()));
     }
@@ -138,81 +257,149 @@ fn service_frontends(svc: &Service, name: &str, slices: &[&EndpointSlice], node_
     if !matches!(kind_type, "ClusterIP" | "NodePort" | "LoadBalancer") {
         return Err(("spec.type".into(), format!("unknown type {kind_type:?}")));
     }
+    let policy = policy(svc, spec)?;
+    report_unsupported(svc, spec, warn);
 
-    // Addresses: cluster IPs, external IPs, load-balancer ingress IPs. IPv6 ones are skipped
-    // (this datapath is IPv4); anything else that does not parse is an error.
+    // Addresses: cluster IPs, external IPs, load-balancer ingress IPs, each with its field.
+    // IPv6 ones are skipped (this datapath is IPv4); anything else that does not parse is an error.
     let mut cluster_ips = Vec::new();
     let listed = spec.cluster_ips.clone().unwrap_or_default();
     let all: Vec<String> = if listed.is_empty() { spec.cluster_ip.iter().cloned().collect() } else { listed };
     for (i, ip) in all.iter().enumerate() {
         let field = if spec.cluster_ips.is_some() { format!("spec.clusterIPs[{i}]") } else { "spec.clusterIP".into() };
         if let Some(ip) = parse_ipv4(ip, &field)? {
-            cluster_ips.push(ip);
+            cluster_ips.push((ip, field));
         }
     }
     let mut external_ips = Vec::new();
     for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
-        if let Some(ip) = parse_ipv4(ip, &format!("spec.externalIPs[{i}]"))? {
-            external_ips.push(ip);
+        let field = format!("spec.externalIPs[{i}]");
+        if let Some(ip) = parse_ipv4(ip, &field)? {
+            external_ips.push((ip, field));
         }
     }
     let mut lb_ips = Vec::new();
     if kind_type == "LoadBalancer" {
         let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
         for (i, ing) in ingress.into_iter().flatten().enumerate() {
-            if let Some(ip) = &ing.ip {
-                if let Some(ip) = parse_ipv4(ip, &format!("status.loadBalancer.ingress[{i}].ip"))? {
-                    lb_ips.push(ip);
-                }
+            let Some(ip) = &ing.ip else { continue };
+            let field = format!("status.loadBalancer.ingress[{i}].ip");
+            if ing.ip_mode.as_deref() == Some("Proxy") {
+                // As kube-proxy: the load balancer proxies, so this node must not answer for it.
+                warn(format!("status.loadBalancer.ingress[{i}].ipMode"), format!("Proxy is not supported: {ip} is not programmed, traffic to it goes through the load balancer"));
+                continue;
+            }
+            if let Some(ip) = parse_ipv4(ip, &field)? {
+                lb_ips.push((ip, field));
             }
         }
     }
 
-    let mut frontends = Vec::new();
+    let mut claims = Vec::new();
+    let mut local_ready = std::collections::BTreeSet::new();
     for (i, port) in ports.iter().enumerate() {
         let field = |f: &str| format!("spec.ports[{i}].{f}");
         let proto = match port.protocol.as_deref().unwrap_or("TCP") {
             "TCP" => IPPROTO_TCP,
             "UDP" => IPPROTO_UDP,
-            "SCTP" => return Err((field("protocol"), "SCTP is not supported by this datapath".into())),
+            "SCTP" => {
+                warn(field("protocol"), "SCTP is not supported by this datapath: this port is not programmed".into());
+                continue;
+            }
             other => return Err((field("protocol"), format!("unknown protocol {other:?} (TCP, UDP or SCTP)"))),
         };
         let svc_port = valid_port(port.port, &field("port"))?;
-        let backends = backends_for(port, slices, node_name)?;
+        let endpoints = endpoints_for(port, slices, node_name)?;
+        local_ready.extend(endpoints.ready.iter().filter(|b| b.local).map(|b| b.addr));
         let port_label = port.name.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| svc_port.to_string());
         let proto_name = if proto == IPPROTO_TCP { "TCP" } else { "UDP" };
-        let mut add = |addr: Ipv4Addr, port: u16, kind: u8| {
-            frontends.push(Frontend {
-                key: Service4KeyV1 { addr: ip4_raw(addr.octets()), port: port_raw(port), proto, scope: SCOPE_CLUSTER },
+        let display = format!("{name}:{port_label}/{proto_name}");
+        let mut add = |addr: Ipv4Addr, port: u16, kind: u8, field: String| {
+            let key = Service4KeyV1 { addr: ip4_raw(addr.octets()), port: port_raw(port), proto, scope: SCOPE_CLUSTER };
+            let external = kind != KIND_CLUSTER_IP;
+            // internalTrafficPolicy: Local keeps pods' ClusterIP traffic on this node.
+            let (backends, draining) = endpoints.split(!external && policy.int_local);
+            let frontend = Frontend {
+                key,
                 kind,
-                name: format!("{name}:{port_label}/{proto_name}"),
-                backends: backends.clone(),
-            });
+                name: display.clone(),
+                backends,
+                draining,
+                ext_local: external && policy.ext_local,
+                affinity_timeout_s: policy.affinity_timeout_s,
+                source_ranges: if kind == KIND_LOAD_BALANCER { policy.source_ranges.clone() } else { Vec::new() },
+            };
+            if frontend.ext_local {
+                // What outside clients get: this node's endpoints only.
+                let (backends, draining) = endpoints.split(true);
+                let local = Frontend { key: Service4KeyV1 { scope: SCOPE_LOCAL, ..key }, name: format!("{display} [local]"), backends, draining, ext_local: false, ..frontend.clone() };
+                claims.push(Claim { frontend: local, field: field.clone() });
+            }
+            claims.push(Claim { frontend, field });
         };
-        for ip in &cluster_ips {
-            add(*ip, svc_port, KIND_CLUSTER_IP);
+        for (ip, f) in &cluster_ips {
+            add(*ip, svc_port, KIND_CLUSTER_IP, f.clone());
         }
-        for ip in &external_ips {
-            add(*ip, svc_port, KIND_EXTERNAL_IP);
+        for (ip, f) in &external_ips {
+            add(*ip, svc_port, KIND_EXTERNAL_IP, f.clone());
         }
-        for ip in &lb_ips {
-            add(*ip, svc_port, KIND_LOAD_BALANCER);
+        for (ip, f) in &lb_ips {
+            add(*ip, svc_port, KIND_LOAD_BALANCER, f.clone());
         }
         if kind_type != "ClusterIP" {
             if let Some(node_port) = port.node_port {
                 // Address 0: the datapath matches it on every address of this node.
-                add(Ipv4Addr::UNSPECIFIED, valid_port(node_port, &field("nodePort"))?, KIND_NODE_PORT);
+                add(Ipv4Addr::UNSPECIFIED, valid_port(node_port, &field("nodePort"))?, KIND_NODE_PORT, field("nodePort"));
             }
         }
     }
-    Ok(frontends)
+    if kind_type == "LoadBalancer" && policy.ext_local {
+        if let Some(port) = spec.health_check_node_port {
+            let port = valid_port(port, "spec.healthCheckNodePort")?;
+            let namespace = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+            health_checks.push(HealthCheck { port, namespace, name: svc.metadata.name.clone().unwrap_or_default(), local_endpoints: local_ready.len() });
+        }
+    }
+    Ok(claims)
 }
 
-/// Ready endpoints of the slices for one Service port. The slice port with the Service port's
+/// Fields this proxy reads as unset, said once each so that nobody relies on them unknowingly.
+fn report_unsupported(svc: &Service, spec: &ServiceSpec, warn: &mut impl FnMut(String, String)) {
+    if let Some(distribution) = &spec.traffic_distribution {
+        warn("spec.trafficDistribution".into(), format!("{distribution:?} is not supported: endpoints are chosen from every zone"));
+    }
+    let annotations = svc.metadata.annotations.as_ref();
+    for key in TOPOLOGY_ANNOTATIONS.iter().filter(|k| annotations.is_some_and(|a| a.contains_key(**k))) {
+        warn(format!("metadata.annotations[{key}]"), "topology-aware routing is not supported: endpoints are chosen from every zone".into());
+    }
+}
+
+/// A Service port's endpoints by condition (KEP-1669), each knowing whether it is on this node.
+#[derive(Default)]
+struct Endpoints {
+    ready: Vec<BackendSpec>,
+    /// Terminating but still serving: used when no endpoint is ready.
+    serving_terminating: Vec<BackendSpec>,
+    /// Neither: they take no new flows, and keep the ones they have while they are listed.
+    other: Vec<BackendSpec>,
+}
+
+impl Endpoints {
+    /// (new flows may go to, established flows only), from this node's endpoints or all.
+    fn split(&self, local_only: bool) -> (Vec<BackendSpec>, Vec<BackendSpec>) {
+        let pick = |list: &[BackendSpec]| list.iter().filter(|b| !local_only || b.local).copied().collect::<Vec<_>>();
+        let ready = pick(&self.ready);
+        let selectable = if ready.is_empty() { pick(&self.serving_terminating) } else { ready };
+        let draining = self.ready.iter().chain(&self.serving_terminating).chain(&self.other).filter(|b| !selectable.contains(b)).copied().collect();
+        (selectable, draining)
+    }
+}
+
+/// The endpoints of the slices for one Service port. The slice port with the Service port's
 /// name carries the resolved target port (named targetPorts are resolved by the slice's owner).
-fn backends_for(port: &ServicePort, slices: &[&EndpointSlice], node_name: &str) -> Result<Vec<BackendSpec>, FieldError> {
+fn endpoints_for(port: &ServicePort, slices: &[&EndpointSlice], node_name: &str) -> Result<Endpoints, FieldError> {
     let want_name = port.name.as_deref().unwrap_or("");
-    let mut out = Vec::new();
+    let mut out = Endpoints::default();
     for slice in slices {
         if slice.address_type != "IPv4" {
             continue;
@@ -225,23 +412,45 @@ fn backends_for(port: &ServicePort, slices: &[&EndpointSlice], node_name: &str) 
         let Some(target_port) = target.port else { continue };
         let target_port = valid_port(target_port, &format!("EndpointSlice {slice_name}: ports[name={want_name}].port"))?;
         for (j, ep) in slice.endpoints.iter().enumerate() {
-            // Kubernetes: a missing `ready` means ready.
-            if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
-                continue;
-            }
+            // Kubernetes: a missing `ready` means ready, a missing `serving` means as ready.
+            let conditions = ep.conditions.as_ref();
+            let ready = conditions.and_then(|c| c.ready) != Some(false);
+            let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+            let terminating = conditions.and_then(|c| c.terminating) == Some(true);
+            let list = if ready && !terminating {
+                &mut out.ready
+            } else if serving && terminating {
+                &mut out.serving_terminating
+            } else {
+                &mut out.other
+            };
             let local = ep.node_name.as_deref() == Some(node_name);
             for (k, addr) in ep.addresses.iter().enumerate() {
                 let f = format!("EndpointSlice {slice_name}: endpoints[{j}].addresses[{k}]");
                 let Some(addr) = parse_ipv4(addr, &f)? else { continue };
                 let spec = BackendSpec { addr, port: target_port, local, weight: 1 };
-                if !out.contains(&spec) {
-                    out.push(spec);
+                if !list.contains(&spec) {
+                    list.push(spec);
                 }
             }
         }
     }
-    out.sort();
+    for list in [&mut out.ready, &mut out.serving_terminating, &mut out.other] {
+        list.sort();
+    }
     Ok(out)
+}
+
+/// `a.b.c.d/n` as (network, n) with host bits cleared; `None` for an IPv6 CIDR (skipped).
+pub fn parse_cidr4(s: &str) -> Result<Option<(Ipv4Addr, u8)>, String> {
+    let (addr, len) = s.split_once('/').ok_or_else(|| format!("{s:?} is not a CIDR (address/prefix)"))?;
+    if addr.parse::<std::net::Ipv6Addr>().is_ok() {
+        return Ok(None);
+    }
+    let addr: Ipv4Addr = addr.parse().map_err(|_| format!("{s:?} is not a CIDR: bad address"))?;
+    let len: u8 = len.parse().ok().filter(|l| *l <= 32).ok_or_else(|| format!("{s:?} is not a CIDR: prefix length must be 0-32"))?;
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    Ok(Some((Ipv4Addr::from(u32::from(addr) & mask), len)))
 }
 
 fn valid_port(port: i32, field: &str) -> Result<u16, FieldError> {

@@ -53,6 +53,7 @@ fn gc_expires_flows_by_state_and_takes_their_reverse_nat_along() -> Result<()> {
             kind: KIND_CLUSTER_IP,
             name: "test/web".into(),
             backends: vec![BackendSpec { addr: Ipv4Addr::from(BACKEND), port: 8080, local: true, weight: 1 }],
+            ..Frontend::default()
         };
         tb.dataplane.apply(&[backend(IPPROTO_TCP), backend(IPPROTO_UDP)])?;
         // 1001: SYN only. 1002: established (SYN, SYN-ACK back, ACK). 1003: closing (FIN). 1004: UDP.

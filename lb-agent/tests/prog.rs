@@ -53,6 +53,7 @@ fn frontend(addr: [u8; 4], port: u16, proto: u8, kind: u8, backends: &[[u8; 4]],
         kind,
         name: format!("test/svc-{port}:{port}"),
         backends: backends.iter().map(|b| BackendSpec { addr: Ipv4Addr::from(*b), port: 8080, local, weight: 1 }).collect(),
+        ..Frontend::default()
     }
 }
 

@@ -1,11 +1,42 @@
 //! Kubernetes semantics of the translation, and the errors bad manifests give.
-use std::net::Ipv4Addr;
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+};
 
 use lb_agent::{
+    dataplane::Frontend,
     source::manifests::{parse_manifest, ManifestDir},
-    translate::{translate, ClusterState},
+    translate::{claim, translate, ClusterState, ObjectError, Translation},
 };
 use lb_common::*;
+
+/// What the agent programs from a translation on a first sync: rejected Services have no
+/// last good version, and claims are settled with no previous owners.
+struct Settled {
+    frontends: BTreeMap<String, Vec<Frontend>>,
+    errors: Vec<ObjectError>,
+    warnings: Vec<ObjectError>,
+}
+
+fn settle(t: Translation) -> Settled {
+    let mut errors = Vec::new();
+    let mut candidates = Vec::new();
+    for s in t.services {
+        match s.result {
+            Ok(claims) => candidates.push((s.name, s.origin, claims)),
+            Err(e) => errors.push(e),
+        }
+    }
+    let claimed = claim(candidates, &HashMap::new());
+    errors.extend(claimed.errors);
+    let frontends = claimed.frontends.into_iter().filter(|(_, c)| !c.is_empty()).map(|(n, c)| (n, c.into_iter().map(|c| c.frontend).collect())).collect();
+    Settled { frontends, errors, warnings: t.warnings }
+}
+
+fn settled(state: &ClusterState, node: &str) -> Settled {
+    settle(translate(state, node))
+}
 
 fn example_state() -> ClusterState {
     let mut dir = ManifestDir::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/manifests"));
@@ -16,7 +47,7 @@ fn example_state() -> ClusterState {
 }
 
 fn frontend_names(state: &ClusterState, node: &str) -> Vec<(String, [u8; 4], u16, u8, usize, usize)> {
-    let t = translate(state, node);
+    let t = settled(state, node);
     assert!(t.errors.is_empty(), "{:?}", t.errors);
     let mut out: Vec<_> = t
         .frontends
@@ -47,7 +78,7 @@ fn example_manifests_give_every_kind_of_frontend() {
 
 #[test]
 fn target_ports_come_from_the_slice_port_of_the_same_name() {
-    let t = translate(&example_state(), "node-a");
+    let t = settled(&example_state(), "node-a");
     let web = &t.frontends["demo/web"];
     let http = web.iter().find(|f| f.key.proto == IPPROTO_TCP).unwrap();
     let echo = web.iter().find(|f| f.key.proto == IPPROTO_UDP).unwrap();
@@ -69,7 +100,7 @@ fn slices_merge_and_only_ready_endpoints_count() {
         slice("api-2", "  - {addresses: [10.244.2.1], nodeName: b}\n  - {addresses: [10.244.2.2], conditions: {ready: true}, nodeName: b}\n"),
     );
     let state = parse_manifest("mem.yaml", &text).unwrap();
-    let t = translate(&state, "a");
+    let t = settled(&state, "a");
     let fe = &t.frontends["prod/api"][0];
     let addrs: Vec<(Ipv4Addr, bool)> = fe.backends.iter().map(|b| (b.addr, b.local)).collect();
     assert_eq!(
@@ -84,8 +115,8 @@ fn headless_externalname_and_other_proxies_are_skipped() {
     let text = "apiVersion: v1\nkind: Service\nmetadata: {name: h}\nspec: {clusterIP: None, ports: [{port: 80}]}\n---\n\
                 apiVersion: v1\nkind: Service\nmetadata: {name: e}\nspec: {type: ExternalName, externalName: example.org}\n---\n\
                 apiVersion: v1\nkind: Service\nmetadata: {name: o, labels: {service.kubernetes.io/service-proxy-name: other}}\nspec: {clusterIP: 10.96.0.9, ports: [{port: 80}]}\n";
-    let t = translate(&parse_manifest("mem.yaml", text).unwrap(), "a");
-    assert!(t.frontends.is_empty() && t.errors.is_empty(), "{t:?}");
+    let t = settled(&parse_manifest("mem.yaml", text).unwrap(), "a");
+    assert!(t.frontends.is_empty() && t.errors.is_empty(), "{:?}", t.frontends);
 }
 
 #[test]
@@ -93,6 +124,10 @@ fn bad_services_name_file_object_and_field() {
     let cases = [
         ("spec:\n  clusterIP: 10.96.1.1\n  ports: [{port: 70000}]", "spec.ports[0].port", "out of range"),
         ("spec:\n  clusterIP: 10.96.1.1\n  ports: [{port: 80, protocol: TCPX}]", "spec.ports[0].protocol", "unknown protocol"),
+        ("spec:\n  clusterIP: 10.96.1.1\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}\n  ports: [{port: 80}]", "spec.sessionAffinityConfig.clientIP.timeoutSeconds", "out of range"),
+        ("spec:\n  clusterIP: 10.96.1.1\n  sessionAffinity: Cookie\n  ports: [{port: 80}]", "spec.sessionAffinity", "unknown value"),
+        ("spec:\n  type: NodePort\n  clusterIP: 10.96.1.1\n  externalTrafficPolicy: Nearest\n  ports: [{port: 80}]", "spec.externalTrafficPolicy", "unknown value"),
+        ("spec:\n  type: LoadBalancer\n  clusterIP: 10.96.1.1\n  loadBalancerSourceRanges: [10.0.0.0/33]\n  ports: [{port: 80}]", "spec.loadBalancerSourceRanges[0]", "prefix length"),
         ("spec:\n  clusterIP: 10.96.1.300\n  ports: [{port: 80}]", "spec.clusterIP", "not an IP address"),
         ("spec:\n  clusterIP: 10.96.1.1\n  ports: []", "spec.ports", "at least one port"),
         ("spec:\n  type: NodePort\n  clusterIP: 10.96.1.1\n  ports: [{port: 80, nodePort: 0}]", "spec.ports[0].nodePort", "out of range"),
@@ -100,9 +135,9 @@ fn bad_services_name_file_object_and_field() {
     ];
     for (spec, field, msg) in cases {
         let text = format!("apiVersion: v1\nkind: Service\nmetadata: {{name: bad, namespace: prod}}\n{spec}\n");
-        let t = translate(&parse_manifest("/etc/lb/bad.yaml", &text).unwrap(), "a");
+        let t = settled(&parse_manifest("/etc/lb/bad.yaml", &text).unwrap(), "a");
         assert_eq!(t.errors.len(), 1, "{spec}");
-        let e = &t.errors[0].1;
+        let e = &t.errors[0];
         assert_eq!((e.origin.as_str(), e.object.as_str(), e.field.as_str()), ("/etc/lb/bad.yaml", "Service prod/bad", field));
         assert!(e.message.contains(msg), "{e}");
         assert!(e.to_string().starts_with("/etc/lb/bad.yaml: Service prod/bad: "), "{e}");
@@ -120,14 +155,127 @@ fn malformed_documents_name_file_object_and_field() {
     assert_eq!(e.field, "kind");
 }
 
+fn service(name: &str, created: Option<&str>, spec: &str) -> String {
+    let created = created.map(|t| format!(", creationTimestamp: \"{t}\"")).unwrap_or_default();
+    format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: prod{created}}}\nspec:\n{spec}\n")
+}
+
 #[test]
-fn two_services_on_one_frontend_reject_the_second_only() {
-    let text = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: prod}\nspec: {clusterIP: 10.96.5.5, ports: [{port: 80}]}\n---\n\
-                apiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: prod}\nspec: {clusterIP: 10.96.5.5, ports: [{port: 80}, {name: x, port: 81}]}\n";
-    let t = translate(&parse_manifest("dup.yaml", text).unwrap(), "a");
-    assert!(t.frontends.contains_key("prod/a") && !t.frontends.contains_key("prod/b"));
-    assert_eq!(t.errors.len(), 1);
-    let e = &t.errors[0].1;
-    assert_eq!((e.object.as_str(), e.field.as_str()), ("Service prod/b", "spec"));
-    assert!(e.message.contains("already used by Service prod/a"), "{e}");
+fn a_contested_frontend_stays_with_the_oldest_service_and_only_the_newcomer_loses_it() {
+    // "b" was created first; "a" sorts first by name and repeats b's external IP and port.
+    let text = service("b", Some("2026-01-01T00:00:00Z"), "  clusterIP: 10.96.5.2\n  externalIPs: [10.99.200.9]\n  ports: [{port: 80}]")
+        + &service("a", Some("2026-06-01T00:00:00Z"), "  clusterIP: 10.96.5.1\n  externalIPs: [10.99.200.9]\n  ports: [{port: 80}]");
+    let t = settled(&parse_manifest("dup.yaml", &text).unwrap(), "n");
+    let keys = |svc: &str| t.frontends[svc].iter().map(|f| ip4_octets(f.key.addr)).collect::<Vec<_>>();
+    assert_eq!(keys("prod/b"), vec![[10, 96, 5, 2], [10, 99, 200, 9]]);
+    assert_eq!(keys("prod/a"), vec![[10, 96, 5, 1]], "the newcomer keeps its own ClusterIP");
+    assert_eq!(t.errors.len(), 1, "{:?}", t.errors);
+    let e = &t.errors[0];
+    assert_eq!((e.object.as_str(), e.field.as_str()), ("Service prod/a", "spec.externalIPs[0]"));
+    assert!(e.message.contains("10.99.200.9:80") && e.message.contains("80/TCP") && e.message.contains("already used by Service prod/b"), "{e}");
+
+    // Without creation times, the Service that holds the frontend now keeps it, whatever the names.
+    let text = service("b", None, "  clusterIP: 10.96.5.5\n  ports: [{port: 80}]") + &service("a", None, "  clusterIP: 10.96.5.5\n  ports: [{port: 80}]");
+    let mut candidates = Vec::new();
+    for s in translate(&parse_manifest("dup.yaml", &text).unwrap(), "n").services {
+        candidates.push((s.name, s.origin, s.result.unwrap()));
+    }
+    let key = Service4KeyV1 { addr: ip4_raw([10, 96, 5, 5]), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER };
+    let claimed = claim(candidates.clone(), &HashMap::from([(key, "prod/b".to_string())]));
+    assert_eq!((claimed.frontends["prod/b"].len(), claimed.frontends["prod/a"].len()), (1, 0));
+    assert_eq!(claimed.errors[0].object, "Service prod/a");
+    let claimed = claim(candidates, &HashMap::new());
+    assert_eq!((claimed.frontends["prod/a"].len(), claimed.frontends["prod/b"].len()), (1, 0), "a new frontend goes to the first by name");
+}
+
+const TWO_NODE_SLICE: &str = "  - {addresses: [10.244.1.1], nodeName: a}\n  - {addresses: [10.244.2.1], nodeName: b}\n";
+
+#[test]
+fn external_traffic_policy_local_adds_a_local_scope_for_outside_clients() {
+    let text = service("api", None, "  type: LoadBalancer\n  clusterIP: 10.96.1.1\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32001\n  ports: [{name: https, port: 443, nodePort: 30443}]")
+        + "status: {loadBalancer: {ingress: [{ip: 10.99.100.1}]}}\n"
+        + &slice("api-1", TWO_NODE_SLICE);
+    let state = parse_manifest("etp.yaml", &text).unwrap();
+    let t = translate(&state, "a");
+    assert_eq!(t.health_checks.len(), 1);
+    assert_eq!((t.health_checks[0].port, t.health_checks[0].local_endpoints), (32001, 1));
+    let t = settle(t);
+    let fs = &t.frontends["prod/api"];
+    let cluster_ip = fs.iter().find(|f| f.kind == KIND_CLUSTER_IP).unwrap();
+    assert!(!cluster_ip.ext_local && cluster_ip.backends.len() == 2, "pods reach every endpoint");
+    for kind in [KIND_LOAD_BALANCER, KIND_NODE_PORT] {
+        let cluster = fs.iter().find(|f| f.kind == kind && f.key.scope == SCOPE_CLUSTER).unwrap();
+        let local = fs.iter().find(|f| f.kind == kind && f.key.scope == SCOPE_LOCAL).unwrap();
+        assert!(cluster.ext_local && cluster.backends.len() == 2);
+        assert_eq!(local.backends.iter().map(|b| (b.addr, b.local)).collect::<Vec<_>>(), vec![([10, 244, 1, 1].into(), true)]);
+        assert_eq!(local.draining.len(), 1, "the remote endpoint keeps flows it already has");
+    }
+    // On node c there is no local endpoint: the local scope is empty and the check says 0.
+    assert_eq!(translate(&state, "c").health_checks[0].local_endpoints, 0);
+    assert!(settled(&state, "c").frontends["prod/api"].iter().filter(|f| f.key.scope == SCOPE_LOCAL).all(|f| f.backends.is_empty()));
+}
+
+#[test]
+fn internal_traffic_policy_local_keeps_cluster_ip_traffic_on_the_node() {
+    let text = service("api", None, "  clusterIP: 10.96.1.1\n  internalTrafficPolicy: Local\n  ports: [{name: https, port: 443}]") + &slice("api-1", TWO_NODE_SLICE);
+    let t = settled(&parse_manifest("itp.yaml", &text).unwrap(), "b");
+    let f = &t.frontends["prod/api"][0];
+    assert_eq!(f.backends.iter().map(|b| b.addr).collect::<Vec<_>>(), vec![Ipv4Addr::from([10, 244, 2, 1])]);
+    let t = settled(&parse_manifest("itp.yaml", &text).unwrap(), "c");
+    assert!(t.frontends["prod/api"][0].backends.is_empty(), "no endpoint here: refused");
+}
+
+#[test]
+fn terminating_endpoints_serve_only_when_nothing_is_ready() {
+    let cases = [
+        // (endpoints, selectable, draining)
+        ("  - {addresses: [10.244.1.1], conditions: {ready: true}}\n  - {addresses: [10.244.1.2], conditions: {ready: false, serving: true, terminating: true}}\n", vec![[10, 244, 1, 1]], 1),
+        ("  - {addresses: [10.244.1.2], conditions: {ready: false, serving: true, terminating: true}}\n  - {addresses: [10.244.1.3], conditions: {ready: false, serving: false, terminating: true}}\n", vec![[10, 244, 1, 2]], 1),
+        ("  - {addresses: [10.244.1.3], conditions: {ready: false, serving: false, terminating: true}}\n", vec![], 1),
+    ];
+    for (endpoints, selectable, draining) in cases {
+        let text = format!("{SVC}{}", slice("api-1", endpoints));
+        let t = settled(&parse_manifest("t.yaml", &text).unwrap(), "a");
+        let f = &t.frontends["prod/api"][0];
+        let got: Vec<[u8; 4]> = f.backends.iter().map(|b| b.addr.octets()).collect();
+        assert_eq!((got, f.draining.len()), (selectable, draining), "{endpoints}");
+    }
+}
+
+#[test]
+fn affinity_and_source_ranges_are_read_with_kubernetes_defaults() {
+    let text = service(
+        "api",
+        None,
+        "  type: LoadBalancer\n  clusterIP: 10.96.1.1\n  sessionAffinity: ClientIP\n  loadBalancerSourceRanges: [192.0.2.77/24, 2001:db8::/32, 10.0.0.1/32]\n  ports: [{name: https, port: 443, nodePort: 30443}]",
+    ) + "status: {loadBalancer: {ingress: [{ip: 10.99.100.1}]}}\n"
+        + &service("short", None, "  clusterIP: 10.96.1.2\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 5}}\n  ports: [{port: 80}]")
+        + &service("annotated", None, "  type: LoadBalancer\n  clusterIP: 10.96.1.3\n  ports: [{port: 80}]").replace("namespace: prod}", "namespace: prod, annotations: {service.beta.kubernetes.io/load-balancer-source-ranges: \"198.51.100.0/24\"}}")
+        + "status: {loadBalancer: {ingress: [{ip: 10.99.100.3}]}}\n";
+    let t = settled(&parse_manifest("a.yaml", &text).unwrap(), "a");
+    assert!(t.errors.is_empty(), "{:?}", t.errors);
+    let api = &t.frontends["prod/api"];
+    assert!(api.iter().all(|f| f.affinity_timeout_s == Some(10_800)), "default timeout");
+    let lb = api.iter().find(|f| f.kind == KIND_LOAD_BALANCER).unwrap();
+    assert_eq!(lb.source_ranges, vec![([192, 0, 2, 0].into(), 24), ([10, 0, 0, 1].into(), 32)], "host bits cleared, IPv6 left for later");
+    assert!(api.iter().filter(|f| f.kind != KIND_LOAD_BALANCER).all(|f| f.source_ranges.is_empty()), "ranges guard the LoadBalancer IPs only");
+    assert_eq!(t.frontends["prod/short"][0].affinity_timeout_s, Some(5));
+    let annotated = t.frontends["prod/annotated"].iter().find(|f| f.kind == KIND_LOAD_BALANCER).unwrap();
+    assert_eq!(annotated.source_ranges, vec![([198, 51, 100, 0].into(), 24)]);
+}
+
+#[test]
+fn unsupported_fields_are_named_once_and_the_rest_of_the_service_works() {
+    let text = service(
+        "api",
+        None,
+        "  type: LoadBalancer\n  clusterIP: 10.96.1.1\n  trafficDistribution: PreferClose\n  ports: [{name: https, port: 443}, {name: sctp, port: 9, protocol: SCTP}]",
+    ) + "status: {loadBalancer: {ingress: [{ip: 10.99.100.1, ipMode: Proxy}, {ip: 10.99.100.2, ipMode: VIP}]}}\n";
+    let t = settled(&parse_manifest("u.yaml", &text).unwrap(), "a");
+    assert!(t.errors.is_empty(), "{:?}", t.errors);
+    let fields: Vec<&str> = t.warnings.iter().map(|w| w.field.as_str()).collect();
+    assert_eq!(fields, vec!["spec.trafficDistribution", "status.loadBalancer.ingress[0].ipMode", "spec.ports[1].protocol"]);
+    assert!(t.warnings.iter().all(|w| w.object == "Service prod/api"));
+    let addrs: Vec<[u8; 4]> = t.frontends["prod/api"].iter().map(|f| ip4_octets(f.key.addr)).collect();
+    assert_eq!(addrs, vec![[10, 96, 1, 1], [10, 99, 100, 2]], "the TCP port on the ClusterIP and the VIP-mode ingress");
 }

@@ -9,6 +9,12 @@ pub const MAX_BACKENDS: u32 = 262_144;
 pub const MAGLEV_SLOTS: u32 = 1 << 24;
 /// Default capacity of the conntrack and reverse-NAT maps.
 pub const MAX_FLOWS: u32 = 262_144;
+/// Capacity of `LB_AFFINITY_V1` (an LRU: the least recently used client affinity goes first).
+pub const MAX_AFFINITY: u32 = 262_144;
+/// Capacity of `LB4_SRCRANGE_V1`: CIDRs of every Service's `loadBalancerSourceRanges`, summed.
+pub const MAX_SOURCE_RANGES: u32 = 65_536;
+/// Slots of `LB_REASON_V1`: more than there are reasons, so new reasons never resize the pinned map.
+pub const REASON_SLOTS: u32 = 64;
 /// Capacity of `LB4_NODEIP_V1`.
 pub const MAX_NODE_IPS: u32 = 256;
 /// Longest `namespace/name:port` kept in `LB_SVC_NAME_V1`.
@@ -22,8 +28,30 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
 // Service4KeyV1::scope
-/// The frontend answers for every client (externalTrafficPolicy/internalTrafficPolicy: Cluster).
+/// The frontend with every ready endpoint of the cluster.
 pub const SCOPE_CLUSTER: u8 = 0;
+/// The same frontend with only this node's endpoints: what clients from outside get when the
+/// Service has `externalTrafficPolicy: Local` (the `SCOPE_CLUSTER` entry has `F_SVC_EXT_LOCAL`).
+pub const SCOPE_LOCAL: u8 = 1;
+
+// Service4V1::flags
+/// Traffic from outside (the XDP hook) uses the frontend's `SCOPE_LOCAL` entry: no SNAT, the
+/// client address is kept, and a node without local endpoints drops new flows.
+pub const F_SVC_EXT_LOCAL: u8 = 1 << 0;
+/// sessionAffinity: ClientIP. New flows from a client go to its backend in `LB_AFFINITY_V1`
+/// while that entry is younger than `ServiceOptsV1::affinity_timeout_s`.
+pub const F_SVC_AFFINITY: u8 = 1 << 1;
+/// loadBalancerSourceRanges: only clients in this service's CIDRs of `LB4_SRCRANGE_V1` get through.
+pub const F_SVC_SOURCE_RANGES: u8 = 1 << 2;
+
+// AffinityKeyV1::client_kind
+/// `client` holds an IPv4 address in its first 4 bytes (wire order), the rest zero.
+pub const AFFINITY_CLIENT_IP4: u8 = 4;
+
+/// Source address of hairpin flows: a pod that reaches its own Service and lands on itself
+/// gets its packets from here (it cannot receive packets from its own address), and answers
+/// back through its gateway, where the reply is translated. Cilium uses the same address.
+pub const HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
 
 // Service4V1::kind, for display and per-kind policy.
 pub const KIND_CLUSTER_IP: u8 = 1;

@@ -22,9 +22,17 @@ pub const DROP_CT_FULL: u32 = 16;
 pub const DROP_NAT_PORTS_EXHAUSTED: u32 = 17;
 pub const DROP_FIB_LOOKUP: u32 = 18;
 pub const DROP_BACKEND_MISSING: u32 = 19;
+/// externalTrafficPolicy: Local and this node has no endpoint of the Service.
+pub const DROP_NO_LOCAL_BACKEND: u32 = 20;
+/// The client is outside the Service's loadBalancerSourceRanges.
+pub const DROP_SOURCE_RANGE: u32 = 21;
+/// An ICMP error about a translated flow, rewritten back to the frontend and the client.
+pub const FWD_ICMP_ERROR: u32 = 22;
+/// A pod reached its own Service and landed on itself: source rewritten to `HAIRPIN_ADDR`.
+pub const FWD_HAIRPIN: u32 = 23;
 
-/// Number of reasons; `LB_REASON_V1` has this many slots.
-pub const COUNT: u32 = 20;
+/// Number of reasons (at most `REASON_SLOTS`).
+pub const COUNT: u32 = 24;
 
 /// Stable names for metrics and `lbctl stats`, indexed by reason.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -48,4 +56,8 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_nat_ports_exhausted",
     "drop_fib_lookup",
     "drop_backend_missing",
+    "drop_no_local_backend",
+    "drop_source_range",
+    "fwd_icmp_error",
+    "fwd_hairpin",
 ];

@@ -1,10 +1,15 @@
-//! The load-balancing decision, shared by both hooks: reverse NAT of replies, frontend lookup,
-//! conntrack, Maglev backend selection and SNAT port allocation. It only reads and writes
-//! maps; the hooks apply the returned [`Action`] to the packet.
+//! The load-balancing decision, shared by both hooks: reverse NAT of replies (and of ICMP
+//! errors about them), frontend lookup with traffic policy and source ranges, conntrack,
+//! session affinity, Maglev backend selection, and SNAT port allocation (remote backends,
+//! hairpin). It only reads and writes maps; the hooks apply the returned [`Action`].
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use lb_common::*;
 
-use crate::{maps::*, parse::Ipv4Packet, rewrite::Nat4};
+use crate::{
+    maps::*,
+    parse::{IcmpError4, Ipv4Packet},
+    rewrite::Nat4,
+};
 
 /// Where the program runs, which decides whether remote backends are source-NATed.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -47,14 +52,13 @@ pub fn decide(pkt: &Ipv4Packet, hook: Hook, bytes: u32) -> Action {
         let rnat = unsafe { &mut *rnat };
         rnat.last_seen_ns = now;
         rnat.tcp_flags_seen |= pkt.tcp_flags;
-        let to = Nat4 { src_addr: rnat.src_addr, dst_addr: rnat.dst_addr, src_port: rnat.src_port, dst_port: rnat.dst_port };
-        let forward = if rnat.flags & F_CT_SNAT != 0 || hook == Hook::Pod { Forward::Fib } else { Forward::Stack };
-        return Action::Rewrite { reason: reason::FWD_REVERSE_NAT, to, forward };
+        return Action::Rewrite { reason: reason::FWD_REVERSE_NAT, to: reply_nat(rnat), forward: reply_forward(rnat, hook) };
     }
 
-    // 2. A frontend: exact address, or a NodePort on any of this node's addresses.
+    // 2. A frontend: exact address, or a NodePort on any of this node's addresses. Clients
+    //    from outside see an externalTrafficPolicy: Local frontend through its local scope.
     let mut key = Service4KeyV1 { addr: t.dst_addr, port: t.dst_port, proto: t.proto, scope: SCOPE_CLUSTER };
-    let svc = match unsafe { LB4_SVC_V1.get(&key) } {
+    let mut svc = match unsafe { LB4_SVC_V1.get(&key) } {
         Some(svc) => *svc,
         None => {
             if unsafe { LB4_NODEIP_V1.get(&t.dst_addr) }.is_none() {
@@ -67,9 +71,19 @@ pub fn decide(pkt: &Ipv4Packet, hook: Hook, bytes: u32) -> Action {
             }
         }
     };
+    if hook == Hook::External && svc.flags & F_SVC_EXT_LOCAL != 0 {
+        key.scope = SCOPE_LOCAL;
+        svc = match unsafe { LB4_SVC_V1.get(&key) } {
+            Some(svc) => *svc,
+            None => return Action::Drop(reason::DROP_NO_LOCAL_BACKEND),
+        };
+    }
     if pkt.first_fragment {
         // The later fragments could not follow the rewrite.
         return Action::Drop(reason::DROP_SERVICE_FRAGMENT);
+    }
+    if svc.flags & F_SVC_SOURCE_RANGES != 0 && !source_allowed(svc.service_id, t.src_addr) {
+        return Action::Drop(reason::DROP_SOURCE_RANGE);
     }
     count_traffic(&LB_SVC_STAT_V1, svc.service_id, bytes);
 
@@ -81,6 +95,9 @@ pub fn decide(pkt: &Ipv4Packet, hook: Hook, bytes: u32) -> Action {
                 if be.addr != 0 {
                     ct.last_seen_ns = now;
                     ct.tcp_flags_seen |= pkt.tcp_flags;
+                    if svc.flags & F_SVC_AFFINITY != 0 {
+                        touch_affinity(&svc, t.src_addr, now);
+                    }
                     count_traffic(&LB_BE_STAT_V1, ct.backend_id, bytes);
                     return forward_to(&t, be, ct.flags & F_CT_SNAT != 0, ct.nat_addr, ct.nat_port);
                 }
@@ -88,23 +105,39 @@ pub fn decide(pkt: &Ipv4Packet, hook: Hook, bytes: u32) -> Action {
         }
     }
 
-    // 4. A new flow: Maglev picks the backend from the flow hash.
+    // 4. A new flow: the client's affinity, else Maglev picks the backend from the flow hash.
     if svc.maglev_size == 0 {
+        if key.scope == SCOPE_LOCAL {
+            return Action::Drop(reason::DROP_NO_LOCAL_BACKEND);
+        }
         return Action::Reject;
     }
     let cfg = config();
     let hash = flow_hash4(t.src_addr, t.dst_addr, t.src_port, t.dst_port, t.proto, cfg.hash_seed);
-    let slot = svc.maglev_offset.wrapping_add(hash % svc.maglev_size);
-    let backend_id = match LB_MAGLEV_V1.get(slot) {
-        Some(id) if *id != BACKEND_NONE => *id,
-        _ => return Action::Drop(reason::DROP_BACKEND_MISSING),
+    let backend_id = match affinity_backend(&svc, t.src_addr, now) {
+        Some(id) => id,
+        None => {
+            let slot = svc.maglev_offset.wrapping_add(hash % svc.maglev_size);
+            match LB_MAGLEV_V1.get(slot) {
+                Some(id) if *id != BACKEND_NONE => *id,
+                _ => return Action::Drop(reason::DROP_BACKEND_MISSING),
+            }
+        }
     };
     let be = match LB4_BE_V1.get(backend_id) {
         Some(be) if be.addr != 0 => *be,
         _ => return Action::Drop(reason::DROP_BACKEND_MISSING),
     };
 
-    let snat = hook == Hook::External && be.flags & F_BACKEND_LOCAL == 0;
+    // Source NAT: to the node address for a remote backend of an outside client (its reply
+    // must come back here), to the hairpin address for a pod that landed on itself.
+    let snat_addr = if hook == Hook::External && be.flags & F_BACKEND_LOCAL == 0 {
+        Some(cfg.snat_addr)
+    } else if hook == Hook::Pod && be.addr == t.src_addr {
+        Some(ip4_raw(HAIRPIN_ADDR))
+    } else {
+        None
+    };
     let mut ct = Ct4EntryV1 { last_seen_ns: now, backend_id, service_id: svc.service_id, tcp_flags_seen: pkt.tcp_flags, ..Default::default() };
     // The reply as it will arrive, and how to turn it back into frontend -> client.
     let mut reply = t.reply_from(&be);
@@ -115,12 +148,12 @@ pub fn decide(pkt: &Ipv4Packet, hook: Hook, bytes: u32) -> Action {
         src_port: t.dst_port,
         dst_port: t.src_port,
         service_id: svc.service_id,
-        flags: if snat { F_CT_SNAT } else { 0 },
+        flags: if snat_addr.is_some() { F_CT_SNAT } else { 0 },
         ..Default::default()
     };
-    if snat {
-        // The reverse-NAT map is the port allocator: a node port is ours once its entry is in.
-        reply.dst_addr = cfg.snat_addr;
+    if let Some(snat_addr) = snat_addr {
+        // The reverse-NAT map is the port allocator: a port is ours once its entry is in.
+        reply.dst_addr = snat_addr;
         let range = (cfg.nat_port_max - cfg.nat_port_min) as u32 + 1;
         let mut allocated = false;
         for i in 0..NAT_PORT_TRIES {
@@ -139,7 +172,7 @@ pub fn decide(pkt: &Ipv4Packet, hook: Hook, bytes: u32) -> Action {
             return Action::Drop(reason::DROP_NAT_PORTS_EXHAUSTED);
         }
         ct.flags = F_CT_SNAT;
-        ct.nat_addr = cfg.snat_addr;
+        ct.nat_addr = snat_addr;
         ct.nat_port = reply.dst_port;
     } else if LB4_RNAT_V1.insert(&reply, &rnat, 0).is_err() {
         return Action::Drop(reason::DROP_CT_FULL);
@@ -149,14 +182,74 @@ pub fn decide(pkt: &Ipv4Packet, hook: Hook, bytes: u32) -> Action {
         let _ = LB4_RNAT_V1.remove(&reply);
         return Action::Drop(reason::DROP_CT_FULL);
     }
+    if svc.flags & F_SVC_AFFINITY != 0 {
+        let _ = LB_AFFINITY_V1.insert(&AffinityKeyV1::ip4(t.src_addr, svc.service_id), &AffinityV1 { last_seen_ns: now, backend_id, _pad: 0 }, 0);
+    }
     count_traffic(&LB_BE_STAT_V1, backend_id, bytes);
-    forward_to(&t, &be, snat, ct.nat_addr, ct.nat_port)
+    forward_to(&t, &be, snat_addr.is_some(), ct.nat_addr, ct.nat_port)
+}
+
+/// An ICMP error about a flow we translated, travelling back towards its client: the
+/// rewrite that makes it about the frontend and addressed to the client, as the flow's
+/// replies are. `None` when it is about no flow of ours.
+#[inline(always)]
+pub fn decide_icmp_error(err: &IcmpError4, hook: Hook) -> Option<(Nat4, Forward)> {
+    // The quoted datagram went client (or SNAT binding) -> backend; its reply is what the
+    // reverse-NAT map is keyed by.
+    let rnat = unsafe { LB4_RNAT_V1.get(&err.inner.reversed()) }?;
+    Some((reply_nat(rnat), reply_forward(rnat, hook)))
+}
+
+/// How a reply leaves: from the frontend, to the client.
+#[inline(always)]
+fn reply_nat(rnat: &RevNat4V1) -> Nat4 {
+    Nat4 { src_addr: rnat.src_addr, dst_addr: rnat.dst_addr, src_port: rnat.src_port, dst_port: rnat.dst_port }
+}
+
+/// A reply with a node or frontend source must be routed here: the stack would call it martian.
+#[inline(always)]
+fn reply_forward(rnat: &RevNat4V1, hook: Hook) -> Forward {
+    if rnat.flags & F_CT_SNAT != 0 || hook == Hook::Pod {
+        Forward::Fib
+    } else {
+        Forward::Stack
+    }
+}
+
+/// The backend this client had on this frontend, while its affinity lasts and the backend is
+/// still one of the frontend's.
+#[inline(always)]
+fn affinity_backend(svc: &Service4V1, client: u32, now: u64) -> Option<u32> {
+    if svc.flags & F_SVC_AFFINITY == 0 {
+        return None;
+    }
+    let affinity = unsafe { LB_AFFINITY_V1.get(&AffinityKeyV1::ip4(client, svc.service_id)) }?;
+    let timeout_s = LB_SVC_OPTS_V1.get(svc.service_id)?.affinity_timeout_s as u64;
+    if now.saturating_sub(affinity.last_seen_ns) > timeout_s * 1_000_000_000 {
+        return None;
+    }
+    let member = AffinityMatchKeyV1 { backend_id: affinity.backend_id, service_id: svc.service_id };
+    unsafe { LB_AFF_MATCH_V1.get(&member) }?;
+    Some(affinity.backend_id)
+}
+
+/// Traffic on an established flow keeps its client's affinity alive.
+#[inline(always)]
+fn touch_affinity(svc: &Service4V1, client: u32, now: u64) {
+    if let Some(affinity) = LB_AFFINITY_V1.get_ptr_mut(&AffinityKeyV1::ip4(client, svc.service_id)) {
+        unsafe { (*affinity).last_seen_ns = now };
+    }
 }
 
 #[inline(always)]
 fn forward_to(t: &Ct4KeyV1, be: &Backend4V1, snat: bool, nat_addr: u32, nat_port: u16) -> Action {
-    let local = be.flags & F_BACKEND_LOCAL != 0;
-    let reason = if local { reason::FWD_LOCAL_BACKEND } else { reason::FWD_REMOTE_BACKEND };
+    let reason = if snat && nat_addr == ip4_raw(HAIRPIN_ADDR) {
+        reason::FWD_HAIRPIN
+    } else if be.flags & F_BACKEND_LOCAL != 0 {
+        reason::FWD_LOCAL_BACKEND
+    } else {
+        reason::FWD_REMOTE_BACKEND
+    };
     if snat {
         let to = Nat4 { src_addr: nat_addr, src_port: nat_port, dst_addr: be.addr, dst_port: be.port };
         return Action::Rewrite { reason, to, forward: Forward::Fib };

@@ -2,7 +2,7 @@
 //! so a restarted agent adopts them and established flows keep their state.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::*;
 
@@ -21,13 +21,21 @@ pub static LB_SVC_STAT_V1: PerCpuArray<TrafficCountersV1> = PerCpuArray::pinned(
 #[map]
 pub static LB_BE_STAT_V1: PerCpuArray<TrafficCountersV1> = PerCpuArray::pinned(MAX_BACKENDS, 0);
 #[map]
-pub static LB_REASON_V1: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
+pub static LB_REASON_V1: PerCpuArray<u64> = PerCpuArray::pinned(REASON_SLOTS, 0);
 #[map]
 pub static LB_CONFIG_V1: Array<ConfigV1> = Array::pinned(1, 0);
 #[map]
 pub static LB4_NODEIP_V1: HashMap<u32, u32> = HashMap::pinned(MAX_NODE_IPS, 0);
 #[map]
 pub static LB_SVC_NAME_V1: Array<NameV1> = Array::pinned(MAX_SERVICES, 0);
+#[map]
+pub static LB_SVC_OPTS_V1: Array<ServiceOptsV1> = Array::pinned(MAX_SERVICES, 0);
+#[map]
+pub static LB_AFFINITY_V1: LruHashMap<AffinityKeyV1, AffinityV1> = LruHashMap::pinned(MAX_AFFINITY, 0);
+#[map]
+pub static LB_AFF_MATCH_V1: HashMap<AffinityMatchKeyV1, u8> = HashMap::pinned(MAX_BACKENDS, 0);
+#[map]
+pub static LB4_SRCRANGE_V1: LpmTrie<SourceRange4V1, u8> = LpmTrie::pinned(MAX_SOURCE_RANGES, 0);
 
 #[inline(always)]
 pub fn count_reason(reason: u32) {
@@ -44,6 +52,13 @@ pub fn count_traffic(map: &PerCpuArray<TrafficCountersV1>, id: u32, bytes: u32) 
             (*c).bytes += bytes as u64;
         }
     }
+}
+
+/// Whether `client` is inside one of the frontend's loadBalancerSourceRanges.
+#[inline(always)]
+pub fn source_allowed(service_id: u32, client: u32) -> bool {
+    let key = Key::new(SourceRange4V1::SERVICE_BITS + 32, SourceRange4V1::new(service_id, client));
+    LB4_SRCRANGE_V1.get(&key).is_some()
 }
 
 /// The config, or defaults when the agent has not written one yet.

@@ -1,7 +1,7 @@
 //! Header parsing shared by XDP and TC. Every read is bounds-checked against `data_end`.
 use core::mem::size_of;
 
-use lb_common::{reason, Ct4KeyV1, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{reason, Ct4KeyV1, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -31,9 +31,26 @@ pub struct Ipv4Packet {
     pub first_fragment: bool,
 }
 
+/// An ICMP error (destination unreachable, time exceeded, parameter problem) and the TCP or
+/// UDP datagram it quotes, located. The quote is how the error's sender saw that datagram.
+pub struct IcmpError4 {
+    /// Offset of the outer IPv4 header.
+    pub l3_off: usize,
+    /// Offset of the ICMP header.
+    pub icmp_off: usize,
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    /// Offsets of the quoted IPv4 header and of its ports.
+    pub inner_l3_off: usize,
+    pub inner_l4_off: usize,
+    /// The quoted datagram's tuple, in the direction it was travelling.
+    pub inner: Ct4KeyV1,
+}
+
 /// Where parsing stopped: either a packet to balance, or a verdict reason with no rewrite.
 pub enum Parsed {
     Ipv4(Ipv4Packet),
+    IcmpError4(IcmpError4),
     /// Leave the packet untouched (`reason::PASS_*`).
     Pass(u32),
     /// Drop it (`reason::DROP_*`).
@@ -90,10 +107,13 @@ pub fn parse(data: usize, data_end: usize) -> Parsed {
         return Parsed::Drop(reason::DROP_TRUNCATED_IP4);
     }
     let proto = ip.proto;
+    let frag = u16::from_be_bytes(ip.frags);
+    if proto == IPPROTO_ICMP && frag & (IP_MF | IP_OFFSET_MASK) == 0 {
+        return parse_icmp_error(data, data_end, l3_off, l4_off, ip);
+    }
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Parsed::Pass(reason::PASS_NOT_TCP_UDP);
     }
-    let frag = u16::from_be_bytes(ip.frags);
     if frag & IP_OFFSET_MASK != 0 {
         // A later fragment carries no ports: it cannot be matched to a flow here.
         return Parsed::Pass(reason::PASS_FRAGMENT);
@@ -124,4 +144,50 @@ pub fn parse(data: usize, data_end: usize) -> Parsed {
         tuple.dst_port = u16::from_ne_bytes(udp.dst);
     }
     Parsed::Ipv4(Ipv4Packet { l3_off, l4_off, tuple, tcp_flags, first_fragment: frag & IP_MF != 0 })
+}
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROB: u8 = 12;
+const ICMP_HEADER_LEN: usize = 8;
+
+/// An ICMP error that quotes a TCP or UDP datagram with its ports; any other ICMP (echo,
+/// errors quoting other protocols or cut before the ports) is left to the stack.
+#[inline(always)]
+fn parse_icmp_error(data: usize, data_end: usize, l3_off: usize, icmp_off: usize, ip: &Ipv4Hdr) -> Parsed {
+    let not_ours = Parsed::Pass(reason::PASS_NOT_TCP_UDP);
+    // The whole header, not its first byte: a 1-byte bound check compiles to a form the
+    // verifier does not accept.
+    let Some(icmp) = ptr_at::<[u8; ICMP_HEADER_LEN]>(data, data_end, icmp_off) else { return not_ours };
+    if !matches!(unsafe { (*icmp)[0] }, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROB) {
+        return not_ours;
+    }
+    let inner_l3_off = icmp_off + ICMP_HEADER_LEN;
+    let Some(inner) = ptr_at::<Ipv4Hdr>(data, data_end, inner_l3_off) else { return not_ours };
+    let inner = unsafe { &*inner };
+    let ihl = (inner.vihl & 0x0f) as usize * 4;
+    let quoted_frag = u16::from_be_bytes(inner.frags) & IP_OFFSET_MASK;
+    if inner.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || quoted_frag != 0 || (inner.proto != IPPROTO_TCP && inner.proto != IPPROTO_UDP) {
+        return not_ours;
+    }
+    let inner_l4_off = inner_l3_off + ihl;
+    // TCP and UDP both start with the two ports.
+    let Some(ports) = ptr_at::<[u16; 2]>(data, data_end, inner_l4_off) else { return not_ours };
+    let ports = unsafe { *ports };
+    Parsed::IcmpError4(IcmpError4 {
+        l3_off,
+        icmp_off,
+        src_addr: u32::from_ne_bytes(ip.src_addr),
+        dst_addr: u32::from_ne_bytes(ip.dst_addr),
+        inner_l3_off,
+        inner_l4_off,
+        inner: Ct4KeyV1 {
+            src_addr: u32::from_ne_bytes(inner.src_addr),
+            dst_addr: u32::from_ne_bytes(inner.dst_addr),
+            src_port: ports[0],
+            dst_port: ports[1],
+            proto: inner.proto,
+            _pad: [0; 3],
+        },
+    })
 }

@@ -4,8 +4,8 @@ use lb_common::{Ct4KeyV1, IPPROTO_ICMP, IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, 
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
 
 use crate::{
-    csum::fold,
-    parse::{ptr_at, Ipv4Packet},
+    csum::{self, fold},
+    parse::{ptr_at, IcmpError4, Ipv4Packet},
 };
 
 /// The tuple a packet leaves with.
@@ -40,6 +40,12 @@ pub trait PacketWriter {
     fn replace_l4_u16(&self, pkt: &Ipv4Packet, off: usize, old: u16, new: u16) -> Result<(), Fault>;
     /// Replace 4 bytes of the L4 header, covered by the L4 checksum only.
     fn replace_l4_u32(&self, pkt: &Ipv4Packet, off: usize, old: u32, new: u32) -> Result<(), Fault>;
+    /// Replace an address of an IPv4 header whose payload has no pseudo-header (ICMP).
+    fn replace_ip_only(&self, l3_off: usize, off: usize, old: u32, new: u32) -> Result<(), Fault>;
+    /// Replace 2 bytes inside an ICMP message, keeping its checksum (at `icmp_off + 2`) right.
+    fn replace_icmp_u16(&self, icmp_off: usize, off: usize, old: u16, new: u16) -> Result<(), Fault>;
+    /// Replace 4 bytes inside an ICMP message, keeping its checksum right.
+    fn replace_icmp_u32(&self, icmp_off: usize, off: usize, old: u32, new: u32) -> Result<(), Fault>;
 }
 
 /// Rewrites the packet's 5-tuple from `pkt.tuple` to `to`. Unchanged fields are not touched.
@@ -58,6 +64,34 @@ pub fn apply_nat<W: PacketWriter>(w: &W, pkt: &Ipv4Packet, to: &Nat4) -> Result<
     if t.dst_port != to.dst_port {
         w.replace_l4_u16(pkt, pkt.l4_off + L4_DST_PORT, t.dst_port, to.dst_port)?;
     }
+    Ok(())
+}
+
+/// Rewrites an ICMP error about a translated flow the way the flow's replies are rewritten
+/// (`to`: frontend -> client): the error comes from the frontend, goes to the client, and
+/// quotes the datagram as the client sent it (client -> frontend), so the client's stack
+/// finds its socket and, for "fragmentation needed", lowers its path MTU to the frontend.
+/// The quoted TCP/UDP checksum is left as it is: receivers match errors by addresses and
+/// ports only, and the quote is often cut before that checksum anyway.
+#[inline(always)]
+pub fn apply_icmp_error_nat<W: PacketWriter>(w: &W, err: &IcmpError4, to: &Nat4) -> Result<(), Fault> {
+    let inner = &err.inner;
+    // The outer header: from the frontend to the client.
+    if err.src_addr != to.src_addr {
+        w.replace_ip_only(err.l3_off, err.l3_off + IP_SRC, err.src_addr, to.src_addr)?;
+    }
+    if err.dst_addr != to.dst_addr {
+        w.replace_ip_only(err.l3_off, err.l3_off + IP_DST, err.dst_addr, to.dst_addr)?;
+    }
+    // The quote: client -> frontend, its own IPv4 checksum kept right.
+    let quoted_csum_off = err.inner_l3_off + 10;
+    let old_csum = unsafe { *ptr_at::<u16>(w.data(), w.data_end(), core::hint::black_box(quoted_csum_off)).ok_or(Fault)? };
+    let new_csum = csum::replace4(csum::replace4(old_csum, inner.src_addr, to.dst_addr), inner.dst_addr, to.src_addr);
+    w.replace_icmp_u32(err.icmp_off, err.inner_l3_off + IP_SRC, inner.src_addr, to.dst_addr)?;
+    w.replace_icmp_u32(err.icmp_off, err.inner_l3_off + IP_DST, inner.dst_addr, to.src_addr)?;
+    w.replace_icmp_u16(err.icmp_off, quoted_csum_off, old_csum, new_csum)?;
+    w.replace_icmp_u16(err.icmp_off, err.inner_l4_off + L4_SRC_PORT, inner.src_port, to.dst_port)?;
+    w.replace_icmp_u16(err.icmp_off, err.inner_l4_off + L4_DST_PORT, inner.dst_port, to.src_port)?;
     Ok(())
 }
 

@@ -11,10 +11,10 @@ use lb_common::{reason, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     fib::{fib_params, AF_INET, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
-    lb::{decide, Action, Forward, Hook},
+    lb::{decide, decide_icmp_error, Action, Forward, Hook},
     maps::count_reason,
-    parse::{parse, Ipv4Packet, Parsed},
-    rewrite::{apply_nat, l4_csum_off, make_tcp_reset, write_icmp_port_unreachable, Fault, IcmpQuote, PacketWriter, ICMP_ERROR_GROWTH},
+    parse::{parse, IcmpError4, Ipv4Packet, Parsed},
+    rewrite::{apply_icmp_error_nat, apply_nat, l4_csum_off, make_tcp_reset, write_icmp_port_unreachable, Fault, IcmpQuote, PacketWriter, ICMP_ERROR_GROWTH},
 };
 
 const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
@@ -37,13 +37,14 @@ fn tc_path(ctx: &TcContext) -> (i32, u32) {
     if ((ctx.data_end() - ctx.data()) as u32) < TC_PULL_LEN.min(len) {
         let _ = ctx.pull_data(TC_PULL_LEN.min(len));
     }
+    let w = TcWriter(ctx);
+    let ifindex = unsafe { (*(ctx.as_ptr() as *const aya_ebpf::bindings::__sk_buff)).ifindex };
     let pkt = match parse(ctx.data(), ctx.data_end()) {
         Parsed::Ipv4(pkt) => pkt,
+        Parsed::IcmpError4(err) => return tc_icmp_error(ctx, &w, &err, ifindex),
         Parsed::Pass(why) => return (TC_ACT_OK, why),
         Parsed::Drop(why) => return (TC_ACT_SHOT, why),
     };
-    let w = TcWriter(ctx);
-    let ifindex = unsafe { (*(ctx.as_ptr() as *const aya_ebpf::bindings::__sk_buff)).ifindex };
     match decide(&pkt, Hook::Pod, len) {
         Action::Pass(why) => (TC_ACT_OK, why),
         Action::Drop(why) => (TC_ACT_SHOT, why),
@@ -61,9 +62,24 @@ fn tc_path(ctx: &TcContext) -> (i32, u32) {
             }
             match forward {
                 Forward::Stack => (TC_ACT_OK, why),
-                Forward::Fib => (tc_fib_forward(ctx, &pkt, ifindex), why),
+                Forward::Fib => (tc_fib_forward(ctx, pkt.l3_off, ifindex), why),
             }
         }
+    }
+}
+
+/// The TC twin of `xdp_icmp_error`: a backend's (or a router's) error goes to the client.
+#[inline(always)]
+fn tc_icmp_error(ctx: &TcContext, w: &TcWriter, err: &IcmpError4, ifindex: u32) -> (i32, u32) {
+    let Some((to, forward)) = decide_icmp_error(err, Hook::Pod) else {
+        return (TC_ACT_OK, reason::PASS_NOT_TCP_UDP);
+    };
+    if apply_icmp_error_nat(w, err, &to).is_err() {
+        return (TC_ACT_SHOT, reason::DROP_TRUNCATED_L4);
+    }
+    match forward {
+        Forward::Stack => (TC_ACT_OK, reason::FWD_ICMP_ERROR),
+        Forward::Fib => (tc_fib_forward(ctx, err.l3_off, ifindex), reason::FWD_ICMP_ERROR),
     }
 }
 
@@ -78,8 +94,8 @@ fn tc_icmp_port_unreachable(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<(), Fau
 
 /// Routes a rewritten packet here; falls back to the stack when the FIB has no answer.
 #[inline(always)]
-fn tc_fib_forward(ctx: &TcContext, pkt: &Ipv4Packet, ingress: u32) -> i32 {
-    let Some(mut params) = fib_params(ctx.data(), ctx.data_end(), pkt, ingress) else {
+fn tc_fib_forward(ctx: &TcContext, l3_off: usize, ingress: u32) -> i32 {
+    let Some(mut params) = fib_params(ctx.data(), ctx.data_end(), l3_off, ingress) else {
         return TC_ACT_OK;
     };
     let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut params, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
@@ -136,5 +152,21 @@ impl PacketWriter for TcWriter<'_> {
     fn replace_l4_u32(&self, pkt: &Ipv4Packet, off: usize, old: u32, new: u32) -> Result<(), Fault> {
         self.0.store(off, &new, 0).map_err(|_| Fault)?;
         self.0.l4_csum_replace(l4_csum_off(pkt), old as u64, new as u64, Self::l4_flags(pkt) | 4).map_err(|_| Fault)
+    }
+    #[inline(always)]
+    fn replace_ip_only(&self, l3_off: usize, off: usize, old: u32, new: u32) -> Result<(), Fault> {
+        self.0.store(off, &new, 0).map_err(|_| Fault)?;
+        self.0.l3_csum_replace(l3_off + 10, old as u64, new as u64, 4).map_err(|_| Fault)
+    }
+    // ICMP has no pseudo-header: its checksum covers only the message itself.
+    #[inline(always)]
+    fn replace_icmp_u16(&self, icmp_off: usize, off: usize, old: u16, new: u16) -> Result<(), Fault> {
+        self.0.store(off, &new, 0).map_err(|_| Fault)?;
+        self.0.l4_csum_replace(icmp_off + 2, old as u64, new as u64, 2).map_err(|_| Fault)
+    }
+    #[inline(always)]
+    fn replace_icmp_u32(&self, icmp_off: usize, off: usize, old: u32, new: u32) -> Result<(), Fault> {
+        self.0.store(off, &new, 0).map_err(|_| Fault)?;
+        self.0.l4_csum_replace(icmp_off + 2, old as u64, new as u64, 4).map_err(|_| Fault)
     }
 }

@@ -13,10 +13,10 @@ use network_types::eth::EthHdr;
 use crate::{
     csum,
     fib::{fib_params, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
-    lb::{decide, Action, Forward, Hook},
+    lb::{decide, decide_icmp_error, Action, Forward, Hook},
     maps::count_reason,
-    parse::{parse, ptr_at, Ipv4Packet, Parsed},
-    rewrite::{apply_nat, l4_csum_off, make_tcp_reset, write_icmp_port_unreachable, Fault, IcmpQuote, PacketWriter, ICMP_ERROR_GROWTH},
+    parse::{parse, ptr_at, IcmpError4, Ipv4Packet, Parsed},
+    rewrite::{apply_icmp_error_nat, apply_nat, l4_csum_off, make_tcp_reset, write_icmp_port_unreachable, Fault, IcmpQuote, PacketWriter, ICMP_ERROR_GROWTH},
 };
 
 #[xdp]
@@ -28,12 +28,13 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn xdp_path(ctx: &XdpContext) -> (u32, u32) {
+    let w = XdpWriter(ctx);
     let pkt = match parse(ctx.data(), ctx.data_end()) {
         Parsed::Ipv4(pkt) => pkt,
+        Parsed::IcmpError4(err) => return xdp_icmp_error(ctx, &w, &err),
         Parsed::Pass(why) => return (xdp_action::XDP_PASS, why),
         Parsed::Drop(why) => return (xdp_action::XDP_DROP, why),
     };
-    let w = XdpWriter(ctx);
     let bytes = (ctx.data_end() - ctx.data()) as u32;
     match decide(&pkt, Hook::External, bytes) {
         Action::Pass(why) => (xdp_action::XDP_PASS, why),
@@ -51,9 +52,24 @@ fn xdp_path(ctx: &XdpContext) -> (u32, u32) {
             }
             match forward {
                 Forward::Stack => (xdp_action::XDP_PASS, why),
-                Forward::Fib => xdp_fib_forward(ctx, &pkt, why),
+                Forward::Fib => xdp_fib_forward(ctx, pkt.l3_off, why),
             }
         }
+    }
+}
+
+/// An ICMP error about a translated flow goes to its client as the flow's replies do.
+#[inline(always)]
+fn xdp_icmp_error(ctx: &XdpContext, w: &XdpWriter, err: &IcmpError4) -> (u32, u32) {
+    let Some((to, forward)) = decide_icmp_error(err, Hook::External) else {
+        return (xdp_action::XDP_PASS, reason::PASS_NOT_TCP_UDP);
+    };
+    if apply_icmp_error_nat(w, err, &to).is_err() {
+        return (xdp_action::XDP_DROP, reason::DROP_TRUNCATED_L4);
+    }
+    match forward {
+        Forward::Stack => (xdp_action::XDP_PASS, reason::FWD_ICMP_ERROR),
+        Forward::Fib => xdp_fib_forward(ctx, err.l3_off, reason::FWD_ICMP_ERROR),
     }
 }
 
@@ -74,9 +90,9 @@ fn xdp_icmp_port_unreachable(ctx: &XdpContext, pkt: &Ipv4Packet) -> Result<(), F
 
 /// Sends a rewritten packet straight out the device the FIB names, with its MACs.
 #[inline(always)]
-fn xdp_fib_forward(ctx: &XdpContext, pkt: &Ipv4Packet, why: u32) -> (u32, u32) {
+fn xdp_fib_forward(ctx: &XdpContext, l3_off: usize, why: u32) -> (u32, u32) {
     let ingress = ctx.ingress_ifindex() as u32;
-    let Some(mut params) = fib_params(ctx.data(), ctx.data_end(), pkt, ingress) else {
+    let Some(mut params) = fib_params(ctx.data(), ctx.data_end(), l3_off, ingress) else {
         return (xdp_action::XDP_DROP, reason::DROP_TRUNCATED_IP4);
     };
     let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut params, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
@@ -105,6 +121,21 @@ fn xdp_fib_forward(ctx: &XdpContext, pkt: &Ipv4Packet, why: u32) -> (u32, u32) {
 struct XdpWriter<'a>(&'a XdpContext);
 
 impl XdpWriter<'_> {
+    /// Writes `bytes` at `off` and updates the checksum at `csum_off` with `update`.
+    #[inline(always)]
+    fn store_with_csum<const N: usize>(&self, csum_off: usize, off: usize, bytes: [u8; N], update: impl Fn(u16) -> u16) -> Result<(), Fault> {
+        // Opaque offsets: LLVM would otherwise drop a bound check that an earlier, larger one
+        // implies, and the verifier, which tracks each pointer apart, would refuse the access.
+        let (csum_off, off) = (core::hint::black_box(csum_off), core::hint::black_box(off));
+        let field = ptr_at::<[u8; N]>(self.data(), self.data_end(), off).ok_or(Fault)?;
+        let csum = ptr_at::<u16>(self.data(), self.data_end(), csum_off).ok_or(Fault)?;
+        unsafe {
+            *field = bytes;
+            *csum = update(*csum);
+        }
+        Ok(())
+    }
+
     /// Applies `update` to the L4 checksum; a zero UDP checksum means "none" and stays zero.
     #[inline(always)]
     fn update_l4_csum(&self, pkt: &Ipv4Packet, update: impl Fn(u16) -> u16) -> Result<(), Fault> {
@@ -149,6 +180,18 @@ impl PacketWriter for XdpWriter<'_> {
         let field = ptr_at::<[u8; 4]>(self.data(), self.data_end(), off).ok_or(Fault)?;
         unsafe { *field = new.to_ne_bytes() };
         self.update_l4_csum(pkt, |c| csum::replace4(c, old, new))
+    }
+    #[inline(always)]
+    fn replace_ip_only(&self, l3_off: usize, off: usize, old: u32, new: u32) -> Result<(), Fault> {
+        self.store_with_csum(l3_off + 10, off, new.to_ne_bytes(), |c| csum::replace4(c, old, new))
+    }
+    #[inline(always)]
+    fn replace_icmp_u16(&self, icmp_off: usize, off: usize, old: u16, new: u16) -> Result<(), Fault> {
+        self.store_with_csum(icmp_off + 2, off, new.to_ne_bytes(), |c| csum::replace2(c, old, new))
+    }
+    #[inline(always)]
+    fn replace_icmp_u32(&self, icmp_off: usize, off: usize, old: u32, new: u32) -> Result<(), Fault> {
+        self.store_with_csum(icmp_off + 2, off, new.to_ne_bytes(), |c| csum::replace4(c, old, new))
     }
 }
 

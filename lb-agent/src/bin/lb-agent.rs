@@ -26,6 +26,14 @@ struct Args {
     /// Where to serve /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:9970")]
     metrics_addr: std::net::SocketAddr,
+    /// Where to serve kube-proxy's health check (/healthz, /livez), which cloud load balancers
+    /// and probes set up for kube-proxy use. It fails while syncs keep failing.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: std::net::SocketAddr,
+    /// NodePorts answer only on node addresses inside these CIDRs (kube-proxy's
+    /// --nodeport-addresses) [default: every node address].
+    #[arg(long, value_delimiter = ',', value_parser = parse_cidr)]
+    nodeport_addresses: Vec<(Ipv4Addr, u8)>,
     /// This node's name, as in EndpointSlice `nodeName` (decides local or remote backends).
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
@@ -98,7 +106,9 @@ fn main() -> Result<()> {
         sync_interval: Duration::from_millis(args.sync_interval_ms),
         gc_interval: Duration::from_secs(args.gc_interval_s),
         sizes: MapSizes { flows: args.max_flows, maglev_slots: args.maglev_slots },
+        nodeport_cidrs: args.nodeport_addresses,
     };
+    let healthz_addr = args.healthz_bind_address;
     enable_ip_forwarding()?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
@@ -110,11 +120,17 @@ fn main() -> Result<()> {
             stale_after: Duration::from_secs(30),
         };
         let server = tokio::spawn(lb_agent::metrics::serve(metrics_addr, metrics, health));
+        let proxy_health = tokio::spawn(lb_agent::health::serve_proxy_health(healthz_addr, agent.proxy_health.clone()));
         tokio::select! {
             r = agent.run(shutdown_signal()) => r,
             r = server => r?,
+            r = proxy_health => r?,
         }
     })
+}
+
+fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
+    lb_agent::translate::parse_cidr4(s)?.ok_or_else(|| format!("{s}: IPv6 is not supported yet"))
 }
 
 async fn shutdown_signal() {

@@ -39,22 +39,27 @@ pub fn load(pin_dir: &Path, sizes: &MapSizes) -> Result<Ebpf> {
     loader.load(OBJECT).with_context(|| format!("loading the BPF object with maps pinned in {}", pin_dir.display()))
 }
 
-/// Key and value sizes of every map of schema v1, as the kernel reports them.
-fn expected_layouts() -> [(&'static str, usize, usize); 11] {
+/// Key and value sizes of every map of schema v1, as the kernel reports them, and the
+/// capacity where the schema fixes it (the rest are sized by flags).
+fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 15] {
     use lb_common::*;
     use std::mem::size_of;
     [
-        (MAP_SERVICES, size_of::<Service4KeyV1>(), size_of::<Service4V1>()),
-        (MAP_BACKENDS, 4, size_of::<Backend4V1>()),
-        (MAP_MAGLEV, 4, 4),
-        (MAP_CONNTRACK, size_of::<Ct4KeyV1>(), size_of::<Ct4EntryV1>()),
-        (MAP_REVERSE_NAT, size_of::<Ct4KeyV1>(), size_of::<RevNat4V1>()),
-        (MAP_SERVICE_STATS, 4, size_of::<TrafficCountersV1>()),
-        (MAP_BACKEND_STATS, 4, size_of::<TrafficCountersV1>()),
-        (MAP_REASONS, 4, 8),
-        (MAP_CONFIG, 4, size_of::<ConfigV1>()),
-        (MAP_NODE_IPS, 4, 4),
-        (MAP_SERVICE_NAMES, 4, size_of::<NameV1>()),
+        (MAP_SERVICES, size_of::<Service4KeyV1>(), size_of::<Service4V1>(), None),
+        (MAP_BACKENDS, 4, size_of::<Backend4V1>(), None),
+        (MAP_MAGLEV, 4, 4, None),
+        (MAP_CONNTRACK, size_of::<Ct4KeyV1>(), size_of::<Ct4EntryV1>(), None),
+        (MAP_REVERSE_NAT, size_of::<Ct4KeyV1>(), size_of::<RevNat4V1>(), None),
+        (MAP_SERVICE_STATS, 4, size_of::<TrafficCountersV1>(), None),
+        (MAP_BACKEND_STATS, 4, size_of::<TrafficCountersV1>(), None),
+        (MAP_REASONS, 4, 8, Some(REASON_SLOTS)),
+        (MAP_CONFIG, 4, size_of::<ConfigV1>(), None),
+        (MAP_NODE_IPS, 4, 4, None),
+        (MAP_SERVICE_NAMES, 4, size_of::<NameV1>(), None),
+        (MAP_SERVICE_OPTS, 4, size_of::<ServiceOptsV1>(), None),
+        (MAP_AFFINITY, size_of::<AffinityKeyV1>(), size_of::<AffinityV1>(), None),
+        (MAP_AFFINITY_MATCH, size_of::<AffinityMatchKeyV1>(), 1, None),
+        (MAP_SOURCE_RANGES, 4 + size_of::<SourceRange4V1>(), 1, None),
     ]
 }
 
@@ -64,13 +69,14 @@ fn expected_layouts() -> [(&'static str, usize, usize); 11] {
 /// Conntrack is never wiped silently: the old map stays pinned under its new name.
 pub fn set_aside_incompatible_pins(pin_dir: &Path) -> Result<Vec<PathBuf>> {
     let mut moved = Vec::new();
-    for (name, key_size, value_size) in expected_layouts() {
+    for (name, key_size, value_size, capacity) in expected_layouts() {
         let path = pin_path(pin_dir, name);
         if !path.exists() {
             continue;
         }
         let info = aya::maps::MapData::from_pin(&path).and_then(|m| m.info()).with_context(|| format!("inspecting pinned map {}", path.display()))?;
-        if info.key_size() as usize == key_size && info.value_size() as usize == value_size {
+        let same_capacity = capacity.is_none_or(|c| c == info.max_entries());
+        if info.key_size() as usize == key_size && info.value_size() as usize == value_size && same_capacity {
             continue;
         }
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -78,9 +84,11 @@ pub fn set_aside_incompatible_pins(pin_dir: &Path) -> Result<Vec<PathBuf>> {
         let aside = pin_dir.join(format!("{name}_incompatible_{stamp}"));
         std::fs::rename(&path, &aside).with_context(|| format!("moving {} aside", path.display()))?;
         log::error!(
-            "pinned map {name} has key/value sizes {}/{} but this build expects {key_size}/{value_size}: moved it to {} and created a new one{}",
+            "pinned map {name} has key/value sizes {}/{} and {} entries but this build expects {key_size}/{value_size}{}: moved it to {} and created a new one{}",
             info.key_size(),
             info.value_size(),
+            info.max_entries(),
+            capacity.map(|c| format!(" and {c} entries")).unwrap_or_default(),
             aside.display(),
             if name == lb_common::MAP_CONNTRACK || name == lb_common::MAP_REVERSE_NAT { "; established flows will be balanced again as new ones" } else { "" }
         );

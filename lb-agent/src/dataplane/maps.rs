@@ -3,7 +3,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues},
     Ebpf,
 };
 use lb_common::*;
@@ -20,6 +20,10 @@ pub struct Maps {
     pub config: Array<MapData, ConfigV1>,
     pub node_ips: HashMap<MapData, u32, u32>,
     pub service_names: Array<MapData, NameV1>,
+    pub service_opts: Array<MapData, ServiceOptsV1>,
+    pub affinity: HashMap<MapData, AffinityKeyV1, AffinityV1>,
+    pub affinity_match: HashMap<MapData, AffinityMatchKeyV1, u8>,
+    pub source_ranges: LpmTrie<MapData, SourceRange4V1, u8>,
     /// Capacity of the conntrack (and reverse-NAT) map, which the loader may have resized.
     pub flow_capacity: u32,
 }
@@ -63,6 +67,10 @@ impl Maps {
             config: typed!(MAP_CONFIG),
             node_ips: typed!(MAP_NODE_IPS),
             service_names: typed!(MAP_SERVICE_NAMES),
+            service_opts: typed!(MAP_SERVICE_OPTS),
+            affinity: typed!(MAP_AFFINITY),
+            affinity_match: typed!(MAP_AFFINITY_MATCH),
+            source_ranges: typed!(MAP_SOURCE_RANGES),
         })
     }
 

@@ -18,6 +18,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
+use aya::maps::lpm_trie::Key as LpmKey;
 use lb_common::*;
 use maglev::Maglev;
 
@@ -27,15 +28,41 @@ use self::{
 };
 
 /// One frontend as the control plane wants it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Frontend {
     pub key: Service4KeyV1,
     /// `KIND_*`.
     pub kind: u8,
     /// `namespace/name:port/PROTO`, for lbctl and metrics.
     pub name: String,
-    /// Ready endpoints; empty means new flows are rejected.
+    /// Endpoints new flows may go to (ready ones, else serving terminating ones); empty means
+    /// new flows are rejected (dropped, in the `SCOPE_LOCAL` view).
     pub backends: Vec<BackendSpec>,
+    /// Endpoints that take no new flows but keep the ones they have (terminating, not ready).
+    pub draining: Vec<BackendSpec>,
+    /// externalTrafficPolicy: Local; outside clients use this frontend's `SCOPE_LOCAL` entry.
+    pub ext_local: bool,
+    /// sessionAffinity: ClientIP, with its timeout in seconds.
+    pub affinity_timeout_s: Option<u32>,
+    /// loadBalancerSourceRanges, as (network, prefix length); empty lets every client in.
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+}
+
+impl Frontend {
+    /// `F_SVC_*` for the map entry.
+    fn flags(&self) -> u8 {
+        let mut flags = 0;
+        if self.ext_local {
+            flags |= F_SVC_EXT_LOCAL;
+        }
+        if self.affinity_timeout_s.is_some() {
+            flags |= F_SVC_AFFINITY;
+        }
+        if !self.source_ranges.is_empty() {
+            flags |= F_SVC_SOURCE_RANGES;
+        }
+        flags
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -57,7 +84,12 @@ impl BackendSpec {
 struct Programmed {
     frontend: Frontend,
     entry: Service4V1,
+    /// Every backend id this frontend holds (selectable and draining).
     backend_ids: Vec<u32>,
+    /// Backends it lets affinity use (`LB_AFF_MATCH_V1`).
+    affinity_ids: Vec<u32>,
+    /// Its entries in `LB4_SRCRANGE_V1`.
+    source_ranges: Vec<(u32, u8)>,
 }
 
 /// What one `apply` changed.
@@ -87,6 +119,11 @@ pub struct Dataplane {
     next_service_id: u32,
 }
 
+/// The LPM key of one CIDR (`addr`/`len`, raw address) of a frontend's source ranges.
+fn source_range_key(service_id: u32, addr: u32, len: u8) -> LpmKey<SourceRange4V1> {
+    LpmKey::new(SourceRange4V1::SERVICE_BITS + len as u32, SourceRange4V1::new(service_id, addr))
+}
+
 impl Dataplane {
     /// `min_table_size` is the smallest Maglev table a service gets (a prime from
     /// `maglev::TABLE_SIZES`); services with many backends get the first size above 100 N.
@@ -113,6 +150,17 @@ impl Dataplane {
     /// (new slice, flip, free) and removes what is stale. Returns the frontends adopted.
     pub fn adopt(&mut self) -> Result<usize> {
         let entries: Vec<(Service4KeyV1, Service4V1)> = self.maps.services.iter().collect::<Result<_, _>>().context("reading LB4_SVC_V1")?;
+        let mut affinity_ids: HashMap<u32, Vec<u32>> = HashMap::new();
+        for key in self.maps.affinity_match.keys() {
+            let key = key.context("reading LB_AFF_MATCH_V1")?;
+            affinity_ids.entry(key.service_id).or_default().push(key.backend_id);
+        }
+        let mut ranges: HashMap<u32, Vec<(u32, u8)>> = HashMap::new();
+        for key in self.maps.source_ranges.keys() {
+            let key = key.context("reading LB4_SRCRANGE_V1")?;
+            let (data, prefix_len) = (key.data(), key.prefix_len());
+            ranges.entry(data.service_id).or_default().push((data.addr, (prefix_len - SourceRange4V1::SERVICE_BITS) as u8));
+        }
         let mut max_service_id = None;
         for (key, entry) in &entries {
             if entry.maglev_size > 0 && !self.slices.reserve(entry.maglev_offset, entry.maglev_size) {
@@ -125,6 +173,7 @@ impl Dataplane {
                     ids.push(id);
                 }
             }
+            // Draining backends are in no slot; they are found again by the next apply.
             for id in &ids {
                 let backend = self.maps.backends.get(id, 0)?;
                 self.backend_ids.insert(backend, *id);
@@ -133,8 +182,15 @@ impl Dataplane {
             }
             let name = self.maps.service_names.get(&entry.service_id, 0).map(|n| n.as_str().to_string()).unwrap_or_default();
             max_service_id = max_service_id.max(Some(entry.service_id));
-            let frontend = Frontend { key: *key, kind: entry.kind, name, backends: Vec::new() };
-            self.services.insert(*key, Programmed { frontend, entry: *entry, backend_ids: ids });
+            let frontend = Frontend { key: *key, kind: entry.kind, name, ..Frontend::default() };
+            let programmed = Programmed {
+                frontend,
+                entry: *entry,
+                backend_ids: ids,
+                affinity_ids: affinity_ids.remove(&entry.service_id).unwrap_or_default(),
+                source_ranges: ranges.remove(&entry.service_id).unwrap_or_default(),
+            };
+            self.services.insert(*key, programmed);
         }
         self.next_service_id = max_service_id.map_or(0, |m| m + 1);
         let used: std::collections::HashSet<u32> = entries.iter().map(|(_, e)| e.service_id).collect();
@@ -177,16 +233,22 @@ impl Dataplane {
         let mut stats = ApplyStats::default();
         let mut wanted: BTreeMap<Service4KeyV1, &Frontend> = BTreeMap::new();
         for f in desired {
-            if wanted.insert(f.key, f).is_some() {
-                bail!("frontend {} is declared twice", f.name);
+            if let Some(first) = wanted.get(&f.key) {
+                // The control plane resolves claims before this; never let one stop the rest.
+                stats.failed.push((f.name.clone(), format!("its frontend is already declared by {}", first.name)));
+                continue;
             }
+            wanted.insert(f.key, f);
         }
+        // Cluster-scope entries go before the local-scope entries they point outside clients to.
         let stale: Vec<Service4KeyV1> = self.services.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
         for key in stale {
             self.remove(&key)?;
             stats.removed += 1;
         }
-        for (key, frontend) in &wanted {
+        // And come after them when written, so a flag never points at a missing entry.
+        let local_first = wanted.iter().filter(|(k, _)| k.scope == SCOPE_LOCAL).chain(wanted.iter().filter(|(k, _)| k.scope != SCOPE_LOCAL));
+        for (key, frontend) in local_first {
             let existed = match self.services.get(key) {
                 Some(p) if &p.frontend == *frontend => {
                     stats.unchanged += 1;
@@ -211,17 +273,29 @@ impl Dataplane {
             None => self.alloc_service_id()?,
         };
 
-        // 1. Backends first, so every id the new table names already resolves.
-        let mut backend_ids = Vec::with_capacity(frontend.backends.len());
-        for b in &frontend.backends {
-            backend_ids.push(self.acquire_backend(b.entry())?);
+        // 1. Backends first, so every id the new table names already resolves; draining ones
+        //    too, so the flows they still carry keep their backend.
+        let mut selectable = Vec::with_capacity(frontend.backends.len());
+        let mut backend_ids = Vec::with_capacity(frontend.backends.len() + frontend.draining.len());
+        for b in frontend.backends.iter().chain(&frontend.draining) {
+            let id = match self.acquire_backend(b.entry()) {
+                Ok(id) => id,
+                Err(e) => {
+                    self.release_backends(&backend_ids)?;
+                    return Err(e.context(format!("service {}", frontend.name)));
+                }
+            };
+            if selectable.len() < frontend.backends.len() {
+                selectable.push(id);
+            }
+            backend_ids.push(id);
         }
 
-        // 2. The new table, in a slice of its own.
+        // 2. The new table, in a slice of its own; the options and ranges the new flags name.
         let (maglev_offset, maglev_size) = if frontend.backends.is_empty() {
             (0, 0)
         } else {
-            match self.write_table(frontend, &backend_ids) {
+            match self.write_table(frontend, &selectable) {
                 Ok(slice) => slice,
                 Err(e) => {
                     self.release_backends(&backend_ids)?;
@@ -229,6 +303,15 @@ impl Dataplane {
                 }
             }
         };
+        let affinity_ids = if frontend.affinity_timeout_s.is_some() { selectable.clone() } else { Vec::new() };
+        let source_ranges: Vec<(u32, u8)> = frontend.source_ranges.iter().map(|(net, len)| (ip4_raw(net.octets()), *len)).collect();
+        if let Err(e) = self.write_policy(service_id, frontend, &affinity_ids, &source_ranges) {
+            if maglev_size > 0 {
+                self.slices.free(maglev_offset, maglev_size);
+            }
+            self.release_backends(&backend_ids)?;
+            return Err(e.context(format!("service {}", frontend.name)));
+        }
 
         // 3. The flip: one write moves every new flow to the new table.
         if old.is_none() {
@@ -241,18 +324,20 @@ impl Dataplane {
             maglev_size,
             backend_count: frontend.backends.len().min(u16::MAX as usize) as u16,
             kind: frontend.kind,
-            _pad: 0,
+            flags: frontend.flags(),
         };
         self.maps.services.insert(&frontend.key, &entry, 0).with_context(|| format!("writing service {} to {MAP_SERVICES}", frontend.name))?;
 
-        // 4. Free what the old state used.
+        // 4. Free what the old state used: its slice, its backends, the affinity it allowed to
+        //    backends it no longer has (affinity to them ends now), its old ranges.
         if let Some(old) = old {
             if old.entry.maglev_size > 0 {
                 self.slices.free(old.entry.maglev_offset, old.entry.maglev_size);
             }
             self.release_backends(&old.backend_ids)?;
+            self.remove_policy(service_id, &old.affinity_ids, &old.source_ranges, &affinity_ids, &source_ranges);
         }
-        self.services.insert(frontend.key, Programmed { frontend: frontend.clone(), entry, backend_ids });
+        self.services.insert(frontend.key, Programmed { frontend: frontend.clone(), entry, backend_ids, affinity_ids, source_ranges });
         Ok(())
     }
 
@@ -263,8 +348,34 @@ impl Dataplane {
             self.slices.free(old.entry.maglev_offset, old.entry.maglev_size);
         }
         self.release_backends(&old.backend_ids)?;
+        self.remove_policy(old.entry.service_id, &old.affinity_ids, &old.source_ranges, &[], &[]);
         self.free_service_ids.push(old.entry.service_id);
         Ok(())
+    }
+
+    /// Writes what the frontend's flags will point at: its affinity timeout and the backends
+    /// affinity may use, and its source ranges. Entries already there are rewritten as they are.
+    fn write_policy(&mut self, service_id: u32, frontend: &Frontend, affinity_ids: &[u32], source_ranges: &[(u32, u8)]) -> Result<()> {
+        if let Some(timeout) = frontend.affinity_timeout_s {
+            self.maps.service_opts.set(service_id, &ServiceOptsV1 { affinity_timeout_s: timeout, _pad: 0 }, 0).with_context(|| format!("writing {MAP_SERVICE_OPTS}"))?;
+        }
+        for &backend_id in affinity_ids {
+            self.maps.affinity_match.insert(&AffinityMatchKeyV1 { backend_id, service_id }, &1, 0).with_context(|| format!("writing {MAP_AFFINITY_MATCH}"))?;
+        }
+        for &(addr, len) in source_ranges {
+            self.maps.source_ranges.insert(&source_range_key(service_id, addr, len), &1, 0).with_context(|| format!("writing {MAP_SOURCE_RANGES}"))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the affinity matches and source ranges in `old_*` that are not in `keep_*`.
+    fn remove_policy(&mut self, service_id: u32, old_affinity: &[u32], old_ranges: &[(u32, u8)], keep_affinity: &[u32], keep_ranges: &[(u32, u8)]) {
+        for &backend_id in old_affinity.iter().filter(|id| !keep_affinity.contains(id)) {
+            let _ = self.maps.affinity_match.remove(&AffinityMatchKeyV1 { backend_id, service_id });
+        }
+        for &(addr, len) in old_ranges.iter().filter(|r| !keep_ranges.contains(r)) {
+            let _ = self.maps.source_ranges.remove(&source_range_key(service_id, addr, len));
+        }
     }
 
     fn write_table(&mut self, frontend: &Frontend, backend_ids: &[u32]) -> Result<(u32, u32)> {

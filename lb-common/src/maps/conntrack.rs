@@ -27,6 +27,12 @@ impl Ct4KeyV1 {
     pub const fn reply_from(&self, backend: &Backend4V1) -> Ct4KeyV1 {
         Ct4KeyV1 { src_addr: backend.addr, dst_addr: self.src_addr, src_port: backend.port, dst_port: self.src_port, proto: self.proto, _pad: [0; 3] }
     }
+
+    /// The same flow seen from the other end.
+    #[inline(always)]
+    pub const fn reversed(&self) -> Ct4KeyV1 {
+        Ct4KeyV1 { src_addr: self.dst_addr, dst_addr: self.src_addr, src_port: self.dst_port, dst_port: self.src_port, proto: self.proto, _pad: [0; 3] }
+    }
 }
 
 /// A tracked flow, keyed by its original direction (client -> frontend).

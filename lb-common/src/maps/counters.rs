@@ -4,7 +4,7 @@
 pub const MAP_SERVICE_STATS: &str = "LB_SVC_STAT_V1";
 /// Per-CPU array `backend id -> TrafficCountersV1`.
 pub const MAP_BACKEND_STATS: &str = "LB_BE_STAT_V1";
-/// Per-CPU array `reason -> packets`: every verdict, counted by why (see [`crate::reason`]).
+/// Per-CPU array `reason -> packets` (`REASON_SLOTS` slots): every verdict, counted by why (see [`crate::reason`]).
 pub const MAP_REASONS: &str = "LB_REASON_V1";
 
 /// Packet and byte counters.

@@ -1,25 +1,31 @@
 //! Map names and the keys and values they hold, split by domain. Each map's one-line doc says
 //! what it is for; each type's layout test sits beside it.
 //!
-//! - [`service`]: frontends and their display names;
+//! - [`service`]: frontends, their display names and options;
+//! - [`affinity`]: sessionAffinity state;
+//! - [`source_range`]: loadBalancerSourceRanges;
 //! - [`backend`]: backends and the shared Maglev slot array;
 //! - [`conntrack`]: tracked flows and reverse NAT;
 //! - [`counters`]: traffic and verdict counters;
 //! - [`config`]: settings and node addresses the agent gives the datapath.
+pub mod affinity;
 pub mod backend;
 pub mod config;
 pub mod conntrack;
 pub mod counters;
 pub mod service;
+pub mod source_range;
 
+pub use affinity::*;
 pub use backend::*;
 pub use config::*;
 pub use conntrack::*;
 pub use counters::*;
 pub use service::*;
+pub use source_range::*;
 
 /// Every pinned map of schema v1.
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 15] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_MAGLEV,
@@ -31,6 +37,10 @@ pub const ALL_MAPS: [&str; 11] = [
     MAP_CONFIG,
     MAP_NODE_IPS,
     MAP_SERVICE_NAMES,
+    MAP_SERVICE_OPTS,
+    MAP_AFFINITY,
+    MAP_AFFINITY_MATCH,
+    MAP_SOURCE_RANGES,
 ];
 
 /// Marks map types as plain old data for aya (user space only).
@@ -72,6 +82,7 @@ mod tests {
     #[test]
     fn reason_names_cover_every_reason() {
         assert_eq!(crate::reason::NAMES.len(), crate::reason::COUNT as usize);
+        assert!(crate::reason::COUNT <= crate::REASON_SLOTS);
         for (i, a) in crate::reason::NAMES.iter().enumerate() {
             for b in &crate::reason::NAMES[i + 1..] {
                 assert_ne!(a, b);

@@ -4,6 +4,8 @@
 pub const MAP_SERVICES: &str = "LB4_SVC_V1";
 /// Array `service id -> NameV1`: written by the agent so `lbctl` can print names with the agent down.
 pub const MAP_SERVICE_NAMES: &str = "LB_SVC_NAME_V1";
+/// Array `service id -> ServiceOptsV1`: settings read only when a `F_SVC_*` flag asks for them.
+pub const MAP_SERVICE_OPTS: &str = "LB_SVC_OPTS_V1";
 
 /// A frontend: where clients send. A NodePort frontend has `addr == 0` and matches every
 /// address in `LB4_NODEIP_V1`.
@@ -13,7 +15,8 @@ pub struct Service4KeyV1 {
     pub addr: u32,
     pub port: u16,
     pub proto: u8,
-    /// `SCOPE_CLUSTER` today; room for traffic-policy Local without a layout change.
+    /// `SCOPE_CLUSTER`, or `SCOPE_LOCAL` for the node-local view of an
+    /// `externalTrafficPolicy: Local` frontend.
     pub scope: u8,
 }
 
@@ -30,7 +33,18 @@ pub struct Service4V1 {
     pub backend_count: u16,
     /// `KIND_*`.
     pub kind: u8,
-    pub _pad: u8,
+    /// `F_SVC_*`. (This byte was padding, always zero, before the flags existed: entries
+    /// pinned by an older agent read as "no flags".)
+    pub flags: u8,
+}
+
+/// Per-service settings that do not fit the frontend entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceOptsV1 {
+    /// sessionAffinityConfig.clientIP.timeoutSeconds (with `F_SVC_AFFINITY`).
+    pub affinity_timeout_s: u32,
+    pub _pad: u32,
 }
 
 /// A service's display name, `namespace/name:port/proto`.
@@ -67,7 +81,7 @@ impl NameV1 {
 }
 
 #[cfg(feature = "user")]
-super::impl_pod!(Service4KeyV1, Service4V1, NameV1);
+super::impl_pod!(Service4KeyV1, Service4V1, ServiceOptsV1, NameV1);
 
 #[cfg(test)]
 mod layout {
@@ -82,8 +96,13 @@ mod layout {
     #[test]
     fn service() {
         assert_layout!(Service4V1, size 16, align 4, {
-            service_id @ 0, maglev_offset @ 4, maglev_size @ 8, backend_count @ 12, kind @ 14, _pad @ 15,
+            service_id @ 0, maglev_offset @ 4, maglev_size @ 8, backend_count @ 12, kind @ 14, flags @ 15,
         });
+    }
+
+    #[test]
+    fn service_opts() {
+        assert_layout!(ServiceOptsV1, size 8, align 4, { affinity_timeout_s @ 0, _pad @ 4 });
     }
 
     #[test]
