@@ -480,3 +480,203 @@ fn a_full_maglev_array_fails_only_the_service_that_does_not_fit() -> Result<()> 
         Ok(())
     })
 }
+
+// ---------------------------------------------------------------------------------------------
+// Service semantics: affinity, traffic policy, source ranges, hairpin, ICMP errors.
+
+fn flow_key(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, proto: u8) -> Ct4KeyV1 {
+    Ct4KeyV1 { src_addr: ip4_raw(src), dst_addr: ip4_raw(dst), src_port: port_raw(sport), dst_port: port_raw(dport), proto, _pad: [0; 3] }
+}
+
+#[test]
+fn affinity_keeps_a_client_on_its_backend_until_it_expires_or_the_backend_goes() -> Result<()> {
+    in_private_netns(|| {
+        let mut tb = testbed();
+        let svc = Frontend { affinity_timeout_s: Some(30), ..frontend(VIP, 80, IPPROTO_TCP, KIND_CLUSTER_IP, &BACKENDS, true) };
+        tb.dataplane.apply(std::slice::from_ref(&svc))?;
+        let first = decode(&tb.run_tc(&tcp_syn(CLIENT, VIP, 47000, 80))?.1).dst;
+        // Ports whose Maglev pick is another backend: only affinity keeps them on `first`.
+        let others: Vec<u16> = (47001..47200).filter(|p| predicted_backend(&tb, &svc, CLIENT, *p) != first).take(20).collect();
+        assert_eq!(others.len(), 20);
+        for &sport in &others {
+            assert_eq!(decode(&tb.run_tc(&tcp_syn(CLIENT, VIP, sport, 80))?.1).dst, first, "new flow from port {sport} follows the client's affinity");
+        }
+        let id = tb.dataplane.service(&svc.key).unwrap().service_id;
+        let key = AffinityKeyV1::ip4(ip4_raw(CLIENT), id);
+        let entry = tb.dataplane.maps.affinity.get(&key, 0)?;
+        assert_eq!(ip4_octets(tb.dataplane.maps.backends.get(&entry.backend_id, 0)?.addr), first);
+        // Another client has its own affinity.
+        let other_client = [192, 0, 2, 99];
+        tb.run_tc(&tcp_syn(other_client, VIP, 47000, 80))?;
+        assert!(tb.dataplane.maps.affinity.get(&AffinityKeyV1::ip4(ip4_raw(other_client), id), 0).is_ok());
+
+        // Expiry: the entry aged past the timeout no longer decides.
+        tb.dataplane.maps.affinity.insert(&key, &AffinityV1 { last_seen_ns: entry.last_seen_ns - 31_000_000_000, ..entry }, 0)?;
+        let sport = others[0];
+        let expected = predicted_backend(&tb, &svc, CLIENT, sport + 1000);
+        let got = decode(&tb.run_tc(&tcp_syn(CLIENT, VIP, sport + 1000, 80))?.1).dst;
+        assert_eq!(got, expected, "expired affinity: Maglev decides again");
+
+        // Removal: a backend taken out of the service ends affinity to it at once.
+        let pinned_to = decode(&tb.run_tc(&tcp_syn(CLIENT, VIP, 48000, 80))?.1).dst;
+        let remaining: Vec<[u8; 4]> = BACKENDS.iter().copied().filter(|b| *b != pinned_to).collect();
+        let shrunk = Frontend { affinity_timeout_s: Some(30), ..frontend(VIP, 80, IPPROTO_TCP, KIND_CLUSTER_IP, &remaining, true) };
+        tb.dataplane.apply(std::slice::from_ref(&shrunk))?;
+        let matches: Vec<AffinityMatchKeyV1> = tb.dataplane.maps.affinity_match.keys().collect::<Result<_, _>>()?;
+        assert_eq!(matches.len(), 2, "one match per remaining backend: {matches:?}");
+        for sport in 48001..48021u16 {
+            assert_ne!(decode(&tb.run_tc(&tcp_syn(CLIENT, VIP, sport, 80))?.1).dst, pinned_to, "no new flow goes to the removed backend");
+        }
+        // Affinity off: the flag is cleared and the matches go.
+        tb.dataplane.apply(&[frontend(VIP, 80, IPPROTO_TCP, KIND_CLUSTER_IP, &remaining, true)])?;
+        assert_eq!(tb.dataplane.service(&svc.key).unwrap().flags & F_SVC_AFFINITY, 0);
+        assert_eq!(tb.dataplane.maps.affinity_match.keys().count(), 0);
+        Ok(())
+    })
+}
+
+#[test]
+fn external_traffic_policy_local_uses_only_local_endpoints_for_outside_clients() -> Result<()> {
+    in_private_netns(|| {
+        let mut tb = testbed();
+        let local = BackendSpec { addr: Ipv4Addr::from(BACKENDS[0]), port: 8080, local: true, weight: 1 };
+        let remote = BackendSpec { addr: Ipv4Addr::from([10, 244, 2, 11]), port: 8080, local: false, weight: 1 };
+        let policy = |key: Service4KeyV1, backends: Vec<BackendSpec>| Frontend { key, kind: KIND_LOAD_BALANCER, name: "test/etp:80".into(), backends, ext_local: key.scope == SCOPE_CLUSTER, ..Frontend::default() };
+        let cluster = Service4KeyV1 { addr: ip4_raw(VIP), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER };
+        let local_key = Service4KeyV1 { scope: SCOPE_LOCAL, ..cluster };
+        tb.dataplane.apply(&[policy(cluster, vec![local, remote]), policy(local_key, vec![local])])?;
+        for sport in 49000..49020u16 {
+            let (verdict, out) = tb.run_xdp(&tcp_syn(CLIENT, VIP, sport, 80))?;
+            let o = decode(&out);
+            assert_eq!((verdict, o.dst, o.src), (XDP_PASS, BACKENDS[0], CLIENT), "outside client: local endpoint, its address kept");
+        }
+        // Pods see the whole Service.
+        let mut pod_backends = std::collections::HashSet::new();
+        for sport in 49100..49140u16 {
+            pod_backends.insert(decode(&tb.run_tc(&tcp_syn(CLIENT, VIP, sport, 80))?.1).dst);
+        }
+        assert_eq!(pod_backends.len(), 2, "pods reach both endpoints");
+
+        // No local endpoint: outside clients' new flows are dropped, counted.
+        tb.dataplane.apply(&[policy(cluster, vec![remote]), policy(local_key, vec![])])?;
+        let (verdict, _) = tb.run_xdp(&tcp_syn(CLIENT, VIP, 49500, 80))?;
+        assert_eq!(verdict, XDP_DROP);
+        assert_eq!(reason_count(&tb, reason::DROP_NO_LOCAL_BACKEND), 1);
+        Ok(())
+    })
+}
+
+#[test]
+fn source_ranges_let_clients_in_the_cidrs_through_and_drop_the_rest() -> Result<()> {
+    in_private_netns(|| {
+        let mut tb = testbed();
+        let svc = Frontend { source_ranges: vec![([192, 0, 2, 0].into(), 24), ([203, 0, 113, 7].into(), 32)], ..frontend(VIP, 80, IPPROTO_TCP, KIND_LOAD_BALANCER, &BACKENDS, true) };
+        tb.dataplane.apply(std::slice::from_ref(&svc))?;
+        for (client, allowed) in [([192, 0, 2, 10], true), ([192, 0, 2, 255], true), ([203, 0, 113, 7], true), ([203, 0, 113, 8], false), ([198, 51, 100, 1], false)] {
+            let (verdict, out) = tb.run_xdp(&tcp_syn(client, VIP, 50000, 80))?;
+            if allowed {
+                assert_eq!((verdict, decode(&out).dport), (XDP_PASS, 8080), "{client:?} is in range");
+            } else {
+                assert_eq!(verdict, XDP_DROP, "{client:?} is outside every range");
+            }
+        }
+        assert_eq!(reason_count(&tb, reason::DROP_SOURCE_RANGE), 2);
+        // The ranges are in the trie, and go when the Service no longer has them.
+        assert_eq!(tb.dataplane.maps.source_ranges.keys().count(), 2);
+        tb.dataplane.apply(&[frontend(VIP, 80, IPPROTO_TCP, KIND_LOAD_BALANCER, &BACKENDS, true)])?;
+        assert_eq!(tb.dataplane.maps.source_ranges.keys().count(), 0);
+        assert_eq!(tb.run_xdp(&tcp_syn([198, 51, 100, 1], VIP, 50001, 80))?.0, XDP_PASS);
+        Ok(())
+    })
+}
+
+#[test]
+fn a_pod_that_lands_on_itself_is_hairpinned_through_the_hairpin_address() -> Result<()> {
+    in_private_netns(|| {
+        let mut tb = testbed();
+        let pod = BACKENDS[0];
+        tb.dataplane.apply(&[frontend(VIP, 80, IPPROTO_TCP, KIND_CLUSTER_IP, &[pod], true)])?;
+        let (_, out) = tb.run_tc(&tcp_syn(pod, VIP, 51000, 80))?;
+        let o = decode(&out);
+        assert_eq!((o.src, o.dst, o.dport), (HAIRPIN_ADDR, pod, 8080), "its own address would be dropped as martian");
+        assert!((NAT_PORT_MIN..=NAT_PORT_MAX).contains(&o.sport));
+        assert_eq!(reason_count(&tb, reason::FWD_HAIRPIN), 1);
+        // The pod's answer to the hairpin address comes back as from the frontend.
+        let (_, out) = tb.run_tc(&tcp_ack(pod, HAIRPIN_ADDR, 8080, o.sport, b""))?;
+        let r = decode(&out);
+        assert_eq!((r.src, r.sport, r.dst, r.dport), (VIP, 80, pod, 51000));
+        // Another pod is not source-NATed.
+        let (_, out) = tb.run_tc(&tcp_syn(BACKENDS[1], VIP, 51001, 80))?;
+        assert_eq!(decode(&out).src, BACKENDS[1]);
+        Ok(())
+    })
+}
+
+/// An ICMP error from `from` to `to`, quoting the first 28 bytes after the Ethernet header of `quoted`.
+fn icmp_error(from: [u8; 4], to: [u8; 4], icmp_type: etherparse::Icmpv4Type, quoted: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC).ipv4(from, to, 64).icmpv4(icmp_type).write(&mut out, &quoted[14..14 + 28]).unwrap();
+    out
+}
+
+/// Outer (src, dst), ICMP type, and the quoted datagram's (src, sport, dst, dport), every checksum checked.
+fn decode_icmp_error(frame: &[u8]) -> (([u8; 4], [u8; 4]), etherparse::Icmpv4Type, ([u8; 4], u16, [u8; 4], u16)) {
+    let p = SlicedPacket::from_ethernet(frame).expect("parses");
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else { panic!("not IPv4") };
+    let h = ip.header().to_header();
+    assert_eq!(h.header_checksum, h.calc_header_checksum(), "outer IPv4 checksum");
+    let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else { panic!("not ICMP") };
+    let mut expected = icmp.header();
+    expected.update_checksum(icmp.payload());
+    assert_eq!(icmp.checksum(), expected.checksum, "ICMP checksum");
+    let (inner, rest) = Ipv4Header::from_slice(icmp.payload()).unwrap();
+    assert_eq!(inner.header_checksum, inner.calc_header_checksum(), "quoted IPv4 checksum");
+    let ports = (u16::from_be_bytes([rest[0], rest[1]]), u16::from_be_bytes([rest[2], rest[3]]));
+    ((h.source, h.destination), icmp.icmp_type(), (inner.source, ports.0, inner.destination, ports.1))
+}
+
+#[test]
+fn icmp_errors_about_translated_flows_reach_the_client_about_the_frontend() -> Result<()> {
+    in_private_netns(|| {
+        // As in the SNAT test: node B behind lbt0, clients behind a default gateway.
+        sh("sysctl -qw net.ipv4.conf.all.forwarding=1 && ip link add lbt0 type veth peer name lbt1 && ip link set lbt0 address 02:00:00:00:00:01 && ip link set lbt0 up && ip link set lbt1 up \
+            && ip addr add 10.99.0.1/24 dev lbt0 && ip route add 10.244.0.0/16 via 10.99.0.2 && ip route add default via 10.99.0.254 \
+            && ip neigh add 10.99.0.2 lladdr 02:00:00:00:00:0b dev lbt0 nud permanent \
+            && ip neigh add 10.99.0.254 lladdr 02:00:00:00:00:fe dev lbt0 nud permanent")?;
+        let mut tb = testbed();
+        tb.dataplane.set_config(ConfigV1 { hash_seed: 0, snat_addr: ip4_raw(NODE_IP), nat_port_min: NAT_PORT_MIN, nat_port_max: NAT_PORT_MAX, _pad: 0 })?;
+        tb.dataplane.set_node_ips(&[(Ipv4Addr::from(NODE_IP), 0)])?;
+        let remote = [10, 244, 2, 7];
+        tb.dataplane.apply(&[frontend([0; 4], NODE_PORT, IPPROTO_TCP, KIND_NODE_PORT, &[remote], false), frontend(VIP, 53, IPPROTO_UDP, KIND_CLUSTER_IP, &BACKENDS, true)])?;
+
+        // 1. A router between this node and node B cannot forward a big segment of an SNATed
+        //    NodePort flow: its "fragmentation needed" quotes node -> backend, and goes to the node.
+        let (_, sent) = tb.run_xdp(&tcp_ack(CLIENT, NODE_IP, 46500, NODE_PORT, &[0u8; 100]))?;
+        let frag_needed = etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 });
+        let error = icmp_error([10, 99, 0, 2], NODE_IP, frag_needed.clone(), &sent);
+        let (verdict, out) = tb.run_xdp(&error)?;
+        assert_eq!(verdict, XDP_REDIRECT, "routed to the client");
+        let (outer, icmp_type, inner) = decode_icmp_error(&out);
+        assert_eq!(outer, (NODE_IP, CLIENT), "from the frontend to the client");
+        assert_eq!(icmp_type, frag_needed, "type, code and MTU kept");
+        assert_eq!(inner, (CLIENT, 46500, NODE_IP, NODE_PORT), "the quote is the client's own segment to the frontend");
+        assert_eq!(&out[..6], &[2, 0, 0, 0, 0, 0xfe], "towards the default gateway");
+        assert_eq!(reason_count(&tb, reason::FWD_ICMP_ERROR), 1);
+
+        // 2. A backend pod answers a pod's UDP datagram with "port unreachable".
+        let (_, sent) = tb.run_tc(&udp(CLIENT, VIP, 46600, 53, b"query"))?;
+        let backend = decode(&sent).dst;
+        let unreachable = etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port);
+        let (verdict, out) = tb.run_tc(&icmp_error(backend, CLIENT, unreachable.clone(), &sent))?;
+        assert_eq!(verdict, 7, "TC_ACT_REDIRECT: routed to the client");
+        let (outer, icmp_type, inner) = decode_icmp_error(&out);
+        assert_eq!((outer, icmp_type, inner), ((VIP, CLIENT), unreachable, (CLIENT, 46600, VIP, 53)));
+        assert_eq!(reason_count(&tb, reason::FWD_ICMP_ERROR), 2);
+
+        // 3. An error about no flow of ours is left alone.
+        let stranger = icmp_error([10, 99, 0, 2], NODE_IP, frag_needed, &tcp_ack(NODE_IP, [10, 1, 1, 1], 40000, 443, &[0u8; 100]));
+        assert_eq!(tb.run_xdp(&stranger)?, (XDP_PASS, stranger.clone()));
+        assert!(tb.dataplane.maps.conntrack.get(&flow_key(CLIENT, NODE_IP, 46500, NODE_PORT, IPPROTO_TCP), 0).is_ok(), "the flow itself is untouched");
+        Ok(())
+    })
+}
