@@ -58,26 +58,7 @@ impl Demo {
 
     /// Starts lb-agent on node 1 with the given source flags.
     pub fn start_agent_with(&self, agent_bin: &Path, source: &[String], pin_dir: &Path, extra: &[&str]) -> Result<AgentProcess> {
-        static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let log = std::env::temp_dir().join(format!("{}-agent-{n}.log", self.cluster.prefix));
-        let mut args: Vec<String> = source.to_vec();
-        args.extend([
-            "--node-name",
-            "node-a",
-            "--external-devices",
-            "eth0",
-            "--pin-dir",
-            &pin_dir.display().to_string(),
-            "--sync-interval-ms",
-            "100",
-        ]
-        .iter()
-        .map(|s| s.to_string()));
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let mut agent = AgentProcess::start(agent_bin, &self.cluster.nodes[0].ns, &args, &log)?;
-        agent.wait_for_log("programmed", Duration::from_secs(20))?;
-        Ok(agent)
+        self.cluster.start_agent(agent_bin, 0, source, pin_dir, extra)
     }
 }
 

@@ -115,13 +115,21 @@ fn parse_answer(reply: &str) -> Result<Answer> {
 
 /// One TCP request (connect, one line, one answer) from `ns`, with an optional fixed source port.
 pub fn tcp_request(ns: &Netns, to: SocketAddr, source_port: Option<u16>, timeout: Duration) -> Result<Answer> {
+    match source_port {
+        None => tcp_request_from(ns, None, to, timeout),
+        Some(port) => tcp_request_from(ns, Some(SocketAddr::from(([0, 0, 0, 0], port))), to, timeout),
+    }
+}
+
+/// One TCP request from `ns`, with the socket bound to `source` when given (a chosen address or port).
+pub fn tcp_request_from(ns: &Netns, source: Option<SocketAddr>, to: SocketAddr, timeout: Duration) -> Result<Answer> {
     ns.run(move || -> Result<Answer> {
-        let stream = match source_port {
+        let stream = match source {
             None => TcpStream::connect_timeout(&to, timeout)?,
-            Some(port) => {
+            Some(source) => {
                 let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
                 socket.set_reuse_address(true)?;
-                socket.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+                socket.bind(&source.into())?;
                 socket.connect_timeout(&to.into(), timeout)?;
                 socket.into()
             }
@@ -149,6 +157,21 @@ pub fn udp_request(ns: &Netns, to: SocketAddr, source_port: u16, timeout: Durati
     })?
 }
 
+/// `GET path` over HTTP/1.0 from `ns`: the status code and the body.
+pub fn http_get(ns: &Netns, to: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, String)> {
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {to}\r\n\r\n");
+    ns.run(move || -> Result<(u16, String)> {
+        let mut stream = TcpStream::connect_timeout(&to, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.write_all(request.as_bytes())?;
+        let mut response = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut response)?;
+        let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| anyhow!("no status line in {response:?}"))?;
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Ok((status, body))
+    })?
+}
+
 /// A long-lived TCP connection: each `exchange` sends a line and waits for its answer.
 pub struct LongConnection {
     writer: TcpStream,
@@ -160,6 +183,15 @@ impl LongConnection {
         let stream = ns.run(move || TcpStream::connect_timeout(&to, timeout))??;
         stream.set_read_timeout(Some(timeout))?;
         Ok(Self { writer: stream.try_clone()?, reader: BufReader::new(stream) })
+    }
+
+    /// An exchange that may take longer than the connection's timeout (a large message).
+    pub fn exchange_with_timeout(&mut self, msg: &str, timeout: Duration) -> Result<Answer> {
+        let before = self.reader.get_ref().read_timeout()?;
+        self.reader.get_ref().set_read_timeout(Some(timeout))?;
+        let answer = self.exchange(msg);
+        self.reader.get_ref().set_read_timeout(before)?;
+        answer
     }
 
     pub fn exchange(&mut self, msg: &str) -> Result<Answer> {

@@ -1,6 +1,11 @@
 //! Network-namespace topologies with real servers, for the demo and the end-to-end tests.
 //! Every namespace, link, mount and process made here is removed when its guard drops.
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use lb_agent::dataplane::load::{self, MapSizes};
@@ -8,6 +13,7 @@ use lb_agent::dataplane::load::{self, MapSizes};
 use crate::{
     bpffs::BpfMount,
     netns::{sh, unique_prefix, Netns},
+    process::AgentProcess,
 };
 
 /// A pod: its namespace, its address, and the host-side device on its node.
@@ -115,6 +121,27 @@ impl Cluster {
         self.lan.exec(&format!("ip link add {port} type veth peer name {dev} netns {ns} && ip link set {port} master br0 && ip link set {port} up && {}", no_tx_csum_offload(&port)))?;
         sh(&format!("ip netns exec {ns} sh -c 'ip addr add {ip}/24 dev {dev} && ip link set {dev} up && {}'", no_tx_csum_offload(dev)))?;
         Ok(())
+    }
+
+    /// The name node `i` has in manifests: node-a, node-b, ...
+    pub fn node_name(i: usize) -> String {
+        format!("node-{}", (b'a' + i as u8) as char)
+    }
+
+    /// Starts lb-agent on node `i` (as `node_name(i)`, XDP on its eth0) with the given source
+    /// flags and maps pinned in `pin_dir`, and waits until it has programmed the maps.
+    pub fn start_agent(&self, agent_bin: &Path, i: usize, source: &[String], pin_dir: &Path, extra: &[&str]) -> Result<AgentProcess> {
+        static STARTS: AtomicU32 = AtomicU32::new(0);
+        let n = STARTS.fetch_add(1, Ordering::Relaxed);
+        let log = std::env::temp_dir().join(format!("{}-agent-{n}.log", self.prefix));
+        let mut args: Vec<String> = source.to_vec();
+        let pin_dir = pin_dir.display().to_string();
+        let node_name = Self::node_name(i);
+        args.extend(["--node-name", &node_name, "--external-devices", "eth0", "--pin-dir", &pin_dir, "--sync-interval-ms", "100"].iter().map(|s| s.to_string()));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut agent = AgentProcess::start(agent_bin, &self.nodes[i].ns, &args, &log)?;
+        agent.wait_for_log("programmed", Duration::from_secs(20))?;
+        Ok(agent)
     }
 
     /// A bpffs for an agent on node `i`, mounted where `ip netns exec` still sees it.

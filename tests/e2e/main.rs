@@ -8,4 +8,5 @@ mod kubernetes;
 mod lbctl;
 mod metrics;
 mod restart;
+mod semantics;
 mod service_path;

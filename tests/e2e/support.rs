@@ -33,6 +33,13 @@ impl ManifestCopy {
         Ok(Self { dir })
     }
 
+    /// An empty manifest directory.
+    pub fn empty(tag: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("lb-manifests-{tag}-{}", testbed::netns::unique_prefix("m")));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self { dir })
+    }
+
     pub fn write(&self, name: &str, text: &str) -> Result<()> {
         // Write then rename, so the agent never reads half a file.
         let tmp = self.dir.join(format!(".{name}.tmp"));
