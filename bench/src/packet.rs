@@ -37,6 +37,10 @@ const CLIENT: [u8; 4] = [192, 0, 2, 10];
 const VIP_A: [u8; 4] = [10, 96, 0, 1];
 const VIP_B: [u8; 4] = [10, 96, 0, 2];
 const VIP_MISS: [u8; 4] = [10, 96, 0, 3];
+const VIP_RANGED: [u8; 4] = [10, 96, 0, 4];
+const VIP_LOCAL: [u8; 4] = [10, 96, 0, 5];
+const VIP_AFFINITY: [u8; 4] = [10, 96, 0, 6];
+const MISS_BACKENDS: [([u8; 4], u16); 3] = [([10, 244, 1, 11], 8080), ([10, 244, 1, 12], 8080), ([10, 244, 1, 13], 8080)];
 
 /// An Ethernet/IPv4/TCP SYN.
 fn syn(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
@@ -60,10 +64,17 @@ fn frontend(vip: [u8; 4], backends: &[([u8; 4], u16)]) -> Frontend {
 /// many keys the service map holds).
 fn testbed(n: usize, flows: u32) -> Result<Testbed> {
     let mut tb = Testbed::new(&MapSizes { flows: Some(flows), maglev_slots: None })?;
+    let local_scope = frontend(VIP_LOCAL, &[]);
     let measured = [
         frontend(VIP_A, &[(VIP_B, 80)]),
         frontend(VIP_B, &[(VIP_A, 80)]),
-        frontend(VIP_MISS, &[([10, 244, 1, 11], 8080), ([10, 244, 1, 12], 8080), ([10, 244, 1, 13], 8080)]),
+        frontend(VIP_MISS, &MISS_BACKENDS),
+        // Clients outside 203.0.113.0/24 are dropped.
+        Frontend { source_ranges: vec![([203, 0, 113, 0].into(), 24)], ..frontend(VIP_RANGED, &MISS_BACKENDS) },
+        // externalTrafficPolicy: Local on a node without local endpoints.
+        Frontend { ext_local: true, ..frontend(VIP_LOCAL, &MISS_BACKENDS) },
+        Frontend { key: Service4KeyV1 { scope: SCOPE_LOCAL, ..local_scope.key }, ..local_scope },
+        Frontend { affinity_timeout_s: Some(10_800), ..frontend(VIP_AFFINITY, &MISS_BACKENDS) },
     ];
     tb.dataplane.apply(&measured)?;
     let shared = tb.dataplane.service(&measured[2].key).expect("programmed");
@@ -74,17 +85,47 @@ fn testbed(n: usize, flows: u32) -> Result<Testbed> {
     Ok(tb)
 }
 
+/// `single_runs` runs of `repeat = 1` on `packet(i)`, per sample the median minus the median
+/// of the XDP_PASS floor run the same way; `runs` samples.
+fn single_runs(tb: &Testbed, cfg: &Config, mut packet: impl FnMut(usize) -> Vec<u8>) -> Result<Vec<f64>> {
+    let floor_packet = syn(CLIENT, 1000, [10, 1, 1, 1], 80);
+    let mut samples = Vec::new();
+    for _ in 0..cfg.runs {
+        let mut floor: Vec<f64> = (0..cfg.single_runs).map(|_| tb.time_xdp_pass(&floor_packet, 1).map(|(_, ns)| ns)).collect::<Result<_>>()?;
+        let mut path: Vec<f64> = (0..cfg.single_runs).map(|i| tb.time_xdp(&packet(i), 1).map(|(_, ns)| ns)).collect::<Result<_>>()?;
+        floor.sort_by(f64::total_cmp);
+        path.sort_by(f64::total_cmp);
+        samples.push(path[path.len() / 2] - floor[floor.len() / 2]);
+    }
+    Ok(samples)
+}
+
+/// The ICMP port unreachable a backend sends to the client about `sent` (a DNATed frame).
+fn icmp_port_unreachable(sent: &[u8]) -> Vec<u8> {
+    let ip = etherparse::Ipv4HeaderSlice::from_slice(&sent[14..]).expect("IPv4");
+    let unreachable = etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port);
+    let mut out = Vec::new();
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(ip.destination(), ip.source(), 64)
+        .icmpv4(unreachable)
+        .write(&mut out, &sent[14..14 + 28])
+        .expect("an ICMP error fits a Vec");
+    out
+}
+
 pub fn run(cfg: &Config) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for &n in &cfg.sizes {
-        let tb = testbed(n, (cfg.single_runs * cfg.runs + 1024).next_power_of_two() as u32)?;
+        let tb = testbed(n, (2 * cfg.single_runs * cfg.runs + 1024).next_power_of_two() as u32)?;
         let mut truncated = syn(CLIENT, 1000, [10, 1, 1, 1], 80);
         truncated.truncate(14 + 20 + 10);
-        let repeat_paths: [(&str, Vec<u8>, bool); 4] = [
+        let repeat_paths: [(&str, Vec<u8>, bool); 6] = [
             ("XDP_PASS floor", syn(CLIENT, 1000, [10, 1, 1, 1], 80), true),
             ("not a service (pass)", syn(CLIENT, 1000, [10, 1, 1, 1], 80), false),
             ("drop (truncated TCP)", truncated, false),
             ("ct hit + DNAT", syn(CLIENT, 1001, VIP_A, 80), false),
+            ("source range miss (drop)", syn(CLIENT, 1002, VIP_RANGED, 80), false),
+            ("eTP Local, no local endpoint (drop)", syn(CLIENT, 1003, VIP_LOCAL, 80), false),
         ];
         for (path, packet, floor) in &repeat_paths {
             let samples: Vec<f64> = (0..cfg.runs)
@@ -92,27 +133,32 @@ pub fn run(cfg: &Config) -> Result<Vec<Row>> {
                 .collect::<Result<_>>()?;
             rows.push(Row { services: n, path, method: "repeat", ns: Summary::of(&samples) });
         }
-        // Single runs: a new flow each time, against the floor measured the same way.
-        let floor_packet = syn(CLIENT, 1000, [10, 1, 1, 1], 80);
+        // Single runs: a new flow (or a fresh copy of a rewritten packet) each time, against
+        // the floor measured the same way.
         let mut next_port = 0u32;
-        let mut samples = Vec::new();
-        for _ in 0..cfg.runs {
-            let mut floor: Vec<f64> = (0..cfg.single_runs).map(|_| tb.time_xdp_pass(&floor_packet, 1).map(|(_, ns)| ns)).collect::<Result<_>>()?;
-            let mut miss = Vec::with_capacity(cfg.single_runs);
-            for _ in 0..cfg.single_runs {
-                next_port += 1;
-                let src = [172, 16, (next_port >> 16) as u8, (next_port >> 8) as u8];
-                let packet = syn(src, next_port as u16 | 1, VIP_MISS, 80);
-                miss.push(tb.time_xdp(&packet, 1)?.1);
-            }
-            floor.sort_by(f64::total_cmp);
-            miss.sort_by(f64::total_cmp);
-            samples.push(miss[miss.len() / 2] - floor[floor.len() / 2]);
-        }
-        rows.push(Row { services: n, path: "ct miss + Maglev + DNAT", method: "single, minus floor", ns: Summary::of(&samples) });
+        let mut new_flow = |vip: [u8; 4], same_client: bool| {
+            next_port += 1;
+            let src = if same_client { CLIENT } else { [172, 16, (next_port >> 16) as u8, (next_port >> 8) as u8] };
+            syn(src, (next_port % 60_000) as u16 + 1024, vip, 80)
+        };
+        let mut miss = |tb: &Testbed| single_runs(tb, cfg, |_| new_flow(VIP_MISS, false));
+        rows.push(Row { services: n, path: "ct miss + Maglev + DNAT", method: "single, minus floor", ns: Summary::of(&miss(&tb)?) });
+        // The client's first flow sets its affinity; every later one is a ct miss that it decides.
+        tb.time_xdp(&syn(CLIENT, 999, VIP_AFFINITY, 80), 1)?;
+        let mut affinity = |tb: &Testbed| single_runs(tb, cfg, |_| new_flow(VIP_AFFINITY, true));
+        rows.push(Row { services: n, path: "ct miss + affinity hit + DNAT", method: "single, minus floor", ns: Summary::of(&affinity(&tb)?) });
+        // A backend's "port unreachable" about a tracked flow, rewritten back to the frontend.
+        let (_, sent) = tb.run_xdp(&syn(CLIENT, 998, VIP_MISS, 80))?;
+        let error = icmp_port_unreachable(&sent);
+        rows.push(Row { services: n, path: "ICMP error reverse NAT", method: "single, minus floor", ns: Summary::of(&single_runs(&tb, cfg, |_| error.clone())?) });
         let reasons = tb.dataplane.maps.reason_counts()?;
         anyhow::ensure!(reasons[reason::DROP_CT_FULL as usize] == 0, "conntrack filled up during the ct-miss runs");
         anyhow::ensure!(reasons[reason::FWD_LOCAL_BACKEND as usize] > cfg.repeat as u64, "the ct-hit path did not forward");
+        anyhow::ensure!(reasons[reason::DROP_SOURCE_RANGE as usize] >= cfg.repeat as u64, "the source-range path did not drop");
+        anyhow::ensure!(reasons[reason::DROP_NO_LOCAL_BACKEND as usize] >= cfg.repeat as u64, "the eTP Local path did not drop");
+        anyhow::ensure!(reasons[reason::FWD_ICMP_ERROR as usize] >= (cfg.single_runs * cfg.runs) as u64, "the ICMP error path did not translate");
+        let affinity = tb.dataplane.maps.affinity.iter().count();
+        anyhow::ensure!(affinity == 1, "the affinity runs used {affinity} affinity entries, not one");
     }
     Ok(rows)
 }

@@ -11,8 +11,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use aya::{
     programs::{
-        links::{FdLink, PinnedLink},
-        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{CgroupAttachMode, FdLink, PinnedLink},
+        CgroupSock, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     Ebpf,
 };
@@ -50,6 +50,9 @@ pub struct AgentConfig {
     /// NodePorts answer only on node addresses inside these CIDRs (kube-proxy's
     /// `--nodeport-addresses`); empty: on every address.
     pub nodeport_cidrs: Vec<(Ipv4Addr, u8)>,
+    /// Socket-level balancing for the node's own processes: the cgroup v2 whose sockets the
+    /// hooks see (the root: every process), or `None` to leave them untranslated.
+    pub socket_lb_cgroup: Option<PathBuf>,
 }
 
 
@@ -120,6 +123,7 @@ impl Agent {
             last_export: None,
         };
         agent.attach_external().await?;
+        agent.attach_socket_hooks()?;
         Ok(agent)
     }
 
@@ -147,6 +151,48 @@ impl Agent {
             info!("XDP {} on {dev} (ifindex {ifindex}, mode {mode:?})", if adopted { "replaced in place" } else { "attached" });
             crate::metrics::program_attached(dev, load::XDP_PROGRAM);
         }
+        Ok(())
+    }
+
+    /// Attaches the socket hooks to the configured cgroup, translating only sockets of this
+    /// network namespace; with socket balancing off, removes hooks an earlier agent left.
+    fn attach_socket_hooks(&mut self) -> Result<()> {
+        let links = links_dir(&self.cfg.pin_dir)?;
+        let Some(cgroup_path) = self.cfg.socket_lb_cgroup.clone() else {
+            for (_, pin) in load::SOCK_ADDR_PROGRAMS.iter().chain([&load::SOCK_BIND_PROGRAM]) {
+                if std::fs::remove_file(links.join(pin)).is_ok() {
+                    info!("socket hook {pin} detached (socket-level balancing is off)");
+                }
+            }
+            return Ok(());
+        };
+        let cgroup = std::fs::File::open(&cgroup_path).with_context(|| format!("opening cgroup {} (--cgroup-root; --socket-lb=false turns socket-level balancing off)", cgroup_path.display()))?;
+        // Attached through bpf links, which always coexist with other programs on the cgroup
+        // (link attach takes no ALLOW_MULTI flag: "Single" passes none).
+        self.dataplane.set_sock_config(SockConfigV1 { netns_cookie: node::netns_cookie()? })?;
+        for (name, pin) in load::SOCK_ADDR_PROGRAMS {
+            let prog: &mut CgroupSockAddr = self.ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?;
+            prog.load().with_context(|| format!("loading {name}"))?;
+            attach_pinned(
+                &links.join(pin),
+                |prog: &mut CgroupSockAddr, old| Ok(prog.attach_to_link(old.try_into()?).map(|_| ())?),
+                |prog: &mut CgroupSockAddr| {
+                    let id = prog.attach(&cgroup, CgroupAttachMode::Single)?;
+                    Ok(prog.take_link(id)?.try_into()?)
+                },
+                prog,
+            )?;
+        }
+        // A bind hook cannot replace its program on a link: attach the new one, then drop the
+        // old link (both refuse the same binds meanwhile).
+        let (name, pin) = load::SOCK_BIND_PROGRAM;
+        let prog: &mut CgroupSock = self.ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?;
+        prog.load().with_context(|| format!("loading {name}"))?;
+        let id = prog.attach(&cgroup, CgroupAttachMode::Single)?;
+        let link: FdLink = prog.take_link(id)?.try_into()?;
+        let _ = std::fs::remove_file(links.join(pin));
+        link.pin(links.join(pin)).with_context(|| format!("pinning {pin}"))?;
+        info!("socket hooks on cgroup {} for this network namespace's processes", cgroup_path.display());
         Ok(())
     }
 
@@ -296,6 +342,15 @@ impl Agent {
                 stats.failed.len()
             );
         }
+        // Connected UDP sockets of node processes must not stay on a backend that is gone.
+        if self.cfg.socket_lb_cgroup.is_some() {
+            let removed = gone_udp_backends(&self.last_good, &claimed.frontends);
+            match self.dataplane.end_udp_sockets_to(&removed) {
+                Ok(0) => {}
+                Ok(n) => info!("ended {n} connected UDP sockets of removed backends"),
+                Err(e) => warn!("ending UDP sockets of removed backends: {e:#}"),
+            }
+        }
         for e in self.health_servers.sync(&translation.health_checks) {
             self.report(format!("health check not served: {e}"));
         }
@@ -345,6 +400,15 @@ impl Agent {
             }
         }
     }
+}
+
+/// (UDP frontend, backend) pairs new flows could take before and no longer can.
+fn gone_udp_backends(before: &BTreeMap<ServiceName, Vec<Claim>>, after: &BTreeMap<ServiceName, Vec<Claim>>) -> Vec<(Service4KeyV1, Ipv4Addr, u16)> {
+    let udp = |m: &BTreeMap<ServiceName, Vec<Claim>>| -> BTreeSet<(Service4KeyV1, Ipv4Addr, u16)> {
+        let frontends = m.values().flatten().filter(|c| c.frontend.key.proto == IPPROTO_UDP && c.frontend.key.scope == SCOPE_CLUSTER);
+        frontends.flat_map(|c| c.frontend.backends.iter().map(|b| (c.frontend.key, b.addr, b.port))).collect()
+    };
+    udp(before).difference(&udp(after)).copied().collect()
 }
 
 /// Whether `ip` is inside `net`/`len`.

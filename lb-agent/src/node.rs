@@ -91,3 +91,17 @@ mod tests {
         assert!(!super::name_matches("cali*", "lxc1"));
     }
 }
+
+/// The cookie of this process's network namespace, as `bpf_get_netns_cookie` sees it.
+pub fn netns_cookie() -> Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+    anyhow::ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len) };
+    let err = std::io::Error::last_os_error();
+    unsafe { libc::close(fd) };
+    anyhow::ensure!(rc == 0, "getsockopt(SO_NETNS_COOKIE): {err} (Linux 5.14 or newer is needed for socket-level balancing)");
+    Ok(cookie)
+}

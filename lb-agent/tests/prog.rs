@@ -422,18 +422,24 @@ fn full_conntrack_fails_new_flows_and_keeps_old_ones() -> Result<()> {
     })
 }
 
+/// A node in a private namespace: a link towards "node B" (pods 10.244.0.0/16) and a default
+/// route towards clients, with static neighbours; SNAT to NODE_IP. Forwarding is per
+/// namespace and off in a new one; a node that routes has it on.
+fn routed_node() -> Result<Testbed> {
+    sh("sysctl -qw net.ipv4.conf.all.forwarding=1 && ip link add lbt0 type veth peer name lbt1 && ip link set lbt0 address 02:00:00:00:00:01 && ip link set lbt0 up && ip link set lbt1 up \
+        && ip addr add 10.99.0.1/24 dev lbt0 && ip route add 10.244.0.0/16 via 10.99.0.2 && ip route add default via 10.99.0.254 \
+        && ip neigh add 10.99.0.2 lladdr 02:00:00:00:00:0b dev lbt0 nud permanent \
+        && ip neigh add 10.99.0.254 lladdr 02:00:00:00:00:fe dev lbt0 nud permanent")?;
+    let mut tb = testbed();
+    tb.dataplane.set_config(ConfigV1 { hash_seed: 0, snat_addr: ip4_raw(NODE_IP), nat_port_min: NAT_PORT_MIN, nat_port_max: NAT_PORT_MAX, _pad: 0 })?;
+    tb.dataplane.set_node_ips(&[(Ipv4Addr::from(NODE_IP), 0)])?;
+    Ok(tb)
+}
+
 #[test]
 fn remote_backend_is_snated_and_its_replies_translated_back() -> Result<()> {
     in_private_netns(|| {
-        // A link towards "node B" and a default route towards clients, with static neighbours.
-        // Forwarding is per namespace and off in a new one; a node that routes has it on.
-        sh("sysctl -qw net.ipv4.conf.all.forwarding=1 && ip link add lbt0 type veth peer name lbt1 && ip link set lbt0 address 02:00:00:00:00:01 && ip link set lbt0 up && ip link set lbt1 up \
-            && ip addr add 10.99.0.1/24 dev lbt0 && ip route add 10.244.0.0/16 via 10.99.0.2 && ip route add default via 10.99.0.254 \
-            && ip neigh add 10.99.0.2 lladdr 02:00:00:00:00:0b dev lbt0 nud permanent \
-            && ip neigh add 10.99.0.254 lladdr 02:00:00:00:00:fe dev lbt0 nud permanent")?;
-        let mut tb = testbed();
-        tb.dataplane.set_config(ConfigV1 { hash_seed: 0, snat_addr: ip4_raw(NODE_IP), nat_port_min: NAT_PORT_MIN, nat_port_max: NAT_PORT_MAX, _pad: 0 })?;
-        tb.dataplane.set_node_ips(&[(Ipv4Addr::from(NODE_IP), 0)])?;
+        let mut tb = routed_node()?;
         // A NodePort frontend (address 0) whose one backend lives on another node.
         tb.dataplane.apply(&[frontend([0; 4], NODE_PORT, IPPROTO_TCP, KIND_NODE_PORT, &[[10, 244, 2, 7]], false)])?;
 
@@ -638,14 +644,7 @@ fn decode_icmp_error(frame: &[u8]) -> (([u8; 4], [u8; 4]), etherparse::Icmpv4Typ
 #[test]
 fn icmp_errors_about_translated_flows_reach_the_client_about_the_frontend() -> Result<()> {
     in_private_netns(|| {
-        // As in the SNAT test: node B behind lbt0, clients behind a default gateway.
-        sh("sysctl -qw net.ipv4.conf.all.forwarding=1 && ip link add lbt0 type veth peer name lbt1 && ip link set lbt0 address 02:00:00:00:00:01 && ip link set lbt0 up && ip link set lbt1 up \
-            && ip addr add 10.99.0.1/24 dev lbt0 && ip route add 10.244.0.0/16 via 10.99.0.2 && ip route add default via 10.99.0.254 \
-            && ip neigh add 10.99.0.2 lladdr 02:00:00:00:00:0b dev lbt0 nud permanent \
-            && ip neigh add 10.99.0.254 lladdr 02:00:00:00:00:fe dev lbt0 nud permanent")?;
-        let mut tb = testbed();
-        tb.dataplane.set_config(ConfigV1 { hash_seed: 0, snat_addr: ip4_raw(NODE_IP), nat_port_min: NAT_PORT_MIN, nat_port_max: NAT_PORT_MAX, _pad: 0 })?;
-        tb.dataplane.set_node_ips(&[(Ipv4Addr::from(NODE_IP), 0)])?;
+        let mut tb = routed_node()?;
         let remote = [10, 244, 2, 7];
         tb.dataplane.apply(&[frontend([0; 4], NODE_PORT, IPPROTO_TCP, KIND_NODE_PORT, &[remote], false), frontend(VIP, 53, IPPROTO_UDP, KIND_CLUSTER_IP, &BACKENDS, true)])?;
 

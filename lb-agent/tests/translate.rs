@@ -64,14 +64,21 @@ fn example_manifests_give_every_kind_of_frontend() {
     let f = frontend_names(&example_state(), "node-a");
     let has = |name: &str, addr: [u8; 4], port: u16, kind: u8| f.iter().any(|x| x.0 == name && x.1 == addr && x.2 == port && x.3 == kind && x.4 == 3 && x.5 == 3);
     assert!(has("demo/web:http/TCP", [10, 96, 0, 10], 80, KIND_CLUSTER_IP), "{f:#?}");
+    let t = translate(&example_state(), "node-a");
+    assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+    assert_eq!(t.health_checks.len(), 1);
+    assert_eq!((t.health_checks[0].port, t.health_checks[0].local_endpoints), (32000, 3));
     assert!(has("demo/web:echo/UDP", [10, 96, 0, 10], 7, KIND_CLUSTER_IP));
     assert!(has("demo/web-nodeport:http/TCP", [0, 0, 0, 0], 30080, KIND_NODE_PORT));
     assert!(has("demo/web-nodeport:echo/UDP", [0, 0, 0, 0], 30007, KIND_NODE_PORT));
     assert!(has("demo/web-lb:http/TCP", [10, 99, 100, 10], 80, KIND_LOAD_BALANCER));
     assert!(has("demo/web-lb:http/TCP", [10, 99, 200, 10], 80, KIND_EXTERNAL_IP));
     assert!(has("demo/web-lb:http/TCP", [0, 0, 0, 0], 30081, KIND_NODE_PORT));
-    // 2 (web) + 4 (nodeport: 2 cluster IP + 2 node ports) + 8 (lb: cluster, external, LB, node port per port)
-    assert_eq!(f.len(), 14);
+    assert!(has("demo/web-sticky:http/TCP", [10, 96, 0, 13], 80, KIND_CLUSTER_IP));
+    assert!(has("demo/web-local:http/TCP [local]", [10, 99, 100, 11], 80, KIND_LOAD_BALANCER));
+    // 2 (web) + 4 (nodeport: 2 cluster IP + 2 node ports) + 8 (lb: cluster, external, LB, node
+    // port per port) + 1 (sticky) + 5 (local: cluster IP, and LB and node port in both scopes)
+    assert_eq!(f.len(), 20);
     // On another node the same endpoints are remote.
     assert!(frontend_names(&example_state(), "node-b").iter().all(|x| x.5 == 0));
 }

@@ -13,6 +13,8 @@ pub const MAX_FLOWS: u32 = 262_144;
 pub const MAX_AFFINITY: u32 = 262_144;
 /// Capacity of `LB4_SRCRANGE_V1`: CIDRs of every Service's `loadBalancerSourceRanges`, summed.
 pub const MAX_SOURCE_RANGES: u32 = 65_536;
+/// Capacity of `LB4_SKRNAT_V1` (an LRU: sockets long closed go first).
+pub const MAX_SOCKETS: u32 = 262_144;
 /// Slots of `LB_REASON_V1`: more than there are reasons, so new reasons never resize the pinned map.
 pub const REASON_SLOTS: u32 = 64;
 /// Capacity of `LB4_NODEIP_V1`.
@@ -47,6 +49,9 @@ pub const F_SVC_SOURCE_RANGES: u8 = 1 << 2;
 // AffinityKeyV1::client_kind
 /// `client` holds an IPv4 address in its first 4 bytes (wire order), the rest zero.
 pub const AFFINITY_CLIENT_IP4: u8 = 4;
+/// `client` holds a network-namespace cookie in its first 8 bytes (native order): the socket
+/// hooks give affinity per namespace, as all of a node's processes share one address.
+pub const AFFINITY_CLIENT_NETNS: u8 = 1;
 
 /// Source address of hairpin flows: a pod that reaches its own Service and lands on itself
 /// gets its packets from here (it cannot receive packets from its own address), and answers

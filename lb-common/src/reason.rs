@@ -31,8 +31,14 @@ pub const FWD_ICMP_ERROR: u32 = 22;
 /// A pod reached its own Service and landed on itself: source rewritten to `HAIRPIN_ADDR`.
 pub const FWD_HAIRPIN: u32 = 23;
 
+/// A node process's socket was sent to a backend at connect (or, for unconnected UDP, at
+/// sendmsg): counted once per socket or datagram, not per packet.
+pub const FWD_SOCKET: u32 = 24;
+/// A node process tried to bind a NodePort, LoadBalancer or ExternalIP frontend's port.
+pub const REJECT_SOCKET_BIND: u32 = 25;
+
 /// Number of reasons (at most `REASON_SLOTS`).
-pub const COUNT: u32 = 24;
+pub const COUNT: u32 = 26;
 
 /// Stable names for metrics and `lbctl stats`, indexed by reason.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -60,4 +66,6 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_source_range",
     "fwd_icmp_error",
     "fwd_hairpin",
+    "fwd_socket",
+    "reject_socket_bind",
 ];

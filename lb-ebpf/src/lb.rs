@@ -57,19 +57,8 @@ pub fn decide(pkt: &Ipv4Packet, hook: Hook, bytes: u32) -> Action {
 
     // 2. A frontend: exact address, or a NodePort on any of this node's addresses. Clients
     //    from outside see an externalTrafficPolicy: Local frontend through its local scope.
-    let mut key = Service4KeyV1 { addr: t.dst_addr, port: t.dst_port, proto: t.proto, scope: SCOPE_CLUSTER };
-    let mut svc = match unsafe { LB4_SVC_V1.get(&key) } {
-        Some(svc) => *svc,
-        None => {
-            if unsafe { LB4_NODEIP_V1.get(&t.dst_addr) }.is_none() {
-                return Action::Pass(reason::PASS_NOT_SERVICE);
-            }
-            key.addr = 0;
-            match unsafe { LB4_SVC_V1.get(&key) } {
-                Some(svc) => *svc,
-                None => return Action::Pass(reason::PASS_NOT_SERVICE),
-            }
-        }
+    let Some((mut key, mut svc)) = lookup_frontend(t.dst_addr, t.dst_port, t.proto) else {
+        return Action::Pass(reason::PASS_NOT_SERVICE);
     };
     if hook == Hook::External && svc.flags & F_SVC_EXT_LOCAL != 0 {
         key.scope = SCOPE_LOCAL;
@@ -96,7 +85,7 @@ pub fn decide(pkt: &Ipv4Packet, hook: Hook, bytes: u32) -> Action {
                     ct.last_seen_ns = now;
                     ct.tcp_flags_seen |= pkt.tcp_flags;
                     if svc.flags & F_SVC_AFFINITY != 0 {
-                        touch_affinity(&svc, t.src_addr, now);
+                        touch_affinity(&AffinityKeyV1::ip4(t.src_addr, svc.service_id), now);
                     }
                     count_traffic(&LB_BE_STAT_V1, ct.backend_id, bytes);
                     return forward_to(&t, be, ct.flags & F_CT_SNAT != 0, ct.nat_addr, ct.nat_port);
@@ -114,19 +103,10 @@ pub fn decide(pkt: &Ipv4Packet, hook: Hook, bytes: u32) -> Action {
     }
     let cfg = config();
     let hash = flow_hash4(t.src_addr, t.dst_addr, t.src_port, t.dst_port, t.proto, cfg.hash_seed);
-    let backend_id = match affinity_backend(&svc, t.src_addr, now) {
-        Some(id) => id,
-        None => {
-            let slot = svc.maglev_offset.wrapping_add(hash % svc.maglev_size);
-            match LB_MAGLEV_V1.get(slot) {
-                Some(id) if *id != BACKEND_NONE => *id,
-                _ => return Action::Drop(reason::DROP_BACKEND_MISSING),
-            }
-        }
-    };
-    let be = match LB4_BE_V1.get(backend_id) {
-        Some(be) if be.addr != 0 => *be,
-        _ => return Action::Drop(reason::DROP_BACKEND_MISSING),
+    let affinity = AffinityKeyV1::ip4(t.src_addr, svc.service_id);
+    let (backend_id, be) = match pick_backend(&svc, &affinity, hash, now) {
+        Ok(picked) => picked,
+        Err(why) => return Action::Drop(why),
     };
 
     // Source NAT: to the node address for a remote backend of an outside client (its reply
@@ -182,9 +162,7 @@ pub fn decide(pkt: &Ipv4Packet, hook: Hook, bytes: u32) -> Action {
         let _ = LB4_RNAT_V1.remove(&reply);
         return Action::Drop(reason::DROP_CT_FULL);
     }
-    if svc.flags & F_SVC_AFFINITY != 0 {
-        let _ = LB_AFFINITY_V1.insert(&AffinityKeyV1::ip4(t.src_addr, svc.service_id), &AffinityV1 { last_seen_ns: now, backend_id, _pad: 0 }, 0);
-    }
+    remember_affinity(&svc, &affinity, backend_id, now);
     count_traffic(&LB_BE_STAT_V1, backend_id, bytes);
     forward_to(&t, &be, snat_addr.is_some(), ct.nat_addr, ct.nat_port)
 }
@@ -216,14 +194,48 @@ fn reply_forward(rnat: &RevNat4V1, hook: Hook) -> Forward {
     }
 }
 
+/// The frontend for a destination: the exact address, else a NodePort when the address is
+/// one of this node's. Shared by the packet hooks and the socket hooks.
+#[inline(always)]
+pub fn lookup_frontend(addr: u32, port: u16, proto: u8) -> Option<(Service4KeyV1, Service4V1)> {
+    let mut key = Service4KeyV1 { addr, port, proto, scope: SCOPE_CLUSTER };
+    if let Some(svc) = unsafe { LB4_SVC_V1.get(&key) } {
+        return Some((key, *svc));
+    }
+    unsafe { LB4_NODEIP_V1.get(&addr) }?;
+    key.addr = 0;
+    unsafe { LB4_SVC_V1.get(&key) }.map(|svc| (key, *svc))
+}
+
+/// A new connection's backend: the client's affinity while it lasts, else the Maglev slot that
+/// `hash` picks. Shared by the packet hooks (client = address) and the socket hooks (client =
+/// network namespace). `Err` is the drop reason.
+#[inline(always)]
+pub fn pick_backend(svc: &Service4V1, affinity: &AffinityKeyV1, hash: u32, now: u64) -> Result<(u32, Backend4V1), u32> {
+    let backend_id = match affinity_backend(svc, affinity, now) {
+        Some(id) => id,
+        None => {
+            let slot = svc.maglev_offset.wrapping_add(hash % svc.maglev_size);
+            match LB_MAGLEV_V1.get(slot) {
+                Some(id) if *id != BACKEND_NONE => *id,
+                _ => return Err(reason::DROP_BACKEND_MISSING),
+            }
+        }
+    };
+    match LB4_BE_V1.get(backend_id) {
+        Some(be) if be.addr != 0 => Ok((backend_id, *be)),
+        _ => Err(reason::DROP_BACKEND_MISSING),
+    }
+}
+
 /// The backend this client had on this frontend, while its affinity lasts and the backend is
 /// still one of the frontend's.
 #[inline(always)]
-fn affinity_backend(svc: &Service4V1, client: u32, now: u64) -> Option<u32> {
+fn affinity_backend(svc: &Service4V1, key: &AffinityKeyV1, now: u64) -> Option<u32> {
     if svc.flags & F_SVC_AFFINITY == 0 {
         return None;
     }
-    let affinity = unsafe { LB_AFFINITY_V1.get(&AffinityKeyV1::ip4(client, svc.service_id)) }?;
+    let affinity = unsafe { LB_AFFINITY_V1.get(key) }?;
     let timeout_s = LB_SVC_OPTS_V1.get(svc.service_id)?.affinity_timeout_s as u64;
     if now.saturating_sub(affinity.last_seen_ns) > timeout_s * 1_000_000_000 {
         return None;
@@ -233,10 +245,18 @@ fn affinity_backend(svc: &Service4V1, client: u32, now: u64) -> Option<u32> {
     Some(affinity.backend_id)
 }
 
+/// Records the client's backend for a frontend with affinity.
+#[inline(always)]
+pub fn remember_affinity(svc: &Service4V1, key: &AffinityKeyV1, backend_id: u32, now: u64) {
+    if svc.flags & F_SVC_AFFINITY != 0 {
+        let _ = LB_AFFINITY_V1.insert(key, &AffinityV1 { last_seen_ns: now, backend_id, _pad: 0 }, 0);
+    }
+}
+
 /// Traffic on an established flow keeps its client's affinity alive.
 #[inline(always)]
-fn touch_affinity(svc: &Service4V1, client: u32, now: u64) {
-    if let Some(affinity) = LB_AFFINITY_V1.get_ptr_mut(&AffinityKeyV1::ip4(client, svc.service_id)) {
+fn touch_affinity(key: &AffinityKeyV1, now: u64) {
+    if let Some(affinity) = LB_AFFINITY_V1.get_ptr_mut(key) {
         unsafe { (*affinity).last_seen_ns = now };
     }
 }

@@ -1,7 +1,8 @@
 //! The load balancer's kernel programs: one object, one file per attach point.
 //! - [`xdp`]: `lb_xdp` on external devices (north-south: NodePort, LoadBalancer, ExternalIP),
 //!   and `lb_xdp_pass` (benchmark floor, veth peers);
-//! - [`tc`]: `lb_tc` on the host side of every pod's device (pod to ClusterIP, replies).
+//! - [`tc`]: `lb_tc` on the host side of every pod's device (pod to ClusterIP, replies);
+//! - [`sock`]: cgroup socket hooks (`lb_sock_*`) for the node's own processes.
 //!
 //! Each hook reads top to bottom: parse ([`parse`]), decide ([`lb::decide`], shared), apply
 //! ([`rewrite`], [`fib`]), count the reason ([`maps`]).
@@ -14,6 +15,7 @@ mod lb;
 mod maps;
 mod parse;
 mod rewrite;
+mod sock;
 mod tc;
 mod xdp;
 

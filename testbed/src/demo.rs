@@ -1,5 +1,7 @@
 //! The standalone demo: a node with three backend pods and a client pod, an outside client,
-//! the example manifests, real requests through the load balancer, and lbctl's view of it.
+//! the example manifests, real requests through the load balancer (every kind of frontend,
+//! session affinity, hairpin, externalTrafficPolicy: Local, the health checks), and lbctl's
+//! view of it.
 use std::{
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -12,7 +14,7 @@ use anyhow::{Context, Result};
 use crate::{
     netns::Netns,
     process::AgentProcess,
-    servers::{tcp_request, udp_request, Answer, EchoServer},
+    servers::{http_get, tcp_request, udp_request, Answer, EchoServer},
     topology::Cluster,
 };
 
@@ -90,8 +92,28 @@ pub fn run(bin_dir: &Path, manifests: &Path) -> Result<()> {
     show("UDP NodePort 10.99.0.1:30007", udp_request(&demo.cluster.client, sock([10, 99, 0, 1], 30007), 0, timeout));
     show("UDP LoadBalancer 10.99.100.10:7", udp_request(&demo.cluster.client, sock([10, 99, 100, 10], 7), 0, timeout));
 
+    println!("== session affinity (ClientIP): pod {client_pod_ip} -> demo/web-sticky 10.96.0.13, a new connection each time");
+    for i in 0..4 {
+        show(&format!("TCP 10.96.0.13:80 connection {i}"), tcp_request(demo.client_pod(), sock([10, 96, 0, 13], 80), None, timeout));
+    }
+    let web0 = &demo.cluster.nodes[0].pods[0];
+    println!("== hairpin: pod web-0 ({}) -> its own Service 10.96.0.10; landing on itself, it sees the hairpin address", web0.ip);
+    for i in 0..6 {
+        show(&format!("TCP 10.96.0.10:80 request {i}"), tcp_request(&web0.ns, sock([10, 96, 0, 10], 80), None, timeout));
+    }
+    println!("== externalTrafficPolicy: Local and source ranges 10.99.0.0/24: outside client -> LoadBalancer 10.99.100.11");
+    for _ in 0..2 {
+        show("TCP LoadBalancer 10.99.100.11:80", tcp_request(&demo.cluster.client, sock([10, 99, 100, 11], 80), None, timeout));
+    }
+    for (what, port, path) in [("healthCheckNodePort 10.99.0.1:32000", 32000, "/"), ("kube-proxy health 10.99.0.1:10256", 10256, "/healthz")] {
+        match http_get(&demo.cluster.client, sock([10, 99, 0, 1], port), path, timeout) {
+            Ok((status, body)) => println!("   GET {what:<40} {status} {body}"),
+            Err(e) => println!("   GET {what:<40} FAILED: {e:#}"),
+        }
+    }
+
     let lbctl = bin_dir.join("lbctl");
-    for args in [vec!["service", "list"], vec!["maglev", "get", "demo/web:http/TCP"], vec!["stats"]] {
+    for args in [vec!["service", "list"], vec!["maglev", "get", "demo/web:http/TCP"], vec!["affinity", "list"], vec!["stats"]] {
         println!("== lbctl {}", args.join(" "));
         let out = Command::new(&lbctl).arg("--pin-dir").arg(&pin_dir).args(&args).output().context("running lbctl")?;
         print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use lb_agent::dataplane::load::{self, MapSizes};
 
 use crate::{
-    bpffs::BpfMount,
+    bpffs::{BpfMount, CgroupMount},
     netns::{sh, unique_prefix, Netns},
     process::AgentProcess,
 };
@@ -42,6 +42,8 @@ pub struct Cluster {
     /// frames only to a peer that runs XDP (real NICs have no such rule).
     peer_xdp: Option<aya::Ebpf>,
     pub bpffs: Vec<BpfMount>,
+    /// Where agents attach their socket hooks (`--cgroup-root`).
+    pub cgroup: CgroupMount,
 }
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 100);
@@ -64,7 +66,8 @@ impl Cluster {
         let lan = Netns::new(&format!("{prefix}-lan"))?;
         lan.exec("ip link add br0 type bridge && ip link set br0 up")?;
         let client = Netns::new(&format!("{prefix}-cl"))?;
-        let mut cluster = Self { prefix: prefix.clone(), nodes: Vec::new(), client, lan, peer_xdp: None, bpffs: Vec::new() };
+        let cgroup = CgroupMount::new(&prefix)?;
+        let mut cluster = Self { prefix: prefix.clone(), nodes: Vec::new(), client, lan, peer_xdp: None, bpffs: Vec::new(), cgroup };
         cluster.plug(&cluster.client.name.clone(), "eth0", CLIENT_IP, 0)?;
         cluster.client.exec("ip route add 10.99.100.0/24 via 10.99.0.1 && ip route add 10.99.200.0/24 via 10.99.0.1")?;
 
@@ -137,7 +140,8 @@ impl Cluster {
         let mut args: Vec<String> = source.to_vec();
         let pin_dir = pin_dir.display().to_string();
         let node_name = Self::node_name(i);
-        args.extend(["--node-name", &node_name, "--external-devices", "eth0", "--pin-dir", &pin_dir, "--sync-interval-ms", "100"].iter().map(|s| s.to_string()));
+        let cgroup = self.cgroup.dir.display().to_string();
+        args.extend(["--node-name", &node_name, "--external-devices", "eth0", "--pin-dir", &pin_dir, "--sync-interval-ms", "100", "--cgroup-root", &cgroup].iter().map(|s| s.to_string()));
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut agent = AgentProcess::start(agent_bin, &self.nodes[i].ns, &args, &log)?;
         agent.wait_for_log("programmed", Duration::from_secs(20))?;

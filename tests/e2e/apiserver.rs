@@ -160,16 +160,20 @@ impl FakeApiServer {
 
     /// A kubeconfig pointing at this server (plain HTTP, no credentials).
     pub fn kubeconfig(&self, dir: &std::path::Path) -> Result<PathBuf> {
-        let path = dir.join("kubeconfig.yaml");
-        std::fs::write(
-            &path,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://127.0.0.1:{}\"}}\nusers:\n- name: agent\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: agent}}\ncurrent-context: fake\n",
-                self.port
-            ),
-        )?;
-        Ok(path)
+        kubeconfig_for(dir, &format!("http://127.0.0.1:{}", self.port))
     }
+}
+
+/// A kubeconfig whose cluster is `server` (plain HTTP, no credentials).
+pub fn kubeconfig_for(dir: &std::path::Path, server: &str) -> Result<PathBuf> {
+    let path = dir.join("kubeconfig.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{server}\"}}\nusers:\n- name: agent\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: agent}}\ncurrent-context: fake\n"
+        ),
+    )?;
+    Ok(path)
 }
 
 impl Drop for FakeApiServer {

@@ -11,7 +11,10 @@ use testbed::{
 };
 use serde_json::Value;
 
-use crate::{apiserver::FakeApiServer, support::*};
+use crate::{
+    apiserver::{kubeconfig_for, FakeApiServer},
+    support::*,
+};
 
 /// The example manifests, loaded into the API server.
 fn load_examples(api: &FakeApiServer) -> Result<()> {
@@ -66,7 +69,7 @@ fn kubernetes_mode_follows_the_api_through_relists_and_outages() -> Result<()> {
     let pins = demo.cluster.pin_dir()?;
     let source = ["--kubernetes".to_string(), "--kubeconfig".to_string(), kubeconfig.display().to_string()];
     let agent = demo.start_agent_with(agent_bin(), &source, &pins, &[])?;
-    assert_eq!(frontend_names(&pins)?.len(), 14);
+    assert_eq!(frontend_names(&pins)?.len(), 20);
     tcp_request(demo.client_pod(), sock([10, 96, 0, 10], 80), None, TIMEOUT)?;
 
     // Add a Service whose endpoints span two EndpointSlices: they are merged.
@@ -101,7 +104,7 @@ fn kubernetes_mode_follows_the_api_through_relists_and_outages() -> Result<()> {
     api.apply(&external_name)?;
     eventually(Duration::from_secs(5), || if frontend_names(&pins)?.iter().any(|n| n.starts_with("demo/api")) { Err(anyhow!("still programmed")) } else { Ok(()) })?;
     api.apply(&service("api", "10.96.0.30"))?;
-    eventually(Duration::from_secs(5), || if frontend_names(&pins)?.len() == 15 { Ok(()) } else { Err(anyhow!("not programmed")) })?;
+    eventually(Duration::from_secs(5), || if frontend_names(&pins)?.len() == 21 { Ok(()) } else { Err(anyhow!("not programmed")) })?;
 
     // 410 Gone: history compacted, watches dropped; the agent relists and deletes nothing.
     let log_mark = agent.log_text().len();
@@ -115,7 +118,7 @@ fn kubernetes_mode_follows_the_api_through_relists_and_outages() -> Result<()> {
         tcp_request(demo.client_pod(), sock([10, 96, 0, 30], 80), None, TIMEOUT)?;
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(frontend_names(&pins)?.len(), 15);
+    assert_eq!(frontend_names(&pins)?.len(), 21);
     assert!(removals_since(&agent, log_mark).is_empty(), "the relist removed frontends: {:?}", removals_since(&agent, log_mark));
 
     // The API server goes away: traffic keeps flowing on what is programmed.
@@ -125,15 +128,34 @@ fn kubernetes_mode_follows_the_api_through_relists_and_outages() -> Result<()> {
         tcp_request(&demo.cluster.client, sock([10, 99, 0, 1], 30080), None, TIMEOUT)?;
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(frontend_names(&pins)?.len(), 15);
+    assert_eq!(frontend_names(&pins)?.len(), 21);
 
     // It comes back; a deletion made there reaches the maps.
     api.restart()?;
     api.delete("Service", "demo", "api")?;
     eventually(Duration::from_secs(15), || {
         let names = frontend_names(&pins)?;
-        if names.len() == 14 && !names.iter().any(|n| n.starts_with("demo/api")) { Ok(()) } else { Err(anyhow!("{names:?}")) }
+        if names.len() == 20 && !names.iter().any(|n| n.starts_with("demo/api")) { Ok(()) } else { Err(anyhow!("{names:?}")) }
     })?;
     assert!(agent.log_text().contains("retrying with backoff"), "the outage was seen:\n{}", agent.log_text());
+    Ok(())
+}
+
+#[test]
+fn k8s_api_server_flag_finds_the_api_server_without_any_cluster_ip() -> Result<()> {
+    let mut demo = Demo::build("k2")?;
+    let api = FakeApiServer::start(&demo.cluster.nodes[0].ns, 6443)?;
+    load_examples(&api)?;
+    // What in-cluster config gives a pod: the `kubernetes` ClusterIP, which nothing routes here
+    // (no kube-proxy, no iptables or nftables rules in this namespace).
+    assert!(demo.cluster.nodes[0].ns.exec("iptables-save -t nat 2>/dev/null | grep -c -- '-A' || true")?.trim() == "0");
+    let dir = ManifestCopy::empty("k2")?;
+    let kubeconfig = kubeconfig_for(&dir.dir, "http://10.96.0.1:443")?;
+    let pins = demo.cluster.pin_dir()?;
+    let source = ["--kubernetes".to_string(), "--kubeconfig".to_string(), kubeconfig.display().to_string(), "--k8s-api-server".to_string(), format!("127.0.0.1:{}", api.port)];
+    let _agent = demo.start_agent_with(agent_bin(), &source, &pins, &[])?;
+    assert_eq!(frontend_names(&pins)?.len(), 20);
+    tcp_request(demo.client_pod(), sock([10, 96, 0, 10], 80), None, TIMEOUT)?;
+    tcp_request(&demo.cluster.client, sock([10, 99, 0, 1], 30080), None, TIMEOUT)?;
     Ok(())
 }

@@ -32,7 +32,7 @@ fn lbctl_lists_the_entries_the_manifests_imply() -> Result<()> {
     for (name, kind, frontend) in want {
         assert!(frontends.contains(&(name.into(), kind.into(), frontend.into())), "missing {name} {kind} {frontend} in {frontends:#?}");
     }
-    assert_eq!(services.len(), 14);
+    assert_eq!(services.len(), 20);
     for s in &services {
         let backends: Vec<&str> = s["backends"].as_array().unwrap().iter().map(|b| b.as_str().unwrap()).collect();
         let port = if s["frontend"].as_str().unwrap().ends_with("UDP") { 7007 } else { 8080 };

@@ -4,6 +4,7 @@ mod apiserver;
 mod support;
 
 mod changes;
+mod host;
 mod kubernetes;
 mod lbctl;
 mod metrics;

@@ -20,14 +20,20 @@ use crate::support::*;
 
 const HAIRPIN: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
 
-/// A Service of the demo's pods web-0..2 (or the given pod indexes), as one manifest file.
-fn service_yaml(name: &str, spec: &str, pods: &[(u8, &str)]) -> String {
-    let endpoints: String = pods.iter().map(|(i, extra)| format!("  - {{addresses: [10.244.1.{}], nodeName: node-a{extra}}}\n", 11 + i)).collect();
+/// A Service in namespace demo and its EndpointSlice (`endpoints`: YAML list items), as one
+/// manifest file.
+fn service_yaml(name: &str, spec: &str, endpoints: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n{spec}\n---\n\
          apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: demo, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\n\
          ports: [{{name: http, port: {BACKEND_TCP_PORT}}}, {{name: echo, port: {BACKEND_UDP_PORT}, protocol: UDP}}]\nendpoints:\n{endpoints}"
     )
+}
+
+/// Endpoint items for the demo's pods on node-a (index 0-4, 3 being the client pod), each with
+/// extra fields (`, conditions: {...}`).
+fn demo_pods(pods: &[(u8, &str)]) -> String {
+    pods.iter().map(|(i, extra)| format!("  - {{addresses: [10.244.1.{}], nodeName: node-a{extra}}}\n", 11 + i)).collect()
 }
 
 const ALL_PODS: [(u8, &str); 3] = [(0, ""), (1, ""), (2, "")];
@@ -50,9 +56,9 @@ fn session_affinity_holds_a_client_until_it_times_out_or_is_turned_off() -> Resu
     let mut demo = Demo::build("s1")?;
     let manifests = ManifestCopy::new("s1")?;
     let short = "  clusterIP: 10.96.0.30\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}\n  ports: [{name: http, port: 80, targetPort: http}]";
-    manifests.write("aff.yaml", &service_yaml("aff", short, &ALL_PODS))?;
+    manifests.write("aff.yaml", &service_yaml("aff", short, &demo_pods(&ALL_PODS)))?;
     // The default timeout (3 hours), to show affinity survives an agent restart.
-    manifests.write("sticky.yaml", &service_yaml("sticky", "  clusterIP: 10.96.0.31\n  sessionAffinity: ClientIP\n  ports: [{name: http, port: 80, targetPort: http}]", &ALL_PODS))?;
+    manifests.write("sticky.yaml", &service_yaml("sticky", "  clusterIP: 10.96.0.31\n  sessionAffinity: ClientIP\n  ports: [{name: http, port: 80, targetPort: http}]", &demo_pods(&ALL_PODS)))?;
     let (mut agent, pins) = demo.start_agent(agent_bin(), &manifests.dir, &[])?;
     let (aff, sticky) = (sock([10, 96, 0, 30], 80), sock([10, 96, 0, 31], 80));
 
@@ -75,7 +81,7 @@ fn session_affinity_holds_a_client_until_it_times_out_or_is_turned_off() -> Resu
     assert!(spaced.len() >= 2, "after the timeout, new connections spread: {spaced:?}");
 
     // Affinity turned off: connections spread at once.
-    manifests.write("aff.yaml", &service_yaml("aff", &short.replace("sessionAffinity: ClientIP", "sessionAffinity: None"), &ALL_PODS))?;
+    manifests.write("aff.yaml", &service_yaml("aff", &short.replace("sessionAffinity: ClientIP", "sessionAffinity: None"), &demo_pods(&ALL_PODS)))?;
     eventually(Duration::from_secs(5), || {
         let seen: BTreeSet<String> = backends(demo.client_pod(), aff, 12)?.into_iter().collect();
         if seen.len() >= 2 { Ok(()) } else { Err(anyhow!("still one backend: {seen:?}")) }
@@ -92,17 +98,8 @@ fn external_traffic_policy_local_keeps_the_client_address_and_answers_only_where
         EchoServer::start(&cluster.nodes[1].pods[0].ns, "b-0", BACKEND_TCP_PORT, BACKEND_UDP_PORT)?,
     ];
     let manifests = ManifestCopy::empty("s2")?;
-    let write = |endpoints: &str| {
-        manifests.write(
-            "local.yaml",
-            &format!(
-                "apiVersion: v1\nkind: Service\nmetadata: {{name: local, namespace: demo}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.40\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100\n\
-                 \x20 ports: [{{name: http, port: 80, targetPort: http, nodePort: 30100}}]\n---\n\
-                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: local-1, namespace: demo, labels: {{kubernetes.io/service-name: local}}}}\naddressType: IPv4\n\
-                 ports: [{{name: http, port: {BACKEND_TCP_PORT}}}]\nendpoints:\n{endpoints}"
-            ),
-        )
-    };
+    let spec = "  type: LoadBalancer\n  clusterIP: 10.96.0.40\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100\n  ports: [{name: http, port: 80, targetPort: http, nodePort: 30100}]";
+    let write = |endpoints: &str| manifests.write("local.yaml", &service_yaml("local", spec, endpoints));
     write("  - {addresses: [10.244.1.11], nodeName: node-a}\n  - {addresses: [10.244.1.12], nodeName: node-a}\n")?;
     let source = ["--manifests".to_string(), manifests.dir.display().to_string()];
     let pins = [cluster.pin_dir()?, cluster.pin_dir()?];
@@ -148,14 +145,7 @@ fn internal_traffic_policy_local_keeps_pod_traffic_on_the_node() -> Result<()> {
     let manifests = ManifestCopy::empty("s3")?;
     let endpoints = "  - {addresses: [10.244.1.11], nodeName: node-a}\n  - {addresses: [10.244.1.12], nodeName: node-a}\n  - {addresses: [10.244.2.11], nodeName: node-b}\n  - {addresses: [10.244.2.12], nodeName: node-b}\n";
     for (name, ip, policy) in [("local", "10.96.0.41", "Local"), ("cluster", "10.96.0.42", "Cluster")] {
-        manifests.write(
-            &format!("{name}.yaml"),
-            &format!(
-                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  clusterIP: {ip}\n  internalTrafficPolicy: {policy}\n  ports: [{{name: http, port: 80}}]\n---\n\
-                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: demo, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\n\
-                 ports: [{{name: http, port: {BACKEND_TCP_PORT}}}]\nendpoints:\n{endpoints}"
-            ),
-        )?;
+        manifests.write(&format!("{name}.yaml"), &service_yaml(name, &format!("  clusterIP: {ip}\n  internalTrafficPolicy: {policy}\n  ports: [{{name: http, port: 80}}]"), endpoints))?;
     }
     let pins = cluster.pin_dir()?;
     let _agent = cluster.start_agent(agent_bin(), 0, &["--manifests".to_string(), manifests.dir.display().to_string()], &pins, &[])?;
@@ -174,7 +164,7 @@ fn terminating_endpoints_take_new_connections_only_while_serving() -> Result<()>
     let mut demo = Demo::build("s4")?;
     let manifests = ManifestCopy::new("s4")?;
     let spec = "  clusterIP: 10.96.0.43\n  ports: [{name: http, port: 80, targetPort: http}]";
-    manifests.write("term.yaml", &service_yaml("term", spec, &ALL_PODS))?;
+    manifests.write("term.yaml", &service_yaml("term", spec, &demo_pods(&ALL_PODS)))?;
     let (_agent, _pins) = demo.start_agent(agent_bin(), &manifests.dir, &[])?;
     let to = sock([10, 96, 0, 43], 80);
     let mut held = LongConnection::open(demo.client_pod(), to, TIMEOUT)?;
@@ -182,7 +172,7 @@ fn terminating_endpoints_take_new_connections_only_while_serving() -> Result<()>
 
     // Every endpoint terminating but still serving: new connections go to them.
     let serving = ", conditions: {ready: false, serving: true, terminating: true}";
-    manifests.write("term.yaml", &service_yaml("term", spec, &[(0, serving), (1, serving), (2, serving)]))?;
+    manifests.write("term.yaml", &service_yaml("term", spec, &demo_pods(&[(0, serving), (1, serving), (2, serving)])))?;
     std::thread::sleep(Duration::from_millis(600));
     let seen = backends(demo.client_pod(), to, 10)?;
     assert_eq!(seen.len(), 10);
@@ -190,7 +180,7 @@ fn terminating_endpoints_take_new_connections_only_while_serving() -> Result<()>
 
     // None serving: refused at once; the held flow keeps its backend while it is listed.
     let gone = ", conditions: {ready: false, serving: false, terminating: true}";
-    manifests.write("term.yaml", &service_yaml("term", spec, &[(0, gone), (1, gone), (2, gone)]))?;
+    manifests.write("term.yaml", &service_yaml("term", spec, &demo_pods(&[(0, gone), (1, gone), (2, gone)])))?;
     eventually(Duration::from_secs(5), || {
         let started = Instant::now();
         match tcp_request(demo.client_pod(), to, None, Duration::from_secs(2)) {
@@ -208,7 +198,7 @@ fn terminating_endpoints_take_new_connections_only_while_serving() -> Result<()>
 fn a_pod_reaches_its_own_service_and_itself() -> Result<()> {
     let mut demo = Demo::build("s5")?;
     let manifests = ManifestCopy::new("s5")?;
-    manifests.write("self.yaml", &service_yaml("self", "  clusterIP: 10.96.0.44\n  ports: [{name: http, port: 80, targetPort: http}]", &[(0, "")]))?;
+    manifests.write("self.yaml", &service_yaml("self", "  clusterIP: 10.96.0.44\n  ports: [{name: http, port: 80, targetPort: http}]", &demo_pods(&[(0, "")])))?;
     let (_agent, pins) = demo.start_agent(agent_bin(), &manifests.dir, &[])?;
     let web0 = &demo.cluster.nodes[0].pods[0];
     // Its own Service of three: some connections land on itself, all get through.
@@ -237,7 +227,7 @@ fn load_balancer_source_ranges_admit_only_the_listed_clients() -> Result<()> {
     demo.cluster.client.exec("ip addr add 10.99.0.101/24 dev eth0")?;
     let manifests = ManifestCopy::new("s6")?;
     let spec = "  type: LoadBalancer\n  clusterIP: 10.96.0.45\n  loadBalancerSourceRanges: [10.99.0.100/32]\n  ports: [{name: http, port: 80, targetPort: http}]";
-    manifests.write("ranged.yaml", &(service_yaml("ranged", spec, &ALL_PODS) + "\n---\n").replace("spec:\n  type: LoadBalancer", "status: {loadBalancer: {ingress: [{ip: 10.99.100.20}]}}\nspec:\n  type: LoadBalancer"))?;
+    manifests.write("ranged.yaml", &(service_yaml("ranged", spec, &demo_pods(&ALL_PODS)) + "\n---\n").replace("spec:\n  type: LoadBalancer", "status: {loadBalancer: {ingress: [{ip: 10.99.100.20}]}}\nspec:\n  type: LoadBalancer"))?;
     let (_agent, pins) = demo.start_agent(agent_bin(), &manifests.dir, &[])?;
     let lb = sock([10, 99, 100, 20], 80);
     let inside = tcp_request_from(&demo.cluster.client, Some(SocketAddr::from((CLIENT_IP, 0))), lb, TIMEOUT)?;
@@ -257,14 +247,8 @@ fn fragmentation_needed_reaches_the_client_about_the_frontend_and_a_large_upload
     // Node B reaches the pod over a 1400-byte path (locked, so forwarded packets obey it).
     cluster.nodes[1].ns.exec("ip route replace 10.244.2.11/32 dev lxc0 mtu lock 1400")?;
     let manifests = ManifestCopy::empty("s7")?;
-    manifests.write(
-        "remote.yaml",
-        &format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: remote, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.46\n  ports: [{{name: http, port: 80, nodePort: 30110}}]\n---\n\
-             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: remote-1, namespace: demo, labels: {{kubernetes.io/service-name: remote}}}}\naddressType: IPv4\n\
-             ports: [{{name: http, port: {BACKEND_TCP_PORT}}}]\nendpoints:\n- {{addresses: [10.244.2.11], nodeName: node-b}}\n"
-        ),
-    )?;
+    let spec = "  type: NodePort\n  clusterIP: 10.96.0.46\n  ports: [{name: http, port: 80, nodePort: 30110}]";
+    manifests.write("remote.yaml", &service_yaml("remote", spec, "  - {addresses: [10.244.2.11], nodeName: node-b}\n"))?;
     let pins = cluster.pin_dir()?;
     let _agent = cluster.start_agent(agent_bin(), 0, &["--manifests".to_string(), manifests.dir.display().to_string()], &pins, &[])?;
     let mut conn = LongConnection::open(&cluster.client, sock([10, 99, 0, 1], 30110), TIMEOUT)?;
@@ -285,7 +269,7 @@ fn a_service_repeating_another_ones_frontend_is_refused_and_nothing_else_waits()
     let manifests = ManifestCopy::new("s8")?;
     let (mut agent, pins) = demo.start_agent(agent_bin(), &manifests.dir, &[])?;
     // Sorts before web-lb and repeats its ExternalIP and port; its only endpoint is web-3.
-    let dup = service_yaml("aaa-dup", "  clusterIP: 10.96.0.47\n  externalIPs: [10.99.200.10]\n  ports: [{name: http, port: 80, targetPort: http}]", &[(4, "")]);
+    let dup = service_yaml("aaa-dup", "  clusterIP: 10.96.0.47\n  externalIPs: [10.99.200.10]\n  ports: [{name: http, port: 80, targetPort: http}]", &demo_pods(&[(4, "")]));
     manifests.write("dup.yaml", &dup)?;
     agent.wait_for_log("Service demo/aaa-dup: spec.externalIPs[0]: 10.99.200.10:80 http/TCP is already used by Service demo/web-lb", Duration::from_secs(5))?;
     let external = sock([10, 99, 200, 10], 80);

@@ -1,12 +1,8 @@
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    time::Duration,
-};
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Result;
 use testbed::{
     demo::{sock, Demo},
-    process::AgentProcess,
     servers::{tcp_request, udp_request, Answer, EchoServer},
     topology::{Cluster, CLIENT_IP},
 };
@@ -80,13 +76,7 @@ fn node_port_with_a_backend_on_another_node_is_snated_both_ways() -> Result<()> 
          ports: [{name: http, port: 8080}, {name: echo, port: 7007, protocol: UDP}]\nendpoints:\n- {addresses: [10.244.2.11], conditions: {ready: true}, nodeName: node-b}\n",
     )?;
     let pin_dir = cluster.pin_dir()?;
-    let log = std::env::temp_dir().join(format!("{}-agent.log", cluster.prefix));
-    let args: Vec<String> = ["--manifests", manifests.dir.to_str().unwrap(), "--node-name", "node-a", "--external-devices", "eth0", "--pin-dir", pin_dir.to_str().unwrap(), "--sync-interval-ms", "100"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let mut agent = AgentProcess::start(agent_bin(), &cluster.nodes[0].ns, &args, &log)?;
-    agent.wait_for_log("programmed", Duration::from_secs(20))?;
+    let agent = cluster.start_agent(agent_bin(), 0, &["--manifests".to_string(), manifests.dir.display().to_string()], &pin_dir, &[])?;
 
     let node_a = cluster.nodes[0].ip;
     for i in 0..5 {

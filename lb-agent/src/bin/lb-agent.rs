@@ -23,6 +23,11 @@ struct Args {
     kubernetes: bool,
     #[arg(long, requires = "kubernetes")]
     kubeconfig: Option<PathBuf>,
+    /// The API server as host:port, used instead of the address in-cluster config or the
+    /// kubeconfig gives: after kube-proxy is gone, the `kubernetes` ClusterIP works only once
+    /// this agent has programmed it, so the agent must not depend on it.
+    #[arg(long, requires = "kubernetes", env = "K8S_API_SERVER")]
+    k8s_api_server: Option<String>,
     /// Where to serve /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:9970")]
     metrics_addr: std::net::SocketAddr,
@@ -30,6 +35,14 @@ struct Args {
     /// and probes set up for kube-proxy use. It fails while syncs keep failing.
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_bind_address: std::net::SocketAddr,
+    /// Socket-level balancing: translate ClusterIPs, NodePorts and LoadBalancer IPs for the
+    /// node's own processes (host-network pods, node agents) with cgroup socket hooks.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    socket_lb: bool,
+    /// The cgroup v2 whose processes the socket hooks see (sockets of other network
+    /// namespaces in it are left to the packet hooks).
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    cgroup_root: PathBuf,
     /// NodePorts answer only on node addresses inside these CIDRs (kube-proxy's
     /// --nodeport-addresses) [default: every node address].
     #[arg(long, value_delimiter = ',', value_parser = parse_cidr)]
@@ -89,7 +102,7 @@ fn main() -> Result<()> {
     let cfg = AgentConfig {
         source: match args.manifests {
             Some(dir) => SourceConfig::Manifests(dir),
-            None => SourceConfig::Kubernetes { kubeconfig: args.kubeconfig },
+            None => SourceConfig::Kubernetes { kubeconfig: args.kubeconfig, api_server: args.k8s_api_server },
         },
         node_name: args.node_name,
         node_ip: args.node_ip,
@@ -107,6 +120,7 @@ fn main() -> Result<()> {
         gc_interval: Duration::from_secs(args.gc_interval_s),
         sizes: MapSizes { flows: args.max_flows, maglev_slots: args.maglev_slots },
         nodeport_cidrs: args.nodeport_addresses,
+        socket_lb_cgroup: args.socket_lb.then_some(args.cgroup_root),
     };
     let healthz_addr = args.healthz_bind_address;
     enable_ip_forwarding()?;

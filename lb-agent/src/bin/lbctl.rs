@@ -47,8 +47,13 @@ enum Command {
         #[command(subcommand)]
         cmd: ListOnly,
     },
-    /// Source-NAT bindings (flows to backends on other nodes).
+    /// Source-NAT bindings (flows to backends on other nodes, hairpin flows).
     Nat {
+        #[command(subcommand)]
+        cmd: ListOnly,
+    },
+    /// Session affinity: each client's backend per frontend, and how long ago it was used.
+    Affinity {
         #[command(subcommand)]
         cmd: ListOnly,
     },
@@ -77,6 +82,7 @@ fn main() -> Result<()> {
         Command::Maglev { cmd: MaglevCmd::Get { service } } => maglev(&maps, &service)?,
         Command::Ct { .. } => conntrack(&maps)?,
         Command::Nat { .. } => nat(&maps)?,
+        Command::Affinity { .. } => affinity(&maps)?,
         Command::Stats => stats(&maps)?,
     };
     print(&rows, cli.output);
@@ -160,7 +166,30 @@ fn backend_name(maps: &Maps, id: u32) -> String {
     }
 }
 
+/// What shapes a frontend beyond its backends: its traffic policy, affinity, source ranges.
+fn policy(maps: &Maps, key: &Service4KeyV1, svc: &Service4V1, ranges: &BTreeMap<u32, usize>) -> String {
+    let mut parts = Vec::new();
+    if key.scope == SCOPE_LOCAL {
+        parts.push("local endpoints only (outside clients)".to_string());
+    }
+    if svc.flags & F_SVC_EXT_LOCAL != 0 {
+        parts.push("externalTrafficPolicy=Local".to_string());
+    }
+    if svc.flags & F_SVC_AFFINITY != 0 {
+        let timeout = maps.service_opts.get(&svc.service_id, 0).map(|o| o.affinity_timeout_s).unwrap_or(0);
+        parts.push(format!("affinity=ClientIP/{timeout}s"));
+    }
+    if svc.flags & F_SVC_SOURCE_RANGES != 0 {
+        parts.push(format!("sourceRanges={}", ranges.get(&svc.service_id).copied().unwrap_or(0)));
+    }
+    parts.join(";")
+}
+
 fn services(maps: &Maps) -> Result<Vec<Row>> {
+    let mut ranges: BTreeMap<u32, usize> = BTreeMap::new();
+    for key in maps.source_ranges.keys() {
+        *ranges.entry(key?.data().service_id).or_default() += 1;
+    }
     all_services(maps)?
         .into_iter()
         .map(|(key, svc, name)| {
@@ -173,11 +202,32 @@ fn services(maps: &Maps) -> Result<Vec<Row>> {
                 ("frontend", json!(frontend(&key))),
                 ("backends", Value::Array(backends)),
                 ("table", json!(format!("{}+{}", svc.maglev_offset, svc.maglev_size))),
+                ("policy", json!(policy(maps, &key, &svc, &ranges))),
                 ("packets", json!(c.packets)),
                 ("bytes", json!(c.bytes)),
             ])
         })
         .collect()
+}
+
+fn affinity(maps: &Maps) -> Result<Vec<Row>> {
+    let names: BTreeMap<u32, (String, String)> = all_services(maps)?.into_iter().map(|(key, svc, name)| (svc.service_id, (name, frontend(&key)))).collect();
+    let now = monotonic_ns();
+    let mut rows = Vec::new();
+    for entry in maps.affinity.iter() {
+        let (key, value) = entry?;
+        let Some((name, frontend)) = names.get(&key.service_id) else { continue };
+        let client = std::net::Ipv4Addr::new(key.client[0], key.client[1], key.client[2], key.client[3]);
+        rows.push(vec![
+            ("service", json!(name)),
+            ("frontend", json!(frontend)),
+            ("client", json!(client.to_string())),
+            ("backend", json!(backend_name(maps, value.backend_id))),
+            ("idle_s", json!((now.saturating_sub(value.last_seen_ns) / 1_000_000_000) as u64)),
+        ]);
+    }
+    rows.sort_by(|a, b| a[0].1.to_string().cmp(&b[0].1.to_string()).then(a[2].1.to_string().cmp(&b[2].1.to_string())));
+    Ok(rows)
 }
 
 fn backends(maps: &Maps) -> Result<Vec<Row>> {

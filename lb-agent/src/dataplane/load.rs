@@ -14,6 +14,11 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_BPF_OBJECT"));
 pub const XDP_PROGRAM: &str = "lb_xdp";
 pub const TC_PROGRAM: &str = "lb_tc";
 pub const XDP_PASS_PROGRAM: &str = "lb_xdp_pass";
+/// The cgroup socket-address hooks, each with the pin name of its link.
+pub const SOCK_ADDR_PROGRAMS: [(&str, &str); 4] =
+    [("lb_sock_connect4", "sock-connect4"), ("lb_sock_sendmsg4", "sock-sendmsg4"), ("lb_sock_recvmsg4", "sock-recvmsg4"), ("lb_sock_getpeername4", "sock-getpeername4")];
+/// The cgroup socket hook that refuses binds to frontends, and its link's pin name.
+pub const SOCK_BIND_PROGRAM: (&str, &str) = ("lb_sock_post_bind4", "sock-post-bind4");
 
 /// Capacities that differ from the schema's defaults (tests shrink conntrack to fill it).
 #[derive(Clone, Debug, Default)]
@@ -41,7 +46,7 @@ pub fn load(pin_dir: &Path, sizes: &MapSizes) -> Result<Ebpf> {
 
 /// Key and value sizes of every map of schema v1, as the kernel reports them, and the
 /// capacity where the schema fixes it (the rest are sized by flags).
-fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 15] {
+fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 17] {
     use lb_common::*;
     use std::mem::size_of;
     [
@@ -60,6 +65,8 @@ fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 15] {
         (MAP_AFFINITY, size_of::<AffinityKeyV1>(), size_of::<AffinityV1>(), None),
         (MAP_AFFINITY_MATCH, size_of::<AffinityMatchKeyV1>(), 1, None),
         (MAP_SOURCE_RANGES, 4 + size_of::<SourceRange4V1>(), 1, None),
+        (MAP_SOCK_CONFIG, 4, size_of::<SockConfigV1>(), None),
+        (MAP_SOCK_REVNAT, size_of::<SockRevNat4KeyV1>(), size_of::<SockRevNat4V1>(), None),
     ]
 }
 

@@ -24,6 +24,8 @@ pub struct Maps {
     pub affinity: HashMap<MapData, AffinityKeyV1, AffinityV1>,
     pub affinity_match: HashMap<MapData, AffinityMatchKeyV1, u8>,
     pub source_ranges: LpmTrie<MapData, SourceRange4V1, u8>,
+    pub sock_config: Array<MapData, SockConfigV1>,
+    pub sock_revnat: HashMap<MapData, SockRevNat4KeyV1, SockRevNat4V1>,
     /// Capacity of the conntrack (and reverse-NAT) map, which the loader may have resized.
     pub flow_capacity: u32,
 }
@@ -71,6 +73,8 @@ impl Maps {
             affinity: typed!(MAP_AFFINITY),
             affinity_match: typed!(MAP_AFFINITY_MATCH),
             source_ranges: typed!(MAP_SOURCE_RANGES),
+            sock_config: typed!(MAP_SOCK_CONFIG),
+            sock_revnat: typed!(MAP_SOCK_REVNAT),
         })
     }
 

@@ -6,11 +6,13 @@
 //! - [`load`]: the embedded kernel object, loaded with every map pinned;
 //! - [`maps`]: typed handles on those maps;
 //! - [`slices`]: where each service's Maglev table sits in the shared slot array;
-//! - [`conntrack`]: expiring flows the kernel tracks.
+//! - [`conntrack`]: expiring flows the kernel tracks;
+//! - [`sockets`]: ending node sockets left on a removed backend.
 pub mod conntrack;
 pub mod load;
 pub mod maps;
 mod slices;
+pub mod sockets;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -197,6 +199,24 @@ impl Dataplane {
         self.free_service_ids = (0..self.next_service_id).filter(|id| !used.contains(id)).collect();
         self.free_backend_ids = (1..self.next_backend_id).filter(|id| !self.backend_users.contains_key(id)).collect();
         Ok(entries.len())
+    }
+
+    /// Ends this namespace's connected UDP sockets that the socket hooks sent from a frontend
+    /// to a backend it no longer has (`removed`: frontend, backend address, port). Returns how many.
+    pub fn end_udp_sockets_to(&self, removed: &[(Service4KeyV1, Ipv4Addr, u16)]) -> Result<usize> {
+        let removed: Vec<(Service4KeyV1, u32, u16)> = removed.iter().map(|(key, a, p)| (*key, ip4_raw(a.octets()), port_raw(*p))).collect();
+        let backends: Vec<(u32, u16)> = removed.iter().map(|(_, addr, port)| (*addr, *port)).collect();
+        sockets::destroy_udp_sockets_to(&backends, |cookie, (addr, port)| {
+            let key = SockRevNat4KeyV1 { cookie, backend_addr: addr, backend_port: port, proto: IPPROTO_UDP, _pad: 0 };
+            let Ok(asked) = self.maps.sock_revnat.get(&key, 0) else { return false };
+            // A NodePort frontend (address 0) was asked for at one of the node's addresses.
+            removed.iter().any(|(f, a, p)| (*a, *p) == (addr, port) && f.port == asked.frontend_port && (f.addr == 0 || f.addr == asked.frontend_addr))
+        })
+    }
+
+    /// Tells the socket hooks which network namespace is the node's.
+    pub fn set_sock_config(&mut self, config: SockConfigV1) -> Result<()> {
+        self.maps.sock_config.set(0, &config, 0).with_context(|| format!("writing {MAP_SOCK_CONFIG}"))
     }
 
     pub fn set_config(&mut self, config: ConfigV1) -> Result<()> {

@@ -22,7 +22,9 @@ pub enum SourceConfig {
     /// A directory of manifests, re-read when files change.
     Manifests(PathBuf),
     /// The API server: in-cluster, or from a kubeconfig (`KUBECONFIG` or the given path).
-    Kubernetes { kubeconfig: Option<PathBuf> },
+    /// `api_server` (`host:port`) replaces the address either gives, so that the agent never
+    /// depends on the `kubernetes` ClusterIP, which only it can translate.
+    Kubernetes { kubeconfig: Option<PathBuf>, api_server: Option<String> },
 }
 
 pub enum Source {
@@ -43,7 +45,7 @@ impl Source {
     pub async fn open(cfg: &SourceConfig) -> Result<Self> {
         Ok(match cfg {
             SourceConfig::Manifests(dir) => Source::Manifests(ManifestDir::new(dir)),
-            SourceConfig::Kubernetes { kubeconfig } => Source::Kubernetes(KubeSource::start(kube_client(kubeconfig.as_deref()).await?)),
+            SourceConfig::Kubernetes { kubeconfig, api_server } => Source::Kubernetes(KubeSource::start(kube_client(kubeconfig.as_deref(), api_server.as_deref()).await?)),
         })
     }
 
@@ -84,14 +86,18 @@ impl Source {
     }
 }
 
-async fn kube_client(kubeconfig: Option<&Path>) -> Result<::kube::Client> {
-    let config = match kubeconfig {
+async fn kube_client(kubeconfig: Option<&Path>, api_server: Option<&str>) -> Result<::kube::Client> {
+    let mut config = match kubeconfig {
         Some(path) => {
             let kc = ::kube::config::Kubeconfig::read_from(path).with_context(|| format!("reading kubeconfig {}", path.display()))?;
             ::kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
         }
         None => ::kube::Config::infer().await.context("no in-cluster config and no kubeconfig")?,
     };
+    if let Some(host_port) = api_server {
+        let scheme = config.cluster_url.scheme_str().unwrap_or("https").to_string();
+        config.cluster_url = format!("{scheme}://{host_port}").parse().with_context(|| format!("--k8s-api-server {host_port:?} is not host:port"))?;
+    }
     info!("Kubernetes API server {}", config.cluster_url);
     Ok(::kube::Client::try_from(config)?)
 }

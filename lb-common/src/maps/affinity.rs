@@ -28,6 +28,15 @@ impl AffinityKeyV1 {
     }
 }
 
+impl AffinityKeyV1 {
+    /// The key of a network namespace (the socket hooks' client) on the frontend `service_id`.
+    #[inline(always)]
+    pub const fn netns(cookie: u64, service_id: u32) -> Self {
+        let b = cookie.to_ne_bytes();
+        Self { client: [b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], 0, 0, 0, 0, 0, 0, 0, 0], service_id, client_kind: crate::AFFINITY_CLIENT_NETNS, _pad: [0; 3] }
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AffinityV1 {

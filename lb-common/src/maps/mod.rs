@@ -7,13 +7,15 @@
 //! - [`backend`]: backends and the shared Maglev slot array;
 //! - [`conntrack`]: tracked flows and reverse NAT;
 //! - [`counters`]: traffic and verdict counters;
-//! - [`config`]: settings and node addresses the agent gives the datapath.
+//! - [`config`]: settings and node addresses the agent gives the datapath;
+//! - [`socket`]: socket-level balancing of the node's own processes.
 pub mod affinity;
 pub mod backend;
 pub mod config;
 pub mod conntrack;
 pub mod counters;
 pub mod service;
+pub mod socket;
 pub mod source_range;
 
 pub use affinity::*;
@@ -22,10 +24,11 @@ pub use config::*;
 pub use conntrack::*;
 pub use counters::*;
 pub use service::*;
+pub use socket::*;
 pub use source_range::*;
 
 /// Every pinned map of schema v1.
-pub const ALL_MAPS: [&str; 15] = [
+pub const ALL_MAPS: [&str; 17] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_MAGLEV,
@@ -41,6 +44,8 @@ pub const ALL_MAPS: [&str; 15] = [
     MAP_AFFINITY,
     MAP_AFFINITY_MATCH,
     MAP_SOURCE_RANGES,
+    MAP_SOCK_CONFIG,
+    MAP_SOCK_REVNAT,
 ];
 
 /// Marks map types as plain old data for aya (user space only).

@@ -1,0 +1,60 @@
+//! Socket-level balancing of the node's own processes (cgroup hooks): which network namespace
+//! is the node's, and how to show each translated socket its frontend.
+
+/// Array with one `SockConfigV1`: written by the agent; the socket hooks translate only
+/// sockets of the namespace it names.
+pub const MAP_SOCK_CONFIG: &str = "LB_SOCK_CFG_V1";
+/// LRU hash `SockRevNat4KeyV1 -> SockRevNat4V1`: for a socket sent to a backend, the frontend
+/// its application asked for (getpeername, and the source of unconnected UDP replies).
+pub const MAP_SOCK_REVNAT: &str = "LB4_SKRNAT_V1";
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockConfigV1 {
+    /// The node's network-namespace cookie; 0 until the agent writes it (nothing is translated).
+    pub netns_cookie: u64,
+}
+
+/// A socket (by cookie, so that two sockets never mix) and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNat4KeyV1 {
+    pub cookie: u64,
+    pub backend_addr: u32,
+    pub backend_port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// The frontend the application asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevNat4V1 {
+    pub frontend_addr: u32,
+    pub frontend_port: u16,
+    pub _pad: u16,
+}
+
+#[cfg(feature = "user")]
+super::impl_pod!(SockConfigV1, SockRevNat4KeyV1, SockRevNat4V1);
+
+#[cfg(test)]
+mod layout {
+    use super::*;
+    use crate::maps::assert_layout;
+
+    #[test]
+    fn sock_config() {
+        assert_layout!(SockConfigV1, size 8, align 8, { netns_cookie @ 0 });
+    }
+
+    #[test]
+    fn sock_revnat_key() {
+        assert_layout!(SockRevNat4KeyV1, size 16, align 8, { cookie @ 0, backend_addr @ 8, backend_port @ 12, proto @ 14, _pad @ 15 });
+    }
+
+    #[test]
+    fn sock_revnat() {
+        assert_layout!(SockRevNat4V1, size 8, align 4, { frontend_addr @ 0, frontend_port @ 4, _pad @ 6 });
+    }
+}

@@ -1,0 +1,148 @@
+//! Socket-level balancing for the node's own processes (cgroup v2 hooks): host-network pods,
+//! node agents, and clients of the `kubernetes` ClusterIP. Nothing in the node's namespace
+//! passes through the pod devices' TC hook, so these translate at the socket instead: the
+//! destination once at connect (TCP, connected UDP) or per datagram at sendmsg (unconnected
+//! UDP); replies and getpeername show the frontend again. Sockets of other network namespaces
+//! (pods, other nodes sharing the machine) are left to the packet hooks, so nothing is
+//! translated twice.
+use aya_ebpf::{
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
+    EbpfContext,
+};
+use lb_common::*;
+
+use crate::{
+    lb::{lookup_frontend, pick_backend, remember_affinity},
+    maps::{count_reason, LB4_SKRNAT_V1, LB_SOCK_CFG_V1},
+};
+
+/// The hook's verdicts: go on, or fail the call (with the errno set by `bpf_set_retval`).
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+const EADDRINUSE: i32 = 98;
+
+#[cgroup_sock_addr(connect4)]
+pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
+    to_backend(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    to_backend(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    to_frontend(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    to_frontend(&ctx)
+}
+
+#[cgroup_sock(post_bind4)]
+pub fn lb_sock_post_bind4(ctx: SockContext) -> i32 {
+    refuse_frontend_bind(&ctx)
+}
+
+/// Whether the socket belongs to the node's own network namespace.
+#[inline(always)]
+fn in_node_netns<C: EbpfContext>(ctx: &C) -> Option<u64> {
+    let node = LB_SOCK_CFG_V1.get(0)?.netns_cookie;
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    (node != 0 && cookie == node).then_some(cookie)
+}
+
+/// connect and sendmsg: a frontend destination becomes a backend, chosen as the packet path
+/// chooses (affinity per network namespace, else Maglev), and the socket remembers the frontend.
+#[inline(always)]
+fn to_backend(ctx: &SockAddrContext) -> i32 {
+    let Some(netns) = in_node_netns(ctx) else { return ALLOW };
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let proto = sa.protocol as u8;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return ALLOW;
+    }
+    // user_port holds the port in network order in its low 16 bits.
+    let (frontend_addr, frontend_port) = (sa.user_ip4, sa.user_port as u16);
+    let Some((_, svc)) = lookup_frontend(frontend_addr, frontend_port, proto) else { return ALLOW };
+    if svc.maglev_size == 0 {
+        // No ready endpoint: the call fails at once, as a connection refused would.
+        count_reason(reason::REJECT_NO_BACKEND);
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        return DENY;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let now = unsafe { bpf_ktime_get_ns() };
+    // The socket cookie spreads the sockets of one namespace over the backends.
+    let hash = flow_hash4(cookie as u32, (cookie >> 32) as u32, frontend_port, frontend_port, proto, 0);
+    let affinity = AffinityKeyV1::netns(netns, svc.service_id);
+    let (backend_id, be) = match pick_backend(&svc, &affinity, hash, now) {
+        Ok(picked) => picked,
+        Err(why) => {
+            count_reason(why);
+            return ALLOW;
+        }
+    };
+    let key = SockRevNat4KeyV1 { cookie, backend_addr: be.addr, backend_port: be.port, proto, _pad: 0 };
+    let frontend = SockRevNat4V1 { frontend_addr, frontend_port, _pad: 0 };
+    if LB4_SKRNAT_V1.insert(&key, &frontend, 0).is_err() {
+        count_reason(reason::DROP_CT_FULL);
+        return ALLOW;
+    }
+    remember_affinity(&svc, &affinity, backend_id, now);
+    sa.user_ip4 = be.addr;
+    sa.user_port = be.port as u32;
+    count_reason(reason::FWD_SOCKET);
+    ALLOW
+}
+
+/// recvmsg and getpeername: a backend this socket was sent to shows as its frontend.
+#[inline(always)]
+fn to_frontend(ctx: &SockAddrContext) -> i32 {
+    if in_node_netns(ctx).is_none() {
+        return ALLOW;
+    }
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevNat4KeyV1 { cookie, backend_addr: sa.user_ip4, backend_port: sa.user_port as u16, proto: sa.protocol as u8, _pad: 0 };
+    if let Some(frontend) = unsafe { LB4_SKRNAT_V1.get(&key) } {
+        sa.user_ip4 = frontend.frontend_addr;
+        sa.user_port = frontend.frontend_port as u32;
+    }
+    ALLOW
+}
+
+/// bind: a NodePort, LoadBalancer or ExternalIP frontend's address and port belong to the
+/// load balancer; a node process that binds them would never see its traffic.
+#[inline(always)]
+fn refuse_frontend_bind(ctx: &SockContext) -> i32 {
+    if in_node_netns(ctx).is_none() {
+        return ALLOW;
+    }
+    let sk = unsafe { &*ctx.sock };
+    let proto = sk.protocol as u8;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return ALLOW;
+    }
+    // src_port is in host order here.
+    let port = port_raw(sk.src_port as u16);
+    let frontend = if sk.src_ip4 == 0 {
+        // A wildcard bind takes the port on every node address: the NodePort's.
+        lookup_frontend(0, port, proto).filter(|(key, _)| key.addr == 0)
+    } else {
+        lookup_frontend(sk.src_ip4, port, proto)
+    };
+    match frontend {
+        Some((_, svc)) if svc.kind != KIND_CLUSTER_IP => {
+            count_reason(reason::REJECT_SOCKET_BIND);
+            unsafe { bpf_set_retval(-EADDRINUSE) };
+            DENY
+        }
+        _ => ALLOW,
+    }
+}

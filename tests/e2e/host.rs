@@ -1,0 +1,148 @@
+//! The node itself as a client: processes in the node's network namespace (not in a pod)
+//! reach Services through the cgroup socket hooks, with no iptables or nftables rules.
+use std::{
+    collections::BTreeSet,
+    io::ErrorKind,
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, Result};
+use testbed::{
+    demo::{sock, Demo},
+    servers::{tcp_request, udp_request},
+};
+
+use crate::support::*;
+
+fn reason_count(pin_dir: &std::path::Path, reason: &str) -> Result<u64> {
+    let stats = lbctl_json(pin_dir, &["stats"])?;
+    stats.iter().find(|s| s["reason"] == reason).and_then(|s| s["packets"].as_u64()).ok_or_else(|| anyhow!("no reason {reason}"))
+}
+
+#[test]
+fn node_processes_reach_cluster_ips_node_ports_and_load_balancers() -> Result<()> {
+    let mut demo = Demo::build("h1")?;
+    let manifests = ManifestCopy::new("h1")?;
+    let (_agent, pins) = demo.start_agent(agent_bin(), &manifests.dir, &[])?;
+    let node = &demo.cluster.nodes[0].ns;
+    assert_eq!(node.exec("iptables-save -t nat 2>/dev/null | grep -c -- '^-A' || true")?.trim(), "0", "no NAT rules: only the socket hooks translate");
+    for (what, to) in [("ClusterIP", sock([10, 96, 0, 10], 80)), ("NodePort on its own node", sock([10, 99, 0, 1], 30080)), ("LoadBalancer IP", sock([10, 99, 100, 10], 80))] {
+        let backends: BTreeSet<String> = (0..60).map(|i| Ok(tcp_request(node, to, None, TIMEOUT).map_err(|e| e.context(format!("{what} request {i}")))?.backend)).collect::<Result<_>>()?;
+        assert_eq!(backends.len(), 3, "{what}: 60 connections reach every backend: {backends:?}");
+        let peer = node.run(move || -> Result<SocketAddr> { Ok(TcpStream::connect_timeout(&to, TIMEOUT)?.peer_addr()?) })??;
+        assert_eq!(peer, to, "{what}: getpeername shows the frontend");
+    }
+    // Connected UDP.
+    let udp_to = sock([10, 96, 0, 10], 7);
+    let backends: BTreeSet<String> = (0..60).map(|_| Ok(udp_request(node, udp_to, 0, TIMEOUT)?.backend)).collect::<Result<_>>()?;
+    assert_eq!(backends.len(), 3, "{backends:?}");
+    let peer = node.run(move || -> Result<SocketAddr> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.connect(udp_to)?;
+        Ok(s.peer_addr()?)
+    })??;
+    assert_eq!(peer, udp_to);
+    assert!(reason_count(&pins, "fwd_socket")? >= 4 * 60);
+    Ok(())
+}
+
+#[test]
+fn unconnected_udp_replies_come_from_the_frontend() -> Result<()> {
+    let mut demo = Demo::build("h2")?;
+    let manifests = ManifestCopy::new("h2")?;
+    let (_agent, _pins) = demo.start_agent(agent_bin(), &manifests.dir, &[])?;
+    let to = sock([10, 96, 0, 10], 7);
+    let (from, reply) = demo.cluster.nodes[0].ns.run(move || -> Result<(SocketAddr, String)> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.send_to(b"hello", to)?;
+        let mut buf = [0u8; 512];
+        let (n, from) = s.recv_from(&mut buf)?;
+        Ok((from, String::from_utf8_lossy(&buf[..n]).to_string()))
+    })??;
+    assert_eq!(from, to, "the reply's source is the frontend, not the backend");
+    assert!(reply.starts_with("web-"), "{reply}");
+    Ok(())
+}
+
+#[test]
+fn a_connected_udp_socket_on_a_removed_backend_is_ended() -> Result<()> {
+    let mut demo = Demo::build("h3")?;
+    let manifests = ManifestCopy::new("h3")?;
+    let (_agent, _pins) = demo.start_agent(agent_bin(), &manifests.dir, &[])?;
+    let to = sock([10, 96, 0, 10], 7);
+    let node = demo.cluster.nodes[0].ns.name.clone();
+    let socket = testbed::netns::spawn_in(&node, move || -> Result<UdpSocket> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.connect(to)?;
+        s.set_read_timeout(Some(Duration::from_millis(200)))?;
+        Ok(s)
+    })
+    .join()
+    .map_err(|_| anyhow!("thread panicked"))???;
+    let ask = |s: &UdpSocket| -> std::io::Result<String> {
+        s.send(b"hello")?;
+        let mut buf = [0u8; 512];
+        let n = s.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).split_whitespace().next().unwrap_or("").to_string())
+    };
+    let backend = ask(&socket)?;
+    let index: u8 = backend.trim_start_matches("web-").parse()?;
+    // The backend leaves the Service (the pod itself keeps running and would still answer).
+    let endpoints = manifests.read("endpoints.yaml");
+    manifests.write("endpoints.yaml", &endpoints.replacen(&format!("  - {{addresses: [10.244.1.{}], conditions: {{ready: true}}, nodeName: node-a}}\n", 11 + index), "", 1))?;
+    let changed = Instant::now();
+    let ended = loop {
+        match ask(&socket) {
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => break e,
+            Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+        if changed.elapsed() > Duration::from_secs(3) {
+            return Err(anyhow!("the socket on removed backend {backend} still works after 3 s"));
+        }
+    };
+    assert!(changed.elapsed() < Duration::from_secs(1), "ended {:?} after the change ({ended})", changed.elapsed());
+    // The abort reports ECONNABORTED once and leaves the socket unconnected.
+    assert!(matches!(ended.raw_os_error(), Some(libc::ECONNABORTED | libc::EDESTADDRREQ)), "{ended}");
+    // A new socket reaches a live backend.
+    let fresh = udp_request(&demo.cluster.nodes[0].ns, to, 0, TIMEOUT)?;
+    assert_ne!(fresh.backend, backend);
+    Ok(())
+}
+
+#[test]
+fn node_processes_cannot_bind_a_frontend() -> Result<()> {
+    let mut demo = Demo::build("h4")?;
+    let manifests = ManifestCopy::new("h4")?;
+    let (_agent, pins) = demo.start_agent(agent_bin(), &manifests.dir, &[])?;
+    let results = demo.cluster.nodes[0].ns.run(|| {
+        [
+            TcpListener::bind("0.0.0.0:30080").map(|_| ()),
+            TcpListener::bind("10.99.0.1:30080").map(|_| ()),
+            UdpSocket::bind("0.0.0.0:30007").map(|_| ()),
+            TcpListener::bind("0.0.0.0:30099").map(|_| ()),
+        ]
+        .map(|r| r.map_err(|e| e.kind()))
+    })?;
+    assert_eq!(results[..3], [Err(ErrorKind::AddrInUse), Err(ErrorKind::AddrInUse), Err(ErrorKind::AddrInUse)], "NodePorts are taken");
+    assert_eq!(results[3], Ok(()), "other ports are free");
+    assert!(reason_count(&pins, "reject_socket_bind")? >= 3);
+    Ok(())
+}
+
+#[test]
+fn pod_traffic_is_translated_once() -> Result<()> {
+    let mut demo = Demo::build("h5")?;
+    let manifests = ManifestCopy::new("h5")?;
+    let (_agent, pins) = demo.start_agent(agent_bin(), &manifests.dir, &[])?;
+    let (sockets, packets) = (reason_count(&pins, "fwd_socket")?, reason_count(&pins, "fwd_local_backend")?);
+    let pod_ip = demo.cluster.nodes[0].pods[3].ip;
+    for _ in 0..10 {
+        assert_eq!(tcp_request(demo.client_pod(), sock([10, 96, 0, 10], 80), None, TIMEOUT)?.seen_source, pod_ip);
+    }
+    assert_eq!(reason_count(&pins, "fwd_socket")?, sockets, "the socket hooks leave pods' sockets to TC");
+    assert!(reason_count(&pins, "fwd_local_backend")? >= packets + 10, "TC translated each connection");
+    Ok(())
+}
