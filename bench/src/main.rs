@@ -4,6 +4,7 @@
 mod packet;
 mod plot;
 mod rules;
+mod socket;
 mod stats;
 mod traffic;
 
@@ -21,7 +22,7 @@ struct Args {
     #[arg(long)]
     smoke: bool,
     /// Suites to run.
-    #[arg(long, value_delimiter = ',', default_value = "maglev,packet,dataplanes")]
+    #[arg(long, value_delimiter = ',', default_value = "maglev,packet,dataplanes,socket")]
     suites: Vec<String>,
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
     out: PathBuf,
@@ -51,6 +52,9 @@ fn main() -> Result<()> {
     }
     if args.suites.iter().any(|s| s == "dataplanes") {
         dataplane_suite(&args, &mut md, &mut js)?;
+    }
+    if args.suites.iter().any(|s| s == "socket") {
+        socket_suite(&args, &mut md, &mut js)?;
     }
     writeln!(md, "\nTotal time {:.0} s. Reproduce: `cargo run --release -p lb-bench` (as root).", started.elapsed().as_secs_f64())?;
     std::fs::write(args.out.join("results.md"), &md)?;
@@ -120,7 +124,8 @@ fn packet_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String, s
     Ok(())
 }
 
-fn dataplane_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String, serde_json::Value>) -> Result<()> {
+/// The traffic suites' settings: k6 scripts, the agent binary, a scratch directory.
+fn traffic_config(args: &Args) -> Result<traffic::Config> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let agent_bin = match &args.agent_bin {
         Some(path) => path.clone(),
@@ -128,11 +133,34 @@ fn dataplane_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String
     };
     anyhow::ensure!(agent_bin.exists(), "{} is missing: build it first (cargo build --release --bins)", agent_bin.display());
     let work_dir = std::env::temp_dir().join(format!("lb-bench-{}", std::process::id()));
-    let cfg = if args.smoke {
-        traffic::Config { sizes: vec![1, 10], runs: 1, duration: "1s".into(), vus: 4, rate: 50, k6_dir: root.join("k6"), agent_bin, work_dir: work_dir.clone() }
+    Ok(if args.smoke {
+        traffic::Config { sizes: vec![1, 10], runs: 1, duration: "1s".into(), vus: 4, rate: 50, k6_dir: root.join("k6"), agent_bin, work_dir }
     } else {
-        traffic::Config { sizes: vec![1, 1_000, 10_000], runs: 5, duration: "5s".into(), vus: 16, rate: 200, k6_dir: root.join("k6"), agent_bin, work_dir: work_dir.clone() }
-    };
+        traffic::Config { sizes: vec![1, 1_000, 10_000], runs: 5, duration: "5s".into(), vus: 16, rate: 200, k6_dir: root.join("k6"), agent_bin, work_dir }
+    })
+}
+
+fn socket_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    let cfg = traffic_config(args)?;
+    let result = socket::run(&cfg);
+    let _ = std::fs::remove_dir_all(&cfg.work_dir);
+    let (rows, ratio) = result?;
+    writeln!(
+        md,
+        "\n## Node processes through the socket hook\n\nk6 `churn.js` ({} VUs, {}, a new connection per request) in the node's own network namespace, to a ClusterIP (translated at connect by the cgroup hook) and straight to its one backend, interleaved. Median of {} runs (min-max).\n\n| target | new conns/s |\n|---|---|",
+        cfg.vus, cfg.duration, cfg.runs
+    )?;
+    for r in &rows {
+        writeln!(md, "| {} | {} |", r.target, r.conns_per_s.show(0))?;
+    }
+    writeln!(md, "\nClusterIP / backend, per run: {} (goal: within 5%, so >= 0.95).", ratio.show(3))?;
+    js.insert("socket".into(), json!({"rows": rows.iter().map(|r| json!({"target": r.target, "conns_per_s": r.conns_per_s.median, "min": r.conns_per_s.min, "max": r.conns_per_s.max})).collect::<Vec<_>>(), "ratio": ratio.median, "ratio_min": ratio.min, "ratio_max": ratio.max}));
+    Ok(())
+}
+
+fn dataplane_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    let cfg = traffic_config(args)?;
+    let work_dir = cfg.work_dir.clone();
     let result = traffic::run(&cfg);
     let _ = std::fs::remove_dir_all(&work_dir);
     let rows = result?;

@@ -77,7 +77,7 @@ fn write_manifests(dir: &Path, svcs: &[rules::Service]) -> Result<()> {
 }
 
 /// One k6 run from the client namespace; the parsed `--summary-export`.
-fn k6(cfg: &Config, client: &str, script: &str, target: Ipv4Addr, env: &[(&str, String)]) -> Result<Value> {
+pub fn k6(cfg: &Config, client: &str, script: &str, target: impl std::fmt::Display, env: &[(&str, String)]) -> Result<Value> {
     let out = cfg.work_dir.join("k6-summary.json");
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", client, "k6", "run", "--quiet", "--no-usage-report", "--no-color"])
@@ -169,7 +169,8 @@ pub fn run(cfg: &Config) -> Result<Vec<Row>> {
         write_manifests(&manifests, &svcs)?;
         let pins = cluster.pin_dir()?;
         let log = cfg.work_dir.join(format!("agent-{n}.log"));
-        let args: Vec<String> = ["--manifests", manifests.to_str().unwrap(), "--node-name", "node-a", "--external-devices", "eth0", "--pin-dir", pins.to_str().unwrap(), "--maglev-table-size", "251"]
+        // Only outside clients here: the socket hooks are not part of this comparison.
+        let args: Vec<String> = ["--manifests", manifests.to_str().unwrap(), "--node-name", "node-a", "--external-devices", "eth0", "--pin-dir", pins.to_str().unwrap(), "--maglev-table-size", "251", "--socket-lb=false"]
             .iter()
             .map(|s| s.to_string())
             .collect();

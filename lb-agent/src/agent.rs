@@ -166,7 +166,11 @@ impl Agent {
             }
             return Ok(());
         };
-        let cgroup = std::fs::File::open(&cgroup_path).with_context(|| format!("opening cgroup {} (--cgroup-root; --socket-lb=false turns socket-level balancing off)", cgroup_path.display()))?;
+        let hint = "--cgroup-root names a cgroup v2 directory; --socket-lb=false turns socket-level balancing off";
+        let cgroup = std::fs::File::open(&cgroup_path).with_context(|| format!("opening cgroup {} ({hint})", cgroup_path.display()))?;
+        if !node::is_cgroup2(&cgroup)? {
+            bail!("{} is not a cgroup v2 directory ({hint})", cgroup_path.display());
+        }
         // Attached through bpf links, which always coexist with other programs on the cgroup
         // (link attach takes no ALLOW_MULTI flag: "Single" passes none).
         self.dataplane.set_sock_config(SockConfigV1 { netns_cookie: node::netns_cookie()? })?;
