@@ -85,6 +85,12 @@ fn daemonset_runs_on_every_node_with_probes_and_without_privilege() {
     assert!(agent["resources"]["requests"]["cpu"].is_string() && agent["resources"]["requests"]["memory"].is_string());
     let mounts: Vec<&str> = agent["volumeMounts"].as_sequence().unwrap().iter().map(|m| m["mountPath"].as_str().unwrap()).collect();
     assert!(mounts.contains(&"/sys/fs/bpf"));
+    // The socket hooks attach to the host's cgroup v2 root, mounted where --cgroup-root says.
+    assert!(mounts.contains(&"/run/lb/cgroupv2"));
+    let args: Vec<&str> = agent["command"].as_sequence().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    assert!(args.contains(&"--cgroup-root=/run/lb/cgroupv2"), "{args:?}");
+    let env: Vec<&str> = agent["env"].as_sequence().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert!(env.contains(&"K8S_API_SERVER"), "the API server address comes from the ConfigMap: {env:?}");
     // The init step mounts bpffs when the host has none.
     let init = &pod["initContainers"][0];
     assert!(init["command"].as_sequence().unwrap().iter().any(|c| c.as_str().unwrap_or("").contains("mount -t bpf bpf /sys/fs/bpf")));

@@ -102,7 +102,8 @@ fn main() -> Result<()> {
     let cfg = AgentConfig {
         source: match args.manifests {
             Some(dir) => SourceConfig::Manifests(dir),
-            None => SourceConfig::Kubernetes { kubeconfig: args.kubeconfig, api_server: args.k8s_api_server },
+            // An empty value (an unset ConfigMap key) means "not given".
+            None => SourceConfig::Kubernetes { kubeconfig: args.kubeconfig, api_server: args.k8s_api_server.filter(|s| !s.is_empty()) },
         },
         node_name: args.node_name,
         node_ip: args.node_ip,
