@@ -67,6 +67,8 @@ pub struct Agent {
     last_good: BTreeMap<ServiceName, Vec<Claim>>,
     reported: BTreeSet<String>,
     health_servers: ServiceHealthServers,
+    /// Cgroup ids the socket hooks skip (opted-out pods).
+    sock_skip: BTreeSet<u64>,
     /// kube-proxy's notion of health: synced, and syncs succeeding.
     pub proxy_health: ProxyHealth,
     tc_links: HashMap<u32, String>,
@@ -94,7 +96,7 @@ impl Agent {
             info!("adopted {adopted} frontends from the maps pinned in {}; conntrack kept", cfg.pin_dir.display());
         }
         let netlink = node::connect()?;
-        let source = Source::open(&cfg.source).await?;
+        let source = Source::open(&cfg.source, &cfg.node_name).await?;
         // Frontends an earlier agent programmed stay with their Services when claims collide.
         let mut last_good: BTreeMap<ServiceName, Vec<Claim>> = BTreeMap::new();
         for (key, name, _) in dataplane.frontends() {
@@ -106,6 +108,7 @@ impl Agent {
         let proxy_health = ProxyHealth { ready: ready.clone(), ..ProxyHealth::new((cfg.sync_interval * 4).max(Duration::from_secs(2))) };
         let mut agent = Self {
             health_servers: ServiceHealthServers::new(proxy_health.clone()),
+            sock_skip: BTreeSet::new(),
             proxy_health,
             cfg,
             ebpf,
@@ -205,6 +208,7 @@ impl Agent {
         self.sync_node().await?;
         self.sync_pod_devices().await?;
         self.sync_services()?;
+        self.sync_socket_opt_outs()?;
         if self.last_export.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             self.last_export = Some(Instant::now());
             crate::metrics::export_datapath(&self.dataplane)?;
@@ -239,6 +243,20 @@ impl Agent {
         self.dataplane.set_config(ConfigV1 { hash_seed: self.cfg.hash_seed, snat_addr: ip4_raw(snat.octets()), nat_port_min: NAT_PORT_MIN, nat_port_max: NAT_PORT_MAX, _pad: 0 })?;
         info!("node addresses {:?}; SNAT address {snat}", ips.iter().map(|(ip, _)| ip).collect::<Vec<_>>());
         self.node_ips = ips;
+        Ok(())
+    }
+
+    /// Points the socket hooks past the cgroups of host-network pods that opted out, and of
+    /// their containers (found anew each pass: containers come and go).
+    fn sync_socket_opt_outs(&mut self) -> Result<()> {
+        let Some(root) = self.cfg.socket_lb_cgroup.clone() else { return Ok(()) };
+        let uids = self.cluster_state().map(|s| translate::socket_lb_opt_outs(&s, &self.cfg.node_name)).unwrap_or_default();
+        let ids = if uids.is_empty() { BTreeSet::new() } else { node::pod_cgroup_ids(&root, &uids) };
+        if ids != self.sock_skip {
+            self.dataplane.set_sock_skip(&ids)?;
+            info!("socket hooks skip {} cgroups of {} opted-out pods", ids.len(), uids.len());
+            self.sock_skip = ids;
+        }
         Ok(())
     }
 

@@ -115,3 +115,32 @@ pub fn is_cgroup2(dir: &std::fs::File) -> Result<bool> {
     }
     Ok(st.f_type as i64 == CGROUP2_SUPER_MAGIC)
 }
+
+/// Cgroup ids (inode numbers, what `bpf_get_current_cgroup_id` returns) of the pod cgroups of
+/// `uids` under `root` and of everything below them. kubelet names a pod's cgroup after its
+/// UID: `pod<uid>` (cgroupfs driver) or `...-pod<uid with _>.slice` (systemd driver).
+pub fn pod_cgroup_ids(root: &std::path::Path, uids: &[String]) -> std::collections::BTreeSet<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let names: Vec<String> = uids.iter().flat_map(|u| [format!("pod{u}"), format!("pod{}", u.replace('-', "_"))]).collect();
+    let mut ids = std::collections::BTreeSet::new();
+    // (directory, inside a matching pod cgroup), depth-first; kubelet nests pods a few levels down.
+    let mut stack = vec![(root.to_path_buf(), false, 0)];
+    while let Some((dir, inside, depth)) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_dir() {
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let matches = inside || names.iter().any(|n| name == *n || name.ends_with(&format!("-{n}.slice")));
+            if matches {
+                ids.insert(meta.ino());
+            }
+            if matches || depth < 6 {
+                stack.push((entry.path(), matches, depth + 1));
+            }
+        }
+    }
+    ids
+}

@@ -7,7 +7,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Node, Service, ServicePort, ServiceSpec},
+    core::v1::{Node, Pod, Service, ServicePort, ServiceSpec},
     discovery::v1::EndpointSlice,
 };
 use lb_common::*;
@@ -47,6 +47,23 @@ pub struct ClusterState {
     pub services: Vec<Sourced<Service>>,
     pub slices: Vec<Sourced<EndpointSlice>>,
     pub nodes: Vec<Sourced<Node>>,
+    /// Pods of this node (only their socket-LB opt-out is read).
+    pub pods: Vec<Sourced<Pod>>,
+}
+
+/// A host-network pod with this annotation set to "disabled" is left alone by the socket hooks:
+/// its processes see the real destinations they connect to.
+pub const SOCKET_LB_ANNOTATION: &str = "lb-agent.io/socket-lb";
+
+/// UIDs of this node's host-network pods that opted out of socket-level balancing.
+pub fn socket_lb_opt_outs(state: &ClusterState, node_name: &str) -> Vec<String> {
+    let opted_out = |pod: &Pod| {
+        let spec = pod.spec.as_ref();
+        spec.and_then(|s| s.node_name.as_deref()) == Some(node_name)
+            && spec.and_then(|s| s.host_network) == Some(true)
+            && pod.metadata.annotations.as_ref().and_then(|a| a.get(SOCKET_LB_ANNOTATION)).map(String::as_str) == Some("disabled")
+    };
+    state.pods.iter().filter(|p| opted_out(&p.object)).filter_map(|p| p.object.metadata.uid.clone()).collect()
 }
 
 /// Services carrying this label belong to another proxy (KEP-2447).

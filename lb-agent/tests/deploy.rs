@@ -58,7 +58,7 @@ fn rbac_grants_only_reads_and_status_patches() {
     }
     grants.sort();
     let mut want: Vec<(String, String, String)> = Vec::new();
-    for (group, resource) in [("", "services"), ("", "nodes"), ("discovery.k8s.io", "endpointslices")] {
+    for (group, resource) in [("", "services"), ("", "nodes"), ("", "pods"), ("discovery.k8s.io", "endpointslices")] {
         for verb in ["get", "list", "watch"] {
             want.push((group.into(), resource.into(), verb.into()));
         }

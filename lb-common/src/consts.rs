@@ -13,6 +13,8 @@ pub const MAX_FLOWS: u32 = 262_144;
 pub const MAX_AFFINITY: u32 = 262_144;
 /// Capacity of `LB4_SRCRANGE_V1`: CIDRs of every Service's `loadBalancerSourceRanges`, summed.
 pub const MAX_SOURCE_RANGES: u32 = 65_536;
+/// Capacity of `LB_SOCK_SKIP_V1`.
+pub const MAX_SOCK_SKIP: u32 = 4_096;
 /// Capacity of `LB4_SKRNAT_V1` (an LRU: sockets long closed go first).
 pub const MAX_SOCKETS: u32 = 262_144;
 /// Slots of `LB_REASON_V1`: more than there are reasons, so new reasons never resize the pinned map.

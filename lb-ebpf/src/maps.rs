@@ -37,6 +37,8 @@ pub static LB_AFF_MATCH_V1: HashMap<AffinityMatchKeyV1, u8> = HashMap::pinned(MA
 #[map]
 pub static LB_SOCK_CFG_V1: Array<SockConfigV1> = Array::pinned(1, 0);
 #[map]
+pub static LB_SOCK_SKIP_V1: HashMap<u64, u8> = HashMap::pinned(MAX_SOCK_SKIP, 0);
+#[map]
 pub static LB4_SKRNAT_V1: LruHashMap<SockRevNat4KeyV1, SockRevNat4V1> = LruHashMap::pinned(MAX_SOCKETS, 0);
 #[map]
 pub static LB4_SRCRANGE_V1: LpmTrie<SourceRange4V1, u8> = LpmTrie::pinned(MAX_SOURCE_RANGES, 0);

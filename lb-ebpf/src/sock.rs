@@ -6,7 +6,7 @@
 //! (pods, other nodes sharing the machine) are left to the packet hooks, so nothing is
 //! translated twice.
 use aya_ebpf::{
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
     macros::{cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
     EbpfContext,
@@ -15,7 +15,7 @@ use lb_common::*;
 
 use crate::{
     lb::{lookup_frontend, pick_backend, remember_affinity},
-    maps::{count_reason, LB4_SKRNAT_V1, LB_SOCK_CFG_V1},
+    maps::{count_reason, LB4_SKRNAT_V1, LB_SOCK_CFG_V1, LB_SOCK_SKIP_V1},
 };
 
 /// The hook's verdicts: go on, or fail the call (with the errno set by `bpf_set_retval`).
@@ -49,12 +49,20 @@ pub fn lb_sock_post_bind4(ctx: SockContext) -> i32 {
     refuse_frontend_bind(&ctx)
 }
 
-/// Whether the socket belongs to the node's own network namespace.
+/// The netns cookie when the socket belongs to the node's own network namespace and its
+/// process has not opted out (a pod annotated to see real destinations).
 #[inline(always)]
 fn in_node_netns<C: EbpfContext>(ctx: &C) -> Option<u64> {
     let node = LB_SOCK_CFG_V1.get(0)?.netns_cookie;
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    (node != 0 && cookie == node).then_some(cookie)
+    if node == 0 || cookie != node {
+        return None;
+    }
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    if unsafe { LB_SOCK_SKIP_V1.get(&cgroup) }.is_some() {
+        return None;
+    }
+    Some(cookie)
 }
 
 /// connect and sendmsg: a frontend destination becomes a backend, chosen as the packet path

@@ -19,8 +19,9 @@ use testbed::netns::{spawn_in, Netns};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
-/// The three kinds the agent watches: (kind, list path).
-const KINDS: [(&str, &str); 3] = [("Service", "/api/v1/services"), ("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices"), ("Node", "/api/v1/nodes")];
+/// The kinds the agent watches: (kind, list path). Field selectors (the agent asks for its own
+/// node's pods) are not applied: every pod is served, as a permissive server would.
+const KINDS: [(&str, &str); 4] = [("Service", "/api/v1/services"), ("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices"), ("Node", "/api/v1/nodes"), ("Pod", "/api/v1/pods")];
 
 #[derive(Clone)]
 struct Event {

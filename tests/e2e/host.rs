@@ -146,3 +146,48 @@ fn pod_traffic_is_translated_once() -> Result<()> {
     assert!(reason_count(&pins, "fwd_local_backend")? >= packets + 10, "TC translated each connection");
     Ok(())
 }
+
+/// Cgroup directories made for a test, removed (deepest first) on drop.
+struct CgroupDirs(Vec<std::path::PathBuf>);
+
+impl Drop for CgroupDirs {
+    fn drop(&mut self) {
+        for dir in self.0.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+#[test]
+fn a_host_network_pod_that_opts_out_sees_real_destinations() -> Result<()> {
+    let mut demo = Demo::build("h6")?;
+    let manifests = ManifestCopy::new("h6")?;
+    let uid = "0b7e6c1a-6f4d-4c53-9d8e-3c2a1f0e9d86";
+    manifests.write(
+        "pod.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: node-agent, namespace: kube-system, uid: {uid}, annotations: {{lb-agent.io/socket-lb: disabled}}}}\n\
+             spec: {{nodeName: node-a, hostNetwork: true, containers: [{{name: agent, image: example.org/agent}}]}}\n"
+        ),
+    )?;
+    // The pod's cgroup as kubelet's systemd driver names it, with a container inside.
+    let slice = demo.cluster.cgroup.dir.join(format!("lbtest-{}.slice", demo.cluster.prefix));
+    let pod = slice.join(format!("kubepods-pod{}.slice", uid.replace('-', "_")));
+    let container = pod.join("cri-containerd-0123abcd.scope");
+    let _dirs = CgroupDirs(vec![slice.clone(), pod.clone(), container.clone()]);
+    for dir in [&slice, &pod, &container] {
+        std::fs::create_dir(dir)?;
+    }
+    let (mut agent, _pins) = demo.start_agent(agent_bin(), &manifests.dir, &[])?;
+    agent.wait_for_log("socket hooks skip 2 cgroups of 1 opted-out pods", Duration::from_secs(5))?;
+
+    let client = "import socket\ns = socket.socket()\ns.settimeout(1)\ntry:\n    s.connect((\"10.96.0.10\", 80))\n    s.sendall(b\"hello\\n\")\n    print(\"answered\", s.recv(100).decode().split()[0])\nexcept OSError as e:\n    print(\"failed\", e.errno)\n";
+    std::fs::write(manifests.dir.join("client.py"), client)?;
+    let node = &demo.cluster.nodes[0].ns;
+    let script = manifests.dir.join("client.py").display().to_string();
+    let outside = node.exec(&format!("python3 {script}"))?;
+    assert!(outside.starts_with("answered web-"), "any other node process is balanced: {outside}");
+    let inside = node.exec(&format!("echo $$ > {}/cgroup.procs && exec python3 {script}", container.display()))?;
+    assert_eq!(inside.trim(), format!("failed {}", libc::ENETUNREACH), "the opted-out pod's process connects to the ClusterIP itself, which no route leads to");
+    Ok(())
+}

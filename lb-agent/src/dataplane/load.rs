@@ -46,7 +46,7 @@ pub fn load(pin_dir: &Path, sizes: &MapSizes) -> Result<Ebpf> {
 
 /// Key and value sizes of every map of schema v1, as the kernel reports them, and the
 /// capacity where the schema fixes it (the rest are sized by flags).
-fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 17] {
+fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 18] {
     use lb_common::*;
     use std::mem::size_of;
     [
@@ -67,6 +67,7 @@ fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 17] {
         (MAP_SOURCE_RANGES, 4 + size_of::<SourceRange4V1>(), 1, None),
         (MAP_SOCK_CONFIG, 4, size_of::<SockConfigV1>(), None),
         (MAP_SOCK_REVNAT, size_of::<SockRevNat4KeyV1>(), size_of::<SockRevNat4V1>(), None),
+        (MAP_SOCK_SKIP, 8, 1, None),
     ]
 }
 

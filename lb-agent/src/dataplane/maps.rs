@@ -26,6 +26,7 @@ pub struct Maps {
     pub source_ranges: LpmTrie<MapData, SourceRange4V1, u8>,
     pub sock_config: Array<MapData, SockConfigV1>,
     pub sock_revnat: HashMap<MapData, SockRevNat4KeyV1, SockRevNat4V1>,
+    pub sock_skip: HashMap<MapData, u64, u8>,
     /// Capacity of the conntrack (and reverse-NAT) map, which the loader may have resized.
     pub flow_capacity: u32,
 }
@@ -75,6 +76,7 @@ impl Maps {
             source_ranges: typed!(MAP_SOURCE_RANGES),
             sock_config: typed!(MAP_SOCK_CONFIG),
             sock_revnat: typed!(MAP_SOCK_REVNAT),
+            sock_skip: typed!(MAP_SOCK_SKIP),
         })
     }
 

@@ -214,6 +214,18 @@ impl Dataplane {
         })
     }
 
+    /// Makes the socket hooks skip exactly the cgroups in `ids`.
+    pub fn set_sock_skip(&mut self, ids: &std::collections::BTreeSet<u64>) -> Result<()> {
+        for id in ids {
+            self.maps.sock_skip.insert(id, &1, 0).with_context(|| format!("writing {MAP_SOCK_SKIP}"))?;
+        }
+        let stale: Vec<u64> = self.maps.sock_skip.keys().filter_map(|k| k.ok()).filter(|k| !ids.contains(k)).collect();
+        for id in stale {
+            self.maps.sock_skip.remove(&id)?;
+        }
+        Ok(())
+    }
+
     /// Tells the socket hooks which network namespace is the node's.
     pub fn set_sock_config(&mut self, config: SockConfigV1) -> Result<()> {
         self.maps.sock_config.set(0, &config, 0).with_context(|| format!("writing {MAP_SOCK_CONFIG}"))

@@ -9,7 +9,7 @@ use std::sync::{
 
 use futures_util::StreamExt;
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use ::kube::{
@@ -28,6 +28,8 @@ pub struct KubeSource {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     nodes: Store<Node>,
+    /// This node's pods, for the socket-LB opt-out; not waited for (it only narrows the hooks).
+    pods: Store<Pod>,
     synced: [Arc<AtomicBool>; 3],
     /// Set by every watch event; cleared by `take_changed`.
     changed: Arc<AtomicBool>,
@@ -37,14 +39,16 @@ pub struct KubeSource {
 
 impl KubeSource {
     /// Starts the three watches on the current tokio runtime.
-    pub fn start(client: Client) -> Self {
+    pub fn start(client: Client, node_name: &str) -> Self {
         let changed = Arc::new(AtomicBool::new(true));
         let notify = Arc::new(Notify::new());
         let synced = [Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false))];
         let services = watch(Api::<Service>::all(client.clone()), &synced[0], &changed, &notify);
         let slices = watch(Api::<EndpointSlice>::all(client.clone()), &synced[1], &changed, &notify);
-        let nodes = watch(Api::<Node>::all(client), &synced[2], &changed, &notify);
-        Self { services, slices, nodes, synced, changed, notify }
+        let nodes = watch(Api::<Node>::all(client.clone()), &synced[2], &changed, &notify);
+        let on_this_node = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
+        let pods = watch_with(Api::<Pod>::all(client), on_this_node, &Arc::new(AtomicBool::new(false)), &changed, &notify);
+        Self { services, slices, nodes, pods, synced, changed, notify }
     }
 
     /// True once every watch has completed its first full list.
@@ -62,7 +66,7 @@ impl KubeSource {
         if !self.synced() {
             return None;
         }
-        Some(ClusterState { services: sourced(&self.services), slices: sourced(&self.slices), nodes: sourced(&self.nodes) })
+        Some(ClusterState { services: sourced(&self.services), slices: sourced(&self.slices), nodes: sourced(&self.nodes), pods: sourced(&self.pods) })
     }
 }
 
@@ -74,10 +78,17 @@ fn watch<K>(api: Api<K>, synced: &Arc<AtomicBool>, changed: &Arc<AtomicBool>, no
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
+    watch_with(api, watcher::Config::default(), synced, changed, notify)
+}
+
+fn watch_with<K>(api: Api<K>, config: watcher::Config, synced: &Arc<AtomicBool>, changed: &Arc<AtomicBool>, notify: &Arc<Notify>) -> Store<K>
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
     let (reader, writer) = reflector::store();
     let kind = K::kind(&()).to_string();
     let (synced, changed, notify) = (synced.clone(), changed.clone(), notify.clone());
-    let stream = watcher(api, watcher::Config::default()).default_backoff().reflect(writer);
+    let stream = watcher(api, config).default_backoff().reflect(writer);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {

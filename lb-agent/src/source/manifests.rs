@@ -6,7 +6,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use serde::Deserialize;
@@ -82,6 +82,7 @@ impl ManifestDir {
             all.services.extend(f.state.services.iter().cloned());
             all.slices.extend(f.state.slices.iter().cloned());
             all.nodes.extend(f.state.nodes.iter().cloned());
+            all.pods.extend(f.state.pods.iter().cloned());
         }
         all
     }
@@ -91,7 +92,7 @@ impl ManifestDir {
     }
 }
 
-/// Parses one file: every document must be a well-formed Service, EndpointSlice or Node
+/// Parses one file: every document must be a well-formed Service, EndpointSlice, Node or Pod
 /// (other kinds are ignored, as a proxy ignores them). One bad document fails the file.
 pub fn parse_manifest(origin: &str, text: &str) -> Result<ClusterState, ObjectError> {
     let mut state = ClusterState::default();
@@ -118,6 +119,7 @@ pub fn parse_manifest(origin: &str, text: &str) -> Result<ClusterState, ObjectEr
             "Service" => state.services.push(typed!(Service)),
             "EndpointSlice" => state.slices.push(typed!(EndpointSlice)),
             "Node" => state.nodes.push(typed!(Node)),
+            "Pod" => state.pods.push(typed!(Pod)),
             "" => return Err(doc_err(format!("document {}", i + 1), "kind", "is missing".into())),
             _ => {}
         }

@@ -42,10 +42,10 @@ pub struct Poll {
 
 impl Source {
     /// Opens the source; Kubernetes mode starts its watches on the current tokio runtime.
-    pub async fn open(cfg: &SourceConfig) -> Result<Self> {
+    pub async fn open(cfg: &SourceConfig, node_name: &str) -> Result<Self> {
         Ok(match cfg {
             SourceConfig::Manifests(dir) => Source::Manifests(ManifestDir::new(dir)),
-            SourceConfig::Kubernetes { kubeconfig, api_server } => Source::Kubernetes(KubeSource::start(kube_client(kubeconfig.as_deref(), api_server.as_deref()).await?)),
+            SourceConfig::Kubernetes { kubeconfig, api_server } => Source::Kubernetes(KubeSource::start(kube_client(kubeconfig.as_deref(), api_server.as_deref()).await?, node_name)),
         })
     }
 

@@ -28,7 +28,7 @@ pub use socket::*;
 pub use source_range::*;
 
 /// Every pinned map of schema v1.
-pub const ALL_MAPS: [&str; 17] = [
+pub const ALL_MAPS: [&str; 18] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_MAGLEV,
@@ -46,6 +46,7 @@ pub const ALL_MAPS: [&str; 17] = [
     MAP_SOURCE_RANGES,
     MAP_SOCK_CONFIG,
     MAP_SOCK_REVNAT,
+    MAP_SOCK_SKIP,
 ];
 
 /// Marks map types as plain old data for aya (user space only).

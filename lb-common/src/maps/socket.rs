@@ -4,6 +4,9 @@
 /// Array with one `SockConfigV1`: written by the agent; the socket hooks translate only
 /// sockets of the namespace it names.
 pub const MAP_SOCK_CONFIG: &str = "LB_SOCK_CFG_V1";
+/// Hash `cgroup id -> u8`: cgroups whose processes the socket hooks leave alone (pods that
+/// asked to see real destinations, and their containers).
+pub const MAP_SOCK_SKIP: &str = "LB_SOCK_SKIP_V1";
 /// LRU hash `SockRevNat4KeyV1 -> SockRevNat4V1`: for a socket sent to a backend, the frontend
 /// its application asked for (getpeername, and the source of unconnected UDP replies).
 pub const MAP_SOCK_REVNAT: &str = "LB4_SKRNAT_V1";
