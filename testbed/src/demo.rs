@@ -112,6 +112,14 @@ pub fn run(bin_dir: &Path, manifests: &Path) -> Result<()> {
         }
     }
 
+    let node = &demo.cluster.nodes[0].ns;
+    println!("== a process in node-a's own network namespace (not a pod) -> ClusterIP and NodePort (cgroup socket hooks)");
+    for i in 0..3 {
+        show(&format!("TCP 10.96.0.10:80 connection {i}"), tcp_request(node, sock([10, 96, 0, 10], 80), None, timeout));
+    }
+    show("UDP 10.96.0.10:7", udp_request(node, sock([10, 96, 0, 10], 7), 0, timeout));
+    show("TCP its own NodePort 10.99.0.1:30080", tcp_request(node, sock([10, 99, 0, 1], 30080), None, timeout));
+
     let lbctl = bin_dir.join("lbctl");
     for args in [vec!["service", "list"], vec!["maglev", "get", "demo/web:http/TCP"], vec!["affinity", "list"], vec!["stats"]] {
         println!("== lbctl {}", args.join(" "));
