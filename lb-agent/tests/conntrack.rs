@@ -57,7 +57,10 @@ fn gc_expires_flows_by_state_and_takes_their_reverse_nat_along() -> Result<()> {
         };
         tb.dataplane.apply(&[backend(IPPROTO_TCP), backend(IPPROTO_UDP)])?;
         // 1001: SYN only. 1002: established (SYN, SYN-ACK back, ACK). 1003: closing (FIN). 1004: UDP.
+        // 1005: half-open (SYN, SYN-ACK back, and the client never answers: a SYN flood's).
         tb.run_tc(&tcp(CLIENT, VIP, 1001, 80, "S"))?;
+        tb.run_tc(&tcp(CLIENT, VIP, 1005, 80, "S"))?;
+        tb.run_tc(&tcp(BACKEND, CLIENT, 8080, 1005, "SA"))?;
         tb.run_tc(&tcp(CLIENT, VIP, 1002, 80, "S"))?;
         tb.run_tc(&tcp(BACKEND, CLIENT, 8080, 1002, "SA"))?;
         tb.run_tc(&tcp(CLIENT, VIP, 1002, 80, "A"))?;
@@ -67,15 +70,15 @@ fn gc_expires_flows_by_state_and_takes_their_reverse_nat_along() -> Result<()> {
         tb.run_tc(&udp(CLIENT, VIP, 1004, 80))?;
         let maps = &mut tb.dataplane.maps;
         let now = monotonic_ns();
-        assert_eq!(maps.reverse_nat.keys().count(), 4);
+        assert_eq!(maps.reverse_nat.keys().count(), 5);
 
         let stats = gc(maps, now + S)?;
-        assert_eq!((stats.flows_kept, stats.flows_removed), (4, 0), "nothing is a second past its lifetime");
+        assert_eq!((stats.flows_kept, stats.flows_removed), (5, 0), "nothing is a second past its lifetime");
         gc(maps, now + 11 * S)?;
-        assert_eq!(flows(&tb), [1001, 1002, 1004], "closing: 10 s");
+        assert_eq!(flows(&tb), [1001, 1002, 1004, 1005], "closing: 10 s");
         let maps = &mut tb.dataplane.maps;
         gc(maps, now + 61 * S)?;
-        assert_eq!(flows(&tb), [1002], "SYN only and UDP: 60 s");
+        assert_eq!(flows(&tb), [1002], "SYN only, half-open and UDP: 60 s");
         let maps = &mut tb.dataplane.maps;
         gc(maps, now + 21_599 * S)?;
         assert_eq!(flows(&tb), [1002], "established: 6 h");

@@ -679,3 +679,28 @@ fn icmp_errors_about_translated_flows_reach_the_client_about_the_frontend() -> R
         Ok(())
     })
 }
+
+#[test]
+fn a_full_maglev_array_still_takes_an_endpoint_change_in_place() -> Result<()> {
+    in_private_netns(|| {
+        // Room for one 509-slot table only: the service's new table cannot go to a fresh slice.
+        let mut tb = Testbed::new(&MapSizes { maglev_slots: Some(600), ..Default::default() })?;
+        let svc = frontend(VIP, 80, IPPROTO_TCP, KIND_CLUSTER_IP, &BACKENDS, true);
+        tb.dataplane.apply(std::slice::from_ref(&svc))?;
+        let before = tb.dataplane.service(&svc.key).unwrap();
+        let removed = BACKENDS[1];
+        let removed_id = tb.dataplane.backend_id(&svc.backends[1]).unwrap();
+        let shrunk = frontend(VIP, 80, IPPROTO_TCP, KIND_CLUSTER_IP, &[BACKENDS[0], BACKENDS[2]], true);
+        let stats = tb.dataplane.apply(std::slice::from_ref(&shrunk))?;
+        assert_eq!((stats.updated, stats.failed.len()), (1, 0), "{:?}", stats.failed);
+        let after = tb.dataplane.service(&svc.key).unwrap();
+        assert_eq!((after.maglev_offset, after.maglev_size), (before.maglev_offset, before.maglev_size), "rewritten in place");
+        for slot in after.maglev_offset..after.maglev_offset + after.maglev_size {
+            assert_ne!(tb.dataplane.maps.maglev.get(&slot, 0)?, removed_id, "slot {slot} still names the removed backend");
+        }
+        for sport in 52000..52040u16 {
+            assert_ne!(decode(&tb.run_xdp(&tcp_syn(CLIENT, VIP, sport, 80))?.1).dst, removed, "no new flow goes to the removed backend");
+        }
+        Ok(())
+    })
+}

@@ -96,16 +96,36 @@ pub const NAT_PORT_TRIES: u32 = 16;
 
 /// How long a tracked flow lives without packets, from the TCP flags seen in each direction.
 /// Shared by the kernel (none today) and the agent's conntrack GC, so both agree on expiry.
+/// A TCP flow is established only once the client has acknowledged the backend's SYN-ACK: a
+/// half-open flow (a SYN flood's) lives as briefly as a lone SYN.
 pub const fn ct_lifetime_ns(proto: u8, forward_flags: u8, reply_flags: u8) -> u64 {
     if proto != IPPROTO_TCP {
         return CT_TIMEOUT_UDP_NS;
     }
     let seen = forward_flags | reply_flags;
+    let handshake_done = reply_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK && forward_flags & TCP_ACK != 0;
     if seen & (TCP_FIN | TCP_RST) != 0 {
         CT_TIMEOUT_TCP_CLOSING_NS
-    } else if reply_flags & TCP_ACK != 0 {
+    } else if handshake_done {
         CT_TIMEOUT_TCP_ESTABLISHED_NS
     } else {
         CT_TIMEOUT_TCP_SYN_NS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_is_established_only_after_the_clients_ack() {
+        let life = |fwd, rev| ct_lifetime_ns(IPPROTO_TCP, fwd, rev);
+        assert_eq!(life(TCP_SYN, 0), CT_TIMEOUT_TCP_SYN_NS, "a lone SYN");
+        assert_eq!(life(TCP_SYN, TCP_SYN | TCP_ACK), CT_TIMEOUT_TCP_SYN_NS, "half-open: the backend answered, the client never did");
+        assert_eq!(life(TCP_SYN | TCP_ACK, TCP_SYN | TCP_ACK), CT_TIMEOUT_TCP_ESTABLISHED_NS);
+        assert_eq!(life(TCP_SYN | TCP_ACK, TCP_ACK), CT_TIMEOUT_TCP_SYN_NS, "an ACK without the backend's SYN-ACK");
+        assert_eq!(life(TCP_SYN | TCP_ACK | TCP_FIN, TCP_SYN | TCP_ACK), CT_TIMEOUT_TCP_CLOSING_NS);
+        assert_eq!(life(TCP_SYN, TCP_RST), CT_TIMEOUT_TCP_CLOSING_NS);
+        assert_eq!(ct_lifetime_ns(IPPROTO_UDP, 0, 0), CT_TIMEOUT_UDP_NS);
     }
 }

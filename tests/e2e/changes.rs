@@ -155,3 +155,21 @@ fn bad_manifests_are_reported_and_change_nothing() -> Result<()> {
     assert!(agent.child.try_wait()?.is_none());
     Ok(())
 }
+
+#[test]
+fn one_unreadable_or_truncated_file_stops_nothing_else() -> Result<()> {
+    let mut demo = Demo::build("e7")?;
+    let manifests = ManifestCopy::new("e7")?;
+    let (mut agent, _pins) = demo.start_agent(agent_bin(), &manifests.dir, &[])?;
+    // Not UTF-8 (a binary dropped in the directory), and a file cut short mid-write.
+    std::fs::write(manifests.dir.join("binary.yaml"), [0x6b, 0x69, 0x6e, 0x64, 0x3a, 0x20, 0xff, 0xfe, 0x00, 0x01])?;
+    manifests.write("truncated.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: cut, namespace: demo}\nspec:\n  clusterIP: 10.96.0.9\n  ports: [{port: 8")?;
+    agent.wait_for_log("binary.yaml: file: -: is not UTF-8 text (invalid byte at offset 6)", Duration::from_secs(5))?;
+    agent.wait_for_log("truncated.yaml: document 1: -: invalid YAML", Duration::from_secs(5))?;
+    // Every other Service still gets its updates.
+    manifests.write("services.yaml", &manifests.read("services.yaml").replace("nodePort: 30080", "nodePort: 30086"))?;
+    eventually(Duration::from_secs(5), || tcp_request(&demo.cluster.client, sock([10, 99, 0, 1], 30086), None, TIMEOUT))?;
+    tcp_request(demo.client_pod(), sock(WEB, 80), None, TIMEOUT)?;
+    assert!(!agent.log_text().contains("sync failed"), "{}", agent.log_text());
+    Ok(())
+}

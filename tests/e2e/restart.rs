@@ -67,3 +67,23 @@ fn connections_survive_kill_9_and_restart_of_the_agent() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn restarting_with_other_map_sizes_keeps_held_connections() -> Result<()> {
+    let mut demo = Demo::build("ea")?;
+    let manifests = example_manifests();
+    let (mut agent, pins) = demo.start_agent(agent_bin(), &manifests, &["--max-flows", "65536"])?;
+    let mut cluster_ip = LongConnection::open(demo.client_pod(), sock([10, 96, 0, 10], 80), TIMEOUT)?;
+    let mut node_port = LongConnection::open(&demo.cluster.client, sock([10, 99, 0, 1], 30080), TIMEOUT)?;
+    let backends = (cluster_ip.exchange("first")?.backend, node_port.exchange("first")?.backend);
+    for (flows, slots) in [("16384", "8388608"), ("131072", "16777216")] {
+        agent.kill9()?;
+        agent = demo.start_agent_on(agent_bin(), &manifests, &pins, &["--max-flows", flows, "--maglev-slots", slots])?;
+        assert!(agent.log_text().contains("resizing it"), "{}", agent.log_text());
+        for i in 0..5 {
+            let now = (cluster_ip.exchange(&format!("after {flows} {i}"))?.backend, node_port.exchange(&format!("after {flows} {i}"))?.backend);
+            assert_eq!(now, backends, "held connections keep their backends across a resize to {flows} flows");
+        }
+    }
+    Ok(())
+}

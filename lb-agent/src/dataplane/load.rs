@@ -32,6 +32,17 @@ pub struct MapSizes {
 pub fn load(pin_dir: &Path, sizes: &MapSizes) -> Result<Ebpf> {
     ensure_bpffs(pin_dir)?;
     set_aside_incompatible_pins(pin_dir)?;
+    let resized = set_aside_resized_pins(pin_dir, sizes)?;
+    let mut ebpf = load_object(pin_dir, sizes)?;
+    for (name, aside) in resized {
+        let copied = copy_entries(&mut ebpf, name, &aside).with_context(|| format!("copying {name} from {} into its resized map", aside.display()))?;
+        std::fs::remove_file(&aside).with_context(|| format!("removing {}", aside.display()))?;
+        log::info!("{name}: {copied} entries carried over into the resized map");
+    }
+    Ok(ebpf)
+}
+
+fn load_object(pin_dir: &Path, sizes: &MapSizes) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(pin_dir);
     if let Some(flows) = sizes.flows {
@@ -69,6 +80,83 @@ fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 18] {
         (MAP_SOCK_REVNAT, size_of::<SockRevNat4KeyV1>(), size_of::<SockRevNat4V1>(), None),
         (MAP_SOCK_SKIP, 8, 1, None),
     ]
+}
+
+/// The capacities the flags ask for, of the maps whose size is a flag.
+fn flag_sized(sizes: &MapSizes) -> [(&'static str, u32); 3] {
+    use lb_common::*;
+    let flows = sizes.flows.unwrap_or(MAX_FLOWS);
+    [(MAP_CONNTRACK, flows), (MAP_REVERSE_NAT, flows), (MAP_MAGLEV, sizes.maglev_slots.unwrap_or(MAGLEV_SLOTS))]
+}
+
+/// A pinned map of another capacity than the flags ask for (`--max-flows` or `--maglev-slots`
+/// changed) is renamed aside so that loading creates it at the new size; `load` then copies
+/// its entries over and removes it. Restarting with other sizes never fails.
+fn set_aside_resized_pins(pin_dir: &Path, sizes: &MapSizes) -> Result<Vec<(&'static str, PathBuf)>> {
+    let mut resized = Vec::new();
+    for (name, capacity) in flag_sized(sizes) {
+        let path = pin_path(pin_dir, name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapData::from_pin(&path).and_then(|m| m.info()).with_context(|| format!("inspecting pinned map {}", path.display()))?;
+        if info.max_entries() == capacity {
+            continue;
+        }
+        let aside = pin_dir.join(format!("{name}_resize"));
+        std::fs::rename(&path, &aside).with_context(|| format!("moving {} aside", path.display()))?;
+        log::warn!("pinned map {name} has {} entries of room, the flags ask for {capacity}: resizing it", info.max_entries());
+        resized.push((name, aside));
+    }
+    Ok(resized)
+}
+
+/// Copies the entries of the map pinned at `from` into the freshly loaded map `name`. Flows go
+/// most recent first, so a smaller map keeps the most recently used; Maglev slots keep their
+/// index (a table past the new end is rewritten by the next sync).
+fn copy_entries(ebpf: &mut Ebpf, name: &'static str, from: &Path) -> Result<usize> {
+    use aya::maps::{Array, HashMap, Map, MapData};
+    use lb_common::*;
+    let old = Map::from_map_data(MapData::from_pin(from)?)?;
+    // The slices programmed services use: the only Maglev slots worth copying.
+    let slices: Vec<(u32, u32)> = match ebpf.map(MAP_SERVICES) {
+        Some(services) if name == MAP_MAGLEV => {
+            let services: HashMap<_, Service4KeyV1, Service4V1> = services.try_into()?;
+            services.iter().filter_map(|e| e.ok()).map(|(_, svc)| (svc.maglev_offset, svc.maglev_size)).collect()
+        }
+        _ => Vec::new(),
+    };
+    let new = ebpf.map_mut(name).with_context(|| format!("no map {name}"))?;
+    /// Inserts (key, value, last seen) most recent first until the map is full.
+    fn newest_first<K: aya::Pod, V: aya::Pod>(mut entries: Vec<(K, V, u64)>, into: &mut HashMap<&mut MapData, K, V>) -> usize {
+        entries.sort_by_key(|(_, _, seen)| std::cmp::Reverse(*seen));
+        entries.iter().take_while(|(k, v, _)| into.insert(k, v, 0).is_ok()).count()
+    }
+    Ok(match name {
+        MAP_CONNTRACK => {
+            let old: HashMap<_, Ct4KeyV1, Ct4EntryV1> = old.try_into()?;
+            let entries = old.iter().filter_map(|e| e.ok()).map(|(k, v)| (k, v, v.last_seen_ns)).collect();
+            newest_first(entries, &mut new.try_into()?)
+        }
+        MAP_REVERSE_NAT => {
+            let old: HashMap<_, Ct4KeyV1, RevNat4V1> = old.try_into()?;
+            let entries = old.iter().filter_map(|e| e.ok()).map(|(k, v)| (k, v, v.last_seen_ns)).collect();
+            newest_first(entries, &mut new.try_into()?)
+        }
+        _ => {
+            let old: Array<_, u32> = old.try_into()?;
+            let mut new: Array<&mut MapData, u32> = new.try_into()?;
+            let end = old.len().min(new.len());
+            let mut copied = 0;
+            for (offset, size) in slices {
+                for slot in (offset..offset.saturating_add(size)).take_while(|s| *s < end) {
+                    new.set(slot, &old.get(&slot, 0)?, 0)?;
+                    copied += 1;
+                }
+            }
+            copied
+        }
+    })
 }
 
 /// A pinned map whose key or value size differs from this build's schema was left by a build

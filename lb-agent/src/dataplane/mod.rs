@@ -19,7 +19,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use aya::maps::lpm_trie::Key as LpmKey;
 use lb_common::*;
 use maglev::Maglev;
@@ -165,6 +165,13 @@ impl Dataplane {
         }
         let mut max_service_id = None;
         for (key, entry) in &entries {
+            let mut entry = *entry;
+            if entry.maglev_offset as u64 + entry.maglev_size as u64 > self.maps.maglev.len() as u64 {
+                // The slot array shrank under it: the next apply writes its table afresh.
+                log::warn!("pinned service {key:?} has slots {}+{} past the end of {MAP_MAGLEV}; it is rewritten", entry.maglev_offset, entry.maglev_size);
+                entry.maglev_size = 0;
+            }
+            let entry = &entry;
             if entry.maglev_size > 0 && !self.slices.reserve(entry.maglev_offset, entry.maglev_size) {
                 bail!("pinned service {key:?} claims slots {}+{} that overlap another service", entry.maglev_offset, entry.maglev_size);
             }
@@ -327,7 +334,8 @@ impl Dataplane {
         let (maglev_offset, maglev_size) = if frontend.backends.is_empty() {
             (0, 0)
         } else {
-            match self.write_table(frontend, &selectable) {
+            let current = old.as_ref().map(|p| (p.entry.maglev_offset, p.entry.maglev_size));
+            match self.write_table(frontend, &selectable, current) {
                 Ok(slice) => slice,
                 Err(e) => {
                     self.release_backends(&backend_ids)?;
@@ -337,8 +345,9 @@ impl Dataplane {
         };
         let affinity_ids = if frontend.affinity_timeout_s.is_some() { selectable.clone() } else { Vec::new() };
         let source_ranges: Vec<(u32, u8)> = frontend.source_ranges.iter().map(|(net, len)| (ip4_raw(net.octets()), *len)).collect();
+        let in_place = old.as_ref().is_some_and(|p| p.entry.maglev_size > 0 && p.entry.maglev_offset == maglev_offset);
         if let Err(e) = self.write_policy(service_id, frontend, &affinity_ids, &source_ranges) {
-            if maglev_size > 0 {
+            if maglev_size > 0 && !in_place {
                 self.slices.free(maglev_offset, maglev_size);
             }
             self.release_backends(&backend_ids)?;
@@ -363,7 +372,7 @@ impl Dataplane {
         // 4. Free what the old state used: its slice, its backends, the affinity it allowed to
         //    backends it no longer has (affinity to them ends now), its old ranges.
         if let Some(old) = old {
-            if old.entry.maglev_size > 0 {
+            if old.entry.maglev_size > 0 && !in_place {
                 self.slices.free(old.entry.maglev_offset, old.entry.maglev_size);
             }
             self.release_backends(&old.backend_ids)?;
@@ -410,24 +419,38 @@ impl Dataplane {
         }
     }
 
-    fn write_table(&mut self, frontend: &Frontend, backend_ids: &[u32]) -> Result<(u32, u32)> {
-        let size = self.table_size_for(frontend.backends.len());
+    /// Writes the frontend's new table in a fresh slice. When the slot array has no room and
+    /// the frontend already has a slice (`current`), the table is rewritten there in place,
+    /// at that size, slot by slot: every slot always names a live backend (the new ones are
+    /// written, the old ones are released only after), so an endpoint change of a programmed
+    /// Service never waits for free space.
+    fn write_table(&mut self, frontend: &Frontend, backend_ids: &[u32], current: Option<(u32, u32)>) -> Result<(u32, u32)> {
+        let wanted = self.table_size_for(frontend.backends.len());
+        let (offset, size, fresh) = match (self.slices.alloc(wanted), current) {
+            (Some(offset), _) => (offset, wanted, true),
+            (None, Some((offset, size))) if size > 0 => (offset, size, false),
+            (None, _) => bail!("{MAP_MAGLEV} is full: no {wanted} free slots ({} free in all)", self.slices.free_slots()),
+        };
         let keys: Vec<String> = frontend.backends.iter().map(|b| format!("{}:{}", b.addr, b.port)).collect();
         let input: Vec<maglev::Backend<'_, u32>> = keys
             .iter()
             .zip(frontend.backends.iter().zip(backend_ids))
             .map(|(k, (b, id))| maglev::Backend { id: *id, key: k.as_bytes(), weight: b.weight })
             .collect();
-        let table = Maglev::new(size, self.maglev_seed)?.build(&input)?;
-        let offset = self
-            .slices
-            .alloc(size)
-            .ok_or_else(|| anyhow!("{MAP_MAGLEV} is full: no {size} free slots ({} free in all)", self.slices.free_slots()))?;
-        for (i, id) in table.iter().enumerate() {
-            if let Err(e) = self.maps.maglev.set(offset + i as u32, id, 0) {
-                self.slices.free(offset, size);
-                return Err(e).context("writing Maglev slots");
+        let written = Maglev::new(size, self.maglev_seed).and_then(|m| m.build(&input)).map_err(anyhow::Error::from).and_then(|table| {
+            for (i, id) in table.iter().enumerate() {
+                self.maps.maglev.set(offset + i as u32, id, 0).context("writing Maglev slots")?;
             }
+            Ok(())
+        });
+        if let Err(e) = written {
+            if fresh {
+                self.slices.free(offset, size);
+            }
+            return Err(e);
+        }
+        if !fresh {
+            log::warn!("{MAP_MAGLEV} is full: the table of {} was rewritten in place ({size} slots)", frontend.name);
         }
         Ok((offset, size))
     }

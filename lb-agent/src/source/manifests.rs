@@ -35,27 +35,43 @@ impl ManifestDir {
     }
 
     /// Re-reads what changed. Returns whether anything changed and the errors of files that
-    /// do not parse (each naming the file, the object and the field).
+    /// cannot be read or parsed (each naming the file, and the object and field when there is
+    /// one). One bad file is one bad file: it keeps its last good objects and every other file
+    /// is read. Only an unreadable directory is an error.
     pub fn refresh(&mut self) -> std::io::Result<(bool, Vec<ObjectError>)> {
         let mut errors = Vec::new();
         let mut changed = false;
         let mut seen = Vec::new();
         for entry in std::fs::read_dir(&self.dir)? {
-            let path = entry?.path();
+            let Ok(entry) = entry else { continue };
+            let path = entry.path();
             let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
             if !matches!(ext, "yaml" | "yml" | "json") || !path.is_file() {
                 continue;
             }
             seen.push(path.clone());
-            let meta = std::fs::metadata(&path)?;
+            let origin = path.display().to_string();
+            let meta = match std::fs::metadata(&path) {
+                Ok(meta) => meta,
+                Err(e) => {
+                    errors.push(file_error(&origin, format!("cannot be read: {e}")));
+                    continue;
+                }
+            };
             let (modified, len) = (meta.modified().ok(), meta.len());
             if let Some(f) = self.files.get(&path) {
                 if f.modified == modified && f.len == len {
                     continue;
                 }
             }
-            let text = std::fs::read_to_string(&path)?;
-            match parse_manifest(&path.display().to_string(), &text) {
+            let parsed = match std::fs::read(&path) {
+                Ok(bytes) => match String::from_utf8(bytes) {
+                    Ok(text) => parse_manifest(&origin, &text),
+                    Err(e) => Err(file_error(&origin, format!("is not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()))),
+                },
+                Err(e) => Err(file_error(&origin, format!("cannot be read: {e}"))),
+            };
+            match parsed {
                 Ok(state) => {
                     self.files.insert(path, FileObjects { modified, len, state });
                     changed = true;
@@ -90,6 +106,11 @@ impl ManifestDir {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// An error about a whole file.
+fn file_error(origin: &str, message: String) -> ObjectError {
+    ObjectError { origin: origin.to_string(), object: "file".into(), field: "-".into(), message }
 }
 
 /// Parses one file: every document must be a well-formed Service, EndpointSlice, Node or Pod
