@@ -109,6 +109,10 @@ pub struct Health {
     pub ready: Arc<AtomicBool>,
     pub heartbeat_ns: Arc<AtomicU64>,
     pub stale_after: Duration,
+    /// CLOCK_MONOTONIC ns of the last sync that succeeded.
+    pub last_ok_ns: Arc<AtomicU64>,
+    /// `/healthz` fails once syncs have kept failing this long after the first full sync.
+    pub failing_syncs_after: Duration,
 }
 
 /// Serves `/metrics`, `/healthz` (liveness) and `/readyz` (ready after the first full sync).
@@ -123,11 +127,15 @@ fn route(path: &str, handle: &PrometheusHandle, health: &Health) -> Reply {
     match path {
         "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", handle.render()),
         "/healthz" => {
-            let age = crate::dataplane::conntrack::monotonic_ns().saturating_sub(health.heartbeat_ns.load(Ordering::Acquire));
-            if Duration::from_nanos(age) <= health.stale_after {
-                (StatusCode::OK, TEXT, "ok\n".into())
+            let now = crate::dataplane::conntrack::monotonic_ns();
+            let silent = Duration::from_nanos(now.saturating_sub(health.heartbeat_ns.load(Ordering::Acquire)));
+            let failing = Duration::from_nanos(now.saturating_sub(health.last_ok_ns.load(Ordering::Acquire)));
+            if silent > health.stale_after {
+                (StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("sync loop silent for {:.1}s\n", silent.as_secs_f64()))
+            } else if health.ready.load(Ordering::Acquire) && failing > health.failing_syncs_after {
+                (StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("no sync has succeeded for {:.1}s\n", failing.as_secs_f64()))
             } else {
-                (StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("sync loop silent for {:.1}s\n", age as f64 / 1e9))
+                (StatusCode::OK, TEXT, "ok\n".into())
             }
         }
         "/readyz" if health.ready.load(Ordering::Acquire) => (StatusCode::OK, TEXT, "ready\n".into()),

@@ -1,5 +1,9 @@
 //! Changes while traffic flows: backends added and removed, endpoints unready, bad manifests.
-use std::{collections::BTreeSet, io::ErrorKind, time::Duration};
+use std::{
+    collections::BTreeSet,
+    io::ErrorKind,
+    time::{Duration, Instant},
+};
 
 use anyhow::{anyhow, Result};
 use testbed::{
@@ -171,5 +175,58 @@ fn one_unreadable_or_truncated_file_stops_nothing_else() -> Result<()> {
     eventually(Duration::from_secs(5), || tcp_request(&demo.cluster.client, sock([10, 99, 0, 1], 30086), None, TIMEOUT))?;
     tcp_request(demo.client_pod(), sock(WEB, 80), None, TIMEOUT)?;
     assert!(!agent.log_text().contains("sync failed"), "{}", agent.log_text());
+    Ok(())
+}
+
+/// Sends `count` TCP SYNs from spoofed sources (10.98.0.0/16, which nothing routes back to)
+/// to `to`, as raw IPv4 packets, from the client namespace.
+const SYN_FLOOD: &str = r#"
+import socket, struct, sys
+dst, dport, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def csum(b):
+    total = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    total = (total >> 16) + (total & 0xffff)
+    return ~(total + (total >> 16)) & 0xffff
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+daddr = socket.inet_aton(dst)
+for i in range(count):
+    saddr = socket.inet_aton("10.98.%d.%d" % (i // 250, i % 250 + 1))
+    tcp = struct.pack("!HHLLBBHHH", 1024 + i, dport, i, 0, 5 << 4, 0x02, 64240, 0, 0)
+    tcp = tcp[:16] + struct.pack("!H", csum(saddr + daddr + struct.pack("!BBH", 0, 6, len(tcp)) + tcp)) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), i & 0xffff, 0, 64, 6, 0, saddr, daddr)
+    s.sendto(ip + tcp, (dst, 0))
+"#;
+
+#[test]
+fn a_syn_flood_fills_conntrack_only_until_its_half_open_flows_expire() -> Result<()> {
+    let mut demo = Demo::build("sf")?;
+    let manifests = ManifestCopy::new("sf")?;
+    let (_agent, pins) = demo.start_agent(agent_bin(), &manifests.dir, &["--max-flows", "1024", "--gc-interval-s", "1"])?;
+    let node_port = sock([10, 99, 0, 1], 30080);
+    let mut held = LongConnection::open(&demo.cluster.client, node_port, TIMEOUT)?;
+    let backend = held.exchange("before")?.backend;
+
+    let script = manifests.dir.join("flood.py");
+    std::fs::write(&script, SYN_FLOOD)?;
+    demo.cluster.client.exec(&format!("python3 {} 10.99.0.1 30080 5000", script.display()))?;
+    let flooded = Instant::now();
+    let stats = lbctl_json(&pins, &["stats"])?;
+    let full = stats.iter().find(|s| s["reason"] == "drop_ct_full").and_then(|s| s["packets"].as_u64()).unwrap_or(0);
+    assert!(full > 3000, "5,000 half-open flows against 1,024 entries: {full} dropped as full");
+    assert!(tcp_request(&demo.cluster.client, node_port, None, Duration::from_millis(500)).is_err(), "conntrack is full of half-open flows");
+
+    // Established flows keep working throughout; new ones work again once the half-open
+    // flows expire (60 s, as a lone SYN), not after the 6 h of an established flow.
+    let recovered = loop {
+        assert_eq!(held.exchange("during")?.backend, backend, "the established flow is untouched");
+        if tcp_request(&demo.cluster.client, node_port, None, Duration::from_millis(500)).is_ok() {
+            break flooded.elapsed();
+        }
+        if flooded.elapsed() > Duration::from_secs(90) {
+            return Err(anyhow!("new connections still fail 90 s after the flood"));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert!(recovered < Duration::from_secs(65), "new connections work again after {recovered:?}");
     Ok(())
 }

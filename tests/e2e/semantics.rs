@@ -293,7 +293,7 @@ fn a_service_repeating_another_ones_frontend_is_refused_and_nothing_else_waits()
 fn kube_proxy_health_check_fails_while_syncs_fail() -> Result<()> {
     let mut demo = Demo::build("s9")?;
     let manifests = ManifestCopy::new("s9")?;
-    let (_agent, _pins) = demo.start_agent(agent_bin(), &manifests.dir, &[])?;
+    let (_agent, _pins) = demo.start_agent(agent_bin(), &manifests.dir, &["--healthz-failing-syncs-s", "2"])?;
     let healthz = || -> Result<(u16, Value)> {
         let (status, body) = http_get(&demo.cluster.client, sock([10, 99, 0, 1], 10256), "/healthz", TIMEOUT)?;
         Ok((status, serde_json::from_str(&body)?))
@@ -303,11 +303,14 @@ fn kube_proxy_health_check_fails_while_syncs_fail() -> Result<()> {
     assert_eq!(body["nodeEligible"], true);
     assert!(body["lastUpdated"].as_str().is_some_and(|t| t.ends_with('Z')), "{body}");
 
+    let liveness = || -> Result<u16> { Ok(http_get(&demo.cluster.client, sock([10, 99, 0, 1], 9970), "/healthz", TIMEOUT)?.0) };
+    assert_eq!(liveness()?, 200);
+
     // The manifest directory vanishes: every sync fails.
     let aside = manifests.dir.with_extension("aside");
     std::fs::rename(&manifests.dir, &aside)?;
-    let failing = eventually(Duration::from_secs(10), || match healthz()? {
-        (503, body) => Ok(body),
+    let failing = eventually(Duration::from_secs(10), || match (healthz()?, liveness()?) {
+        ((503, body), 503) => Ok(body),
         other => bail!("still {other:?}"),
     });
     std::fs::rename(&aside, &manifests.dir)?;

@@ -43,6 +43,10 @@ struct Args {
     /// namespaces in it are left to the packet hooks).
     #[arg(long, default_value = "/sys/fs/cgroup")]
     cgroup_root: PathBuf,
+    /// The agent's own /healthz (liveness) fails once syncs have kept failing this many seconds
+    /// (an unreadable manifest directory, a lost netlink socket), so that it gets restarted.
+    #[arg(long, default_value_t = 300)]
+    healthz_failing_syncs_s: u64,
     /// NodePorts answer only on node addresses inside these CIDRs (kube-proxy's
     /// --nodeport-addresses) [default: every node address].
     #[arg(long, value_delimiter = ',', value_parser = parse_cidr)]
@@ -124,6 +128,7 @@ fn main() -> Result<()> {
         socket_lb_cgroup: args.socket_lb.then_some(args.cgroup_root),
     };
     let healthz_addr = args.healthz_bind_address;
+    let healthz_failing_syncs_s = args.healthz_failing_syncs_s;
     enable_ip_forwarding()?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
@@ -133,6 +138,8 @@ fn main() -> Result<()> {
             ready: agent.ready.clone(),
             heartbeat_ns: agent.heartbeat_ns.clone(),
             stale_after: Duration::from_secs(30),
+            last_ok_ns: agent.proxy_health.last_ok_ns.clone(),
+            failing_syncs_after: Duration::from_secs(healthz_failing_syncs_s),
         };
         let server = tokio::spawn(lb_agent::metrics::serve(metrics_addr, metrics, health));
         let proxy_health = tokio::spawn(lb_agent::health::serve_proxy_health(healthz_addr, agent.proxy_health.clone()));
