@@ -79,7 +79,8 @@ pub struct Agent {
     pub ready: Arc<AtomicBool>,
     /// CLOCK_MONOTONIC ns of the last loop iteration (the liveness probe).
     pub heartbeat_ns: Arc<std::sync::atomic::AtomicU64>,
-    last_export: Option<Instant>,
+    /// What the metrics read on a scrape; refreshed after each change.
+    pub programmed: Arc<std::sync::Mutex<crate::metrics::Programmed>>,
 }
 
 impl Agent {
@@ -123,7 +124,7 @@ impl Agent {
             synced_once: false,
             ready,
             heartbeat_ns: Arc::new(std::sync::atomic::AtomicU64::new(conntrack::monotonic_ns())),
-            last_export: None,
+            programmed: Arc::default(),
         };
         agent.attach_external().await?;
         agent.attach_socket_hooks()?;
@@ -209,10 +210,6 @@ impl Agent {
         self.sync_pod_devices().await?;
         self.sync_services()?;
         self.sync_socket_opt_outs()?;
-        if self.last_export.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-            self.last_export = Some(Instant::now());
-            crate::metrics::export_datapath(&self.dataplane)?;
-        }
         if self.last_gc.is_none_or(|t| t.elapsed() >= self.cfg.gc_interval) {
             self.last_gc = Some(Instant::now());
             let stats = conntrack::gc(&mut self.dataplane.maps, conntrack::monotonic_ns())?;
@@ -376,6 +373,7 @@ impl Agent {
         for e in self.health_servers.sync(&translation.health_checks) {
             self.report(format!("health check not served: {e}"));
         }
+        *self.programmed.lock().expect("not poisoned") = crate::metrics::Programmed::of(&self.dataplane);
         self.last_good = claimed.frontends;
         self.synced_once = true;
         self.ready.store(true, std::sync::atomic::Ordering::Release);

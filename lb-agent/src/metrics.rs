@@ -4,7 +4,7 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::Duration,
 };
@@ -12,12 +12,12 @@ use std::{
 use anyhow::{Context, Result};
 use hyper::StatusCode;
 use lb_common::*;
-use log::info;
+use log::{info, warn};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::{
-    dataplane::{ApplyStats, Dataplane},
+    dataplane::{maps::Maps, ApplyStats, Dataplane},
     health::Reply,
 };
 
@@ -60,39 +60,68 @@ pub fn program_detached(device: &str, program: &'static str) {
     gauge!("lb_programs_attached", "device" => device.to_string(), "program" => program).set(0.0);
 }
 
-/// Copies the datapath's counters and the fill levels of the maps the agent writes into the
-/// registry. Only ids the agent programmed are read, never whole arrays.
-pub fn export_datapath(dataplane: &Dataplane) -> Result<()> {
-    let maps = &dataplane.maps;
-    for (reason, packets) in reason::NAMES.iter().zip(maps.reason_counts()?) {
-        counter!("lb_datapath_packets_total", "reason" => *reason).absolute(packets);
+/// What the agent has programmed, as the metrics need it: ids to read and their labels. The
+/// agent refreshes it after each change; a scrape reads the counters of exactly these ids.
+#[derive(Clone, Debug, Default)]
+pub struct Programmed {
+    /// (service id, `service` label, `frontend` label).
+    pub services: Vec<(u32, String, String)>,
+    /// (backend id, `backend` label).
+    pub backends: Vec<(u32, String)>,
+    pub used_slots: u64,
+}
+
+impl Programmed {
+    pub fn of(dataplane: &Dataplane) -> Self {
+        let services = dataplane
+            .frontends()
+            .map(|(key, name, svc)| {
+                let addr = if key.addr == 0 { "*".to_string() } else { ip4_addr(key.addr).to_string() };
+                (svc.service_id, name.to_string(), format!("{addr}:{}", port_host(key.port)))
+            })
+            .collect();
+        let backends = dataplane.backends().map(|(id, b)| (id, format!("{}:{}", ip4_addr(b.addr), port_host(b.port)))).collect();
+        Self { services, backends, used_slots: dataplane.used_slots() }
     }
-    let mut services = 0u64;
-    for (key, name, svc) in dataplane.frontends() {
-        services += 1;
-        let addr = if key.addr == 0 { "*".to_string() } else { ip4_addr(key.addr).to_string() };
-        let c = maps.service_counters(svc.service_id)?;
-        let labels = [("service", name.to_string()), ("frontend", format!("{addr}:{}", port_host(key.port)))];
-        counter!("lb_service_packets_total", &labels).absolute(c.packets);
-        counter!("lb_service_bytes_total", &labels).absolute(c.bytes);
+}
+
+/// Reads the datapath's counters when Prometheus scrapes, not on a timer: an idle agent
+/// makes no system calls for metrics. It has its own handles on the pinned maps.
+pub struct Scraper {
+    pub maps: Maps,
+    pub programmed: Arc<Mutex<Programmed>>,
+}
+
+impl Scraper {
+    /// Copies the counters of the programmed ids and the fill levels into the registry.
+    pub fn export(&self) -> Result<()> {
+        let maps = &self.maps;
+        let programmed = self.programmed.lock().expect("not poisoned").clone();
+        for (reason, packets) in reason::NAMES.iter().zip(maps.reason_counts()?) {
+            counter!("lb_datapath_packets_total", "reason" => *reason).absolute(packets);
+        }
+        for (id, service, frontend) in &programmed.services {
+            let c = maps.service_counters(*id)?;
+            let labels = [("service", service.clone()), ("frontend", frontend.clone())];
+            counter!("lb_service_packets_total", &labels).absolute(c.packets);
+            counter!("lb_service_bytes_total", &labels).absolute(c.bytes);
+        }
+        for (id, backend) in &programmed.backends {
+            let c = maps.backend_counters(*id)?;
+            let label = [("backend", backend.clone())];
+            counter!("lb_backend_packets_total", &label).absolute(c.packets);
+            counter!("lb_backend_bytes_total", &label).absolute(c.bytes);
+        }
+        for (map, entries, capacity) in [
+            (MAP_SERVICES, programmed.services.len() as u64, maps.service_names.len() as u64),
+            (MAP_BACKENDS, programmed.backends.len() as u64, maps.backends.len() as u64 - 1),
+            (MAP_MAGLEV, programmed.used_slots, maps.maglev.len() as u64),
+        ] {
+            gauge!("lb_map_entries", "map" => map).set(entries as f64);
+            gauge!("lb_map_capacity", "map" => map).set(capacity as f64);
+        }
+        Ok(())
     }
-    let mut backends = 0u64;
-    for (id, b) in dataplane.backends() {
-        backends += 1;
-        let c = maps.backend_counters(id)?;
-        let label = [("backend", format!("{}:{}", ip4_addr(b.addr), port_host(b.port)))];
-        counter!("lb_backend_packets_total", &label).absolute(c.packets);
-        counter!("lb_backend_bytes_total", &label).absolute(c.bytes);
-    }
-    for (map, entries, capacity) in [
-        (MAP_SERVICES, services, maps.service_names.len() as u64),
-        (MAP_BACKENDS, backends, maps.backends.len() as u64 - 1),
-        (MAP_MAGLEV, dataplane.used_slots(), maps.maglev.len() as u64),
-    ] {
-        gauge!("lb_map_entries", "map" => map).set(entries as f64);
-        gauge!("lb_map_capacity", "map" => map).set(capacity as f64);
-    }
-    Ok(())
 }
 
 /// Conntrack fill levels, from the GC pass that walked the maps anyway.
@@ -116,10 +145,19 @@ pub struct Health {
 }
 
 /// Serves `/metrics`, `/healthz` (liveness) and `/readyz` (ready after the first full sync).
-pub async fn serve(addr: SocketAddr, handle: PrometheusHandle, health: Health) -> Result<()> {
+pub async fn serve(addr: SocketAddr, handle: PrometheusHandle, health: Health, scraper: Scraper) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
     info!("metrics and health on http://{addr}/metrics, /healthz, /readyz");
-    crate::health::serve_routes(listener, move |path| route(path, &handle, &health)).await
+    let scraper = Arc::new(scraper);
+    crate::health::serve_routes(listener, move |path| {
+        if path == "/metrics" {
+            if let Err(e) = scraper.export() {
+                warn!("reading the datapath counters: {e:#}");
+            }
+        }
+        route(path, &handle, &health)
+    })
+    .await
 }
 
 fn route(path: &str, handle: &PrometheusHandle, health: &Health) -> Reply {

@@ -6,7 +6,7 @@ use aya::programs::XdpMode;
 use clap::{Parser, ValueEnum};
 use lb_agent::{
     agent::{enable_ip_forwarding, Agent, AgentConfig},
-    dataplane::load::MapSizes,
+    dataplane::{load::MapSizes, maps::Maps},
     source::SourceConfig,
 };
 
@@ -118,7 +118,7 @@ fn main() -> Result<()> {
         },
         pod_device_patterns: args.pod_devices,
         pod_devices_from_routes: args.pod_devices_from_routes,
-        pin_dir: args.pin_dir,
+        pin_dir: args.pin_dir.clone(),
         maglev_min_table: args.maglev_table_size,
         hash_seed: args.hash_seed,
         sync_interval: Duration::from_millis(args.sync_interval_ms),
@@ -128,6 +128,7 @@ fn main() -> Result<()> {
         socket_lb_cgroup: args.socket_lb.then_some(args.cgroup_root),
     };
     let healthz_addr = args.healthz_bind_address;
+    let pin_dir = args.pin_dir;
     let healthz_failing_syncs_s = args.healthz_failing_syncs_s;
     enable_ip_forwarding()?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -141,7 +142,8 @@ fn main() -> Result<()> {
             last_ok_ns: agent.proxy_health.last_ok_ns.clone(),
             failing_syncs_after: Duration::from_secs(healthz_failing_syncs_s),
         };
-        let server = tokio::spawn(lb_agent::metrics::serve(metrics_addr, metrics, health));
+        let scraper = lb_agent::metrics::Scraper { maps: Maps::open_pinned(&pin_dir)?, programmed: agent.programmed.clone() };
+        let server = tokio::spawn(lb_agent::metrics::serve(metrics_addr, metrics, health, scraper));
         let proxy_health = tokio::spawn(lb_agent::health::serve_proxy_health(healthz_addr, agent.proxy_health.clone()));
         tokio::select! {
             r = agent.run(shutdown_signal()) => r,
