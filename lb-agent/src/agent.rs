@@ -171,10 +171,10 @@ impl Agent {
             return Ok(());
         };
         let hint = "--cgroup-root names a cgroup v2 directory; --socket-lb=false turns socket-level balancing off";
-        let cgroup = std::fs::File::open(&cgroup_path).with_context(|| format!("opening cgroup {} ({hint})", cgroup_path.display()))?;
-        if !node::is_cgroup2(&cgroup)? {
+        if !load::is_cgroup2(&cgroup_path).with_context(|| format!("inspecting cgroup {} ({hint})", cgroup_path.display()))? {
             bail!("{} is not a cgroup v2 directory ({hint})", cgroup_path.display());
         }
+        let cgroup = std::fs::File::open(&cgroup_path).with_context(|| format!("opening cgroup {} ({hint})", cgroup_path.display()))?;
         // Attached through bpf links, which always coexist with other programs on the cgroup
         // (link attach takes no ALLOW_MULTI flag: "Single" passes none).
         self.dataplane.set_sock_config(SockConfigV1 { netns_cookie: node::netns_cookie()? })?;
@@ -433,7 +433,7 @@ fn gone_udp_backends(before: &BTreeMap<ServiceName, Vec<Claim>>, after: &BTreeMa
 
 /// Whether `ip` is inside `net`/`len`.
 pub fn in_cidr(ip: Ipv4Addr, net: Ipv4Addr, len: u8) -> bool {
-    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len.min(32)) };
+    let mask = translate::prefix_mask(len);
     u32::from(ip) & mask == u32::from(net) & mask
 }
 

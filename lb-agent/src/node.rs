@@ -106,15 +106,6 @@ pub fn netns_cookie() -> Result<u64> {
     Ok(cookie)
 }
 
-/// Whether `dir` is on a cgroup v2 file system.
-pub fn is_cgroup2(dir: &std::fs::File) -> Result<bool> {
-    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstatfs(std::os::fd::AsRawFd::as_raw_fd(dir), &mut st) } != 0 {
-        anyhow::bail!("fstatfs: {}", std::io::Error::last_os_error());
-    }
-    Ok(st.f_type as i64 == CGROUP2_SUPER_MAGIC)
-}
 
 /// Cgroup ids (inode numbers, what `bpf_get_current_cgroup_id` returns) of the pod cgroups of
 /// `uids` under `root` and of everything below them. kubelet names a pod's cgroup after its

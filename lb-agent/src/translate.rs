@@ -466,8 +466,12 @@ pub fn parse_cidr4(s: &str) -> Result<Option<(Ipv4Addr, u8)>, String> {
     }
     let addr: Ipv4Addr = addr.parse().map_err(|_| format!("{s:?} is not a CIDR: bad address"))?;
     let len: u8 = len.parse().ok().filter(|l| *l <= 32).ok_or_else(|| format!("{s:?} is not a CIDR: prefix length must be 0-32"))?;
-    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-    Ok(Some((Ipv4Addr::from(u32::from(addr) & mask), len)))
+    Ok(Some((Ipv4Addr::from(u32::from(addr) & prefix_mask(len)), len)))
+}
+
+/// The netmask of a prefix length (0-32), host order.
+pub fn prefix_mask(len: u8) -> u32 {
+    if len == 0 { 0 } else { u32::MAX << (32 - len.min(32)) }
 }
 
 fn valid_port(port: i32, field: &str) -> Result<u16, FieldError> {

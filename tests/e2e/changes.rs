@@ -210,8 +210,7 @@ fn a_syn_flood_fills_conntrack_only_until_its_half_open_flows_expire() -> Result
     std::fs::write(&script, SYN_FLOOD)?;
     demo.cluster.client.exec(&format!("python3 {} 10.99.0.1 30080 5000", script.display()))?;
     let flooded = Instant::now();
-    let stats = lbctl_json(&pins, &["stats"])?;
-    let full = stats.iter().find(|s| s["reason"] == "drop_ct_full").and_then(|s| s["packets"].as_u64()).unwrap_or(0);
+    let full = reason_count(&pins, "drop_ct_full")?;
     assert!(full > 3000, "5,000 half-open flows against 1,024 entries: {full} dropped as full");
     assert!(tcp_request(&demo.cluster.client, node_port, None, Duration::from_millis(500)).is_err(), "conntrack is full of half-open flows");
 

@@ -15,11 +15,6 @@ use testbed::{
 
 use crate::support::*;
 
-fn reason_count(pin_dir: &std::path::Path, reason: &str) -> Result<u64> {
-    let stats = lbctl_json(pin_dir, &["stats"])?;
-    stats.iter().find(|s| s["reason"] == reason).and_then(|s| s["packets"].as_u64()).ok_or_else(|| anyhow!("no reason {reason}"))
-}
-
 #[test]
 fn node_processes_reach_cluster_ips_node_ports_and_load_balancers() -> Result<()> {
     let mut demo = Demo::build("h1")?;

@@ -42,15 +42,6 @@ fn backends(ns: &testbed::netns::Netns, to: SocketAddr, n: usize) -> Result<Vec<
     (0..n).map(|i| Ok(tcp_request(ns, to, None, TIMEOUT).map_err(|e| e.context(format!("request {i} to {to}")))?.backend)).collect()
 }
 
-fn reason_count(pin_dir: &std::path::Path, reason: &str) -> Result<u64> {
-    let stats = lbctl_json(pin_dir, &["stats"])?;
-    stats.iter().find(|s| s["reason"] == reason).and_then(|s| s["packets"].as_u64()).ok_or_else(|| anyhow!("no reason {reason} in {stats:?}"))
-}
-
-fn io_kind(e: &anyhow::Error) -> Option<ErrorKind> {
-    e.downcast_ref::<std::io::Error>().map(|e| e.kind())
-}
-
 #[test]
 fn session_affinity_holds_a_client_until_it_times_out_or_is_turned_off() -> Result<()> {
     let mut demo = Demo::build("s1")?;

@@ -73,6 +73,17 @@ pub fn lbctl(pin_dir: &Path, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
+/// The packet count `lbctl stats` reports for one verdict reason.
+pub fn reason_count(pin_dir: &Path, reason: &str) -> Result<u64> {
+    let stats = lbctl_json(pin_dir, &["stats"])?;
+    stats.iter().find(|s| s["reason"] == reason).and_then(|s| s["packets"].as_u64()).with_context(|| format!("no reason {reason} in {stats:?}"))
+}
+
+/// The kind of an I/O error inside `e`, if it is one.
+pub fn io_kind(e: &anyhow::Error) -> Option<std::io::ErrorKind> {
+    e.downcast_ref::<std::io::Error>().map(|e| e.kind())
+}
+
 /// Polls `check` until it returns Ok, for at most `timeout`.
 pub fn eventually<T>(timeout: Duration, mut check: impl FnMut() -> Result<T>) -> Result<T> {
     let deadline = std::time::Instant::now() + timeout;

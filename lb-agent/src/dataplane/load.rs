@@ -209,12 +209,23 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
 
 fn is_bpffs(dir: &Path) -> Result<bool> {
     const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    Ok(fs_magic(dir)? == BPF_FS_MAGIC)
+}
+
+/// Whether `dir` is on a cgroup v2 file system (where the socket hooks attach).
+pub fn is_cgroup2(dir: &Path) -> Result<bool> {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    Ok(fs_magic(dir)? == CGROUP2_SUPER_MAGIC)
+}
+
+/// The type of the file system `dir` is on (statfs `f_type`).
+fn fs_magic(dir: &Path) -> Result<i64> {
     let path = CString::new(dir.as_os_str().as_encoded_bytes())?;
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(path.as_ptr(), &mut st) } != 0 {
         bail!("statfs {}: {}", dir.display(), io::Error::last_os_error());
     }
-    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+    Ok(st.f_type as i64)
 }
 
 /// Where a map of `pin_dir` is pinned.
