@@ -62,9 +62,11 @@ pub struct Agent {
     dataplane: Dataplane,
     netlink: rtnetlink::Handle,
     source: Source,
-    /// The frontends each Service was last given; a Service whose manifest turns bad keeps
-    /// these, and a frontend two Services claim stays with the one that has it.
+    /// The frontends each Service was last given; a Service whose manifest turns bad keeps these.
     last_good: BTreeMap<ServiceName, Vec<Claim>>,
+    /// Who holds each frontend: a frontend two Services claim stays with its holder. Before
+    /// the first sync, read back from the pinned names, so it holds across restarts.
+    owners: HashMap<Service4KeyV1, ServiceName>,
     reported: BTreeSet<String>,
     health_servers: ServiceHealthServers,
     /// Cgroup ids the socket hooks skip (opted-out pods).
@@ -99,12 +101,7 @@ impl Agent {
         let netlink = node::connect()?;
         let source = Source::open(&cfg.source, &cfg.node_name).await?;
         // Frontends an earlier agent programmed stay with their Services when claims collide.
-        let mut last_good: BTreeMap<ServiceName, Vec<Claim>> = BTreeMap::new();
-        for (key, name, _) in dataplane.frontends() {
-            let service = name.split_once(':').map_or(name, |(s, _)| s).to_string();
-            let frontend = Frontend { key: *key, name: name.to_string(), ..Frontend::default() };
-            last_good.entry(service).or_default().push(Claim { frontend, field: String::new() });
-        }
+        let owners = dataplane.frontends().map(|(key, name, _)| (translate::frontend_of(key), name.split_once(':').map_or(name, |(s, _)| s).to_string())).collect();
         let ready = Arc::new(AtomicBool::new(false));
         let proxy_health = ProxyHealth { ready: ready.clone(), ..ProxyHealth::new((cfg.sync_interval * 4).max(Duration::from_secs(2))) };
         let mut agent = Self {
@@ -116,7 +113,8 @@ impl Agent {
             dataplane,
             netlink,
             source,
-            last_good,
+            last_good: BTreeMap::new(),
+            owners,
             reported: BTreeSet::new(),
             tc_links: HashMap::new(),
             node_ips: Vec::new(),
@@ -339,8 +337,7 @@ impl Agent {
                 }
             }
         }
-        let owners = self.last_good.iter().flat_map(|(name, claims)| claims.iter().map(move |c| (Service4KeyV1 { scope: SCOPE_CLUSTER, ..c.frontend.key }, name.clone()))).collect();
-        let claimed = translate::claim(candidates, &owners);
+        let claimed = translate::claim(candidates, &self.owners);
         for e in &claimed.errors {
             self.report(format!("frontend rejected: {e}"));
         }
@@ -374,6 +371,7 @@ impl Agent {
             self.report(format!("health check not served: {e}"));
         }
         *self.programmed.lock().expect("not poisoned") = crate::metrics::Programmed::of(&self.dataplane);
+        self.owners = translate::owners(claimed.frontends.iter().flat_map(|(name, claims)| claims.iter().map(move |c| (name, &c.frontend))));
         self.last_good = claimed.frontends;
         self.synced_once = true;
         self.ready.store(true, std::sync::atomic::Ordering::Release);

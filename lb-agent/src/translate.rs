@@ -168,8 +168,6 @@ pub struct Claimed {
 /// from the last sync) keeps it; a new one goes to the first in claim order. Only the
 /// newcomer's contested frontends are refused; the rest of it, and every other Service, apply.
 pub fn claim(services: Vec<(ServiceName, String, Vec<Claim>)>, owners: &HashMap<Service4KeyV1, ServiceName>) -> Claimed {
-    // Both scopes of a frontend are one claim.
-    let frontend_of = |key: &Service4KeyV1| Service4KeyV1 { scope: SCOPE_CLUSTER, ..*key };
     let mut holder: HashMap<Service4KeyV1, &str> = HashMap::new();
     for (name, _, claims) in &services {
         for c in claims {
@@ -200,6 +198,16 @@ pub fn claim(services: Vec<(ServiceName, String, Vec<Claim>)>, owners: &HashMap<
         out.frontends.insert(name.clone(), kept);
     }
     out
+}
+
+/// Both scopes of a frontend are one claim: the key claims are settled by.
+pub fn frontend_of(key: &Service4KeyV1) -> Service4KeyV1 {
+    Service4KeyV1 { scope: SCOPE_CLUSTER, ..*key }
+}
+
+/// Who holds each frontend, as `claim` wants its `owners`.
+pub fn owners<'a>(frontends: impl IntoIterator<Item = (&'a ServiceName, &'a Frontend)>) -> HashMap<Service4KeyV1, ServiceName> {
+    frontends.into_iter().map(|(name, f)| (frontend_of(&f.key), name.clone())).collect()
 }
 
 /// `10.0.0.1:80`, or `<node>:30080` for a NodePort.
