@@ -121,6 +121,22 @@ pub struct Dataplane {
     next_service_id: u32,
 }
 
+/// Makes a small hash map hold exactly `wanted`: the entries are written, then the others removed.
+fn hold_exactly<K, V>(map: &mut aya::maps::HashMap<aya::maps::MapData, K, V>, wanted: HashMap<K, V>) -> Result<()>
+where
+    K: aya::Pod + Eq + std::hash::Hash,
+    V: aya::Pod,
+{
+    for (key, value) in &wanted {
+        map.insert(key, value, 0)?;
+    }
+    let stale: Vec<K> = map.keys().filter_map(|k| k.ok()).filter(|k| !wanted.contains_key(k)).collect();
+    for key in stale {
+        map.remove(&key)?;
+    }
+    Ok(())
+}
+
 /// The LPM key of one CIDR (`addr`/`len`, raw address) of a frontend's source ranges.
 fn source_range_key(service_id: u32, addr: u32, len: u8) -> LpmKey<SourceRange4V1> {
     LpmKey::new(SourceRange4V1::SERVICE_BITS + len as u32, SourceRange4V1::new(service_id, addr))
@@ -223,14 +239,7 @@ impl Dataplane {
 
     /// Makes the socket hooks skip exactly the cgroups in `ids`.
     pub fn set_sock_skip(&mut self, ids: &std::collections::BTreeSet<u64>) -> Result<()> {
-        for id in ids {
-            self.maps.sock_skip.insert(id, &1, 0).with_context(|| format!("writing {MAP_SOCK_SKIP}"))?;
-        }
-        let stale: Vec<u64> = self.maps.sock_skip.keys().filter_map(|k| k.ok()).filter(|k| !ids.contains(k)).collect();
-        for id in stale {
-            self.maps.sock_skip.remove(&id)?;
-        }
-        Ok(())
+        hold_exactly(&mut self.maps.sock_skip, ids.iter().map(|id| (*id, 1)).collect()).with_context(|| format!("writing {MAP_SOCK_SKIP}"))
     }
 
     /// Tells the socket hooks which network namespace is the node's.
@@ -244,15 +253,8 @@ impl Dataplane {
 
     /// Replaces the set of node addresses where NodePorts answer.
     pub fn set_node_ips(&mut self, ips: &[(Ipv4Addr, u32)]) -> Result<()> {
-        let wanted: HashMap<u32, u32> = ips.iter().map(|(ip, ifindex)| (ip4_raw(ip.octets()), *ifindex)).collect();
-        for (ip, ifindex) in &wanted {
-            self.maps.node_ips.insert(ip, ifindex, 0).context("writing LB4_NODEIP_V1")?;
-        }
-        let stale: Vec<u32> = self.maps.node_ips.keys().filter_map(|k| k.ok()).filter(|k| !wanted.contains_key(k)).collect();
-        for ip in stale {
-            self.maps.node_ips.remove(&ip)?;
-        }
-        Ok(())
+        let wanted = ips.iter().map(|(ip, ifindex)| (ip4_raw(ip.octets()), *ifindex)).collect();
+        hold_exactly(&mut self.maps.node_ips, wanted).with_context(|| format!("writing {MAP_NODE_IPS}"))
     }
 
     /// The table size for a service with `n` backends.
