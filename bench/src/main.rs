@@ -1,6 +1,7 @@
 //! lb-bench: one entry point for every benchmark suite. Writes `results.md`, `results.json`
 //! and PNG plots to the output directory, and removes every namespace, mount and process it
 //! made. `--smoke` runs tiny sizes and few repeats (the test suite does, so this cannot rot).
+mod control_plane;
 mod packet;
 mod plot;
 mod rules;
@@ -22,10 +23,13 @@ struct Args {
     #[arg(long)]
     smoke: bool,
     /// Suites to run.
-    #[arg(long, value_delimiter = ',', default_value = "maglev,packet,dataplanes,socket")]
+    #[arg(long, value_delimiter = ',', default_value = "maglev,packet,dataplanes,socket,control-plane")]
     suites: Vec<String>,
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
     out: PathBuf,
+    /// Service counts of the control-plane suite [default: 1000,10000,100000].
+    #[arg(long, value_delimiter = ',')]
+    control_plane_sizes: Option<Vec<usize>>,
     /// The lb-agent binary [default: next to this one].
     #[arg(long)]
     agent_bin: Option<PathBuf>,
@@ -55,6 +59,9 @@ fn main() -> Result<()> {
     }
     if args.suites.iter().any(|s| s == "socket") {
         socket_suite(&args, &mut md, &mut js)?;
+    }
+    if args.suites.iter().any(|s| s == "control-plane") {
+        control_plane_suite(&args, &mut md, &mut js)?;
     }
     writeln!(md, "\nTotal time {:.0} s. Reproduce: `cargo run --release -p lb-bench` (as root).", started.elapsed().as_secs_f64())?;
     std::fs::write(args.out.join("results.md"), &md)?;
@@ -211,6 +218,57 @@ fn dataplane_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String
         json!(rows
             .iter()
             .map(|r| json!({"services": r.services, "dataplane": r.dataplane, "conns_per_s": r.conns_per_s.median, "conns_min": r.conns_per_s.min, "conns_max": r.conns_per_s.max, "p50_ms": r.p50_ms.median, "p99_ms": r.p99_ms.median, "update_ms": r.update_ms.median, "update_method": r.update_method}))
+            .collect::<Vec<_>>()),
+    );
+    Ok(())
+}
+
+fn control_plane_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    let traffic = traffic_config(args)?;
+    let cfg = if args.smoke {
+        control_plane::Config { sizes: vec![200], edits: 5, churn_rates: vec![20], churn_for: std::time::Duration::from_secs(1), idle_for: std::time::Duration::from_secs(1), agent_bin: traffic.agent_bin, work_dir: traffic.work_dir }
+    } else {
+        control_plane::Config {
+            sizes: args.control_plane_sizes.clone().unwrap_or_else(|| vec![1_000, 10_000, 100_000]),
+            edits: 100,
+            churn_rates: vec![10, 50, 100, 200, 500, 1000],
+            churn_for: std::time::Duration::from_secs(5),
+            idle_for: std::time::Duration::from_secs(30),
+            agent_bin: traffic.agent_bin,
+            work_dir: traffic.work_dir,
+        }
+    };
+    let mut rows = Vec::new();
+    for mode in control_plane::MODES {
+        for &n in &cfg.sizes {
+            let row = control_plane::run_case(&cfg, mode, n);
+            let _ = std::fs::remove_dir_all(cfg.work_dir.join(format!("{mode}-{n}")));
+            rows.push(row.with_context(|| format!("control plane, {mode} mode, {n} Services"))?);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&cfg.work_dir);
+    writeln!(
+        md,
+        "\n## Control plane at scale\n\nN Services, 3 endpoints each, a ClusterIP each and a NodePort on the first 30,000; standalone mode reads 100 Services (and their EndpointSlices) to a file, Kubernetes mode lists and watches the API server stand-in. Cold start: agent started to `/readyz` 200, every frontend then checked in `LB4_SVC_V1`. Edit to map: one EndpointSlice endpoint replaced (file rewritten, or object applied) until the Service's entry points at a table naming the new backend, {} edits one at a time. Churn: edits at a fixed rate for {:?} each, every one timed the same way; sustained is the highest rate with p99 under 100 ms. Idle CPU: utime + stime over {:?} with nothing changing. BPF maps: `memlock` of every map the agent holds (sized by `--max-services`, `--max-backends`, `--maglev-slots` for the cluster).\n",
+        cfg.edits, cfg.churn_for, cfg.idle_for
+    )?;
+    writeln!(md, "| mode | Services | frontends | cold start s | edit p50 ms | edit p99 ms | sustained churn, edits/s (p99 < 100 ms) | RSS MiB | BPF maps MiB | idle CPU % |\n|---|---|---|---|---|---|---|---|---|---|")?;
+    for r in &rows {
+        let sustained = r.sustained().map(|(asked, done)| format!("{done:.0} (asked {asked})")).unwrap_or_else(|| "none tried met it".into());
+        writeln!(md, "| {} | {} | {} | {:.2} | {:.1} | {:.1} | {} | {:.0} | {:.0} | {:.2} |", r.mode, r.services, r.frontends, r.cold_start_s, r.edit_p(0.5), r.edit_p(0.99), sustained, r.rss_mib, r.bpf_mib, r.idle_cpu_pct)?;
+    }
+    writeln!(md, "\nChurn, every rate tried (edits/s asked -> done, p99 ms, edits not in the maps within 10 s):\n")?;
+    for r in &rows {
+        let tried: Vec<String> = r.churn.iter().map(|(asked, done, p99, lost)| format!("{asked} -> {done:.0}/s p99 {p99:.1} ms{}", if *lost > 0 { format!(", {lost} lost") } else { String::new() })).collect();
+        writeln!(md, "- {} {}: {}", r.mode, r.services, tried.join("; "))?;
+    }
+    js.insert(
+        "control_plane".into(),
+        json!(rows
+            .iter()
+            .map(|r| json!({"mode": r.mode, "services": r.services, "frontends": r.frontends, "cold_start_s": r.cold_start_s, "edit_p50_ms": r.edit_p(0.5), "edit_p99_ms": r.edit_p(0.99), "edits": r.edit_ms.len(),
+                "churn": r.churn.iter().map(|(a, d, p, l)| json!({"asked": a, "done_per_s": d, "p99_ms": p, "lost": l})).collect::<Vec<_>>(),
+                "rss_mib": r.rss_mib, "bpf_maps_mib": r.bpf_mib, "idle_cpu_pct": r.idle_cpu_pct}))
             .collect::<Vec<_>>()),
     );
     Ok(())

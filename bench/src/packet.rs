@@ -63,7 +63,7 @@ fn frontend(vip: [u8; 4], backends: &[([u8; 4], u16)]) -> Frontend {
 /// the rest written as frontends sharing one Maglev slice (what matters for lookups is how
 /// many keys the service map holds).
 fn testbed(n: usize, flows: u32) -> Result<Testbed> {
-    let mut tb = Testbed::new(&MapSizes { flows: Some(flows), maglev_slots: None })?;
+    let mut tb = Testbed::new(&MapSizes { flows: Some(flows), ..Default::default() })?;
     let local_scope = frontend(VIP_LOCAL, &[]);
     let measured = [
         frontend(VIP_A, &[(VIP_B, 80)]),

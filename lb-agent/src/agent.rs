@@ -98,6 +98,15 @@ impl Agent {
         if adopted > 0 {
             info!("adopted {adopted} frontends from the maps pinned in {}; conntrack kept", cfg.pin_dir.display());
         }
+        let slots = dataplane.maps.maglev.len();
+        info!(
+            "Maglev slot array {MAP_MAGLEV}: {slots} slots ({} MiB), {} in use by {} tables; room for about {} more Service ports of {} backends",
+            slots as u64 * 8 >> 20,
+            dataplane.used_slots(),
+            dataplane.table_count(),
+            (slots as u64 - dataplane.used_slots()) / dataplane.table_size_for(3) as u64,
+            3
+        );
         let netlink = node::connect()?;
         let source = Source::open(&cfg.source, &cfg.node_name).await?;
         // Frontends an earlier agent programmed stay with their Services when claims collide.

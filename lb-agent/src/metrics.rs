@@ -34,6 +34,7 @@ pub fn install() -> Result<PrometheusHandle> {
     describe_counter!("lb_datapath_packets_total", Unit::Count, "Packets seen by the XDP and TC programs, by verdict reason (drops included).");
     describe_gauge!("lb_map_entries", Unit::Count, "Entries in a BPF map (Maglev: slots in use).");
     describe_gauge!("lb_map_capacity", Unit::Count, "Capacity of a BPF map.");
+    describe_gauge!("lb_maglev_tables", Unit::Count, "Maglev tables in the slot array (one per Service port and backend set, shared by the port's frontends).");
     describe_histogram!("lb_sync_duration_seconds", Unit::Seconds, "Time to translate the sources and program the maps.");
     describe_counter!("lb_sync_errors_total", Unit::Count, "Syncs that failed, map-write errors included.");
     describe_counter!("lb_frontend_changes_total", Unit::Count, "Frontends added, updated or removed in the maps, or failed to be written (map full).");
@@ -69,6 +70,7 @@ pub struct Programmed {
     /// (backend id, `backend` label).
     pub backends: Vec<(u32, String)>,
     pub used_slots: u64,
+    pub tables: usize,
 }
 
 impl Programmed {
@@ -81,7 +83,7 @@ impl Programmed {
             })
             .collect();
         let backends = dataplane.backends().map(|(id, b)| (id, format!("{}:{}", ip4_addr(b.addr), port_host(b.port)))).collect();
-        Self { services, backends, used_slots: dataplane.used_slots() }
+        Self { services, backends, used_slots: dataplane.used_slots(), tables: dataplane.table_count() }
     }
 }
 
@@ -100,14 +102,17 @@ impl Scraper {
         for (reason, packets) in reason::NAMES.iter().zip(maps.reason_counts()?) {
             counter!("lb_datapath_packets_total", "reason" => *reason).absolute(packets);
         }
+        // Whole arrays in a few batched calls, then the programmed ids picked out.
+        let service_counters = maps.all_service_counters()?;
+        let backend_counters = maps.all_backend_counters()?;
         for (id, service, frontend) in &programmed.services {
-            let c = maps.service_counters(*id)?;
+            let c = service_counters.get(*id as usize).copied().unwrap_or_default();
             let labels = [("service", service.clone()), ("frontend", frontend.clone())];
             counter!("lb_service_packets_total", &labels).absolute(c.packets);
             counter!("lb_service_bytes_total", &labels).absolute(c.bytes);
         }
         for (id, backend) in &programmed.backends {
-            let c = maps.backend_counters(*id)?;
+            let c = backend_counters.get(*id as usize).copied().unwrap_or_default();
             let label = [("backend", backend.clone())];
             counter!("lb_backend_packets_total", &label).absolute(c.packets);
             counter!("lb_backend_bytes_total", &label).absolute(c.bytes);
@@ -120,6 +125,7 @@ impl Scraper {
             gauge!("lb_map_entries", "map" => map).set(entries as f64);
             gauge!("lb_map_capacity", "map" => map).set(capacity as f64);
         }
+        gauge!("lb_maglev_tables").set(programmed.tables as f64);
         Ok(())
     }
 }

@@ -357,7 +357,7 @@ fn service_frontends(
             if frontend.ext_local {
                 // What outside clients get: this node's endpoints only.
                 let (backends, draining) = endpoints.split(true);
-                let local = Frontend { key: Service4KeyV1 { scope: SCOPE_LOCAL, ..key }, name: format!("{display} [local]"), backends, draining, ext_local: false, ..frontend.clone() };
+                let local = Frontend { key: Service4KeyV1 { scope: SCOPE_LOCAL, ..key }, name: format!("{display}{}", crate::dataplane::LOCAL_VIEW_SUFFIX), backends, draining, ext_local: false, ..frontend.clone() };
                 claims.push(Claim { frontend: local, field: field.clone() });
             }
             claims.push(Claim { frontend, field });

@@ -43,29 +43,36 @@ fn other_capacities_resize_the_pinned_maps_and_keep_the_newest_flows() -> Result
     let mount = BpfMount::new("pins")?;
     let key = |port: u16| Ct4KeyV1 { src_addr: ip4_raw([192, 0, 2, 1]), dst_addr: ip4_raw([10, 96, 0, 1]), src_port: port_raw(port), dst_port: port_raw(80), proto: IPPROTO_TCP, _pad: [0; 3] };
     let entry = |seen: u64| Ct4EntryV1 { backend_id: 7, service_id: 3, last_seen_ns: seen, ..Default::default() };
+    // A service whose table is slots 1000-1002: those slots are carried over.
+    let svc = Service4V1 { service_id: 0, maglev_offset: 1000, maglev_size: 3, backend_count: 1, kind: KIND_CLUSTER_IP, flags: 0 };
+    let svc_key = Service4KeyV1 { addr: ip4_raw([10, 96, 0, 1]), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER };
     {
-        let mut ebpf = load::load(&mount.dir, &MapSizes { flows: Some(64), maglev_slots: Some(1024) })?;
+        let mut ebpf = load::load(&mount.dir, &MapSizes { flows: Some(64), maglev_slots: Some(1024), services: Some(16), backends: Some(16) })?;
         let mut maps = Maps::take(&mut ebpf)?;
         for port in 0..10u16 {
             maps.conntrack.insert(&key(40000 + port), &entry(1000 + port as u64), 0)?;
         }
         maps.maglev.set(1000, &42, 0)?;
-        // A service whose table is slots 1000-1002: those slots are carried over.
-        let svc = Service4V1 { service_id: 0, maglev_offset: 1000, maglev_size: 3, backend_count: 1, kind: KIND_CLUSTER_IP, flags: 0 };
-        let svc_key = Service4KeyV1 { addr: ip4_raw([10, 96, 0, 1]), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER };
         maps.services.insert(&svc_key, &svc, 0)?;
+        maps.service_names.set(0, &NameV1::new("bench/svc:http/TCP"), 0)?;
+        maps.backends.set(7, &Backend4V1 { addr: ip4_raw([10, 244, 1, 7]), port: port_raw(8080), flags: 0, _pad: 0 }, 0)?;
     }
     // Larger: every flow and slot carried over.
     {
-        let mut ebpf = load::load(&mount.dir, &MapSizes { flows: Some(4096), maglev_slots: Some(2048) })?;
+        let mut ebpf = load::load(&mount.dir, &MapSizes { flows: Some(4096), maglev_slots: Some(2048), services: Some(64), backends: Some(64) })?;
         let maps = Maps::take(&mut ebpf)?;
+        // --max-services and --max-backends: the frontend, its name and its backend carried over.
+        assert_eq!((maps.service_names.len(), maps.backends.len(), maps.backend_stats.len()), (64, 64, 64));
+        assert_eq!(maps.services.get(&svc_key, 0)?, svc);
+        assert_eq!(maps.service_names.get(&0, 0)?.as_str(), "bench/svc:http/TCP");
+        assert_eq!(maps.backends.get(&7, 0)?.addr, ip4_raw([10, 244, 1, 7]));
         assert_eq!(maps.flow_capacity, 4096);
         assert_eq!(maps.conntrack.keys().count(), 10);
         assert_eq!(maps.conntrack.get(&key(40003), 0)?, entry(1003));
         assert_eq!((maps.maglev.len(), maps.maglev.get(&1000, 0)?), (2048, 42));
     }
     // Smaller: the most recently used flows stay.
-    let mut ebpf = load::load(&mount.dir, &MapSizes { flows: Some(4), maglev_slots: Some(2048) })?;
+    let mut ebpf = load::load(&mount.dir, &MapSizes { flows: Some(4), maglev_slots: Some(2048), ..Default::default() })?;
     let maps = Maps::take(&mut ebpf)?;
     assert_eq!(maps.flow_capacity, 4);
     let mut kept: Vec<u16> = maps.conntrack.keys().filter_map(|k| k.ok()).map(|k| port_host(k.src_port)).collect();

@@ -5,16 +5,14 @@ use anyhow::{anyhow, Result};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use lb_agent::source::manifests::parse_manifest;
 use testbed::{
+    apiserver::{kubeconfig_for, FakeApiServer},
     demo::{sock, Demo},
     process::AgentProcess,
     servers::tcp_request,
 };
 use serde_json::Value;
 
-use crate::{
-    apiserver::{kubeconfig_for, FakeApiServer},
-    support::*,
-};
+use crate::support::*;
 
 /// The example manifests, loaded into the API server.
 fn load_examples(api: &FakeApiServer) -> Result<()> {

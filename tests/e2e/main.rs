@@ -1,6 +1,5 @@
 //! End-to-end tests: real TCP and UDP traffic between network namespaces through lb-agent.
 //! Each test builds its own topology (unique names) and removes it, agent included, on drop.
-mod apiserver;
 mod support;
 
 mod changes;

@@ -59,7 +59,7 @@ fn prometheus_scrapes_what_the_datapath_counted() -> Result<()> {
     // promtool's linter accepts the exposition as served.
     let metrics = eventually(Duration::from_secs(5), || {
         let (_, metrics) = http_get(node, 9970, "/metrics")?;
-        for name in ["lb_service_packets_total", "lb_backend_packets_total", "lb_datapath_packets_total", "lb_map_entries", "lb_map_capacity", "lb_sync_duration_seconds_bucket", "lb_programs_attached"] {
+        for name in ["lb_service_packets_total", "lb_backend_packets_total", "lb_datapath_packets_total", "lb_map_entries", "lb_map_capacity", "lb_maglev_tables", "lb_sync_duration_seconds_bucket", "lb_programs_attached"] {
             if !metrics.contains(name) {
                 bail!("{name} missing from:\n{metrics}");
             }

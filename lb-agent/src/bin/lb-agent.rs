@@ -72,9 +72,9 @@ struct Args {
     /// Where the maps are pinned; a bpffs is mounted there if none is.
     #[arg(long, default_value = "/sys/fs/bpf/lb")]
     pin_dir: PathBuf,
-    /// Smallest Maglev table per service (a prime from 251 to 131071); services with many
-    /// backends get the first size above 100 per backend.
-    #[arg(long, default_value_t = 1021)]
+    /// Smallest Maglev table per Service port (a prime from 251 to 131071); ports with many
+    /// backends get the first size with 50 slots per backend.
+    #[arg(long, default_value_t = 251)]
     maglev_table_size: u32,
     /// Seed of the flow hash. Give every node the same one, so a flow maps to the same backend anywhere.
     #[arg(long, default_value_t = 0)]
@@ -91,6 +91,13 @@ struct Args {
     /// Capacity of the Maglev slot array shared by all services [default: 16777216, 64 MiB].
     #[arg(long)]
     maglev_slots: Option<u32>,
+    /// Capacity for frontends (each address, port and protocol of a Service; an
+    /// `externalTrafficPolicy: Local` one takes two) [default: 131072].
+    #[arg(long)]
+    max_services: Option<u32>,
+    /// Capacity for backends (distinct endpoint address and port) [default: 262144].
+    #[arg(long)]
+    max_backends: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -123,7 +130,7 @@ fn main() -> Result<()> {
         hash_seed: args.hash_seed,
         sync_interval: Duration::from_millis(args.sync_interval_ms),
         gc_interval: Duration::from_secs(args.gc_interval_s),
-        sizes: MapSizes { flows: args.max_flows, maglev_slots: args.maglev_slots },
+        sizes: MapSizes { flows: args.max_flows, maglev_slots: args.maglev_slots, services: args.max_services, backends: args.max_backends },
         nodeport_cidrs: args.nodeport_addresses,
         socket_lb_cgroup: args.socket_lb.then_some(args.cgroup_root),
     };

@@ -25,6 +25,10 @@ pub const SOCK_BIND_PROGRAM: (&str, &str) = ("lb_sock_post_bind4", "sock-post-bi
 pub struct MapSizes {
     pub flows: Option<u32>,
     pub maglev_slots: Option<u32>,
+    /// Frontends (and the maps indexed by service id).
+    pub services: Option<u32>,
+    /// Backends (and the maps indexed by backend id).
+    pub backends: Option<u32>,
 }
 
 /// Loads the object. Maps already pinned in `pin_dir` (an earlier agent's) are adopted as they
@@ -45,12 +49,8 @@ pub fn load(pin_dir: &Path, sizes: &MapSizes) -> Result<Ebpf> {
 fn load_object(pin_dir: &Path, sizes: &MapSizes) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(pin_dir);
-    if let Some(flows) = sizes.flows {
-        loader.map_max_entries(lb_common::MAP_CONNTRACK, flows);
-        loader.map_max_entries(lb_common::MAP_REVERSE_NAT, flows);
-    }
-    if let Some(slots) = sizes.maglev_slots {
-        loader.map_max_entries(lb_common::MAP_MAGLEV, slots);
+    for (name, capacity) in flag_sized(sizes) {
+        loader.map_max_entries(name, capacity);
     }
     loader.load(OBJECT).with_context(|| format!("loading the BPF object with maps pinned in {}", pin_dir.display()))
 }
@@ -83,14 +83,27 @@ fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 18] {
 }
 
 /// The capacities the flags ask for, of the maps whose size is a flag.
-fn flag_sized(sizes: &MapSizes) -> [(&'static str, u32); 3] {
+fn flag_sized(sizes: &MapSizes) -> [(&'static str, u32); 10] {
     use lb_common::*;
     let flows = sizes.flows.unwrap_or(MAX_FLOWS);
-    [(MAP_CONNTRACK, flows), (MAP_REVERSE_NAT, flows), (MAP_MAGLEV, sizes.maglev_slots.unwrap_or(MAGLEV_SLOTS))]
+    let services = sizes.services.unwrap_or(MAX_SERVICES);
+    let backends = sizes.backends.unwrap_or(MAX_BACKENDS);
+    [
+        (MAP_CONNTRACK, flows),
+        (MAP_REVERSE_NAT, flows),
+        (MAP_MAGLEV, sizes.maglev_slots.unwrap_or(MAGLEV_SLOTS)),
+        (MAP_SERVICES, services),
+        (MAP_SERVICE_STATS, services),
+        (MAP_SERVICE_NAMES, services),
+        (MAP_SERVICE_OPTS, services),
+        (MAP_BACKENDS, backends),
+        (MAP_BACKEND_STATS, backends),
+        (MAP_AFFINITY_MATCH, backends),
+    ]
 }
 
-/// A pinned map of another capacity than the flags ask for (`--max-flows` or `--maglev-slots`
-/// changed) is renamed aside so that loading creates it at the new size; `load` then copies
+/// A pinned map of another capacity than the flags ask for (`--max-flows`, `--maglev-slots`,
+/// `--max-services` or `--max-backends` changed) is renamed aside so that loading creates it at the new size; `load` then copies
 /// its entries over and removes it. Restarting with other sizes never fails.
 fn set_aside_resized_pins(pin_dir: &Path, sizes: &MapSizes) -> Result<Vec<(&'static str, PathBuf)>> {
     let mut resized = Vec::new();
@@ -113,7 +126,8 @@ fn set_aside_resized_pins(pin_dir: &Path, sizes: &MapSizes) -> Result<Vec<(&'sta
 
 /// Copies the entries of the map pinned at `from` into the freshly loaded map `name`. Flows go
 /// most recent first, so a smaller map keeps the most recently used; Maglev slots keep their
-/// index (a table past the new end is rewritten by the next sync).
+/// index (a table past the new end is rewritten by the next sync); arrays by id keep the ids
+/// that fit (the agent rewrites what names a lost one); per-CPU counters start again at zero.
 fn copy_entries(ebpf: &mut Ebpf, name: &'static str, from: &Path) -> Result<usize> {
     use aya::maps::{Array, HashMap, Map, MapData};
     use lb_common::*;
@@ -143,6 +157,26 @@ fn copy_entries(ebpf: &mut Ebpf, name: &'static str, from: &Path) -> Result<usiz
             let entries = old.iter().filter_map(|e| e.ok()).map(|(k, v)| (k, v, v.last_seen_ns)).collect();
             newest_first(entries, &mut new.try_into()?)
         }
+        MAP_SERVICES => {
+            let old: HashMap<_, Service4KeyV1, Service4V1> = old.try_into()?;
+            let capacity = match &*new {
+                Map::HashMap(data) => data.info()?.max_entries(),
+                _ => bail!("{name} is not a hash map"),
+            };
+            let mut new: HashMap<&mut MapData, Service4KeyV1, Service4V1> = new.try_into()?;
+            let fits: Vec<_> = old.iter().filter_map(|e| e.ok()).filter(|(_, svc)| svc.service_id < capacity).collect();
+            fits.iter().take_while(|(k, v)| new.insert(k, v, 0).is_ok()).count()
+        }
+        MAP_AFFINITY_MATCH => {
+            let old: HashMap<_, AffinityMatchKeyV1, u8> = old.try_into()?;
+            let mut new: HashMap<&mut MapData, AffinityMatchKeyV1, u8> = new.try_into()?;
+            let keys: Vec<_> = old.keys().filter_map(|k| k.ok()).collect();
+            keys.iter().take_while(|k| new.insert(*k, &1, 0).is_ok()).count()
+        }
+        MAP_BACKENDS => copy_by_index::<Backend4V1>(old, new)?,
+        MAP_SERVICE_NAMES => copy_by_index::<NameV1>(old, new)?,
+        MAP_SERVICE_OPTS => copy_by_index::<ServiceOptsV1>(old, new)?,
+        MAP_SERVICE_STATS | MAP_BACKEND_STATS => 0,
         _ => {
             let old: Array<_, u32> = old.try_into()?;
             let mut new: Array<&mut MapData, u32> = new.try_into()?;
@@ -157,6 +191,17 @@ fn copy_entries(ebpf: &mut Ebpf, name: &'static str, from: &Path) -> Result<usiz
             copied
         }
     })
+}
+
+/// Copies every index both arrays have.
+fn copy_by_index<V: aya::Pod>(old: aya::maps::Map, new: &mut aya::maps::Map) -> Result<usize> {
+    let old: aya::maps::Array<_, V> = old.try_into()?;
+    let mut new: aya::maps::Array<&mut aya::maps::MapData, V> = new.try_into()?;
+    let end = old.len().min(new.len());
+    for i in 0..end {
+        new.set(i, &old.get(&i, 0)?, 0)?;
+    }
+    Ok(end as usize)
 }
 
 /// A pinned map whose key or value size differs from this build's schema was left by a build

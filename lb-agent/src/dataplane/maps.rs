@@ -3,10 +3,12 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues},
     Ebpf,
 };
 use lb_common::*;
+
+use super::batch;
 
 pub struct Maps {
     pub services: HashMap<MapData, Service4KeyV1, Service4V1>,
@@ -92,6 +94,27 @@ impl Maps {
     pub fn backend_counters(&self, backend_id: u32) -> Result<TrafficCountersV1> {
         sum_counters(&self.backend_stats.get(&backend_id, 0)?)
     }
+
+    /// Every service id's counters, summed over CPUs, indexed by id (a few batched calls).
+    pub fn all_service_counters(&self) -> Result<Vec<TrafficCountersV1>> {
+        batch::per_cpu(self.service_stats.map(), add_counters).with_context(|| format!("reading {MAP_SERVICE_STATS}"))
+    }
+
+    /// Every backend id's counters, summed over CPUs, indexed by id.
+    pub fn all_backend_counters(&self) -> Result<Vec<TrafficCountersV1>> {
+        batch::per_cpu(self.backend_stats.map(), add_counters).with_context(|| format!("reading {MAP_BACKEND_STATS}"))
+    }
+
+    /// Writes a Maglev table's slots from `offset` on, in one batch.
+    pub fn write_slots(&mut self, offset: u32, ids: &[u32]) -> Result<()> {
+        let slots: Vec<u32> = (offset..offset + ids.len() as u32).collect();
+        batch::update(self.maglev.map(), &slots, ids).with_context(|| format!("writing {} slots of {MAP_MAGLEV} at {offset}", ids.len()))
+    }
+}
+
+fn add_counters(total: &mut TrafficCountersV1, more: &TrafficCountersV1) {
+    total.packets += more.packets;
+    total.bytes += more.bytes;
 }
 
 fn sum_counters(per_cpu: &PerCpuValues<TrafficCountersV1>) -> Result<TrafficCountersV1> {

@@ -3,16 +3,21 @@
 //! slice beside the old one, the service entry is flipped in one write, and only then is what
 //! became unused freed. Deletion runs in reverse.
 //!
+//! - [`batch`]: many map entries in one system call;
 //! - [`load`]: the embedded kernel object, loaded with every map pinned;
 //! - [`maps`]: typed handles on those maps;
-//! - [`slices`]: where each service's Maglev table sits in the shared slot array;
+//! - [`slices`]: free ranges of the shared Maglev slot array;
+//! - [`tables`]: the Maglev tables in it, one per Service port and backend set, shared by
+//!   that port's frontends;
 //! - [`conntrack`]: expiring flows the kernel tracks;
 //! - [`sockets`]: ending node sockets left on a removed backend.
+pub mod batch;
 pub mod conntrack;
 pub mod load;
 pub mod maps;
 mod slices;
 pub mod sockets;
+mod tables;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -26,8 +31,11 @@ use maglev::Maglev;
 
 use self::{
     maps::{zero_counters, Maps},
-    slices::SliceAllocator,
+    tables::{TableKey, Tables},
 };
+
+/// Ends the name of a frontend's `SCOPE_LOCAL` view (externalTrafficPolicy: Local).
+pub const LOCAL_VIEW_SUFFIX: &str = " [local]";
 
 /// One frontend as the control plane wants it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -110,7 +118,7 @@ pub struct Dataplane {
     pub maps: Maps,
     maglev_seed: u64,
     min_table_size: u32,
-    slices: SliceAllocator,
+    tables: Tables,
     services: BTreeMap<Service4KeyV1, Programmed>,
     /// Backend entry -> id, and id -> (entry, number of services using it).
     backend_ids: HashMap<Backend4V1, u32>,
@@ -120,6 +128,9 @@ pub struct Dataplane {
     free_service_ids: Vec<u32>,
     next_service_id: u32,
 }
+
+/// Maglev slots a backend gets at least (tables are primes from `maglev::TABLE_SIZES`).
+const SLOTS_PER_BACKEND: usize = 50;
 
 /// Makes a small hash map hold exactly `wanted`: the entries are written, then the others removed.
 fn hold_exactly<K, V>(map: &mut aya::maps::HashMap<aya::maps::MapData, K, V>, wanted: HashMap<K, V>) -> Result<()>
@@ -152,7 +163,7 @@ impl Dataplane {
             maps,
             maglev_seed,
             min_table_size,
-            slices: SliceAllocator::new(slots),
+            tables: Tables::new(slots),
             services: BTreeMap::new(),
             backend_ids: HashMap::new(),
             backend_users: HashMap::new(),
@@ -188,7 +199,7 @@ impl Dataplane {
                 entry.maglev_size = 0;
             }
             let entry = &entry;
-            if entry.maglev_size > 0 && !self.slices.reserve(entry.maglev_offset, entry.maglev_size) {
+            if entry.maglev_size > 0 && !self.tables.adopt(entry.maglev_offset, entry.maglev_size) {
                 bail!("pinned service {key:?} claims slots {}+{} that overlap another service", entry.maglev_offset, entry.maglev_size);
             }
             let mut ids: Vec<u32> = Vec::new();
@@ -257,13 +268,14 @@ impl Dataplane {
         hold_exactly(&mut self.maps.node_ips, wanted).with_context(|| format!("writing {MAP_NODE_IPS}"))
     }
 
-    /// The table size for a service with `n` backends.
+    /// The table size for a service with `n` backends: at least 50 slots each, so that no
+    /// backend's share of new flows is off by more than 2% (Maglev fills slots round-robin).
     pub fn table_size_for(&self, n: usize) -> u32 {
         maglev::TABLE_SIZES
             .iter()
             .copied()
             .filter(|&m| m >= self.min_table_size)
-            .find(|&m| m as usize > 100 * n)
+            .find(|&m| m as usize >= SLOTS_PER_BACKEND * n)
             .unwrap_or(*maglev::TABLE_SIZES.last().unwrap())
     }
 
@@ -287,18 +299,23 @@ impl Dataplane {
             self.remove(&key)?;
             stats.removed += 1;
         }
+        let changed: Vec<(&Service4KeyV1, &Frontend)> = wanted.iter().filter(|(k, f)| self.services.get(k).is_none_or(|p| &p.frontend != **f)).map(|(k, f)| (k, *f)).collect();
+        stats.unchanged = wanted.len() - changed.len();
+        // A full slot array: a table may be rewritten in place only when every frontend using
+        // it moves to the same new backends in this apply.
+        let mut movers: HashMap<(u32, TableKey), usize> = HashMap::new();
+        for (key, frontend) in &changed {
+            if let Some(table) = self.services.get(key).map(|p| p.entry).filter(|e| e.maglev_size > 0) {
+                *movers.entry((table.maglev_offset, TableKey::of(frontend))).or_default() += 1;
+            }
+        }
         // And come after them when written, so a flag never points at a missing entry.
-        let local_first = wanted.iter().filter(|(k, _)| k.scope == SCOPE_LOCAL).chain(wanted.iter().filter(|(k, _)| k.scope != SCOPE_LOCAL));
+        let local_first = changed.iter().filter(|(k, _)| k.scope == SCOPE_LOCAL).chain(changed.iter().filter(|(k, _)| k.scope != SCOPE_LOCAL));
         for (key, frontend) in local_first {
-            let existed = match self.services.get(key) {
-                Some(p) if &p.frontend == *frontend => {
-                    stats.unchanged += 1;
-                    continue;
-                }
-                Some(_) => true,
-                None => false,
-            };
-            match self.upsert(frontend) {
+            let current = self.services.get(key).map(|p| p.entry).filter(|e| e.maglev_size > 0);
+            let existed = self.services.contains_key(key);
+            let rewritable = current.filter(|e| movers.get(&(e.maglev_offset, TableKey::of(frontend))) == Some(&self.tables.users(e.maglev_offset)));
+            match self.upsert(frontend, rewritable.map(|e| (e.maglev_offset, e.maglev_size))) {
                 Ok(()) if existed => stats.updated += 1,
                 Ok(()) => stats.added += 1,
                 Err(e) => stats.failed.push((frontend.name.clone(), format!("{e:#}"))),
@@ -307,7 +324,8 @@ impl Dataplane {
         Ok(stats)
     }
 
-    fn upsert(&mut self, frontend: &Frontend) -> Result<()> {
+    /// Writes one frontend. `rewritable`: its current table, when it may be rewritten in place.
+    fn upsert(&mut self, frontend: &Frontend, rewritable: Option<(u32, u32)>) -> Result<()> {
         let old = self.services.get(&frontend.key).cloned();
         let service_id = match &old {
             Some(p) => p.entry.service_id,
@@ -332,12 +350,13 @@ impl Dataplane {
             backend_ids.push(id);
         }
 
-        // 2. The new table, in a slice of its own; the options and ranges the new flags name.
+        // 2. The new table: the one its Service port already has for these backends, else
+        //    one in a slice of its own; the options and ranges the new flags name.
         let (maglev_offset, maglev_size) = if frontend.backends.is_empty() {
             (0, 0)
         } else {
-            let current = old.as_ref().map(|p| (p.entry.maglev_offset, p.entry.maglev_size));
-            match self.write_table(frontend, &selectable, current) {
+            let key = TableKey::of(frontend);
+            match self.tables.share(&key).map(Ok).unwrap_or_else(|| self.write_table(frontend, key, &selectable, rewritable)) {
                 Ok(slice) => slice,
                 Err(e) => {
                     self.release_backends(&backend_ids)?;
@@ -347,10 +366,9 @@ impl Dataplane {
         };
         let affinity_ids = if frontend.affinity_timeout_s.is_some() { selectable.clone() } else { Vec::new() };
         let source_ranges: Vec<(u32, u8)> = frontend.source_ranges.iter().map(|(net, len)| (ip4_raw(net.octets()), *len)).collect();
-        let in_place = old.as_ref().is_some_and(|p| p.entry.maglev_size > 0 && p.entry.maglev_offset == maglev_offset);
         if let Err(e) = self.write_policy(service_id, frontend, &affinity_ids, &source_ranges) {
-            if maglev_size > 0 && !in_place {
-                self.slices.free(maglev_offset, maglev_size);
+            if maglev_size > 0 {
+                self.tables.release(maglev_offset);
             }
             self.release_backends(&backend_ids)?;
             return Err(e.context(format!("service {}", frontend.name)));
@@ -371,11 +389,11 @@ impl Dataplane {
         };
         self.maps.services.insert(&frontend.key, &entry, 0).with_context(|| format!("writing service {} to {MAP_SERVICES}", frontend.name))?;
 
-        // 4. Free what the old state used: its slice, its backends, the affinity it allowed to
+        // 4. Free what the old state used: its table, its backends, the affinity it allowed to
         //    backends it no longer has (affinity to them ends now), its old ranges.
         if let Some(old) = old {
-            if old.entry.maglev_size > 0 && !in_place {
-                self.slices.free(old.entry.maglev_offset, old.entry.maglev_size);
+            if old.entry.maglev_size > 0 {
+                self.tables.release(old.entry.maglev_offset);
             }
             self.release_backends(&old.backend_ids)?;
             self.remove_policy(service_id, &old.affinity_ids, &old.source_ranges, &affinity_ids, &source_ranges);
@@ -388,7 +406,7 @@ impl Dataplane {
         let Some(old) = self.services.remove(key) else { return Ok(()) };
         self.maps.services.remove(key).with_context(|| format!("removing service {}", old.frontend.name))?;
         if old.entry.maglev_size > 0 {
-            self.slices.free(old.entry.maglev_offset, old.entry.maglev_size);
+            self.tables.release(old.entry.maglev_offset);
         }
         self.release_backends(&old.backend_ids)?;
         self.remove_policy(old.entry.service_id, &old.affinity_ids, &old.source_ranges, &[], &[]);
@@ -422,16 +440,16 @@ impl Dataplane {
     }
 
     /// Writes the frontend's new table in a fresh slice. When the slot array has no room and
-    /// the frontend already has a slice (`current`), the table is rewritten there in place,
-    /// at that size, slot by slot: every slot always names a live backend (the new ones are
-    /// written, the old ones are released only after), so an endpoint change of a programmed
-    /// Service never waits for free space.
-    fn write_table(&mut self, frontend: &Frontend, backend_ids: &[u32], current: Option<(u32, u32)>) -> Result<(u32, u32)> {
+    /// its current table may be rewritten (`rewritable`: every user moves to these backends),
+    /// the table is rewritten there in place, at that size, slot by slot: every slot always
+    /// names a live backend (the new ones are written, the old ones are released only after),
+    /// so an endpoint change of a programmed Service never waits for free space.
+    fn write_table(&mut self, frontend: &Frontend, key: TableKey, backend_ids: &[u32], rewritable: Option<(u32, u32)>) -> Result<(u32, u32)> {
         let wanted = self.table_size_for(frontend.backends.len());
-        let (offset, size, fresh) = match (self.slices.alloc(wanted), current) {
+        let (offset, size, fresh) = match (self.tables.alloc(key.clone(), wanted), rewritable) {
             (Some(offset), _) => (offset, wanted, true),
-            (None, Some((offset, size))) if size > 0 => (offset, size, false),
-            (None, _) => bail!("{MAP_MAGLEV} is full: no {wanted} free slots ({} free in all)", self.slices.free_slots()),
+            (None, Some((offset, size))) => (offset, size, false),
+            (None, None) => bail!("{MAP_MAGLEV} is full: no {wanted} free slots ({} free in all)", self.tables.free_slots()),
         };
         let keys: Vec<String> = frontend.backends.iter().map(|b| format!("{}:{}", b.addr, b.port)).collect();
         let input: Vec<maglev::Backend<'_, u32>> = keys
@@ -439,22 +457,20 @@ impl Dataplane {
             .zip(frontend.backends.iter().zip(backend_ids))
             .map(|(k, (b, id))| maglev::Backend { id: *id, key: k.as_bytes(), weight: b.weight })
             .collect();
-        let written = Maglev::new(size, self.maglev_seed).and_then(|m| m.build(&input)).map_err(anyhow::Error::from).and_then(|table| {
-            for (i, id) in table.iter().enumerate() {
-                self.maps.maglev.set(offset + i as u32, id, 0).context("writing Maglev slots")?;
+        let written = Maglev::new(size, self.maglev_seed).map_err(anyhow::Error::from).and_then(|m| Ok(m.build(&input)?)).and_then(|table| self.maps.write_slots(offset, &table));
+        match written {
+            Err(e) if fresh => {
+                self.tables.release(offset);
+                Err(e)
             }
-            Ok(())
-        });
-        if let Err(e) = written {
-            if fresh {
-                self.slices.free(offset, size);
+            Err(e) => Err(e),
+            Ok(()) if fresh => Ok((offset, size)),
+            Ok(()) => {
+                self.tables.rekey(offset, key);
+                log::warn!("{MAP_MAGLEV} is full: the table of {} was rewritten in place ({size} slots)", frontend.name);
+                Ok((offset, size))
             }
-            return Err(e);
         }
-        if !fresh {
-            log::warn!("{MAP_MAGLEV} is full: the table of {} was rewritten in place ({size} slots)", frontend.name);
-        }
-        Ok((offset, size))
     }
 
     fn acquire_backend(&mut self, entry: Backend4V1) -> Result<u32> {
@@ -515,7 +531,12 @@ impl Dataplane {
 
     /// Maglev slots held by programmed services.
     pub fn used_slots(&self) -> u64 {
-        self.maps.maglev.len() as u64 - self.slices.free_slots()
+        self.maps.maglev.len() as u64 - self.tables.free_slots()
+    }
+
+    /// Maglev tables in the slot array (frontends of one Service port share one).
+    pub fn table_count(&self) -> usize {
+        self.tables.count()
     }
 
     /// The backend id programmed for `spec`, if any.

@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use http_body_util::{channel::Channel, Either, Full};
 use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response};
 use hyper_util::rt::TokioIo;
-use testbed::netns::{spawn_in, Netns};
+use crate::netns::{spawn_in, Netns};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
@@ -207,8 +207,20 @@ async fn handle(req: Request<hyper::body::Incoming>, state: Arc<Mutex<State>>, e
     if query.get("watch").map(String::as_str) != Some("true") {
         let mut st = state.lock().unwrap();
         st.lists += 1;
-        let items: Vec<Value> = st.objects.iter().filter(|((k, _), _)| k == kind).map(|(_, o)| o.clone()).collect();
-        return Ok(json_response(200, json!({"kind": format!("{kind}List"), "apiVersion": api_version, "metadata": {"resourceVersion": st.rv.to_string()}, "items": items})));
+        // Pages, as the real server gives them to a client that sets `limit`: the `continue`
+        // token carries the list's resourceVersion and where the next page starts.
+        let (rv, start) = match query.get("continue").and_then(|c| c.split_once('-')) {
+            Some((rv, start)) => (rv.parse().unwrap_or(st.rv), start.parse().unwrap_or(0)),
+            None => (st.rv, 0),
+        };
+        let limit = query.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
+        let mut items: Vec<Value> = st.objects.iter().filter(|((k, _), _)| k == kind).skip(start).take(limit.saturating_add(1)).map(|(_, o)| o.clone()).collect();
+        let mut metadata = json!({"resourceVersion": rv.to_string()});
+        if items.len() > limit {
+            items.truncate(limit);
+            metadata["continue"] = json!(format!("{rv}-{}", start + limit));
+        }
+        return Ok(json_response(200, json!({"kind": format!("{kind}List"), "apiVersion": api_version, "metadata": metadata, "items": items})));
     }
 
     let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
