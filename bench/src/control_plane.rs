@@ -355,13 +355,18 @@ fn table_names(maps: &Maps, i: usize, before: Service4V1, addr: &str) -> Result<
     let want: std::net::Ipv4Addr = addr.parse()?;
     let want = ip4_raw(want.octets());
     // Every backend has ~1/3 of the slots: the first few dozen name all three.
+    let mut named = false;
     for slot in now.maglev_offset..now.maglev_offset + now.maglev_size.min(64) {
         let id = maps.maglev.get(&slot, 0)?;
-        if maps.backends.get(&id, 0)?.addr == want {
-            return Ok(true);
-        }
+        named |= maps.backends.get(&id, 0)?.addr == want;
     }
-    bail!("svc-{i}: the new table does not name {addr}")
+    if frontend_entry(maps, i)? != now {
+        return Ok(false); // Flipped again while being read (its old slots may be reused): look again.
+    }
+    if !named {
+        bail!("svc-{i}: the new table does not name {addr}");
+    }
+    Ok(true)
 }
 
 /// Waits until Service `i`'s table names `addr`; the ms since `t0`, or `None` on timeout.

@@ -1,7 +1,7 @@
 //! The agent's main loop: load and attach the programs, then keep the maps equal to what the
 //! manifests say, the pod devices covered, the node addresses current and conntrack collected.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::{atomic::AtomicBool, Arc},
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -28,8 +28,8 @@ use crate::{
     },
     node,
     health::{ProxyHealth, ServiceHealthServers},
-    source::{Source, SourceConfig},
-    translate::{self, Claim, ServiceName},
+    source::{objects::Dirty, Source, SourceConfig},
+    translate::{self, Claim, ServiceName, Wanted},
 };
 
 #[derive(Clone, Debug)]
@@ -62,11 +62,13 @@ pub struct Agent {
     dataplane: Dataplane,
     netlink: rtnetlink::Handle,
     source: Source,
-    /// The frontends each Service was last given; a Service whose manifest turns bad keeps these.
-    last_good: BTreeMap<ServiceName, Vec<Claim>>,
+    /// What each Service asks for: its last good translation (a Service whose manifest turns
+    /// bad keeps it), with its origin and place in the claim order.
+    wanted: HashMap<ServiceName, (translate::Order, String, Vec<Claim>)>,
     /// Who holds each frontend: a frontend two Services claim stays with its holder. Before
     /// the first sync, read back from the pinned names, so it holds across restarts.
-    owners: HashMap<Service4KeyV1, ServiceName>,
+    claims: translate::Claims,
+    health_checks: BTreeMap<ServiceName, translate::HealthCheck>,
     reported: BTreeSet<String>,
     health_servers: ServiceHealthServers,
     /// Cgroup ids the socket hooks skip (opted-out pods).
@@ -81,8 +83,6 @@ pub struct Agent {
     pub ready: Arc<AtomicBool>,
     /// CLOCK_MONOTONIC ns of the last loop iteration (the liveness probe).
     pub heartbeat_ns: Arc<std::sync::atomic::AtomicU64>,
-    /// What the metrics read on a scrape; refreshed after each change.
-    pub programmed: Arc<std::sync::Mutex<crate::metrics::Programmed>>,
 }
 
 impl Agent {
@@ -122,8 +122,9 @@ impl Agent {
             dataplane,
             netlink,
             source,
-            last_good: BTreeMap::new(),
-            owners,
+            wanted: HashMap::new(),
+            claims: translate::Claims::holding(owners),
+            health_checks: BTreeMap::new(),
             reported: BTreeSet::new(),
             tc_links: HashMap::new(),
             node_ips: Vec::new(),
@@ -131,7 +132,6 @@ impl Agent {
             synced_once: false,
             ready,
             heartbeat_ns: Arc::new(std::sync::atomic::AtomicU64::new(conntrack::monotonic_ns())),
-            programmed: Arc::default(),
         };
         agent.attach_external().await?;
         agent.attach_socket_hooks()?;
@@ -233,11 +233,11 @@ impl Agent {
         if ips == self.node_ips {
             return Ok(());
         }
-        let state = self.cluster_state().unwrap_or_default();
+        let from_node = self.source.objects().and_then(|o| translate::node_ip(o.nodes(), &self.cfg.node_name));
         let snat = self
             .cfg
             .node_ip
-            .or_else(|| translate::node_ip(&state, &self.cfg.node_name).filter(|ip| ips.iter().any(|(a, _)| a == ip)))
+            .or_else(|| from_node.filter(|ip| ips.iter().any(|(a, _)| a == ip)))
             .or_else(|| ips.first().map(|(ip, _)| *ip))
             .unwrap_or(Ipv4Addr::UNSPECIFIED);
         // NodePorts answer on the addresses --nodeport-addresses allows (all by default).
@@ -254,7 +254,7 @@ impl Agent {
     /// their containers (found anew each pass: containers come and go).
     fn sync_socket_opt_outs(&mut self) -> Result<()> {
         let Some(root) = self.cfg.socket_lb_cgroup.clone() else { return Ok(()) };
-        let uids = self.cluster_state().map(|s| translate::socket_lb_opt_outs(&s, &self.cfg.node_name)).unwrap_or_default();
+        let uids = self.source.objects().map(|o| translate::socket_lb_opt_outs(o.pods(), &self.cfg.node_name)).unwrap_or_default();
         let ids = if uids.is_empty() { BTreeSet::new() } else { node::pod_cgroup_ids(&root, &uids) };
         if ids != self.sock_skip {
             self.dataplane.set_sock_skip(&ids)?;
@@ -308,58 +308,80 @@ impl Agent {
         Ok(())
     }
 
-    fn cluster_state(&self) -> Option<translate::ClusterState> {
-        self.source.state()
-    }
-
-    /// Whether the source changed since the last sync (manifests are re-read here).
-    fn source_changed(&mut self) -> Result<bool> {
-        let poll = self.source.poll()?;
-        for e in &poll.errors {
+    /// Translates the Services that changed (all of them on the first pass and after a
+    /// relist), settles their claims, and writes only the frontends that changed.
+    fn sync_services(&mut self) -> Result<()> {
+        for e in self.source.poll()? {
             self.report(format!("manifest rejected, its last good version stays in force: {e}"));
         }
-        Ok(self.source.synced() && (poll.changed || !self.synced_once))
-    }
-
-    fn sync_services(&mut self) -> Result<()> {
-        if !self.source_changed()? {
-            return Ok(());
-        }
-        // Before the first full sync there is no state, and nothing is pruned.
-        let Some(state) = self.cluster_state() else { return Ok(()) };
         let started = Instant::now();
-        let translation = translate::translate(&state, &self.cfg.node_name);
-        for w in &translation.warnings {
-            self.report_warning(format!("not supported, the rest of the Service works: {w}"));
-        }
-        // A Service that fails translation keeps its last good frontends, in its place in the
-        // claim order; then claims on one frontend are settled.
-        let mut candidates = Vec::new();
-        for service in translation.services {
-            match service.result {
-                Ok(claims) => candidates.push((service.name, service.origin, claims)),
-                Err(e) => {
-                    self.report(format!("service rejected, its last good version stays in force: {e}"));
-                    if let Some(previous) = self.last_good.get(&service.name) {
-                        candidates.push((service.name, service.origin, previous.clone()));
-                    }
+        let node_name = self.cfg.node_name.clone();
+        // Before the first full sync there is nothing to read, and nothing is pruned.
+        let Some(mut objects) = self.source.objects() else { return Ok(()) };
+        let dirty = objects.take_dirty();
+        let everything = !self.synced_once || dirty == Dirty::All;
+        let affected: BTreeSet<ServiceName> = match dirty {
+            Dirty::Services(names) if !everything => names,
+            _ if everything => objects.service_names().into_iter().chain(self.wanted.keys().cloned()).collect(),
+            _ => return Ok(()),
+        };
+        let translated: Vec<(ServiceName, Option<translate::ServiceTranslation>, Vec<String>)> = affected
+            .iter()
+            .map(|name| match objects.service(name) {
+                None => (name.clone(), None, Vec::new()),
+                Some((svc, others)) => {
+                    let slices = objects.slices_of(name);
+                    (name.clone(), translate::translate_service(svc.object, &svc.origin, &slices, &node_name), others.into_iter().map(String::from).collect())
                 }
+            })
+            .collect();
+        drop(objects);
+        for (name, translation, copies) in translated {
+            for origin in copies {
+                self.report(format!("Service {name} is also defined in {origin}; that copy is ignored"));
             }
+            let Some(t) = translation else {
+                self.wanted.remove(&name);
+                self.health_checks.remove(&name);
+                continue;
+            };
+            for w in t.warnings {
+                self.report_warning(format!("not supported, the rest of the Service works: {w}"));
+            }
+            match t.result {
+                Ok(claims) => {
+                    self.wanted.insert(name.clone(), (t.order, t.origin, claims));
+                }
+                Err(e) => self.report(format!("service rejected, its last good version stays in force: {e}")),
+            }
+            match t.health_check {
+                Some(check) => self.health_checks.insert(name, check),
+                None => self.health_checks.remove(&name),
+            };
         }
-        let claimed = translate::claim(candidates, &self.owners);
-        for e in &claimed.errors {
+        let wanted = &self.wanted;
+        let settled = self.claims.settle(affected, everything, |name| wanted.get(name).map(|(order, origin, claims)| Wanted { order: order.clone(), origin, claims }));
+        for e in &settled.errors {
             self.report(format!("frontend rejected: {e}"));
         }
-        let all: Vec<Frontend> = claimed.frontends.values().flatten().map(|c| c.frontend.clone()).collect();
-        let stats = self.dataplane.apply(&all)?;
+        let stats = if everything {
+            // Also removes what an earlier agent programmed for Services that are gone.
+            let all: Vec<Frontend> = self.wanted.keys().flat_map(|name| self.claims.granted(name)).map(|c| c.frontend.clone()).collect();
+            self.dataplane.apply(&all)?
+        } else {
+            let upserts: Vec<&Frontend> = settled.changes.iter().flat_map(|(_, _, now)| now.iter().map(|c| &c.frontend)).collect();
+            let kept: HashSet<Service4KeyV1> = upserts.iter().map(|f| f.key).collect();
+            let removed: Vec<Service4KeyV1> = settled.changes.iter().flat_map(|(_, before, _)| before.iter().map(|c| c.frontend.key)).filter(|k| !kept.contains(k)).collect();
+            self.dataplane.apply_changes(&removed, &upserts)?
+        };
         for (frontend, why) in &stats.failed {
             self.report(format!("frontend {frontend} not programmed, its previous state stays: {why}"));
         }
         if stats.added + stats.updated + stats.removed > 0 || !self.synced_once {
             info!(
                 "programmed {} frontends of {} services: added {}, updated {}, removed {}, unchanged {}, failed {}",
-                all.len() - stats.failed.len(),
-                claimed.frontends.len(),
+                self.dataplane.frontend_count(),
+                self.wanted.len(),
                 stats.added,
                 stats.updated,
                 stats.removed,
@@ -369,19 +391,16 @@ impl Agent {
         }
         // Connected UDP sockets of node processes must not stay on a backend that is gone.
         if self.cfg.socket_lb_cgroup.is_some() {
-            let removed = gone_udp_backends(&self.last_good, &claimed.frontends);
-            match self.dataplane.end_udp_sockets_to(&removed) {
+            match self.dataplane.end_udp_sockets_to(&gone_udp_backends(&settled.changes)) {
                 Ok(0) => {}
                 Ok(n) => info!("ended {n} connected UDP sockets of removed backends"),
                 Err(e) => warn!("ending UDP sockets of removed backends: {e:#}"),
             }
         }
-        for e in self.health_servers.sync(&translation.health_checks) {
+        let checks: Vec<translate::HealthCheck> = self.health_checks.values().cloned().collect();
+        for e in self.health_servers.sync(&checks) {
             self.report(format!("health check not served: {e}"));
         }
-        *self.programmed.lock().expect("not poisoned") = crate::metrics::Programmed::of(&self.dataplane);
-        self.owners = translate::owners(claimed.frontends.iter().flat_map(|(name, claims)| claims.iter().map(move |c| (name, &c.frontend))));
-        self.last_good = claimed.frontends;
         self.synced_once = true;
         self.ready.store(true, std::sync::atomic::Ordering::Release);
         crate::metrics::sync_done(started.elapsed(), &stats);
@@ -430,12 +449,14 @@ impl Agent {
 }
 
 /// (UDP frontend, backend) pairs new flows could take before and no longer can.
-fn gone_udp_backends(before: &BTreeMap<ServiceName, Vec<Claim>>, after: &BTreeMap<ServiceName, Vec<Claim>>) -> Vec<(Service4KeyV1, Ipv4Addr, u16)> {
-    let udp = |m: &BTreeMap<ServiceName, Vec<Claim>>| -> BTreeSet<(Service4KeyV1, Ipv4Addr, u16)> {
-        let frontends = m.values().flatten().filter(|c| c.frontend.key.proto == IPPROTO_UDP && c.frontend.key.scope == SCOPE_CLUSTER);
+fn gone_udp_backends(changes: &[(ServiceName, Vec<Claim>, Vec<Claim>)]) -> Vec<(Service4KeyV1, Ipv4Addr, u16)> {
+    let udp = |claims: &mut dyn Iterator<Item = &Claim>| -> BTreeSet<(Service4KeyV1, Ipv4Addr, u16)> {
+        let frontends = claims.filter(|c| c.frontend.key.proto == IPPROTO_UDP && c.frontend.key.scope == SCOPE_CLUSTER);
         frontends.flat_map(|c| c.frontend.backends.iter().map(|b| (c.frontend.key, b.addr, b.port))).collect()
     };
-    udp(before).difference(&udp(after)).copied().collect()
+    let before = udp(&mut changes.iter().flat_map(|(_, before, _)| before));
+    let after = udp(&mut changes.iter().flat_map(|(_, _, after)| after));
+    before.difference(&after).copied().collect()
 }
 
 /// Whether `ip` is inside `net`/`len`.

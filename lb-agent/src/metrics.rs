@@ -4,7 +4,7 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     time::Duration,
 };
@@ -16,8 +16,10 @@ use log::{info, warn};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use aya::maps::IterableMap;
+
 use crate::{
-    dataplane::{maps::Maps, ApplyStats, Dataplane},
+    dataplane::{batch, maps::Maps, ApplyStats},
     health::Reply,
 };
 
@@ -61,71 +63,57 @@ pub fn program_detached(device: &str, program: &'static str) {
     gauge!("lb_programs_attached", "device" => device.to_string(), "program" => program).set(0.0);
 }
 
-/// What the agent has programmed, as the metrics need it: ids to read and their labels. The
-/// agent refreshes it after each change; a scrape reads the counters of exactly these ids.
-#[derive(Clone, Debug, Default)]
-pub struct Programmed {
-    /// (service id, `service` label, `frontend` label).
-    pub services: Vec<(u32, String, String)>,
-    /// (backend id, `backend` label).
-    pub backends: Vec<(u32, String)>,
-    pub used_slots: u64,
-    pub tables: usize,
-}
-
-impl Programmed {
-    pub fn of(dataplane: &Dataplane) -> Self {
-        let services = dataplane
-            .frontends()
-            .map(|(key, name, svc)| {
-                let addr = if key.addr == 0 { "*".to_string() } else { ip4_addr(key.addr).to_string() };
-                (svc.service_id, name.to_string(), format!("{addr}:{}", port_host(key.port)))
-            })
-            .collect();
-        let backends = dataplane.backends().map(|(id, b)| (id, format!("{}:{}", ip4_addr(b.addr), port_host(b.port)))).collect();
-        Self { services, backends, used_slots: dataplane.used_slots(), tables: dataplane.table_count() }
-    }
-}
-
-/// Reads the datapath's counters when Prometheus scrapes, not on a timer: an idle agent
-/// makes no system calls for metrics. It has its own handles on the pinned maps.
+/// Reads the datapath's counters and what is programmed when Prometheus scrapes, not on a
+/// timer: an idle agent makes no system calls for metrics, and a sync costs the metrics
+/// nothing. Everything comes from the pinned maps, whole maps at a time (batched calls).
 pub struct Scraper {
     pub maps: Maps,
-    pub programmed: Arc<Mutex<Programmed>>,
 }
 
 impl Scraper {
     /// Copies the counters of the programmed ids and the fill levels into the registry.
     pub fn export(&self) -> Result<()> {
         let maps = &self.maps;
-        let programmed = self.programmed.lock().expect("not poisoned").clone();
         for (reason, packets) in reason::NAMES.iter().zip(maps.reason_counts()?) {
             counter!("lb_datapath_packets_total", "reason" => *reason).absolute(packets);
         }
-        // Whole arrays in a few batched calls, then the programmed ids picked out.
+        let frontends: Vec<(Service4KeyV1, Service4V1)> = batch::lookup_all(maps.services.map()).with_context(|| format!("reading {MAP_SERVICES}"))?;
+        let names: Vec<(u32, NameV1)> = batch::lookup_all(maps.service_names.map()).with_context(|| format!("reading {MAP_SERVICE_NAMES}"))?;
+        let backends: Vec<(u32, Backend4V1)> = batch::lookup_all(maps.backends.map()).with_context(|| format!("reading {MAP_BACKENDS}"))?;
         let service_counters = maps.all_service_counters()?;
         let backend_counters = maps.all_backend_counters()?;
-        for (id, service, frontend) in &programmed.services {
-            let c = service_counters.get(*id as usize).copied().unwrap_or_default();
-            let labels = [("service", service.clone()), ("frontend", frontend.clone())];
+        let mut tables = std::collections::HashSet::new();
+        for (key, entry) in &frontends {
+            let id = entry.service_id as usize;
+            let c = service_counters.get(id).copied().unwrap_or_default();
+            let service = names.get(id).map(|(_, n)| n.as_str()).unwrap_or_default();
+            let addr = if key.addr == 0 { "*".to_string() } else { ip4_addr(key.addr).to_string() };
+            let labels = [("service", service.to_string()), ("frontend", format!("{addr}:{}", port_host(key.port)))];
             counter!("lb_service_packets_total", &labels).absolute(c.packets);
             counter!("lb_service_bytes_total", &labels).absolute(c.bytes);
+            if entry.maglev_size > 0 {
+                tables.insert((entry.maglev_offset, entry.maglev_size));
+            }
         }
-        for (id, backend) in &programmed.backends {
+        let mut live_backends = 0u64;
+        // Id 0 is never a backend; a zeroed entry is a free id.
+        for (id, backend) in backends.iter().filter(|(id, b)| *id != 0 && b.addr != 0) {
             let c = backend_counters.get(*id as usize).copied().unwrap_or_default();
-            let label = [("backend", backend.clone())];
+            let label = [("backend", format!("{}:{}", ip4_addr(backend.addr), port_host(backend.port)))];
             counter!("lb_backend_packets_total", &label).absolute(c.packets);
             counter!("lb_backend_bytes_total", &label).absolute(c.bytes);
+            live_backends += 1;
         }
+        let used_slots: u64 = tables.iter().map(|(_, size)| *size as u64).sum();
         for (map, entries, capacity) in [
-            (MAP_SERVICES, programmed.services.len() as u64, maps.service_names.len() as u64),
-            (MAP_BACKENDS, programmed.backends.len() as u64, maps.backends.len() as u64 - 1),
-            (MAP_MAGLEV, programmed.used_slots, maps.maglev.len() as u64),
+            (MAP_SERVICES, frontends.len() as u64, maps.service_names.len() as u64),
+            (MAP_BACKENDS, live_backends, maps.backends.len() as u64 - 1),
+            (MAP_MAGLEV, used_slots, maps.maglev.len() as u64),
         ] {
             gauge!("lb_map_entries", "map" => map).set(entries as f64);
             gauge!("lb_map_capacity", "map" => map).set(capacity as f64);
         }
-        gauge!("lb_maglev_tables").set(programmed.tables as f64);
+        gauge!("lb_maglev_tables").set(tables.len() as f64);
         Ok(())
     }
 }

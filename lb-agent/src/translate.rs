@@ -1,7 +1,7 @@
 //! Kubernetes Services, EndpointSlices and Nodes to frontends, with Kubernetes semantics.
 //! Both sources (manifests on disk, the API server) feed this same translation.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     net::Ipv4Addr,
 };
@@ -56,19 +56,19 @@ pub struct ClusterState {
 pub const SOCKET_LB_ANNOTATION: &str = "lb-agent.io/socket-lb";
 
 /// UIDs of this node's host-network pods that opted out of socket-level balancing.
-pub fn socket_lb_opt_outs(state: &ClusterState, node_name: &str) -> Vec<String> {
+pub fn socket_lb_opt_outs<'a>(pods: impl Iterator<Item = &'a Pod>, node_name: &str) -> Vec<String> {
     let opted_out = |pod: &Pod| {
         let spec = pod.spec.as_ref();
         spec.and_then(|s| s.node_name.as_deref()) == Some(node_name)
             && spec.and_then(|s| s.host_network) == Some(true)
             && pod.metadata.annotations.as_ref().and_then(|a| a.get(SOCKET_LB_ANNOTATION)).map(String::as_str) == Some("disabled")
     };
-    state.pods.iter().filter(|p| opted_out(&p.object)).filter_map(|p| p.object.metadata.uid.clone()).collect()
+    pods.filter(|p| opted_out(p)).filter_map(|p| p.metadata.uid.clone()).collect()
 }
 
 /// Services carrying this label belong to another proxy (KEP-2447).
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+use crate::source::objects::SERVICE_NAME_LABEL;
 /// The older way to give loadBalancerSourceRanges, still honoured by kube-proxy.
 const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 /// Topology-aware routing, which this proxy does not do.
@@ -131,6 +131,40 @@ pub fn is_proxied(svc: &Service) -> bool {
     spec.cluster_ip.as_deref() != Some("None")
 }
 
+/// Claim order: the older Service first (creation time, then `namespace/name`).
+pub type Order = (Option<k8s_openapi::jiff::Timestamp>, ServiceName);
+
+/// One Service translated on its own.
+#[derive(Debug)]
+pub struct ServiceTranslation {
+    pub name: ServiceName,
+    pub origin: String,
+    pub order: Order,
+    pub result: Result<Vec<Claim>, ObjectError>,
+    /// Fields this proxy does not implement; the rest of the Service works.
+    pub warnings: Vec<ObjectError>,
+    pub health_check: Option<HealthCheck>,
+}
+
+/// Translates one Service with its EndpointSlices; `None` when this proxy leaves it alone.
+pub fn translate_service(svc: &Service, origin: &str, slices: &[&EndpointSlice], node_name: &str) -> Option<ServiceTranslation> {
+    if !is_proxied(svc) {
+        return None;
+    }
+    let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+    let name = format!("{ns}/{}", svc.metadata.name.as_deref().unwrap_or(""));
+    let object = format!("Service {name}");
+    let error = |(field, message): FieldError| ObjectError { origin: origin.to_string(), object: object.clone(), field, message };
+    let mut warnings = Vec::new();
+    let mut health_checks = Vec::new();
+    let mut warn = |field: String, message: String| warnings.push(error((field, message)));
+    let result = service_frontends(svc, &name, slices, node_name, &mut warn, &mut health_checks).map_err(error);
+    let order = (svc.metadata.creation_timestamp.as_ref().map(|t| t.0), name.clone());
+    Some(ServiceTranslation { name, origin: origin.to_string(), order, result, warnings, health_check: health_checks.pop() })
+}
+
+/// Translates every Service of a snapshot (tests and tools; the agent translates only the
+/// Services that changed, through [`translate_service`]).
 pub fn translate(state: &ClusterState, node_name: &str) -> Translation {
     let mut out = Translation::default();
     // EndpointSlices by the Service they belong to: several slices of one Service are merged.
@@ -141,17 +175,19 @@ pub fn translate(state: &ClusterState, node_name: &str) -> Translation {
             slices.entry(format!("{ns}/{svc}")).or_default().push(&s.object);
         }
     }
-    let mut services: Vec<&Sourced<Service>> = state.services.iter().filter(|s| is_proxied(&s.object)).collect();
-    services.sort_by_key(|s| (s.object.metadata.creation_timestamp.as_ref().map(|t| t.0), s.object.metadata.namespace.clone(), s.object.metadata.name.clone()));
-    for s in services {
-        let ns = s.object.metadata.namespace.as_deref().unwrap_or("default");
-        let name = format!("{ns}/{}", s.object.metadata.name.as_deref().unwrap_or(""));
-        let svc_slices = slices.get(&name).map(Vec::as_slice).unwrap_or(&[]);
-        let object = format!("Service {name}");
-        let mut warn = |field: String, message: String| out.warnings.push(ObjectError { origin: s.origin.clone(), object: object.clone(), field, message });
-        let result = service_frontends(&s.object, &name, svc_slices, node_name, &mut warn, &mut out.health_checks)
-            .map_err(|(field, message)| ObjectError { origin: s.origin.clone(), object: object.clone(), field, message });
-        out.services.push(ServiceFrontends { name, origin: s.origin.clone(), result });
+    let mut translated: Vec<ServiceTranslation> = state
+        .services
+        .iter()
+        .filter_map(|s| {
+            let name = crate::source::objects::name_of(&s.object);
+            translate_service(&s.object, &s.origin, slices.get(&name).map(Vec::as_slice).unwrap_or(&[]), node_name)
+        })
+        .collect();
+    translated.sort_by(|a, b| a.order.cmp(&b.order));
+    for t in translated {
+        out.warnings.extend(t.warnings);
+        out.health_checks.extend(t.health_check);
+        out.services.push(ServiceFrontends { name: t.name, origin: t.origin, result: t.result });
     }
     out
 }
@@ -164,50 +200,127 @@ pub struct Claimed {
     pub errors: Vec<ObjectError>,
 }
 
-/// Settles frontends that several Services ask for: the Service that has it now (`owners`,
-/// from the last sync) keeps it; a new one goes to the first in claim order. Only the
-/// newcomer's contested frontends are refused; the rest of it, and every other Service, apply.
+/// Settles frontends that several Services ask for, all at once (see [`Claims`]): `services`
+/// in claim order, `owners` who held what before.
 pub fn claim(services: Vec<(ServiceName, String, Vec<Claim>)>, owners: &HashMap<Service4KeyV1, ServiceName>) -> Claimed {
-    let mut holder: HashMap<Service4KeyV1, &str> = HashMap::new();
-    for (name, _, claims) in &services {
-        for c in claims {
-            let key = frontend_of(&c.frontend.key);
-            if owners.get(&key) == Some(name) {
-                holder.insert(key, name);
+    let mut claims = Claims::holding(owners.clone());
+    let wanted: HashMap<&str, (Order, &str, &[Claim])> =
+        services.iter().enumerate().map(|(i, (name, origin, claims))| (name.as_str(), ((None, format!("{i:010}")), origin.as_str(), claims.as_slice()))).collect();
+    let affected = services.iter().map(|(n, _, _)| n.clone()).collect();
+    let settled = claims.settle(affected, true, |name| wanted.get(name).map(|(order, origin, claims)| Wanted { order: order.clone(), origin, claims }));
+    Claimed { frontends: settled.changes.into_iter().map(|(name, _, granted)| (name, granted)).collect(), errors: settled.errors }
+}
+
+/// What one Service wants: its claims, where it came from, and its place in the claim order.
+pub struct Wanted<'a> {
+    pub order: Order,
+    pub origin: &'a str,
+    pub claims: &'a [Claim],
+}
+
+/// What one settling changed: (Service, frontends it had, frontends it has now) for every
+/// Service looked at, and the claims refused.
+#[derive(Debug, Default)]
+pub struct Settled {
+    pub changes: Vec<(ServiceName, Vec<Claim>, Vec<Claim>)>,
+    pub errors: Vec<ObjectError>,
+}
+
+/// Who holds each frontend, kept from one sync to the next so that only the Services that
+/// changed are settled again. The Service that holds a frontend keeps it; a free one goes to
+/// the first in claim order; a refused Service waits, and is settled again when the frontend
+/// is let go.
+#[derive(Debug, Default)]
+pub struct Claims {
+    holders: HashMap<Service4KeyV1, ServiceName>,
+    waiting: HashMap<Service4KeyV1, BTreeSet<ServiceName>>,
+    granted: HashMap<ServiceName, Vec<Claim>>,
+}
+
+impl Claims {
+    /// Starts from who held what (read back from the pinned maps after a restart).
+    pub fn holding(holders: HashMap<Service4KeyV1, ServiceName>) -> Self {
+        Self { holders, ..Self::default() }
+    }
+
+    /// The frontends a Service holds now.
+    pub fn granted(&self, name: &str) -> &[Claim] {
+        self.granted.get(name).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Settles the Services in `affected` again (`wanted`: what each asks for now, `None`
+    /// for one that is gone), and those waiting for a frontend one of them lets go. With
+    /// `everything`, holders that no Service asks for any more are let go as well (a restart).
+    pub fn settle<'a>(&mut self, mut affected: BTreeSet<ServiceName>, everything: bool, wanted: impl Fn(&str) -> Option<Wanted<'a>>) -> Settled {
+        if everything {
+            affected.extend(self.holders.values().cloned());
+        }
+        let keys_of = |w: &Option<Wanted>| -> HashSet<Service4KeyV1> { w.iter().flat_map(|w| w.claims.iter().map(|c| frontend_of(&c.frontend.key))).collect() };
+        // What each affected Service holds: all holders on a restart, else what it was granted.
+        let mut held: HashMap<ServiceName, Vec<Service4KeyV1>> = HashMap::new();
+        if everything {
+            for (key, holder) in &self.holders {
+                held.entry(holder.clone()).or_default().push(*key);
+            }
+        } else {
+            for name in &affected {
+                held.insert(name.clone(), self.granted(name).iter().map(|c| frontend_of(&c.frontend.key)).collect());
             }
         }
-    }
-    for (name, _, claims) in &services {
-        for c in claims {
-            holder.entry(frontend_of(&c.frontend.key)).or_insert(name);
-        }
-    }
-    let mut out = Claimed::default();
-    for (name, origin, claims) in &services {
-        let mut kept = Vec::new();
-        for c in claims {
-            let owner = holder[&frontend_of(&c.frontend.key)];
-            if owner == name {
-                kept.push(c.clone());
-            } else if c.frontend.key.scope == SCOPE_CLUSTER {
-                let frontend = c.frontend.name.split_once(':').map_or("", |(_, p)| p);
-                let message = format!("{} {frontend} is already used by Service {owner}; this frontend is not programmed", addr_port(&c.frontend.key));
-                out.errors.push(ObjectError { origin: origin.clone(), object: format!("Service {name}"), field: c.field.clone(), message });
+        // Let go of what affected Services no longer ask for; whoever waited for it is settled too.
+        let mut woken = BTreeSet::new();
+        for name in &affected {
+            let keep = keys_of(&wanted(name));
+            for key in held.remove(name).into_iter().flatten().filter(|k| !keep.contains(k)) {
+                if self.holders.get(&key) == Some(name) {
+                    self.holders.remove(&key);
+                    woken.extend(self.waiting.remove(&key).into_iter().flatten());
+                }
             }
         }
-        out.frontends.insert(name.clone(), kept);
+        affected.extend(woken);
+        for waiters in self.waiting.values_mut() {
+            waiters.retain(|w| !affected.contains(w));
+        }
+        self.waiting.retain(|_, w| !w.is_empty());
+        // Free frontends go to the first in claim order; held ones stay where they are.
+        let mut order: Vec<(ServiceName, Wanted)> = affected.iter().filter_map(|n| wanted(n).map(|w| (n.clone(), w))).collect();
+        order.sort_by(|a, b| a.1.order.cmp(&b.1.order));
+        for (name, w) in &order {
+            for c in w.claims {
+                self.holders.entry(frontend_of(&c.frontend.key)).or_insert_with(|| name.clone());
+            }
+        }
+        let mut out = Settled::default();
+        for (name, w) in &order {
+            let mut kept = Vec::new();
+            for c in w.claims {
+                let key = frontend_of(&c.frontend.key);
+                let owner = &self.holders[&key];
+                if owner == name {
+                    kept.push(c.clone());
+                } else if c.frontend.key.scope == SCOPE_CLUSTER {
+                    let frontend = c.frontend.name.split_once(':').map_or("", |(_, p)| p);
+                    let message = format!("{} {frontend} is already used by Service {owner}; this frontend is not programmed", addr_port(&c.frontend.key));
+                    out.errors.push(ObjectError { origin: w.origin.to_string(), object: format!("Service {name}"), field: c.field.clone(), message });
+                    self.waiting.entry(key).or_default().insert(name.clone());
+                }
+            }
+            let before = self.granted.insert(name.clone(), kept.clone()).unwrap_or_default();
+            out.changes.push((name.clone(), before, kept));
+        }
+        for name in affected.iter().filter(|n| wanted(n).is_none()) {
+            if let Some(before) = self.granted.remove(name) {
+                out.changes.push((name.clone(), before, Vec::new()));
+            }
+        }
+        out
     }
-    out
 }
 
 /// Both scopes of a frontend are one claim: the key claims are settled by.
 pub fn frontend_of(key: &Service4KeyV1) -> Service4KeyV1 {
     Service4KeyV1 { scope: SCOPE_CLUSTER, ..*key }
-}
-
-/// Who holds each frontend, as `claim` wants its `owners`.
-pub fn owners<'a>(frontends: impl IntoIterator<Item = (&'a ServiceName, &'a Frontend)>) -> HashMap<Service4KeyV1, ServiceName> {
-    frontends.into_iter().map(|(name, f)| (frontend_of(&f.key), name.clone())).collect()
 }
 
 /// `10.0.0.1:80`, or `<node>:30080` for a NodePort.
@@ -502,9 +615,9 @@ fn parse_ipv4(s: &str, field: &str) -> Result<Option<Ipv4Addr>, FieldError> {
 }
 
 /// The InternalIP (else ExternalIP) of the Node named `node_name`.
-pub fn node_ip(state: &ClusterState, node_name: &str) -> Option<Ipv4Addr> {
-    let node = state.nodes.iter().find(|n| n.object.metadata.name.as_deref() == Some(node_name))?;
-    let addrs = node.object.status.as_ref()?.addresses.as_ref()?;
+pub fn node_ip<'a>(mut nodes: impl Iterator<Item = &'a Node>, node_name: &str) -> Option<Ipv4Addr> {
+    let node = nodes.find(|n| n.metadata.name.as_deref() == Some(node_name))?;
+    let addrs = node.status.as_ref()?.addresses.as_ref()?;
     ["InternalIP", "ExternalIP"]
         .iter()
         .find_map(|t| addrs.iter().filter(|a| a.type_ == *t).find_map(|a| a.address.parse::<Ipv4Addr>().ok()))

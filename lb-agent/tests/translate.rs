@@ -1,13 +1,13 @@
 //! Kubernetes semantics of the translation, and the errors bad manifests give.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
 };
 
 use lb_agent::{
     dataplane::Frontend,
     source::manifests::{parse_manifest, ManifestDir},
-    translate::{claim, translate, ClusterState, ObjectError, Translation},
+    translate::{claim, translate, Claim, Claims, ClusterState, ObjectError, Order, Translation, Wanted},
 };
 use lb_common::*;
 
@@ -285,4 +285,36 @@ fn unsupported_fields_are_named_once_and_the_rest_of_the_service_works() {
     assert!(t.warnings.iter().all(|w| w.object == "Service prod/api"));
     let addrs: Vec<[u8; 4]> = t.frontends["prod/api"].iter().map(|f| ip4_octets(f.key.addr)).collect();
     assert_eq!(addrs, vec![[10, 96, 1, 1], [10, 99, 100, 2]], "the TCP port on the ClusterIP and the VIP-mode ingress");
+}
+
+#[test]
+fn a_frontend_let_go_goes_to_the_service_waiting_for_it_and_only_changed_services_are_settled() {
+    let older = service("old", Some("2026-01-01T00:00:00Z"), "  clusterIP: 10.96.6.1\n  externalIPs: [10.99.200.7]\n  ports: [{port: 80}]");
+    let newer = service("new", Some("2026-06-01T00:00:00Z"), "  clusterIP: 10.96.6.2\n  externalIPs: [10.99.200.7]\n  ports: [{port: 80}]");
+    let other = service("other", None, "  clusterIP: 10.96.6.3\n  ports: [{port: 80}]");
+    let translated = |text: &str| -> HashMap<String, (Order, String, Vec<Claim>)> {
+        translate(&parse_manifest("f.yaml", text).unwrap(), "n").services.into_iter().enumerate().map(|(i, s)| (s.name, ((None, format!("{i}")), s.origin, s.result.unwrap()))).collect()
+    };
+    let ips = |claims: &[Claim]| claims.iter().map(|c| ip4_octets(c.frontend.key.addr)).collect::<Vec<_>>();
+    let mut claims = Claims::default();
+    let wanted = translated(&(older.clone() + &newer + &other));
+    let all = wanted.keys().cloned().collect();
+    let first = claims.settle(all, true, |n| wanted.get(n).map(|(o, origin, c)| Wanted { order: o.clone(), origin, claims: c }));
+    assert_eq!(first.errors.len(), 1, "the newer Service waits for the external IP");
+    assert_eq!(ips(claims.granted("prod/new")), [[10, 96, 6, 2]]);
+
+    // The older Service drops the external IP: settling it alone wakes the newer one, and
+    // leaves the third untouched.
+    let wanted = translated(&(service("old", Some("2026-01-01T00:00:00Z"), "  clusterIP: 10.96.6.1\n  ports: [{port: 80}]") + &newer + &other));
+    let next = claims.settle(BTreeSet::from(["prod/old".to_string()]), false, |n| wanted.get(n).map(|(o, origin, c)| Wanted { order: o.clone(), origin, claims: c }));
+    let looked_at: Vec<&str> = next.changes.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(looked_at, ["prod/old", "prod/new"]);
+    assert!(next.errors.is_empty(), "{:?}", next.errors);
+    assert_eq!(ips(claims.granted("prod/new")), [[10, 96, 6, 2], [10, 99, 200, 7]]);
+    assert_eq!(ips(claims.granted("prod/old")), [[10, 96, 6, 1]]);
+
+    // A Service that is gone lets go of everything.
+    let gone = claims.settle(BTreeSet::from(["prod/new".to_string()]), false, |n| if n == "prod/new" { None } else { wanted.get(n).map(|(o, origin, c)| Wanted { order: o.clone(), origin, claims: c }) });
+    assert_eq!((gone.changes.len(), gone.changes[0].2.len()), (1, 0));
+    assert!(claims.granted("prod/new").is_empty());
 }

@@ -149,7 +149,7 @@ fn main() -> Result<()> {
             last_ok_ns: agent.proxy_health.last_ok_ns.clone(),
             failing_syncs_after: Duration::from_secs(healthz_failing_syncs_s),
         };
-        let scraper = lb_agent::metrics::Scraper { maps: Maps::open_pinned(&pin_dir)?, programmed: agent.programmed.clone() };
+        let scraper = lb_agent::metrics::Scraper { maps: Maps::open_pinned(&pin_dir)? };
         let server = tokio::spawn(lb_agent::metrics::serve(metrics_addr, metrics, health, scraper));
         let proxy_health = tokio::spawn(lb_agent::health::serve_proxy_health(healthz_addr, agent.proxy_health.clone()));
         tokio::select! {

@@ -88,11 +88,12 @@ fn flag_sized(sizes: &MapSizes) -> [(&'static str, u32); 10] {
     let flows = sizes.flows.unwrap_or(MAX_FLOWS);
     let services = sizes.services.unwrap_or(MAX_SERVICES);
     let backends = sizes.backends.unwrap_or(MAX_BACKENDS);
+    // Services before the Maglev array: its copy keeps the slots the (copied) services use.
     [
+        (MAP_SERVICES, services),
         (MAP_CONNTRACK, flows),
         (MAP_REVERSE_NAT, flows),
         (MAP_MAGLEV, sizes.maglev_slots.unwrap_or(MAGLEV_SLOTS)),
-        (MAP_SERVICES, services),
         (MAP_SERVICE_STATS, services),
         (MAP_SERVICE_NAMES, services),
         (MAP_SERVICE_OPTS, services),

@@ -283,37 +283,51 @@ impl Dataplane {
     /// never between; one that cannot be written (a full map) is reported in `failed` and keeps
     /// its old state, and the others are applied. Stale frontends go first, freeing room.
     pub fn apply(&mut self, desired: &[Frontend]) -> Result<ApplyStats> {
-        let mut stats = ApplyStats::default();
+        let mut duplicates = Vec::new();
         let mut wanted: BTreeMap<Service4KeyV1, &Frontend> = BTreeMap::new();
         for f in desired {
             if let Some(first) = wanted.get(&f.key) {
                 // The control plane resolves claims before this; never let one stop the rest.
-                stats.failed.push((f.name.clone(), format!("its frontend is already declared by {}", first.name)));
+                duplicates.push((f.name.clone(), format!("its frontend is already declared by {}", first.name)));
                 continue;
             }
             wanted.insert(f.key, f);
         }
-        // Cluster-scope entries go before the local-scope entries they point outside clients to.
         let stale: Vec<Service4KeyV1> = self.services.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
-        for key in stale {
-            self.remove(&key)?;
-            stats.removed += 1;
+        let upserts: Vec<&Frontend> = wanted.into_values().collect();
+        let mut stats = self.apply_changes(&stale, &upserts)?;
+        stats.failed.extend(duplicates);
+        Ok(stats)
+    }
+
+    /// Removes the frontends `removed`, then writes `upserts` (those equal to what is
+    /// programmed are left alone): what an incremental sync changed, at a cost that does not
+    /// grow with the frontends left untouched.
+    pub fn apply_changes(&mut self, removed: &[Service4KeyV1], upserts: &[&Frontend]) -> Result<ApplyStats> {
+        let mut stats = ApplyStats::default();
+        // Cluster-scope entries go before the local-scope entries they point outside clients to.
+        let cluster_first = removed.iter().filter(|k| k.scope != SCOPE_LOCAL).chain(removed.iter().filter(|k| k.scope == SCOPE_LOCAL));
+        for key in cluster_first {
+            if self.services.contains_key(key) {
+                self.remove(key)?;
+                stats.removed += 1;
+            }
         }
-        let changed: Vec<(&Service4KeyV1, &Frontend)> = wanted.iter().filter(|(k, f)| self.services.get(k).is_none_or(|p| &p.frontend != **f)).map(|(k, f)| (k, *f)).collect();
-        stats.unchanged = wanted.len() - changed.len();
+        let changed: Vec<&Frontend> = upserts.iter().copied().filter(|f| self.services.get(&f.key).is_none_or(|p| &p.frontend != *f)).collect();
+        stats.unchanged = upserts.len() - changed.len();
         // A full slot array: a table may be rewritten in place only when every frontend using
         // it moves to the same new backends in this apply.
         let mut movers: HashMap<(u32, TableKey), usize> = HashMap::new();
-        for (key, frontend) in &changed {
-            if let Some(table) = self.services.get(key).map(|p| p.entry).filter(|e| e.maglev_size > 0) {
+        for frontend in &changed {
+            if let Some(table) = self.services.get(&frontend.key).map(|p| p.entry).filter(|e| e.maglev_size > 0) {
                 *movers.entry((table.maglev_offset, TableKey::of(frontend))).or_default() += 1;
             }
         }
         // And come after them when written, so a flag never points at a missing entry.
-        let local_first = changed.iter().filter(|(k, _)| k.scope == SCOPE_LOCAL).chain(changed.iter().filter(|(k, _)| k.scope != SCOPE_LOCAL));
-        for (key, frontend) in local_first {
-            let current = self.services.get(key).map(|p| p.entry).filter(|e| e.maglev_size > 0);
-            let existed = self.services.contains_key(key);
+        let local_first = changed.iter().filter(|f| f.key.scope == SCOPE_LOCAL).chain(changed.iter().filter(|f| f.key.scope != SCOPE_LOCAL));
+        for frontend in local_first {
+            let current = self.services.get(&frontend.key).map(|p| p.entry).filter(|e| e.maglev_size > 0);
+            let existed = self.services.contains_key(&frontend.key);
             let rewritable = current.filter(|e| movers.get(&(e.maglev_offset, TableKey::of(frontend))) == Some(&self.tables.users(e.maglev_offset)));
             match self.upsert(frontend, rewritable.map(|e| (e.maglev_offset, e.maglev_size))) {
                 Ok(()) if existed => stats.updated += 1,
@@ -522,6 +536,11 @@ impl Dataplane {
     /// Programmed frontends: key, display name, entry.
     pub fn frontends(&self) -> impl Iterator<Item = (&Service4KeyV1, &str, &Service4V1)> {
         self.services.iter().map(|(k, p)| (k, p.frontend.name.as_str(), &p.entry))
+    }
+
+    /// How many frontends are programmed.
+    pub fn frontend_count(&self) -> usize {
+        self.services.len()
     }
 
     /// Programmed backends: id and entry.

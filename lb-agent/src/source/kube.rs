@@ -1,10 +1,11 @@
-//! Kubernetes source: reflector stores over watches of Services, EndpointSlices and Nodes.
-//! A store is swapped atomically when a (re)list completes, so a relist after `410 Gone` or a
-//! reconnect never shows a partial view; while the API server is unreachable the stores keep
-//! their last state and the datapath keeps what it has.
+//! Kubernetes source: watches of Services, EndpointSlices, Nodes and this node's Pods feeding
+//! one index ([`Objects`]). An event changes one object and marks only its Service; a
+//! (re)list is applied whole when it completes, so a relist after `410 Gone` or a reconnect
+//! never shows a partial view; while the API server is unreachable the index keeps its last
+//! state and the datapath keeps what it has.
 use std::sync::{
     atomic::{AtomicBool, Ordering},
-    Arc,
+    Arc, Mutex, MutexGuard,
 };
 
 use futures_util::StreamExt;
@@ -13,42 +14,56 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use ::kube::{
-    runtime::{
-        reflector::{self, Store},
-        watcher, WatchStreamExt,
-    },
+    runtime::{watcher, WatchStreamExt},
     Api, Client, Resource,
 };
 use log::{info, warn};
 use tokio::sync::Notify;
 
+use super::objects::{name_of, Kinds, Objects};
 use crate::translate::{ClusterState, Sourced};
 
+/// Objects from the API server carry this origin.
+const ORIGIN: &str = "api";
+
 pub struct KubeSource {
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
-    nodes: Store<Node>,
-    /// This node's pods, for the socket-LB opt-out; not waited for (it only narrows the hooks).
-    pods: Store<Pod>,
+    objects: Arc<Mutex<Objects>>,
+    /// Services, EndpointSlices, Nodes: the kinds waited for. This node's pods are not (they
+    /// only narrow the socket hooks).
     synced: [Arc<AtomicBool>; 3],
-    /// Set by every watch event; cleared by `take_changed`.
-    changed: Arc<AtomicBool>,
     /// Wakes the agent's loop on a change.
     pub notify: Arc<Notify>,
 }
 
+/// How one kind enters the index: one object, or a whole list.
+struct Feed<K> {
+    set: fn(&mut Objects, &str, String, Option<K>),
+    kinds: Kinds,
+    list: fn(Vec<Sourced<K>>) -> ClusterState,
+}
+
 impl KubeSource {
-    /// Starts the three watches on the current tokio runtime.
+    /// Starts the watches on the current tokio runtime.
     pub fn start(client: Client, node_name: &str) -> Self {
-        let changed = Arc::new(AtomicBool::new(true));
+        let objects = Arc::new(Mutex::new(Objects::default()));
         let notify = Arc::new(Notify::new());
         let synced = [Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false))];
-        let services = watch(Api::<Service>::all(client.clone()), &synced[0], &changed, &notify);
-        let slices = watch(Api::<EndpointSlice>::all(client.clone()), &synced[1], &changed, &notify);
-        let nodes = watch(Api::<Node>::all(client.clone()), &synced[2], &changed, &notify);
+        let only = |k: fn(&mut Kinds)| {
+            let mut kinds = Kinds { services: false, slices: false, nodes: false, pods: false };
+            k(&mut kinds);
+            kinds
+        };
+        let all = watcher::Config::default();
+        let services = Feed { set: Objects::set_service, kinds: only(|k| k.services = true), list: |services| ClusterState { services, ..Default::default() } };
+        watch(Api::<Service>::all(client.clone()), all.clone(), services, &objects, &synced[0], &notify);
+        let slices = Feed { set: Objects::set_slice, kinds: only(|k| k.slices = true), list: |slices| ClusterState { slices, ..Default::default() } };
+        watch(Api::<EndpointSlice>::all(client.clone()), all.clone(), slices, &objects, &synced[1], &notify);
+        let nodes = Feed { set: Objects::set_node, kinds: only(|k| k.nodes = true), list: |nodes| ClusterState { nodes, ..Default::default() } };
+        watch(Api::<Node>::all(client.clone()), all, nodes, &objects, &synced[2], &notify);
         let on_this_node = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
-        let pods = watch_with(Api::<Pod>::all(client), on_this_node, &Arc::new(AtomicBool::new(false)), &changed, &notify);
-        Self { services, slices, nodes, pods, synced, changed, notify }
+        let pods = Feed { set: Objects::set_pod, kinds: only(|k| k.pods = true), list: |pods| ClusterState { pods, ..Default::default() } };
+        watch(Api::<Pod>::all(client), on_this_node, pods, &objects, &Arc::new(AtomicBool::new(false)), &notify);
+        Self { objects, synced, notify }
     }
 
     /// True once every watch has completed its first full list.
@@ -56,58 +71,44 @@ impl KubeSource {
         self.synced.iter().all(|s| s.load(Ordering::Acquire))
     }
 
-    /// Whether anything changed since the last call.
-    pub fn take_changed(&self) -> bool {
-        self.changed.swap(false, Ordering::AcqRel)
-    }
-
-    /// The stores' contents; `None` before the first full sync, so nothing is pruned early.
-    pub fn state(&self) -> Option<ClusterState> {
-        if !self.synced() {
-            return None;
-        }
-        Some(ClusterState { services: sourced(&self.services), slices: sourced(&self.slices), nodes: sourced(&self.nodes), pods: sourced(&self.pods) })
+    pub fn objects(&self) -> MutexGuard<'_, Objects> {
+        self.objects.lock().expect("not poisoned")
     }
 }
 
-fn sourced<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<Sourced<K>> {
-    store.state().iter().map(|o| Sourced { origin: "api".to_string(), object: (**o).clone() }).collect()
-}
-
-fn watch<K>(api: Api<K>, synced: &Arc<AtomicBool>, changed: &Arc<AtomicBool>, notify: &Arc<Notify>) -> Store<K>
+fn watch<K>(api: Api<K>, config: watcher::Config, feed: Feed<K>, objects: &Arc<Mutex<Objects>>, synced: &Arc<AtomicBool>, notify: &Arc<Notify>)
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
-    watch_with(api, watcher::Config::default(), synced, changed, notify)
-}
-
-fn watch_with<K>(api: Api<K>, config: watcher::Config, synced: &Arc<AtomicBool>, changed: &Arc<AtomicBool>, notify: &Arc<Notify>) -> Store<K>
-where
-    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
-{
-    let (reader, writer) = reflector::store();
     let kind = K::kind(&()).to_string();
-    let (synced, changed, notify) = (synced.clone(), changed.clone(), notify.clone());
-    let stream = watcher(api, config).default_backoff().reflect(writer);
+    let (objects, synced, notify) = (objects.clone(), synced.clone(), notify.clone());
+    let stream = watcher(api, config).default_backoff();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
+        // A (re)list is gathered here and applied whole when it completes.
+        let mut listing: Vec<Sourced<K>> = Vec::new();
         while let Some(event) = stream.next().await {
             match event {
+                Ok(watcher::Event::Init) => listing.clear(),
+                Ok(watcher::Event::InitApply(object)) => listing.push(Sourced { origin: ORIGIN.to_string(), object }),
                 Ok(watcher::Event::InitDone) => {
+                    let list = std::mem::take(&mut listing);
+                    objects.lock().expect("not poisoned").replace_origin(ORIGIN, (feed.list)(list), feed.kinds);
                     if !synced.swap(true, Ordering::AcqRel) {
                         info!("{kind}: first full list done");
                     }
-                    changed.store(true, Ordering::Release);
                     notify.notify_one();
                 }
-                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
-                    changed.store(true, Ordering::Release);
+                Ok(watcher::Event::Apply(object)) => {
+                    (feed.set)(&mut objects.lock().expect("not poisoned"), ORIGIN, name_of(&object), Some(object));
                     notify.notify_one();
                 }
-                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+                Ok(watcher::Event::Delete(object)) => {
+                    (feed.set)(&mut objects.lock().expect("not poisoned"), ORIGIN, name_of(&object), None);
+                    notify.notify_one();
+                }
                 Err(e) => warn!("{kind} watch: {e}; retrying with backoff, the datapath keeps its state"),
             }
         }
     });
-    reader
 }

@@ -1,7 +1,11 @@
 //! Standalone source: Kubernetes manifests (YAML, multi-document, or JSON) in a directory.
 use std::{
     collections::BTreeMap,
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
     time::SystemTime,
 };
 
@@ -10,15 +14,16 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use serde::Deserialize;
+use tokio::{io::unix::AsyncFd, sync::Notify};
 
+use super::objects::{Kinds, Objects};
 use crate::translate::{ClusterState, ObjectError, Sourced};
 
-/// The objects of one file.
-#[derive(Clone, Debug, Default)]
-struct FileObjects {
+/// When a file was last read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
     modified: Option<SystemTime>,
     len: u64,
-    state: ClusterState,
 }
 
 /// Reads a manifest directory and re-reads files that change. A file that fails to parse keeps
@@ -26,22 +31,25 @@ struct FileObjects {
 #[derive(Debug)]
 pub struct ManifestDir {
     dir: PathBuf,
-    files: BTreeMap<PathBuf, FileObjects>,
+    files: BTreeMap<PathBuf, Stamp>,
+    objects: Mutex<Objects>,
 }
 
 impl ManifestDir {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), files: BTreeMap::new() }
+        Self { dir: dir.into(), files: BTreeMap::new(), objects: Mutex::default() }
     }
 
     /// Re-reads what changed. Returns whether anything changed and the errors of files that
     /// cannot be read or parsed (each naming the file, and the object and field when there is
     /// one). One bad file is one bad file: it keeps its last good objects and every other file
-    /// is read. Only an unreadable directory is an error.
+    /// is read. Only an unreadable directory is an error. A re-read file changes only the
+    /// objects that differ, and so marks only their Services for translation.
     pub fn refresh(&mut self) -> std::io::Result<(bool, Vec<ObjectError>)> {
         let mut errors = Vec::new();
         let mut changed = false;
-        let mut seen = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let objects = self.objects.get_mut().expect("not poisoned");
         for entry in std::fs::read_dir(&self.dir)? {
             let Ok(entry) = entry else { continue };
             let path = entry.path();
@@ -49,7 +57,7 @@ impl ManifestDir {
             if !matches!(ext, "yaml" | "yml" | "json") || !path.is_file() {
                 continue;
             }
-            seen.push(path.clone());
+            seen.insert(path.clone());
             let origin = path.display().to_string();
             let meta = match std::fs::metadata(&path) {
                 Ok(meta) => meta,
@@ -58,12 +66,13 @@ impl ManifestDir {
                     continue;
                 }
             };
-            let (modified, len) = (meta.modified().ok(), meta.len());
-            if let Some(f) = self.files.get(&path) {
-                if f.modified == modified && f.len == len {
-                    continue;
-                }
+            let stamp = Stamp { modified: meta.modified().ok(), len: meta.len() };
+            if self.files.get(&path) == Some(&stamp) {
+                continue;
             }
+            // Remember the stamp even when the file is bad, so the same error is not re-read
+            // every tick; its last good objects stay.
+            self.files.insert(path.clone(), stamp);
             let parsed = match std::fs::read(&path) {
                 Ok(bytes) => match String::from_utf8(bytes) {
                     Ok(text) => parse_manifest(&origin, &text),
@@ -73,39 +82,63 @@ impl ManifestDir {
             };
             match parsed {
                 Ok(state) => {
-                    self.files.insert(path, FileObjects { modified, len, state });
+                    objects.replace_origin(&origin, state, Kinds::ALL);
                     changed = true;
                 }
-                Err(e) => {
-                    // Remember the stamp so the same error is not re-read every tick, but keep
-                    // the last good objects.
-                    let previous = self.files.remove(&path).map(|f| f.state).unwrap_or_default();
-                    self.files.insert(path, FileObjects { modified, len, state: previous });
-                    errors.push(e);
-                }
+                Err(e) => errors.push(e),
             }
         }
-        let before = self.files.len();
-        self.files.retain(|p, _| seen.contains(p));
-        changed |= before != self.files.len();
+        let gone: Vec<PathBuf> = self.files.keys().filter(|p| !seen.contains(*p)).cloned().collect();
+        for path in gone {
+            self.files.remove(&path);
+            objects.replace_origin(&path.display().to_string(), ClusterState::default(), Kinds::ALL);
+            changed = true;
+        }
         Ok((changed, errors))
+    }
+
+    /// The objects of every file.
+    pub fn objects(&self) -> MutexGuard<'_, Objects> {
+        self.objects.lock().expect("not poisoned")
     }
 
     /// The union of every file's objects.
     pub fn state(&self) -> ClusterState {
-        let mut all = ClusterState::default();
-        for f in self.files.values() {
-            all.services.extend(f.state.services.iter().cloned());
-            all.slices.extend(f.state.slices.iter().cloned());
-            all.nodes.extend(f.state.nodes.iter().cloned());
-            all.pods.extend(f.state.pods.iter().cloned());
-        }
-        all
+        self.objects().state()
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// Wakes `notify` whenever a file in `dir` is written, created, moved in or out, or removed
+/// (inotify; a ConfigMap volume swaps its `..data` link by rename), so that an edit is applied
+/// at once instead of at the next poll. Polling stays as the fallback. Needs a tokio runtime.
+pub fn watch(dir: &Path, notify: Arc<Notify>) -> io::Result<()> {
+    // SAFETY: plain system calls; the fd is owned from here on.
+    let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let path = CString::new(dir.as_os_str().as_encoded_bytes())?;
+    let mask = libc::IN_CLOSE_WRITE | libc::IN_CREATE | libc::IN_DELETE | libc::IN_MOVED_TO | libc::IN_MOVED_FROM | libc::IN_ATTRIB;
+    if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), mask) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the fd is owned by the AsyncFd from here until it is dropped with the task.
+    let events = unsafe { AsyncFd::register(fd) }?;
+    tokio::spawn(async move {
+        let mut buf = [0u8; 4096];
+        while let Ok(mut ready) = events.readable().await {
+            // Drain every queued event: one wake-up per batch is enough.
+            while unsafe { libc::read(events.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+            ready.clear_ready();
+            notify.notify_one();
+        }
+    });
+    Ok(())
 }
 
 /// An error about a whole file.

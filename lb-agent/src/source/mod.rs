@@ -3,18 +3,19 @@
 //! EndpointSlices and Nodes, whether it changed, and a wake-up for changes.
 pub mod kube;
 pub mod manifests;
+pub mod objects;
 
 use std::{
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, MutexGuard},
 };
 
 use anyhow::{Context, Result};
-use log::info;
+use log::{info, warn};
 use tokio::sync::Notify;
 
 use crate::translate::{ClusterState, ObjectError};
-use self::{kube::KubeSource, manifests::ManifestDir};
+use self::{kube::KubeSource, manifests::ManifestDir, objects::Objects};
 
 /// Where Services, EndpointSlices and Nodes come from.
 #[derive(Clone, Debug)]
@@ -28,60 +29,61 @@ pub enum SourceConfig {
 }
 
 pub enum Source {
-    Manifests(ManifestDir),
+    /// A directory, and what wakes the agent when a file in it changes.
+    Manifests(ManifestDir, Arc<Notify>),
     Kubernetes(KubeSource),
-}
-
-/// What one poll of a source found.
-pub struct Poll {
-    /// Something changed since the last poll.
-    pub changed: bool,
-    /// Inputs that were rejected (each keeps its last good version).
-    pub errors: Vec<ObjectError>,
 }
 
 impl Source {
     /// Opens the source; Kubernetes mode starts its watches on the current tokio runtime.
     pub async fn open(cfg: &SourceConfig, node_name: &str) -> Result<Self> {
         Ok(match cfg {
-            SourceConfig::Manifests(dir) => Source::Manifests(ManifestDir::new(dir)),
+            SourceConfig::Manifests(dir) => {
+                let notify = Arc::new(Notify::new());
+                if let Err(e) = manifests::watch(dir, notify.clone()) {
+                    warn!("watching {} for changes: {e}; re-reading it every sync interval instead", dir.display());
+                }
+                Source::Manifests(ManifestDir::new(dir), notify)
+            }
             SourceConfig::Kubernetes { kubeconfig, api_server } => Source::Kubernetes(KubeSource::start(kube_client(kubeconfig.as_deref(), api_server.as_deref()).await?, node_name)),
         })
     }
 
-    /// The current snapshot; `None` before the first full sync, so nothing is pruned early.
-    pub fn state(&self) -> Option<ClusterState> {
+    /// The objects, indexed; `None` before the first full sync, so nothing is pruned early.
+    pub fn objects(&self) -> Option<MutexGuard<'_, Objects>> {
         match self {
-            Source::Manifests(dir) => Some(dir.state()),
-            Source::Kubernetes(kube) => kube.state(),
+            Source::Manifests(dir, _) => Some(dir.objects()),
+            Source::Kubernetes(kube) => kube.synced().then(|| kube.objects()),
         }
     }
 
-    /// Looks for changes (manifests are re-read here). A Kubernetes source reports no change
-    /// until its first full list is done.
-    pub fn poll(&mut self) -> Result<Poll> {
+    /// Everything, as one snapshot (tests and tools).
+    pub fn state(&self) -> Option<ClusterState> {
+        self.objects().map(|o| o.state())
+    }
+
+    /// Looks for changes: manifests are re-read here (the API server's come by watch).
+    /// Returns the inputs that were rejected (each keeps its last good version).
+    pub fn poll(&mut self) -> Result<Vec<ObjectError>> {
         match self {
-            Source::Manifests(dir) => {
-                let (changed, errors) = dir.refresh().with_context(|| format!("reading {}", dir.dir().display()))?;
-                Ok(Poll { changed, errors })
-            }
-            Source::Kubernetes(kube) => Ok(Poll { changed: kube.synced() && kube.take_changed(), errors: Vec::new() }),
+            Source::Manifests(dir, _) => Ok(dir.refresh().with_context(|| format!("reading {}", dir.dir().display()))?.1),
+            Source::Kubernetes(_) => Ok(Vec::new()),
         }
     }
 
     /// Whether the first full view is in (a directory always has one).
     pub fn synced(&self) -> bool {
         match self {
-            Source::Manifests(_) => true,
+            Source::Manifests(..) => true,
             Source::Kubernetes(kube) => kube.synced(),
         }
     }
 
-    /// Notified when the source has news; a manifest directory is polled instead.
+    /// Notified when the source has news (a watch event, a file changed).
     pub fn notify(&self) -> Arc<Notify> {
         match self {
             Source::Kubernetes(kube) => kube.notify.clone(),
-            Source::Manifests(_) => Arc::new(Notify::new()),
+            Source::Manifests(_, notify) => notify.clone(),
         }
     }
 }

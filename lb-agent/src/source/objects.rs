@@ -1,0 +1,260 @@
+//! The objects both sources hold, indexed the way translation reads them (a Service's
+//! EndpointSlices by the Service's name), and which Services changed since the agent last
+//! looked: a changed object makes only its own Service be translated again.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::Resource;
+
+use crate::translate::{ClusterState, ServiceName, Sourced};
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// `namespace/name` and origin (a file, or `api`): one copy of one object.
+type Key = (String, String);
+
+/// Which Services must be translated again.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub enum Dirty {
+    #[default]
+    Nothing,
+    Services(BTreeSet<ServiceName>),
+    /// A relist or a first read: every Service.
+    All,
+}
+
+#[derive(Debug, Default)]
+pub struct Objects {
+    services: BTreeMap<Key, Arc<Service>>,
+    slices: BTreeMap<Key, Arc<EndpointSlice>>,
+    /// Slices by the Service they belong to.
+    slices_of: HashMap<ServiceName, BTreeSet<Key>>,
+    nodes: BTreeMap<Key, Arc<Node>>,
+    pods: BTreeMap<Key, Arc<Pod>>,
+    dirty: Dirty,
+}
+
+/// `namespace/name` of an object (`default` when it has no namespace).
+pub fn name_of<K: Resource>(object: &K) -> String {
+    let meta = object.meta();
+    format!("{}/{}", meta.namespace.as_deref().unwrap_or("default"), meta.name.as_deref().unwrap_or(""))
+}
+
+/// The Service an EndpointSlice belongs to, by its label.
+fn owner_of(slice: &EndpointSlice) -> Option<ServiceName> {
+    let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some(format!("{}/{service}", slice.metadata.namespace.as_deref().unwrap_or("default")))
+}
+
+/// Sets or removes one object; whether it changed.
+fn put<T: PartialEq>(map: &mut BTreeMap<Key, Arc<T>>, key: Key, object: Option<T>) -> Option<Option<Arc<T>>> {
+    let unchanged = match (&object, map.get(&key)) {
+        (Some(new), Some(old)) => **old == *new,
+        (None, None) => true,
+        _ => false,
+    };
+    if unchanged {
+        return None;
+    }
+    Some(match object {
+        Some(new) => map.insert(key, Arc::new(new)),
+        None => map.remove(&key),
+    })
+}
+
+impl Objects {
+    fn mark(&mut self, service: ServiceName) {
+        if let Dirty::Nothing = self.dirty {
+            self.dirty = Dirty::Services(BTreeSet::new());
+        }
+        if let Dirty::Services(names) = &mut self.dirty {
+            names.insert(service);
+        }
+    }
+
+    /// Every Service is translated again at the next look.
+    pub fn mark_all(&mut self) {
+        self.dirty = Dirty::All;
+    }
+
+    /// What changed since the last call.
+    pub fn take_dirty(&mut self) -> Dirty {
+        std::mem::take(&mut self.dirty)
+    }
+
+    pub fn set_service(&mut self, origin: &str, name: String, object: Option<Service>) {
+        if put(&mut self.services, (name.clone(), origin.to_string()), object).is_some() {
+            self.mark(name);
+        }
+    }
+
+    pub fn set_slice(&mut self, origin: &str, name: String, object: Option<EndpointSlice>) {
+        let key = (name, origin.to_string());
+        let new_owner = object.as_ref().and_then(owner_of);
+        let Some(old) = put(&mut self.slices, key.clone(), object) else { return };
+        let old_owner = old.as_deref().and_then(owner_of);
+        for (owner, present) in [(old_owner, false), (new_owner, true)] {
+            let Some(owner) = owner else { continue };
+            let keys = self.slices_of.entry(owner.clone()).or_default();
+            if present {
+                keys.insert(key.clone());
+            } else {
+                keys.remove(&key);
+            }
+            if keys.is_empty() {
+                self.slices_of.remove(&owner);
+            }
+            self.mark(owner);
+        }
+    }
+
+    /// Nodes and pods shape no frontend (the agent reads them on every pass).
+    pub fn set_node(&mut self, origin: &str, name: String, object: Option<Node>) {
+        put(&mut self.nodes, (name, origin.to_string()), object);
+    }
+
+    pub fn set_pod(&mut self, origin: &str, name: String, object: Option<Pod>) {
+        put(&mut self.pods, (name, origin.to_string()), object);
+    }
+
+    /// Makes `origin`'s objects exactly `state`'s: a re-read file, a relisted kind (`kinds`
+    /// says which kinds `state` speaks for). Only objects that differ mark their Service.
+    pub fn replace_origin(&mut self, origin: &str, state: ClusterState, kinds: Kinds) {
+        fn keyed<T: Resource>(list: Vec<Sourced<T>>) -> BTreeMap<String, T> {
+            list.into_iter().map(|s| (name_of(&s.object), s.object)).collect()
+        }
+        fn of_origin<T>(map: &BTreeMap<Key, Arc<T>>, origin: &str) -> Vec<String> {
+            map.keys().filter(|(_, o)| o == origin).map(|(n, _)| n.clone()).collect()
+        }
+        macro_rules! replace {
+            ($field:ident, $list:expr, $set:ident) => {{
+                let mut new = keyed($list);
+                for name in of_origin(&self.$field, origin) {
+                    if !new.contains_key(&name) {
+                        self.$set(origin, name, None);
+                    }
+                }
+                for (name, object) in std::mem::take(&mut new) {
+                    self.$set(origin, name, Some(object));
+                }
+            }};
+        }
+        if kinds.services {
+            replace!(services, state.services, set_service);
+        }
+        if kinds.slices {
+            replace!(slices, state.slices, set_slice);
+        }
+        if kinds.nodes {
+            replace!(nodes, state.nodes, set_node);
+        }
+        if kinds.pods {
+            replace!(pods, state.pods, set_pod);
+        }
+    }
+
+    /// The Service named `name`: its first copy (by origin) and the origins of the others.
+    pub fn service(&self, name: &str) -> Option<(Sourced<&Service>, Vec<&str>)> {
+        let mut copies = self.services.range((name.to_string(), String::new())..).take_while(|((n, _), _)| n == name);
+        let ((_, origin), first) = copies.next()?;
+        Some((Sourced { origin: origin.clone(), object: &**first }, copies.map(|((_, o), _)| o.as_str()).collect()))
+    }
+
+    /// The EndpointSlices of Service `name`.
+    pub fn slices_of(&self, name: &str) -> Vec<&EndpointSlice> {
+        self.slices_of.get(name).into_iter().flatten().filter_map(|key| self.slices.get(key)).map(|s| &**s).collect()
+    }
+
+    /// Every Service name.
+    pub fn service_names(&self) -> BTreeSet<ServiceName> {
+        self.services.keys().map(|(n, _)| n.clone()).collect()
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values().map(|n| &**n)
+    }
+
+    pub fn pods(&self) -> impl Iterator<Item = &Pod> {
+        self.pods.values().map(|p| &**p)
+    }
+
+    /// Everything, as one snapshot (tests and tools; the agent reads through the index).
+    pub fn state(&self) -> ClusterState {
+        fn all<T: Clone>(map: &BTreeMap<Key, Arc<T>>) -> Vec<Sourced<T>> {
+            map.iter().map(|((_, origin), o)| Sourced { origin: origin.clone(), object: (**o).clone() }).collect()
+        }
+        ClusterState { services: all(&self.services), slices: all(&self.slices), nodes: all(&self.nodes), pods: all(&self.pods) }
+    }
+}
+
+/// Which kinds a replacement speaks for.
+#[derive(Clone, Copy, Debug)]
+pub struct Kinds {
+    pub services: bool,
+    pub slices: bool,
+    pub nodes: bool,
+    pub pods: bool,
+}
+
+impl Kinds {
+    pub const ALL: Kinds = Kinds { services: true, slices: true, nodes: true, pods: true };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str, port: i32) -> Service {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name, "namespace": "ns"}, "spec": {"ports": [{"port": port}]}})).unwrap()
+    }
+
+    fn slice(name: &str, service: &str, ip: &str) -> EndpointSlice {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name, "namespace": "ns", "labels": {SERVICE_NAME_LABEL: service}}, "addressType": "IPv4", "endpoints": [{"addresses": [ip]}]})).unwrap()
+    }
+
+    fn names(d: Dirty) -> Vec<String> {
+        match d {
+            Dirty::Services(n) => n.into_iter().collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_the_service_an_object_belongs_to_is_dirty() {
+        let mut o = Objects::default();
+        let file = |services: Vec<Service>, slices: Vec<EndpointSlice>| ClusterState {
+            services: services.into_iter().map(|object| Sourced { origin: "f.yaml".into(), object }).collect(),
+            slices: slices.into_iter().map(|object| Sourced { origin: "f.yaml".into(), object }).collect(),
+            ..Default::default()
+        };
+        o.replace_origin("f.yaml", file(vec![svc("a", 80), svc("b", 80)], vec![slice("a-1", "a", "10.0.0.1"), slice("b-1", "b", "10.0.0.2")]), Kinds::ALL);
+        assert_eq!(names(o.take_dirty()), ["ns/a", "ns/b"]);
+        assert_eq!(o.take_dirty(), Dirty::Nothing);
+        // The file again with b's slice edited: b only.
+        o.replace_origin("f.yaml", file(vec![svc("a", 80), svc("b", 80)], vec![slice("a-1", "a", "10.0.0.1"), slice("b-1", "b", "10.0.0.9")]), Kinds::ALL);
+        assert_eq!(names(o.take_dirty()), ["ns/b"]);
+        assert_eq!(o.slices_of("ns/b")[0].endpoints[0].addresses, ["10.0.0.9"]);
+        // A slice moving from a to b marks both; a Service removed marks itself.
+        o.replace_origin("f.yaml", file(vec![svc("b", 80)], vec![slice("a-1", "b", "10.0.0.1"), slice("b-1", "b", "10.0.0.9")]), Kinds::ALL);
+        assert_eq!(names(o.take_dirty()), ["ns/a", "ns/b"]);
+        assert!(o.service("ns/a").is_none());
+        assert_eq!(o.slices_of("ns/b").len(), 2);
+        assert!(o.slices_of("ns/a").is_empty());
+    }
+
+    #[test]
+    fn a_service_in_two_origins_is_read_from_the_first() {
+        let mut o = Objects::default();
+        o.set_service("b.yaml", "ns/a".into(), Some(svc("a", 81)));
+        o.set_service("a.yaml", "ns/a".into(), Some(svc("a", 80)));
+        let (first, others) = o.service("ns/a").unwrap();
+        assert_eq!((first.origin.as_str(), others), ("a.yaml", vec!["b.yaml"]));
+    }
+}
