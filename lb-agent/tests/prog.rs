@@ -472,13 +472,14 @@ fn remote_backend_is_snated_and_its_replies_translated_back() -> Result<()> {
 #[test]
 fn a_full_maglev_array_fails_only_the_service_that_does_not_fit() -> Result<()> {
     in_private_netns(|| {
-        // Room for one table of 509 slots, not two.
-        let mut tb = Testbed::new(&MapSizes { maglev_slots: Some(600), ..Default::default() })?;
+        // Room for one table of 251 slots, not two.
+        let mut tb = Testbed::new(&MapSizes { maglev_slots: Some(400), ..Default::default() })?;
         let first = frontend(VIP, 80, IPPROTO_TCP, KIND_CLUSTER_IP, &BACKENDS, true);
-        let second = frontend([10, 96, 0, 11], 80, IPPROTO_TCP, KIND_CLUSTER_IP, &BACKENDS, true);
+        // Another Service with the same backends: tables are never shared across Services.
+        let second = Frontend { name: "test/other:80".into(), ..frontend([10, 96, 0, 11], 80, IPPROTO_TCP, KIND_CLUSTER_IP, &BACKENDS, true) };
         let stats = tb.dataplane.apply(&[first.clone(), second.clone()])?;
         assert_eq!((stats.added, stats.failed.len()), (1, 1));
-        assert_eq!(stats.failed[0].0, "test/svc-80:80", "the error names the frontend");
+        assert_eq!(stats.failed[0].0, "test/other:80", "the error names the frontend");
         assert!(stats.failed[0].1.contains("LB_MAGLEV_V1 is full"), "{:?}", stats.failed);
         assert!(tb.dataplane.service(&second.key).is_none(), "nothing half-written for the one that failed");
         let (verdict, out) = tb.run_xdp(&tcp_syn(CLIENT, VIP, 45000, 80))?;
@@ -683,18 +684,25 @@ fn icmp_errors_about_translated_flows_reach_the_client_about_the_frontend() -> R
 #[test]
 fn a_full_maglev_array_still_takes_an_endpoint_change_in_place() -> Result<()> {
     in_private_netns(|| {
-        // Room for one 509-slot table only: the service's new table cannot go to a fresh slice.
-        let mut tb = Testbed::new(&MapSizes { maglev_slots: Some(600), ..Default::default() })?;
+        // Room for one 251-slot table only: the service's new table cannot go to a fresh slice.
+        let mut tb = Testbed::new(&MapSizes { maglev_slots: Some(400), ..Default::default() })?;
         let svc = frontend(VIP, 80, IPPROTO_TCP, KIND_CLUSTER_IP, &BACKENDS, true);
-        tb.dataplane.apply(std::slice::from_ref(&svc))?;
+        // Its NodePort: the same Service port, so the same table.
+        let node_port = |f: &Frontend| Frontend { key: Service4KeyV1 { addr: 0, port: port_raw(30080), ..f.key }, kind: KIND_NODE_PORT, ..f.clone() };
+        tb.dataplane.apply(&[svc.clone(), node_port(&svc)])?;
         let before = tb.dataplane.service(&svc.key).unwrap();
+        let np_before = tb.dataplane.service(&node_port(&svc).key).unwrap();
+        assert_eq!((np_before.maglev_offset, np_before.maglev_size), (before.maglev_offset, before.maglev_size), "one table for the Service port");
         let removed = BACKENDS[1];
         let removed_id = tb.dataplane.backend_id(&svc.backends[1]).unwrap();
         let shrunk = frontend(VIP, 80, IPPROTO_TCP, KIND_CLUSTER_IP, &[BACKENDS[0], BACKENDS[2]], true);
-        let stats = tb.dataplane.apply(std::slice::from_ref(&shrunk))?;
-        assert_eq!((stats.updated, stats.failed.len()), (1, 0), "{:?}", stats.failed);
+        let stats = tb.dataplane.apply(&[shrunk.clone(), node_port(&shrunk)])?;
+        assert_eq!((stats.updated, stats.failed.len()), (2, 0), "{:?}", stats.failed);
         let after = tb.dataplane.service(&svc.key).unwrap();
+        let np_after = tb.dataplane.service(&node_port(&svc).key).unwrap();
         assert_eq!((after.maglev_offset, after.maglev_size), (before.maglev_offset, before.maglev_size), "rewritten in place");
+        assert_eq!((np_after.maglev_offset, np_after.maglev_size), (after.maglev_offset, after.maglev_size), "still shared");
+        assert_eq!(tb.dataplane.table_count(), 1);
         for slot in after.maglev_offset..after.maglev_offset + after.maglev_size {
             assert_ne!(tb.dataplane.maps.maglev.get(&slot, 0)?, removed_id, "slot {slot} still names the removed backend");
         }

@@ -47,8 +47,12 @@ fn lbctl_lists_the_entries_the_manifests_imply() -> Result<()> {
 
     let table = lbctl_json(&pins, &["maglev", "get", "demo/web:http/TCP"])?;
     assert_eq!(table.len(), 3);
-    assert_eq!(table.iter().map(|r| r["slots"].as_u64().unwrap()).sum::<u64>(), 1021);
-    assert!(table.iter().all(|r| (340..=341).contains(&r["slots"].as_u64().unwrap())));
+    assert_eq!(table.iter().map(|r| r["slots"].as_u64().unwrap()).sum::<u64>(), 251);
+    assert!(table.iter().all(|r| (83..=84).contains(&r["slots"].as_u64().unwrap())));
+    // One table per Service port: its ClusterIP, NodePort, LoadBalancer IP and ExternalIP share it.
+    let web_lb: Vec<&Value> = services.iter().filter(|s| s["name"] == "demo/web-lb:http/TCP").collect();
+    assert_eq!(web_lb.len(), 4, "{web_lb:#?}");
+    assert!(web_lb.iter().all(|s| s["table"] == web_lb[0]["table"] && s["table"] != "0+0"), "{web_lb:#?}");
 
     let ct = lbctl_json(&pins, &["ct", "list"])?;
     assert!(ct.iter().filter(|c| c["frontend"] == "10.96.0.10:80" && c["client"].as_str().unwrap().starts_with("10.244.1.14:")).count() >= 6, "{ct:#?}");
