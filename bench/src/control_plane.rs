@@ -272,7 +272,13 @@ pub fn run_case(cfg: &Config, mode: &'static str, n: usize) -> Result<Row> {
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
             }
-            // A Service with an edit in flight is left alone, so each edit is timed on its own.
+            // A Service with an edit in flight is left alone, so each edit is timed on its own;
+            // with half of them in flight the agent is far behind: wait for it.
+            while busy.len() >= n / 2 {
+                std::thread::sleep(Duration::from_millis(1));
+                let still: std::collections::HashSet<usize> = pending.lock().unwrap().iter().map(|p| p.0).collect();
+                busy.retain(|b| still.contains(b));
+            }
             let mut i = pick();
             while !busy.insert(i) {
                 i = pick();
@@ -287,7 +293,7 @@ pub fn run_case(cfg: &Config, mode: &'static str, n: usize) -> Result<Row> {
         }
         let offered_for = start.elapsed().as_secs_f64();
         done.store(true, std::sync::atomic::Ordering::Release);
-        let (seen, lost) = watcher.join().map_err(|_| anyhow::anyhow!("churn watcher panicked"))??;
+        let (seen, lost) = watcher.join().map_err(|_| anyhow::anyhow!("churn watcher panicked"))?.with_context(|| format!("churn at {rate}/s; the agent's log ends:\n{}", tail(&agent.log_text())))?;
         let p99 = if seen.is_empty() { f64::INFINITY } else { percentile(&seen, 0.99) };
         eprintln!("  {mode} {n}: churn {rate}/s -> {:.0}/s done, p99 {p99:.1} ms, {lost} not seen", total as f64 / offered_for);
         churn.push((rate, total as f64 / offered_for, p99, lost));
@@ -354,17 +360,17 @@ fn table_names(maps: &Maps, i: usize, before: Service4V1, addr: &str) -> Result<
     }
     let want: std::net::Ipv4Addr = addr.parse()?;
     let want = ip4_raw(want.octets());
-    // Every backend has ~1/3 of the slots: the first few dozen name all three.
-    let mut named = false;
-    for slot in now.maglev_offset..now.maglev_offset + now.maglev_size.min(64) {
-        let id = maps.maglev.get(&slot, 0)?;
-        named |= maps.backends.get(&id, 0)?.addr == want;
+    // Every slot: a backend's share may sit anywhere in the table.
+    let mut ids = std::collections::BTreeSet::new();
+    for slot in now.maglev_offset..now.maglev_offset + now.maglev_size {
+        ids.insert(maps.maglev.get(&slot, 0)?);
     }
+    let found = ids.into_iter().map(|id| Ok((id, ip4_addr(maps.backends.get(&id, 0)?.addr)))).collect::<Result<std::collections::BTreeSet<_>>>()?;
     if frontend_entry(maps, i)? != now {
         return Ok(false); // Flipped again while being read (its old slots may be reused): look again.
     }
-    if !named {
-        bail!("svc-{i}: the new table does not name {addr}");
+    if !found.iter().any(|(_, a)| ip4_raw(a.octets()) == want) {
+        bail!("svc-{i}: the new table {now:?} (was {before:?}) does not name {addr}: it names {found:?}");
     }
     Ok(true)
 }

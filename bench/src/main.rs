@@ -30,6 +30,9 @@ struct Args {
     /// Service counts of the control-plane suite [default: 1000,10000,100000].
     #[arg(long, value_delimiter = ',')]
     control_plane_sizes: Option<Vec<usize>>,
+    /// Modes of the control-plane suite.
+    #[arg(long, value_delimiter = ',', default_value = "standalone,kubernetes")]
+    control_plane_modes: Vec<String>,
     /// The lb-agent binary [default: next to this one].
     #[arg(long)]
     agent_bin: Option<PathBuf>,
@@ -239,7 +242,7 @@ fn control_plane_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<St
         }
     };
     let mut rows = Vec::new();
-    for mode in control_plane::MODES {
+    for mode in control_plane::MODES.into_iter().filter(|m| args.control_plane_modes.iter().any(|a| a == m)) {
         for &n in &cfg.sizes {
             let row = control_plane::run_case(&cfg, mode, n);
             let _ = std::fs::remove_dir_all(cfg.work_dir.join(format!("{mode}-{n}")));

@@ -12,7 +12,7 @@ fn every_suite_runs_and_writes_its_results() {
     let text = String::from_utf8_lossy(&run.stdout).to_string() + &String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{text}");
     let md = std::fs::read_to_string(out.join("results.md")).unwrap();
-    for heading in ["## Maglev table build", "## Per-packet cost", "## Three dataplanes, one topology", "Ratios, same run", "## Node processes through the socket hook"] {
+    for heading in ["## Maglev table build", "## Per-packet cost", "## Three dataplanes, one topology", "Ratios, same run", "## Node processes through the socket hook", "## Control plane at scale"] {
         assert!(md.contains(heading), "{heading} missing:\n{md}");
     }
     for dataplane in ["lb (XDP/TC)", "iptables", "nftables"] {
@@ -22,6 +22,11 @@ fn every_suite_runs_and_writes_its_results() {
     for row in json["dataplanes"].as_array().unwrap() {
         assert!(row["conns_per_s"].as_f64().unwrap() > 0.0, "{row}");
     }
+    // The control plane in both modes, every edit seen in the maps.
+    for row in json["control_plane"].as_array().unwrap() {
+        assert!(row["cold_start_s"].as_f64().unwrap() > 0.0 && row["edits"].as_u64().unwrap() > 0, "{row}");
+    }
+    assert_eq!(json["control_plane"].as_array().unwrap().len(), 2);
     for png in ["packet_cost.png", "conns_per_s.png", "latency_p99.png", "update_ms.png"] {
         let bytes = std::fs::read(out.join(png)).unwrap();
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{png} is a PNG");

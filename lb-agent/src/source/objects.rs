@@ -53,8 +53,20 @@ fn owner_of(slice: &EndpointSlice) -> Option<ServiceName> {
     Some(format!("{}/{service}", slice.metadata.namespace.as_deref().unwrap_or("default")))
 }
 
+/// Drops what a proxy never reads and real clusters fill: field-manager bookkeeping and the
+/// copy of the whole object `kubectl apply` keeps (often most of an object's size).
+fn slim<K: Resource>(mut object: K) -> K {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+    object
+}
+
 /// Sets or removes one object; whether it changed.
-fn put<T: PartialEq>(map: &mut BTreeMap<Key, Arc<T>>, key: Key, object: Option<T>) -> Option<Option<Arc<T>>> {
+fn put<T: PartialEq + Resource>(map: &mut BTreeMap<Key, Arc<T>>, key: Key, object: Option<T>) -> Option<Option<Arc<T>>> {
+    let object = object.map(slim);
     let unchanged = match (&object, map.get(&key)) {
         (Some(new), Some(old)) => **old == *new,
         (None, None) => true,
