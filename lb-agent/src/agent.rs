@@ -220,9 +220,10 @@ impl Agent {
         self.sync_pod_devices().await?;
         self.sync_services()?;
         self.sync_socket_opt_outs()?;
-        if self.last_gc.is_none_or(|t| t.elapsed() >= self.cfg.gc_interval) {
+        // Not before the first sync: until then draining backends are not known again.
+        if self.synced_once && self.last_gc.is_none_or(|t| t.elapsed() >= self.cfg.gc_interval) {
             self.last_gc = Some(Instant::now());
-            let stats = conntrack::gc(&mut self.dataplane.maps, conntrack::monotonic_ns())?;
+            let stats = self.dataplane.collect_conntrack(conntrack::monotonic_ns())?;
             crate::metrics::export_conntrack(stats.flows_kept, stats.replies_kept, self.dataplane.maps.flow_capacity);
             if stats.flows_removed + stats.orphans_removed > 0 {
                 info!("conntrack gc: {stats:?}");

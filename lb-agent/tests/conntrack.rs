@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use anyhow::Result;
 use etherparse::PacketBuilder;
 use lb_agent::dataplane::{
-    conntrack::{gc, monotonic_ns},
+    conntrack::monotonic_ns,
     load::MapSizes,
     BackendSpec, Frontend,
 };
@@ -68,22 +68,18 @@ fn gc_expires_flows_by_state_and_takes_their_reverse_nat_along() -> Result<()> {
         tb.run_tc(&tcp(BACKEND, CLIENT, 8080, 1003, "SA"))?;
         tb.run_tc(&tcp(CLIENT, VIP, 1003, 80, "FA"))?;
         tb.run_tc(&udp(CLIENT, VIP, 1004, 80))?;
-        let maps = &mut tb.dataplane.maps;
         let now = monotonic_ns();
-        assert_eq!(maps.reverse_nat.keys().count(), 5);
+        assert_eq!(tb.dataplane.maps.reverse_nat.keys().count(), 5);
 
-        let stats = gc(maps, now + S)?;
+        let stats = tb.dataplane.collect_conntrack(now + S)?;
         assert_eq!((stats.flows_kept, stats.flows_removed), (5, 0), "nothing is a second past its lifetime");
-        gc(maps, now + 11 * S)?;
+        tb.dataplane.collect_conntrack(now + 11 * S)?;
         assert_eq!(flows(&tb), [1001, 1002, 1004, 1005], "closing: 10 s");
-        let maps = &mut tb.dataplane.maps;
-        gc(maps, now + 61 * S)?;
+        tb.dataplane.collect_conntrack(now + 61 * S)?;
         assert_eq!(flows(&tb), [1002], "SYN only, half-open and UDP: 60 s");
-        let maps = &mut tb.dataplane.maps;
-        gc(maps, now + 21_599 * S)?;
+        tb.dataplane.collect_conntrack(now + 21_599 * S)?;
         assert_eq!(flows(&tb), [1002], "established: 6 h");
-        let maps = &mut tb.dataplane.maps;
-        let stats = gc(maps, now + 21_601 * S)?;
+        let stats = tb.dataplane.collect_conntrack(now + 21_601 * S)?;
         assert_eq!(stats.flows_removed, 1);
         assert!(flows(&tb).is_empty());
         assert_eq!(tb.dataplane.maps.reverse_nat.keys().count(), 0, "reverse NAT goes with its flow");

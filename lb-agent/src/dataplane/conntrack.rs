@@ -35,13 +35,11 @@ pub fn reply_key(key: &Ct4KeyV1, entry: &Ct4EntryV1, backend: &Backend4V1) -> Ct
 }
 
 /// One pass over conntrack and reverse NAT, read and pruned in batches (a handful of system
-/// calls however many flows there are).
-pub fn gc(maps: &mut Maps, now_ns: u64) -> Result<GcStats> {
+/// calls however many flows there are). `backend` gives a backend id's entry (zeroed: gone).
+pub fn gc(maps: &mut Maps, now_ns: u64, backend: impl Fn(u32) -> Backend4V1) -> Result<GcStats> {
     let mut stats = GcStats::default();
     let flows: Vec<(Ct4KeyV1, Ct4EntryV1)> = batch::lookup_all(maps.conntrack.map()).with_context(|| format!("reading {MAP_CONNTRACK}"))?;
     let replies: HashMap<Ct4KeyV1, RevNat4V1> = batch::lookup_all(maps.reverse_nat.map()).with_context(|| format!("reading {MAP_REVERSE_NAT}"))?.into_iter().collect();
-    let backends: Vec<(u32, Backend4V1)> = batch::lookup_all(maps.backends.map()).with_context(|| format!("reading {MAP_BACKENDS}"))?;
-    let backend = |id: u32| backends.get(id as usize).map(|(_, b)| *b).unwrap_or_default();
     // Reverse-NAT entries that belong to a flow, kept or removed with it.
     let mut owned_replies = HashSet::new();
     let (mut dead_flows, mut dead_replies) = (Vec::new(), Vec::new());

@@ -538,6 +538,12 @@ impl Dataplane {
         self.services.iter().map(|(k, p)| (k, p.frontend.name.as_str(), &p.entry))
     }
 
+    /// Collects expired flows; backends are known from what is programmed, not read back.
+    pub fn collect_conntrack(&mut self, now_ns: u64) -> Result<conntrack::GcStats> {
+        let users = &self.backend_users;
+        conntrack::gc(&mut self.maps, now_ns, |id| users.get(&id).map(|(b, _)| *b).unwrap_or_default())
+    }
+
     /// How many frontends are programmed.
     pub fn frontend_count(&self) -> usize {
         self.services.len()

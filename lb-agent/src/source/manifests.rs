@@ -5,8 +5,11 @@ use std::{
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard},
-    time::SystemTime,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    time::{Duration, Instant, SystemTime},
 };
 
 use k8s_openapi::api::{
@@ -33,11 +36,24 @@ pub struct ManifestDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, Stamp>,
     objects: Mutex<Objects>,
+    /// Set by the inotify watch when something in the directory changed; while it works, the
+    /// directory is scanned on its word, and in full only every `FULL_SCAN_EVERY`.
+    changed: Option<Arc<AtomicBool>>,
+    last_scan: Option<Instant>,
 }
+
+/// How often a watched directory is scanned anyway (an event the watch cannot see: a file
+/// changed through a symlink into another directory).
+const FULL_SCAN_EVERY: Duration = Duration::from_secs(10);
 
 impl ManifestDir {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), files: BTreeMap::new(), objects: Mutex::default() }
+        Self { dir: dir.into(), files: BTreeMap::new(), objects: Mutex::default(), changed: None, last_scan: None }
+    }
+
+    /// Scans only when `changed` is set (by [`watch`]), or every `FULL_SCAN_EVERY`.
+    pub fn scan_when(&mut self, changed: Arc<AtomicBool>) {
+        self.changed = Some(changed);
     }
 
     /// Re-reads what changed. Returns whether anything changed and the errors of files that
@@ -46,6 +62,12 @@ impl ManifestDir {
     /// is read. Only an unreadable directory is an error. A re-read file changes only the
     /// objects that differ, and so marks only their Services for translation.
     pub fn refresh(&mut self) -> std::io::Result<(bool, Vec<ObjectError>)> {
+        let woken = self.changed.as_ref().is_none_or(|c| c.swap(false, Ordering::AcqRel));
+        if !woken && self.last_scan.is_some_and(|t| t.elapsed() < FULL_SCAN_EVERY) {
+            return Ok((false, Vec::new()));
+        }
+        // Until this scan succeeds (a directory that vanished is looked for on every sync).
+        self.last_scan = None;
         let mut errors = Vec::new();
         let mut changed = false;
         let mut seen = std::collections::HashSet::new();
@@ -94,6 +116,7 @@ impl ManifestDir {
             objects.replace_origin(&path.display().to_string(), ClusterState::default(), Kinds::ALL);
             changed = true;
         }
+        self.last_scan = Some(Instant::now());
         Ok((changed, errors))
     }
 
@@ -115,7 +138,7 @@ impl ManifestDir {
 /// Wakes `notify` whenever a file in `dir` is written, created, moved in or out, or removed
 /// (inotify; a ConfigMap volume swaps its `..data` link by rename), so that an edit is applied
 /// at once instead of at the next poll. Polling stays as the fallback. Needs a tokio runtime.
-pub fn watch(dir: &Path, notify: Arc<Notify>) -> io::Result<()> {
+pub fn watch(dir: &Path, notify: Arc<Notify>, changed: Arc<AtomicBool>) -> io::Result<()> {
     // SAFETY: plain system calls; the fd is owned from here on.
     let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
     if fd < 0 {
@@ -123,7 +146,7 @@ pub fn watch(dir: &Path, notify: Arc<Notify>) -> io::Result<()> {
     }
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let path = CString::new(dir.as_os_str().as_encoded_bytes())?;
-    let mask = libc::IN_CLOSE_WRITE | libc::IN_CREATE | libc::IN_DELETE | libc::IN_MOVED_TO | libc::IN_MOVED_FROM | libc::IN_ATTRIB;
+    let mask = libc::IN_CLOSE_WRITE | libc::IN_CREATE | libc::IN_DELETE | libc::IN_MOVED_TO | libc::IN_MOVED_FROM | libc::IN_ATTRIB | libc::IN_MOVE_SELF | libc::IN_DELETE_SELF;
     if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), mask) } < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -135,6 +158,7 @@ pub fn watch(dir: &Path, notify: Arc<Notify>) -> io::Result<()> {
             // Drain every queued event: one wake-up per batch is enough.
             while unsafe { libc::read(events.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
             ready.clear_ready();
+            changed.store(true, Ordering::Release);
             notify.notify_one();
         }
     });

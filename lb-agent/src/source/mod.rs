@@ -40,10 +40,13 @@ impl Source {
         Ok(match cfg {
             SourceConfig::Manifests(dir) => {
                 let notify = Arc::new(Notify::new());
-                if let Err(e) = manifests::watch(dir, notify.clone()) {
-                    warn!("watching {} for changes: {e}; re-reading it every sync interval instead", dir.display());
+                let mut manifests = ManifestDir::new(dir);
+                let changed = Arc::new(std::sync::atomic::AtomicBool::new(true));
+                match manifests::watch(dir, notify.clone(), changed.clone()) {
+                    Ok(()) => manifests.scan_when(changed),
+                    Err(e) => warn!("watching {} for changes: {e}; re-reading it every sync interval instead", dir.display()),
                 }
-                Source::Manifests(ManifestDir::new(dir), notify)
+                Source::Manifests(manifests, notify)
             }
             SourceConfig::Kubernetes { kubeconfig, api_server } => Source::Kubernetes(KubeSource::start(kube_client(kubeconfig.as_deref(), api_server.as_deref()).await?, node_name)),
         })

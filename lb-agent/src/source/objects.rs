@@ -38,8 +38,16 @@ pub struct Objects {
     slices_of: HashMap<ServiceName, BTreeSet<Key>>,
     nodes: BTreeMap<Key, Arc<Node>>,
     pods: BTreeMap<Key, Arc<Pod>>,
+    /// The names each origin holds, by kind (`KIND_*`): a re-read file is compared with its
+    /// own objects, not with every object.
+    by_origin: HashMap<String, [BTreeSet<String>; 4]>,
     dirty: Dirty,
 }
+
+const KIND_SERVICE: usize = 0;
+const KIND_SLICE: usize = 1;
+const KIND_NODE: usize = 2;
+const KIND_POD: usize = 3;
 
 /// `namespace/name` of an object (`default` when it has no namespace).
 pub fn name_of<K: Resource>(object: &K) -> String {
@@ -65,8 +73,23 @@ fn slim<K: Resource>(mut object: K) -> K {
 }
 
 /// Sets or removes one object; whether it changed.
-fn put<T: PartialEq + Resource>(map: &mut BTreeMap<Key, Arc<T>>, key: Key, object: Option<T>) -> Option<Option<Arc<T>>> {
+fn put<T: PartialEq + Resource>(
+    map: &mut BTreeMap<Key, Arc<T>>,
+    by_origin: &mut HashMap<String, [BTreeSet<String>; 4]>,
+    kind: usize,
+    key: Key,
+    object: Option<T>,
+) -> Option<Option<Arc<T>>> {
     let object = object.map(slim);
+    if !by_origin.contains_key(&key.1) {
+        by_origin.insert(key.1.clone(), Default::default());
+    }
+    let names = &mut by_origin.get_mut(&key.1).expect("just made")[kind];
+    if object.is_some() {
+        names.insert(key.0.clone());
+    } else {
+        names.remove(&key.0);
+    }
     let unchanged = match (&object, map.get(&key)) {
         (Some(new), Some(old)) => **old == *new,
         (None, None) => true,
@@ -102,7 +125,7 @@ impl Objects {
     }
 
     pub fn set_service(&mut self, origin: &str, name: String, object: Option<Service>) {
-        if put(&mut self.services, (name.clone(), origin.to_string()), object).is_some() {
+        if put(&mut self.services, &mut self.by_origin, KIND_SERVICE, (name.clone(), origin.to_string()), object).is_some() {
             self.mark(name);
         }
     }
@@ -110,7 +133,7 @@ impl Objects {
     pub fn set_slice(&mut self, origin: &str, name: String, object: Option<EndpointSlice>) {
         let key = (name, origin.to_string());
         let new_owner = object.as_ref().and_then(owner_of);
-        let Some(old) = put(&mut self.slices, key.clone(), object) else { return };
+        let Some(old) = put(&mut self.slices, &mut self.by_origin, KIND_SLICE, key.clone(), object) else { return };
         let old_owner = old.as_deref().and_then(owner_of);
         for (owner, present) in [(old_owner, false), (new_owner, true)] {
             let Some(owner) = owner else { continue };
@@ -129,11 +152,11 @@ impl Objects {
 
     /// Nodes and pods shape no frontend (the agent reads them on every pass).
     pub fn set_node(&mut self, origin: &str, name: String, object: Option<Node>) {
-        put(&mut self.nodes, (name, origin.to_string()), object);
+        put(&mut self.nodes, &mut self.by_origin, KIND_NODE, (name, origin.to_string()), object);
     }
 
     pub fn set_pod(&mut self, origin: &str, name: String, object: Option<Pod>) {
-        put(&mut self.pods, (name, origin.to_string()), object);
+        put(&mut self.pods, &mut self.by_origin, KIND_POD, (name, origin.to_string()), object);
     }
 
     /// Makes `origin`'s objects exactly `state`'s: a re-read file, a relisted kind (`kinds`
@@ -142,13 +165,11 @@ impl Objects {
         fn keyed<T: Resource>(list: Vec<Sourced<T>>) -> BTreeMap<String, T> {
             list.into_iter().map(|s| (name_of(&s.object), s.object)).collect()
         }
-        fn of_origin<T>(map: &BTreeMap<Key, Arc<T>>, origin: &str) -> Vec<String> {
-            map.keys().filter(|(_, o)| o == origin).map(|(n, _)| n.clone()).collect()
-        }
         macro_rules! replace {
-            ($field:ident, $list:expr, $set:ident) => {{
+            ($kind:expr, $list:expr, $set:ident) => {{
                 let mut new = keyed($list);
-                for name in of_origin(&self.$field, origin) {
+                let held: Vec<String> = self.by_origin.get(origin).map(|k| k[$kind].iter().cloned().collect()).unwrap_or_default();
+                for name in held {
                     if !new.contains_key(&name) {
                         self.$set(origin, name, None);
                     }
@@ -159,16 +180,16 @@ impl Objects {
             }};
         }
         if kinds.services {
-            replace!(services, state.services, set_service);
+            replace!(KIND_SERVICE, state.services, set_service);
         }
         if kinds.slices {
-            replace!(slices, state.slices, set_slice);
+            replace!(KIND_SLICE, state.slices, set_slice);
         }
         if kinds.nodes {
-            replace!(nodes, state.nodes, set_node);
+            replace!(KIND_NODE, state.nodes, set_node);
         }
         if kinds.pods {
-            replace!(pods, state.pods, set_pod);
+            replace!(KIND_POD, state.pods, set_pod);
         }
     }
 
