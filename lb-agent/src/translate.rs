@@ -306,6 +306,7 @@ impl Claims {
                     self.waiting.entry(key).or_default().insert(name.clone());
                 }
             }
+            kept.shrink_to_fit();
             let before = self.granted.insert(name.clone(), kept.clone()).unwrap_or_default();
             out.changes.push((name.clone(), before, kept));
         }
@@ -498,6 +499,8 @@ fn service_frontends(
             health_checks.push(HealthCheck { port, namespace, name: svc.metadata.name.clone().unwrap_or_default(), local_endpoints: local_ready.len() });
         }
     }
+    // Kept for as long as the Service lives: no spare capacity (100k Services add up).
+    claims.shrink_to_fit();
     Ok(claims)
 }
 

@@ -34,8 +34,8 @@ pub enum Dirty {
 pub struct Objects {
     services: BTreeMap<Key, Arc<Service>>,
     slices: BTreeMap<Key, Arc<EndpointSlice>>,
-    /// Slices by the Service they belong to.
-    slices_of: HashMap<ServiceName, BTreeSet<Key>>,
+    /// Slices by the Service they belong to (a Service has one or a few: a Vec is smallest).
+    slices_of: HashMap<ServiceName, Vec<Key>>,
     nodes: BTreeMap<Key, Arc<Node>>,
     pods: BTreeMap<Key, Arc<Pod>>,
     /// The names each origin holds, by kind (`KIND_*`): a re-read file is compared with its
@@ -138,10 +138,9 @@ impl Objects {
         for (owner, present) in [(old_owner, false), (new_owner, true)] {
             let Some(owner) = owner else { continue };
             let keys = self.slices_of.entry(owner.clone()).or_default();
+            keys.retain(|k| *k != key);
             if present {
-                keys.insert(key.clone());
-            } else {
-                keys.remove(&key);
+                keys.push(key.clone());
             }
             if keys.is_empty() {
                 self.slices_of.remove(&owner);
