@@ -323,7 +323,9 @@ impl Agent {
         // Before the first full sync there is nothing to read, and nothing is pruned.
         let Some(mut objects) = self.source.objects() else { return Ok(()) };
         let dirty = objects.take_dirty();
-        let everything = !self.synced_once || dirty == Dirty::All;
+        // The first pass settles everything (and removes what an earlier agent left); a relist
+        // marks only the Services whose objects differ.
+        let everything = !self.synced_once;
         let affected: BTreeSet<ServiceName> = match dirty {
             Dirty::Services(names) if !everything => names,
             _ if everything => objects.service_names().into_iter().chain(self.wanted.keys().cloned()).collect(),

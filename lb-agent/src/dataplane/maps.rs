@@ -118,7 +118,9 @@ fn add_counters(total: &mut TrafficCountersV1, more: &TrafficCountersV1) {
 }
 
 fn sum_counters(per_cpu: &PerCpuValues<TrafficCountersV1>) -> Result<TrafficCountersV1> {
-    Ok(per_cpu.iter().fold(TrafficCountersV1::default(), |a, c| TrafficCountersV1 { packets: a.packets + c.packets, bytes: a.bytes + c.bytes }))
+    let mut total = TrafficCountersV1::default();
+    per_cpu.iter().for_each(|c| add_counters(&mut total, c));
+    Ok(total)
 }
 
 /// Zeroed per-CPU counters, to reset an id before it is reused.

@@ -549,11 +549,6 @@ impl Dataplane {
         self.services.len()
     }
 
-    /// Programmed backends: id and entry.
-    pub fn backends(&self) -> impl Iterator<Item = (u32, &Backend4V1)> {
-        self.backend_users.iter().map(|(id, (entry, _))| (*id, entry))
-    }
-
     /// Maglev slots held by programmed services.
     pub fn used_slots(&self) -> u64 {
         self.maps.maglev.len() as u64 - self.tables.free_slots()

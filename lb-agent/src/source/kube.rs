@@ -48,20 +48,15 @@ impl KubeSource {
         let objects = Arc::new(Mutex::new(Objects::default()));
         let notify = Arc::new(Notify::new());
         let synced = [Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false))];
-        let only = |k: fn(&mut Kinds)| {
-            let mut kinds = Kinds { services: false, slices: false, nodes: false, pods: false };
-            k(&mut kinds);
-            kinds
-        };
         let all = watcher::Config::default();
-        let services = Feed { set: Objects::set_service, kinds: only(|k| k.services = true), list: |services| ClusterState { services, ..Default::default() } };
+        let services = Feed { set: Objects::set_service, kinds: Kinds { services: true, ..Kinds::NONE }, list: |services| ClusterState { services, ..Default::default() } };
         watch(Api::<Service>::all(client.clone()), all.clone(), services, &objects, &synced[0], &notify);
-        let slices = Feed { set: Objects::set_slice, kinds: only(|k| k.slices = true), list: |slices| ClusterState { slices, ..Default::default() } };
+        let slices = Feed { set: Objects::set_slice, kinds: Kinds { slices: true, ..Kinds::NONE }, list: |slices| ClusterState { slices, ..Default::default() } };
         watch(Api::<EndpointSlice>::all(client.clone()), all.clone(), slices, &objects, &synced[1], &notify);
-        let nodes = Feed { set: Objects::set_node, kinds: only(|k| k.nodes = true), list: |nodes| ClusterState { nodes, ..Default::default() } };
+        let nodes = Feed { set: Objects::set_node, kinds: Kinds { nodes: true, ..Kinds::NONE }, list: |nodes| ClusterState { nodes, ..Default::default() } };
         watch(Api::<Node>::all(client.clone()), all, nodes, &objects, &synced[2], &notify);
         let on_this_node = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
-        let pods = Feed { set: Objects::set_pod, kinds: only(|k| k.pods = true), list: |pods| ClusterState { pods, ..Default::default() } };
+        let pods = Feed { set: Objects::set_pod, kinds: Kinds { pods: true, ..Kinds::NONE }, list: |pods| ClusterState { pods, ..Default::default() } };
         watch(Api::<Pod>::all(client), on_this_node, pods, &objects, &Arc::new(AtomicBool::new(false)), &notify);
         Self { objects, synced, notify }
     }

@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use log::{info, warn};
 use tokio::sync::Notify;
 
-use crate::translate::{ClusterState, ObjectError};
+use crate::translate::ObjectError;
 use self::{kube::KubeSource, manifests::ManifestDir, objects::Objects};
 
 /// Where Services, EndpointSlices and Nodes come from.
@@ -58,11 +58,6 @@ impl Source {
             Source::Manifests(dir, _) => Some(dir.objects()),
             Source::Kubernetes(kube) => kube.synced().then(|| kube.objects()),
         }
-    }
-
-    /// Everything, as one snapshot (tests and tools).
-    pub fn state(&self) -> Option<ClusterState> {
-        self.objects().map(|o| o.state())
     }
 
     /// Looks for changes: manifests are re-read here (the API server's come by watch).

@@ -26,8 +26,6 @@ pub enum Dirty {
     #[default]
     Nothing,
     Services(BTreeSet<ServiceName>),
-    /// A relist or a first read: every Service.
-    All,
 }
 
 #[derive(Debug, Default)]
@@ -112,11 +110,6 @@ impl Objects {
         if let Dirty::Services(names) = &mut self.dirty {
             names.insert(service);
         }
-    }
-
-    /// Every Service is translated again at the next look.
-    pub fn mark_all(&mut self) {
-        self.dirty = Dirty::All;
     }
 
     /// What changed since the last call.
@@ -237,6 +230,7 @@ pub struct Kinds {
 
 impl Kinds {
     pub const ALL: Kinds = Kinds { services: true, slices: true, nodes: true, pods: true };
+    pub const NONE: Kinds = Kinds { services: false, slices: false, nodes: false, pods: false };
 }
 
 #[cfg(test)]
