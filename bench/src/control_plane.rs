@@ -361,10 +361,7 @@ fn table_names(maps: &Maps, i: usize, before: Service4V1, addr: &str) -> Result<
     let want: std::net::Ipv4Addr = addr.parse()?;
     let want = ip4_raw(want.octets());
     // Every slot: a backend's share may sit anywhere in the table.
-    let mut ids = std::collections::BTreeSet::new();
-    for slot in now.maglev_offset..now.maglev_offset + now.maglev_size {
-        ids.insert(maps.maglev.get(&slot, 0)?);
-    }
+    let ids: std::collections::BTreeSet<u32> = maps.read_slots(now.maglev_offset, now.maglev_size)?.into_iter().collect();
     let found = ids.into_iter().map(|id| Ok((id, ip4_addr(maps.backends.get(&id, 0)?.addr)))).collect::<Result<std::collections::BTreeSet<_>>>()?;
     if frontend_entry(maps, i)? != now {
         return Ok(false); // Flipped again while being read (its old slots may be reused): look again.

@@ -6,6 +6,7 @@ use lb_agent::dataplane::{
     maps::Maps,
 };
 use testbed::{bpffs::BpfMount, netns::sh};
+use aya::maps::IterableMap;
 use lb_common::*;
 
 #[test]
@@ -81,4 +82,42 @@ fn other_capacities_resize_the_pinned_maps_and_keep_the_newest_flows() -> Result
     let leftovers: Vec<String> = std::fs::read_dir(&mount.dir)?.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.contains("resize")).collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
     Ok(())
+}
+
+#[test]
+fn a_slot_array_from_before_it_was_mappable_is_recreated_with_its_tables() -> Result<()> {
+    let mount = BpfMount::new("pins")?;
+    let sizes = MapSizes { maglev_slots: Some(4096), ..Default::default() };
+    let svc = Service4V1 { service_id: 0, maglev_offset: 1020, maglev_size: 7, backend_count: 2, kind: KIND_CLUSTER_IP, flags: 0 };
+    let svc_key = Service4KeyV1 { addr: ip4_raw([10, 96, 0, 1]), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER };
+    let table = [3u32, 4, 3, 4, 3, 4, 3];
+    {
+        let mut ebpf = load::load(&mount.dir, &sizes)?;
+        let mut maps = Maps::take(&mut ebpf)?;
+        maps.services.insert(&svc_key, &svc, 0)?;
+    }
+    // What an older build pinned: the same array, without BPF_F_MMAPABLE.
+    let path = mount.dir.join(MAP_MAGLEV);
+    std::fs::remove_file(&path)?;
+    sh(&format!("bpftool map create {} type array key 4 value 4 entries 4096 name {MAP_MAGLEV}", path.display()))?;
+    for (i, id) in table.iter().enumerate() {
+        sh(&format!("bpftool map update pinned {} key {} value {}", path.display(), hex_le(1020 + i as u32), hex_le(*id)))?;
+    }
+    let mut ebpf = load::load(&mount.dir, &sizes)?;
+    let mut maps = Maps::take(&mut ebpf)?;
+    let info = maps.maglev.map().info()?;
+    assert_eq!((info.map_flags() & MAGLEV_MAP_FLAGS, info.max_entries()), (MAGLEV_MAP_FLAGS, 4096), "re-created mappable, same size");
+    assert_eq!(maps.read_slots(1020, 7)?, table, "the table its service points at was carried over");
+    // Through the mapping and through the kernel's own lookup, the same slots (the 8-byte stride).
+    maps.write_slots(2000, &[9, 8, 7])?;
+    assert_eq!([maps.maglev.get(&2000, 0)?, maps.maglev.get(&2001, 0)?, maps.maglev.get(&2002, 0)?, maps.maglev.get(&2003, 0)?], [9, 8, 7, 0]);
+    maps.maglev.set(2003, &6, 0)?;
+    assert_eq!(maps.read_slots(2000, 4)?, [9, 8, 7, 6]);
+    assert!(maps.read_slots(4094, 3).is_err(), "past the end is an error, not a stray mapping");
+    Ok(())
+}
+
+/// A u32 as bpftool's little-endian hex bytes.
+fn hex_le(v: u32) -> String {
+    v.to_le_bytes().iter().map(|b| format!("0x{b:02x}")).collect::<Vec<_>>().join(" ")
 }

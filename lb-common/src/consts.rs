@@ -7,6 +7,11 @@ pub const MAX_BACKENDS: u32 = 262_144;
 /// Default number of slots in `LB_MAGLEV_V1`, shared by every service's slice: 64 MiB, room
 /// for 30,000 services of 509 slots (the agent's `--maglev-slots` changes it).
 pub const MAGLEV_SLOTS: u32 = 1 << 24;
+/// Creation flags of `LB_MAGLEV_V1`: `BPF_F_MMAPABLE`, so that user space writes and reads
+/// tables through a memory mapping instead of a system call per slot. An array stores each
+/// element 8-byte aligned, so slot `i` is at byte `i * MAGLEV_SLOT_STRIDE` of the mapping.
+pub const MAGLEV_MAP_FLAGS: u32 = 1 << 10;
+pub const MAGLEV_SLOT_STRIDE: usize = 8;
 /// Default capacity of the conntrack and reverse-NAT maps.
 pub const MAX_FLOWS: u32 = 262_144;
 /// Capacity of `LB_AFFINITY_V1` (an LRU: the least recently used client affinity goes first).

@@ -153,8 +153,8 @@ fn all_services(maps: &Maps) -> Result<Vec<(Service4KeyV1, Service4V1, String)>>
 
 fn slot_counts(maps: &Maps, svc: &Service4V1) -> Result<BTreeMap<u32, u32>> {
     let mut counts = BTreeMap::new();
-    for slot in svc.maglev_offset..svc.maglev_offset + svc.maglev_size {
-        *counts.entry(maps.maglev.get(&slot, 0)?).or_default() += 1;
+    for id in maps.read_slots(svc.maglev_offset, svc.maglev_size)? {
+        *counts.entry(id).or_default() += 1;
     }
     Ok(counts)
 }

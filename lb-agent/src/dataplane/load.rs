@@ -114,12 +114,18 @@ fn set_aside_resized_pins(pin_dir: &Path, sizes: &MapSizes) -> Result<Vec<(&'sta
             continue;
         }
         let info = aya::maps::MapData::from_pin(&path).and_then(|m| m.info()).with_context(|| format!("inspecting pinned map {}", path.display()))?;
-        if info.max_entries() == capacity {
+        // A slot array from before it was mappable is re-created the same way.
+        let unmappable = name == lb_common::MAP_MAGLEV && info.map_flags() & lb_common::MAGLEV_MAP_FLAGS == 0;
+        if info.max_entries() == capacity && !unmappable {
             continue;
         }
         let aside = pin_dir.join(format!("{name}_resize"));
         std::fs::rename(&path, &aside).with_context(|| format!("moving {} aside", path.display()))?;
-        log::warn!("pinned map {name} has {} entries of room, the flags ask for {capacity}: resizing it", info.max_entries());
+        if unmappable {
+            log::warn!("pinned map {name} was created without BPF_F_MMAPABLE: re-creating it with {capacity} entries");
+        } else {
+            log::warn!("pinned map {name} has {} entries of room, the flags ask for {capacity}: resizing it", info.max_entries());
+        }
         resized.push((name, aside));
     }
     Ok(resized)
@@ -130,7 +136,7 @@ fn set_aside_resized_pins(pin_dir: &Path, sizes: &MapSizes) -> Result<Vec<(&'sta
 /// index (a table past the new end is rewritten by the next sync); arrays by id keep the ids
 /// that fit (the agent rewrites what names a lost one); per-CPU counters start again at zero.
 fn copy_entries(ebpf: &mut Ebpf, name: &'static str, from: &Path) -> Result<usize> {
-    use aya::maps::{Array, HashMap, Map, MapData};
+    use aya::maps::{Array, HashMap, IterableMap, Map, MapData};
     use lb_common::*;
     let old = Map::from_map_data(MapData::from_pin(from)?)?;
     // The slices programmed services use: the only Maglev slots worth copying.
@@ -180,14 +186,14 @@ fn copy_entries(ebpf: &mut Ebpf, name: &'static str, from: &Path) -> Result<usiz
         MAP_SERVICE_STATS | MAP_BACKEND_STATS => 0,
         _ => {
             let old: Array<_, u32> = old.try_into()?;
-            let mut new: Array<&mut MapData, u32> = new.try_into()?;
+            let new: Array<&mut MapData, u32> = new.try_into()?;
             let end = old.len().min(new.len());
             let mut copied = 0;
             for (offset, size) in slices {
-                for slot in (offset..offset.saturating_add(size)).take_while(|s| *s < end) {
-                    new.set(slot, &old.get(&slot, 0)?, 0)?;
-                    copied += 1;
-                }
+                // Slot by slot from the old array: it may predate BPF_F_MMAPABLE.
+                let ids = (offset..offset.saturating_add(size)).take_while(|s| *s < end).map(|slot| old.get(&slot, 0)).collect::<Result<Vec<u32>, _>>()?;
+                super::slots::SlotWindow::map(new.map(), new.len(), offset, ids.len())?.write(&ids);
+                copied += ids.len();
             }
             copied
         }

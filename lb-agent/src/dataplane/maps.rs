@@ -8,7 +8,7 @@ use aya::{
 };
 use lb_common::*;
 
-use super::batch;
+use super::{batch, slots::SlotWindow};
 
 pub struct Maps {
     pub services: HashMap<MapData, Service4KeyV1, Service4V1>,
@@ -105,10 +105,17 @@ impl Maps {
         batch::per_cpu(self.backend_stats.map(), add_counters).with_context(|| format!("reading {MAP_BACKEND_STATS}"))
     }
 
-    /// Writes a Maglev table's slots from `offset` on, in one batch.
+    /// Writes a Maglev table's slots from `offset` on, through a mapping of its pages.
     pub fn write_slots(&mut self, offset: u32, ids: &[u32]) -> Result<()> {
-        let slots: Vec<u32> = (offset..offset + ids.len() as u32).collect();
-        batch::update(self.maglev.map(), &slots, ids).with_context(|| format!("writing {} slots of {MAP_MAGLEV} at {offset}", ids.len()))
+        let window = SlotWindow::map(self.maglev.map(), self.maglev.len(), offset, ids.len()).with_context(|| format!("writing {} slots of {MAP_MAGLEV} at {offset}", ids.len()))?;
+        window.write(ids);
+        Ok(())
+    }
+
+    /// The backend ids in slots `offset..offset + size`.
+    pub fn read_slots(&self, offset: u32, size: u32) -> Result<Vec<u32>> {
+        let window = SlotWindow::map(self.maglev.map(), self.maglev.len(), offset, size as usize).with_context(|| format!("reading {size} slots of {MAP_MAGLEV} at {offset}"))?;
+        Ok(window.read())
     }
 }
 

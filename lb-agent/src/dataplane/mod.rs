@@ -16,6 +16,7 @@ pub mod conntrack;
 pub mod load;
 pub mod maps;
 mod slices;
+mod slots;
 pub mod sockets;
 mod tables;
 
@@ -203,8 +204,7 @@ impl Dataplane {
                 bail!("pinned service {key:?} claims slots {}+{} that overlap another service", entry.maglev_offset, entry.maglev_size);
             }
             let mut ids: Vec<u32> = Vec::new();
-            for slot in entry.maglev_offset..entry.maglev_offset + entry.maglev_size {
-                let id = self.maps.maglev.get(&slot, 0)?;
+            for id in self.maps.read_slots(entry.maglev_offset, entry.maglev_size)? {
                 if !ids.contains(&id) {
                     ids.push(id);
                 }

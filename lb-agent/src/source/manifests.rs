@@ -189,7 +189,7 @@ pub fn parse_manifest(origin: &str, text: &str) -> Result<ClusterState, ObjectEr
         // serde_path_to_error names the field that failed (spec.ports[0].port: invalid type ...).
         macro_rules! typed {
             ($ty:ty) => {{
-                let parsed: $ty = serde_path_to_error::deserialize(value.clone()).map_err(|e| doc_err(object.clone(), &e.path().to_string(), e.inner().to_string()))?;
+                let parsed: $ty = serde_path_to_error::deserialize(value).map_err(|e| doc_err(object.clone(), &e.path().to_string(), e.inner().to_string()))?;
                 Sourced { origin: origin.clone(), object: parsed }
             }};
         }

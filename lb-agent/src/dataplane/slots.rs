@@ -1,0 +1,73 @@
+//! The Maglev slot array seen through a memory mapping (`LB_MAGLEV_V1` is `BPF_F_MMAPABLE`):
+//! writing a 251-slot table is 251 stores, not a map update per slot, and a restarted agent
+//! reads every pinned table back without a system call per slot. Only the pages a table
+//! covers are mapped, and only while it is written or read, so the array never counts in the
+//! agent's resident memory.
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd},
+    sync::atomic::{fence, AtomicU32, Ordering},
+};
+
+use aya::maps::MapData;
+use lb_common::MAGLEV_SLOT_STRIDE;
+
+/// Slots `first..first + count` of the array, mapped read-write until dropped.
+pub struct SlotWindow {
+    mapping: *mut libc::c_void,
+    mapping_len: usize,
+    /// Byte offset of slot `first` in the mapping.
+    start: usize,
+    count: usize,
+}
+
+impl SlotWindow {
+    /// Maps the pages that hold slots `first..first + count` of `array` (`capacity` slots).
+    pub fn map(array: &MapData, capacity: u32, first: u32, count: usize) -> io::Result<Self> {
+        if first as usize + count > capacity as usize {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("slots {first}+{count} are past the end of the array ({capacity} slots)")));
+        }
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let begin = first as usize * MAGLEV_SLOT_STRIDE;
+        let end = begin + count.max(1) * MAGLEV_SLOT_STRIDE;
+        let page_begin = begin / page * page;
+        let mapping_len = (end - page_begin).div_ceil(page) * page;
+        let fd = array.fd().as_fd().as_raw_fd();
+        // SAFETY: a fresh shared mapping of the map's own pages; the kernel checks the range.
+        let mapping = unsafe { libc::mmap(std::ptr::null_mut(), mapping_len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, page_begin as libc::off_t) };
+        if mapping == libc::MAP_FAILED {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(e.kind(), format!("mapping slots {first}+{count} (is the pinned array BPF_F_MMAPABLE?): {e}")));
+        }
+        Ok(Self { mapping, mapping_len, start: begin - page_begin, count })
+    }
+
+    fn slot(&self, i: usize) -> &AtomicU32 {
+        assert!(i < self.count, "slot {i} of a {}-slot window", self.count);
+        // SAFETY: in the mapping (checked above), 8-byte aligned, and only ever accessed
+        // atomically: the datapath reads these slots concurrently.
+        unsafe { &*(self.mapping.cast::<u8>().add(self.start + i * MAGLEV_SLOT_STRIDE).cast::<AtomicU32>()) }
+    }
+
+    /// Stores `ids` from the window's first slot on. Each store is one aligned word, so a
+    /// packet reading a slot meanwhile sees either its old backend or its new one.
+    pub fn write(&self, ids: &[u32]) {
+        for (i, id) in ids.iter().enumerate() {
+            self.slot(i).store(*id, Ordering::Relaxed);
+        }
+        // Every slot is in memory before the service entry that points here is written.
+        fence(Ordering::Release);
+    }
+
+    pub fn read(&self) -> Vec<u32> {
+        (0..self.count).map(|i| self.slot(i).load(Ordering::Relaxed)).collect()
+    }
+}
+
+impl Drop for SlotWindow {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, unmapped once.
+        unsafe { libc::munmap(self.mapping, self.mapping_len) };
+    }
+}
