@@ -315,10 +315,11 @@ impl Agent {
     /// Translates the Services that changed (all of them on the first pass and after a
     /// relist), settles their claims, and writes only the frontends that changed.
     fn sync_services(&mut self) -> Result<()> {
+        let started = Instant::now();
         for e in self.source.poll()? {
             self.report(format!("manifest rejected, its last good version stays in force: {e}"));
         }
-        let started = Instant::now();
+        let polled = started.elapsed();
         let node_name = self.cfg.node_name.clone();
         // Before the first full sync there is nothing to read, and nothing is pruned.
         let Some(mut objects) = self.source.objects() else { return Ok(()) };
@@ -331,6 +332,7 @@ impl Agent {
             _ if everything => objects.service_names().into_iter().chain(self.wanted.keys().cloned()).collect(),
             _ => return Ok(()),
         };
+        let affected_count = affected.len();
         let translated: Vec<(ServiceName, Option<translate::ServiceTranslation>, Vec<String>)> = affected
             .iter()
             .map(|name| match objects.service(name) {
@@ -342,6 +344,7 @@ impl Agent {
             })
             .collect();
         drop(objects);
+        let translated_in = started.elapsed();
         for (name, translation, copies) in translated {
             for origin in copies {
                 self.report(format!("Service {name} is also defined in {origin}; that copy is ignored"));
@@ -370,6 +373,7 @@ impl Agent {
         for e in &settled.errors {
             self.report(format!("frontend rejected: {e}"));
         }
+        let settled_in = started.elapsed();
         let stats = if everything {
             // Also removes what an earlier agent programmed for Services that are gone.
             let all: Vec<Frontend> = self.wanted.keys().flat_map(|name| self.claims.granted(name)).map(|c| c.frontend.clone()).collect();
@@ -380,6 +384,11 @@ impl Agent {
             let removed: Vec<Service4KeyV1> = settled.changes.iter().flat_map(|(_, before, _)| before.iter().map(|c| c.frontend.key)).filter(|k| !kept.contains(k)).collect();
             self.dataplane.apply_changes(&removed, &upserts)?
         };
+        log::debug!(
+            "sync of {} services: sources read by {polled:?}, translated by {translated_in:?}, claims settled by {settled_in:?}, maps written by {:?}",
+            affected_count,
+            started.elapsed()
+        );
         for (frontend, why) in &stats.failed {
             self.report(format!("frontend {frontend} not programmed, its previous state stays: {why}"));
         }

@@ -31,6 +31,8 @@ pub struct Maps {
     pub sock_skip: HashMap<MapData, u64, u8>,
     /// Capacity of the conntrack (and reverse-NAT) map, which the loader may have resized.
     pub flow_capacity: u32,
+    /// The region of the slot array the last table was written through.
+    slot_region: Option<SlotWindow>,
 }
 
 impl Maps {
@@ -60,6 +62,7 @@ impl Maps {
             _ => 0,
         };
         Ok(Self {
+            slot_region: None,
             flow_capacity,
             services: typed!(MAP_SERVICES),
             backends: typed!(MAP_BACKENDS),
@@ -105,11 +108,25 @@ impl Maps {
         batch::per_cpu(self.backend_stats.map(), add_counters).with_context(|| format!("reading {MAP_BACKEND_STATS}"))
     }
 
-    /// Writes a Maglev table's slots from `offset` on, through a mapping of its pages.
+    /// Writes a Maglev table's slots from `offset` on, through a mapping of the region of the
+    /// array around them. The region stays mapped for the next table (a sync writing thousands
+    /// of tables maps a few regions, not one per table) until [`Maps::end_slot_writes`].
     pub fn write_slots(&mut self, offset: u32, ids: &[u32]) -> Result<()> {
-        let window = SlotWindow::map(self.maglev.map(), self.maglev.len(), offset, ids.len()).with_context(|| format!("writing {} slots of {MAP_MAGLEV} at {offset}", ids.len()))?;
-        window.write(ids);
+        if !self.slot_region.as_ref().is_some_and(|r| r.covers(offset, ids.len())) {
+            self.slot_region = None;
+            let capacity = self.maglev.len();
+            let first = offset / SLOT_REGION * SLOT_REGION;
+            let count = (offset + ids.len() as u32 - first).max(SLOT_REGION).min(capacity - first);
+            let region = SlotWindow::map(self.maglev.map(), capacity, first, count as usize).with_context(|| format!("writing {} slots of {MAP_MAGLEV} at {offset}", ids.len()))?;
+            self.slot_region = Some(region);
+        }
+        self.slot_region.as_ref().expect("just mapped").write_at(offset, ids);
         Ok(())
+    }
+
+    /// Unmaps the region `write_slots` kept, so that the array never stays in resident memory.
+    pub fn end_slot_writes(&mut self) {
+        self.slot_region = None;
     }
 
     /// The backend ids in slots `offset..offset + size`.
@@ -118,6 +135,9 @@ impl Maps {
         Ok(window.read())
     }
 }
+
+/// Slots mapped at a time for writing tables: 4 MiB of the array.
+const SLOT_REGION: u32 = 1 << 19;
 
 fn add_counters(total: &mut TrafficCountersV1, more: &TrafficCountersV1) {
     total.packets += more.packets;

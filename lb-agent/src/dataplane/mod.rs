@@ -335,6 +335,7 @@ impl Dataplane {
                 Err(e) => stats.failed.push((frontend.name.clone(), format!("{e:#}"))),
             }
         }
+        self.maps.end_slot_writes();
         Ok(stats)
     }
 

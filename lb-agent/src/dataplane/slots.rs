@@ -18,8 +18,13 @@ pub struct SlotWindow {
     mapping_len: usize,
     /// Byte offset of slot `first` in the mapping.
     start: usize,
+    first: u32,
     count: usize,
 }
+
+// SAFETY: the mapping is owned by the window, and its slots are only touched atomically.
+unsafe impl Send for SlotWindow {}
+unsafe impl Sync for SlotWindow {}
 
 impl SlotWindow {
     /// Maps the pages that hold slots `first..first + count` of `array` (`capacity` slots).
@@ -40,7 +45,12 @@ impl SlotWindow {
             let e = io::Error::last_os_error();
             return Err(io::Error::new(e.kind(), format!("mapping slots {first}+{count} (is the pinned array BPF_F_MMAPABLE?): {e}")));
         }
-        Ok(Self { mapping, mapping_len, start: begin - page_begin, count })
+        Ok(Self { mapping, mapping_len, start: begin - page_begin, first, count })
+    }
+
+    /// Whether slots `offset..offset + count` are inside the window.
+    pub fn covers(&self, offset: u32, count: usize) -> bool {
+        offset >= self.first && (offset - self.first) as usize + count <= self.count
     }
 
     fn slot(&self, i: usize) -> &AtomicU32 {
@@ -53,8 +63,14 @@ impl SlotWindow {
     /// Stores `ids` from the window's first slot on. Each store is one aligned word, so a
     /// packet reading a slot meanwhile sees either its old backend or its new one.
     pub fn write(&self, ids: &[u32]) {
+        self.write_at(self.first, ids);
+    }
+
+    /// Stores `ids` from slot `offset` of the array on (inside this window).
+    pub fn write_at(&self, offset: u32, ids: &[u32]) {
+        let skip = offset.checked_sub(self.first).expect("slots before the window") as usize;
         for (i, id) in ids.iter().enumerate() {
-            self.slot(i).store(*id, Ordering::Relaxed);
+            self.slot(skip + i).store(*id, Ordering::Relaxed);
         }
         // Every slot is in memory before the service entry that points here is written.
         fence(Ordering::Release);
