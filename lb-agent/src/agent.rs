@@ -376,10 +376,10 @@ impl Agent {
         let settled_in = started.elapsed();
         let stats = if everything {
             // Also removes what an earlier agent programmed for Services that are gone.
-            let all: Vec<Frontend> = self.wanted.keys().flat_map(|name| self.claims.granted(name)).map(|c| c.frontend.clone()).collect();
-            self.dataplane.apply(&all)?
+            let all: Vec<Arc<Frontend>> = self.wanted.keys().flat_map(|name| self.claims.granted(name)).map(|c| c.frontend.clone()).collect();
+            self.dataplane.apply_shared(&all)?
         } else {
-            let upserts: Vec<&Frontend> = settled.changes.iter().flat_map(|(_, _, now)| now.iter().map(|c| &c.frontend)).collect();
+            let upserts: Vec<Arc<Frontend>> = settled.changes.iter().flat_map(|(_, _, now)| now.iter().map(|c| c.frontend.clone())).collect();
             let kept: HashSet<Service4KeyV1> = upserts.iter().map(|f| f.key).collect();
             let removed: Vec<Service4KeyV1> = settled.changes.iter().flat_map(|(_, before, _)| before.iter().map(|c| c.frontend.key)).filter(|k| !kept.contains(k)).collect();
             self.dataplane.apply_changes(&removed, &upserts)?

@@ -4,12 +4,11 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     net::Ipv4Addr,
+    sync::Arc,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Node, Pod, Service, ServicePort, ServiceSpec},
-    discovery::v1::EndpointSlice,
-};
+pub use crate::source::model::{SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, SOCKET_LB_ANNOTATION};
+use crate::source::model::{EndpointSlice, Node, Pod, Service, ServicePort, ServiceSpec, SOURCE_RANGES_ANNOTATION, TOPOLOGY_ANNOTATIONS};
 use lb_common::*;
 
 use crate::dataplane::{BackendSpec, Frontend};
@@ -51,9 +50,6 @@ pub struct ClusterState {
     pub pods: Vec<Sourced<Pod>>,
 }
 
-/// A host-network pod with this annotation set to "disabled" is left alone by the socket hooks:
-/// its processes see the real destinations they connect to.
-pub const SOCKET_LB_ANNOTATION: &str = "lb-agent.io/socket-lb";
 
 /// UIDs of this node's host-network pods that opted out of socket-level balancing.
 pub fn socket_lb_opt_outs<'a>(pods: impl Iterator<Item = &'a Pod>, node_name: &str) -> Vec<String> {
@@ -61,18 +57,11 @@ pub fn socket_lb_opt_outs<'a>(pods: impl Iterator<Item = &'a Pod>, node_name: &s
         let spec = pod.spec.as_ref();
         spec.and_then(|s| s.node_name.as_deref()) == Some(node_name)
             && spec.and_then(|s| s.host_network) == Some(true)
-            && pod.metadata.annotations.as_ref().and_then(|a| a.get(SOCKET_LB_ANNOTATION)).map(String::as_str) == Some("disabled")
+            && pod.metadata.annotations.get(SOCKET_LB_ANNOTATION) == Some("disabled")
     };
     pods.filter(|p| opted_out(p)).filter_map(|p| p.metadata.uid.clone()).collect()
 }
 
-/// Services carrying this label belong to another proxy (KEP-2447).
-pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
-use crate::source::objects::SERVICE_NAME_LABEL;
-/// The older way to give loadBalancerSourceRanges, still honoured by kube-proxy.
-const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
-/// Topology-aware routing, which this proxy does not do.
-const TOPOLOGY_ANNOTATIONS: [&str; 2] = ["service.kubernetes.io/topology-mode", "service.kubernetes.io/topology-aware-hints"];
 /// sessionAffinityConfig.clientIP.timeoutSeconds when unset, and its largest value.
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 const MAX_AFFINITY_TIMEOUT_S: i32 = 86_400;
@@ -83,7 +72,8 @@ pub type ServiceName = String;
 /// A frontend and the field of its Service that asked for it (named in conflict errors).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claim {
-    pub frontend: Frontend,
+    /// Shared by the Service's claims, the frontends granted and the programmed dataplane.
+    pub frontend: Arc<Frontend>,
     pub field: String,
 }
 
@@ -120,8 +110,7 @@ pub struct Translation {
 /// Whether this proxy programs the Service at all (headless, ExternalName and Services of
 /// another proxy are left alone, as kube-proxy does).
 pub fn is_proxied(svc: &Service) -> bool {
-    let labels = svc.metadata.labels.as_ref();
-    if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
+    if svc.metadata.labels.get(SERVICE_PROXY_NAME_LABEL).is_some() {
         return false;
     }
     let Some(spec) = &svc.spec else { return false };
@@ -170,9 +159,8 @@ pub fn translate(state: &ClusterState, node_name: &str) -> Translation {
     // EndpointSlices by the Service they belong to: several slices of one Service are merged.
     let mut slices: HashMap<ServiceName, Vec<&EndpointSlice>> = HashMap::new();
     for s in &state.slices {
-        let ns = s.object.metadata.namespace.as_deref().unwrap_or("default");
-        if let Some(svc) = s.object.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
-            slices.entry(format!("{ns}/{svc}")).or_default().push(&s.object);
+        if let Some(owner) = crate::source::objects::owner_of(&s.object) {
+            slices.entry(owner).or_default().push(&s.object);
         }
     }
     let mut translated: Vec<ServiceTranslation> = state
@@ -361,7 +349,7 @@ fn policy(svc: &Service, spec: &ServiceSpec) -> Result<Policy, FieldError> {
     };
     let ext_local = traffic_policy("spec.externalTrafficPolicy", spec.external_traffic_policy.as_deref())?;
     let int_local = traffic_policy("spec.internalTrafficPolicy", spec.internal_traffic_policy.as_deref())?;
-    let annotation = svc.metadata.annotations.as_ref().and_then(|a| a.get(SOURCE_RANGES_ANNOTATION));
+    let annotation = svc.metadata.annotations.get(SOURCE_RANGES_ANNOTATION);
     let (field, ranges): (&str, Vec<String>) = match (&spec.load_balancer_source_ranges, annotation) {
         (Some(r), _) if !r.is_empty() => ("spec.loadBalancerSourceRanges", r.clone()),
         (_, Some(a)) => (SOURCE_RANGES_ANNOTATION, a.split(',').map(|r| r.trim().to_string()).filter(|r| !r.is_empty()).collect()),
@@ -472,9 +460,9 @@ fn service_frontends(
                 // What outside clients get: this node's endpoints only.
                 let (backends, draining) = endpoints.split(true);
                 let local = Frontend { key: Service4KeyV1 { scope: SCOPE_LOCAL, ..key }, name: format!("{display}{}", crate::dataplane::LOCAL_VIEW_SUFFIX), backends, draining, ext_local: false, ..frontend.clone() };
-                claims.push(Claim { frontend: local, field: field.clone() });
+                claims.push(Claim { frontend: Arc::new(local), field: field.clone() });
             }
-            claims.push(Claim { frontend, field });
+            claims.push(Claim { frontend: Arc::new(frontend), field });
         };
         for (ip, f) in &cluster_ips {
             add(*ip, svc_port, KIND_CLUSTER_IP, f.clone());
@@ -509,8 +497,7 @@ fn report_unsupported(svc: &Service, spec: &ServiceSpec, warn: &mut impl FnMut(S
     if let Some(distribution) = &spec.traffic_distribution {
         warn("spec.trafficDistribution".into(), format!("{distribution:?} is not supported: endpoints are chosen from every zone"));
     }
-    let annotations = svc.metadata.annotations.as_ref();
-    for key in TOPOLOGY_ANNOTATIONS.iter().filter(|k| annotations.is_some_and(|a| a.contains_key(**k))) {
+    for key in TOPOLOGY_ANNOTATIONS.iter().filter(|k| svc.metadata.annotations.get(k).is_some()) {
         warn(format!("metadata.annotations[{key}]"), "topology-aware routing is not supported: endpoints are chosen from every zone".into());
     }
 }

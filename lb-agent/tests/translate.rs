@@ -30,7 +30,7 @@ fn settle(t: Translation) -> Settled {
     }
     let claimed = claim(candidates, &HashMap::new());
     errors.extend(claimed.errors);
-    let frontends = claimed.frontends.into_iter().filter(|(_, c)| !c.is_empty()).map(|(n, c)| (n, c.into_iter().map(|c| c.frontend).collect())).collect();
+    let frontends = claimed.frontends.into_iter().filter(|(_, c)| !c.is_empty()).map(|(n, c)| (n, c.into_iter().map(|c| (*c.frontend).clone()).collect())).collect();
     Settled { frontends, errors, warnings: t.warnings }
 }
 

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use lb_agent::source::manifests::parse_manifest;
+use serde::Deserialize;
 use testbed::{
     apiserver::{kubeconfig_for, FakeApiServer},
     demo::{sock, Demo},
@@ -14,19 +14,15 @@ use serde_json::Value;
 
 use crate::support::*;
 
-/// The example manifests, loaded into the API server.
+/// The example manifests' Services, EndpointSlices and Nodes, loaded into the API server.
 fn load_examples(api: &FakeApiServer) -> Result<()> {
     for entry in std::fs::read_dir(example_manifests())? {
-        let path = entry?.path();
-        let state = parse_manifest(&path.display().to_string(), &std::fs::read_to_string(&path)?).map_err(|e| anyhow!("{e}"))?;
-        for s in state.services {
-            api.apply(&s.object)?;
-        }
-        for s in state.slices {
-            api.apply(&s.object)?;
-        }
-        for n in state.nodes {
-            api.apply(&n.object)?;
+        let text = std::fs::read_to_string(entry?.path())?;
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+            let object = serde_yaml_ng::Value::deserialize(doc)?;
+            if matches!(object.get("kind").and_then(|k| k.as_str()), Some("Service" | "EndpointSlice" | "Node")) {
+                api.apply(&object)?;
+            }
         }
     }
     Ok(())
@@ -35,12 +31,12 @@ fn load_examples(api: &FakeApiServer) -> Result<()> {
 fn slice(name: &str, service: &str, pods: &[u8]) -> EndpointSlice {
     let eps: String = pods.iter().map(|p| format!("  - {{addresses: [10.244.1.{}], conditions: {{ready: true}}, nodeName: node-a}}\n", 11 + p)).collect();
     let yaml = format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: demo, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: [{{name: http, protocol: TCP, port: 8080}}]\nendpoints:\n{eps}");
-    parse_manifest("test", &yaml).unwrap().slices.remove(0).object
+    serde_yaml_ng::from_str(&yaml).unwrap()
 }
 
 fn service(name: &str, ip: &str) -> k8s_openapi::api::core::v1::Service {
     let yaml = format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  clusterIP: {ip}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n");
-    parse_manifest("test", &yaml).unwrap().services.remove(0).object
+    serde_yaml_ng::from_str(&yaml).unwrap()
 }
 
 fn maglev_backends(pins: &std::path::Path, service: &str) -> Result<Vec<String>> {

@@ -23,6 +23,7 @@ mod tables;
 use std::{
     collections::{BTreeMap, HashMap},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use anyhow::{bail, Context, Result};
@@ -93,7 +94,8 @@ impl BackendSpec {
 /// A frontend as it is in the maps.
 #[derive(Clone, Debug)]
 struct Programmed {
-    frontend: Frontend,
+    /// Shared with the claims that asked for it: one copy per frontend in the agent.
+    frontend: Arc<Frontend>,
     entry: Service4V1,
     /// Every backend id this frontend holds (selectable and draining).
     backend_ids: Vec<u32>,
@@ -218,7 +220,7 @@ impl Dataplane {
             }
             let name = self.maps.service_names.get(&entry.service_id, 0).map(|n| n.as_str().to_string()).unwrap_or_default();
             max_service_id = max_service_id.max(Some(entry.service_id));
-            let frontend = Frontend { key: *key, kind: entry.kind, name, ..Frontend::default() };
+            let frontend = Arc::new(Frontend { key: *key, kind: entry.kind, name, ..Frontend::default() });
             let programmed = Programmed {
                 frontend,
                 entry: *entry,
@@ -283,8 +285,14 @@ impl Dataplane {
     /// never between; one that cannot be written (a full map) is reported in `failed` and keeps
     /// its old state, and the others are applied. Stale frontends go first, freeing room.
     pub fn apply(&mut self, desired: &[Frontend]) -> Result<ApplyStats> {
+        let shared: Vec<Arc<Frontend>> = desired.iter().cloned().map(Arc::new).collect();
+        self.apply_shared(&shared)
+    }
+
+    /// [`Dataplane::apply`] of frontends the caller shares.
+    pub fn apply_shared(&mut self, desired: &[Arc<Frontend>]) -> Result<ApplyStats> {
         let mut duplicates = Vec::new();
-        let mut wanted: BTreeMap<Service4KeyV1, &Frontend> = BTreeMap::new();
+        let mut wanted: BTreeMap<Service4KeyV1, &Arc<Frontend>> = BTreeMap::new();
         for f in desired {
             if let Some(first) = wanted.get(&f.key) {
                 // The control plane resolves claims before this; never let one stop the rest.
@@ -294,7 +302,7 @@ impl Dataplane {
             wanted.insert(f.key, f);
         }
         let stale: Vec<Service4KeyV1> = self.services.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
-        let upserts: Vec<&Frontend> = wanted.into_values().collect();
+        let upserts: Vec<Arc<Frontend>> = wanted.into_values().cloned().collect();
         let mut stats = self.apply_changes(&stale, &upserts)?;
         stats.failed.extend(duplicates);
         Ok(stats)
@@ -303,7 +311,7 @@ impl Dataplane {
     /// Removes the frontends `removed`, then writes `upserts` (those equal to what is
     /// programmed are left alone): what an incremental sync changed, at a cost that does not
     /// grow with the frontends left untouched.
-    pub fn apply_changes(&mut self, removed: &[Service4KeyV1], upserts: &[&Frontend]) -> Result<ApplyStats> {
+    pub fn apply_changes(&mut self, removed: &[Service4KeyV1], upserts: &[Arc<Frontend>]) -> Result<ApplyStats> {
         let mut stats = ApplyStats::default();
         // Cluster-scope entries go before the local-scope entries they point outside clients to.
         let cluster_first = removed.iter().filter(|k| k.scope != SCOPE_LOCAL).chain(removed.iter().filter(|k| k.scope == SCOPE_LOCAL));
@@ -313,7 +321,7 @@ impl Dataplane {
                 stats.removed += 1;
             }
         }
-        let changed: Vec<&Frontend> = upserts.iter().copied().filter(|f| self.services.get(&f.key).is_none_or(|p| &p.frontend != *f)).collect();
+        let changed: Vec<&Arc<Frontend>> = upserts.iter().filter(|f| self.services.get(&f.key).is_none_or(|p| !Arc::ptr_eq(&p.frontend, f) && *p.frontend != ***f)).collect();
         stats.unchanged = upserts.len() - changed.len();
         // A full slot array: a table may be rewritten in place only when every frontend using
         // it moves to the same new backends in this apply.
@@ -340,7 +348,7 @@ impl Dataplane {
     }
 
     /// Writes one frontend. `rewritable`: its current table, when it may be rewritten in place.
-    fn upsert(&mut self, frontend: &Frontend, rewritable: Option<(u32, u32)>) -> Result<()> {
+    fn upsert(&mut self, frontend: &Arc<Frontend>, rewritable: Option<(u32, u32)>) -> Result<()> {
         let old = self.services.get(&frontend.key).cloned();
         let service_id = match &old {
             Some(p) => p.entry.service_id,

@@ -9,10 +9,7 @@ use std::sync::{
 };
 
 use futures_util::StreamExt;
-use k8s_openapi::api::{
-    core::v1::{Node, Pod, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::{core::v1, discovery};
 use ::kube::{
     runtime::{watcher, WatchStreamExt},
     Api, Client, Resource,
@@ -35,11 +32,12 @@ pub struct KubeSource {
     pub notify: Arc<Notify>,
 }
 
-/// How one kind enters the index: one object, or a whole list.
-struct Feed<K> {
-    set: fn(&mut Objects, &str, String, Option<K>),
+/// How one kind enters the index: one object, or a whole list (of what the agent keeps of
+/// objects of the API type `K`: `M`).
+struct Feed<M> {
+    set: fn(&mut Objects, &str, String, Option<M>),
     kinds: Kinds,
-    list: fn(Vec<Sourced<K>>) -> ClusterState,
+    list: fn(Vec<Sourced<M>>) -> ClusterState,
 }
 
 impl KubeSource {
@@ -50,14 +48,14 @@ impl KubeSource {
         let synced = [Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false))];
         let all = watcher::Config::default();
         let services = Feed { set: Objects::set_service, kinds: Kinds { services: true, ..Kinds::NONE }, list: |services| ClusterState { services, ..Default::default() } };
-        watch(Api::<Service>::all(client.clone()), all.clone(), services, &objects, &synced[0], &notify);
+        watch(Api::<v1::Service>::all(client.clone()), all.clone(), services, &objects, &synced[0], &notify);
         let slices = Feed { set: Objects::set_slice, kinds: Kinds { slices: true, ..Kinds::NONE }, list: |slices| ClusterState { slices, ..Default::default() } };
-        watch(Api::<EndpointSlice>::all(client.clone()), all.clone(), slices, &objects, &synced[1], &notify);
+        watch(Api::<discovery::v1::EndpointSlice>::all(client.clone()), all.clone(), slices, &objects, &synced[1], &notify);
         let nodes = Feed { set: Objects::set_node, kinds: Kinds { nodes: true, ..Kinds::NONE }, list: |nodes| ClusterState { nodes, ..Default::default() } };
-        watch(Api::<Node>::all(client.clone()), all, nodes, &objects, &synced[2], &notify);
+        watch(Api::<v1::Node>::all(client.clone()), all, nodes, &objects, &synced[2], &notify);
         let on_this_node = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
         let pods = Feed { set: Objects::set_pod, kinds: Kinds { pods: true, ..Kinds::NONE }, list: |pods| ClusterState { pods, ..Default::default() } };
-        watch(Api::<Pod>::all(client), on_this_node, pods, &objects, &Arc::new(AtomicBool::new(false)), &notify);
+        watch(Api::<v1::Pod>::all(client), on_this_node, pods, &objects, &Arc::new(AtomicBool::new(false)), &notify);
         Self { objects, synced, notify }
     }
 
@@ -71,9 +69,10 @@ impl KubeSource {
     }
 }
 
-fn watch<K>(api: Api<K>, config: watcher::Config, feed: Feed<K>, objects: &Arc<Mutex<Objects>>, synced: &Arc<AtomicBool>, notify: &Arc<Notify>)
+fn watch<K, M>(api: Api<K>, config: watcher::Config, feed: Feed<M>, objects: &Arc<Mutex<Objects>>, synced: &Arc<AtomicBool>, notify: &Arc<Notify>)
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    M: From<K> + super::model::Object + Send + 'static,
 {
     let kind = K::kind(&()).to_string();
     let (objects, synced, notify) = (objects.clone(), synced.clone(), notify.clone());
@@ -81,11 +80,11 @@ where
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         // A (re)list is gathered here and applied whole when it completes.
-        let mut listing: Vec<Sourced<K>> = Vec::new();
+        let mut listing: Vec<Sourced<M>> = Vec::new();
         while let Some(event) = stream.next().await {
             match event {
                 Ok(watcher::Event::Init) => listing.clear(),
-                Ok(watcher::Event::InitApply(object)) => listing.push(Sourced { origin: ORIGIN.to_string(), object }),
+                Ok(watcher::Event::InitApply(object)) => listing.push(Sourced { origin: ORIGIN.to_string(), object: object.into() }),
                 Ok(watcher::Event::InitDone) => {
                     let list = std::mem::take(&mut listing);
                     objects.lock().expect("not poisoned").replace_origin(ORIGIN, (feed.list)(list), feed.kinds);
@@ -95,10 +94,12 @@ where
                     notify.notify_one();
                 }
                 Ok(watcher::Event::Apply(object)) => {
+                    let object = M::from(object);
                     (feed.set)(&mut objects.lock().expect("not poisoned"), ORIGIN, name_of(&object), Some(object));
                     notify.notify_one();
                 }
                 Ok(watcher::Event::Delete(object)) => {
+                    let object = M::from(object);
                     (feed.set)(&mut objects.lock().expect("not poisoned"), ORIGIN, name_of(&object), None);
                     notify.notify_one();
                 }

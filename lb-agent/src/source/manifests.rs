@@ -12,14 +12,13 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use k8s_openapi::api::{
-    core::v1::{Node, Pod, Service},
-    discovery::v1::EndpointSlice,
-};
 use serde::Deserialize;
 use tokio::{io::unix::AsyncFd, sync::Notify};
 
-use super::objects::{Kinds, Objects};
+use super::{
+    model::{EndpointSlice, Node, Pod, Service},
+    objects::{Kinds, Objects},
+};
 use crate::translate::{ClusterState, ObjectError, Sourced};
 
 /// When a file was last read.

@@ -3,6 +3,7 @@
 //! EndpointSlices and Nodes, whether it changed, and a wake-up for changes.
 pub mod kube;
 pub mod manifests;
+pub mod model;
 pub mod objects;
 
 use std::{

@@ -6,16 +6,9 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Node, Pod, Service},
-    discovery::v1::EndpointSlice,
-};
-use kube::Resource;
-
+use super::model::{EndpointSlice, Node, Object, Pod, Service};
+pub use super::model::SERVICE_NAME_LABEL;
 use crate::translate::{ClusterState, ServiceName, Sourced};
-
-/// The label that ties an EndpointSlice to its Service.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// `namespace/name` and origin (a file, or `api`): one copy of one object.
 type Key = (String, String);
@@ -48,37 +41,25 @@ const KIND_NODE: usize = 2;
 const KIND_POD: usize = 3;
 
 /// `namespace/name` of an object (`default` when it has no namespace).
-pub fn name_of<K: Resource>(object: &K) -> String {
+pub fn name_of(object: &impl Object) -> String {
     let meta = object.meta();
     format!("{}/{}", meta.namespace.as_deref().unwrap_or("default"), meta.name.as_deref().unwrap_or(""))
 }
 
 /// The Service an EndpointSlice belongs to, by its label.
-fn owner_of(slice: &EndpointSlice) -> Option<ServiceName> {
-    let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+pub fn owner_of(slice: &EndpointSlice) -> Option<ServiceName> {
+    let service = slice.metadata.labels.get(SERVICE_NAME_LABEL)?;
     Some(format!("{}/{service}", slice.metadata.namespace.as_deref().unwrap_or("default")))
 }
 
-/// Drops what a proxy never reads and real clusters fill: field-manager bookkeeping and the
-/// copy of the whole object `kubectl apply` keeps (often most of an object's size).
-fn slim<K: Resource>(mut object: K) -> K {
-    let meta = object.meta_mut();
-    meta.managed_fields = None;
-    if let Some(a) = meta.annotations.as_mut() {
-        a.remove("kubectl.kubernetes.io/last-applied-configuration");
-    }
-    object
-}
-
 /// Sets or removes one object; whether it changed.
-fn put<T: PartialEq + Resource>(
+fn put<T: PartialEq + Object>(
     map: &mut BTreeMap<Key, Arc<T>>,
     by_origin: &mut HashMap<String, [BTreeSet<String>; 4]>,
     kind: usize,
     key: Key,
     object: Option<T>,
 ) -> Option<Option<Arc<T>>> {
-    let object = object.map(slim);
     if !by_origin.contains_key(&key.1) {
         by_origin.insert(key.1.clone(), Default::default());
     }
@@ -154,7 +135,7 @@ impl Objects {
     /// Makes `origin`'s objects exactly `state`'s: a re-read file, a relisted kind (`kinds`
     /// says which kinds `state` speaks for). Only objects that differ mark their Service.
     pub fn replace_origin(&mut self, origin: &str, state: ClusterState, kinds: Kinds) {
-        fn keyed<T: Resource>(list: Vec<Sourced<T>>) -> BTreeMap<String, T> {
+        fn keyed<T: Object>(list: Vec<Sourced<T>>) -> BTreeMap<String, T> {
             list.into_iter().map(|s| (name_of(&s.object), s.object)).collect()
         }
         macro_rules! replace {

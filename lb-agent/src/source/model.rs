@@ -1,0 +1,281 @@
+//! What this proxy reads of Kubernetes objects, and nothing more. At 100k Services the objects
+//! are most of the agent's memory, and the full API types (every field an `Option`, every
+//! label in a B-tree) are several times the size of what translation reads.
+//!
+//! Field names and nesting follow the Kubernetes API, so manifests deserialize straight into
+//! these types and an error names the same field (`spec.ports[0].port`); objects from the API
+//! server are converted from the k8s-openapi types as they arrive. Labels and annotations keep
+//! only the keys some part of the agent reads ([`KEPT_KEYS`]).
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api,
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
+};
+use serde::{Deserialize, Deserializer};
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Services carrying this label belong to another proxy (KEP-2447).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// The older way to give loadBalancerSourceRanges, still honoured by kube-proxy.
+pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+/// Topology-aware routing, which this proxy does not do (read to say so).
+pub const TOPOLOGY_ANNOTATIONS: [&str; 2] = ["service.kubernetes.io/topology-mode", "service.kubernetes.io/topology-aware-hints"];
+/// A host-network pod with this annotation set to "disabled" is left alone by the socket hooks:
+/// its processes see the real destinations they connect to.
+pub const SOCKET_LB_ANNOTATION: &str = "lb-agent.io/socket-lb";
+
+/// Every label and annotation key the agent reads; the others are dropped on arrival.
+const KEPT_KEYS: [&str; 6] = [SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, SOURCE_RANGES_ANNOTATION, TOPOLOGY_ANNOTATIONS[0], TOPOLOGY_ANNOTATIONS[1], SOCKET_LB_ANNOTATION];
+
+/// Labels or annotations, only the kept keys.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeptKeys(Vec<(String, String)>);
+
+impl KeptKeys {
+    fn from_map(map: BTreeMap<String, String>) -> Self {
+        Self(map.into_iter().filter(|(k, _)| KEPT_KEYS.contains(&k.as_str())).collect())
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for KeptKeys {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Self::from_map(Option::<BTreeMap<String, String>>::deserialize(d)?.unwrap_or_default()))
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Meta {
+    pub name: Option<String>,
+    pub namespace: Option<String>,
+    pub uid: Option<String>,
+    pub creation_timestamp: Option<Time>,
+    #[serde(default)]
+    pub labels: KeptKeys,
+    #[serde(default)]
+    pub annotations: KeptKeys,
+}
+
+impl From<ObjectMeta> for Meta {
+    fn from(m: ObjectMeta) -> Self {
+        Self {
+            name: m.name,
+            namespace: m.namespace,
+            uid: m.uid,
+            creation_timestamp: m.creation_timestamp,
+            labels: KeptKeys::from_map(m.labels.unwrap_or_default()),
+            annotations: KeptKeys::from_map(m.annotations.unwrap_or_default()),
+        }
+    }
+}
+
+/// An object of this model: its metadata.
+pub trait Object {
+    fn meta(&self) -> &Meta;
+}
+
+macro_rules! object {
+    ($($ty:ident),*) => {$(
+        impl Object for $ty {
+            fn meta(&self) -> &Meta {
+                &self.metadata
+            }
+        }
+    )*};
+}
+object!(Service, EndpointSlice, Node, Pod);
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct Service {
+    #[serde(default)]
+    pub metadata: Meta,
+    pub spec: Option<ServiceSpec>,
+    pub status: Option<ServiceStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    #[serde(rename = "type")]
+    pub type_: Option<String>,
+    #[serde(rename = "clusterIP")]
+    pub cluster_ip: Option<String>,
+    #[serde(rename = "clusterIPs")]
+    pub cluster_ips: Option<Vec<String>>,
+    #[serde(rename = "externalIPs")]
+    pub external_ips: Option<Vec<String>>,
+    pub ports: Option<Vec<ServicePort>>,
+    pub session_affinity: Option<String>,
+    pub session_affinity_config: Option<SessionAffinityConfig>,
+    pub external_traffic_policy: Option<String>,
+    pub internal_traffic_policy: Option<String>,
+    pub load_balancer_source_ranges: Option<Vec<String>>,
+    pub health_check_node_port: Option<i32>,
+    pub traffic_distribution: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub protocol: Option<String>,
+    pub port: i32,
+    pub node_port: Option<i32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct SessionAffinityConfig {
+    #[serde(rename = "clientIP")]
+    pub client_ip: Option<ClientIpConfig>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientIpConfig {
+    pub timeout_seconds: Option<i32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceStatus {
+    pub load_balancer: Option<LoadBalancerStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct LoadBalancerStatus {
+    pub ingress: Option<Vec<LoadBalancerIngress>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancerIngress {
+    pub ip: Option<String>,
+    pub ip_mode: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointSlice {
+    #[serde(default)]
+    pub metadata: Meta,
+    pub address_type: String,
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+    pub ports: Option<Vec<EndpointPort>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    pub addresses: Vec<String>,
+    pub conditions: Option<EndpointConditions>,
+    pub node_name: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct EndpointConditions {
+    pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct EndpointPort {
+    pub name: Option<String>,
+    pub protocol: Option<String>,
+    pub port: Option<i32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct Node {
+    #[serde(default)]
+    pub metadata: Meta,
+    pub status: Option<NodeStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct NodeStatus {
+    pub addresses: Option<Vec<NodeAddress>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct NodeAddress {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub address: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct Pod {
+    #[serde(default)]
+    pub metadata: Meta,
+    pub spec: Option<PodSpec>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpec {
+    pub node_name: Option<String>,
+    pub host_network: Option<bool>,
+}
+
+// From the API server's objects, moving what is kept.
+
+impl From<api::core::v1::Service> for Service {
+    fn from(s: api::core::v1::Service) -> Self {
+        let spec = s.spec.map(|p| ServiceSpec {
+            type_: p.type_,
+            cluster_ip: p.cluster_ip,
+            cluster_ips: p.cluster_ips,
+            external_ips: p.external_ips,
+            ports: p.ports.map(|ports| ports.into_iter().map(|p| ServicePort { name: p.name, protocol: p.protocol, port: p.port, node_port: p.node_port }).collect()),
+            session_affinity: p.session_affinity,
+            session_affinity_config: p.session_affinity_config.map(|c| SessionAffinityConfig { client_ip: c.client_ip.map(|c| ClientIpConfig { timeout_seconds: c.timeout_seconds }) }),
+            external_traffic_policy: p.external_traffic_policy,
+            internal_traffic_policy: p.internal_traffic_policy,
+            load_balancer_source_ranges: p.load_balancer_source_ranges,
+            health_check_node_port: p.health_check_node_port,
+            traffic_distribution: p.traffic_distribution,
+        });
+        let ingress = s.status.and_then(|s| s.load_balancer).and_then(|l| l.ingress);
+        let status = ingress.map(|list| ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus { ingress: Some(list.into_iter().map(|i| LoadBalancerIngress { ip: i.ip, ip_mode: i.ip_mode }).collect()) }),
+        });
+        Self { metadata: s.metadata.into(), spec, status }
+    }
+}
+
+impl From<api::discovery::v1::EndpointSlice> for EndpointSlice {
+    fn from(s: api::discovery::v1::EndpointSlice) -> Self {
+        let endpoints = s
+            .endpoints
+            .into_iter()
+            .map(|e| Endpoint {
+                addresses: e.addresses,
+                conditions: e.conditions.map(|c| EndpointConditions { ready: c.ready, serving: c.serving, terminating: c.terminating }),
+                node_name: e.node_name,
+            })
+            .collect();
+        let ports = s.ports.map(|ports| ports.into_iter().map(|p| EndpointPort { name: p.name, protocol: p.protocol, port: p.port }).collect());
+        Self { metadata: s.metadata.into(), address_type: s.address_type, endpoints, ports }
+    }
+}
+
+impl From<api::core::v1::Node> for Node {
+    fn from(n: api::core::v1::Node) -> Self {
+        let addresses = n.status.and_then(|s| s.addresses).map(|list| list.into_iter().map(|a| NodeAddress { type_: a.type_, address: a.address }).collect());
+        Self { metadata: n.metadata.into(), status: addresses.map(|a| NodeStatus { addresses: Some(a) }) }
+    }
+}
+
+impl From<api::core::v1::Pod> for Pod {
+    fn from(p: api::core::v1::Pod) -> Self {
+        Self { metadata: p.metadata.into(), spec: p.spec.map(|s| PodSpec { node_name: s.node_name, host_network: s.host_network }) }
+    }
+}
