@@ -5,6 +5,7 @@
 //! `410 Gone` (an ERROR event with a Status, as the real server sends it).
 use std::{
     collections::BTreeMap,
+    ops::Bound,
     convert::Infallible,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -185,6 +186,16 @@ impl Drop for FakeApiServer {
 
 type Body = Either<Full<Bytes>, Channel<Bytes>>;
 
+/// A key as hex, so that a `continue` token needs no URL escaping.
+fn to_hex(key: &str) -> String {
+    key.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(token: &str) -> String {
+    let bytes: Vec<u8> = (0..token.len() / 2).filter_map(|i| u8::from_str_radix(token.get(2 * i..2 * i + 2)?, 16).ok()).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
 fn json_response(status: u16, body: Value) -> Response<Body> {
     let mut r = Response::new(Either::Left(Full::new(Bytes::from(body.to_string()))));
     *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
@@ -208,18 +219,20 @@ async fn handle(req: Request<hyper::body::Incoming>, state: Arc<Mutex<State>>, e
         let mut st = state.lock().unwrap();
         st.lists += 1;
         // Pages, as the real server gives them to a client that sets `limit`: the `continue`
-        // token carries the list's resourceVersion and where the next page starts.
-        let (rv, start) = match query.get("continue").and_then(|c| c.split_once('-')) {
-            Some((rv, start)) => (rv.parse().unwrap_or(st.rv), start.parse().unwrap_or(0)),
-            None => (st.rv, 0),
+        // token carries the list's resourceVersion and the last key served (as etcd's does).
+        let (rv, after) = match query.get("continue").and_then(|c| c.split_once('-')) {
+            Some((rv, last)) => (rv.parse().unwrap_or(st.rv), Bound::Excluded((kind.to_string(), from_hex(last)))),
+            None => (st.rv, Bound::Included((kind.to_string(), String::new()))),
         };
         let limit = query.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
-        let mut items: Vec<Value> = st.objects.iter().filter(|((k, _), _)| k == kind).skip(start).take(limit.saturating_add(1)).map(|(_, o)| o.clone()).collect();
+        let page: Vec<(&(String, String), &Value)> = st.objects.range((after, Bound::Unbounded)).take_while(|((k, _), _)| k == kind).take(limit.saturating_add(1)).collect();
         let mut metadata = json!({"resourceVersion": rv.to_string()});
-        if items.len() > limit {
-            items.truncate(limit);
-            metadata["continue"] = json!(format!("{rv}-{}", start + limit));
+        let more = page.len() > limit;
+        let page = &page[..page.len().min(limit)];
+        if more {
+            metadata["continue"] = json!(format!("{rv}-{}", to_hex(&page.last().expect("a full page").0 .1)));
         }
+        let items: Vec<Value> = page.iter().map(|(_, o)| (*o).clone()).collect();
         return Ok(json_response(200, json!({"kind": format!("{kind}List"), "apiVersion": api_version, "metadata": metadata, "items": items})));
     }
 

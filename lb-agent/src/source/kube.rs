@@ -77,6 +77,7 @@ where
     let kind = K::kind(&()).to_string();
     let (objects, synced, notify) = (objects.clone(), synced.clone(), notify.clone());
     let stream = watcher(api, config).default_backoff();
+    let started = std::time::Instant::now();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         // A (re)list is gathered here and applied whole when it completes.
@@ -87,9 +88,10 @@ where
                 Ok(watcher::Event::InitApply(object)) => listing.push(Sourced { origin: ORIGIN.to_string(), object: object.into() }),
                 Ok(watcher::Event::InitDone) => {
                     let list = std::mem::take(&mut listing);
+                    let count = list.len();
                     objects.lock().expect("not poisoned").replace_origin(ORIGIN, (feed.list)(list), feed.kinds);
                     if !synced.swap(true, Ordering::AcqRel) {
-                        info!("{kind}: first full list done");
+                        info!("{kind}: first full list done, {count} objects in {:.1?}", started.elapsed());
                     }
                     notify.notify_one();
                 }

@@ -243,9 +243,8 @@ impl From<api::core::v1::Service> for Service {
             health_check_node_port: p.health_check_node_port,
             traffic_distribution: p.traffic_distribution,
         });
-        let ingress = s.status.and_then(|s| s.load_balancer).and_then(|l| l.ingress);
-        let status = ingress.map(|list| ServiceStatus {
-            load_balancer: Some(LoadBalancerStatus { ingress: Some(list.into_iter().map(|i| LoadBalancerIngress { ip: i.ip, ip_mode: i.ip_mode }).collect()) }),
+        let status = s.status.map(|st| ServiceStatus {
+            load_balancer: st.load_balancer.map(|l| LoadBalancerStatus { ingress: l.ingress.map(|list| list.into_iter().map(|i| LoadBalancerIngress { ip: i.ip, ip_mode: i.ip_mode }).collect()) }),
         });
         Self { metadata: s.metadata.into(), spec, status }
     }
@@ -269,13 +268,82 @@ impl From<api::discovery::v1::EndpointSlice> for EndpointSlice {
 
 impl From<api::core::v1::Node> for Node {
     fn from(n: api::core::v1::Node) -> Self {
-        let addresses = n.status.and_then(|s| s.addresses).map(|list| list.into_iter().map(|a| NodeAddress { type_: a.type_, address: a.address }).collect());
-        Self { metadata: n.metadata.into(), status: addresses.map(|a| NodeStatus { addresses: Some(a) }) }
+        let status = n.status.map(|s| NodeStatus { addresses: s.addresses.map(|list| list.into_iter().map(|a| NodeAddress { type_: a.type_, address: a.address }).collect()) });
+        Self { metadata: n.metadata.into(), status }
     }
 }
 
 impl From<api::core::v1::Pod> for Pod {
     fn from(p: api::core::v1::Pod) -> Self {
         Self { metadata: p.metadata.into(), spec: p.spec.map(|s| PodSpec { node_name: s.node_name, host_network: s.host_network }) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::de::DeserializeOwned;
+    use serde_json::json;
+
+    /// The same JSON read straight into the model (manifests) and through the API type
+    /// (Kubernetes mode) gives the same object.
+    fn both_ways<Api: DeserializeOwned, Model: DeserializeOwned + From<Api> + PartialEq + std::fmt::Debug>(object: serde_json::Value) -> Model {
+        let direct: Model = serde_json::from_value(object.clone()).unwrap();
+        let converted = Model::from(serde_json::from_value::<Api>(object).unwrap());
+        assert_eq!(direct, converted);
+        direct
+    }
+
+    fn meta(labels: serde_json::Value, annotations: serde_json::Value) -> serde_json::Value {
+        json!({
+            "name": "web", "namespace": "shop", "uid": "u-1", "creationTimestamp": "2026-01-02T03:04:05Z", "resourceVersion": "7",
+            "labels": labels, "annotations": annotations,
+            "managedFields": [{"manager": "kubectl", "operation": "Apply"}],
+        })
+    }
+
+    #[test]
+    fn services_read_the_same_from_manifests_and_from_the_api() {
+        let svc: Service = both_ways::<api::core::v1::Service, _>(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": meta(json!({"app": "web", SERVICE_PROXY_NAME_LABEL: "other"}), json!({SOURCE_RANGES_ANNOTATION: "10.0.0.0/8", "kubectl.kubernetes.io/last-applied-configuration": "{...}"})),
+            "spec": {
+                "type": "LoadBalancer", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"], "externalIPs": ["192.0.2.1"],
+                "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080, "nodePort": 30080}],
+                "sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}},
+                "externalTrafficPolicy": "Local", "internalTrafficPolicy": "Cluster", "loadBalancerSourceRanges": ["10.0.0.0/8"],
+                "healthCheckNodePort": 32000, "trafficDistribution": "PreferClose", "selector": {"app": "web"},
+            },
+            "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.1", "ipMode": "VIP"}]}},
+        }));
+        // Only the keys something reads are kept.
+        assert_eq!(svc.metadata.labels, KeptKeys(vec![(SERVICE_PROXY_NAME_LABEL.into(), "other".into())]));
+        assert_eq!(svc.metadata.annotations.get(SOURCE_RANGES_ANNOTATION), Some("10.0.0.0/8"));
+        assert_eq!(svc.metadata.annotations.get("kubectl.kubernetes.io/last-applied-configuration"), None);
+        let spec = svc.spec.unwrap();
+        assert_eq!((spec.ports.unwrap()[0].node_port, spec.session_affinity_config.unwrap().client_ip.unwrap().timeout_seconds), (Some(30080), Some(60)));
+    }
+
+    #[test]
+    fn slices_nodes_and_pods_read_the_same_from_manifests_and_from_the_api() {
+        let slice: EndpointSlice = both_ways::<api::discovery::v1::EndpointSlice, _>(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": meta(json!({SERVICE_NAME_LABEL: "web", "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}), json!({})),
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.244.1.5"], "conditions": {"ready": false, "serving": true, "terminating": true}, "nodeName": "node-a", "zone": "z1", "targetRef": {"kind": "Pod", "name": "web-1"}}],
+            "ports": [{"name": "http", "protocol": "TCP", "port": 8080, "appProtocol": "http"}],
+        }));
+        assert_eq!(slice.metadata.labels.get(SERVICE_NAME_LABEL), Some("web"));
+        assert_eq!(slice.endpoints[0].conditions, Some(EndpointConditions { ready: Some(false), serving: Some(true), terminating: Some(true) }));
+        let node: Node = both_ways::<api::core::v1::Node, _>(json!({
+            "apiVersion": "v1", "kind": "Node", "metadata": meta(json!({}), json!({})),
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.1.10"}, {"type": "Hostname", "address": "node-a"}]},
+        }));
+        assert_eq!(node.status.unwrap().addresses.unwrap()[0].address, "192.168.1.10");
+        let pod: Pod = both_ways::<api::core::v1::Pod, _>(json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": meta(json!({}), json!({SOCKET_LB_ANNOTATION: "disabled"})),
+            "spec": {"nodeName": "node-a", "hostNetwork": true, "containers": [{"name": "c", "image": "busybox"}]},
+        }));
+        assert_eq!((pod.metadata.annotations.get(SOCKET_LB_ANNOTATION), pod.spec.unwrap().host_network), (Some("disabled"), Some(true)));
     }
 }
