@@ -121,3 +121,42 @@ fn a_slot_array_from_before_it_was_mappable_is_recreated_with_its_tables() -> Re
 fn hex_le(v: u32) -> String {
     v.to_le_bytes().iter().map(|b| format!("0x{b:02x}")).collect::<Vec<_>>().join(" ")
 }
+
+#[test]
+fn counters_survive_a_restart_and_ids_handed_out_afterwards_start_at_zero() -> Result<()> {
+    use lb_agent::dataplane::{maps::zero_counters, BackendSpec, Dataplane, Frontend};
+    let mount = BpfMount::new("pins")?;
+    let sizes = MapSizes { services: Some(16), backends: Some(16), maglev_slots: Some(4096), ..Default::default() };
+    let frontend = |octet: u8| Frontend {
+        key: Service4KeyV1 { addr: ip4_raw([10, 96, 0, octet]), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER },
+        kind: KIND_CLUSTER_IP,
+        name: format!("ns/svc-{octet}:http/TCP"),
+        backends: vec![BackendSpec { addr: [10, 244, 0, octet].into(), port: 8080, local: true, weight: 1 }],
+        ..Default::default()
+    };
+    let counted = |packets: u64| -> Result<aya::maps::PerCpuValues<TrafficCountersV1>> {
+        let cpus = zero_counters()?.len();
+        Ok(vec![TrafficCountersV1 { packets, bytes: 0 }; cpus].try_into()?)
+    };
+    {
+        let mut ebpf = load::load(&mount.dir, &sizes)?;
+        let mut dataplane = Dataplane::new(Maps::take(&mut ebpf)?, 0, 251)?;
+        dataplane.adopt()?;
+        dataplane.apply(&[frontend(1)])?; // service id 0, backend id 1
+        // Traffic on it, and stale counts left past it by some earlier generation.
+        dataplane.maps.service_stats.set(0, counted(7)?, 0)?;
+        dataplane.maps.service_stats.set(1, counted(99)?, 0)?;
+        dataplane.maps.backend_stats.set(2, counted(99)?, 0)?;
+    }
+    let mut ebpf = load::load(&mount.dir, &sizes)?;
+    let mut dataplane = Dataplane::new(Maps::take(&mut ebpf)?, 0, 251)?;
+    assert_eq!(dataplane.adopt()?, 1);
+    dataplane.apply(&[frontend(1), frontend(2)])?;
+    let cpus = zero_counters()?.len() as u64;
+    assert_eq!(dataplane.maps.service_counters(0)?.packets, 7 * cpus, "the adopted frontend keeps its counts");
+    let new_id = dataplane.service(&frontend(2).key).unwrap().service_id;
+    let new_backend = dataplane.backend_id(&frontend(2).backends[0]).unwrap();
+    assert_eq!((new_id, new_backend), (1, 2), "the next ids, the ones with stale counts");
+    assert_eq!((dataplane.maps.service_counters(1)?.packets, dataplane.maps.backend_counters(2)?.packets), (0, 0));
+    Ok(())
+}

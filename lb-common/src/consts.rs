@@ -133,4 +133,12 @@ mod tests {
         assert_eq!(life(TCP_SYN, TCP_RST), CT_TIMEOUT_TCP_CLOSING_NS);
         assert_eq!(ct_lifetime_ns(IPPROTO_UDP, 0, 0), CT_TIMEOUT_UDP_NS);
     }
+
+    #[test]
+    fn maglev_slots_sit_where_the_kernel_maps_them() {
+        // An array map stores each value rounded up to 8 bytes (kernel/bpf/arraymap.c), and
+        // BPF_F_MMAPABLE is bit 10 of the creation flags (uapi/linux/bpf.h).
+        assert_eq!(MAGLEV_SLOT_STRIDE, core::mem::size_of::<u32>().next_multiple_of(8));
+        assert_eq!(MAGLEV_MAP_FLAGS, 1024);
+    }
 }

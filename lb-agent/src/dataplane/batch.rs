@@ -35,10 +35,23 @@ fn batch_attr(map: &MapData, keys: *const u8, values: *const u8, count: usize) -
 
 /// Writes `values[i]` at `keys[i]` for every i, in as few calls as the kernel allows.
 pub fn update<K: aya::Pod, V: aya::Pod>(map: &MapData, keys: &[K], values: &[V]) -> io::Result<()> {
-    assert_eq!(keys.len(), values.len(), "one value per key");
+    update_each(map, keys, values, 1)
+}
+
+/// Writes the same per-CPU `value` at every key of a per-CPU map (`value` 8-byte sized, as
+/// the kernel lays out per-CPU values).
+pub fn update_per_cpu<K: aya::Pod, V: aya::Pod>(map: &MapData, keys: &[K], value: V) -> io::Result<()> {
+    let cpus = aya::util::nr_cpus().map_err(|(what, e)| io::Error::new(e.kind(), format!("{what}: {e}")))?.get() as usize;
+    assert_eq!(size_of::<V>() % 8, 0, "per-CPU values are 8-byte sized");
+    update_each(map, keys, &vec![value; keys.len() * cpus], cpus)
+}
+
+/// `values` holds `per_key` values for each key, in key order.
+fn update_each<K: aya::Pod, V: aya::Pod>(map: &MapData, keys: &[K], values: &[V], per_key: usize) -> io::Result<()> {
+    assert_eq!(keys.len() * per_key, values.len(), "{per_key} values per key");
     let mut done = 0;
     while done < keys.len() {
-        let mut attr = batch_attr(map, keys[done..].as_ptr().cast(), values[done..].as_ptr().cast(), keys.len() - done);
+        let mut attr = batch_attr(map, keys[done..].as_ptr().cast(), values[done * per_key..].as_ptr().cast(), keys.len() - done);
         sys_bpf(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr)?;
         // SAFETY: the kernel wrote back how many it processed.
         let processed = unsafe { attr.batch.count } as usize;

@@ -108,6 +108,15 @@ impl Maps {
         batch::per_cpu(self.backend_stats.map(), add_counters).with_context(|| format!("reading {MAP_BACKEND_STATS}"))
     }
 
+    /// Zeroes the counters of every service id from `services` on and every backend id from
+    /// `backends` on, in two calls: ids past those are then handed out without a write each.
+    pub fn zero_counters_from(&self, services: u32, backends: u32) -> Result<()> {
+        let ids = |from: u32, to: u32| (from..to).collect::<Vec<u32>>();
+        batch::update_per_cpu(self.service_stats.map(), &ids(services, self.service_stats.len()), TrafficCountersV1::default()).with_context(|| format!("zeroing {MAP_SERVICE_STATS}"))?;
+        batch::update_per_cpu(self.backend_stats.map(), &ids(backends, self.backend_stats.len()), TrafficCountersV1::default()).with_context(|| format!("zeroing {MAP_BACKEND_STATS}"))?;
+        Ok(())
+    }
+
     /// Writes a Maglev table's slots from `offset` on, through a mapping of the region of the
     /// array around them. The region stays mapped for the next table (a sync writing thousands
     /// of tables maps a few regions, not one per table) until [`Maps::end_slot_writes`].

@@ -130,10 +130,24 @@ pub struct Dataplane {
     next_backend_id: u32,
     free_service_ids: Vec<u32>,
     next_service_id: u32,
+    /// Whether counters of ids never handed out (from the next ids on) are known to be zero:
+    /// then a fresh id needs no zeroing write, only a reused one.
+    fresh_ids_zeroed: bool,
 }
 
 /// Maglev slots a backend gets at least (tables are primes from `maglev::TABLE_SIZES`).
 const SLOTS_PER_BACKEND: usize = 50;
+
+/// An id from the free list (reused: true), else the next never handed out below `capacity`.
+fn take_id(free: &mut Vec<u32>, next: &mut u32, capacity: u32) -> Option<(u32, bool)> {
+    if let Some(id) = free.pop() {
+        return Some((id, true));
+    }
+    (*next < capacity).then(|| {
+        *next += 1;
+        (*next - 1, false)
+    })
+}
 
 /// Makes a small hash map hold exactly `wanted`: the entries are written, then the others removed.
 fn hold_exactly<K, V>(map: &mut aya::maps::HashMap<aya::maps::MapData, K, V>, wanted: HashMap<K, V>) -> Result<()>
@@ -174,6 +188,7 @@ impl Dataplane {
             next_backend_id: 1,
             free_service_ids: Vec::new(),
             next_service_id: 0,
+            fresh_ids_zeroed: false,
         })
     }
 
@@ -234,6 +249,9 @@ impl Dataplane {
         let used: std::collections::HashSet<u32> = entries.iter().map(|(_, e)| e.service_id).collect();
         self.free_service_ids = (0..self.next_service_id).filter(|id| !used.contains(id)).collect();
         self.free_backend_ids = (1..self.next_backend_id).filter(|id| !self.backend_users.contains_key(id)).collect();
+        // An earlier agent may have used ids past the ones adopted: their counters go now, at once.
+        self.maps.zero_counters_from(self.next_service_id, self.next_backend_id)?;
+        self.fresh_ids_zeroed = true;
         Ok(entries.len())
     }
 
@@ -400,7 +418,6 @@ impl Dataplane {
         // 3. The flip: one write moves every new flow to the new table.
         if old.is_none() {
             self.maps.service_names.set(service_id, &NameV1::new(&frontend.name), 0)?;
-            self.maps.service_stats.set(service_id, zero_counters()?, 0)?;
         }
         let entry = Service4V1 {
             service_id,
@@ -501,15 +518,13 @@ impl Dataplane {
             self.backend_users.get_mut(&id).expect("both maps agree").1 += 1;
             return Ok(id);
         }
-        let id = match self.free_backend_ids.pop() {
-            Some(id) => id,
-            None if self.next_backend_id < self.maps.backends.len() => {
-                self.next_backend_id += 1;
-                self.next_backend_id - 1
-            }
-            None => bail!("{MAP_BACKENDS} is full ({} backends)", self.maps.backends.len() - 1),
+        let capacity = self.maps.backends.len();
+        let Some((id, reused)) = take_id(&mut self.free_backend_ids, &mut self.next_backend_id, capacity) else {
+            bail!("{MAP_BACKENDS} is full ({} backends)", capacity - 1);
         };
-        self.maps.backend_stats.set(id, zero_counters()?, 0)?;
+        if reused || !self.fresh_ids_zeroed {
+            self.maps.backend_stats.set(id, zero_counters()?, 0)?;
+        }
         self.maps.backends.set(id, &entry, 0).context("writing a backend")?;
         self.backend_ids.insert(entry, id);
         self.backend_users.insert(id, (entry, 1));
@@ -531,15 +546,16 @@ impl Dataplane {
         Ok(())
     }
 
+    /// A service id whose counters read zero.
     fn alloc_service_id(&mut self) -> Result<u32> {
-        if let Some(id) = self.free_service_ids.pop() {
-            return Ok(id);
+        let capacity = self.maps.service_names.len();
+        let Some((id, reused)) = take_id(&mut self.free_service_ids, &mut self.next_service_id, capacity) else {
+            bail!("{MAP_SERVICES} is full ({capacity} frontends)");
+        };
+        if reused || !self.fresh_ids_zeroed {
+            self.maps.service_stats.set(id, zero_counters()?, 0)?;
         }
-        if self.next_service_id >= self.maps.service_names.len() {
-            bail!("{MAP_SERVICES} is full ({} frontends)", self.next_service_id);
-        }
-        self.next_service_id += 1;
-        Ok(self.next_service_id - 1)
+        Ok(id)
     }
 
     /// Programmed frontends: key, display name, entry.
