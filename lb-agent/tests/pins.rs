@@ -103,6 +103,8 @@ fn a_slot_array_from_before_it_was_mappable_is_recreated_with_its_tables() -> Re
     for (i, id) in table.iter().enumerate() {
         sh(&format!("bpftool map update pinned {} key {} value {}", path.display(), hex_le(1020 + i as u32), hex_le(*id)))?;
     }
+    // lbctl next to the older agent still reads it, slot by slot.
+    assert_eq!(Maps::open_pinned(&mount.dir)?.read_slots(1020, 7)?, table);
     let mut ebpf = load::load(&mount.dir, &sizes)?;
     let mut maps = Maps::take(&mut ebpf)?;
     let info = maps.maglev.map().info()?;

@@ -138,10 +138,15 @@ impl Maps {
         self.slot_region = None;
     }
 
-    /// The backend ids in slots `offset..offset + size`.
+    /// The backend ids in slots `offset..offset + size`. An array pinned by an agent from
+    /// before the array was mappable (lbctl next to an older agent) is read slot by slot.
     pub fn read_slots(&self, offset: u32, size: u32) -> Result<Vec<u32>> {
-        let window = SlotWindow::map(self.maglev.map(), self.maglev.len(), offset, size as usize).with_context(|| format!("reading {size} slots of {MAP_MAGLEV} at {offset}"))?;
-        Ok(window.read())
+        let context = || format!("reading {size} slots of {MAP_MAGLEV} at {offset}");
+        match SlotWindow::map(self.maglev.map(), self.maglev.len(), offset, size as usize) {
+            Ok(window) => Ok(window.read()),
+            Err(_) if self.maglev.map().info()?.map_flags() & MAGLEV_MAP_FLAGS == 0 => (offset..offset + size).map(|slot| self.maglev.get(&slot, 0).with_context(context)).collect(),
+            Err(e) => Err(e).with_context(context),
+        }
     }
 }
 
