@@ -7,8 +7,9 @@ use std::{
     sync::Arc,
 };
 
-pub use crate::source::model::{SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, SOCKET_LB_ANNOTATION};
-use crate::source::model::{EndpointSlice, Node, Pod, Service, ServicePort, ServiceSpec, SOURCE_RANGES_ANNOTATION, TOPOLOGY_ANNOTATIONS};
+use crate::source::model::{
+    EndpointSlice, Node, Pod, Service, ServicePort, ServiceSpec, SERVICE_PROXY_NAME_LABEL, SOCKET_LB_ANNOTATION, SOURCE_RANGES_ANNOTATION, TOPOLOGY_ANNOTATIONS,
+};
 use lb_common::*;
 
 use crate::dataplane::{BackendSpec, Frontend};

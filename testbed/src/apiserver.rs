@@ -186,16 +186,6 @@ impl Drop for FakeApiServer {
 
 type Body = Either<Full<Bytes>, Channel<Bytes>>;
 
-/// A key as hex, so that a `continue` token needs no URL escaping.
-fn to_hex(key: &str) -> String {
-    key.bytes().map(|b| format!("{b:02x}")).collect()
-}
-
-fn from_hex(token: &str) -> String {
-    let bytes: Vec<u8> = (0..token.len() / 2).filter_map(|i| u8::from_str_radix(token.get(2 * i..2 * i + 2)?, 16).ok()).collect();
-    String::from_utf8_lossy(&bytes).into_owned()
-}
-
 fn json_response(status: u16, body: Value) -> Response<Body> {
     let mut r = Response::new(Either::Left(Full::new(Bytes::from(body.to_string()))));
     *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
@@ -207,13 +197,7 @@ async fn handle(req: Request<hyper::body::Incoming>, state: Arc<Mutex<State>>, e
     let Some((kind, _)) = KINDS.iter().find(|(_, path)| *path == req.uri().path()) else {
         return Ok(json_response(404, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404})));
     };
-    let query: BTreeMap<String, String> = req
-        .uri()
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
-        .collect();
+    let query: BTreeMap<String, String> = form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()).into_owned().collect();
     let api_version = if *kind == "EndpointSlice" { "discovery.k8s.io/v1" } else { "v1" };
     if query.get("watch").map(String::as_str) != Some("true") {
         let mut st = state.lock().unwrap();
@@ -221,7 +205,7 @@ async fn handle(req: Request<hyper::body::Incoming>, state: Arc<Mutex<State>>, e
         // Pages, as the real server gives them to a client that sets `limit`: the `continue`
         // token carries the list's resourceVersion and the last key served (as etcd's does).
         let (rv, after) = match query.get("continue").and_then(|c| c.split_once('-')) {
-            Some((rv, last)) => (rv.parse().unwrap_or(st.rv), Bound::Excluded((kind.to_string(), from_hex(last)))),
+            Some((rv, last)) => (rv.parse().unwrap_or(st.rv), Bound::Excluded((kind.to_string(), last.to_string()))),
             None => (st.rv, Bound::Included((kind.to_string(), String::new()))),
         };
         let limit = query.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
@@ -230,7 +214,7 @@ async fn handle(req: Request<hyper::body::Incoming>, state: Arc<Mutex<State>>, e
         let more = page.len() > limit;
         let page = &page[..page.len().min(limit)];
         if more {
-            metadata["continue"] = json!(format!("{rv}-{}", to_hex(&page.last().expect("a full page").0 .1)));
+            metadata["continue"] = json!(format!("{rv}-{}", page.last().expect("a full page").0 .1));
         }
         let items: Vec<Value> = page.iter().map(|(_, o)| (*o).clone()).collect();
         return Ok(json_response(200, json!({"kind": format!("{kind}List"), "apiVersion": api_version, "metadata": metadata, "items": items})));

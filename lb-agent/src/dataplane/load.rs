@@ -115,7 +115,7 @@ fn set_aside_resized_pins(pin_dir: &Path, sizes: &MapSizes) -> Result<Vec<(&'sta
         }
         let info = aya::maps::MapData::from_pin(&path).and_then(|m| m.info()).with_context(|| format!("inspecting pinned map {}", path.display()))?;
         // A slot array from before it was mappable is re-created the same way.
-        let unmappable = name == lb_common::MAP_MAGLEV && info.map_flags() & lb_common::MAGLEV_MAP_FLAGS == 0;
+        let unmappable = name == lb_common::MAP_MAGLEV && !super::slots::mappable(&info);
         if info.max_entries() == capacity && !unmappable {
             continue;
         }
@@ -192,7 +192,7 @@ fn copy_entries(ebpf: &mut Ebpf, name: &'static str, from: &Path) -> Result<usiz
             for (offset, size) in slices {
                 // Slot by slot from the old array: it may predate BPF_F_MMAPABLE.
                 let ids = (offset..offset.saturating_add(size)).take_while(|s| *s < end).map(|slot| old.get(&slot, 0)).collect::<Result<Vec<u32>, _>>()?;
-                super::slots::SlotWindow::map(new.map(), new.len(), offset, ids.len())?.write(&ids);
+                super::slots::SlotWindow::map(new.map(), new.len(), offset, ids.len())?.write_at(offset, &ids);
                 copied += ids.len();
             }
             copied

@@ -144,7 +144,7 @@ impl Maps {
         let context = || format!("reading {size} slots of {MAP_MAGLEV} at {offset}");
         match SlotWindow::map(self.maglev.map(), self.maglev.len(), offset, size as usize) {
             Ok(window) => Ok(window.read()),
-            Err(_) if self.maglev.map().info()?.map_flags() & MAGLEV_MAP_FLAGS == 0 => (offset..offset + size).map(|slot| self.maglev.get(&slot, 0).with_context(context)).collect(),
+            Err(_) if !super::slots::mappable(&self.maglev.map().info()?) => (offset..offset + size).map(|slot| self.maglev.get(&slot, 0).with_context(context)).collect(),
             Err(e) => Err(e).with_context(context),
         }
     }

@@ -339,7 +339,7 @@ impl Dataplane {
                 stats.removed += 1;
             }
         }
-        let changed: Vec<&Arc<Frontend>> = upserts.iter().filter(|f| self.services.get(&f.key).is_none_or(|p| !Arc::ptr_eq(&p.frontend, f) && *p.frontend != ***f)).collect();
+        let changed: Vec<&Arc<Frontend>> = upserts.iter().filter(|f| self.services.get(&f.key).is_none_or(|p| p.frontend != **f)).collect();
         stats.unchanged = upserts.len() - changed.len();
         // A full slot array: a table may be rewritten in place only when every frontend using
         // it moves to the same new backends in this apply.

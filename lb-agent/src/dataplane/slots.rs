@@ -22,6 +22,11 @@ pub struct SlotWindow {
     count: usize,
 }
 
+/// Whether a slot array was created `BPF_F_MMAPABLE` (arrays pinned by older builds were not).
+pub fn mappable(info: &aya::maps::MapInfo) -> bool {
+    info.map_flags() & lb_common::MAGLEV_MAP_FLAGS != 0
+}
+
 // SAFETY: the mapping is owned by the window, and its slots are only touched atomically.
 unsafe impl Send for SlotWindow {}
 unsafe impl Sync for SlotWindow {}
@@ -60,13 +65,8 @@ impl SlotWindow {
         unsafe { &*(self.mapping.cast::<u8>().add(self.start + i * MAGLEV_SLOT_STRIDE).cast::<AtomicU32>()) }
     }
 
-    /// Stores `ids` from the window's first slot on. Each store is one aligned word, so a
-    /// packet reading a slot meanwhile sees either its old backend or its new one.
-    pub fn write(&self, ids: &[u32]) {
-        self.write_at(self.first, ids);
-    }
-
-    /// Stores `ids` from slot `offset` of the array on (inside this window).
+    /// Stores `ids` from slot `offset` of the array on (inside this window). Each store is one
+    /// aligned word, so a packet reading a slot meanwhile sees either its old backend or its new one.
     pub fn write_at(&self, offset: u32, ids: &[u32]) {
         let skip = offset.checked_sub(self.first).expect("slots before the window") as usize;
         for (i, id) in ids.iter().enumerate() {

@@ -7,7 +7,7 @@ use std::{
 };
 
 use super::model::{EndpointSlice, Node, Object, Pod, Service};
-pub use super::model::SERVICE_NAME_LABEL;
+use super::model::SERVICE_NAME_LABEL;
 use crate::translate::{ClusterState, ServiceName, Sourced};
 
 /// `namespace/name` and origin (a file, or `api`): one copy of one object.
@@ -53,7 +53,7 @@ pub fn owner_of(slice: &EndpointSlice) -> Option<ServiceName> {
 }
 
 /// Sets or removes one object; whether it changed.
-fn put<T: PartialEq + Object>(
+fn put<T: PartialEq>(
     map: &mut BTreeMap<Key, Arc<T>>,
     by_origin: &mut HashMap<String, [BTreeSet<String>; 4]>,
     kind: usize,
