@@ -53,7 +53,7 @@ fn frontend(vip: [u8; 4], backends: &[([u8; 4], u16)]) -> Frontend {
     Frontend {
         key: Service4KeyV1 { addr: ip4_raw(vip), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER },
         kind: KIND_CLUSTER_IP,
-        name: format!("bench/{}", Ipv4Addr::from(vip)),
+        name: format!("bench/{}", Ipv4Addr::from(vip)).into(),
         backends: backends.iter().map(|(a, p)| BackendSpec { addr: Ipv4Addr::from(*a), port: *p, local: true, weight: 1 }).collect(),
         ..Frontend::default()
     }

@@ -67,7 +67,7 @@ pub struct Agent {
     source: Source,
     /// What each Service asks for: its last good translation (a Service whose manifest turns
     /// bad keeps it), with its origin and place in the claim order.
-    wanted: HashMap<ServiceName, (translate::Order, String, Vec<Claim>)>,
+    wanted: HashMap<ServiceName, (translate::Order, translate::Origin, Vec<Claim>)>,
     /// Who holds each frontend: a frontend two Services claim stays with its holder. Before
     /// the first sync, read back from the pinned names, so it holds across restarts.
     claims: translate::Claims,
@@ -113,7 +113,7 @@ impl Agent {
         let netlink = node::connect()?;
         let source = Source::open(&cfg.source, &cfg.node_name).await?;
         // Frontends an earlier agent programmed stay with their Services when claims collide.
-        let owners = dataplane.frontends().map(|(key, name, _)| (translate::frontend_of(key), name.split_once(':').map_or(name, |(s, _)| s).to_string())).collect();
+        let owners = dataplane.frontends().map(|(key, name, _)| (translate::frontend_of(key), ServiceName::from(name.split_once(':').map_or(name, |(s, _)| s)))).collect();
         let ready = Arc::new(AtomicBool::new(false));
         let proxy_health = ProxyHealth { ready: ready.clone(), ..ProxyHealth::new((cfg.sync_interval * 4).max(Duration::from_secs(2))) };
         let mut agent = Self {
@@ -337,9 +337,10 @@ impl Agent {
             .iter()
             .map(|name| match objects.service(name) {
                 None => (name.clone(), None, Vec::new()),
-                Some((svc, others)) => {
+                Some(copy) => {
                     let slices = objects.slices_of(name);
-                    (name.clone(), translate::translate_service(svc.object, &svc.origin, &slices, &node_name), others.into_iter().map(String::from).collect())
+                    let translation = translate::translate_service(copy.object, copy.name, copy.origin, &slices, &node_name);
+                    (copy.name.clone(), translation, copy.ignored_in.into_iter().map(String::from).collect())
                 }
             })
             .collect();

@@ -8,11 +8,11 @@ use std::{
 };
 
 use crate::source::model::{
-    EndpointSlice, Node, Pod, Service, ServicePort, ServiceSpec, SERVICE_PROXY_NAME_LABEL, SOCKET_LB_ANNOTATION, SOURCE_RANGES_ANNOTATION, TOPOLOGY_ANNOTATIONS,
+    EndpointSlice, Node, Pod, Service, ServicePort, ServiceSpec, Text, SERVICE_PROXY_NAME_LABEL, SOCKET_LB_ANNOTATION, SOURCE_RANGES_ANNOTATION, TOPOLOGY_ANNOTATIONS,
 };
 use lb_common::*;
 
-use crate::dataplane::{BackendSpec, Frontend};
+use crate::dataplane::{BackendSpec, Backends, Frontend};
 
 /// A problem with one object, naming where it came from, the object and the field.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,7 +37,7 @@ impl std::error::Error for ObjectError {}
 /// An object and where it was read from.
 #[derive(Clone, Debug)]
 pub struct Sourced<T> {
-    pub origin: String,
+    pub origin: Origin,
     pub object: T,
 }
 
@@ -60,29 +60,32 @@ pub fn socket_lb_opt_outs<'a>(pods: impl Iterator<Item = &'a Pod>, node_name: &s
             && spec.and_then(|s| s.host_network) == Some(true)
             && pod.metadata.annotations.get(SOCKET_LB_ANNOTATION) == Some("disabled")
     };
-    pods.filter(|p| opted_out(p)).filter_map(|p| p.metadata.uid.clone()).collect()
+    pods.filter(|p| opted_out(p)).filter_map(|p| p.metadata.uid.as_deref().map(String::from)).collect()
 }
 
 /// sessionAffinityConfig.clientIP.timeoutSeconds when unset, and its largest value.
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 const MAX_AFFINITY_TIMEOUT_S: i32 = 86_400;
 
-/// `namespace/name` of a Service.
-pub type ServiceName = String;
+/// `namespace/name` of a Service, shared by every index that names it.
+pub type ServiceName = Arc<str>;
+
+/// Where objects were read from: a manifest file, or `api`. Shared by all of its objects.
+pub type Origin = Arc<str>;
 
 /// A frontend and the field of its Service that asked for it (named in conflict errors).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claim {
     /// Shared by the Service's claims, the frontends granted and the programmed dataplane.
     pub frontend: Arc<Frontend>,
-    pub field: String,
+    pub field: Text,
 }
 
 /// One proxied Service: its frontends, or why it was rejected.
 #[derive(Debug)]
 pub struct ServiceFrontends {
     pub name: ServiceName,
-    pub origin: String,
+    pub origin: Origin,
     pub result: Result<Vec<Claim>, ObjectError>,
 }
 
@@ -128,7 +131,7 @@ pub type Order = (Option<k8s_openapi::jiff::Timestamp>, ServiceName);
 #[derive(Debug)]
 pub struct ServiceTranslation {
     pub name: ServiceName,
-    pub origin: String,
+    pub origin: Origin,
     pub order: Order,
     pub result: Result<Vec<Claim>, ObjectError>,
     /// Fields this proxy does not implement; the rest of the Service works.
@@ -136,21 +139,19 @@ pub struct ServiceTranslation {
     pub health_check: Option<HealthCheck>,
 }
 
-/// Translates one Service with its EndpointSlices; `None` when this proxy leaves it alone.
-pub fn translate_service(svc: &Service, origin: &str, slices: &[&EndpointSlice], node_name: &str) -> Option<ServiceTranslation> {
+/// Translates one Service (`name` is its `namespace/name`) with its EndpointSlices; `None`
+/// when this proxy leaves it alone.
+pub fn translate_service(svc: &Service, name: &ServiceName, origin: &Origin, slices: &[&EndpointSlice], node_name: &str) -> Option<ServiceTranslation> {
     if !is_proxied(svc) {
         return None;
     }
-    let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
-    let name = format!("{ns}/{}", svc.metadata.name.as_deref().unwrap_or(""));
-    let object = format!("Service {name}");
-    let error = |(field, message): FieldError| ObjectError { origin: origin.to_string(), object: object.clone(), field, message };
+    let error = |(field, message): FieldError| ObjectError { origin: origin.to_string(), object: format!("Service {name}"), field, message };
     let mut warnings = Vec::new();
     let mut health_checks = Vec::new();
     let mut warn = |field: String, message: String| warnings.push(error((field, message)));
-    let result = service_frontends(svc, &name, slices, node_name, &mut warn, &mut health_checks).map_err(error);
+    let result = service_frontends(svc, name, slices, node_name, &mut warn, &mut health_checks).map_err(error);
     let order = (svc.metadata.creation_timestamp.as_ref().map(|t| t.0), name.clone());
-    Some(ServiceTranslation { name, origin: origin.to_string(), order, result, warnings, health_check: health_checks.pop() })
+    Some(ServiceTranslation { name: name.clone(), origin: origin.clone(), order, result, warnings, health_check: health_checks.pop() })
 }
 
 /// Translates every Service of a snapshot (tests and tools; the agent translates only the
@@ -169,7 +170,7 @@ pub fn translate(state: &ClusterState, node_name: &str) -> Translation {
         .iter()
         .filter_map(|s| {
             let name = crate::source::objects::name_of(&s.object);
-            translate_service(&s.object, &s.origin, slices.get(&name).map(Vec::as_slice).unwrap_or(&[]), node_name)
+            translate_service(&s.object, &name, &s.origin, slices.get(&name).map(Vec::as_slice).unwrap_or(&[]), node_name)
         })
         .collect();
     translated.sort_by(|a, b| a.order.cmp(&b.order));
@@ -191,10 +192,10 @@ pub struct Claimed {
 
 /// Settles frontends that several Services ask for, all at once (see [`Claims`]): `services`
 /// in claim order, `owners` who held what before.
-pub fn claim(services: Vec<(ServiceName, String, Vec<Claim>)>, owners: &HashMap<Service4KeyV1, ServiceName>) -> Claimed {
+pub fn claim(services: Vec<(ServiceName, Origin, Vec<Claim>)>, owners: &HashMap<Service4KeyV1, ServiceName>) -> Claimed {
     let mut claims = Claims::holding(owners.clone());
     let wanted: HashMap<&str, (Order, &str, &[Claim])> =
-        services.iter().enumerate().map(|(i, (name, origin, claims))| (name.as_str(), ((None, format!("{i:010}")), origin.as_str(), claims.as_slice()))).collect();
+        services.iter().enumerate().map(|(i, (name, origin, claims))| (&**name, ((None, format!("{i:010}").into()), &**origin, claims.as_slice()))).collect();
     let affected = services.iter().map(|(n, _, _)| n.clone()).collect();
     let settled = claims.settle(affected, true, |name| wanted.get(name).map(|(order, origin, claims)| Wanted { order: order.clone(), origin, claims }));
     Claimed { frontends: settled.changes.into_iter().map(|(name, _, granted)| (name, granted)).collect(), errors: settled.errors }
@@ -291,7 +292,7 @@ impl Claims {
                 } else if c.frontend.key.scope == SCOPE_CLUSTER {
                     let frontend = c.frontend.name.split_once(':').map_or("", |(_, p)| p);
                     let message = format!("{} {frontend} is already used by Service {owner}; this frontend is not programmed", addr_port(&c.frontend.key));
-                    out.errors.push(ObjectError { origin: w.origin.to_string(), object: format!("Service {name}"), field: c.field.clone(), message });
+                    out.errors.push(ObjectError { origin: w.origin.to_string(), object: format!("Service {name}"), field: c.field.to_string(), message });
                     self.waiting.entry(key).or_default().insert(name.clone());
                 }
             }
@@ -351,9 +352,9 @@ fn policy(svc: &Service, spec: &ServiceSpec) -> Result<Policy, FieldError> {
     let ext_local = traffic_policy("spec.externalTrafficPolicy", spec.external_traffic_policy.as_deref())?;
     let int_local = traffic_policy("spec.internalTrafficPolicy", spec.internal_traffic_policy.as_deref())?;
     let annotation = svc.metadata.annotations.get(SOURCE_RANGES_ANNOTATION);
-    let (field, ranges): (&str, Vec<String>) = match (&spec.load_balancer_source_ranges, annotation) {
-        (Some(r), _) if !r.is_empty() => ("spec.loadBalancerSourceRanges", r.clone()),
-        (_, Some(a)) => (SOURCE_RANGES_ANNOTATION, a.split(',').map(|r| r.trim().to_string()).filter(|r| !r.is_empty()).collect()),
+    let (field, ranges): (&str, Vec<&str>) = match (&spec.load_balancer_source_ranges, annotation) {
+        (Some(r), _) if !r.is_empty() => ("spec.loadBalancerSourceRanges", r.iter().map(|r| r.as_str()).collect()),
+        (_, Some(a)) => (SOURCE_RANGES_ANNOTATION, a.split(',').map(str::trim).filter(|r| !r.is_empty()).collect()),
         _ => ("", Vec::new()),
     };
     let mut source_ranges = Vec::new();
@@ -391,8 +392,8 @@ fn service_frontends(
     // Addresses: cluster IPs, external IPs, load-balancer ingress IPs, each with its field.
     // IPv6 ones are skipped (this datapath is IPv4); anything else that does not parse is an error.
     let mut cluster_ips = Vec::new();
-    let listed = spec.cluster_ips.clone().unwrap_or_default();
-    let all: Vec<String> = if listed.is_empty() { spec.cluster_ip.iter().cloned().collect() } else { listed };
+    let listed = spec.cluster_ips.as_deref().unwrap_or_default();
+    let all: &[Text] = if listed.is_empty() { spec.cluster_ip.as_slice() } else { listed };
     for (i, ip) in all.iter().enumerate() {
         let field = if spec.cluster_ips.is_some() { format!("spec.clusterIPs[{i}]") } else { "spec.clusterIP".into() };
         if let Some(ip) = parse_ipv4(ip, &field)? {
@@ -439,14 +440,18 @@ fn service_frontends(
         let svc_port = valid_port(port.port, &field("port"))?;
         let endpoints = endpoints_for(port, slices, node_name)?;
         local_ready.extend(endpoints.ready.iter().filter(|b| b.local).map(|b| b.addr));
-        let port_label = port.name.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| svc_port.to_string());
+        let port_label = port.name.as_deref().filter(|n| !n.is_empty()).map_or_else(|| svc_port.to_string(), String::from);
         let proto_name = if proto == IPPROTO_TCP { "TCP" } else { "UDP" };
-        let display = format!("{name}:{port_label}/{proto_name}");
+        let display: Arc<str> = format!("{name}:{port_label}/{proto_name}").into();
+        // Each view of the endpoints once, shared by the frontends that see it.
+        let every_node = endpoints.split(false);
+        let this_node = endpoints.split(true);
         let mut add = |addr: Ipv4Addr, port: u16, kind: u8, field: String| {
             let key = Service4KeyV1 { addr: ip4_raw(addr.octets()), port: port_raw(port), proto, scope: SCOPE_CLUSTER };
             let external = kind != KIND_CLUSTER_IP;
             // internalTrafficPolicy: Local keeps pods' ClusterIP traffic on this node.
-            let (backends, draining) = endpoints.split(!external && policy.int_local);
+            let (backends, draining) = if !external && policy.int_local { this_node.clone() } else { every_node.clone() };
+            let field = Text::from(field);
             let frontend = Frontend {
                 key,
                 kind,
@@ -459,8 +464,9 @@ fn service_frontends(
             };
             if frontend.ext_local {
                 // What outside clients get: this node's endpoints only.
-                let (backends, draining) = endpoints.split(true);
-                let local = Frontend { key: Service4KeyV1 { scope: SCOPE_LOCAL, ..key }, name: format!("{display}{}", crate::dataplane::LOCAL_VIEW_SUFFIX), backends, draining, ext_local: false, ..frontend.clone() };
+                let (backends, draining) = this_node.clone();
+                let name = format!("{display}{}", crate::dataplane::LOCAL_VIEW_SUFFIX).into();
+                let local = Frontend { key: Service4KeyV1 { scope: SCOPE_LOCAL, ..key }, name, backends, draining, ext_local: false, ..frontend.clone() };
                 claims.push(Claim { frontend: Arc::new(local), field: field.clone() });
             }
             claims.push(Claim { frontend: Arc::new(frontend), field });
@@ -484,8 +490,8 @@ fn service_frontends(
     if kind_type == "LoadBalancer" && policy.ext_local {
         if let Some(port) = spec.health_check_node_port {
             let port = valid_port(port, "spec.healthCheckNodePort")?;
-            let namespace = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-            health_checks.push(HealthCheck { port, namespace, name: svc.metadata.name.clone().unwrap_or_default(), local_endpoints: local_ready.len() });
+            let namespace = svc.metadata.namespace.as_deref().unwrap_or("default").to_string();
+            health_checks.push(HealthCheck { port, namespace, name: svc.metadata.name.as_deref().unwrap_or_default().to_string(), local_endpoints: local_ready.len() });
         }
     }
     // Kept for as long as the Service lives: no spare capacity (100k Services add up).
@@ -515,12 +521,12 @@ struct Endpoints {
 
 impl Endpoints {
     /// (new flows may go to, established flows only), from this node's endpoints or all.
-    fn split(&self, local_only: bool) -> (Vec<BackendSpec>, Vec<BackendSpec>) {
+    fn split(&self, local_only: bool) -> (Backends, Backends) {
         let pick = |list: &[BackendSpec]| list.iter().filter(|b| !local_only || b.local).copied().collect::<Vec<_>>();
         let ready = pick(&self.ready);
         let selectable = if ready.is_empty() { pick(&self.serving_terminating) } else { ready };
         let draining = self.ready.iter().chain(&self.serving_terminating).chain(&self.other).filter(|b| !selectable.contains(b)).copied().collect();
-        (selectable, draining)
+        (selectable.into(), draining)
     }
 }
 

@@ -52,7 +52,7 @@ fn gc_expires_flows_by_state_and_takes_their_reverse_nat_along() -> Result<()> {
             key: Service4KeyV1 { addr: ip4_raw(VIP), port: port_raw(80), proto, scope: SCOPE_CLUSTER },
             kind: KIND_CLUSTER_IP,
             name: "test/web".into(),
-            backends: vec![BackendSpec { addr: Ipv4Addr::from(BACKEND), port: 8080, local: true, weight: 1 }],
+            backends: [BackendSpec { addr: Ipv4Addr::from(BACKEND), port: 8080, local: true, weight: 1 }].into(),
             ..Frontend::default()
         };
         tb.dataplane.apply(&[backend(IPPROTO_TCP), backend(IPPROTO_UDP)])?;

@@ -132,8 +132,8 @@ fn counters_survive_a_restart_and_ids_handed_out_afterwards_start_at_zero() -> R
     let frontend = |octet: u8| Frontend {
         key: Service4KeyV1 { addr: ip4_raw([10, 96, 0, octet]), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER },
         kind: KIND_CLUSTER_IP,
-        name: format!("ns/svc-{octet}:http/TCP"),
-        backends: vec![BackendSpec { addr: [10, 244, 0, octet].into(), port: 8080, local: true, weight: 1 }],
+        name: format!("ns/svc-{octet}:http/TCP").into(),
+        backends: [BackendSpec { addr: [10, 244, 0, octet].into(), port: 8080, local: true, weight: 1 }].into(),
         ..Default::default()
     };
     let counted = |packets: u64| -> Result<aya::maps::PerCpuValues<TrafficCountersV1>> {

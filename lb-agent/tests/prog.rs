@@ -51,7 +51,7 @@ fn frontend(addr: [u8; 4], port: u16, proto: u8, kind: u8, backends: &[[u8; 4]],
     Frontend {
         key: Service4KeyV1 { addr: ip4_raw(addr), port: port_raw(port), proto, scope: SCOPE_CLUSTER },
         kind,
-        name: format!("test/svc-{port}:{port}"),
+        name: format!("test/svc-{port}:{port}").into(),
         backends: backends.iter().map(|b| BackendSpec { addr: Ipv4Addr::from(*b), port: 8080, local, weight: 1 }).collect(),
         ..Frontend::default()
     }
@@ -548,7 +548,7 @@ fn external_traffic_policy_local_uses_only_local_endpoints_for_outside_clients()
         let mut tb = testbed();
         let local = BackendSpec { addr: Ipv4Addr::from(BACKENDS[0]), port: 8080, local: true, weight: 1 };
         let remote = BackendSpec { addr: Ipv4Addr::from([10, 244, 2, 11]), port: 8080, local: false, weight: 1 };
-        let policy = |key: Service4KeyV1, backends: Vec<BackendSpec>| Frontend { key, kind: KIND_LOAD_BALANCER, name: "test/etp:80".into(), backends, ext_local: key.scope == SCOPE_CLUSTER, ..Frontend::default() };
+        let policy = |key: Service4KeyV1, backends: Vec<BackendSpec>| Frontend { key, kind: KIND_LOAD_BALANCER, name: "test/etp:80".into(), backends: backends.into(), ext_local: key.scope == SCOPE_CLUSTER, ..Frontend::default() };
         let cluster = Service4KeyV1 { addr: ip4_raw(VIP), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER };
         let local_key = Service4KeyV1 { scope: SCOPE_LOCAL, ..cluster };
         tb.dataplane.apply(&[policy(cluster, vec![local, remote]), policy(local_key, vec![local])])?;

@@ -7,7 +7,7 @@ use std::{
 use lb_agent::{
     dataplane::Frontend,
     source::manifests::{parse_manifest, ManifestDir},
-    translate::{claim, translate, Claim, Claims, ClusterState, ObjectError, Order, Translation, Wanted},
+    translate::{claim, translate, Claim, Claims, ClusterState, ObjectError, Order, Origin, ServiceName, Translation, Wanted},
 };
 use lb_common::*;
 
@@ -30,7 +30,7 @@ fn settle(t: Translation) -> Settled {
     }
     let claimed = claim(candidates, &HashMap::new());
     errors.extend(claimed.errors);
-    let frontends = claimed.frontends.into_iter().filter(|(_, c)| !c.is_empty()).map(|(n, c)| (n, c.into_iter().map(|c| (*c.frontend).clone()).collect())).collect();
+    let frontends = claimed.frontends.into_iter().filter(|(_, c)| !c.is_empty()).map(|(n, c)| (n.to_string(), c.into_iter().map(|c| (*c.frontend).clone()).collect())).collect();
     Settled { frontends, errors, warnings: t.warnings }
 }
 
@@ -53,7 +53,7 @@ fn frontend_names(state: &ClusterState, node: &str) -> Vec<(String, [u8; 4], u16
         .frontends
         .values()
         .flatten()
-        .map(|f| (f.name.clone(), ip4_octets(f.key.addr), port_host(f.key.port), f.kind, f.backends.len(), f.backends.iter().filter(|b| b.local).count()))
+        .map(|f| (f.name.to_string(), ip4_octets(f.key.addr), port_host(f.key.port), f.kind, f.backends.len(), f.backends.iter().filter(|b| b.local).count()))
         .collect();
     out.sort();
     out
@@ -188,7 +188,7 @@ fn a_contested_frontend_stays_with_the_oldest_service_and_only_the_newcomer_lose
         candidates.push((s.name, s.origin, s.result.unwrap()));
     }
     let key = Service4KeyV1 { addr: ip4_raw([10, 96, 5, 5]), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER };
-    let claimed = claim(candidates.clone(), &HashMap::from([(key, "prod/b".to_string())]));
+    let claimed = claim(candidates.clone(), &HashMap::from([(key, "prod/b".into())]));
     assert_eq!((claimed.frontends["prod/b"].len(), claimed.frontends["prod/a"].len()), (1, 0));
     assert_eq!(claimed.errors[0].object, "Service prod/a");
     let claimed = claim(candidates, &HashMap::new());
@@ -292,8 +292,8 @@ fn a_frontend_let_go_goes_to_the_service_waiting_for_it_and_only_changed_service
     let older = service("old", Some("2026-01-01T00:00:00Z"), "  clusterIP: 10.96.6.1\n  externalIPs: [10.99.200.7]\n  ports: [{port: 80}]");
     let newer = service("new", Some("2026-06-01T00:00:00Z"), "  clusterIP: 10.96.6.2\n  externalIPs: [10.99.200.7]\n  ports: [{port: 80}]");
     let other = service("other", None, "  clusterIP: 10.96.6.3\n  ports: [{port: 80}]");
-    let translated = |text: &str| -> HashMap<String, (Order, String, Vec<Claim>)> {
-        translate(&parse_manifest("f.yaml", text).unwrap(), "n").services.into_iter().enumerate().map(|(i, s)| (s.name, ((None, format!("{i}")), s.origin, s.result.unwrap()))).collect()
+    let translated = |text: &str| -> HashMap<ServiceName, (Order, Origin, Vec<Claim>)> {
+        translate(&parse_manifest("f.yaml", text).unwrap(), "n").services.into_iter().enumerate().map(|(i, s)| (s.name, ((None, format!("{i}").into()), s.origin, s.result.unwrap()))).collect()
     };
     let ips = |claims: &[Claim]| claims.iter().map(|c| ip4_octets(c.frontend.key.addr)).collect::<Vec<_>>();
     let mut claims = Claims::default();
@@ -306,15 +306,15 @@ fn a_frontend_let_go_goes_to_the_service_waiting_for_it_and_only_changed_service
     // The older Service drops the external IP: settling it alone wakes the newer one, and
     // leaves the third untouched.
     let wanted = translated(&(service("old", Some("2026-01-01T00:00:00Z"), "  clusterIP: 10.96.6.1\n  ports: [{port: 80}]") + &newer + &other));
-    let next = claims.settle(BTreeSet::from(["prod/old".to_string()]), false, |n| wanted.get(n).map(|(o, origin, c)| Wanted { order: o.clone(), origin, claims: c }));
-    let looked_at: Vec<&str> = next.changes.iter().map(|(n, _, _)| n.as_str()).collect();
+    let next = claims.settle(BTreeSet::from(["prod/old".into()]), false, |n| wanted.get(n).map(|(o, origin, c)| Wanted { order: o.clone(), origin, claims: c }));
+    let looked_at: Vec<&str> = next.changes.iter().map(|(n, _, _)| &**n).collect();
     assert_eq!(looked_at, ["prod/old", "prod/new"]);
     assert!(next.errors.is_empty(), "{:?}", next.errors);
     assert_eq!(ips(claims.granted("prod/new")), [[10, 96, 6, 2], [10, 99, 200, 7]]);
     assert_eq!(ips(claims.granted("prod/old")), [[10, 96, 6, 1]]);
 
     // A Service that is gone lets go of everything.
-    let gone = claims.settle(BTreeSet::from(["prod/new".to_string()]), false, |n| if n == "prod/new" { None } else { wanted.get(n).map(|(o, origin, c)| Wanted { order: o.clone(), origin, claims: c }) });
+    let gone = claims.settle(BTreeSet::from(["prod/new".into()]), false, |n| if n == "prod/new" { None } else { wanted.get(n).map(|(o, origin, c)| Wanted { order: o.clone(), origin, claims: c }) });
     assert_eq!((gone.changes.len(), gone.changes[0].2.len()), (1, 0));
     assert!(claims.granted("prod/new").is_empty());
 }

@@ -45,13 +45,14 @@ pub struct Frontend {
     pub key: Service4KeyV1,
     /// `KIND_*`.
     pub kind: u8,
-    /// `namespace/name:port/PROTO`, for lbctl and metrics.
-    pub name: String,
+    /// `namespace/name:port/PROTO`, for lbctl and metrics (shared by the frontends of a port).
+    pub name: Arc<str>,
     /// Endpoints new flows may go to (ready ones, else serving terminating ones); empty means
-    /// new flows are rejected (dropped, in the `SCOPE_LOCAL` view).
-    pub backends: Vec<BackendSpec>,
+    /// new flows are rejected (dropped, in the `SCOPE_LOCAL` view). Shared by the frontends of
+    /// a port that see the same endpoints.
+    pub backends: Backends,
     /// Endpoints that take no new flows but keep the ones they have (terminating, not ready).
-    pub draining: Vec<BackendSpec>,
+    pub draining: Backends,
     /// externalTrafficPolicy: Local; outside clients use this frontend's `SCOPE_LOCAL` entry.
     pub ext_local: bool,
     /// sessionAffinity: ClientIP, with its timeout in seconds.
@@ -77,6 +78,9 @@ impl Frontend {
     }
 }
 
+/// A list of endpoints, shared (`Arc`) by the frontends and tables that use it.
+pub type Backends = Arc<[BackendSpec]>;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendSpec {
     pub addr: Ipv4Addr,
@@ -98,11 +102,11 @@ struct Programmed {
     frontend: Arc<Frontend>,
     entry: Service4V1,
     /// Every backend id this frontend holds (selectable and draining).
-    backend_ids: Vec<u32>,
+    backend_ids: Box<[u32]>,
     /// Backends it lets affinity use (`LB_AFF_MATCH_V1`).
-    affinity_ids: Vec<u32>,
+    affinity_ids: Box<[u32]>,
     /// Its entries in `LB4_SRCRANGE_V1`.
-    source_ranges: Vec<(u32, u8)>,
+    source_ranges: Box<[(u32, u8)]>,
 }
 
 /// What one `apply` changed.
@@ -235,13 +239,13 @@ impl Dataplane {
             }
             let name = self.maps.service_names.get(&entry.service_id, 0).map(|n| n.as_str().to_string()).unwrap_or_default();
             max_service_id = max_service_id.max(Some(entry.service_id));
-            let frontend = Arc::new(Frontend { key: *key, kind: entry.kind, name, ..Frontend::default() });
+            let frontend = Arc::new(Frontend { key: *key, kind: entry.kind, name: name.into(), ..Frontend::default() });
             let programmed = Programmed {
                 frontend,
                 entry: *entry,
-                backend_ids: ids,
-                affinity_ids: affinity_ids.remove(&entry.service_id).unwrap_or_default(),
-                source_ranges: ranges.remove(&entry.service_id).unwrap_or_default(),
+                backend_ids: ids.into(),
+                affinity_ids: affinity_ids.remove(&entry.service_id).unwrap_or_default().into(),
+                source_ranges: ranges.remove(&entry.service_id).unwrap_or_default().into(),
             };
             self.services.insert(*key, programmed);
         }
@@ -314,7 +318,7 @@ impl Dataplane {
         for f in desired {
             if let Some(first) = wanted.get(&f.key) {
                 // The control plane resolves claims before this; never let one stop the rest.
-                duplicates.push((f.name.clone(), format!("its frontend is already declared by {}", first.name)));
+                duplicates.push((f.name.to_string(), format!("its frontend is already declared by {}", first.name)));
                 continue;
             }
             wanted.insert(f.key, f);
@@ -358,7 +362,7 @@ impl Dataplane {
             match self.upsert(frontend, rewritable.map(|e| (e.maglev_offset, e.maglev_size))) {
                 Ok(()) if existed => stats.updated += 1,
                 Ok(()) => stats.added += 1,
-                Err(e) => stats.failed.push((frontend.name.clone(), format!("{e:#}"))),
+                Err(e) => stats.failed.push((frontend.name.to_string(), format!("{e:#}"))),
             }
         }
         self.maps.end_slot_writes();
@@ -377,7 +381,7 @@ impl Dataplane {
         //    too, so the flows they still carry keep their backend.
         let mut selectable = Vec::with_capacity(frontend.backends.len());
         let mut backend_ids = Vec::with_capacity(frontend.backends.len() + frontend.draining.len());
-        for b in frontend.backends.iter().chain(&frontend.draining) {
+        for b in frontend.backends.iter().chain(frontend.draining.iter()) {
             let id = match self.acquire_backend(b.entry()) {
                 Ok(id) => id,
                 Err(e) => {
@@ -438,7 +442,7 @@ impl Dataplane {
             self.release_backends(&old.backend_ids)?;
             self.remove_policy(service_id, &old.affinity_ids, &old.source_ranges, &affinity_ids, &source_ranges);
         }
-        self.services.insert(frontend.key, Programmed { frontend: frontend.clone(), entry, backend_ids, affinity_ids, source_ranges });
+        self.services.insert(frontend.key, Programmed { frontend: frontend.clone(), entry, backend_ids: backend_ids.into(), affinity_ids: affinity_ids.into(), source_ranges: source_ranges.into() });
         Ok(())
     }
 
@@ -560,7 +564,7 @@ impl Dataplane {
 
     /// Programmed frontends: key, display name, entry.
     pub fn frontends(&self) -> impl Iterator<Item = (&Service4KeyV1, &str, &Service4V1)> {
-        self.services.iter().map(|(k, p)| (k, p.frontend.name.as_str(), &p.entry))
+        self.services.iter().map(|(k, p)| (k, &*p.frontend.name, &p.entry))
     }
 
     /// Collects expired flows; backends are known from what is programmed, not read back.

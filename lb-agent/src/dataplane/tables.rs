@@ -2,27 +2,30 @@
 //! one Service port and one set of backends: every frontend of that port that selects the same
 //! backends (its ClusterIP, NodePort, LoadBalancer IPs, ExternalIPs) points at the same slots,
 //! so a Service costs one table, not one per address.
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
-use super::{slices::SliceAllocator, BackendSpec, Frontend};
+use super::{slices::SliceAllocator, Backends, Frontend};
 
 /// What a table holds: the Service port it serves and the backends it spreads flows over.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TableKey {
     /// `namespace/name:port/PROTO` (both scopes of a frontend are one port).
-    port: String,
-    backends: Vec<BackendSpec>,
+    port: Arc<str>,
+    backends: Backends,
 }
 
 impl TableKey {
     pub fn of(frontend: &Frontend) -> Self {
-        let port = frontend.name.strip_suffix(super::LOCAL_VIEW_SUFFIX).unwrap_or(&frontend.name).to_string();
+        let port = match frontend.name.strip_suffix(super::LOCAL_VIEW_SUFFIX) {
+            Some(port) => port.into(),
+            None => frontend.name.clone(),
+        };
         Self { port, backends: frontend.backends.clone() }
     }
 
     /// A table found in pinned maps: its content is unknown, so it matches no frontend.
     fn adopted(offset: u32) -> Self {
-        Self { port: format!("adopted@{offset}"), backends: Vec::new() }
+        Self { port: format!("adopted@{offset}").into(), backends: Backends::default() }
     }
 }
 
@@ -119,6 +122,7 @@ impl Tables {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataplane::BackendSpec;
 
     fn key(port: &str, n: u8) -> TableKey {
         let backends = (1..=n).map(|i| BackendSpec { addr: [10, 0, 0, i].into(), port: 80, local: true, weight: 1 }).collect();

@@ -18,7 +18,7 @@ use log::{info, warn};
 use tokio::sync::Notify;
 
 use super::objects::{name_of, Kinds, Objects};
-use crate::translate::{ClusterState, Sourced};
+use crate::translate::{ClusterState, Origin, Sourced};
 
 /// Objects from the API server carry this origin.
 const ORIGIN: &str = "api";
@@ -35,7 +35,7 @@ pub struct KubeSource {
 /// How one kind enters the index: one object, or a whole list (of what the agent keeps of
 /// objects of the API type `K`: `M`).
 struct Feed<M> {
-    set: fn(&mut Objects, &str, String, Option<M>),
+    set: fn(&mut Objects, &Origin, Arc<str>, Option<M>),
     kinds: Kinds,
     list: fn(Vec<Sourced<M>>) -> ClusterState,
 }
@@ -78,6 +78,7 @@ where
     let (objects, synced, notify) = (objects.clone(), synced.clone(), notify.clone());
     let stream = watcher(api, config).default_backoff();
     let started = std::time::Instant::now();
+    let origin: Origin = ORIGIN.into();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         // A (re)list is gathered here and applied whole when it completes.
@@ -85,11 +86,11 @@ where
         while let Some(event) = stream.next().await {
             match event {
                 Ok(watcher::Event::Init) => listing.clear(),
-                Ok(watcher::Event::InitApply(object)) => listing.push(Sourced { origin: ORIGIN.to_string(), object: object.into() }),
+                Ok(watcher::Event::InitApply(object)) => listing.push(Sourced { origin: origin.clone(), object: object.into() }),
                 Ok(watcher::Event::InitDone) => {
                     let list = std::mem::take(&mut listing);
                     let count = list.len();
-                    objects.lock().expect("not poisoned").replace_origin(ORIGIN, (feed.list)(list), feed.kinds);
+                    objects.lock().expect("not poisoned").replace_origin(&origin, (feed.list)(list), feed.kinds);
                     if !synced.swap(true, Ordering::AcqRel) {
                         info!("{kind}: first full list done, {count} objects in {:.1?}", started.elapsed());
                     }
@@ -97,12 +98,12 @@ where
                 }
                 Ok(watcher::Event::Apply(object)) => {
                     let object = M::from(object);
-                    (feed.set)(&mut objects.lock().expect("not poisoned"), ORIGIN, name_of(&object), Some(object));
+                    (feed.set)(&mut objects.lock().expect("not poisoned"), &origin, name_of(&object), Some(object));
                     notify.notify_one();
                 }
                 Ok(watcher::Event::Delete(object)) => {
                     let object = M::from(object);
-                    (feed.set)(&mut objects.lock().expect("not poisoned"), ORIGIN, name_of(&object), None);
+                    (feed.set)(&mut objects.lock().expect("not poisoned"), &origin, name_of(&object), None);
                     notify.notify_one();
                 }
                 Err(e) => warn!("{kind} watch: {e}; retrying with backoff, the datapath keeps its state"),

@@ -19,7 +19,7 @@ use super::{
     model::{EndpointSlice, Node, Pod, Service},
     objects::{Kinds, Objects},
 };
-use crate::translate::{ClusterState, ObjectError, Sourced};
+use crate::translate::{ClusterState, ObjectError, Origin, Sourced};
 
 /// When a file was last read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,7 +104,7 @@ impl ManifestDir {
         for (path, parsed) in to_read.iter().zip(parsed) {
             match parsed {
                 Ok(state) => {
-                    objects.replace_origin(&path.display().to_string(), state, Kinds::ALL);
+                    objects.replace_origin(&origin_of(path), state, Kinds::ALL);
                     changed = true;
                 }
                 Err(e) => errors.push(e),
@@ -116,7 +116,7 @@ impl ManifestDir {
         let gone: Vec<PathBuf> = self.files.keys().filter(|p| !seen.contains(*p)).cloned().collect();
         for path in gone {
             self.files.remove(&path);
-            objects.replace_origin(&path.display().to_string(), ClusterState::default(), Kinds::ALL);
+            objects.replace_origin(&origin_of(&path), ClusterState::default(), Kinds::ALL);
             changed = true;
         }
         self.last_scan = Some(Instant::now());
@@ -182,6 +182,11 @@ fn read_all(paths: &[PathBuf]) -> Vec<Result<ClusterState, ObjectError>> {
     })
 }
 
+/// A file's objects name it as their origin.
+fn origin_of(path: &Path) -> Origin {
+    path.display().to_string().into()
+}
+
 fn read_file(path: &Path) -> Result<ClusterState, ObjectError> {
     let origin = path.display().to_string();
     match std::fs::read(path) {
@@ -201,6 +206,7 @@ fn file_error(origin: &str, message: String) -> ObjectError {
 /// Parses one file: every document must be a well-formed Service, EndpointSlice, Node or Pod
 /// (other kinds are ignored, as a proxy ignores them). One bad document fails the file.
 pub fn parse_manifest(origin: &str, text: &str) -> Result<ClusterState, ObjectError> {
+    let origin: Origin = origin.into();
     let mut state = ClusterState::default();
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let doc_err = |object: String, field: &str, message: String| ObjectError { origin: origin.to_string(), object, field: field.to_string(), message };
@@ -209,15 +215,17 @@ pub fn parse_manifest(origin: &str, text: &str) -> Result<ClusterState, ObjectEr
             continue;
         }
         let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
-        let meta = value.get("metadata");
-        let name = meta.and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("<unnamed>");
-        let ns = meta.and_then(|m| m.get("namespace")).and_then(|n| n.as_str()).unwrap_or("default");
-        let object = if kind == "Node" { format!("Node {name}") } else { format!("{kind} {ns}/{name}") };
-        let origin = origin.to_string();
+        // Named in an error only: worked out then.
+        let object = |value: &serde_yaml_ng::Value| {
+            let meta = value.get("metadata");
+            let name = meta.and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("<unnamed>");
+            let ns = meta.and_then(|m| m.get("namespace")).and_then(|n| n.as_str()).unwrap_or("default");
+            if kind == "Node" { format!("Node {name}") } else { format!("{kind} {ns}/{name}") }
+        };
         // serde_path_to_error names the field that failed (spec.ports[0].port: invalid type ...).
         macro_rules! typed {
             ($ty:ty) => {{
-                let parsed: $ty = serde_path_to_error::deserialize(value).map_err(|e| doc_err(object.clone(), &e.path().to_string(), e.inner().to_string()))?;
+                let parsed: $ty = serde_path_to_error::deserialize(&value).map_err(|e| doc_err(object(&value), &e.path().to_string(), e.inner().to_string()))?;
                 Sourced { origin: origin.clone(), object: parsed }
             }};
         }

@@ -29,32 +29,36 @@ pub const SOCKET_LB_ANNOTATION: &str = "lb-agent.io/socket-lb";
 /// Every label and annotation key the agent reads; the others are dropped on arrival.
 const KEPT_KEYS: [&str; 6] = [SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, SOURCE_RANGES_ANNOTATION, TOPOLOGY_ANNOTATIONS[0], TOPOLOGY_ANNOTATIONS[1], SOCKET_LB_ANNOTATION];
 
+/// A string of an object. Most (names, addresses, protocols) are at most 24 bytes and are held
+/// inline, with no allocation of their own: at 100k Services that is millions fewer.
+pub type Text = compact_str::CompactString;
+
 /// Labels or annotations, only the kept keys.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct KeptKeys(Vec<(String, String)>);
+pub struct KeptKeys(Box<[(&'static str, Text)]>);
 
 impl KeptKeys {
-    fn from_map(map: BTreeMap<String, String>) -> Self {
-        Self(map.into_iter().filter(|(k, _)| KEPT_KEYS.contains(&k.as_str())).collect())
+    fn from_map<V: Into<Text>>(map: impl IntoIterator<Item = (String, V)>) -> Self {
+        Self(map.into_iter().filter_map(|(k, v)| KEPT_KEYS.iter().find(|kept| **kept == k).map(|kept| (*kept, v.into()))).collect())
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.0.iter().find(|(k, _)| *k == key).map(|(_, v)| v.as_str())
     }
 }
 
 impl<'de> Deserialize<'de> for KeptKeys {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(Self::from_map(Option::<BTreeMap<String, String>>::deserialize(d)?.unwrap_or_default()))
+        Ok(Self::from_map(Option::<BTreeMap<String, Text>>::deserialize(d)?.unwrap_or_default()))
     }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Meta {
-    pub name: Option<String>,
-    pub namespace: Option<String>,
-    pub uid: Option<String>,
+    pub name: Option<Text>,
+    pub namespace: Option<Text>,
+    pub uid: Option<Text>,
     pub creation_timestamp: Option<Time>,
     #[serde(default)]
     pub labels: KeptKeys,
@@ -65,9 +69,9 @@ pub struct Meta {
 impl From<ObjectMeta> for Meta {
     fn from(m: ObjectMeta) -> Self {
         Self {
-            name: m.name,
-            namespace: m.namespace,
-            uid: m.uid,
+            name: m.name.map(Text::from),
+            namespace: m.namespace.map(Text::from),
+            uid: m.uid.map(Text::from),
             creation_timestamp: m.creation_timestamp,
             labels: KeptKeys::from_map(m.labels.unwrap_or_default()),
             annotations: KeptKeys::from_map(m.annotations.unwrap_or_default()),
@@ -103,28 +107,28 @@ pub struct Service {
 #[serde(rename_all = "camelCase")]
 pub struct ServiceSpec {
     #[serde(rename = "type")]
-    pub type_: Option<String>,
+    pub type_: Option<Text>,
     #[serde(rename = "clusterIP")]
-    pub cluster_ip: Option<String>,
+    pub cluster_ip: Option<Text>,
     #[serde(rename = "clusterIPs")]
-    pub cluster_ips: Option<Vec<String>>,
+    pub cluster_ips: Option<Box<[Text]>>,
     #[serde(rename = "externalIPs")]
-    pub external_ips: Option<Vec<String>>,
-    pub ports: Option<Vec<ServicePort>>,
-    pub session_affinity: Option<String>,
+    pub external_ips: Option<Box<[Text]>>,
+    pub ports: Option<Box<[ServicePort]>>,
+    pub session_affinity: Option<Text>,
     pub session_affinity_config: Option<SessionAffinityConfig>,
-    pub external_traffic_policy: Option<String>,
-    pub internal_traffic_policy: Option<String>,
-    pub load_balancer_source_ranges: Option<Vec<String>>,
+    pub external_traffic_policy: Option<Text>,
+    pub internal_traffic_policy: Option<Text>,
+    pub load_balancer_source_ranges: Option<Box<[Text]>>,
     pub health_check_node_port: Option<i32>,
-    pub traffic_distribution: Option<String>,
+    pub traffic_distribution: Option<Text>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServicePort {
-    pub name: Option<String>,
-    pub protocol: Option<String>,
+    pub name: Option<Text>,
+    pub protocol: Option<Text>,
     pub port: i32,
     pub node_port: Option<i32>,
 }
@@ -149,14 +153,14 @@ pub struct ServiceStatus {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 pub struct LoadBalancerStatus {
-    pub ingress: Option<Vec<LoadBalancerIngress>>,
+    pub ingress: Option<Box<[LoadBalancerIngress]>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LoadBalancerIngress {
-    pub ip: Option<String>,
-    pub ip_mode: Option<String>,
+    pub ip: Option<Text>,
+    pub ip_mode: Option<Text>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -164,18 +168,18 @@ pub struct LoadBalancerIngress {
 pub struct EndpointSlice {
     #[serde(default)]
     pub metadata: Meta,
-    pub address_type: String,
+    pub address_type: Text,
     #[serde(default)]
-    pub endpoints: Vec<Endpoint>,
-    pub ports: Option<Vec<EndpointPort>>,
+    pub endpoints: Box<[Endpoint]>,
+    pub ports: Option<Box<[EndpointPort]>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Endpoint {
-    pub addresses: Vec<String>,
+    pub addresses: Box<[Text]>,
     pub conditions: Option<EndpointConditions>,
-    pub node_name: Option<String>,
+    pub node_name: Option<Text>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -187,8 +191,8 @@ pub struct EndpointConditions {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 pub struct EndpointPort {
-    pub name: Option<String>,
-    pub protocol: Option<String>,
+    pub name: Option<Text>,
+    pub protocol: Option<Text>,
     pub port: Option<i32>,
 }
 
@@ -201,14 +205,14 @@ pub struct Node {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 pub struct NodeStatus {
-    pub addresses: Option<Vec<NodeAddress>>,
+    pub addresses: Option<Box<[NodeAddress]>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 pub struct NodeAddress {
     #[serde(rename = "type")]
-    pub type_: String,
-    pub address: String,
+    pub type_: Text,
+    pub address: Text,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -221,30 +225,42 @@ pub struct Pod {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodSpec {
-    pub node_name: Option<String>,
+    pub node_name: Option<Text>,
     pub host_network: Option<bool>,
 }
 
 // From the API server's objects, moving what is kept.
 
+fn text(s: Option<String>) -> Option<Text> {
+    s.map(Text::from)
+}
+
+fn list<A, B: From<A>>(v: impl IntoIterator<Item = A>) -> Box<[B]> {
+    v.into_iter().map(B::from).collect()
+}
+
+fn texts(v: Option<Vec<String>>) -> Option<Box<[Text]>> {
+    v.map(list)
+}
+
 impl From<api::core::v1::Service> for Service {
     fn from(s: api::core::v1::Service) -> Self {
         let spec = s.spec.map(|p| ServiceSpec {
-            type_: p.type_,
-            cluster_ip: p.cluster_ip,
-            cluster_ips: p.cluster_ips,
-            external_ips: p.external_ips,
-            ports: p.ports.map(|ports| ports.into_iter().map(|p| ServicePort { name: p.name, protocol: p.protocol, port: p.port, node_port: p.node_port }).collect()),
-            session_affinity: p.session_affinity,
+            type_: text(p.type_),
+            cluster_ip: text(p.cluster_ip),
+            cluster_ips: texts(p.cluster_ips),
+            external_ips: texts(p.external_ips),
+            ports: p.ports.map(|ports| ports.into_iter().map(|p| ServicePort { name: text(p.name), protocol: text(p.protocol), port: p.port, node_port: p.node_port }).collect()),
+            session_affinity: text(p.session_affinity),
             session_affinity_config: p.session_affinity_config.map(|c| SessionAffinityConfig { client_ip: c.client_ip.map(|c| ClientIpConfig { timeout_seconds: c.timeout_seconds }) }),
-            external_traffic_policy: p.external_traffic_policy,
-            internal_traffic_policy: p.internal_traffic_policy,
-            load_balancer_source_ranges: p.load_balancer_source_ranges,
+            external_traffic_policy: text(p.external_traffic_policy),
+            internal_traffic_policy: text(p.internal_traffic_policy),
+            load_balancer_source_ranges: texts(p.load_balancer_source_ranges),
             health_check_node_port: p.health_check_node_port,
-            traffic_distribution: p.traffic_distribution,
+            traffic_distribution: text(p.traffic_distribution),
         });
         let status = s.status.map(|st| ServiceStatus {
-            load_balancer: st.load_balancer.map(|l| LoadBalancerStatus { ingress: l.ingress.map(|list| list.into_iter().map(|i| LoadBalancerIngress { ip: i.ip, ip_mode: i.ip_mode }).collect()) }),
+            load_balancer: st.load_balancer.map(|l| LoadBalancerStatus { ingress: l.ingress.map(|list| list.into_iter().map(|i| LoadBalancerIngress { ip: text(i.ip), ip_mode: text(i.ip_mode) }).collect()) }),
         });
         Self { metadata: s.metadata.into(), spec, status }
     }
@@ -256,26 +272,26 @@ impl From<api::discovery::v1::EndpointSlice> for EndpointSlice {
             .endpoints
             .into_iter()
             .map(|e| Endpoint {
-                addresses: e.addresses,
+                addresses: list(e.addresses),
                 conditions: e.conditions.map(|c| EndpointConditions { ready: c.ready, serving: c.serving, terminating: c.terminating }),
-                node_name: e.node_name,
+                node_name: text(e.node_name),
             })
             .collect();
-        let ports = s.ports.map(|ports| ports.into_iter().map(|p| EndpointPort { name: p.name, protocol: p.protocol, port: p.port }).collect());
-        Self { metadata: s.metadata.into(), address_type: s.address_type, endpoints, ports }
+        let ports = s.ports.map(|ports| ports.into_iter().map(|p| EndpointPort { name: text(p.name), protocol: text(p.protocol), port: p.port }).collect());
+        Self { metadata: s.metadata.into(), address_type: s.address_type.into(), endpoints, ports }
     }
 }
 
 impl From<api::core::v1::Node> for Node {
     fn from(n: api::core::v1::Node) -> Self {
-        let status = n.status.map(|s| NodeStatus { addresses: s.addresses.map(|list| list.into_iter().map(|a| NodeAddress { type_: a.type_, address: a.address }).collect()) });
+        let status = n.status.map(|s| NodeStatus { addresses: s.addresses.map(|list| list.into_iter().map(|a| NodeAddress { type_: a.type_.into(), address: a.address.into() }).collect()) });
         Self { metadata: n.metadata.into(), status }
     }
 }
 
 impl From<api::core::v1::Pod> for Pod {
     fn from(p: api::core::v1::Pod) -> Self {
-        Self { metadata: p.metadata.into(), spec: p.spec.map(|s| PodSpec { node_name: s.node_name, host_network: s.host_network }) }
+        Self { metadata: p.metadata.into(), spec: p.spec.map(|s| PodSpec { node_name: text(s.node_name), host_network: s.host_network }) }
     }
 }
 
@@ -317,7 +333,7 @@ mod tests {
             "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.1", "ipMode": "VIP"}]}},
         }));
         // Only the keys something reads are kept.
-        assert_eq!(svc.metadata.labels, KeptKeys(vec![(SERVICE_PROXY_NAME_LABEL.into(), "other".into())]));
+        assert_eq!(svc.metadata.labels, KeptKeys([(SERVICE_PROXY_NAME_LABEL, "other".into())].into()));
         assert_eq!(svc.metadata.annotations.get(SOURCE_RANGES_ANNOTATION), Some("10.0.0.0/8"));
         assert_eq!(svc.metadata.annotations.get("kubectl.kubernetes.io/last-applied-configuration"), None);
         let spec = svc.spec.unwrap();

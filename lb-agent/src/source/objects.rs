@@ -8,10 +8,11 @@ use std::{
 
 use super::model::{EndpointSlice, Node, Object, Pod, Service};
 use super::model::SERVICE_NAME_LABEL;
-use crate::translate::{ClusterState, ServiceName, Sourced};
+use crate::translate::{ClusterState, Origin, ServiceName, Sourced};
 
-/// `namespace/name` and origin (a file, or `api`): one copy of one object.
-type Key = (String, String);
+/// `namespace/name` and origin (a file, or `api`): one copy of one object. Both are shared
+/// (`Arc`) by every index that names the object.
+type Key = (Arc<str>, Origin);
 
 /// Which Services must be translated again.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -31,7 +32,7 @@ pub struct Objects {
     pods: BTreeMap<Key, Arc<Pod>>,
     /// The names each origin holds, by kind (`KIND_*`): a re-read file is compared with its
     /// own objects, not with every object.
-    by_origin: HashMap<String, [BTreeSet<String>; 4]>,
+    by_origin: HashMap<Origin, [BTreeSet<Arc<str>>; 4]>,
     dirty: Dirty,
 }
 
@@ -41,21 +42,21 @@ const KIND_NODE: usize = 2;
 const KIND_POD: usize = 3;
 
 /// `namespace/name` of an object (`default` when it has no namespace).
-pub fn name_of(object: &impl Object) -> String {
+pub fn name_of(object: &impl Object) -> Arc<str> {
     let meta = object.meta();
-    format!("{}/{}", meta.namespace.as_deref().unwrap_or("default"), meta.name.as_deref().unwrap_or(""))
+    format!("{}/{}", meta.namespace.as_deref().unwrap_or("default"), meta.name.as_deref().unwrap_or("")).into()
 }
 
 /// The Service an EndpointSlice belongs to, by its label.
 pub fn owner_of(slice: &EndpointSlice) -> Option<ServiceName> {
     let service = slice.metadata.labels.get(SERVICE_NAME_LABEL)?;
-    Some(format!("{}/{service}", slice.metadata.namespace.as_deref().unwrap_or("default")))
+    Some(format!("{}/{service}", slice.metadata.namespace.as_deref().unwrap_or("default")).into())
 }
 
 /// Sets or removes one object; whether it changed.
 fn put<T: PartialEq>(
     map: &mut BTreeMap<Key, Arc<T>>,
-    by_origin: &mut HashMap<String, [BTreeSet<String>; 4]>,
+    by_origin: &mut HashMap<Origin, [BTreeSet<Arc<str>>; 4]>,
     kind: usize,
     key: Key,
     object: Option<T>,
@@ -98,14 +99,14 @@ impl Objects {
         std::mem::take(&mut self.dirty)
     }
 
-    pub fn set_service(&mut self, origin: &str, name: String, object: Option<Service>) {
-        if put(&mut self.services, &mut self.by_origin, KIND_SERVICE, (name.clone(), origin.to_string()), object).is_some() {
+    pub fn set_service(&mut self, origin: &Origin, name: ServiceName, object: Option<Service>) {
+        if put(&mut self.services, &mut self.by_origin, KIND_SERVICE, (name.clone(), origin.clone()), object).is_some() {
             self.mark(name);
         }
     }
 
-    pub fn set_slice(&mut self, origin: &str, name: String, object: Option<EndpointSlice>) {
-        let key = (name, origin.to_string());
+    pub fn set_slice(&mut self, origin: &Origin, name: Arc<str>, object: Option<EndpointSlice>) {
+        let key = (name, origin.clone());
         let new_owner = object.as_ref().and_then(owner_of);
         let Some(old) = put(&mut self.slices, &mut self.by_origin, KIND_SLICE, key.clone(), object) else { return };
         let old_owner = old.as_deref().and_then(owner_of);
@@ -124,24 +125,24 @@ impl Objects {
     }
 
     /// Nodes and pods shape no frontend (the agent reads them on every pass).
-    pub fn set_node(&mut self, origin: &str, name: String, object: Option<Node>) {
-        put(&mut self.nodes, &mut self.by_origin, KIND_NODE, (name, origin.to_string()), object);
+    pub fn set_node(&mut self, origin: &Origin, name: Arc<str>, object: Option<Node>) {
+        put(&mut self.nodes, &mut self.by_origin, KIND_NODE, (name, origin.clone()), object);
     }
 
-    pub fn set_pod(&mut self, origin: &str, name: String, object: Option<Pod>) {
-        put(&mut self.pods, &mut self.by_origin, KIND_POD, (name, origin.to_string()), object);
+    pub fn set_pod(&mut self, origin: &Origin, name: Arc<str>, object: Option<Pod>) {
+        put(&mut self.pods, &mut self.by_origin, KIND_POD, (name, origin.clone()), object);
     }
 
     /// Makes `origin`'s objects exactly `state`'s: a re-read file, a relisted kind (`kinds`
     /// says which kinds `state` speaks for). Only objects that differ mark their Service.
-    pub fn replace_origin(&mut self, origin: &str, state: ClusterState, kinds: Kinds) {
-        fn keyed<T: Object>(list: Vec<Sourced<T>>) -> BTreeMap<String, T> {
+    pub fn replace_origin(&mut self, origin: &Origin, state: ClusterState, kinds: Kinds) {
+        fn keyed<T: Object>(list: Vec<Sourced<T>>) -> BTreeMap<Arc<str>, T> {
             list.into_iter().map(|s| (name_of(&s.object), s.object)).collect()
         }
         macro_rules! replace {
             ($kind:expr, $list:expr, $set:ident) => {{
                 let mut new = keyed($list);
-                let held: Vec<String> = self.by_origin.get(origin).map(|k| k[$kind].iter().cloned().collect()).unwrap_or_default();
+                let held: Vec<Arc<str>> = self.by_origin.get(origin).map(|k| k[$kind].iter().cloned().collect()).unwrap_or_default();
                 for name in held {
                     if !new.contains_key(&name) {
                         self.$set(origin, name, None);
@@ -167,10 +168,10 @@ impl Objects {
     }
 
     /// The Service named `name`: its first copy (by origin) and the origins of the others.
-    pub fn service(&self, name: &str) -> Option<(Sourced<&Service>, Vec<&str>)> {
-        let mut copies = self.services.range((name.to_string(), String::new())..).take_while(|((n, _), _)| n == name);
-        let ((_, origin), first) = copies.next()?;
-        Some((Sourced { origin: origin.clone(), object: &**first }, copies.map(|((_, o), _)| o.as_str()).collect()))
+    pub fn service(&self, name: &ServiceName) -> Option<ServiceCopy<'_>> {
+        let mut copies = self.services.range((name.clone(), Origin::from(""))..).take_while(|((n, _), _)| n == name);
+        let ((name, origin), object) = copies.next()?;
+        Some(ServiceCopy { name, origin, object, ignored_in: copies.map(|((_, o), _)| &**o).collect() })
     }
 
     /// The EndpointSlices of Service `name`.
@@ -198,6 +199,14 @@ impl Objects {
         }
         ClusterState { services: all(&self.services), slices: all(&self.slices), nodes: all(&self.nodes), pods: all(&self.pods) }
     }
+}
+
+/// The copy of a Service in force (the first by origin), and where the others are.
+pub struct ServiceCopy<'a> {
+    pub name: &'a ServiceName,
+    pub origin: &'a Origin,
+    pub object: &'a Service,
+    pub ignored_in: Vec<&'a str>,
 }
 
 /// Which kinds a replacement speaks for.
@@ -228,7 +237,7 @@ mod tests {
 
     fn names(d: Dirty) -> Vec<String> {
         match d {
-            Dirty::Services(n) => n.into_iter().collect(),
+            Dirty::Services(n) => n.into_iter().map(|n| n.to_string()).collect(),
             other => panic!("{other:?}"),
         }
     }
@@ -241,17 +250,17 @@ mod tests {
             slices: slices.into_iter().map(|object| Sourced { origin: "f.yaml".into(), object }).collect(),
             ..Default::default()
         };
-        o.replace_origin("f.yaml", file(vec![svc("a", 80), svc("b", 80)], vec![slice("a-1", "a", "10.0.0.1"), slice("b-1", "b", "10.0.0.2")]), Kinds::ALL);
+        o.replace_origin(&"f.yaml".into(), file(vec![svc("a", 80), svc("b", 80)], vec![slice("a-1", "a", "10.0.0.1"), slice("b-1", "b", "10.0.0.2")]), Kinds::ALL);
         assert_eq!(names(o.take_dirty()), ["ns/a", "ns/b"]);
         assert_eq!(o.take_dirty(), Dirty::Nothing);
         // The file again with b's slice edited: b only.
-        o.replace_origin("f.yaml", file(vec![svc("a", 80), svc("b", 80)], vec![slice("a-1", "a", "10.0.0.1"), slice("b-1", "b", "10.0.0.9")]), Kinds::ALL);
+        o.replace_origin(&"f.yaml".into(), file(vec![svc("a", 80), svc("b", 80)], vec![slice("a-1", "a", "10.0.0.1"), slice("b-1", "b", "10.0.0.9")]), Kinds::ALL);
         assert_eq!(names(o.take_dirty()), ["ns/b"]);
-        assert_eq!(o.slices_of("ns/b")[0].endpoints[0].addresses, ["10.0.0.9"]);
+        assert_eq!(&*o.slices_of("ns/b")[0].endpoints[0].addresses, ["10.0.0.9"]);
         // A slice moving from a to b marks both; a Service removed marks itself.
-        o.replace_origin("f.yaml", file(vec![svc("b", 80)], vec![slice("a-1", "b", "10.0.0.1"), slice("b-1", "b", "10.0.0.9")]), Kinds::ALL);
+        o.replace_origin(&"f.yaml".into(), file(vec![svc("b", 80)], vec![slice("a-1", "b", "10.0.0.1"), slice("b-1", "b", "10.0.0.9")]), Kinds::ALL);
         assert_eq!(names(o.take_dirty()), ["ns/a", "ns/b"]);
-        assert!(o.service("ns/a").is_none());
+        assert!(o.service(&"ns/a".into()).is_none());
         assert_eq!(o.slices_of("ns/b").len(), 2);
         assert!(o.slices_of("ns/a").is_empty());
     }
@@ -259,9 +268,9 @@ mod tests {
     #[test]
     fn a_service_in_two_origins_is_read_from_the_first() {
         let mut o = Objects::default();
-        o.set_service("b.yaml", "ns/a".into(), Some(svc("a", 81)));
-        o.set_service("a.yaml", "ns/a".into(), Some(svc("a", 80)));
-        let (first, others) = o.service("ns/a").unwrap();
-        assert_eq!((first.origin.as_str(), others), ("a.yaml", vec!["b.yaml"]));
+        o.set_service(&"b.yaml".into(), "ns/a".into(), Some(svc("a", 81)));
+        o.set_service(&"a.yaml".into(), "ns/a".into(), Some(svc("a", 80)));
+        let copy = o.service(&"ns/a".into()).unwrap();
+        assert_eq!((&**copy.origin, copy.object.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port, copy.ignored_in), ("a.yaml", 80, vec!["b.yaml"]));
     }
 }
