@@ -29,7 +29,7 @@ use crate::{
     node,
     health::{ProxyHealth, ServiceHealthServers},
     source::{objects::Dirty, Source, SourceConfig},
-    translate::{self, Claim, ServiceName, Wanted},
+    translate::{self, Claim, ServiceName, SharedClaims, Wanted},
 };
 
 /// Services settled in one sync above which freed memory is handed back to the system.
@@ -67,7 +67,7 @@ pub struct Agent {
     source: Source,
     /// What each Service asks for: its last good translation (a Service whose manifest turns
     /// bad keeps it), with its origin and place in the claim order.
-    wanted: HashMap<ServiceName, (translate::Order, translate::Origin, Vec<Claim>)>,
+    wanted: HashMap<ServiceName, (translate::Order, translate::Origin, SharedClaims)>,
     /// Who holds each frontend: a frontend two Services claim stays with its holder. Before
     /// the first sync, read back from the pinned names, so it holds across restarts.
     claims: translate::Claims,
@@ -360,7 +360,7 @@ impl Agent {
             }
             match t.result {
                 Ok(claims) => {
-                    self.wanted.insert(name.clone(), (t.order, t.origin, claims));
+                    self.wanted.insert(name.clone(), (t.order, t.origin, claims.into()));
                 }
                 Err(e) => self.report(format!("service rejected, its last good version stays in force: {e}")),
             }
@@ -471,13 +471,13 @@ impl Agent {
 }
 
 /// (UDP frontend, backend) pairs new flows could take before and no longer can.
-fn gone_udp_backends(changes: &[(ServiceName, Vec<Claim>, Vec<Claim>)]) -> Vec<(Service4KeyV1, Ipv4Addr, u16)> {
+fn gone_udp_backends(changes: &[(ServiceName, SharedClaims, SharedClaims)]) -> Vec<(Service4KeyV1, Ipv4Addr, u16)> {
     let udp = |claims: &mut dyn Iterator<Item = &Claim>| -> BTreeSet<(Service4KeyV1, Ipv4Addr, u16)> {
         let frontends = claims.filter(|c| c.frontend.key.proto == IPPROTO_UDP && c.frontend.key.scope == SCOPE_CLUSTER);
         frontends.flat_map(|c| c.frontend.backends.iter().map(|b| (c.frontend.key, b.addr, b.port))).collect()
     };
-    let before = udp(&mut changes.iter().flat_map(|(_, before, _)| before));
-    let after = udp(&mut changes.iter().flat_map(|(_, _, after)| after));
+    let before = udp(&mut changes.iter().flat_map(|(_, before, _)| before.iter()));
+    let after = udp(&mut changes.iter().flat_map(|(_, _, after)| after.iter()));
     before.difference(&after).copied().collect()
 }
 

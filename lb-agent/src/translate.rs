@@ -81,6 +81,10 @@ pub struct Claim {
     pub field: Text,
 }
 
+/// A Service's claims, shared by what it asks for and what it was granted (most often all of
+/// them: then one list serves both).
+pub type SharedClaims = Arc<[Claim]>;
+
 /// One proxied Service: its frontends, or why it was rejected.
 #[derive(Debug)]
 pub struct ServiceFrontends {
@@ -194,25 +198,25 @@ pub struct Claimed {
 /// in claim order, `owners` who held what before.
 pub fn claim(services: Vec<(ServiceName, Origin, Vec<Claim>)>, owners: &HashMap<Service4KeyV1, ServiceName>) -> Claimed {
     let mut claims = Claims::holding(owners.clone());
-    let wanted: HashMap<&str, (Order, &str, &[Claim])> =
-        services.iter().enumerate().map(|(i, (name, origin, claims))| (&**name, ((None, format!("{i:010}").into()), &**origin, claims.as_slice()))).collect();
+    let wanted: HashMap<&str, (Order, &str, SharedClaims)> =
+        services.iter().enumerate().map(|(i, (name, origin, claims))| (&**name, ((None, format!("{i:010}").into()), &**origin, claims.as_slice().into()))).collect();
     let affected = services.iter().map(|(n, _, _)| n.clone()).collect();
     let settled = claims.settle(affected, true, |name| wanted.get(name).map(|(order, origin, claims)| Wanted { order: order.clone(), origin, claims }));
-    Claimed { frontends: settled.changes.into_iter().map(|(name, _, granted)| (name, granted)).collect(), errors: settled.errors }
+    Claimed { frontends: settled.changes.into_iter().map(|(name, _, granted)| (name, granted.to_vec())).collect(), errors: settled.errors }
 }
 
 /// What one Service wants: its claims, where it came from, and its place in the claim order.
 pub struct Wanted<'a> {
     pub order: Order,
     pub origin: &'a str,
-    pub claims: &'a [Claim],
+    pub claims: &'a SharedClaims,
 }
 
 /// What one settling changed: (Service, frontends it had, frontends it has now) for every
 /// Service looked at, and the claims refused.
 #[derive(Debug, Default)]
 pub struct Settled {
-    pub changes: Vec<(ServiceName, Vec<Claim>, Vec<Claim>)>,
+    pub changes: Vec<(ServiceName, SharedClaims, SharedClaims)>,
     pub errors: Vec<ObjectError>,
 }
 
@@ -224,7 +228,7 @@ pub struct Settled {
 pub struct Claims {
     holders: HashMap<Service4KeyV1, ServiceName>,
     waiting: HashMap<Service4KeyV1, BTreeSet<ServiceName>>,
-    granted: HashMap<ServiceName, Vec<Claim>>,
+    granted: HashMap<ServiceName, SharedClaims>,
 }
 
 impl Claims {
@@ -235,7 +239,7 @@ impl Claims {
 
     /// The frontends a Service holds now.
     pub fn granted(&self, name: &str) -> &[Claim] {
-        self.granted.get(name).map(Vec::as_slice).unwrap_or(&[])
+        self.granted.get(name).map(|c| &**c).unwrap_or(&[])
     }
 
     /// Settles the Services in `affected` again (`wanted`: what each asks for now, `None`
@@ -277,14 +281,14 @@ impl Claims {
         let mut order: Vec<(ServiceName, Wanted)> = affected.iter().filter_map(|n| wanted(n).map(|w| (n.clone(), w))).collect();
         order.sort_by(|a, b| a.1.order.cmp(&b.1.order));
         for (name, w) in &order {
-            for c in w.claims {
+            for c in w.claims.iter() {
                 self.holders.entry(frontend_of(&c.frontend.key)).or_insert_with(|| name.clone());
             }
         }
         let mut out = Settled::default();
         for (name, w) in &order {
             let mut kept = Vec::new();
-            for c in w.claims {
+            for c in w.claims.iter() {
                 let key = frontend_of(&c.frontend.key);
                 let owner = &self.holders[&key];
                 if owner == name {
@@ -296,13 +300,13 @@ impl Claims {
                     self.waiting.entry(key).or_default().insert(name.clone());
                 }
             }
-            kept.shrink_to_fit();
+            let kept: SharedClaims = if kept.len() == w.claims.len() { w.claims.clone() } else { kept.into() };
             let before = self.granted.insert(name.clone(), kept.clone()).unwrap_or_default();
             out.changes.push((name.clone(), before, kept));
         }
         for name in affected.iter().filter(|n| wanted(n).is_none()) {
             if let Some(before) = self.granted.remove(name) {
-                out.changes.push((name.clone(), before, Vec::new()));
+                out.changes.push((name.clone(), before, SharedClaims::default()));
             }
         }
         out
@@ -445,7 +449,7 @@ fn service_frontends(
         let display: Arc<str> = format!("{name}:{port_label}/{proto_name}").into();
         // Each view of the endpoints once, shared by the frontends that see it.
         let every_node = endpoints.split(false);
-        let this_node = endpoints.split(true);
+        let this_node = if policy.int_local || policy.ext_local { endpoints.split(true) } else { every_node.clone() }; // only read under a Local policy
         let mut add = |addr: Ipv4Addr, port: u16, kind: u8, field: String| {
             let key = Service4KeyV1 { addr: ip4_raw(addr.octets()), port: port_raw(port), proto, scope: SCOPE_CLUSTER };
             let external = kind != KIND_CLUSTER_IP;
@@ -494,8 +498,6 @@ fn service_frontends(
             health_checks.push(HealthCheck { port, namespace, name: svc.metadata.name.as_deref().unwrap_or_default().to_string(), local_endpoints: local_ready.len() });
         }
     }
-    // Kept for as long as the Service lives: no spare capacity (100k Services add up).
-    claims.shrink_to_fit();
     Ok(claims)
 }
 

@@ -7,7 +7,7 @@ use std::{
 use lb_agent::{
     dataplane::Frontend,
     source::manifests::{parse_manifest, ManifestDir},
-    translate::{claim, translate, Claim, Claims, ClusterState, ObjectError, Order, Origin, ServiceName, Translation, Wanted},
+    translate::{claim, translate, Claim, Claims, ClusterState, ObjectError, Order, Origin, ServiceName, SharedClaims, Translation, Wanted},
 };
 use lb_common::*;
 
@@ -292,8 +292,8 @@ fn a_frontend_let_go_goes_to_the_service_waiting_for_it_and_only_changed_service
     let older = service("old", Some("2026-01-01T00:00:00Z"), "  clusterIP: 10.96.6.1\n  externalIPs: [10.99.200.7]\n  ports: [{port: 80}]");
     let newer = service("new", Some("2026-06-01T00:00:00Z"), "  clusterIP: 10.96.6.2\n  externalIPs: [10.99.200.7]\n  ports: [{port: 80}]");
     let other = service("other", None, "  clusterIP: 10.96.6.3\n  ports: [{port: 80}]");
-    let translated = |text: &str| -> HashMap<ServiceName, (Order, Origin, Vec<Claim>)> {
-        translate(&parse_manifest("f.yaml", text).unwrap(), "n").services.into_iter().enumerate().map(|(i, s)| (s.name, ((None, format!("{i}").into()), s.origin, s.result.unwrap()))).collect()
+    let translated = |text: &str| -> HashMap<ServiceName, (Order, Origin, SharedClaims)> {
+        translate(&parse_manifest("f.yaml", text).unwrap(), "n").services.into_iter().enumerate().map(|(i, s)| (s.name, ((None, format!("{i}").into()), s.origin, s.result.unwrap().into()))).collect()
     };
     let ips = |claims: &[Claim]| claims.iter().map(|c| ip4_octets(c.frontend.key.addr)).collect::<Vec<_>>();
     let mut claims = Claims::default();

@@ -126,10 +126,11 @@ pub struct Dataplane {
     maglev_seed: u64,
     min_table_size: u32,
     tables: Tables,
-    services: BTreeMap<Service4KeyV1, Programmed>,
-    /// Backend entry -> id, and id -> (entry, number of services using it).
+    services: HashMap<Service4KeyV1, Programmed>,
+    /// Backend entry -> id, and id -> (entry, number of services using it; 0: a free id).
+    /// Ids are handed out densely from 1, so the second is a plain array.
     backend_ids: HashMap<Backend4V1, u32>,
-    backend_users: HashMap<u32, (Backend4V1, usize)>,
+    backend_users: Vec<(Backend4V1, u32)>,
     free_backend_ids: Vec<u32>,
     next_backend_id: u32,
     free_service_ids: Vec<u32>,
@@ -185,9 +186,9 @@ impl Dataplane {
             maglev_seed,
             min_table_size,
             tables: Tables::new(slots),
-            services: BTreeMap::new(),
+            services: HashMap::new(),
             backend_ids: HashMap::new(),
-            backend_users: HashMap::new(),
+            backend_users: Vec::new(),
             free_backend_ids: Vec::new(),
             next_backend_id: 1,
             free_service_ids: Vec::new(),
@@ -234,7 +235,8 @@ impl Dataplane {
             for id in &ids {
                 let backend = self.maps.backends.get(id, 0)?;
                 self.backend_ids.insert(backend, *id);
-                self.backend_users.entry(*id).or_insert((backend, 0)).1 += 1;
+                let user = self.backend_user(*id);
+                *user = (backend, user.1 + 1);
                 self.next_backend_id = self.next_backend_id.max(id + 1);
             }
             let name = self.maps.service_names.get(&entry.service_id, 0).map(|n| n.as_str().to_string()).unwrap_or_default();
@@ -252,7 +254,7 @@ impl Dataplane {
         self.next_service_id = max_service_id.map_or(0, |m| m + 1);
         let used: std::collections::HashSet<u32> = entries.iter().map(|(_, e)| e.service_id).collect();
         self.free_service_ids = (0..self.next_service_id).filter(|id| !used.contains(id)).collect();
-        self.free_backend_ids = (1..self.next_backend_id).filter(|id| !self.backend_users.contains_key(id)).collect();
+        self.free_backend_ids = (1..self.next_backend_id).filter(|id| self.backend_users.get(*id as usize).is_none_or(|u| u.1 == 0)).collect();
         // An earlier agent may have used ids past the ones adopted: their counters go now, at once.
         self.maps.zero_counters_from(self.next_service_id, self.next_backend_id)?;
         self.fresh_ids_zeroed = true;
@@ -519,7 +521,7 @@ impl Dataplane {
 
     fn acquire_backend(&mut self, entry: Backend4V1) -> Result<u32> {
         if let Some(&id) = self.backend_ids.get(&entry) {
-            self.backend_users.get_mut(&id).expect("both maps agree").1 += 1;
+            self.backend_user(id).1 += 1;
             return Ok(id);
         }
         let capacity = self.maps.backends.len();
@@ -531,17 +533,25 @@ impl Dataplane {
         }
         self.maps.backends.set(id, &entry, 0).context("writing a backend")?;
         self.backend_ids.insert(entry, id);
-        self.backend_users.insert(id, (entry, 1));
+        *self.backend_user(id) = (entry, 1);
         Ok(id)
+    }
+
+    /// Who uses backend `id` (grown to hold it).
+    fn backend_user(&mut self, id: u32) -> &mut (Backend4V1, u32) {
+        let at = id as usize;
+        if self.backend_users.len() <= at {
+            self.backend_users.resize(at + 1, (Backend4V1::default(), 0));
+        }
+        &mut self.backend_users[at]
     }
 
     fn release_backends(&mut self, ids: &[u32]) -> Result<()> {
         for id in ids {
-            let Some((entry, users)) = self.backend_users.get_mut(id) else { continue };
+            let Some((entry, users)) = self.backend_users.get_mut(*id as usize).filter(|u| u.1 > 0) else { continue };
             *users -= 1;
             if *users == 0 {
                 self.backend_ids.remove(&*entry);
-                self.backend_users.remove(id);
                 // A zeroed entry reads as "gone": flows pinned to it re-select (see lb.rs).
                 self.maps.backends.set(*id, &Backend4V1::default(), 0)?;
                 self.free_backend_ids.push(*id);
@@ -570,7 +580,7 @@ impl Dataplane {
     /// Collects expired flows; backends are known from what is programmed, not read back.
     pub fn collect_conntrack(&mut self, now_ns: u64) -> Result<conntrack::GcStats> {
         let users = &self.backend_users;
-        conntrack::gc(&mut self.maps, now_ns, |id| users.get(&id).map(|(b, _)| *b).unwrap_or_default())
+        conntrack::gc(&mut self.maps, now_ns, |id| users.get(id as usize).filter(|u| u.1 > 0).map(|(b, _)| *b).unwrap_or_default())
     }
 
     /// How many frontends are programmed.

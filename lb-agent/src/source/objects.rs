@@ -116,6 +116,7 @@ impl Objects {
             keys.retain(|k| *k != key);
             if present {
                 keys.push(key.clone());
+                keys.shrink_to_fit(); // a push leaves room for 4; most Services have 1 slice
             }
             if keys.is_empty() {
                 self.slices_of.remove(&owner);
