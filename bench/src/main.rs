@@ -229,7 +229,7 @@ fn dataplane_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String
 fn control_plane_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String, serde_json::Value>) -> Result<()> {
     let traffic = traffic_config(args)?;
     let cfg = if args.smoke {
-        // 1,200: more than two pages of a list (the watcher asks for 500 at a time).
+        // 1,200 Services: a dozen manifest files, and lists the size of a small cluster.
         control_plane::Config { sizes: vec![1_200], edits: 5, churn_rates: vec![20], churn_for: std::time::Duration::from_secs(1), idle_for: std::time::Duration::from_secs(1), agent_bin: traffic.agent_bin, work_dir: traffic.work_dir }
     } else {
         control_plane::Config {

@@ -35,8 +35,9 @@ struct Event {
 #[derive(Default)]
 struct State {
     rv: u64,
-    /// (kind, namespace/name) -> object.
-    objects: BTreeMap<(String, String), Value>,
+    /// (kind, namespace/name) -> the object's JSON, serialized once (as the real server's watch
+    /// cache keeps objects ready to send), so that a list of 100k objects costs the copies only.
+    objects: BTreeMap<(String, String), Bytes>,
     history: Vec<Event>,
     /// Watches from a resourceVersion below this get 410 Gone.
     oldest_rv: u64,
@@ -127,7 +128,7 @@ impl FakeApiServer {
         st.rv += 1;
         obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
         let k = key(&obj);
-        let kind_type = if st.objects.insert(k.clone(), obj.clone()).is_some() { "MODIFIED" } else { "ADDED" };
+        let kind_type = if st.objects.insert(k.clone(), Bytes::from(obj.to_string())).is_some() { "MODIFIED" } else { "ADDED" };
         let ev = Event { rv: st.rv, kind: k.0, kind_type, object: obj };
         st.history.push(ev.clone());
         let _ = self.events.send(Some(ev));
@@ -136,7 +137,8 @@ impl FakeApiServer {
 
     pub fn delete(&self, kind: &str, namespace: &str, name: &str) -> Result<()> {
         let mut st = self.state.lock().unwrap();
-        let mut obj = st.objects.remove(&(kind.to_string(), format!("{namespace}/{name}"))).context("no such object")?;
+        let stored = st.objects.remove(&(kind.to_string(), format!("{namespace}/{name}"))).context("no such object")?;
+        let mut obj: Value = serde_json::from_slice(&stored)?;
         st.rv += 1;
         obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
         let ev = Event { rv: st.rv, kind: kind.to_string(), kind_type: "DELETED", object: obj };
@@ -202,22 +204,40 @@ async fn handle(req: Request<hyper::body::Incoming>, state: Arc<Mutex<State>>, e
     if query.get("watch").map(String::as_str) != Some("true") {
         let mut st = state.lock().unwrap();
         st.lists += 1;
+        // The body is put together after the lock is let go: lists of two kinds are served at once.
         // Pages, as the real server gives them to a client that sets `limit`: the `continue`
         // token carries the list's resourceVersion and the last key served (as etcd's does).
         let (rv, after) = match query.get("continue").and_then(|c| c.split_once('-')) {
             Some((rv, last)) => (rv.parse().unwrap_or(st.rv), Bound::Excluded((kind.to_string(), last.to_string()))),
             None => (st.rv, Bound::Included((kind.to_string(), String::new()))),
         };
-        let limit = query.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
-        let page: Vec<(&(String, String), &Value)> = st.objects.range((after, Bound::Unbounded)).take_while(|((k, _), _)| k == kind).take(limit.saturating_add(1)).collect();
+        // resourceVersion=0 is served from the watch cache, whole: the real server ignores
+        // `limit` there (kubernetes#70735).
+        let from_cache = query.get("resourceVersion").map(String::as_str) == Some("0");
+        let limit = query.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0 && !from_cache).unwrap_or(usize::MAX);
+        let page: Vec<(&(String, String), &Bytes)> = st.objects.range((after, Bound::Unbounded)).take_while(|((k, _), _)| k == kind).take(limit.saturating_add(1)).collect();
         let mut metadata = json!({"resourceVersion": rv.to_string()});
         let more = page.len() > limit;
         let page = &page[..page.len().min(limit)];
         if more {
             metadata["continue"] = json!(format!("{rv}-{}", page.last().expect("a full page").0 .1));
         }
-        let items: Vec<Value> = page.iter().map(|(_, o)| (*o).clone()).collect();
-        return Ok(json_response(200, json!({"kind": format!("{kind}List"), "apiVersion": api_version, "metadata": metadata, "items": items})));
+        let items: Vec<Bytes> = page.iter().map(|(_, o)| (*o).clone()).collect();
+        drop(st);
+        let head = json!({"kind": format!("{kind}List"), "apiVersion": api_version, "metadata": metadata}).to_string();
+        let mut body = Vec::with_capacity(head.len() + 16 + items.iter().map(|i| i.len() + 1).sum::<usize>());
+        body.extend_from_slice(&head.as_bytes()[..head.len() - 1]); // without its closing brace
+        body.extend_from_slice(b",\"items\":[");
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(item);
+        }
+        body.extend_from_slice(b"]}");
+        let mut response = Response::new(Either::Left(Full::new(Bytes::from(body))));
+        response.headers_mut().insert("content-type", "application/json".parse().unwrap());
+        return Ok(response);
     }
 
     let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);

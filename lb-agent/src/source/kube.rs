@@ -46,14 +46,16 @@ impl KubeSource {
         let objects = Arc::new(Mutex::new(Objects::default()));
         let notify = Arc::new(Notify::new());
         let synced = [Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false))];
-        let all = watcher::Config::default();
+        // Lists at resourceVersion 0, as kube-proxy's informers do: the API server answers from
+        // its watch cache, in one response, instead of paging through etcd for every node.
+        let all = watcher::Config::default().any_semantic();
         let services = Feed { set: Objects::set_service, kinds: Kinds { services: true, ..Kinds::NONE }, list: |services| ClusterState { services, ..Default::default() } };
         watch(Api::<v1::Service>::all(client.clone()), all.clone(), services, &objects, &synced[0], &notify);
         let slices = Feed { set: Objects::set_slice, kinds: Kinds { slices: true, ..Kinds::NONE }, list: |slices| ClusterState { slices, ..Default::default() } };
         watch(Api::<discovery::v1::EndpointSlice>::all(client.clone()), all.clone(), slices, &objects, &synced[1], &notify);
         let nodes = Feed { set: Objects::set_node, kinds: Kinds { nodes: true, ..Kinds::NONE }, list: |nodes| ClusterState { nodes, ..Default::default() } };
         watch(Api::<v1::Node>::all(client.clone()), all, nodes, &objects, &synced[2], &notify);
-        let on_this_node = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
+        let on_this_node = watcher::Config::default().any_semantic().fields(&format!("spec.nodeName={node_name}"));
         let pods = Feed { set: Objects::set_pod, kinds: Kinds { pods: true, ..Kinds::NONE }, list: |pods| ClusterState { pods, ..Default::default() } };
         watch(Api::<v1::Pod>::all(client), on_this_node, pods, &objects, &Arc::new(AtomicBool::new(false)), &notify);
         Self { objects, synced, notify }
