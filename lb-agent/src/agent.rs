@@ -90,6 +90,7 @@ pub struct Agent {
 
 impl Agent {
     pub async fn start(cfg: AgentConfig) -> Result<Self> {
+        let counters_pinned = [MAP_SERVICE_STATS, MAP_BACKEND_STATS].iter().any(|map| load::pin_path(&cfg.pin_dir, map).exists());
         let mut ebpf = load::load(&cfg.pin_dir, &cfg.sizes)?;
         let xdp: &mut Xdp = ebpf.program_mut(load::XDP_PROGRAM).context("no XDP program")?.try_into()?;
         xdp.load().context("loading lb_xdp")?;
@@ -97,7 +98,7 @@ impl Agent {
         tc.load().context("loading lb_tc")?;
         let maps = Maps::take(&mut ebpf)?;
         let mut dataplane = Dataplane::new(maps, cfg.hash_seed as u64, cfg.maglev_min_table)?;
-        let adopted = dataplane.adopt()?;
+        let adopted = dataplane.adopt(counters_pinned)?;
         if adopted > 0 {
             info!("adopted {adopted} frontends from the maps pinned in {}; conntrack kept", cfg.pin_dir.display());
         }

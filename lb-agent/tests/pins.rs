@@ -143,7 +143,7 @@ fn counters_survive_a_restart_and_ids_handed_out_afterwards_start_at_zero() -> R
     {
         let mut ebpf = load::load(&mount.dir, &sizes)?;
         let mut dataplane = Dataplane::new(Maps::take(&mut ebpf)?, 0, 251)?;
-        dataplane.adopt()?;
+        dataplane.adopt(true)?;
         dataplane.apply(&[frontend(1)])?; // service id 0, backend id 1
         // Traffic on it, and stale counts left past it by some earlier generation.
         dataplane.maps.service_stats.set(0, counted(7)?, 0)?;
@@ -152,7 +152,7 @@ fn counters_survive_a_restart_and_ids_handed_out_afterwards_start_at_zero() -> R
     }
     let mut ebpf = load::load(&mount.dir, &sizes)?;
     let mut dataplane = Dataplane::new(Maps::take(&mut ebpf)?, 0, 251)?;
-    assert_eq!(dataplane.adopt()?, 1);
+    assert_eq!(dataplane.adopt(true)?, 1);
     dataplane.apply(&[frontend(1), frontend(2)])?;
     let cpus = zero_counters()?.len() as u64;
     assert_eq!(dataplane.maps.service_counters(0)?.packets, 7 * cpus, "the adopted frontend keeps its counts");

@@ -200,7 +200,8 @@ impl Dataplane {
     /// Takes over what an earlier agent left in pinned maps, without changing a byte: its
     /// slices, ids and backends become ours, so the next `apply` replaces them the safe way
     /// (new slice, flip, free) and removes what is stale. Returns the frontends adopted.
-    pub fn adopt(&mut self) -> Result<usize> {
+    /// `counters_pinned`: the counter maps were an earlier agent's (not created by this load).
+    pub fn adopt(&mut self, counters_pinned: bool) -> Result<usize> {
         let entries: Vec<(Service4KeyV1, Service4V1)> = self.maps.services.iter().collect::<Result<_, _>>().context("reading LB4_SVC_V1")?;
         let mut affinity_ids: HashMap<u32, Vec<u32>> = HashMap::new();
         for key in self.maps.affinity_match.keys() {
@@ -255,8 +256,11 @@ impl Dataplane {
         let used: std::collections::HashSet<u32> = entries.iter().map(|(_, e)| e.service_id).collect();
         self.free_service_ids = (0..self.next_service_id).filter(|id| !used.contains(id)).collect();
         self.free_backend_ids = (1..self.next_backend_id).filter(|id| self.backend_users.get(*id as usize).is_none_or(|u| u.1 == 0)).collect();
-        // An earlier agent may have used ids past the ones adopted: their counters go now, at once.
-        self.maps.zero_counters_from(self.next_service_id, self.next_backend_id)?;
+        // An earlier agent may have used ids past the ones adopted: their counters go now, at
+        // once (maps created by this load are zero already).
+        if counters_pinned {
+            self.maps.zero_counters_from(self.next_service_id, self.next_backend_id)?;
+        }
         self.fresh_ids_zeroed = true;
         Ok(entries.len())
     }
