@@ -32,9 +32,6 @@ use crate::{
     translate::{self, Claim, ServiceName, SharedClaims, Wanted},
 };
 
-/// Services settled in one sync above which freed memory is handed back to the system.
-const TRIM_AFTER_SERVICES: usize = 1_000;
-
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub source: SourceConfig,
@@ -417,12 +414,6 @@ impl Agent {
         let checks: Vec<translate::HealthCheck> = self.health_checks.values().cloned().collect();
         for e in self.health_servers.sync(&checks) {
             self.report(format!("health check not served: {e}"));
-        }
-        if settled.changes.len() >= TRIM_AFTER_SERVICES {
-            // A large batch (a first sync, a relist) leaves parsing and translation garbage
-            // that malloc keeps; give it back so the steady state is what the node pays.
-            // SAFETY: malloc_trim only releases free heap memory.
-            unsafe { libc::malloc_trim(0) };
         }
         self.synced_once = true;
         self.ready.store(true, std::sync::atomic::Ordering::Release);

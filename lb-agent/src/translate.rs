@@ -60,7 +60,7 @@ pub fn socket_lb_opt_outs<'a>(pods: impl Iterator<Item = &'a Pod>, node_name: &s
             && spec.and_then(|s| s.host_network) == Some(true)
             && pod.metadata.annotations.get(SOCKET_LB_ANNOTATION) == Some("disabled")
     };
-    pods.filter(|p| opted_out(p)).filter_map(|p| p.metadata.uid.as_deref().map(String::from)).collect()
+    pods.filter(|p| opted_out(p)).filter_map(|p| p.uid.as_deref().map(String::from)).collect()
 }
 
 /// sessionAffinityConfig.clientIP.timeoutSeconds when unset, and its largest value.

@@ -58,7 +58,6 @@ impl<'de> Deserialize<'de> for KeptKeys {
 pub struct Meta {
     pub name: Option<Text>,
     pub namespace: Option<Text>,
-    pub uid: Option<Text>,
     pub creation_timestamp: Option<Time>,
     #[serde(default)]
     pub labels: KeptKeys,
@@ -71,7 +70,6 @@ impl From<ObjectMeta> for Meta {
         Self {
             name: m.name.map(Text::from),
             namespace: m.namespace.map(Text::from),
-            uid: m.uid.map(Text::from),
             creation_timestamp: m.creation_timestamp,
             labels: KeptKeys::from_map(m.labels.unwrap_or_default()),
             annotations: KeptKeys::from_map(m.annotations.unwrap_or_default()),
@@ -216,10 +214,34 @@ pub struct NodeAddress {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(from = "PodDoc")]
 pub struct Pod {
-    #[serde(default)]
     pub metadata: Meta,
+    /// `metadata.uid`, which names the pod's cgroup. Only pods keep theirs: a UID is 36 bytes,
+    /// too long to be held inline, and no other kind needs it.
+    pub uid: Option<Text>,
     pub spec: Option<PodSpec>,
+}
+
+/// A Pod as written, with its UID in its metadata.
+#[derive(Deserialize)]
+struct PodDoc {
+    #[serde(default)]
+    metadata: PodMeta,
+    spec: Option<PodSpec>,
+}
+
+#[derive(Default, Deserialize)]
+struct PodMeta {
+    #[serde(flatten)]
+    meta: Meta,
+    uid: Option<Text>,
+}
+
+impl From<PodDoc> for Pod {
+    fn from(doc: PodDoc) -> Self {
+        Self { metadata: doc.metadata.meta, uid: doc.metadata.uid, spec: doc.spec }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -290,8 +312,9 @@ impl From<api::core::v1::Node> for Node {
 }
 
 impl From<api::core::v1::Pod> for Pod {
-    fn from(p: api::core::v1::Pod) -> Self {
-        Self { metadata: p.metadata.into(), spec: p.spec.map(|s| PodSpec { node_name: text(s.node_name), host_network: s.host_network }) }
+    fn from(mut p: api::core::v1::Pod) -> Self {
+        let uid = text(p.metadata.uid.take());
+        Self { metadata: p.metadata.into(), uid, spec: p.spec.map(|s| PodSpec { node_name: text(s.node_name), host_network: s.host_network }) }
     }
 }
 
@@ -360,6 +383,6 @@ mod tests {
             "apiVersion": "v1", "kind": "Pod", "metadata": meta(json!({}), json!({SOCKET_LB_ANNOTATION: "disabled"})),
             "spec": {"nodeName": "node-a", "hostNetwork": true, "containers": [{"name": "c", "image": "busybox"}]},
         }));
-        assert_eq!((pod.metadata.annotations.get(SOCKET_LB_ANNOTATION), pod.spec.unwrap().host_network), (Some("disabled"), Some(true)));
+        assert_eq!((pod.metadata.annotations.get(SOCKET_LB_ANNOTATION), pod.uid.as_deref(), pod.spec.unwrap().host_network), (Some("disabled"), Some("u-1"), Some(true)));
     }
 }
