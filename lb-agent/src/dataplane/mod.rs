@@ -126,7 +126,8 @@ pub struct Dataplane {
     maglev_seed: u64,
     min_table_size: u32,
     tables: Tables,
-    services: HashMap<Service4KeyV1, Programmed>,
+    /// Boxed: a table of 130k frontends has 256k buckets, half of them empty.
+    services: HashMap<Service4KeyV1, Box<Programmed>>,
     /// Backend entry -> id, and id -> (entry, number of services using it; 0: a free id).
     /// Ids are handed out densely from 1, so the second is a plain array.
     backend_ids: HashMap<Backend4V1, u32>,
@@ -250,7 +251,7 @@ impl Dataplane {
                 affinity_ids: affinity_ids.remove(&entry.service_id).unwrap_or_default().into(),
                 source_ranges: ranges.remove(&entry.service_id).unwrap_or_default().into(),
             };
-            self.services.insert(*key, programmed);
+            self.services.insert(*key, Box::new(programmed));
         }
         self.next_service_id = max_service_id.map_or(0, |m| m + 1);
         let used: std::collections::HashSet<u32> = entries.iter().map(|(_, e)| e.service_id).collect();
@@ -448,7 +449,8 @@ impl Dataplane {
             self.release_backends(&old.backend_ids)?;
             self.remove_policy(service_id, &old.affinity_ids, &old.source_ranges, &affinity_ids, &source_ranges);
         }
-        self.services.insert(frontend.key, Programmed { frontend: frontend.clone(), entry, backend_ids: backend_ids.into(), affinity_ids: affinity_ids.into(), source_ranges: source_ranges.into() });
+        let programmed = Programmed { frontend: frontend.clone(), entry, backend_ids: backend_ids.into(), affinity_ids: affinity_ids.into(), source_ranges: source_ranges.into() };
+        self.services.insert(frontend.key, Box::new(programmed));
         Ok(())
     }
 
