@@ -104,7 +104,7 @@ fn slices_merge_and_only_ready_endpoints_count() {
     let text = format!(
         "{SVC}{}{}",
         slice("api-1", "  - {addresses: [10.244.1.1], conditions: {ready: true}, nodeName: a}\n  - {addresses: [10.244.1.2], conditions: {ready: false}, nodeName: a}\n"),
-        slice("api-2", "  - {addresses: [10.244.2.1], nodeName: b}\n  - {addresses: [10.244.2.2], conditions: {ready: true}, nodeName: b}\n"),
+        slice("api-2", "  - {addresses: [10.244.2.1, 10.244.2.9], nodeName: b}\n  - {addresses: [10.244.2.2], conditions: {ready: true}, nodeName: b}\n"),
     );
     let state = parse_manifest("mem.yaml", &text).unwrap();
     let t = settled(&state, "a");
@@ -113,7 +113,7 @@ fn slices_merge_and_only_ready_endpoints_count() {
     assert_eq!(
         addrs,
         vec![([10, 244, 1, 1].into(), true), ([10, 244, 2, 1].into(), false), ([10, 244, 2, 2].into(), false)],
-        "both slices merged, the unready endpoint left out, a missing condition counts as ready"
+        "both slices merged, the unready endpoint left out, a missing condition counts as ready, only an endpoint's first address used (as kube-proxy)"
     );
 }
 

@@ -175,9 +175,17 @@ pub struct EndpointSlice {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Endpoint {
-    pub addresses: Box<[Text]>,
+    /// `addresses[0]`. The API gives the others no meaning, the EndpointSlice controller writes
+    /// exactly one, and kube-proxy reads only the first: so does this proxy.
+    #[serde(rename = "addresses", deserialize_with = "first")]
+    pub address: Option<Text>,
     pub conditions: Option<EndpointConditions>,
     pub node_name: Option<Text>,
+}
+
+/// The first element of a list.
+fn first<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Text>, D::Error> {
+    Ok(Vec::<Text>::deserialize(d)?.into_iter().next())
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -294,7 +302,7 @@ impl From<api::discovery::v1::EndpointSlice> for EndpointSlice {
             .endpoints
             .into_iter()
             .map(|e| Endpoint {
-                addresses: list(e.addresses),
+                address: e.addresses.into_iter().next().map(Text::from),
                 conditions: e.conditions.map(|c| EndpointConditions { ready: c.ready, serving: c.serving, terminating: c.terminating }),
                 node_name: text(e.node_name),
             })
@@ -369,11 +377,12 @@ mod tests {
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": meta(json!({SERVICE_NAME_LABEL: "web", "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}), json!({})),
             "addressType": "IPv4",
-            "endpoints": [{"addresses": ["10.244.1.5"], "conditions": {"ready": false, "serving": true, "terminating": true}, "nodeName": "node-a", "zone": "z1", "targetRef": {"kind": "Pod", "name": "web-1"}}],
+            "endpoints": [{"addresses": ["10.244.1.5", "10.244.1.6"], "conditions": {"ready": false, "serving": true, "terminating": true}, "nodeName": "node-a", "zone": "z1", "targetRef": {"kind": "Pod", "name": "web-1"}}],
             "ports": [{"name": "http", "protocol": "TCP", "port": 8080, "appProtocol": "http"}],
         }));
         assert_eq!(slice.metadata.labels.get(SERVICE_NAME_LABEL), Some("web"));
         assert_eq!(slice.endpoints[0].conditions, Some(EndpointConditions { ready: Some(false), serving: Some(true), terminating: Some(true) }));
+        assert_eq!(slice.endpoints[0].address.as_deref(), Some("10.244.1.5"), "only the first address is kept");
         let node: Node = both_ways::<api::core::v1::Node, _>(json!({
             "apiVersion": "v1", "kind": "Node", "metadata": meta(json!({}), json!({})),
             "status": {"addresses": [{"type": "InternalIP", "address": "192.168.1.10"}, {"type": "Hostname", "address": "node-a"}]},
