@@ -274,7 +274,11 @@ pub fn run_case(cfg: &Config, mode: &'static str, n: usize) -> Result<Row> {
             }
             // A Service with an edit in flight is left alone, so each edit is timed on its own;
             // with half of them in flight the agent is far behind: wait for it.
-            while busy.len() >= n / 2 {
+            // A watcher that failed ends the offer (its error is reported below), never a wait.
+            if watcher.is_finished() {
+                break;
+            }
+            while busy.len() >= n / 2 && !watcher.is_finished() {
                 std::thread::sleep(Duration::from_millis(1));
                 let still: std::collections::HashSet<usize> = pending.lock().unwrap().iter().map(|p| p.0).collect();
                 busy.retain(|b| still.contains(b));
