@@ -353,7 +353,17 @@ fn cluster_key(i: usize) -> Service4KeyV1 {
 }
 
 fn frontend_entry(maps: &Maps, i: usize) -> Result<Service4V1> {
-    maps.services.get(&cluster_key(i), 0).with_context(|| format!("svc-{i} is not in {MAP_SERVICES}"))
+    // A lookup racing the agent's rewrite of the same key can miss it for an instant: the new
+    // element goes in at the bucket's head and a preallocated map reuses the old one at once,
+    // so a reader already past the head may find neither. Look again first.
+    let mut last = None;
+    for _ in 0..3 {
+        match maps.services.get(&cluster_key(i), 0) {
+            Ok(entry) => return Ok(entry),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.expect("three lookups failed")).with_context(|| format!("svc-{i} is not in {MAP_SERVICES}"))
 }
 
 /// Whether Service `i`'s entry changed from `before` to a table that names `addr`.
