@@ -29,7 +29,7 @@ use crate::{
     node,
     health::{ProxyHealth, ServiceHealthServers},
     source::{objects::Dirty, Source, SourceConfig},
-    translate::{self, Claim, ServiceName, SharedClaims, Wanted},
+    translate::{self, Claim, ServiceName, SharedClaims},
 };
 
 #[derive(Clone, Debug)]
@@ -62,11 +62,9 @@ pub struct Agent {
     dataplane: Dataplane,
     netlink: rtnetlink::Handle,
     source: Source,
-    /// What each Service asks for: its last good translation (a Service whose manifest turns
-    /// bad keeps it), with its origin and place in the claim order.
-    wanted: HashMap<ServiceName, (translate::Order, translate::Origin, SharedClaims)>,
-    /// Who holds each frontend: a frontend two Services claim stays with its holder. Before
-    /// the first sync, read back from the pinned names, so it holds across restarts.
+    /// What each Service asks for (its last good translation: a Service whose manifest turns
+    /// bad keeps it) and holds: a frontend two Services claim stays with its holder. Before
+    /// the first sync, holders are read back from the pinned names, so they hold across restarts.
     claims: translate::Claims,
     health_checks: BTreeMap<ServiceName, translate::HealthCheck>,
     reported: BTreeSet<String>,
@@ -123,7 +121,6 @@ impl Agent {
             dataplane,
             netlink,
             source,
-            wanted: HashMap::new(),
             claims: translate::Claims::holding(owners),
             health_checks: BTreeMap::new(),
             reported: BTreeSet::new(),
@@ -321,13 +318,16 @@ impl Agent {
         let node_name = self.cfg.node_name.clone();
         // Before the first full sync there is nothing to read, and nothing is pruned.
         let Some(mut objects) = self.source.objects() else { return Ok(()) };
+        if !self.synced_once {
+            objects.compact();
+        }
         let dirty = objects.take_dirty();
         // The first pass settles everything (and removes what an earlier agent left); a relist
         // marks only the Services whose objects differ.
         let everything = !self.synced_once;
         let affected: BTreeSet<ServiceName> = match dirty {
             Dirty::Services(names) if !everything => names,
-            _ if everything => objects.service_names().into_iter().chain(self.wanted.keys().cloned()).collect(),
+            _ if everything => objects.service_names().into_iter().chain(self.claims.wanting().cloned()).collect(),
             _ => return Ok(()),
         };
         let affected_count = affected.len();
@@ -349,7 +349,7 @@ impl Agent {
                 self.report(format!("Service {name} is also defined in {origin}; that copy is ignored"));
             }
             let Some(t) = translation else {
-                self.wanted.remove(&name);
+                self.claims.unwant(&name);
                 self.health_checks.remove(&name);
                 continue;
             };
@@ -358,7 +358,7 @@ impl Agent {
             }
             match t.result {
                 Ok(claims) => {
-                    self.wanted.insert(name.clone(), (t.order, t.origin, claims.into()));
+                    self.claims.want(name.clone(), t.created, t.origin, claims.into());
                 }
                 Err(e) => self.report(format!("service rejected, its last good version stays in force: {e}")),
             }
@@ -367,15 +367,14 @@ impl Agent {
                 None => self.health_checks.remove(&name),
             };
         }
-        let wanted = &self.wanted;
-        let settled = self.claims.settle(affected, everything, |name| wanted.get(name).map(|(order, origin, claims)| Wanted { order: order.clone(), origin, claims }));
+        let settled = self.claims.settle(affected, everything);
         for e in &settled.errors {
             self.report(format!("frontend rejected: {e}"));
         }
         let settled_in = started.elapsed();
         let stats = if everything {
             // Also removes what an earlier agent programmed for Services that are gone.
-            let all: Vec<Arc<Frontend>> = self.wanted.keys().flat_map(|name| self.claims.granted(name)).map(|c| c.frontend.clone()).collect();
+            let all: Vec<Arc<Frontend>> = self.claims.all_granted().map(|c| c.frontend.clone()).collect();
             self.dataplane.apply_shared(&all)?
         } else {
             let upserts: Vec<Arc<Frontend>> = settled.changes.iter().flat_map(|(_, _, now)| now.iter().map(|c| c.frontend.clone())).collect();
@@ -395,7 +394,7 @@ impl Agent {
             info!(
                 "programmed {} frontends of {} services: added {}, updated {}, removed {}, unchanged {}, failed {}",
                 self.dataplane.frontend_count(),
-                self.wanted.len(),
+                self.claims.wanting().count(),
                 stats.added,
                 stats.updated,
                 stats.removed,

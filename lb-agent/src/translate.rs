@@ -128,15 +128,14 @@ pub fn is_proxied(svc: &Service) -> bool {
     spec.cluster_ip.as_deref() != Some("None")
 }
 
-/// Claim order: the older Service first (creation time, then `namespace/name`).
-pub type Order = (Option<k8s_openapi::jiff::Timestamp>, ServiceName);
-
 /// One Service translated on its own.
 #[derive(Debug)]
 pub struct ServiceTranslation {
     pub name: ServiceName,
     pub origin: Origin,
-    pub order: Order,
+    /// Its creation time (Unix seconds): with its name, its place in the claim order (the
+    /// older Service first).
+    pub created: Option<i64>,
     pub result: Result<Vec<Claim>, ObjectError>,
     /// Fields this proxy does not implement; the rest of the Service works.
     pub warnings: Vec<ObjectError>,
@@ -154,8 +153,7 @@ pub fn translate_service(svc: &Service, name: &ServiceName, origin: &Origin, sli
     let mut health_checks = Vec::new();
     let mut warn = |field: String, message: String| warnings.push(error((field, message)));
     let result = service_frontends(svc, name, slices, node_name, &mut warn, &mut health_checks).map_err(error);
-    let order = (svc.metadata.creation_timestamp.as_ref().map(|t| t.0), name.clone());
-    Some(ServiceTranslation { name: name.clone(), origin: origin.clone(), order, result, warnings, health_check: health_checks.pop() })
+    Some(ServiceTranslation { name: name.clone(), origin: origin.clone(), created: svc.metadata.created, result, warnings, health_check: health_checks.pop() })
 }
 
 /// Translates every Service of a snapshot (tests and tools; the agent translates only the
@@ -177,7 +175,7 @@ pub fn translate(state: &ClusterState, node_name: &str) -> Translation {
             translate_service(&s.object, &name, &s.origin, slices.get(&name).map(Vec::as_slice).unwrap_or(&[]), node_name)
         })
         .collect();
-    translated.sort_by(|a, b| a.order.cmp(&b.order));
+    translated.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
     for t in translated {
         out.warnings.extend(t.warnings);
         out.health_checks.extend(t.health_check);
@@ -198,18 +196,28 @@ pub struct Claimed {
 /// in claim order, `owners` who held what before.
 pub fn claim(services: Vec<(ServiceName, Origin, Vec<Claim>)>, owners: &HashMap<Service4KeyV1, ServiceName>) -> Claimed {
     let mut claims = Claims::holding(owners.clone());
-    let wanted: HashMap<&str, (Order, &str, SharedClaims)> =
-        services.iter().enumerate().map(|(i, (name, origin, claims))| (&**name, ((None, format!("{i:010}").into()), &**origin, claims.as_slice().into()))).collect();
+    for (i, (name, origin, list)) in services.iter().enumerate() {
+        claims.want(name.clone(), Some(i as i64), origin.clone(), list.as_slice().into());
+    }
     let affected = services.iter().map(|(n, _, _)| n.clone()).collect();
-    let settled = claims.settle(affected, true, |name| wanted.get(name).map(|(order, origin, claims)| Wanted { order: order.clone(), origin, claims }));
+    let settled = claims.settle(affected, true);
     Claimed { frontends: settled.changes.into_iter().map(|(name, _, granted)| (name, granted.to_vec())).collect(), errors: settled.errors }
 }
 
-/// What one Service wants: its claims, where it came from, and its place in the claim order.
-pub struct Wanted<'a> {
-    pub order: Order,
-    pub origin: &'a str,
-    pub claims: &'a SharedClaims,
+/// What one Service asks for: its claims, where it came from, and its creation time.
+#[derive(Clone, Debug)]
+struct Wanted {
+    created: Option<i64>,
+    origin: Origin,
+    claims: SharedClaims,
+}
+
+/// One Service's claims: what it asks for, and what it was granted.
+#[derive(Debug, Default)]
+struct ServiceClaims {
+    /// `None` once it asks for nothing: what it was granted goes at the next settling.
+    wanted: Option<Wanted>,
+    granted: SharedClaims,
 }
 
 /// What one settling changed: (Service, frontends it had, frontends it has now) for every
@@ -228,7 +236,7 @@ pub struct Settled {
 pub struct Claims {
     holders: HashMap<Service4KeyV1, ServiceName>,
     waiting: HashMap<Service4KeyV1, BTreeSet<ServiceName>>,
-    granted: HashMap<ServiceName, SharedClaims>,
+    services: HashMap<ServiceName, ServiceClaims>,
 }
 
 impl Claims {
@@ -237,15 +245,42 @@ impl Claims {
         Self { holders, ..Self::default() }
     }
 
-    /// The frontends a Service holds now.
-    pub fn granted(&self, name: &str) -> &[Claim] {
-        self.granted.get(name).map(|c| &**c).unwrap_or(&[])
+    /// What Service `name` asks for, from the next settling on (`created`: its creation time
+    /// in Unix seconds; with its name, its place in the claim order, the older first).
+    pub fn want(&mut self, name: ServiceName, created: Option<i64>, origin: Origin, claims: SharedClaims) {
+        self.services.entry(name).or_default().wanted = Some(Wanted { created, origin, claims });
     }
 
-    /// Settles the Services in `affected` again (`wanted`: what each asks for now, `None`
-    /// for one that is gone), and those waiting for a frontend one of them lets go. With
-    /// `everything`, holders that no Service asks for any more are let go as well (a restart).
-    pub fn settle<'a>(&mut self, mut affected: BTreeSet<ServiceName>, everything: bool, wanted: impl Fn(&str) -> Option<Wanted<'a>>) -> Settled {
+    /// Service `name` asks for nothing any more (it is gone, or not proxied).
+    pub fn unwant(&mut self, name: &str) {
+        if let Some(service) = self.services.get_mut(name) {
+            service.wanted = None;
+        }
+    }
+
+    /// The Services that ask for frontends.
+    pub fn wanting(&self) -> impl Iterator<Item = &ServiceName> {
+        self.services.iter().filter(|(_, s)| s.wanted.is_some()).map(|(name, _)| name)
+    }
+
+    /// The frontends a Service holds now.
+    pub fn granted(&self, name: &str) -> &[Claim] {
+        self.services.get(name).map(|s| &*s.granted).unwrap_or(&[])
+    }
+
+    /// Every frontend granted.
+    pub fn all_granted(&self) -> impl Iterator<Item = &Claim> {
+        self.services.values().flat_map(|s| s.granted.iter())
+    }
+
+    fn wanted(&self, name: &str) -> Option<Wanted> {
+        self.services.get(name).and_then(|s| s.wanted.clone())
+    }
+
+    /// Settles the Services in `affected` again, and those waiting for a frontend one of them
+    /// lets go. With `everything`, holders that no Service asks for any more are let go as
+    /// well (a restart).
+    pub fn settle(&mut self, mut affected: BTreeSet<ServiceName>, everything: bool) -> Settled {
         if everything {
             affected.extend(self.holders.values().cloned());
         }
@@ -264,7 +299,7 @@ impl Claims {
         // Let go of what affected Services no longer ask for; whoever waited for it is settled too.
         let mut woken = BTreeSet::new();
         for name in &affected {
-            let keep = keys_of(&wanted(name));
+            let keep = keys_of(&self.wanted(name));
             for key in held.remove(name).into_iter().flatten().filter(|k| !keep.contains(k)) {
                 if self.holders.get(&key) == Some(name) {
                     self.holders.remove(&key);
@@ -278,8 +313,8 @@ impl Claims {
         }
         self.waiting.retain(|_, w| !w.is_empty());
         // Free frontends go to the first in claim order; held ones stay where they are.
-        let mut order: Vec<(ServiceName, Wanted)> = affected.iter().filter_map(|n| wanted(n).map(|w| (n.clone(), w))).collect();
-        order.sort_by(|a, b| a.1.order.cmp(&b.1.order));
+        let mut order: Vec<(ServiceName, Wanted)> = affected.iter().filter_map(|n| self.wanted(n).map(|w| (n.clone(), w))).collect();
+        order.sort_by(|(a, aw), (b, bw)| (aw.created, a).cmp(&(bw.created, b)));
         for (name, w) in &order {
             for c in w.claims.iter() {
                 self.holders.entry(frontend_of(&c.frontend.key)).or_insert_with(|| name.clone());
@@ -301,12 +336,14 @@ impl Claims {
                 }
             }
             let kept: SharedClaims = if kept.len() == w.claims.len() { w.claims.clone() } else { kept.into() };
-            let before = self.granted.insert(name.clone(), kept.clone()).unwrap_or_default();
+            let service = self.services.get_mut(name).expect("it asks for frontends");
+            let before = std::mem::replace(&mut service.granted, kept.clone());
             out.changes.push((name.clone(), before, kept));
         }
-        for name in affected.iter().filter(|n| wanted(n).is_none()) {
-            if let Some(before) = self.granted.remove(name) {
-                out.changes.push((name.clone(), before, SharedClaims::default()));
+        for name in &affected {
+            if self.services.get(name).is_some_and(|s| s.wanted.is_none()) {
+                let gone = self.services.remove(name).expect("just found");
+                out.changes.push((name.clone(), gone.granted, SharedClaims::default()));
             }
         }
         out
@@ -378,7 +415,7 @@ fn service_frontends(
     warn: &mut impl FnMut(String, String),
     health_checks: &mut Vec<HealthCheck>,
 ) -> Result<Vec<Claim>, FieldError> {
-    if svc.metadata.name.as_deref().unwrap_or("").is_empty() {
+    if svc.metadata.id.name().is_empty() {
         return Err(("metadata.name".into(), "is missing".into()));
     }
     let spec = svc.spec.as_ref().ok_or(("spec".to_string(), "is missing".to_string()))?;
@@ -413,8 +450,7 @@ fn service_frontends(
     }
     let mut lb_ips = Vec::new();
     if kind_type == "LoadBalancer" {
-        let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
-        for (i, ing) in ingress.into_iter().flatten().enumerate() {
+        for (i, ing) in svc.status.load_balancer.ingress.iter().enumerate() {
             let Some(ip) = &ing.ip else { continue };
             let field = format!("status.loadBalancer.ingress[{i}].ip");
             if ing.ip_mode.as_deref() == Some("Proxy") {
@@ -494,8 +530,8 @@ fn service_frontends(
     if kind_type == "LoadBalancer" && policy.ext_local {
         if let Some(port) = spec.health_check_node_port {
             let port = valid_port(port, "spec.healthCheckNodePort")?;
-            let namespace = svc.metadata.namespace.as_deref().unwrap_or("default").to_string();
-            health_checks.push(HealthCheck { port, namespace, name: svc.metadata.name.as_deref().unwrap_or_default().to_string(), local_endpoints: local_ready.len() });
+            let (namespace, name) = (svc.metadata.id.namespace().to_string(), svc.metadata.id.name().to_string());
+            health_checks.push(HealthCheck { port, namespace, name, local_endpoints: local_ready.len() });
         }
     }
     Ok(claims)
@@ -527,9 +563,14 @@ impl Endpoints {
         let pick = |list: &[BackendSpec]| list.iter().filter(|b| !local_only || b.local).copied().collect::<Vec<_>>();
         let ready = pick(&self.ready);
         let selectable = if ready.is_empty() { pick(&self.serving_terminating) } else { ready };
-        let draining = self.ready.iter().chain(&self.serving_terminating).chain(&self.other).filter(|b| !selectable.contains(b)).copied().collect();
-        (selectable.into(), draining)
+        let draining: Vec<BackendSpec> = self.ready.iter().chain(&self.serving_terminating).chain(&self.other).filter(|b| !selectable.contains(b)).copied().collect();
+        (shared(selectable), shared(draining))
     }
+}
+
+/// A list of backends to share; an empty one is the one static empty list (no allocation).
+fn shared(list: Vec<BackendSpec>) -> Backends {
+    if list.is_empty() { Backends::default() } else { list.into() }
 }
 
 /// The endpoints of the slices for one Service port. The slice port with the Service port's
@@ -541,7 +582,7 @@ fn endpoints_for(port: &ServicePort, slices: &[&EndpointSlice], node_name: &str)
         if slice.address_type != "IPv4" {
             continue;
         }
-        let slice_name = slice.metadata.name.as_deref().unwrap_or("?");
+        let slice_name = slice.metadata.id.name();
         let matching = slice.ports.iter().flatten().find(|p| {
             p.name.as_deref().unwrap_or("") == want_name && p.protocol.as_deref().unwrap_or("TCP") == port.protocol.as_deref().unwrap_or("TCP")
         });
@@ -620,7 +661,7 @@ fn parse_ipv4(s: &str, field: &str) -> Result<Option<Ipv4Addr>, FieldError> {
 
 /// The InternalIP (else ExternalIP) of the Node named `node_name`.
 pub fn node_ip<'a>(mut nodes: impl Iterator<Item = &'a Node>, node_name: &str) -> Option<Ipv4Addr> {
-    let node = nodes.find(|n| n.metadata.name.as_deref() == Some(node_name))?;
+    let node = nodes.find(|n| n.metadata.id.name() == node_name)?;
     let addrs = node.status.as_ref()?.addresses.as_ref()?;
     ["InternalIP", "ExternalIP"]
         .iter()

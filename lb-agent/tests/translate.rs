@@ -7,7 +7,7 @@ use std::{
 use lb_agent::{
     dataplane::Frontend,
     source::manifests::{parse_manifest, ManifestDir},
-    translate::{claim, translate, Claim, Claims, ClusterState, ObjectError, Order, Origin, ServiceName, SharedClaims, Translation, Wanted},
+    translate::{claim, translate, Claim, Claims, ClusterState, ObjectError, ServiceName, Translation},
 };
 use lb_common::*;
 
@@ -292,21 +292,26 @@ fn a_frontend_let_go_goes_to_the_service_waiting_for_it_and_only_changed_service
     let older = service("old", Some("2026-01-01T00:00:00Z"), "  clusterIP: 10.96.6.1\n  externalIPs: [10.99.200.7]\n  ports: [{port: 80}]");
     let newer = service("new", Some("2026-06-01T00:00:00Z"), "  clusterIP: 10.96.6.2\n  externalIPs: [10.99.200.7]\n  ports: [{port: 80}]");
     let other = service("other", None, "  clusterIP: 10.96.6.3\n  ports: [{port: 80}]");
-    let translated = |text: &str| -> HashMap<ServiceName, (Order, Origin, SharedClaims)> {
-        translate(&parse_manifest("f.yaml", text).unwrap(), "n").services.into_iter().enumerate().map(|(i, s)| (s.name, ((None, format!("{i}").into()), s.origin, s.result.unwrap().into()))).collect()
+    // Every Service of `text` asks for its frontends, in the order translation gives.
+    let want = |claims: &mut Claims, text: &str| -> BTreeSet<ServiceName> {
+        let mut names = BTreeSet::new();
+        for (i, s) in translate(&parse_manifest("f.yaml", text).unwrap(), "n").services.into_iter().enumerate() {
+            names.insert(s.name.clone());
+            claims.want(s.name, Some(i as i64), s.origin, s.result.unwrap().into());
+        }
+        names
     };
     let ips = |claims: &[Claim]| claims.iter().map(|c| ip4_octets(c.frontend.key.addr)).collect::<Vec<_>>();
     let mut claims = Claims::default();
-    let wanted = translated(&(older.clone() + &newer + &other));
-    let all = wanted.keys().cloned().collect();
-    let first = claims.settle(all, true, |n| wanted.get(n).map(|(o, origin, c)| Wanted { order: o.clone(), origin, claims: c }));
+    let all = want(&mut claims, &(older.clone() + &newer + &other));
+    let first = claims.settle(all, true);
     assert_eq!(first.errors.len(), 1, "the newer Service waits for the external IP");
     assert_eq!(ips(claims.granted("prod/new")), [[10, 96, 6, 2]]);
 
     // The older Service drops the external IP: settling it alone wakes the newer one, and
     // leaves the third untouched.
-    let wanted = translated(&(service("old", Some("2026-01-01T00:00:00Z"), "  clusterIP: 10.96.6.1\n  ports: [{port: 80}]") + &newer + &other));
-    let next = claims.settle(BTreeSet::from(["prod/old".into()]), false, |n| wanted.get(n).map(|(o, origin, c)| Wanted { order: o.clone(), origin, claims: c }));
+    want(&mut claims, &(service("old", Some("2026-01-01T00:00:00Z"), "  clusterIP: 10.96.6.1\n  ports: [{port: 80}]") + &newer + &other));
+    let next = claims.settle(BTreeSet::from(["prod/old".into()]), false);
     let looked_at: Vec<&str> = next.changes.iter().map(|(n, _, _)| &**n).collect();
     assert_eq!(looked_at, ["prod/old", "prod/new"]);
     assert!(next.errors.is_empty(), "{:?}", next.errors);
@@ -314,7 +319,8 @@ fn a_frontend_let_go_goes_to_the_service_waiting_for_it_and_only_changed_service
     assert_eq!(ips(claims.granted("prod/old")), [[10, 96, 6, 1]]);
 
     // A Service that is gone lets go of everything.
-    let gone = claims.settle(BTreeSet::from(["prod/new".into()]), false, |n| if n == "prod/new" { None } else { wanted.get(n).map(|(o, origin, c)| Wanted { order: o.clone(), origin, claims: c }) });
+    claims.unwant("prod/new");
+    let gone = claims.settle(BTreeSet::from(["prod/new".into()]), false);
     assert_eq!((gone.changes.len(), gone.changes[0].2.len()), (1, 0));
     assert!(claims.granted("prod/new").is_empty());
 }

@@ -3,6 +3,7 @@
 //! slice beside the old one, the service entry is flipped in one write, and only then is what
 //! became unused freed. Deletion runs in reverse.
 //!
+//! - [`backends`]: backend ids and who uses them;
 //! - [`batch`]: many map entries in one system call;
 //! - [`load`]: the embedded kernel object, loaded with every map pinned;
 //! - [`maps`]: typed handles on those maps;
@@ -11,6 +12,7 @@
 //!   that port's frontends;
 //! - [`conntrack`]: expiring flows the kernel tracks;
 //! - [`sockets`]: ending node sockets left on a removed backend.
+mod backends;
 pub mod batch;
 pub mod conntrack;
 pub mod load;
@@ -32,6 +34,7 @@ use lb_common::*;
 use maglev::Maglev;
 
 use self::{
+    backends::BackendIds,
     maps::{zero_counters, Maps},
     tables::{TableKey, Tables},
 };
@@ -103,10 +106,32 @@ struct Programmed {
     entry: Service4V1,
     /// Every backend id this frontend holds (selectable and draining).
     backend_ids: Box<[u32]>,
+    /// Boxed apart, and only when there is any: most frontends have none.
+    policy: Option<Box<ProgrammedPolicy>>,
+}
+
+/// A frontend's entries in the policy maps.
+#[derive(Clone, Debug)]
+struct ProgrammedPolicy {
     /// Backends it lets affinity use (`LB_AFF_MATCH_V1`).
     affinity_ids: Box<[u32]>,
     /// Its entries in `LB4_SRCRANGE_V1`.
     source_ranges: Box<[(u32, u8)]>,
+}
+
+impl Programmed {
+    fn new(frontend: Arc<Frontend>, entry: Service4V1, backend_ids: Vec<u32>, affinity_ids: Vec<u32>, source_ranges: Vec<(u32, u8)>) -> Self {
+        let policy = (!affinity_ids.is_empty() || !source_ranges.is_empty()).then(|| Box::new(ProgrammedPolicy { affinity_ids: affinity_ids.into(), source_ranges: source_ranges.into() }));
+        Self { frontend, entry, backend_ids: backend_ids.into(), policy }
+    }
+
+    fn affinity_ids(&self) -> &[u32] {
+        self.policy.as_ref().map_or(&[], |p| &p.affinity_ids)
+    }
+
+    fn source_ranges(&self) -> &[(u32, u8)] {
+        self.policy.as_ref().map_or(&[], |p| &p.source_ranges)
+    }
 }
 
 /// What one `apply` changed.
@@ -128,10 +153,7 @@ pub struct Dataplane {
     tables: Tables,
     /// Boxed: a table of 130k frontends has 256k buckets, half of them empty.
     services: HashMap<Service4KeyV1, Box<Programmed>>,
-    /// Backend entry -> id, and id -> (entry, number of services using it; 0: a free id).
-    /// Ids are handed out densely from 1, so the second is a plain array.
-    backend_ids: HashMap<Backend4V1, u32>,
-    backend_users: Vec<(Backend4V1, u32)>,
+    backend_ids: BackendIds,
     free_backend_ids: Vec<u32>,
     next_backend_id: u32,
     free_service_ids: Vec<u32>,
@@ -188,8 +210,7 @@ impl Dataplane {
             min_table_size,
             tables: Tables::new(slots),
             services: HashMap::new(),
-            backend_ids: HashMap::new(),
-            backend_users: Vec::new(),
+            backend_ids: BackendIds::default(),
             free_backend_ids: Vec::new(),
             next_backend_id: 1,
             free_service_ids: Vec::new(),
@@ -235,28 +256,19 @@ impl Dataplane {
             }
             // Draining backends are in no slot; they are found again by the next apply.
             for id in &ids {
-                let backend = self.maps.backends.get(id, 0)?;
-                self.backend_ids.insert(backend, *id);
-                let user = self.backend_user(*id);
-                *user = (backend, user.1 + 1);
+                self.backend_ids.acquire(*id, self.maps.backends.get(id, 0)?);
                 self.next_backend_id = self.next_backend_id.max(id + 1);
             }
             let name = self.maps.service_names.get(&entry.service_id, 0).map(|n| n.as_str().to_string()).unwrap_or_default();
             max_service_id = max_service_id.max(Some(entry.service_id));
             let frontend = Arc::new(Frontend { key: *key, kind: entry.kind, name: name.into(), ..Frontend::default() });
-            let programmed = Programmed {
-                frontend,
-                entry: *entry,
-                backend_ids: ids.into(),
-                affinity_ids: affinity_ids.remove(&entry.service_id).unwrap_or_default().into(),
-                source_ranges: ranges.remove(&entry.service_id).unwrap_or_default().into(),
-            };
+            let programmed = Programmed::new(frontend, *entry, ids, affinity_ids.remove(&entry.service_id).unwrap_or_default(), ranges.remove(&entry.service_id).unwrap_or_default());
             self.services.insert(*key, Box::new(programmed));
         }
         self.next_service_id = max_service_id.map_or(0, |m| m + 1);
         let used: std::collections::HashSet<u32> = entries.iter().map(|(_, e)| e.service_id).collect();
         self.free_service_ids = (0..self.next_service_id).filter(|id| !used.contains(id)).collect();
-        self.free_backend_ids = (1..self.next_backend_id).filter(|id| self.backend_users.get(*id as usize).is_none_or(|u| u.1 == 0)).collect();
+        self.free_backend_ids = (1..self.next_backend_id).filter(|id| self.backend_ids.entry(*id).is_none()).collect();
         // An earlier agent may have used ids past the ones adopted: their counters go now, at
         // once (maps created by this load are zero already).
         if counters_pinned {
@@ -447,9 +459,9 @@ impl Dataplane {
                 self.tables.release(old.entry.maglev_offset);
             }
             self.release_backends(&old.backend_ids)?;
-            self.remove_policy(service_id, &old.affinity_ids, &old.source_ranges, &affinity_ids, &source_ranges);
+            self.remove_policy(service_id, old.affinity_ids(), old.source_ranges(), &affinity_ids, &source_ranges);
         }
-        let programmed = Programmed { frontend: frontend.clone(), entry, backend_ids: backend_ids.into(), affinity_ids: affinity_ids.into(), source_ranges: source_ranges.into() };
+        let programmed = Programmed::new(frontend.clone(), entry, backend_ids, affinity_ids, source_ranges);
         self.services.insert(frontend.key, Box::new(programmed));
         Ok(())
     }
@@ -461,7 +473,7 @@ impl Dataplane {
             self.tables.release(old.entry.maglev_offset);
         }
         self.release_backends(&old.backend_ids)?;
-        self.remove_policy(old.entry.service_id, &old.affinity_ids, &old.source_ranges, &[], &[]);
+        self.remove_policy(old.entry.service_id, old.affinity_ids(), old.source_ranges(), &[], &[]);
         self.free_service_ids.push(old.entry.service_id);
         Ok(())
     }
@@ -526,8 +538,8 @@ impl Dataplane {
     }
 
     fn acquire_backend(&mut self, entry: Backend4V1) -> Result<u32> {
-        if let Some(&id) = self.backend_ids.get(&entry) {
-            self.backend_user(id).1 += 1;
+        if let Some(id) = self.backend_ids.get(&entry) {
+            self.backend_ids.acquire(id, entry);
             return Ok(id);
         }
         let capacity = self.maps.backends.len();
@@ -538,26 +550,13 @@ impl Dataplane {
             self.maps.backend_stats.set(id, zero_counters()?, 0)?;
         }
         self.maps.backends.set(id, &entry, 0).context("writing a backend")?;
-        self.backend_ids.insert(entry, id);
-        *self.backend_user(id) = (entry, 1);
+        self.backend_ids.acquire(id, entry);
         Ok(id)
-    }
-
-    /// Who uses backend `id` (grown to hold it).
-    fn backend_user(&mut self, id: u32) -> &mut (Backend4V1, u32) {
-        let at = id as usize;
-        if self.backend_users.len() <= at {
-            self.backend_users.resize(at + 1, (Backend4V1::default(), 0));
-        }
-        &mut self.backend_users[at]
     }
 
     fn release_backends(&mut self, ids: &[u32]) -> Result<()> {
         for id in ids {
-            let Some((entry, users)) = self.backend_users.get_mut(*id as usize).filter(|u| u.1 > 0) else { continue };
-            *users -= 1;
-            if *users == 0 {
-                self.backend_ids.remove(&*entry);
+            if self.backend_ids.release(*id) {
                 // A zeroed entry reads as "gone": flows pinned to it re-select (see lb.rs).
                 self.maps.backends.set(*id, &Backend4V1::default(), 0)?;
                 self.free_backend_ids.push(*id);
@@ -585,8 +584,8 @@ impl Dataplane {
 
     /// Collects expired flows; backends are known from what is programmed, not read back.
     pub fn collect_conntrack(&mut self, now_ns: u64) -> Result<conntrack::GcStats> {
-        let users = &self.backend_users;
-        conntrack::gc(&mut self.maps, now_ns, |id| users.get(id as usize).filter(|u| u.1 > 0).map(|(b, _)| *b).unwrap_or_default())
+        let ids = &self.backend_ids;
+        conntrack::gc(&mut self.maps, now_ns, |id| ids.entry(id).unwrap_or_default())
     }
 
     /// How many frontends are programmed.
@@ -606,7 +605,7 @@ impl Dataplane {
 
     /// The backend id programmed for `spec`, if any.
     pub fn backend_id(&self, spec: &BackendSpec) -> Option<u32> {
-        self.backend_ids.get(&spec.entry()).copied()
+        self.backend_ids.get(&spec.entry())
     }
 
     /// The service entry programmed for `key`.

@@ -2,7 +2,13 @@
 //! one Service port and one set of backends: every frontend of that port that selects the same
 //! backends (its ClusterIP, NodePort, LoadBalancer IPs, ExternalIPs) points at the same slots,
 //! so a Service costs one table, not one per address.
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    hash::{BuildHasher, RandomState},
+    sync::Arc,
+};
+
+use hashbrown::HashTable;
 
 use super::{slices::SliceAllocator, Backends, Frontend};
 
@@ -34,24 +40,27 @@ struct Table {
     key: TableKey,
     size: u32,
     /// Frontends whose entry points at it.
-    users: usize,
+    users: u32,
 }
 
 #[derive(Debug)]
 pub struct Tables {
     slices: SliceAllocator,
     at: HashMap<u32, Table>,
-    by_key: HashMap<TableKey, u32>,
+    /// The offsets in `at`, hashed by their table's key (held once, in `at`).
+    by_key: HashTable<u32>,
+    hasher: RandomState,
 }
 
 impl Tables {
     pub fn new(slots: u32) -> Self {
-        Self { slices: SliceAllocator::new(slots), at: HashMap::new(), by_key: HashMap::new() }
+        Self { slices: SliceAllocator::new(slots), at: HashMap::new(), by_key: HashTable::new(), hasher: RandomState::new() }
     }
 
     /// The table already holding `key`, now used once more: (offset, size).
     pub fn share(&mut self, key: &TableKey) -> Option<(u32, u32)> {
-        let offset = *self.by_key.get(key)?;
+        let at = &self.at;
+        let offset = *self.by_key.find(self.hasher.hash_one(key), |offset| at[offset].key == *key)?;
         let table = self.at.get_mut(&offset).expect("both indexes agree");
         table.users += 1;
         Some((offset, table.size))
@@ -60,18 +69,16 @@ impl Tables {
     /// A fresh slice of `size` slots for `key`, used once; `None` when no free range fits.
     pub fn alloc(&mut self, key: TableKey, size: u32) -> Option<u32> {
         let offset = self.slices.alloc(size)?;
-        self.by_key.insert(key.clone(), offset);
-        self.at.insert(offset, Table { key, size, users: 1 });
+        self.insert(offset, Table { key, size, users: 1 });
         Some(offset)
     }
 
     /// The table at `offset` was rewritten in place to hold `key`, and is used once more.
     pub fn rekey(&mut self, offset: u32, key: TableKey) {
-        let table = self.at.get_mut(&offset).expect("rekeying a live table");
-        self.by_key.remove(&table.key);
-        self.by_key.insert(key.clone(), offset);
+        let mut table = self.remove(offset).expect("rekeying a live table");
         table.key = key;
         table.users += 1;
+        self.insert(offset, table);
     }
 
     /// One user fewer; the slice is freed with the last.
@@ -79,15 +86,29 @@ impl Tables {
         let Some(table) = self.at.get_mut(&offset) else { return };
         table.users -= 1;
         if table.users == 0 {
-            let table = self.at.remove(&offset).expect("present");
-            self.by_key.remove(&table.key);
+            let table = self.remove(offset).expect("present");
             self.slices.free(offset, table.size);
         }
     }
 
+    fn insert(&mut self, offset: u32, table: Table) {
+        let hash = self.hasher.hash_one(&table.key);
+        self.at.insert(offset, table);
+        let (at, hasher) = (&self.at, &self.hasher);
+        self.by_key.insert_unique(hash, offset, |offset| hasher.hash_one(&at[offset].key));
+    }
+
+    fn remove(&mut self, offset: u32) -> Option<Table> {
+        let table = self.at.remove(&offset)?;
+        if let Ok(found) = self.by_key.find_entry(self.hasher.hash_one(&table.key), |&other| other == offset) {
+            found.remove();
+        }
+        Some(table)
+    }
+
     /// How many frontends point at the table at `offset`.
     pub fn users(&self, offset: u32) -> usize {
-        self.at.get(&offset).map_or(0, |t| t.users)
+        self.at.get(&offset).map_or(0, |t| t.users as usize)
     }
 
     /// Takes over a table a pinned service entry points at (shared ones once). False when it
@@ -103,9 +124,7 @@ impl Tables {
         if !self.slices.reserve(offset, size) {
             return false;
         }
-        let key = TableKey::adopted(offset);
-        self.by_key.insert(key.clone(), offset);
-        self.at.insert(offset, Table { key, size, users: 1 });
+        self.insert(offset, Table { key: TableKey::adopted(offset), size, users: 1 });
         true
     }
 

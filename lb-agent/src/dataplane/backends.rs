@@ -1,0 +1,82 @@
+//! Backend ids: the id each backend entry has in `LB_BACKENDS_V1`, and how many frontends use
+//! it. Ids are handed out densely from 1, so entries and use counts sit in an array indexed by
+//! id, and the index by entry holds only ids, hashed by the entry each names: at 300k backends
+//! that is 4 bytes a slot, not a second copy of every entry.
+use std::hash::{BuildHasher, RandomState};
+
+use hashbrown::HashTable;
+use lb_common::Backend4V1;
+
+#[derive(Debug, Default)]
+pub struct BackendIds {
+    /// By id: the entry, and how many frontends use it (0: a free id).
+    users: Vec<(Backend4V1, u32)>,
+    by_entry: HashTable<u32>,
+    hasher: RandomState,
+}
+
+impl BackendIds {
+    /// The id `entry` has, if a frontend uses it.
+    pub fn get(&self, entry: &Backend4V1) -> Option<u32> {
+        let users = &self.users;
+        self.by_entry.find(self.hasher.hash_one(entry), |&id| users[id as usize].0 == *entry).copied()
+    }
+
+    /// One more user of `id`, which names `entry` (a fresh id, or the one `get` gave).
+    pub fn acquire(&mut self, id: u32, entry: Backend4V1) {
+        let at = id as usize;
+        if self.users.len() <= at {
+            self.users.resize(at + 1, (Backend4V1::default(), 0));
+        }
+        let (_, count) = self.users[at];
+        self.users[at] = (entry, count + 1);
+        if count == 0 {
+            let (users, hasher) = (&self.users, &self.hasher);
+            self.by_entry.insert_unique(hasher.hash_one(&entry), id, |&id| hasher.hash_one(&users[id as usize].0));
+        }
+    }
+
+    /// One user fewer; true when that was the last (the id is free again).
+    pub fn release(&mut self, id: u32) -> bool {
+        let Some((entry, count)) = self.users.get_mut(id as usize).filter(|u| u.1 > 0) else { return false };
+        *count -= 1;
+        if *count > 0 {
+            return false;
+        }
+        if let Ok(found) = self.by_entry.find_entry(self.hasher.hash_one(&*entry), |&other| other == id) {
+            found.remove();
+        }
+        true
+    }
+
+    /// The entry a used id names.
+    pub fn entry(&self, id: u32) -> Option<Backend4V1> {
+        self.users.get(id as usize).filter(|u| u.1 > 0).map(|(entry, _)| *entry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(last: u8) -> Backend4V1 {
+        Backend4V1 { addr: u32::from_be_bytes([10, 0, 0, last]).to_be(), port: 80u16.to_be(), flags: 0, _pad: 0 }
+    }
+
+    #[test]
+    fn an_id_is_found_by_its_entry_until_its_last_user_lets_go() {
+        let mut ids = BackendIds::default();
+        ids.acquire(1, backend(1));
+        ids.acquire(2, backend(2));
+        ids.acquire(1, backend(1));
+        assert_eq!((ids.get(&backend(1)), ids.get(&backend(2)), ids.get(&backend(3))), (Some(1), Some(2), None));
+        assert!(!ids.release(1), "still used once");
+        assert_eq!(ids.entry(1), Some(backend(1)));
+        assert!(ids.release(1));
+        assert_eq!((ids.get(&backend(1)), ids.entry(1)), (None, None));
+        assert!(!ids.release(1), "a free id is left alone");
+        // The freed id may name another backend; the others are untouched.
+        ids.acquire(1, backend(9));
+        assert_eq!((ids.get(&backend(9)), ids.get(&backend(2))), (Some(1), Some(2)));
+    }
+}
