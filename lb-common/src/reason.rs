@@ -37,8 +37,11 @@ pub const FWD_SOCKET: u32 = 24;
 /// A node process tried to bind a NodePort, LoadBalancer or ExternalIP frontend's port.
 pub const REJECT_SOCKET_BIND: u32 = 25;
 
+/// An IPv6 packet with more extension headers than are walked (eight), left to the stack.
+pub const PASS_IPV6_LONG_CHAIN: u32 = 26;
+
 /// Number of reasons (at most `REASON_SLOTS`).
-pub const COUNT: u32 = 26;
+pub const COUNT: u32 = 27;
 
 /// Stable names for metrics and `lbctl stats`, indexed by reason.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -68,4 +71,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "fwd_hairpin",
     "fwd_socket",
     "reject_socket_bind",
+    "pass_ipv6_long_chain",
 ];

@@ -85,10 +85,7 @@ pub fn parse(data: usize, data_end: usize) -> Parsed {
         l3_off += VlanHdr::LEN;
     }
     if ether_type == ETH_P_IPV6 {
-        if ptr_at::<Ipv6Hdr>(data, data_end, l3_off).is_none() {
-            return Parsed::Drop(reason::DROP_TRUNCATED_IP6);
-        }
-        return Parsed::Pass(reason::PASS_IPV6);
+        return parse_ipv6(data, data_end, l3_off);
     }
     if ether_type != ETH_P_IP {
         return Parsed::Pass(reason::PASS_NOT_IP);
@@ -144,6 +141,80 @@ pub fn parse(data: usize, data_end: usize) -> Parsed {
         tuple.dst_port = u16::from_ne_bytes(udp.dst);
     }
     Parsed::Ipv4(Ipv4Packet { l3_off, l4_off, tuple, tcp_flags, first_fragment: frag & IP_MF != 0 })
+}
+
+/// IPv6 extension headers walked to reach the transport header, at most (real traffic carries
+/// one or two; Cilium walks four).
+const IPV6_MAX_EXT_HEADERS: usize = 8;
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
+const NEXTHDR_MOBILITY: u8 = 135;
+const NEXTHDR_HIP: u8 = 139;
+const NEXTHDR_SHIM6: u8 = 140;
+/// The offset bits of a fragment header's offset-and-flags field, in host order.
+const IP6_OFFSET_MASK: u16 = 0xfff8;
+/// Every extension header starts with these 8 bytes: the next header and a length.
+const IPV6_EXT_MIN_LEN: usize = 8;
+
+/// Extension headers that can be walked: each names the next header and its own length (ESP
+/// cannot be: what follows it is encrypted).
+#[inline(always)]
+fn is_walkable_extension(next: u8) -> bool {
+    matches!(next, NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_FRAGMENT | NEXTHDR_AUTH | NEXTHDR_DEST | NEXTHDR_MOBILITY | NEXTHDR_HIP | NEXTHDR_SHIM6)
+}
+
+/// An IPv6 packet, its extension headers walked to the transport header. IPv6 Services are not
+/// balanced yet: a TCP or UDP packet whose headers are whole passes (`PASS_IPV6`). A header cut
+/// short drops, as in IPv4; a later fragment, a longer chain than is walked and every other
+/// protocol (ICMPv6, neighbour discovery among it) pass to the stack untouched.
+#[inline(always)]
+fn parse_ipv6(data: usize, data_end: usize, l3_off: usize) -> Parsed {
+    let Some(ip) = ptr_at::<Ipv6Hdr>(data, data_end, l3_off) else {
+        return Parsed::Drop(reason::DROP_TRUNCATED_IP6);
+    };
+    let mut next = unsafe { (*ip).next_hdr };
+    let mut off = l3_off + Ipv6Hdr::LEN;
+    for _ in 0..IPV6_MAX_EXT_HEADERS {
+        if !is_walkable_extension(next) {
+            break;
+        }
+        let Some(ext) = ptr_at::<[u8; IPV6_EXT_MIN_LEN]>(data, data_end, off) else {
+            return Parsed::Drop(reason::DROP_TRUNCATED_IP6);
+        };
+        let ext = unsafe { *ext };
+        off += match next {
+            NEXTHDR_FRAGMENT => {
+                if u16::from_be_bytes([ext[2], ext[3]]) & IP6_OFFSET_MASK != 0 {
+                    // A later fragment carries no ports: it cannot be matched to a flow here.
+                    return Parsed::Pass(reason::PASS_FRAGMENT);
+                }
+                IPV6_EXT_MIN_LEN
+            }
+            // The authentication header counts 4-byte words, less two; the others 8-byte
+            // units, less one.
+            NEXTHDR_AUTH => (ext[1] as usize + 2) * 4,
+            _ => (ext[1] as usize + 1) * 8,
+        };
+        if data + off > data_end {
+            return Parsed::Drop(reason::DROP_TRUNCATED_IP6);
+        }
+        next = ext[0];
+    }
+    if is_walkable_extension(next) {
+        return Parsed::Pass(reason::PASS_IPV6_LONG_CHAIN);
+    }
+    let l4_len = match next {
+        IPPROTO_TCP => TcpHdr::LEN,
+        IPPROTO_UDP => UdpHdr::LEN,
+        _ => return Parsed::Pass(reason::PASS_NOT_TCP_UDP),
+    };
+    if data + off + l4_len > data_end {
+        return Parsed::Drop(reason::DROP_TRUNCATED_L4);
+    }
+    Parsed::Pass(reason::PASS_IPV6)
 }
 
 const ICMP_DEST_UNREACH: u8 = 3;
