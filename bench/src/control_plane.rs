@@ -228,7 +228,7 @@ pub fn run_case(cfg: &Config, mode: &'static str, n: usize) -> Result<Row> {
     // Churn: edits at a fixed rate; a watcher thread times each one.
     let mut churn = Vec::new();
     for &rate in &cfg.churn_rates {
-        let pending: Arc<Mutex<Vec<(usize, Service4V1, String, Instant)>>> = Arc::default();
+        let pending: Arc<Mutex<Vec<(usize, ServiceV1, String, Instant)>>> = Arc::default();
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let watcher = {
             let (pending, done, pins) = (pending.clone(), done.clone(), pins.dir.clone());
@@ -352,7 +352,7 @@ fn cluster_key(i: usize) -> Service4KeyV1 {
     Service4KeyV1 { addr: ip4_raw(ip.octets()), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER }
 }
 
-fn frontend_entry(maps: &Maps, i: usize) -> Result<Service4V1> {
+fn frontend_entry(maps: &Maps, i: usize) -> Result<ServiceV1> {
     // A lookup racing the agent's rewrite of the same key can miss it for an instant: the new
     // element goes in at the bucket's head and a preallocated map reuses the old one at once,
     // so a reader already past the head may find neither. Look again first.
@@ -367,7 +367,7 @@ fn frontend_entry(maps: &Maps, i: usize) -> Result<Service4V1> {
 }
 
 /// Whether Service `i`'s entry changed from `before` to a table that names `addr`.
-fn table_names(maps: &Maps, i: usize, before: Service4V1, addr: &str) -> Result<bool> {
+fn table_names(maps: &Maps, i: usize, before: ServiceV1, addr: &str) -> Result<bool> {
     let now = frontend_entry(maps, i)?;
     if (now.maglev_offset, now.maglev_size) == (before.maglev_offset, before.maglev_size) {
         return Ok(false);
@@ -387,7 +387,7 @@ fn table_names(maps: &Maps, i: usize, before: Service4V1, addr: &str) -> Result<
 }
 
 /// Waits until Service `i`'s table names `addr`; the ms since `t0`, or `None` on timeout.
-fn wait_table(maps: &Maps, i: usize, before: Service4V1, addr: &str, t0: Instant, timeout: Duration) -> Result<Option<f64>> {
+fn wait_table(maps: &Maps, i: usize, before: ServiceV1, addr: &str, t0: Instant, timeout: Duration) -> Result<Option<f64>> {
     while t0.elapsed() < timeout {
         if table_names(maps, i, before, addr)? {
             return Ok(Some(t0.elapsed().as_secs_f64() * 1e3));

@@ -77,7 +77,7 @@ impl Scraper {
         for (reason, packets) in reason::NAMES.iter().zip(maps.reason_counts()?) {
             counter!("lb_datapath_packets_total", "reason" => *reason).absolute(packets);
         }
-        let frontends: Vec<(Service4KeyV1, Service4V1)> = batch::lookup_all(maps.services.map()).with_context(|| format!("reading {MAP_SERVICES}"))?;
+        let frontends: Vec<(Service4KeyV1, ServiceV1)> = batch::lookup_all(maps.services.map()).with_context(|| format!("reading {MAP_SERVICES}"))?;
         let names: Vec<(u32, NameV1)> = batch::lookup_all(maps.service_names.map()).with_context(|| format!("reading {MAP_SERVICE_NAMES}"))?;
         let backends: Vec<(u32, Backend4V1)> = batch::lookup_all(maps.backends.map()).with_context(|| format!("reading {MAP_BACKENDS}"))?;
         let service_counters = maps.all_service_counters()?;

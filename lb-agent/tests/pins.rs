@@ -45,7 +45,7 @@ fn other_capacities_resize_the_pinned_maps_and_keep_the_newest_flows() -> Result
     let key = |port: u16| Ct4KeyV1 { src_addr: ip4_raw([192, 0, 2, 1]), dst_addr: ip4_raw([10, 96, 0, 1]), src_port: port_raw(port), dst_port: port_raw(80), proto: IPPROTO_TCP, _pad: [0; 3] };
     let entry = |seen: u64| Ct4EntryV1 { backend_id: 7, service_id: 3, last_seen_ns: seen, ..Default::default() };
     // A service whose table is slots 1000-1002: those slots are carried over.
-    let svc = Service4V1 { service_id: 0, maglev_offset: 1000, maglev_size: 3, backend_count: 1, kind: KIND_CLUSTER_IP, flags: 0 };
+    let svc = ServiceV1 { service_id: 0, maglev_offset: 1000, maglev_size: 3, backend_count: 1, kind: KIND_CLUSTER_IP, flags: 0 };
     let svc_key = Service4KeyV1 { addr: ip4_raw([10, 96, 0, 1]), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER };
     {
         let mut ebpf = load::load(&mount.dir, &MapSizes { flows: Some(64), maglev_slots: Some(1024), services: Some(16), backends: Some(16) })?;
@@ -88,7 +88,7 @@ fn other_capacities_resize_the_pinned_maps_and_keep_the_newest_flows() -> Result
 fn a_slot_array_from_before_it_was_mappable_is_recreated_with_its_tables() -> Result<()> {
     let mount = BpfMount::new("pins")?;
     let sizes = MapSizes { maglev_slots: Some(4096), ..Default::default() };
-    let svc = Service4V1 { service_id: 0, maglev_offset: 1020, maglev_size: 7, backend_count: 2, kind: KIND_CLUSTER_IP, flags: 0 };
+    let svc = ServiceV1 { service_id: 0, maglev_offset: 1020, maglev_size: 7, backend_count: 2, kind: KIND_CLUSTER_IP, flags: 0 };
     let svc_key = Service4KeyV1 { addr: ip4_raw([10, 96, 0, 1]), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER };
     let table = [3u32, 4, 3, 4, 3, 4, 3];
     {

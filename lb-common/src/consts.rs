@@ -43,7 +43,7 @@ pub const SCOPE_CLUSTER: u8 = 0;
 /// Service has `externalTrafficPolicy: Local` (the `SCOPE_CLUSTER` entry has `F_SVC_EXT_LOCAL`).
 pub const SCOPE_LOCAL: u8 = 1;
 
-// Service4V1::flags
+// ServiceV1::flags
 /// Traffic from outside (the XDP hook) uses the frontend's `SCOPE_LOCAL` entry: no SNAT, the
 /// client address is kept, and a node without local endpoints drops new flows.
 pub const F_SVC_EXT_LOCAL: u8 = 1 << 0;
@@ -65,7 +65,7 @@ pub const AFFINITY_CLIENT_NETNS: u8 = 1;
 /// back through its gateway, where the reply is translated. Cilium uses the same address.
 pub const HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
 
-// Service4V1::kind, for display and per-kind policy.
+// ServiceV1::kind, for display and per-kind policy.
 pub const KIND_CLUSTER_IP: u8 = 1;
 pub const KIND_NODE_PORT: u8 = 2;
 pub const KIND_LOAD_BALANCER: u8 = 3;

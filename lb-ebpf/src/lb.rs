@@ -197,7 +197,7 @@ fn reply_forward(rnat: &RevNat4V1, hook: Hook) -> Forward {
 /// The frontend for a destination: the exact address, else a NodePort when the address is
 /// one of this node's. Shared by the packet hooks and the socket hooks.
 #[inline(always)]
-pub fn lookup_frontend(addr: u32, port: u16, proto: u8) -> Option<(Service4KeyV1, Service4V1)> {
+pub fn lookup_frontend(addr: u32, port: u16, proto: u8) -> Option<(Service4KeyV1, ServiceV1)> {
     let mut key = Service4KeyV1 { addr, port, proto, scope: SCOPE_CLUSTER };
     if let Some(svc) = unsafe { LB4_SVC_V1.get(&key) } {
         return Some((key, *svc));
@@ -211,7 +211,7 @@ pub fn lookup_frontend(addr: u32, port: u16, proto: u8) -> Option<(Service4KeyV1
 /// `hash` picks. Shared by the packet hooks (client = address) and the socket hooks (client =
 /// network namespace). `Err` is the drop reason.
 #[inline(always)]
-pub fn pick_backend(svc: &Service4V1, affinity: &AffinityKeyV1, hash: u32, now: u64) -> Result<(u32, Backend4V1), u32> {
+pub fn pick_backend(svc: &ServiceV1, affinity: &AffinityKeyV1, hash: u32, now: u64) -> Result<(u32, Backend4V1), u32> {
     let backend_id = match affinity_backend(svc, affinity, now) {
         Some(id) => id,
         None => {
@@ -231,7 +231,7 @@ pub fn pick_backend(svc: &Service4V1, affinity: &AffinityKeyV1, hash: u32, now: 
 /// The backend this client had on this frontend, while its affinity lasts and the backend is
 /// still one of the frontend's.
 #[inline(always)]
-fn affinity_backend(svc: &Service4V1, key: &AffinityKeyV1, now: u64) -> Option<u32> {
+fn affinity_backend(svc: &ServiceV1, key: &AffinityKeyV1, now: u64) -> Option<u32> {
     if svc.flags & F_SVC_AFFINITY == 0 {
         return None;
     }
@@ -247,7 +247,7 @@ fn affinity_backend(svc: &Service4V1, key: &AffinityKeyV1, now: u64) -> Option<u
 
 /// Records the client's backend for a frontend with affinity.
 #[inline(always)]
-pub fn remember_affinity(svc: &Service4V1, key: &AffinityKeyV1, backend_id: u32, now: u64) {
+pub fn remember_affinity(svc: &ServiceV1, key: &AffinityKeyV1, backend_id: u32, now: u64) {
     if svc.flags & F_SVC_AFFINITY != 0 {
         let _ = LB_AFFINITY_V1.insert(key, &AffinityV1 { last_seen_ns: now, backend_id, _pad: 0 }, 0);
     }

@@ -7,7 +7,7 @@ use aya_ebpf::{
 use lb_common::*;
 
 #[map]
-pub static LB4_SVC_V1: HashMap<Service4KeyV1, Service4V1> = HashMap::pinned(MAX_SERVICES, 0);
+pub static LB4_SVC_V1: HashMap<Service4KeyV1, ServiceV1> = HashMap::pinned(MAX_SERVICES, 0);
 #[map]
 pub static LB4_BE_V1: Array<Backend4V1> = Array::pinned(MAX_BACKENDS, 0);
 #[map]

@@ -140,7 +140,7 @@ fn kind_name(kind: u8) -> &'static str {
     }
 }
 
-fn all_services(maps: &Maps) -> Result<Vec<(Service4KeyV1, Service4V1, String)>> {
+fn all_services(maps: &Maps) -> Result<Vec<(Service4KeyV1, ServiceV1, String)>> {
     let mut out = Vec::new();
     for entry in maps.services.iter() {
         let (key, svc) = entry?;
@@ -151,7 +151,7 @@ fn all_services(maps: &Maps) -> Result<Vec<(Service4KeyV1, Service4V1, String)>>
     Ok(out)
 }
 
-fn slot_counts(maps: &Maps, svc: &Service4V1) -> Result<BTreeMap<u32, u32>> {
+fn slot_counts(maps: &Maps, svc: &ServiceV1) -> Result<BTreeMap<u32, u32>> {
     let mut counts = BTreeMap::new();
     for id in maps.read_slots(svc.maglev_offset, svc.maglev_size)? {
         *counts.entry(id).or_default() += 1;
@@ -167,7 +167,7 @@ fn backend_name(maps: &Maps, id: u32) -> String {
 }
 
 /// What shapes a frontend beyond its backends: its traffic policy, affinity, source ranges.
-fn policy(maps: &Maps, key: &Service4KeyV1, svc: &Service4V1, ranges: &BTreeMap<u32, usize>) -> String {
+fn policy(maps: &Maps, key: &Service4KeyV1, svc: &ServiceV1, ranges: &BTreeMap<u32, usize>) -> String {
     let mut parts = Vec::new();
     if key.scope == SCOPE_LOCAL {
         parts.push("local endpoints only (outside clients)".to_string());

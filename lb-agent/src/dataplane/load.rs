@@ -61,7 +61,7 @@ fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 18] {
     use lb_common::*;
     use std::mem::size_of;
     [
-        (MAP_SERVICES, size_of::<Service4KeyV1>(), size_of::<Service4V1>(), None),
+        (MAP_SERVICES, size_of::<Service4KeyV1>(), size_of::<ServiceV1>(), None),
         (MAP_BACKENDS, 4, size_of::<Backend4V1>(), None),
         (MAP_MAGLEV, 4, 4, None),
         (MAP_CONNTRACK, size_of::<Ct4KeyV1>(), size_of::<Ct4EntryV1>(), None),
@@ -142,7 +142,7 @@ fn copy_entries(ebpf: &mut Ebpf, name: &'static str, from: &Path) -> Result<usiz
     // The slices programmed services use: the only Maglev slots worth copying.
     let slices: Vec<(u32, u32)> = match ebpf.map(MAP_SERVICES) {
         Some(services) if name == MAP_MAGLEV => {
-            let services: HashMap<_, Service4KeyV1, Service4V1> = services.try_into()?;
+            let services: HashMap<_, Service4KeyV1, ServiceV1> = services.try_into()?;
             services.iter().filter_map(|e| e.ok()).map(|(_, svc)| (svc.maglev_offset, svc.maglev_size)).collect()
         }
         _ => Vec::new(),
@@ -165,12 +165,12 @@ fn copy_entries(ebpf: &mut Ebpf, name: &'static str, from: &Path) -> Result<usiz
             newest_first(entries, &mut new.try_into()?)
         }
         MAP_SERVICES => {
-            let old: HashMap<_, Service4KeyV1, Service4V1> = old.try_into()?;
+            let old: HashMap<_, Service4KeyV1, ServiceV1> = old.try_into()?;
             let capacity = match &*new {
                 Map::HashMap(data) => data.info()?.max_entries(),
                 _ => bail!("{name} is not a hash map"),
             };
-            let mut new: HashMap<&mut MapData, Service4KeyV1, Service4V1> = new.try_into()?;
+            let mut new: HashMap<&mut MapData, Service4KeyV1, ServiceV1> = new.try_into()?;
             let fits: Vec<_> = old.iter().filter_map(|e| e.ok()).filter(|(_, svc)| svc.service_id < capacity).collect();
             fits.iter().take_while(|(k, v)| new.insert(k, v, 0).is_ok()).count()
         }

@@ -11,7 +11,7 @@ use lb_common::*;
 use super::{batch, slots::SlotWindow};
 
 pub struct Maps {
-    pub services: HashMap<MapData, Service4KeyV1, Service4V1>,
+    pub services: HashMap<MapData, Service4KeyV1, ServiceV1>,
     pub backends: Array<MapData, Backend4V1>,
     pub maglev: Array<MapData, u32>,
     pub conntrack: HashMap<MapData, Ct4KeyV1, Ct4EntryV1>,

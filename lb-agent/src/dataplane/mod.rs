@@ -103,7 +103,7 @@ impl BackendSpec {
 struct Programmed {
     /// Shared with the claims that asked for it: one copy per frontend in the agent.
     frontend: Arc<Frontend>,
-    entry: Service4V1,
+    entry: ServiceV1,
     /// Every backend id this frontend holds (selectable and draining).
     backend_ids: Box<[u32]>,
     /// Boxed apart, and only when there is any: most frontends have none.
@@ -120,7 +120,7 @@ struct ProgrammedPolicy {
 }
 
 impl Programmed {
-    fn new(frontend: Arc<Frontend>, entry: Service4V1, backend_ids: Vec<u32>, affinity_ids: Vec<u32>, source_ranges: Vec<(u32, u8)>) -> Self {
+    fn new(frontend: Arc<Frontend>, entry: ServiceV1, backend_ids: Vec<u32>, affinity_ids: Vec<u32>, source_ranges: Vec<(u32, u8)>) -> Self {
         let policy = (!affinity_ids.is_empty() || !source_ranges.is_empty()).then(|| Box::new(ProgrammedPolicy { affinity_ids: affinity_ids.into(), source_ranges: source_ranges.into() }));
         Self { frontend, entry, backend_ids: backend_ids.into(), policy }
     }
@@ -224,7 +224,7 @@ impl Dataplane {
     /// (new slice, flip, free) and removes what is stale. Returns the frontends adopted.
     /// `counters_pinned`: the counter maps were an earlier agent's (not created by this load).
     pub fn adopt(&mut self, counters_pinned: bool) -> Result<usize> {
-        let entries: Vec<(Service4KeyV1, Service4V1)> = self.maps.services.iter().collect::<Result<_, _>>().context("reading LB4_SVC_V1")?;
+        let entries: Vec<(Service4KeyV1, ServiceV1)> = self.maps.services.iter().collect::<Result<_, _>>().context("reading LB4_SVC_V1")?;
         let mut affinity_ids: HashMap<u32, Vec<u32>> = HashMap::new();
         for key in self.maps.affinity_match.keys() {
             let key = key.context("reading LB_AFF_MATCH_V1")?;
@@ -442,7 +442,7 @@ impl Dataplane {
         if old.is_none() {
             self.maps.service_names.set(service_id, &NameV1::new(&frontend.name), 0)?;
         }
-        let entry = Service4V1 {
+        let entry = ServiceV1 {
             service_id,
             maglev_offset,
             maglev_size,
@@ -578,7 +578,7 @@ impl Dataplane {
     }
 
     /// Programmed frontends: key, display name, entry.
-    pub fn frontends(&self) -> impl Iterator<Item = (&Service4KeyV1, &str, &Service4V1)> {
+    pub fn frontends(&self) -> impl Iterator<Item = (&Service4KeyV1, &str, &ServiceV1)> {
         self.services.iter().map(|(k, p)| (k, &*p.frontend.name, &p.entry))
     }
 
@@ -609,7 +609,7 @@ impl Dataplane {
     }
 
     /// The service entry programmed for `key`.
-    pub fn service(&self, key: &Service4KeyV1) -> Option<Service4V1> {
+    pub fn service(&self, key: &Service4KeyV1) -> Option<ServiceV1> {
         self.services.get(key).map(|p| p.entry)
     }
 }

@@ -1,4 +1,5 @@
 //! Backends, and the one flat slot array that holds every service's Maglev table.
+use super::{Addr4, Addr6, MapAddr};
 
 /// Array `backend id -> Backend4V1`.
 pub const MAP_BACKENDS: &str = "LB4_BE_V1";
@@ -8,16 +9,19 @@ pub const MAP_MAGLEV: &str = "LB_MAGLEV_V1";
 /// One endpoint address and port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Backend4V1 {
-    pub addr: u32,
+pub struct BackendV1<A: MapAddr> {
+    pub addr: A,
     pub port: u16,
     /// `F_BACKEND_*`.
     pub flags: u8,
     pub _pad: u8,
 }
 
+pub type Backend4V1 = BackendV1<Addr4>;
+pub type Backend6V1 = BackendV1<Addr6>;
+
 #[cfg(feature = "user")]
-super::impl_pod!(Backend4V1);
+super::impl_pod!(Backend4V1, Backend6V1);
 
 #[cfg(test)]
 mod layout {
@@ -27,5 +31,6 @@ mod layout {
     #[test]
     fn backend() {
         assert_layout!(Backend4V1, size 8, align 4, { addr @ 0, port @ 4, flags @ 6, _pad @ 7 });
+        assert_layout!(Backend6V1, size 20, align 4, { addr @ 0, port @ 16, flags @ 18, _pad @ 19 });
     }
 }

@@ -1,5 +1,5 @@
 //! Tracked flows and how to rewrite their replies.
-use super::Backend4V1;
+use super::{Addr4, Addr6, BackendV1, MapAddr};
 
 /// Hash `Ct4KeyV1 (client -> frontend) -> Ct4EntryV1`: keeps a flow on its backend.
 pub const MAP_CONNTRACK: &str = "LB4_CT_V1";
@@ -10,58 +10,65 @@ pub const MAP_REVERSE_NAT: &str = "LB4_RNAT_V1";
 /// A flow's 5-tuple, as seen on the wire in one direction.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Ct4KeyV1 {
-    pub src_addr: u32,
-    pub dst_addr: u32,
+pub struct CtKeyV1<A: MapAddr> {
+    pub src_addr: A,
+    pub dst_addr: A,
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
     pub _pad: [u8; 3],
 }
 
-impl Ct4KeyV1 {
+pub type Ct4KeyV1 = CtKeyV1<Addr4>;
+pub type Ct6KeyV1 = CtKeyV1<Addr6>;
+
+impl<A: MapAddr> CtKeyV1<A> {
     /// The reply of this flow (client -> frontend) once sent to `backend`, as it arrives:
     /// backend -> client. A source-NATed flow's reply goes to the SNAT binding instead; the
     /// caller sets `dst_addr` and `dst_port`. Kernel and agent build reply keys only here.
     #[inline(always)]
-    pub const fn reply_from(&self, backend: &Backend4V1) -> Ct4KeyV1 {
-        Ct4KeyV1 { src_addr: backend.addr, dst_addr: self.src_addr, src_port: backend.port, dst_port: self.src_port, proto: self.proto, _pad: [0; 3] }
+    pub const fn reply_from(&self, backend: &BackendV1<A>) -> Self {
+        Self { src_addr: backend.addr, dst_addr: self.src_addr, src_port: backend.port, dst_port: self.src_port, proto: self.proto, _pad: [0; 3] }
     }
 
     /// The same flow seen from the other end.
     #[inline(always)]
-    pub const fn reversed(&self) -> Ct4KeyV1 {
-        Ct4KeyV1 { src_addr: self.dst_addr, dst_addr: self.src_addr, src_port: self.dst_port, dst_port: self.src_port, proto: self.proto, _pad: [0; 3] }
+    pub const fn reversed(&self) -> Self {
+        Self { src_addr: self.dst_addr, dst_addr: self.src_addr, src_port: self.dst_port, dst_port: self.src_port, proto: self.proto, _pad: [0; 3] }
     }
 }
 
 /// A tracked flow, keyed by its original direction (client -> frontend).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Ct4EntryV1 {
+pub struct CtEntryV1<A: MapAddr> {
     /// `bpf_ktime_get_ns` of the last packet in this direction.
     pub last_seen_ns: u64,
     pub backend_id: u32,
     pub service_id: u32,
     /// Source address and port after SNAT (when `F_CT_SNAT`).
-    pub nat_addr: u32,
+    pub nat_addr: A,
     pub nat_port: u16,
     /// TCP flags seen in this direction, ORed.
     pub tcp_flags_seen: u8,
     /// `F_CT_*`.
     pub flags: u8,
+    pub _pad: A::CtEntryPad,
 }
+
+pub type Ct4EntryV1 = CtEntryV1<Addr4>;
+pub type Ct6EntryV1 = CtEntryV1<Addr6>;
 
 /// How to rewrite a reply, keyed by the reply's tuple as it arrives (backend -> client or node).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RevNat4V1 {
+pub struct RevNatV1<A: MapAddr> {
     /// `bpf_ktime_get_ns` of the last reply.
     pub last_seen_ns: u64,
     /// The reply leaves with this source (the frontend) ...
-    pub src_addr: u32,
+    pub src_addr: A,
     /// ... and this destination (the client).
-    pub dst_addr: u32,
+    pub dst_addr: A,
     pub src_port: u16,
     pub dst_port: u16,
     pub service_id: u32,
@@ -72,8 +79,11 @@ pub struct RevNat4V1 {
     pub _pad: [u8; 6],
 }
 
+pub type RevNat4V1 = RevNatV1<Addr4>;
+pub type RevNat6V1 = RevNatV1<Addr6>;
+
 #[cfg(feature = "user")]
-super::impl_pod!(Ct4KeyV1, Ct4EntryV1, RevNat4V1);
+super::impl_pod!(Ct4KeyV1, Ct6KeyV1, Ct4EntryV1, Ct6EntryV1, RevNat4V1, RevNat6V1);
 
 #[cfg(test)]
 mod layout {
@@ -85,13 +95,20 @@ mod layout {
         assert_layout!(Ct4KeyV1, size 16, align 4, {
             src_addr @ 0, dst_addr @ 4, src_port @ 8, dst_port @ 10, proto @ 12, _pad @ 13,
         });
+        assert_layout!(Ct6KeyV1, size 40, align 4, {
+            src_addr @ 0, dst_addr @ 16, src_port @ 32, dst_port @ 34, proto @ 36, _pad @ 37,
+        });
     }
 
     #[test]
     fn ct_entry() {
         assert_layout!(Ct4EntryV1, size 24, align 8, {
             last_seen_ns @ 0, backend_id @ 8, service_id @ 12, nat_addr @ 16, nat_port @ 20,
-            tcp_flags_seen @ 22, flags @ 23,
+            tcp_flags_seen @ 22, flags @ 23, _pad @ 24,
+        });
+        assert_layout!(Ct6EntryV1, size 40, align 8, {
+            last_seen_ns @ 0, backend_id @ 8, service_id @ 12, nat_addr @ 16, nat_port @ 32,
+            tcp_flags_seen @ 34, flags @ 35, _pad @ 36,
         });
     }
 
@@ -100,6 +117,10 @@ mod layout {
         assert_layout!(RevNat4V1, size 32, align 8, {
             last_seen_ns @ 0, src_addr @ 8, dst_addr @ 12, src_port @ 16, dst_port @ 18,
             service_id @ 20, tcp_flags_seen @ 24, flags @ 25, _pad @ 26,
+        });
+        assert_layout!(RevNat6V1, size 56, align 8, {
+            last_seen_ns @ 0, src_addr @ 8, dst_addr @ 24, src_port @ 40, dst_port @ 42,
+            service_id @ 44, tcp_flags_seen @ 48, flags @ 49, _pad @ 50,
         });
     }
 }

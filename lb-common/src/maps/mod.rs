@@ -1,6 +1,7 @@
 //! Map names and the keys and values they hold, split by domain. Each map's one-line doc says
 //! what it is for; each type's layout test sits beside it.
 //!
+//! - [`family`]: the address families every address-holding type is generic over;
 //! - [`service`]: frontends, their display names and options;
 //! - [`affinity`]: sessionAffinity state;
 //! - [`source_range`]: loadBalancerSourceRanges;
@@ -14,6 +15,7 @@ pub mod backend;
 pub mod config;
 pub mod conntrack;
 pub mod counters;
+pub mod family;
 pub mod service;
 pub mod socket;
 pub mod source_range;
@@ -23,6 +25,7 @@ pub use backend::*;
 pub use config::*;
 pub use conntrack::*;
 pub use counters::*;
+pub use family::*;
 pub use service::*;
 pub use socket::*;
 pub use source_range::*;

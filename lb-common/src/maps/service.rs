@@ -1,18 +1,19 @@
 //! Frontends: where clients send, and what each balances to.
+use super::{Addr4, Addr6, MapAddr};
 
-/// Hash `Service4KeyV1 -> Service4V1`: one entry per frontend (address, port, protocol).
+/// Hash `Service4KeyV1 -> ServiceV1`: one entry per IPv4 frontend (address, port, protocol).
 pub const MAP_SERVICES: &str = "LB4_SVC_V1";
 /// Array `service id -> NameV1`: written by the agent so `lbctl` can print names with the agent down.
 pub const MAP_SERVICE_NAMES: &str = "LB_SVC_NAME_V1";
 /// Array `service id -> ServiceOptsV1`: settings read only when a `F_SVC_*` flag asks for them.
 pub const MAP_SERVICE_OPTS: &str = "LB_SVC_OPTS_V1";
 
-/// A frontend: where clients send. A NodePort frontend has `addr == 0` and matches every
-/// address in `LB4_NODEIP_V1`.
+/// A frontend: where clients send. A NodePort frontend has the zero address and matches every
+/// address of the node (`LB4_NODEIP_V1`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Service4KeyV1 {
-    pub addr: u32,
+pub struct ServiceKeyV1<A: MapAddr> {
+    pub addr: A,
     pub port: u16,
     pub proto: u8,
     /// `SCOPE_CLUSTER`, or `SCOPE_LOCAL` for the node-local view of an
@@ -20,10 +21,13 @@ pub struct Service4KeyV1 {
     pub scope: u8,
 }
 
-/// What a frontend balances to.
+pub type Service4KeyV1 = ServiceKeyV1<Addr4>;
+pub type Service6KeyV1 = ServiceKeyV1<Addr6>;
+
+/// What a frontend of either family balances to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Service4V1 {
+pub struct ServiceV1 {
     /// Index into the per-service arrays (`LB_SVC_STAT_V1`, `LB_SVC_NAME_V1`).
     pub service_id: u32,
     /// First slot of this service's Maglev table in `LB_MAGLEV_V1`.
@@ -81,7 +85,7 @@ impl NameV1 {
 }
 
 #[cfg(feature = "user")]
-super::impl_pod!(Service4KeyV1, Service4V1, ServiceOptsV1, NameV1);
+super::impl_pod!(Service4KeyV1, Service6KeyV1, ServiceV1, ServiceOptsV1, NameV1);
 
 #[cfg(test)]
 mod layout {
@@ -91,11 +95,12 @@ mod layout {
     #[test]
     fn service_key() {
         assert_layout!(Service4KeyV1, size 8, align 4, { addr @ 0, port @ 4, proto @ 6, scope @ 7 });
+        assert_layout!(Service6KeyV1, size 20, align 4, { addr @ 0, port @ 16, proto @ 18, scope @ 19 });
     }
 
     #[test]
     fn service() {
-        assert_layout!(Service4V1, size 16, align 4, {
+        assert_layout!(ServiceV1, size 16, align 4, {
             service_id @ 0, maglev_offset @ 4, maglev_size @ 8, backend_count @ 12, kind @ 14, flags @ 15,
         });
     }

@@ -1,0 +1,21 @@
+//! The two address families. Every map key and value that holds an address is generic over
+//! it, so IPv4 and IPv6 share one definition (and the code that reads them, one implementation);
+//! `*4*` and `*6*` names are the two instances.
+
+/// An address as the maps hold it, in network byte order: IPv4 in one `u32`, IPv6 in four.
+pub trait MapAddr: Copy + Default + Eq + Ord + core::hash::Hash + core::fmt::Debug {
+    /// Explicit padding that ends a conntrack entry on its 8-byte alignment (none for IPv4),
+    /// so that no byte of a map value is left undefined.
+    type CtEntryPad: Copy + Default + Eq + core::fmt::Debug;
+}
+
+pub type Addr4 = u32;
+pub type Addr6 = [u32; 4];
+
+impl MapAddr for Addr4 {
+    type CtEntryPad = [u8; 0];
+}
+
+impl MapAddr for Addr6 {
+    type CtEntryPad = [u8; 4];
+}
