@@ -70,7 +70,7 @@ fn testbed(n: usize, flows: u32) -> Result<Testbed> {
         frontend(VIP_B, &[(VIP_A, 80)]),
         frontend(VIP_MISS, &MISS_BACKENDS),
         // Clients outside 203.0.113.0/24 are dropped.
-        Frontend { source_ranges: vec![([203, 0, 113, 0].into(), 24)], ..frontend(VIP_RANGED, &MISS_BACKENDS) },
+        Frontend { source_ranges: Some(vec![([203, 0, 113, 0].into(), 24)]), ..frontend(VIP_RANGED, &MISS_BACKENDS) },
         // externalTrafficPolicy: Local on a node without local endpoints.
         Frontend { ext_local: true, ..frontend(VIP_LOCAL, &MISS_BACKENDS) },
         Frontend { key: Service4KeyV1 { scope: SCOPE_LOCAL, ..local_scope.key }, ..local_scope },

@@ -368,10 +368,11 @@ struct Policy {
     affinity_timeout_s: Option<u32>,
     ext_local: bool,
     int_local: bool,
-    source_ranges: Vec<(Ipv4Addr, u8)>,
+    /// `None`: no ranges given, every client is let in.
+    source_ranges: Option<Vec<(Ipv4Addr, u8)>>,
 }
 
-fn policy(svc: &Service, spec: &ServiceSpec) -> Result<Policy, FieldError> {
+fn policy(svc: &Service, spec: &ServiceSpec, warn: &mut impl FnMut(String, String)) -> Result<Policy, FieldError> {
     let affinity_timeout_s = match spec.session_affinity.as_deref().unwrap_or("None") {
         "None" => None,
         "ClientIP" => {
@@ -398,12 +399,18 @@ fn policy(svc: &Service, spec: &ServiceSpec) -> Result<Policy, FieldError> {
         (_, Some(a)) => (SOURCE_RANGES_ANNOTATION, a.split(',').map(str::trim).filter(|r| !r.is_empty()).collect()),
         _ => ("", Vec::new()),
     };
-    let mut source_ranges = Vec::new();
+    let mut ipv4_ranges = Vec::new();
     for (i, cidr) in ranges.iter().enumerate() {
         if let Some(range) = parse_cidr4(cidr).map_err(|m| (format!("{field}[{i}]"), m))? {
-            source_ranges.push(range);
+            ipv4_ranges.push(range);
         }
     }
+    // Ranges of IPv6 clients only restrict IPv4 clients too: to none of them (the Service was
+    // meant to be closed, not opened to one family).
+    if !ranges.is_empty() && ipv4_ranges.is_empty() {
+        warn(field.to_string(), "no IPv4 range: every IPv4 client of the LoadBalancer IPs is refused".into());
+    }
+    let source_ranges = (!ranges.is_empty()).then_some(ipv4_ranges);
     Ok(Policy { affinity_timeout_s, ext_local, int_local, source_ranges })
 }
 
@@ -427,24 +434,25 @@ fn service_frontends(
     if !matches!(kind_type, "ClusterIP" | "NodePort" | "LoadBalancer") {
         return Err(("spec.type".into(), format!("unknown type {kind_type:?}")));
     }
-    let policy = policy(svc, spec)?;
+    let policy = policy(svc, spec, warn)?;
     report_unsupported(svc, spec, warn);
 
     // Addresses: cluster IPs, external IPs, load-balancer ingress IPs, each with its field.
-    // IPv6 ones are skipped (this datapath is IPv4); anything else that does not parse is an error.
+    // IPv6 ones are named in a warning and skipped (this datapath is IPv4 so far); anything
+    // else that does not parse is an error.
     let mut cluster_ips = Vec::new();
     let listed = spec.cluster_ips.as_deref().unwrap_or_default();
     let all: &[Text] = if listed.is_empty() { spec.cluster_ip.as_slice() } else { listed };
     for (i, ip) in all.iter().enumerate() {
         let field = if spec.cluster_ips.is_some() { format!("spec.clusterIPs[{i}]") } else { "spec.clusterIP".into() };
-        if let Some(ip) = parse_ipv4(ip, &field)? {
+        if let Some(ip) = ipv4_or_warn(ip, &field, warn)? {
             cluster_ips.push((ip, field));
         }
     }
     let mut external_ips = Vec::new();
     for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
         let field = format!("spec.externalIPs[{i}]");
-        if let Some(ip) = parse_ipv4(ip, &field)? {
+        if let Some(ip) = ipv4_or_warn(ip, &field, warn)? {
             external_ips.push((ip, field));
         }
     }
@@ -458,7 +466,7 @@ fn service_frontends(
                 warn(format!("status.loadBalancer.ingress[{i}].ipMode"), format!("Proxy is not supported: {ip} is not programmed, traffic to it goes through the load balancer"));
                 continue;
             }
-            if let Some(ip) = parse_ipv4(ip, &field)? {
+            if let Some(ip) = ipv4_or_warn(ip, &field, warn)? {
                 lb_ips.push((ip, field));
             }
         }
@@ -500,7 +508,7 @@ fn service_frontends(
                 draining,
                 ext_local: external && policy.ext_local,
                 affinity_timeout_s: policy.affinity_timeout_s,
-                source_ranges: if kind == KIND_LOAD_BALANCER { policy.source_ranges.clone() } else { Vec::new() },
+                source_ranges: if kind == KIND_LOAD_BALANCER { policy.source_ranges.clone() } else { None },
             };
             if frontend.ext_local {
                 // What outside clients get: this node's endpoints only.
@@ -646,6 +654,16 @@ fn valid_port(port: i32, field: &str) -> Result<u16, FieldError> {
     } else {
         Err((field.to_string(), format!("port {port} is out of range 1-65535")))
     }
+}
+
+/// An IPv4 address; a valid IPv6 one is named in a warning and skipped (IPv6 frontends are
+/// not programmed yet); anything else is an error.
+fn ipv4_or_warn(s: &str, field: &str, warn: &mut impl FnMut(String, String)) -> Result<Option<Ipv4Addr>, FieldError> {
+    let ip = parse_ipv4(s, field)?;
+    if ip.is_none() {
+        warn(field.to_string(), format!("{s} is IPv6, which this proxy does not balance yet: it is not programmed"));
+    }
+    Ok(ip)
 }
 
 /// An IPv4 address, `None` for a valid IPv6 one (skipped), an error for anything else.

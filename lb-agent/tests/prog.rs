@@ -688,7 +688,7 @@ fn external_traffic_policy_local_uses_only_local_endpoints_for_outside_clients()
 fn source_ranges_let_clients_in_the_cidrs_through_and_drop_the_rest() -> Result<()> {
     in_private_netns(|| {
         let mut tb = testbed();
-        let svc = Frontend { source_ranges: vec![([192, 0, 2, 0].into(), 24), ([203, 0, 113, 7].into(), 32)], ..frontend(VIP, 80, IPPROTO_TCP, KIND_LOAD_BALANCER, &BACKENDS, true) };
+        let svc = Frontend { source_ranges: Some(vec![([192, 0, 2, 0].into(), 24), ([203, 0, 113, 7].into(), 32)]), ..frontend(VIP, 80, IPPROTO_TCP, KIND_LOAD_BALANCER, &BACKENDS, true) };
         tb.dataplane.apply(std::slice::from_ref(&svc))?;
         for (client, allowed) in [([192, 0, 2, 10], true), ([192, 0, 2, 255], true), ([203, 0, 113, 7], true), ([203, 0, 113, 8], false), ([198, 51, 100, 1], false)] {
             let (verdict, out) = tb.run_xdp(&tcp_syn(client, VIP, 50000, 80))?;
@@ -704,6 +704,13 @@ fn source_ranges_let_clients_in_the_cidrs_through_and_drop_the_rest() -> Result<
         tb.dataplane.apply(&[frontend(VIP, 80, IPPROTO_TCP, KIND_LOAD_BALANCER, &BACKENDS, true)])?;
         assert_eq!(tb.dataplane.maps.source_ranges.keys().count(), 0);
         assert_eq!(tb.run_xdp(&tcp_syn([198, 51, 100, 1], VIP, 50001, 80))?.0, XDP_PASS);
+        // Restricted to no range at all (its Service listed IPv6 ranges only): nobody gets in.
+        tb.dataplane.apply(&[Frontend { source_ranges: Some(Vec::new()), ..frontend(VIP, 80, IPPROTO_TCP, KIND_LOAD_BALANCER, &BACKENDS, true) }])?;
+        let dropped = reason_count(&tb, reason::DROP_SOURCE_RANGE);
+        for client in [[192, 0, 2, 10], [198, 51, 100, 1]] {
+            assert_eq!(tb.run_xdp(&tcp_syn(client, VIP, 50002, 80))?.0, XDP_DROP, "{client:?}");
+        }
+        assert_eq!(reason_count(&tb, reason::DROP_SOURCE_RANGE), dropped + 2);
         Ok(())
     })
 }

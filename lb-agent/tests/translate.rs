@@ -264,11 +264,33 @@ fn affinity_and_source_ranges_are_read_with_kubernetes_defaults() {
     let api = &t.frontends["prod/api"];
     assert!(api.iter().all(|f| f.affinity_timeout_s == Some(10_800)), "default timeout");
     let lb = api.iter().find(|f| f.kind == KIND_LOAD_BALANCER).unwrap();
-    assert_eq!(lb.source_ranges, vec![([192, 0, 2, 0].into(), 24), ([10, 0, 0, 1].into(), 32)], "host bits cleared, IPv6 left for later");
-    assert!(api.iter().filter(|f| f.kind != KIND_LOAD_BALANCER).all(|f| f.source_ranges.is_empty()), "ranges guard the LoadBalancer IPs only");
+    assert_eq!(lb.source_ranges, Some(vec![([192, 0, 2, 0].into(), 24), ([10, 0, 0, 1].into(), 32)]), "host bits cleared, IPv6 left for later");
+    assert!(api.iter().filter(|f| f.kind != KIND_LOAD_BALANCER).all(|f| f.source_ranges.is_none()), "ranges guard the LoadBalancer IPs only");
     assert_eq!(t.frontends["prod/short"][0].affinity_timeout_s, Some(5));
     let annotated = t.frontends["prod/annotated"].iter().find(|f| f.kind == KIND_LOAD_BALANCER).unwrap();
-    assert_eq!(annotated.source_ranges, vec![([198, 51, 100, 0].into(), 24)]);
+    assert_eq!(annotated.source_ranges, Some(vec![([198, 51, 100, 0].into(), 24)]));
+}
+
+/// IPv6 is not balanced yet: an IPv6 address is named in a warning, never dropped silently,
+/// and ranges that admit only IPv6 clients admit no IPv4 client (closed, not open to all).
+#[test]
+fn ipv6_addresses_are_named_and_ipv6_only_source_ranges_refuse_every_ipv4_client() {
+    let text = service(
+        "dual",
+        None,
+        "  type: LoadBalancer\n  clusterIPs: [10.96.2.1, fd00::1]\n  externalIPs: [2001:db8::7]\n  loadBalancerSourceRanges: [2001:db8::/32]\n  ports: [{port: 80, nodePort: 30080}]",
+    ) + "status: {loadBalancer: {ingress: [{ip: 10.99.100.9}, {ip: 2001:db8::9}]}}\n";
+    let t = settled(&parse_manifest("a.yaml", &text).unwrap(), "a");
+    assert!(t.errors.is_empty(), "{:?}", t.errors);
+    let mut warned: Vec<(&str, &str)> = t.warnings.iter().map(|w| (w.field.as_str(), w.message.as_str())).collect();
+    warned.sort();
+    assert_eq!(warned.iter().map(|(field, _)| *field).collect::<Vec<_>>(), ["spec.clusterIPs[1]", "spec.externalIPs[0]", "spec.loadBalancerSourceRanges", "status.loadBalancer.ingress[1].ip"], "{warned:#?}");
+    assert!(warned[0].1.contains("fd00::1") && warned[0].1.contains("not programmed"), "{warned:#?}");
+    assert!(warned[2].1.contains("every IPv4 client"), "{warned:#?}");
+    let frontends = &t.frontends["prod/dual"];
+    let lb = frontends.iter().find(|f| f.kind == KIND_LOAD_BALANCER).unwrap();
+    assert_eq!((ip4_octets(lb.key.addr), &lb.source_ranges), ([10, 99, 100, 9], &Some(Vec::new())), "the IPv4 LoadBalancer IP admits nobody");
+    assert_eq!(frontends.len(), 3, "ClusterIP, NodePort and the IPv4 LoadBalancer IP: {frontends:#?}");
 }
 
 #[test]

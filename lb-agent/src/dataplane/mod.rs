@@ -60,8 +60,9 @@ pub struct Frontend {
     pub ext_local: bool,
     /// sessionAffinity: ClientIP, with its timeout in seconds.
     pub affinity_timeout_s: Option<u32>,
-    /// loadBalancerSourceRanges, as (network, prefix length); empty lets every client in.
-    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+    /// loadBalancerSourceRanges, as (network, prefix length): `None` lets every client in,
+    /// `Some` only clients inside one of its ranges (none, when it is empty).
+    pub source_ranges: Option<Vec<(Ipv4Addr, u8)>>,
 }
 
 impl Frontend {
@@ -74,7 +75,7 @@ impl Frontend {
         if self.affinity_timeout_s.is_some() {
             flags |= F_SVC_AFFINITY;
         }
-        if !self.source_ranges.is_empty() {
+        if self.source_ranges.is_some() {
             flags |= F_SVC_SOURCE_RANGES;
         }
         flags
@@ -429,7 +430,7 @@ impl Dataplane {
             }
         };
         let affinity_ids = if frontend.affinity_timeout_s.is_some() { selectable.clone() } else { Vec::new() };
-        let source_ranges: Vec<(u32, u8)> = frontend.source_ranges.iter().map(|(net, len)| (ip4_raw(net.octets()), *len)).collect();
+        let source_ranges: Vec<(u32, u8)> = frontend.source_ranges.iter().flatten().map(|(net, len)| (ip4_raw(net.octets()), *len)).collect();
         if let Err(e) = self.write_policy(service_id, frontend, &affinity_ids, &source_ranges) {
             if maglev_size > 0 {
                 self.tables.release(maglev_offset);
