@@ -68,6 +68,8 @@ pub struct Agent {
     claims: translate::Claims,
     health_checks: BTreeMap<ServiceName, translate::HealthCheck>,
     reported: BTreeSet<String>,
+    /// Whether the agent said that Services' IPv6 addresses are not programmed (it says so once).
+    ipv6_reported: bool,
     health_servers: ServiceHealthServers,
     /// Cgroup ids the socket hooks skip (opted-out pods).
     sock_skip: BTreeSet<u64>,
@@ -124,6 +126,7 @@ impl Agent {
             claims: translate::Claims::holding(owners),
             health_checks: BTreeMap::new(),
             reported: BTreeSet::new(),
+            ipv6_reported: false,
             tc_links: HashMap::new(),
             node_ips: Vec::new(),
             last_gc: None,
@@ -355,6 +358,10 @@ impl Agent {
             };
             for w in t.warnings {
                 self.report_warning(format!("not supported, the rest of the Service works: {w}"));
+            }
+            if let Some((field, addr)) = t.ipv6_skipped.first().filter(|_| !self.ipv6_reported) {
+                self.ipv6_reported = true;
+                warn!("IPv6 is not balanced yet: Services' IPv6 addresses are not programmed, their IPv4 ones are (first seen: Service {name} {field} {addr})");
             }
             match t.result {
                 Ok(claims) => {

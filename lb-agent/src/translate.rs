@@ -113,6 +113,8 @@ pub struct Translation {
     /// Fields this proxy does not implement; the rest of each Service works.
     pub warnings: Vec<ObjectError>,
     pub health_checks: Vec<HealthCheck>,
+    /// IPv6 addresses left unprogrammed: (Service, field, address).
+    pub ipv6_skipped: Vec<(ServiceName, String, String)>,
 }
 
 /// Whether this proxy programs the Service at all (headless, ExternalName and Services of
@@ -140,6 +142,9 @@ pub struct ServiceTranslation {
     /// Fields this proxy does not implement; the rest of the Service works.
     pub warnings: Vec<ObjectError>,
     pub health_check: Option<HealthCheck>,
+    /// Its IPv6 addresses, (field, address): not programmed (IPv6 is not balanced yet). Not
+    /// warnings: in a dual-stack cluster every Service has one, and the agent says so once.
+    pub ipv6_skipped: Vec<(String, String)>,
 }
 
 /// Translates one Service (`name` is its `namespace/name`) with its EndpointSlices; `None`
@@ -152,8 +157,9 @@ pub fn translate_service(svc: &Service, name: &ServiceName, origin: &Origin, sli
     let mut warnings = Vec::new();
     let mut health_checks = Vec::new();
     let mut warn = |field: String, message: String| warnings.push(error((field, message)));
-    let result = service_frontends(svc, name, slices, node_name, &mut warn, &mut health_checks).map_err(error);
-    Some(ServiceTranslation { name: name.clone(), origin: origin.clone(), created: svc.metadata.created, result, warnings, health_check: health_checks.pop() })
+    let mut ipv6_skipped = Vec::new();
+    let result = service_frontends(svc, name, slices, node_name, &mut warn, &mut health_checks, &mut ipv6_skipped).map_err(error);
+    Some(ServiceTranslation { name: name.clone(), origin: origin.clone(), created: svc.metadata.created, result, warnings, health_check: health_checks.pop(), ipv6_skipped })
 }
 
 /// Translates every Service of a snapshot (tests and tools; the agent translates only the
@@ -179,6 +185,7 @@ pub fn translate(state: &ClusterState, node_name: &str) -> Translation {
     for t in translated {
         out.warnings.extend(t.warnings);
         out.health_checks.extend(t.health_check);
+        out.ipv6_skipped.extend(t.ipv6_skipped.into_iter().map(|(field, addr)| (t.name.clone(), field, addr)));
         out.services.push(ServiceFrontends { name: t.name, origin: t.origin, result: t.result });
     }
     out
@@ -421,6 +428,7 @@ fn service_frontends(
     node_name: &str,
     warn: &mut impl FnMut(String, String),
     health_checks: &mut Vec<HealthCheck>,
+    ipv6_skipped: &mut Vec<(String, String)>,
 ) -> Result<Vec<Claim>, FieldError> {
     if svc.metadata.id.name().is_empty() {
         return Err(("metadata.name".into(), "is missing".into()));
@@ -438,21 +446,21 @@ fn service_frontends(
     report_unsupported(svc, spec, warn);
 
     // Addresses: cluster IPs, external IPs, load-balancer ingress IPs, each with its field.
-    // IPv6 ones are named in a warning and skipped (this datapath is IPv4 so far); anything
-    // else that does not parse is an error.
+    // IPv6 ones are set aside (this datapath is IPv4 so far); anything else that does not
+    // parse is an error.
     let mut cluster_ips = Vec::new();
     let listed = spec.cluster_ips.as_deref().unwrap_or_default();
     let all: &[Text] = if listed.is_empty() { spec.cluster_ip.as_slice() } else { listed };
     for (i, ip) in all.iter().enumerate() {
         let field = if spec.cluster_ips.is_some() { format!("spec.clusterIPs[{i}]") } else { "spec.clusterIP".into() };
-        if let Some(ip) = ipv4_or_warn(ip, &field, warn)? {
+        if let Some(ip) = ipv4_or_set_aside(ip, &field, ipv6_skipped)? {
             cluster_ips.push((ip, field));
         }
     }
     let mut external_ips = Vec::new();
     for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
         let field = format!("spec.externalIPs[{i}]");
-        if let Some(ip) = ipv4_or_warn(ip, &field, warn)? {
+        if let Some(ip) = ipv4_or_set_aside(ip, &field, ipv6_skipped)? {
             external_ips.push((ip, field));
         }
     }
@@ -466,7 +474,7 @@ fn service_frontends(
                 warn(format!("status.loadBalancer.ingress[{i}].ipMode"), format!("Proxy is not supported: {ip} is not programmed, traffic to it goes through the load balancer"));
                 continue;
             }
-            if let Some(ip) = ipv4_or_warn(ip, &field, warn)? {
+            if let Some(ip) = ipv4_or_set_aside(ip, &field, ipv6_skipped)? {
                 lb_ips.push((ip, field));
             }
         }
@@ -656,12 +664,12 @@ fn valid_port(port: i32, field: &str) -> Result<u16, FieldError> {
     }
 }
 
-/// An IPv4 address; a valid IPv6 one is named in a warning and skipped (IPv6 frontends are
-/// not programmed yet); anything else is an error.
-fn ipv4_or_warn(s: &str, field: &str, warn: &mut impl FnMut(String, String)) -> Result<Option<Ipv4Addr>, FieldError> {
+/// An IPv4 address; a valid IPv6 one is set aside in `ipv6` (IPv6 frontends are not
+/// programmed yet); anything else is an error.
+fn ipv4_or_set_aside(s: &str, field: &str, ipv6: &mut Vec<(String, String)>) -> Result<Option<Ipv4Addr>, FieldError> {
     let ip = parse_ipv4(s, field)?;
     if ip.is_none() {
-        warn(field.to_string(), format!("{s} is IPv6, which this proxy does not balance yet: it is not programmed"));
+        ipv6.push((field.to_string(), s.to_string()));
     }
     Ok(ip)
 }

@@ -152,6 +152,16 @@ fn bad_manifests_are_reported_and_change_nothing() -> Result<()> {
     agent.wait_for_log("services.yaml: Service demo/web: spec.ports[1].protocol: unknown protocol \"UDPX\"", Duration::from_secs(5))?;
     serving(&demo)?;
 
+    // Mended, and dual-stack: the IPv4 addresses serve, and that IPv6 is not programmed is
+    // said once for all the Services.
+    let services = manifests.read("services.yaml").replace("protocol: UDPX", "protocol: UDP");
+    let dual = services.replace("clusterIPs: [10.96.0.10]", "clusterIPs: [10.96.0.10, fd00::10]").replace("clusterIP: 10.96.0.11\n", "clusterIP: 10.96.0.11\n  clusterIPs: [10.96.0.11, fd00::11]\n");
+    assert_ne!(dual, services);
+    manifests.write("services.yaml", &dual)?;
+    agent.wait_for_log("IPv6 is not balanced yet", Duration::from_secs(5))?;
+    serving(&demo)?;
+    assert_eq!(agent.log_text().matches("IPv6 is not balanced yet").count(), 1, "{}", agent.log_text());
+
     // A file that is not even YAML keeps its last good objects.
     manifests.write("endpoints.yaml", "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nendpoints: [\n")?;
     agent.wait_for_log("endpoints.yaml: document 1: -: invalid YAML", Duration::from_secs(5))?;
