@@ -67,7 +67,7 @@ pub struct Agent {
     /// the first sync, holders are read back from the pinned names, so they hold across restarts.
     claims: translate::Claims,
     health_checks: BTreeMap<ServiceName, translate::HealthCheck>,
-    reported: BTreeSet<String>,
+    reported: Reported,
     /// Whether the agent said that Services' IPv6 addresses are not programmed (it says so once).
     ipv6_reported: bool,
     health_servers: ServiceHealthServers,
@@ -125,7 +125,7 @@ impl Agent {
             source,
             claims: translate::Claims::holding(owners),
             health_checks: BTreeMap::new(),
-            reported: BTreeSet::new(),
+            reported: Reported::default(),
             ipv6_reported: false,
             tc_links: HashMap::new(),
             node_ips: Vec::new(),
@@ -429,14 +429,14 @@ impl Agent {
 
     /// Logs a problem once, not on every sync.
     fn report(&mut self, message: String) {
-        if self.reported.insert(message.clone()) {
+        if self.reported.first_time(&message) {
             error!("{message}");
         }
     }
 
     /// Logs a warning once.
     fn report_warning(&mut self, message: String) {
-        if self.reported.insert(message.clone()) {
+        if self.reported.first_time(&message) {
             warn!("{message}");
         }
     }
@@ -465,6 +465,34 @@ impl Agent {
                 }
             }
         }
+    }
+}
+
+/// Problems already logged, so that each is logged once and not on every sync.
+#[derive(Default)]
+struct Reported {
+    seen: BTreeSet<String>,
+    full: bool,
+}
+
+/// Distinct problems remembered at most: past this, a new one is logged every time it comes
+/// up again (when its object changes) instead of being remembered, so that a flood of bad
+/// objects cannot grow the agent without bound.
+const REPORTED_MAX: usize = 10_000;
+
+impl Reported {
+    /// Whether `message` is to be logged now.
+    fn first_time(&mut self, message: &str) -> bool {
+        if self.seen.contains(message) {
+            return false;
+        }
+        if self.seen.len() < REPORTED_MAX {
+            self.seen.insert(message.to_string());
+        } else if !self.full {
+            self.full = true;
+            warn!("more than {REPORTED_MAX} distinct problems: the ones after are logged each time they come up, not once");
+        }
+        true
     }
 }
 
@@ -531,4 +559,25 @@ fn ensure_sysctl(name: &str, value: &str) -> Result<()> {
     std::fs::write(&path, value).with_context(|| format!("setting {} = {value}", name.replace('/', ".")))?;
     info!("set {} = {value}", name.replace('/', "."));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problems_are_logged_once_and_remembered_only_up_to_a_bound() {
+        let mut reported = Reported::default();
+        assert!(reported.first_time("a"));
+        assert!(!reported.first_time("a"), "said once");
+        for i in 1..REPORTED_MAX {
+            assert!(reported.first_time(&format!("problem {i}")));
+        }
+        assert_eq!(reported.seen.len(), REPORTED_MAX);
+        // Past the bound: logged every time, never remembered.
+        assert!(reported.first_time("one more"));
+        assert!(reported.first_time("one more"));
+        assert_eq!((reported.seen.len(), reported.full), (REPORTED_MAX, true));
+        assert!(!reported.first_time("a"), "what was remembered stays said");
+    }
 }
