@@ -181,7 +181,7 @@ pub fn translate(state: &ClusterState, node_name: &str) -> Translation {
             translate_service(&s.object, &name, &s.origin, slices.get(&name).map(Vec::as_slice).unwrap_or(&[]), node_name)
         })
         .collect();
-    translated.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+    translated.sort_by(|a, b| claim_order(a.created, &a.name).cmp(&claim_order(b.created, &b.name)));
     for t in translated {
         out.warnings.extend(t.warnings);
         out.health_checks.extend(t.health_check);
@@ -209,6 +209,12 @@ pub fn claim(services: Vec<(ServiceName, Origin, Vec<Claim>)>, owners: &HashMap<
     let affected = services.iter().map(|(n, _, _)| n.clone()).collect();
     let settled = claims.settle(affected, true);
     Claimed { frontends: settled.changes.into_iter().map(|(name, _, granted)| (name, granted.to_vec())).collect(), errors: settled.errors }
+}
+
+/// Where a Service stands when two claim one frontend: the older first (creation time in Unix
+/// seconds; none sorts first), then by `namespace/name`.
+fn claim_order(created: Option<i64>, name: &ServiceName) -> (Option<i64>, &ServiceName) {
+    (created, name)
 }
 
 /// What one Service asks for: its claims, where it came from, and its creation time.
@@ -321,7 +327,7 @@ impl Claims {
         self.waiting.retain(|_, w| !w.is_empty());
         // Free frontends go to the first in claim order; held ones stay where they are.
         let mut order: Vec<(ServiceName, Wanted)> = affected.iter().filter_map(|n| self.wanted(n).map(|w| (n.clone(), w))).collect();
-        order.sort_by(|(a, aw), (b, bw)| (aw.created, a).cmp(&(bw.created, b)));
+        order.sort_by(|(a, aw), (b, bw)| claim_order(aw.created, a).cmp(&claim_order(bw.created, b)));
         for (name, w) in &order {
             for c in w.claims.iter() {
                 self.holders.entry(frontend_of(&c.frontend.key)).or_insert_with(|| name.clone());

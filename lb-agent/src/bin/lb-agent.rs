@@ -2,11 +2,6 @@
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use anyhow::Result;
-
-/// Most of the agent's work at scale is many small objects made and dropped (parsing, objects,
-/// translation); glibc's allocator spent a third of a 100k cold start merging free chunks.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use aya::programs::XdpMode;
 use clap::{Parser, ValueEnum};
 use lb_agent::{
@@ -14,6 +9,11 @@ use lb_agent::{
     dataplane::{load::MapSizes, maps::Maps},
     source::SourceConfig,
 };
+
+/// Most of the agent's work at scale is many small objects made and dropped (parsing, objects,
+/// translation); glibc's allocator spent a third of a 100k cold start merging free chunks.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "XDP/TC load balancer and kube-proxy replacement: node agent")]

@@ -2,24 +2,21 @@
 //! it. Ids are handed out densely from 1, so entries and use counts sit in an array indexed by
 //! id, and the index by entry holds only ids, hashed by the entry each names: at 300k backends
 //! that is 4 bytes a slot, not a second copy of every entry.
-use std::hash::{BuildHasher, RandomState};
-
-use hashbrown::HashTable;
 use lb_common::Backend4V1;
+
+use super::id_index::IdIndex;
 
 #[derive(Debug, Default)]
 pub struct BackendIds {
     /// By id: the entry, and how many frontends use it (0: a free id).
     users: Vec<(Backend4V1, u32)>,
-    by_entry: HashTable<u32>,
-    hasher: RandomState,
+    by_entry: IdIndex,
 }
 
 impl BackendIds {
     /// The id `entry` has, if a frontend uses it.
     pub fn get(&self, entry: &Backend4V1) -> Option<u32> {
-        let users = &self.users;
-        self.by_entry.find(self.hasher.hash_one(entry), |&id| users[id as usize].0 == *entry).copied()
+        self.by_entry.find(entry, |id| &self.users[id as usize].0)
     }
 
     /// One more user of `id`, which names `entry` (a fresh id, or the one `get` gave).
@@ -31,8 +28,7 @@ impl BackendIds {
         let (_, count) = self.users[at];
         self.users[at] = (entry, count + 1);
         if count == 0 {
-            let (users, hasher) = (&self.users, &self.hasher);
-            self.by_entry.insert_unique(hasher.hash_one(&entry), id, |&id| hasher.hash_one(&users[id as usize].0));
+            self.by_entry.insert(id, &entry, |id| &self.users[id as usize].0);
         }
     }
 
@@ -43,9 +39,7 @@ impl BackendIds {
         if *count > 0 {
             return false;
         }
-        if let Ok(found) = self.by_entry.find_entry(self.hasher.hash_one(&*entry), |&other| other == id) {
-            found.remove();
-        }
+        self.by_entry.remove(id, entry);
         true
     }
 

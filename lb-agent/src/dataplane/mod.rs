@@ -10,11 +10,13 @@
 //! - [`slices`]: free ranges of the shared Maglev slot array;
 //! - [`tables`]: the Maglev tables in it, one per Service port and backend set, shared by
 //!   that port's frontends;
+//! - [`id_index`]: ids indexed by a key another structure holds (backends, tables);
 //! - [`conntrack`]: expiring flows the kernel tracks;
 //! - [`sockets`]: ending node sockets left on a removed backend.
 mod backends;
 pub mod batch;
 pub mod conntrack;
+mod id_index;
 pub mod load;
 pub mod maps;
 mod slices;

@@ -2,15 +2,9 @@
 //! one Service port and one set of backends: every frontend of that port that selects the same
 //! backends (its ClusterIP, NodePort, LoadBalancer IPs, ExternalIPs) points at the same slots,
 //! so a Service costs one table, not one per address.
-use std::{
-    collections::HashMap,
-    hash::{BuildHasher, RandomState},
-    sync::Arc,
-};
+use std::{collections::HashMap, sync::Arc};
 
-use hashbrown::HashTable;
-
-use super::{slices::SliceAllocator, Backends, Frontend};
+use super::{id_index::IdIndex, slices::SliceAllocator, Backends, Frontend};
 
 /// What a table holds: the Service port it serves and the backends it spreads flows over.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -47,20 +41,18 @@ struct Table {
 pub struct Tables {
     slices: SliceAllocator,
     at: HashMap<u32, Table>,
-    /// The offsets in `at`, hashed by their table's key (held once, in `at`).
-    by_key: HashTable<u32>,
-    hasher: RandomState,
+    /// The offsets in `at`, by their table's key (held once, in `at`).
+    by_key: IdIndex,
 }
 
 impl Tables {
     pub fn new(slots: u32) -> Self {
-        Self { slices: SliceAllocator::new(slots), at: HashMap::new(), by_key: HashTable::new(), hasher: RandomState::new() }
+        Self { slices: SliceAllocator::new(slots), at: HashMap::new(), by_key: IdIndex::default() }
     }
 
     /// The table already holding `key`, now used once more: (offset, size).
     pub fn share(&mut self, key: &TableKey) -> Option<(u32, u32)> {
-        let at = &self.at;
-        let offset = *self.by_key.find(self.hasher.hash_one(key), |offset| at[offset].key == *key)?;
+        let offset = self.by_key.find(key, |offset| &self.at[&offset].key)?;
         let table = self.at.get_mut(&offset).expect("both indexes agree");
         table.users += 1;
         Some((offset, table.size))
@@ -92,17 +84,13 @@ impl Tables {
     }
 
     fn insert(&mut self, offset: u32, table: Table) {
-        let hash = self.hasher.hash_one(&table.key);
         self.at.insert(offset, table);
-        let (at, hasher) = (&self.at, &self.hasher);
-        self.by_key.insert_unique(hash, offset, |offset| hasher.hash_one(&at[offset].key));
+        self.by_key.insert(offset, &self.at[&offset].key, |offset| &self.at[&offset].key);
     }
 
     fn remove(&mut self, offset: u32) -> Option<Table> {
         let table = self.at.remove(&offset)?;
-        if let Ok(found) = self.by_key.find_entry(self.hasher.hash_one(&table.key), |&other| other == offset) {
-            found.remove();
-        }
+        self.by_key.remove(offset, &table.key);
         Some(table)
     }
 

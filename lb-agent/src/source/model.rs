@@ -95,7 +95,7 @@ pub struct Meta {
 }
 
 /// Metadata as written.
-#[derive(Default, Deserialize)]
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct MetaDoc {
     name: Option<Text>,

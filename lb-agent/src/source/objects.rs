@@ -6,7 +6,7 @@ use std::{
     sync::Arc,
 };
 
-use super::model::{EndpointSlice, Node, Object, Pod, Service};
+use super::model::{EndpointSlice, Node, Object, ObjectName, Pod, Service};
 use super::model::SERVICE_NAME_LABEL;
 use crate::translate::{ClusterState, Origin, ServiceName, Sourced};
 
@@ -49,7 +49,7 @@ pub fn name_of(object: &impl Object) -> Arc<str> {
 /// The Service an EndpointSlice belongs to, by its label.
 pub fn owner_of(slice: &EndpointSlice) -> Option<ServiceName> {
     let service = slice.metadata.labels.get(SERVICE_NAME_LABEL)?;
-    Some(format!("{}/{service}", slice.metadata.id.namespace()).into())
+    Some(ObjectName::new(Some(slice.metadata.id.namespace()), Some(service)).full().clone())
 }
 
 /// Sets or removes one object; whether it changed.
@@ -185,16 +185,14 @@ impl Objects {
     /// Packs the indexes built one insert at a time into full nodes (after the first full load:
     /// ordered inserts leave B-tree nodes half empty, which at 100k Services is megabytes).
     pub fn compact(&mut self) {
-        fn packed<K: Ord, V>(map: &mut BTreeMap<K, V>) {
-            *map = std::mem::take(map).into_iter().collect();
+        fn packed<C: Default + IntoIterator + FromIterator<C::Item>>(tree: &mut C) {
+            *tree = std::mem::take(tree).into_iter().collect();
         }
         packed(&mut self.services);
         packed(&mut self.slices);
         packed(&mut self.nodes);
         packed(&mut self.pods);
-        for names in self.by_origin.values_mut().flatten() {
-            *names = std::mem::take(names).into_iter().collect();
-        }
+        self.by_origin.values_mut().flatten().for_each(packed);
     }
 
     /// The Service named `name`: its first copy (by origin) and the origins of the others.
