@@ -154,8 +154,8 @@ fn non_service_packets_pass_unchanged() -> Result<()> {
             ("ipv4 tcp", tcp_syn(CLIENT, [10, 1, 1, 1], 40000, 80), reason::PASS_NOT_SERVICE),
             ("icmp to a service address (no ports: v1 leaves ICMP to the stack)", icmp, reason::PASS_NOT_TCP_UDP),
             ("ipv4 udp", udp(CLIENT, [10, 1, 1, 1], 40000, 53, b"hello"), reason::PASS_NOT_SERVICE),
-            ("ipv6 tcp", v6(false), reason::PASS_IPV6),
-            ("ipv6 udp", v6(true), reason::PASS_IPV6),
+            ("ipv6 tcp", v6(false), reason::PASS_NOT_SERVICE),
+            ("ipv6 udp", v6(true), reason::PASS_NOT_SERVICE),
         ];
         for (what, pkt, why) in cases {
             let before = reason_count(&tb, why);
@@ -286,12 +286,12 @@ fn ipv6_extension_headers_are_walked_to_the_transport_header() -> Result<()> {
         };
         let esp = v6_raw(50, &[0; 24]);
         let cases: Vec<(&str, Vec<u8>, u32)> = vec![
-            ("udp behind hop-by-hop options", v6_with(hop_by_hop.clone(), false), reason::PASS_IPV6),
-            ("tcp behind destination options", v6_with(destination, true), reason::PASS_IPV6),
-            ("udp behind a routing header", v6_with(routing, false), reason::PASS_IPV6),
-            ("tcp in a first fragment", v6_with(first_fragment, true), reason::PASS_IPV6),
-            ("udp behind an authentication header", v6_with(auth, false), reason::PASS_IPV6),
-            ("tcp behind every kind at once", v6_with(every_kind.clone(), true), reason::PASS_IPV6),
+            ("udp behind hop-by-hop options", v6_with(hop_by_hop.clone(), false), reason::PASS_NOT_SERVICE),
+            ("tcp behind destination options", v6_with(destination, true), reason::PASS_NOT_SERVICE),
+            ("udp behind a routing header", v6_with(routing, false), reason::PASS_NOT_SERVICE),
+            ("tcp in a first fragment", v6_with(first_fragment, true), reason::PASS_NOT_SERVICE),
+            ("udp behind an authentication header", v6_with(auth, false), reason::PASS_NOT_SERVICE),
+            ("tcp behind every kind at once", v6_with(every_kind.clone(), true), reason::PASS_NOT_SERVICE),
             ("a later fragment", later_fragment, reason::PASS_FRAGMENT),
             ("neighbour solicitation", neighbour_solicitation, reason::PASS_NOT_TCP_UDP),
             ("encrypted (ESP)", esp, reason::PASS_NOT_TCP_UDP),

@@ -35,6 +35,7 @@ pub const BACKEND_NONE: u32 = 0;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 // Service4KeyV1::scope
 /// The frontend with every ready endpoint of the cluster.
@@ -56,6 +57,8 @@ pub const F_SVC_SOURCE_RANGES: u8 = 1 << 2;
 // AffinityKeyV1::client_kind
 /// `client` holds an IPv4 address in its first 4 bytes (wire order), the rest zero.
 pub const AFFINITY_CLIENT_IP4: u8 = 4;
+/// `client` holds an IPv6 address (wire order).
+pub const AFFINITY_CLIENT_IP6: u8 = 6;
 /// `client` holds a network-namespace cookie in its first 8 bytes (native order): the socket
 /// hooks give affinity per namespace, as all of a node's processes share one address.
 pub const AFFINITY_CLIENT_NETNS: u8 = 1;
@@ -64,6 +67,9 @@ pub const AFFINITY_CLIENT_NETNS: u8 = 1;
 /// gets its packets from here (it cannot receive packets from its own address), and answers
 /// back through its gateway, where the reply is translated. Cilium uses the same address.
 pub const HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
+/// The IPv6 hairpin source: in the discard-only prefix 100::/64 (RFC 6666), which no cluster
+/// uses for pods or Services, so no pod can mistake it for a peer.
+pub const HAIRPIN_ADDR6: [u8; 16] = [0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 169, 254, 42, 1];
 
 // ServiceV1::kind, for display and per-kind policy.
 pub const KIND_CLUSTER_IP: u8 = 1;

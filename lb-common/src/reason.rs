@@ -4,6 +4,7 @@
 
 pub const PASS_NOT_IP: u32 = 0;
 pub const PASS_NOT_SERVICE: u32 = 1;
+/// No longer counted since IPv6 is balanced; the number stays so that no other reason moves.
 pub const PASS_IPV6: u32 = 2;
 pub const PASS_NOT_TCP_UDP: u32 = 3;
 pub const PASS_FRAGMENT: u32 = 4;
@@ -37,11 +38,15 @@ pub const FWD_SOCKET: u32 = 24;
 /// A node process tried to bind a NodePort, LoadBalancer or ExternalIP frontend's port.
 pub const REJECT_SOCKET_BIND: u32 = 25;
 
-/// An IPv6 packet with more extension headers than are walked (eight), left to the stack.
+/// An IPv6 packet with more extension headers than are walked (eight), or longer ones than are
+/// read (`MAX_HEADER_OFF`), left to the stack.
 pub const PASS_IPV6_LONG_CHAIN: u32 = 26;
+/// A new IPv6 flow must be source-NATed (a remote backend of an outside client) and the node
+/// has no IPv6 address to do it with.
+pub const DROP_NO_SNAT_ADDR: u32 = 27;
 
 /// Number of reasons (at most `REASON_SLOTS`).
-pub const COUNT: u32 = 27;
+pub const COUNT: u32 = 28;
 
 /// Stable names for metrics and `lbctl stats`, indexed by reason.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -72,4 +77,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "fwd_socket",
     "reject_socket_bind",
     "pass_ipv6_long_chain",
+    "drop_no_snat_addr",
 ];

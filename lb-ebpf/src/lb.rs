@@ -1,14 +1,16 @@
 //! The load-balancing decision, shared by both hooks: reverse NAT of replies (and of ICMP
 //! errors about them), frontend lookup with traffic policy and source ranges, conntrack,
 //! session affinity, Maglev backend selection, and SNAT port allocation (remote backends,
-//! hairpin). It only reads and writes maps; the hooks apply the returned [`Action`].
+//! hairpin). It only reads and writes maps; the hooks apply the returned [`Action`]. Written
+//! once for both address families ([`Family`]).
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use lb_common::*;
 
 use crate::{
+    family::{source_allowed, Family, NewFlow},
     maps::*,
-    parse::{IcmpError4, Ipv4Packet},
-    rewrite::Nat4,
+    parse::{IcmpError, Packet},
+    rewrite::Nat,
 };
 
 /// Where the program runs, which decides whether remote backends are source-NATed.
@@ -31,24 +33,32 @@ pub enum Forward {
     Fib,
 }
 
-pub enum Action {
+pub enum Action<A: Family> {
     Pass(u32),
     Drop(u32),
-    Rewrite { reason: u32, to: Nat4, forward: Forward },
+    Rewrite { reason: u32, to: Nat<A>, forward: Forward },
     /// No ready backend: answer the client (TCP RST, or ICMP port unreachable for UDP) so
     /// it fails at once.
+    Reject,
+}
+
+/// How a hook's balancing step ended: a verdict (every XDP and TC verdict fits 16 bits) and
+/// its reason, or a reject still to answer (from a stack frame of its own). Eight bytes: a
+/// BPF function returns one register.
+pub enum Balanced {
+    Done(u16, u32),
     Reject,
 }
 
 const EEXIST: i32 = -17;
 
 #[inline(always)]
-pub fn decide(pkt: &Ipv4Packet, hook: Hook, bytes: u32) -> Action {
-    let t = pkt.tuple;
+pub fn decide<A: Family>(pkt: &Packet<A>, hook: Hook, bytes: u32) -> Action<A> {
+    let t = &pkt.tuple;
     let now = unsafe { bpf_ktime_get_ns() };
 
     // 1. A reply of a flow we translated.
-    if let Some(rnat) = LB4_RNAT_V1.get_ptr_mut(&t) {
+    if let Some(rnat) = A::reverse_nat().get_ptr_mut(t) {
         let rnat = unsafe { &mut *rnat };
         rnat.last_seen_ns = now;
         rnat.tcp_flags_seen |= pkt.tcp_flags;
@@ -62,7 +72,7 @@ pub fn decide(pkt: &Ipv4Packet, hook: Hook, bytes: u32) -> Action {
     };
     if hook == Hook::External && svc.flags & F_SVC_EXT_LOCAL != 0 {
         key.scope = SCOPE_LOCAL;
-        svc = match unsafe { LB4_SVC_V1.get(&key) } {
+        svc = match unsafe { A::services().get(&key) } {
             Some(svc) => *svc,
             None => return Action::Drop(reason::DROP_NO_LOCAL_BACKEND),
         };
@@ -77,18 +87,18 @@ pub fn decide(pkt: &Ipv4Packet, hook: Hook, bytes: u32) -> Action {
     count_traffic(&LB_SVC_STAT_V1, svc.service_id, bytes);
 
     // 3. An established flow keeps its backend while that backend exists.
-    if let Some(ct) = LB4_CT_V1.get_ptr_mut(&t) {
+    if let Some(ct) = A::conntrack().get_ptr_mut(t) {
         let ct = unsafe { &mut *ct };
         if ct.service_id == svc.service_id {
-            if let Some(be) = LB4_BE_V1.get(ct.backend_id) {
-                if be.addr != 0 {
+            if let Some(be) = A::backends().get(ct.backend_id) {
+                if !be.addr.is_zero() {
                     ct.last_seen_ns = now;
                     ct.tcp_flags_seen |= pkt.tcp_flags;
                     if svc.flags & F_SVC_AFFINITY != 0 {
-                        touch_affinity(&AffinityKeyV1::ip4(t.src_addr, svc.service_id), now);
+                        touch_affinity(&A::affinity_key(t.src_addr, svc.service_id), now);
                     }
                     count_traffic(&LB_BE_STAT_V1, ct.backend_id, bytes);
-                    return forward_to(&t, be, ct.flags & F_CT_SNAT != 0, ct.nat_addr, ct.nat_port);
+                    return forward_to(t, be, ct.flags & F_CT_SNAT != 0, ct.nat_addr, ct.nat_port);
                 }
             }
         }
@@ -102,9 +112,9 @@ pub fn decide(pkt: &Ipv4Packet, hook: Hook, bytes: u32) -> Action {
         return Action::Reject;
     }
     let cfg = config();
-    let hash = flow_hash4(t.src_addr, t.dst_addr, t.src_port, t.dst_port, t.proto, cfg.hash_seed);
-    let affinity = AffinityKeyV1::ip4(t.src_addr, svc.service_id);
-    let (backend_id, be) = match pick_backend(&svc, &affinity, hash, now) {
+    let hash = flow_hash(t, cfg.hash_seed);
+    let affinity = A::affinity_key(t.src_addr, svc.service_id);
+    let (backend_id, be) = match pick_backend::<A>(&svc, &affinity, hash, now) {
         Ok(picked) => picked,
         Err(why) => return Action::Drop(why),
     };
@@ -112,16 +122,25 @@ pub fn decide(pkt: &Ipv4Packet, hook: Hook, bytes: u32) -> Action {
     // Source NAT: to the node address for a remote backend of an outside client (its reply
     // must come back here), to the hairpin address for a pod that landed on itself.
     let snat_addr = if hook == Hook::External && be.flags & F_BACKEND_LOCAL == 0 {
-        Some(cfg.snat_addr)
+        let node = A::snat_addr(&cfg);
+        if node.is_zero() {
+            return Action::Drop(reason::DROP_NO_SNAT_ADDR);
+        }
+        Some(node)
     } else if hook == Hook::Pod && be.addr == t.src_addr {
-        Some(ip4_raw(HAIRPIN_ADDR))
+        Some(A::hairpin_addr())
     } else {
         None
     };
-    let mut ct = Ct4EntryV1 { last_seen_ns: now, backend_id, service_id: svc.service_id, tcp_flags_seen: pkt.tcp_flags, ..Default::default() };
+    // The entries are built in the per-CPU scratch space: an IPv6 flow's do not fit on the stack.
+    let Some(scratch) = A::scratch().get_ptr_mut(0) else {
+        return Action::Drop(reason::DROP_CT_FULL);
+    };
+    let NewFlow { reply, ct, rnat } = unsafe { &mut (*scratch).new_flow };
+    *ct = CtEntryV1::<A> { last_seen_ns: now, backend_id, service_id: svc.service_id, tcp_flags_seen: pkt.tcp_flags, ..Default::default() };
     // The reply as it will arrive, and how to turn it back into frontend -> client.
-    let mut reply = t.reply_from(&be);
-    let rnat = RevNat4V1 {
+    *reply = t.reply_from(&be);
+    *rnat = RevNatV1::<A> {
         last_seen_ns: now,
         src_addr: t.dst_addr,
         dst_addr: t.src_addr,
@@ -139,7 +158,7 @@ pub fn decide(pkt: &Ipv4Packet, hook: Hook, bytes: u32) -> Action {
         for i in 0..NAT_PORT_TRIES {
             let port = cfg.nat_port_min + (hash.wrapping_add(i) % range) as u16;
             reply.dst_port = port_raw(port);
-            match LB4_RNAT_V1.insert(&reply, &rnat, BPF_NOEXIST as u64) {
+            match A::reverse_nat().insert(reply, rnat, BPF_NOEXIST as u64) {
                 Ok(()) => {
                     allocated = true;
                     break;
@@ -154,39 +173,39 @@ pub fn decide(pkt: &Ipv4Packet, hook: Hook, bytes: u32) -> Action {
         ct.flags = F_CT_SNAT;
         ct.nat_addr = snat_addr;
         ct.nat_port = reply.dst_port;
-    } else if LB4_RNAT_V1.insert(&reply, &rnat, 0).is_err() {
+    } else if A::reverse_nat().insert(reply, rnat, 0).is_err() {
         return Action::Drop(reason::DROP_CT_FULL);
     }
-    if LB4_CT_V1.insert(&t, &ct, 0).is_err() {
+    if A::conntrack().insert(t, ct, 0).is_err() {
         // A full table fails only this new flow; established ones keep their entries.
-        let _ = LB4_RNAT_V1.remove(&reply);
+        let _ = A::reverse_nat().remove(reply);
         return Action::Drop(reason::DROP_CT_FULL);
     }
     remember_affinity(&svc, &affinity, backend_id, now);
     count_traffic(&LB_BE_STAT_V1, backend_id, bytes);
-    forward_to(&t, &be, snat_addr.is_some(), ct.nat_addr, ct.nat_port)
+    forward_to(t, &be, snat_addr.is_some(), ct.nat_addr, ct.nat_port)
 }
 
 /// An ICMP error about a flow we translated, travelling back towards its client: the
 /// rewrite that makes it about the frontend and addressed to the client, as the flow's
 /// replies are. `None` when it is about no flow of ours.
 #[inline(always)]
-pub fn decide_icmp_error(err: &IcmpError4, hook: Hook) -> Option<(Nat4, Forward)> {
+pub fn decide_icmp_error<A: Family>(err: &IcmpError<A>, hook: Hook) -> Option<(Nat<A>, Forward)> {
     // The quoted datagram went client (or SNAT binding) -> backend; its reply is what the
     // reverse-NAT map is keyed by.
-    let rnat = unsafe { LB4_RNAT_V1.get(&err.inner.reversed()) }?;
+    let rnat = unsafe { A::reverse_nat().get(&err.inner.reversed()) }?;
     Some((reply_nat(rnat), reply_forward(rnat, hook)))
 }
 
 /// How a reply leaves: from the frontend, to the client.
 #[inline(always)]
-fn reply_nat(rnat: &RevNat4V1) -> Nat4 {
-    Nat4 { src_addr: rnat.src_addr, dst_addr: rnat.dst_addr, src_port: rnat.src_port, dst_port: rnat.dst_port }
+fn reply_nat<A: Family>(rnat: &RevNatV1<A>) -> Nat<A> {
+    Nat { src_addr: rnat.src_addr, dst_addr: rnat.dst_addr, src_port: rnat.src_port, dst_port: rnat.dst_port }
 }
 
 /// A reply with a node or frontend source must be routed here: the stack would call it martian.
 #[inline(always)]
-fn reply_forward(rnat: &RevNat4V1, hook: Hook) -> Forward {
+fn reply_forward<A: Family>(rnat: &RevNatV1<A>, hook: Hook) -> Forward {
     if rnat.flags & F_CT_SNAT != 0 || hook == Hook::Pod {
         Forward::Fib
     } else {
@@ -197,21 +216,21 @@ fn reply_forward(rnat: &RevNat4V1, hook: Hook) -> Forward {
 /// The frontend for a destination: the exact address, else a NodePort when the address is
 /// one of this node's. Shared by the packet hooks and the socket hooks.
 #[inline(always)]
-pub fn lookup_frontend(addr: u32, port: u16, proto: u8) -> Option<(Service4KeyV1, ServiceV1)> {
-    let mut key = Service4KeyV1 { addr, port, proto, scope: SCOPE_CLUSTER };
-    if let Some(svc) = unsafe { LB4_SVC_V1.get(&key) } {
+pub fn lookup_frontend<A: Family>(addr: A, port: u16, proto: u8) -> Option<(ServiceKeyV1<A>, ServiceV1)> {
+    let mut key = ServiceKeyV1 { addr, port, proto, scope: SCOPE_CLUSTER };
+    if let Some(svc) = unsafe { A::services().get(&key) } {
         return Some((key, *svc));
     }
-    unsafe { LB4_NODEIP_V1.get(&addr) }?;
-    key.addr = 0;
-    unsafe { LB4_SVC_V1.get(&key) }.map(|svc| (key, *svc))
+    unsafe { A::node_ips().get(&addr) }?;
+    key.addr = A::default();
+    unsafe { A::services().get(&key) }.map(|svc| (key, *svc))
 }
 
 /// A new connection's backend: the client's affinity while it lasts, else the Maglev slot that
 /// `hash` picks. Shared by the packet hooks (client = address) and the socket hooks (client =
 /// network namespace). `Err` is the drop reason.
 #[inline(always)]
-pub fn pick_backend(svc: &ServiceV1, affinity: &AffinityKeyV1, hash: u32, now: u64) -> Result<(u32, Backend4V1), u32> {
+pub fn pick_backend<A: Family>(svc: &ServiceV1, affinity: &AffinityKeyV1, hash: u32, now: u64) -> Result<(u32, BackendV1<A>), u32> {
     let backend_id = match affinity_backend(svc, affinity, now) {
         Some(id) => id,
         None => {
@@ -222,8 +241,8 @@ pub fn pick_backend(svc: &ServiceV1, affinity: &AffinityKeyV1, hash: u32, now: u
             }
         }
     };
-    match LB4_BE_V1.get(backend_id) {
-        Some(be) if be.addr != 0 => Ok((backend_id, *be)),
+    match A::backends().get(backend_id) {
+        Some(be) if !be.addr.is_zero() => Ok((backend_id, *be)),
         _ => Err(reason::DROP_BACKEND_MISSING),
     }
 }
@@ -262,8 +281,8 @@ fn touch_affinity(key: &AffinityKeyV1, now: u64) {
 }
 
 #[inline(always)]
-fn forward_to(t: &Ct4KeyV1, be: &Backend4V1, snat: bool, nat_addr: u32, nat_port: u16) -> Action {
-    let reason = if snat && nat_addr == ip4_raw(HAIRPIN_ADDR) {
+fn forward_to<A: Family>(t: &CtKeyV1<A>, be: &BackendV1<A>, snat: bool, nat_addr: A, nat_port: u16) -> Action<A> {
+    let reason = if snat && nat_addr == A::hairpin_addr() {
         reason::FWD_HAIRPIN
     } else if be.flags & F_BACKEND_LOCAL != 0 {
         reason::FWD_LOCAL_BACKEND
@@ -271,9 +290,9 @@ fn forward_to(t: &Ct4KeyV1, be: &Backend4V1, snat: bool, nat_addr: u32, nat_port
         reason::FWD_REMOTE_BACKEND
     };
     if snat {
-        let to = Nat4 { src_addr: nat_addr, src_port: nat_port, dst_addr: be.addr, dst_port: be.port };
+        let to = Nat { src_addr: nat_addr, src_port: nat_port, dst_addr: be.addr, dst_port: be.port };
         return Action::Rewrite { reason, to, forward: Forward::Fib };
     }
-    let to = Nat4 { src_addr: t.src_addr, src_port: t.src_port, dst_addr: be.addr, dst_port: be.port };
+    let to = Nat { src_addr: t.src_addr, src_port: t.src_port, dst_addr: be.addr, dst_port: be.port };
     Action::Rewrite { reason, to, forward: Forward::Stack }
 }

@@ -5,11 +5,13 @@
 //! - [`sock`]: cgroup socket hooks (`lb_sock_*`) for the node's own processes.
 //!
 //! Each hook reads top to bottom: parse ([`parse`]), decide ([`lb::decide`], shared), apply
-//! ([`rewrite`], [`fib`]), count the reason ([`maps`]).
+//! ([`rewrite`], [`fib`]), count the reason ([`maps`]). IPv4 and IPv6 share all of it: what
+//! differs between them is in [`family`].
 #![no_std]
 #![no_main]
 
 mod csum;
+mod family;
 mod fib;
 mod lb;
 mod maps;

@@ -2,9 +2,11 @@
 //! so a restarted agent adopts them and established flows keep their state.
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::*;
+
+use crate::family::Scratch;
 
 #[map]
 pub static LB4_SVC_V1: HashMap<Service4KeyV1, ServiceV1> = HashMap::pinned(MAX_SERVICES, 0);
@@ -41,7 +43,27 @@ pub static LB_SOCK_SKIP_V1: HashMap<u64, u8> = HashMap::pinned(MAX_SOCK_SKIP, 0)
 #[map]
 pub static LB4_SKRNAT_V1: LruHashMap<SockRevNat4KeyV1, SockRevNat4V1> = LruHashMap::pinned(MAX_SOCKETS, 0);
 #[map]
+pub static LB6_SVC_V1: HashMap<Service6KeyV1, ServiceV1> = HashMap::pinned(MAX_SERVICES, 0);
+#[map]
+pub static LB6_BE_V1: Array<Backend6V1> = Array::pinned(MAX_BACKENDS, 0);
+#[map]
+pub static LB6_CT_V1: HashMap<Ct6KeyV1, Ct6EntryV1> = HashMap::pinned(MAX_FLOWS, 0);
+#[map]
+pub static LB6_RNAT_V1: HashMap<Ct6KeyV1, RevNat6V1> = HashMap::pinned(MAX_FLOWS, 0);
+#[map]
+pub static LB6_NODEIP_V1: HashMap<[u32; 4], u32> = HashMap::pinned(MAX_NODE_IPS, 0);
+#[map]
+pub static LB6_CONFIG_V1: Array<Config6V1> = Array::pinned(1, 0);
+#[map]
+pub static LB6_SRCRANGE_V1: LpmTrie<SourceRange6V1, u8> = LpmTrie::pinned(MAX_SOURCE_RANGES, 0);
+#[map]
 pub static LB4_SRCRANGE_V1: LpmTrie<SourceRange4V1, u8> = LpmTrie::pinned(MAX_SOURCE_RANGES, 0);
+
+/// Per-CPU scratch space of each family's path (not pinned: nothing in it outlives a packet).
+#[map]
+pub static LB4_SCRATCH: PerCpuArray<Scratch<Addr4>> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+pub static LB6_SCRATCH: PerCpuArray<Scratch<Addr6>> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 pub fn count_reason(reason: u32) {
@@ -58,13 +80,6 @@ pub fn count_traffic(map: &PerCpuArray<TrafficCountersV1>, id: u32, bytes: u32) 
             (*c).bytes += bytes as u64;
         }
     }
-}
-
-/// Whether `client` is inside one of the frontend's loadBalancerSourceRanges.
-#[inline(always)]
-pub fn source_allowed(service_id: u32, client: u32) -> bool {
-    let key = Key::new(SourceRange4V1::SERVICE_BITS + 32, SourceRange4V1::new(service_id, client));
-    LB4_SRCRANGE_V1.get(&key).is_some()
 }
 
 /// The config, or defaults when the agent has not written one yet.

@@ -1,25 +1,24 @@
 //! Packet rewrites shared by XDP and TC. The two hooks differ only in how a field is stored
 //! and its checksums kept right ([`PacketWriter`]); what to write is decided here once.
-use lb_common::{Ct4KeyV1, IPPROTO_ICMP, IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
+use lb_common::{MapAddr, IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use network_types::{eth::EthHdr, tcp::TcpHdr};
 
 use crate::{
     csum::{self, fold},
-    parse::{ptr_at, IcmpError4, Ipv4Packet},
+    family::Family,
+    parse::{ptr_at, IcmpError, Packet},
 };
 
 /// The tuple a packet leaves with.
 #[derive(Clone, Copy)]
-pub struct Nat4 {
-    pub src_addr: u32,
-    pub dst_addr: u32,
+pub struct Nat<A: MapAddr> {
+    pub src_addr: A,
+    pub dst_addr: A,
     pub src_port: u16,
     pub dst_port: u16,
 }
 
-/// Offsets inside the IPv4, TCP and UDP headers.
-const IP_SRC: usize = 12;
-const IP_DST: usize = 16;
+/// Offsets inside the TCP and UDP headers.
 const L4_SRC_PORT: usize = 0;
 const L4_DST_PORT: usize = 2;
 const TCP_SEQ: usize = 4;
@@ -34,30 +33,58 @@ pub struct Fault;
 pub trait PacketWriter {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
-    /// Replace an IPv4 address: covered by the IP header checksum and the L4 pseudo-header.
-    fn replace_addr(&self, pkt: &Ipv4Packet, off: usize, old: u32, new: u32) -> Result<(), Fault>;
+    /// Replace 4 bytes of an address in the packet's IP header: covered by the IPv4 header
+    /// checksum and by the L4 pseudo-header.
+    fn replace_addr_word<A: Family>(&self, pkt: &Packet<A>, off: usize, old: u32, new: u32) -> Result<(), Fault>;
     /// Replace 2 bytes of the L4 header, covered by the L4 checksum only.
-    fn replace_l4_u16(&self, pkt: &Ipv4Packet, off: usize, old: u16, new: u16) -> Result<(), Fault>;
+    fn replace_l4_u16<A: Family>(&self, pkt: &Packet<A>, off: usize, old: u16, new: u16) -> Result<(), Fault>;
     /// Replace 4 bytes of the L4 header, covered by the L4 checksum only.
-    fn replace_l4_u32(&self, pkt: &Ipv4Packet, off: usize, old: u32, new: u32) -> Result<(), Fault>;
-    /// Replace an address of an IPv4 header whose payload has no pseudo-header (ICMP).
-    fn replace_ip_only(&self, l3_off: usize, off: usize, old: u32, new: u32) -> Result<(), Fault>;
+    fn replace_l4_u32<A: Family>(&self, pkt: &Packet<A>, off: usize, old: u32, new: u32) -> Result<(), Fault>;
+    /// Replace 4 bytes of an address in an ICMP error's own IP header: covered by the IPv4
+    /// header checksum, or by the ICMPv6 checksum's pseudo-header (ICMPv4 has none).
+    fn replace_icmp_outer_word<A: Family>(&self, err: &IcmpError<A>, off: usize, old: u32, new: u32) -> Result<(), Fault>;
     /// Replace 2 bytes inside an ICMP message, keeping its checksum (at `icmp_off + 2`) right.
     fn replace_icmp_u16(&self, icmp_off: usize, off: usize, old: u16, new: u16) -> Result<(), Fault>;
     /// Replace 4 bytes inside an ICMP message, keeping its checksum right.
     fn replace_icmp_u32(&self, icmp_off: usize, off: usize, old: u32, new: u32) -> Result<(), Fault>;
 }
 
+/// Where an address sits, which decides the checksums its change touches.
+#[derive(Clone, Copy)]
+enum AddrIn<'a, A: MapAddr> {
+    /// The packet's IP header: the IPv4 header checksum and the L4 pseudo-header.
+    Packet(&'a Packet<A>),
+    /// An ICMP error's own IP header (see `replace_icmp_outer_word`).
+    IcmpOuter(&'a IcmpError<A>),
+    /// The datagram an ICMP error quotes (ICMP header at this offset): the ICMP checksum.
+    IcmpQuote(usize),
+}
+
+/// Replaces the address at `off` word by word (one for IPv4, four for IPv6); words that do not
+/// change are not touched. An index loop of a length fixed per family: unrolled.
+#[inline(always)]
+fn replace_addr<W: PacketWriter, A: Family>(w: &W, at: AddrIn<A>, off: usize, old: &A, new: &A) -> Result<(), Fault> {
+    let (old, new) = (old.words(), new.words());
+    for i in 0..old.len() {
+        if old[i] == new[i] {
+            continue;
+        }
+        let word_off = off + 4 * i;
+        match at {
+            AddrIn::Packet(pkt) => w.replace_addr_word(pkt, word_off, old[i], new[i])?,
+            AddrIn::IcmpOuter(err) => w.replace_icmp_outer_word(err, word_off, old[i], new[i])?,
+            AddrIn::IcmpQuote(icmp_off) => w.replace_icmp_u32(icmp_off, word_off, old[i], new[i])?,
+        }
+    }
+    Ok(())
+}
+
 /// Rewrites the packet's 5-tuple from `pkt.tuple` to `to`. Unchanged fields are not touched.
 #[inline(always)]
-pub fn apply_nat<W: PacketWriter>(w: &W, pkt: &Ipv4Packet, to: &Nat4) -> Result<(), Fault> {
+pub fn apply_nat<W: PacketWriter, A: Family>(w: &W, pkt: &Packet<A>, to: &Nat<A>) -> Result<(), Fault> {
     let t = &pkt.tuple;
-    if t.src_addr != to.src_addr {
-        w.replace_addr(pkt, pkt.l3_off + IP_SRC, t.src_addr, to.src_addr)?;
-    }
-    if t.dst_addr != to.dst_addr {
-        w.replace_addr(pkt, pkt.l3_off + IP_DST, t.dst_addr, to.dst_addr)?;
-    }
+    replace_addr(w, AddrIn::Packet(pkt), pkt.l3_off + A::SRC_OFF, &t.src_addr, &to.src_addr)?;
+    replace_addr(w, AddrIn::Packet(pkt), pkt.l3_off + A::DST_OFF, &t.dst_addr, &to.dst_addr)?;
     if t.src_port != to.src_port {
         w.replace_l4_u16(pkt, pkt.l4_off + L4_SRC_PORT, t.src_port, to.src_port)?;
     }
@@ -74,22 +101,22 @@ pub fn apply_nat<W: PacketWriter>(w: &W, pkt: &Ipv4Packet, to: &Nat4) -> Result<
 /// The quoted TCP/UDP checksum is left as it is: receivers match errors by addresses and
 /// ports only, and the quote is often cut before that checksum anyway.
 #[inline(always)]
-pub fn apply_icmp_error_nat<W: PacketWriter>(w: &W, err: &IcmpError4, to: &Nat4) -> Result<(), Fault> {
+pub fn apply_icmp_error_nat<W: PacketWriter, A: Family>(w: &W, err: &IcmpError<A>, to: &Nat<A>) -> Result<(), Fault> {
     let inner = &err.inner;
     // The outer header: from the frontend to the client.
-    if err.src_addr != to.src_addr {
-        w.replace_ip_only(err.l3_off, err.l3_off + IP_SRC, err.src_addr, to.src_addr)?;
+    replace_addr(w, AddrIn::IcmpOuter(err), err.l3_off + A::SRC_OFF, &err.src_addr, &to.src_addr)?;
+    replace_addr(w, AddrIn::IcmpOuter(err), err.l3_off + A::DST_OFF, &err.dst_addr, &to.dst_addr)?;
+    // The quote: client -> frontend, its own IPv4 checksum (IPv6 has none) kept right.
+    if let Some(csum_off) = A::HEADER_CSUM_OFF {
+        let quoted_csum_off = err.inner_l3_off + csum_off;
+        let old_csum = unsafe { *ptr_at::<u16>(w.data(), w.data_end(), core::hint::black_box(quoted_csum_off)).ok_or(Fault)? };
+        // Only IPv4 gets here: one word per address.
+        let (src, dst, new_src, new_dst) = (inner.src_addr.words(), inner.dst_addr.words(), to.dst_addr.words(), to.src_addr.words());
+        let new_csum = csum::replace4(csum::replace4(old_csum, src[0], new_src[0]), dst[0], new_dst[0]);
+        w.replace_icmp_u16(err.icmp_off, quoted_csum_off, old_csum, new_csum)?;
     }
-    if err.dst_addr != to.dst_addr {
-        w.replace_ip_only(err.l3_off, err.l3_off + IP_DST, err.dst_addr, to.dst_addr)?;
-    }
-    // The quote: client -> frontend, its own IPv4 checksum kept right.
-    let quoted_csum_off = err.inner_l3_off + 10;
-    let old_csum = unsafe { *ptr_at::<u16>(w.data(), w.data_end(), core::hint::black_box(quoted_csum_off)).ok_or(Fault)? };
-    let new_csum = csum::replace4(csum::replace4(old_csum, inner.src_addr, to.dst_addr), inner.dst_addr, to.src_addr);
-    w.replace_icmp_u32(err.icmp_off, err.inner_l3_off + IP_SRC, inner.src_addr, to.dst_addr)?;
-    w.replace_icmp_u32(err.icmp_off, err.inner_l3_off + IP_DST, inner.dst_addr, to.src_addr)?;
-    w.replace_icmp_u16(err.icmp_off, quoted_csum_off, old_csum, new_csum)?;
+    replace_addr(w, AddrIn::IcmpQuote(err.icmp_off), err.inner_l3_off + A::SRC_OFF, &inner.src_addr, &to.dst_addr)?;
+    replace_addr(w, AddrIn::IcmpQuote(err.icmp_off), err.inner_l3_off + A::DST_OFF, &inner.dst_addr, &to.src_addr)?;
     w.replace_icmp_u16(err.icmp_off, err.inner_l4_off + L4_SRC_PORT, inner.src_port, to.dst_port)?;
     w.replace_icmp_u16(err.icmp_off, err.inner_l4_off + L4_DST_PORT, inner.dst_port, to.src_port)?;
     Ok(())
@@ -98,30 +125,29 @@ pub fn apply_icmp_error_nat<W: PacketWriter>(w: &W, err: &IcmpError4, to: &Nat4)
 /// Turns a TCP segment into the RST its sender would get from a closed port (RFC 9293 3.10.7.1),
 /// addressed back to the sender, MACs swapped. The caller sends it out the way it came.
 #[inline(always)]
-pub fn make_tcp_reset<W: PacketWriter>(w: &W, pkt: &Ipv4Packet) -> Result<(), Fault> {
+pub fn make_tcp_reset<W: PacketWriter, A: Family>(w: &W, pkt: &Packet<A>) -> Result<(), Fault> {
     let (data, end) = (w.data(), w.data_end());
     let eth = ptr_at::<EthHdr>(data, end, 0).ok_or(Fault)?;
-    let ip = ptr_at::<Ipv4Hdr>(data, end, pkt.l3_off).ok_or(Fault)?;
     let tcp = ptr_at::<TcpHdr>(data, end, pkt.l4_off).ok_or(Fault)?;
+    // Bytes from the TCP header to the end of the datagram, as its IP header says.
+    let l4_len = A::datagram_len(data, end, pkt.l3_off).ok_or(Fault)?.saturating_sub((pkt.l4_off - pkt.l3_off) as u32);
     let (seq, ack_seq, flags_word, window, payload_len) = unsafe {
         let eth = &mut *eth;
         core::mem::swap(&mut eth.src_addr, &mut eth.dst_addr);
         let words = tcp as *const u8;
         let doff = ((*words.add(12) >> 4) as u32) * 4;
-        let ihl = ((*ip).vihl & 0x0f) as u32 * 4;
-        let tot_len = u16::from_be_bytes((*ip).tot_len) as u32;
         (
             u32::from_ne_bytes((*tcp).seq),
             u32::from_ne_bytes((*tcp).ack_seq),
             u16::from_ne_bytes([*words.add(12), *words.add(13)]),
             u16::from_ne_bytes((*tcp).window),
-            tot_len.saturating_sub(ihl + doff),
+            l4_len.saturating_sub(doff),
         )
     };
     let t = &pkt.tuple;
     // Swapping addresses and ports leaves every checksum as it was.
-    w.replace_addr(pkt, pkt.l3_off + IP_SRC, t.src_addr, t.dst_addr)?;
-    w.replace_addr(pkt, pkt.l3_off + IP_DST, t.dst_addr, t.src_addr)?;
+    replace_addr(w, AddrIn::Packet(pkt), pkt.l3_off + A::SRC_OFF, &t.src_addr, &t.dst_addr)?;
+    replace_addr(w, AddrIn::Packet(pkt), pkt.l3_off + A::DST_OFF, &t.dst_addr, &t.src_addr)?;
     w.replace_l4_u16(pkt, pkt.l4_off + L4_SRC_PORT, t.src_port, t.dst_port)?;
     w.replace_l4_u16(pkt, pkt.l4_off + L4_DST_PORT, t.dst_port, t.src_port)?;
 
@@ -142,39 +168,31 @@ pub fn make_tcp_reset<W: PacketWriter>(w: &W, pkt: &Ipv4Packet) -> Result<(), Fa
 
 /// Offset of the L4 checksum for this packet's protocol.
 #[inline(always)]
-pub fn l4_csum_off(pkt: &Ipv4Packet) -> usize {
+pub fn l4_csum_off<A: MapAddr>(pkt: &Packet<A>) -> usize {
     pkt.l4_off + if pkt.tuple.proto == IPPROTO_TCP { TCP_CSUM } else { UDP_CSUM }
 }
 
 
-/// Bytes an ICMP error puts in front of the datagram it quotes: an IPv4 and an ICMP header.
-pub const ICMP_ERROR_GROWTH: usize = 28;
 /// Ethernet and up to two VLAN tags.
 const MAX_L2: usize = 22;
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_PORT_UNREACH: u8 = 3;
 
-/// What an ICMP error needs from the original frame, saved before the frame is resized.
+/// What an ICMP error needs to know of the original frame, measured before it is resized.
 pub struct IcmpQuote {
-    /// The L2 header (only `l2_len` bytes of it count).
-    l2: [u8; MAX_L2],
     l2_len: usize,
-    /// The original IPv4 header and the first 8 bytes of its payload (RFC 792).
+    /// The original IP header and the first 8 bytes of its payload (RFC 792, RFC 4443).
     quoted_len: usize,
-    /// One's-complement sum of the quoted bytes, so the ICMP checksum needs no loop over
-    /// the packet: a valid IPv4 header sums to 0xffff, plus the 4 words of the UDP header.
+    /// One's-complement sum of the quoted bytes, so the ICMP checksum needs no loop over the
+    /// packet: the IP header's sum, plus the 4 words of the UDP header.
     quoted_sum: u32,
-    tuple: Ct4KeyV1,
 }
 
 impl IcmpQuote {
     #[inline(always)]
-    pub fn save(data: usize, data_end: usize, pkt: &Ipv4Packet) -> Result<Self, Fault> {
-        // Every IPv4 UDP frame that got here is longer than MAX_L2 bytes.
-        let l2 = unsafe { *ptr_at::<[u8; MAX_L2]>(data, data_end, 0).ok_or(Fault)? };
+    pub fn measure<A: Family>(data: usize, data_end: usize, pkt: &Packet<A>) -> Result<Self, Fault> {
         let udp = unsafe { *ptr_at::<[u16; 4]>(data, data_end, pkt.l4_off).ok_or(Fault)? };
-        let quoted_sum = 0xffff + udp.iter().map(|w| *w as u32).sum::<u32>();
-        Ok(Self { l2, l2_len: pkt.l3_off & 0x1f, quoted_len: (pkt.l4_off - pkt.l3_off + 8) & 0x7f, quoted_sum, tuple: pkt.tuple })
+        let header_sum = A::quoted_header_sum(data, data_end, pkt.l3_off, pkt.l4_off).ok_or(Fault)?;
+        let quoted_sum = header_sum + udp.iter().map(|w| *w as u32).sum::<u32>();
+        Ok(Self { l2_len: pkt.l3_off & 0x1f, quoted_len: (pkt.l4_off - pkt.l3_off + 8) & 0x7f, quoted_sum })
     }
 
     /// Bytes of the original frame the error keeps: its L2 header and the quote.
@@ -184,34 +202,29 @@ impl IcmpQuote {
 }
 
 /// Writes an ICMP port unreachable into a frame that was cut to `q.kept_len()` bytes and then
-/// grown by `ICMP_ERROR_GROWTH` bytes at the front: L2 header with MACs swapped, a new IPv4
-/// header from the frontend to the client, the ICMP header, then the quote, already in place.
+/// grown by `A::ICMP_ERROR_GROWTH` bytes at the front, so the original frame starts that far
+/// in: its L2 header moves to the front with MACs swapped, a new IP header goes from the
+/// frontend to the client, then the ICMP header; the quote is already in place.
 #[inline(always)]
-pub fn write_icmp_port_unreachable(data: usize, data_end: usize, q: &IcmpQuote) -> Result<(), Fault> {
-    // MACs swapped, tags and ethertype kept; what lies past the L2 header is overwritten next.
-    let mut l2 = q.l2;
-    l2[..6].copy_from_slice(&q.l2[6..12]);
-    l2[6..12].copy_from_slice(&q.l2[..6]);
-    unsafe { *ptr_at::<[u8; MAX_L2]>(data, data_end, 0).ok_or(Fault)? = l2 };
+pub fn write_icmp_port_unreachable<A: Family>(data: usize, data_end: usize, q: &IcmpQuote) -> Result<(), Fault> {
+    let growth = A::ICMP_ERROR_GROWTH;
+    // MACs swapped, tags and ethertype kept (bytes past the L2 header are overwritten next).
+    let macs = unsafe { *ptr_at::<[[u8; 6]; 2]>(data, data_end, growth).ok_or(Fault)? };
+    let tags = unsafe { *ptr_at::<[u8; MAX_L2 - 12]>(data, data_end, growth + 12).ok_or(Fault)? };
+    unsafe {
+        *ptr_at::<[[u8; 6]; 2]>(data, data_end, 0).ok_or(Fault)? = [macs[1], macs[0]];
+        *ptr_at::<[u8; MAX_L2 - 12]>(data, data_end, 12).ok_or(Fault)? = tags;
+    }
 
     let ip_off = q.l2_len & 0x1f;
-    let icmp_len = 8 + q.quoted_len;
-    let tot_len = ((20 + icmp_len) as u16).to_be_bytes();
-    let (src, dst) = (q.tuple.dst_addr.to_ne_bytes(), q.tuple.src_addr.to_ne_bytes());
-    let mut ip = [0x45, 0, tot_len[0], tot_len[1], 0, 0, 0, 0, 64, IPPROTO_ICMP, 0, 0, src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3]];
-    let mut sum = 0u32;
-    for w in 0..10 {
-        sum += u16::from_ne_bytes([ip[2 * w], ip[2 * w + 1]]) as u32;
-    }
-    let csum = (!fold(sum)).to_ne_bytes();
-    ip[10] = csum[0];
-    ip[11] = csum[1];
-    unsafe { *ptr_at::<[u8; 20]>(data, data_end, ip_off).ok_or(Fault)? = ip };
-
-    let mut icmp = [ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0];
-    let csum = (!fold(u16::from_ne_bytes([icmp[0], icmp[1]]) as u32 + q.quoted_sum)).to_ne_bytes();
-    icmp[2] = csum[0];
-    icmp[3] = csum[1];
-    unsafe { *ptr_at::<[u8; 8]>(data, data_end, ip_off + 20).ok_or(Fault)? = icmp };
+    let icmp_len = ICMP_HEADER_LEN + q.quoted_len;
+    let pseudo_sum = A::write_error_header(data, data_end, ip_off, growth + ip_off, icmp_len).ok_or(Fault)?;
+    let [kind, code] = A::PORT_UNREACHABLE;
+    let csum = (!fold(u16::from_ne_bytes([kind, code]) as u32 + q.quoted_sum + pseudo_sum)).to_ne_bytes();
+    let icmp = [kind, code, csum[0], csum[1], 0, 0, 0, 0];
+    let icmp_off = ip_off + growth - ICMP_HEADER_LEN;
+    unsafe { *ptr_at::<[u8; ICMP_HEADER_LEN]>(data, data_end, core::hint::black_box(icmp_off)).ok_or(Fault)? = icmp };
     Ok(())
 }
+
+pub const ICMP_HEADER_LEN: usize = 8;

@@ -89,7 +89,7 @@ fn to_backend(ctx: &SockAddrContext) -> i32 {
     // The socket cookie spreads the sockets of one namespace over the backends.
     let hash = flow_hash4(cookie as u32, (cookie >> 32) as u32, frontend_port, frontend_port, proto, 0);
     let affinity = AffinityKeyV1::netns(netns, svc.service_id);
-    let (backend_id, be) = match pick_backend(&svc, &affinity, hash, now) {
+    let (backend_id, be) = match pick_backend::<Addr4>(&svc, &affinity, hash, now) {
         Ok(picked) => picked,
         Err(why) => {
             count_reason(why);

@@ -7,16 +7,17 @@ use aya_ebpf::{
     programs::XdpContext,
     EbpfContext,
 };
-use lb_common::{reason, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{reason, Addr4, Addr6, IPPROTO_TCP, IPPROTO_UDP};
 use network_types::eth::EthHdr;
 
 use crate::{
     csum,
+    family::{parse_into, Family},
     fib::{fib_params, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
-    lb::{decide, decide_icmp_error, Action, Forward, Hook},
+    lb::{decide, decide_icmp_error, Action, Balanced, Forward, Hook},
     maps::count_reason,
-    parse::{parse, ptr_at, IcmpError4, Ipv4Packet, Parsed},
-    rewrite::{apply_icmp_error_nat, apply_nat, l4_csum_off, make_tcp_reset, write_icmp_port_unreachable, Fault, IcmpQuote, PacketWriter, ICMP_ERROR_GROWTH},
+    parse::{parse_l2, ptr_at, IcmpError, Network, Packet, Parsed},
+    rewrite::{apply_icmp_error_nat, apply_nat, l4_csum_off, make_tcp_reset, write_icmp_port_unreachable, Fault, IcmpQuote, Nat, PacketWriter},
 };
 
 #[xdp]
@@ -28,72 +29,111 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn xdp_path(ctx: &XdpContext) -> (u32, u32) {
-    let w = XdpWriter(ctx);
-    let pkt = match parse(ctx.data(), ctx.data_end()) {
-        Parsed::Ipv4(pkt) => pkt,
-        Parsed::IcmpError4(err) => return xdp_icmp_error(ctx, &w, &err),
-        Parsed::Pass(why) => return (xdp_action::XDP_PASS, why),
-        Parsed::Drop(why) => return (xdp_action::XDP_DROP, why),
-    };
-    let bytes = (ctx.data_end() - ctx.data()) as u32;
-    match decide(&pkt, Hook::External, bytes) {
-        Action::Pass(why) => (xdp_action::XDP_PASS, why),
-        Action::Drop(why) => (xdp_action::XDP_DROP, why),
-        Action::Reject => {
-            let answered = if pkt.tuple.proto == IPPROTO_TCP { make_tcp_reset(&w, &pkt) } else { xdp_icmp_port_unreachable(ctx, &pkt) };
-            match answered {
-                Ok(()) => (xdp_action::XDP_TX, reason::REJECT_NO_BACKEND),
-                Err(Fault) => (xdp_action::XDP_DROP, reason::REJECT_NO_BACKEND),
-            }
-        }
-        Action::Rewrite { reason: why, to, forward } => {
-            if apply_nat(&w, &pkt, &to).is_err() {
-                return (xdp_action::XDP_DROP, reason::DROP_TRUNCATED_L4);
-            }
-            match forward {
-                Forward::Stack => (xdp_action::XDP_PASS, why),
-                Forward::Fib => xdp_fib_forward(ctx, pkt.l3_off, why),
-            }
-        }
+    match parse_l2(data(ctx), data_end(ctx)) {
+        Network::Ipv4(l3_off) => xdp_family::<Addr4>(ctx, l3_off),
+        Network::Ipv6(l3_off) => xdp_family::<Addr6>(ctx, l3_off),
+        Network::Pass(why) => (xdp_action::XDP_PASS, why),
+        Network::Drop(why) => (xdp_action::XDP_DROP, why),
     }
 }
 
-/// An ICMP error about a translated flow goes to its client as the flow's replies do.
+/// One family's path: parse, decide, apply. Each step that needs much stack is a function of
+/// its own (a BPF-to-BPF call), so that no chain of calls needs more than the 512 bytes a
+/// program has: the rewrite and the reject are siblings under this frame, not nested.
+#[inline(never)]
+fn xdp_family<A: Family>(ctx: &XdpContext, l3_off: usize) -> (u32, u32) {
+    let Some(scratch) = A::scratch().get_ptr_mut(0) else {
+        return (xdp_action::XDP_PASS, reason::PASS_NOT_SERVICE);
+    };
+    let scratch = unsafe { &mut *scratch };
+    match parse_into(data(ctx), data_end(ctx), l3_off, scratch) {
+        Parsed::Packet => match xdp_balance(ctx, &scratch.pkt) {
+            Balanced::Done(verdict, why) => (verdict as u32, why),
+            Balanced::Reject => xdp_reject(ctx, &scratch.pkt),
+        },
+        Parsed::IcmpError => xdp_icmp_error(ctx, &scratch.err),
+        Parsed::Pass(why) => (xdp_action::XDP_PASS, why),
+        Parsed::Drop(why) => (xdp_action::XDP_DROP, why),
+    }
+}
+
+/// Decide, then apply: the path of every TCP and UDP packet, but for the reject.
+#[inline(never)]
+fn xdp_balance<A: Family>(ctx: &XdpContext, pkt: &Packet<A>) -> Balanced {
+    let w = XdpWriter(ctx);
+    // Materialised now: computed late, it would keep the packet pointers alive across map calls.
+    let bytes = core::hint::black_box((data_end(ctx) - data(ctx)) as u32);
+    let (verdict, why) = match decide(pkt, Hook::External, bytes) {
+        Action::Pass(why) => (xdp_action::XDP_PASS, why),
+        Action::Drop(why) => (xdp_action::XDP_DROP, why),
+        Action::Reject => return Balanced::Reject,
+        Action::Rewrite { reason: why, to, forward } => {
+            if apply_nat(&w, pkt, &to).is_err() {
+                (xdp_action::XDP_DROP, reason::DROP_TRUNCATED_L4)
+            } else {
+                match forward {
+                    Forward::Stack => (xdp_action::XDP_PASS, why),
+                    Forward::Fib => xdp_fib_forward(ctx, pkt.l3_off, pkt.tuple.proto, &to, why),
+                }
+            }
+        }
+    };
+    Balanced::Done(verdict as u16, why)
+}
+
+/// No ready backend: a TCP RST or an ICMP port unreachable back out to the client. A function
+/// of its own: it needs a stack frame of its own.
 #[inline(always)]
-fn xdp_icmp_error(ctx: &XdpContext, w: &XdpWriter, err: &IcmpError4) -> (u32, u32) {
+fn xdp_reject<A: Family>(ctx: &XdpContext, pkt: &Packet<A>) -> (u32, u32) {
+    let answered = if pkt.tuple.proto == IPPROTO_TCP { xdp_tcp_reset(ctx, pkt) } else { xdp_icmp_port_unreachable(ctx, pkt) };
+    match answered {
+        Ok(()) => (xdp_action::XDP_TX, reason::REJECT_NO_BACKEND),
+        Err(Fault) => (xdp_action::XDP_DROP, reason::REJECT_NO_BACKEND),
+    }
+}
+
+/// Turns the segment into a RST back to its sender.
+#[inline(never)]
+fn xdp_tcp_reset<A: Family>(ctx: &XdpContext, pkt: &Packet<A>) -> Result<(), Fault> {
+    make_tcp_reset(&XdpWriter(ctx), pkt)
+}
+
+/// An ICMP error about a translated flow goes to its client as the flow's replies do.
+#[inline(never)]
+fn xdp_icmp_error<A: Family>(ctx: &XdpContext, err: &IcmpError<A>) -> (u32, u32) {
     let Some((to, forward)) = decide_icmp_error(err, Hook::External) else {
         return (xdp_action::XDP_PASS, reason::PASS_NOT_TCP_UDP);
     };
-    if apply_icmp_error_nat(w, err, &to).is_err() {
+    if apply_icmp_error_nat(&XdpWriter(ctx), err, &to).is_err() {
         return (xdp_action::XDP_DROP, reason::DROP_TRUNCATED_L4);
     }
     match forward {
         Forward::Stack => (xdp_action::XDP_PASS, reason::FWD_ICMP_ERROR),
-        Forward::Fib => xdp_fib_forward(ctx, err.l3_off, reason::FWD_ICMP_ERROR),
+        Forward::Fib => xdp_fib_forward(ctx, err.l3_off, A::ICMP_PROTO, &to, reason::FWD_ICMP_ERROR),
     }
 }
 
 /// Turns the datagram into an ICMP port unreachable to its sender: cut it to what the error
-/// quotes, grow the front by an IPv4 and an ICMP header, write them.
-#[inline(always)]
-fn xdp_icmp_port_unreachable(ctx: &XdpContext, pkt: &Ipv4Packet) -> Result<(), Fault> {
-    let quote = IcmpQuote::save(ctx.data(), ctx.data_end(), pkt)?;
-    let trim = quote.kept_len() as i32 - (ctx.data_end() - ctx.data()) as i32;
+/// quotes, grow the front by an IP and an ICMP header, write them.
+#[inline(never)]
+fn xdp_icmp_port_unreachable<A: Family>(ctx: &XdpContext, pkt: &Packet<A>) -> Result<(), Fault> {
+    let quote = IcmpQuote::measure(data(ctx), data_end(ctx), pkt)?;
+    let trim = quote.kept_len() as i32 - (data_end(ctx) - data(ctx)) as i32;
     if trim != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, trim) } != 0 {
         return Err(Fault);
     }
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(ICMP_ERROR_GROWTH as i32)) } != 0 {
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(A::ICMP_ERROR_GROWTH as i32)) } != 0 {
         return Err(Fault);
     }
-    write_icmp_port_unreachable(ctx.data(), ctx.data_end(), &quote)
+    write_icmp_port_unreachable::<A>(data(ctx), data_end(ctx), &quote)
 }
 
 /// Sends a rewritten packet straight out the device the FIB names, with its MACs.
 #[inline(always)]
-fn xdp_fib_forward(ctx: &XdpContext, l3_off: usize, why: u32) -> (u32, u32) {
+fn xdp_fib_forward<A: Family>(ctx: &XdpContext, l3_off: usize, proto: u8, to: &Nat<A>, why: u32) -> (u32, u32) {
     let ingress = ctx.ingress_ifindex() as u32;
-    let Some(mut params) = fib_params(ctx.data(), ctx.data_end(), l3_off, ingress) else {
-        return (xdp_action::XDP_DROP, reason::DROP_TRUNCATED_IP4);
+    let Some(mut params) = fib_params(data(ctx), data_end(ctx), l3_off, proto, to.src_addr, to.dst_addr, ingress) else {
+        return (xdp_action::XDP_DROP, reason::DROP_TRUNCATED_L4);
     };
     let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut params, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
@@ -104,7 +144,7 @@ fn xdp_fib_forward(ctx: &XdpContext, l3_off: usize, why: u32) -> (u32, u32) {
     if rc != BPF_FIB_LKUP_RET_SUCCESS {
         return (xdp_action::XDP_DROP, reason::DROP_FIB_LOOKUP);
     }
-    let Some(eth) = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0) else {
+    let Some(eth) = ptr_at::<EthHdr>(data(ctx), data_end(ctx), 0) else {
         return (xdp_action::XDP_DROP, reason::DROP_TRUNCATED_ETH);
     };
     unsafe {
@@ -116,6 +156,18 @@ fn xdp_fib_forward(ctx: &XdpContext, l3_off: usize, why: u32) -> (u32, u32) {
         return (xdp_action::XDP_TX, why);
     }
     (unsafe { bpf_redirect(params.ifindex, 0) } as u32, why)
+}
+
+/// `ctx.data()`, read afresh each time: LLVM would otherwise keep the first read's packet
+/// pointer across the decision's map calls and spill it as 32 bits, which the verifier refuses.
+#[inline(always)]
+fn data(ctx: &XdpContext) -> usize {
+    unsafe { core::ptr::read_volatile(&(*ctx.ctx).data) as usize }
+}
+
+#[inline(always)]
+fn data_end(ctx: &XdpContext) -> usize {
+    unsafe { core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize }
 }
 
 struct XdpWriter<'a>(&'a XdpContext);
@@ -138,7 +190,7 @@ impl XdpWriter<'_> {
 
     /// Applies `update` to the L4 checksum; a zero UDP checksum means "none" and stays zero.
     #[inline(always)]
-    fn update_l4_csum(&self, pkt: &Ipv4Packet, update: impl Fn(u16) -> u16) -> Result<(), Fault> {
+    fn update_l4_csum<A: Family>(&self, pkt: &Packet<A>, update: impl Fn(u16) -> u16) -> Result<(), Fault> {
         let csum = ptr_at::<u16>(self.data(), self.data_end(), l4_csum_off(pkt)).ok_or(Fault)?;
         unsafe {
             let udp = pkt.tuple.proto == IPPROTO_UDP;
@@ -154,36 +206,38 @@ impl XdpWriter<'_> {
 
 impl PacketWriter for XdpWriter<'_> {
     fn data(&self) -> usize {
-        self.0.data()
+        data(self.0)
     }
     fn data_end(&self) -> usize {
-        self.0.data_end()
+        data_end(self.0)
     }
     #[inline(always)]
-    fn replace_addr(&self, pkt: &Ipv4Packet, off: usize, old: u32, new: u32) -> Result<(), Fault> {
-        let field = ptr_at::<[u8; 4]>(self.data(), self.data_end(), off).ok_or(Fault)?;
-        let ip_csum = ptr_at::<u16>(self.data(), self.data_end(), pkt.l3_off + 10).ok_or(Fault)?;
-        unsafe {
-            *field = new.to_ne_bytes();
-            *ip_csum = csum::replace4(*ip_csum, old, new);
+    fn replace_addr_word<A: Family>(&self, pkt: &Packet<A>, off: usize, old: u32, new: u32) -> Result<(), Fault> {
+        match A::HEADER_CSUM_OFF {
+            Some(csum_off) => self.store_with_csum(pkt.l3_off + csum_off, off, new.to_ne_bytes(), |c| csum::replace4(c, old, new))?,
+            None => unsafe { *ptr_at::<[u8; 4]>(self.data(), self.data_end(), off).ok_or(Fault)? = new.to_ne_bytes() },
         }
         self.update_l4_csum(pkt, |c| csum::replace4(c, old, new))
     }
     #[inline(always)]
-    fn replace_l4_u16(&self, pkt: &Ipv4Packet, off: usize, old: u16, new: u16) -> Result<(), Fault> {
+    fn replace_l4_u16<A: Family>(&self, pkt: &Packet<A>, off: usize, old: u16, new: u16) -> Result<(), Fault> {
         let field = ptr_at::<[u8; 2]>(self.data(), self.data_end(), off).ok_or(Fault)?;
         unsafe { *field = new.to_ne_bytes() };
         self.update_l4_csum(pkt, |c| csum::replace2(c, old, new))
     }
     #[inline(always)]
-    fn replace_l4_u32(&self, pkt: &Ipv4Packet, off: usize, old: u32, new: u32) -> Result<(), Fault> {
+    fn replace_l4_u32<A: Family>(&self, pkt: &Packet<A>, off: usize, old: u32, new: u32) -> Result<(), Fault> {
         let field = ptr_at::<[u8; 4]>(self.data(), self.data_end(), off).ok_or(Fault)?;
         unsafe { *field = new.to_ne_bytes() };
         self.update_l4_csum(pkt, |c| csum::replace4(c, old, new))
     }
     #[inline(always)]
-    fn replace_ip_only(&self, l3_off: usize, off: usize, old: u32, new: u32) -> Result<(), Fault> {
-        self.store_with_csum(l3_off + 10, off, new.to_ne_bytes(), |c| csum::replace4(c, old, new))
+    fn replace_icmp_outer_word<A: Family>(&self, err: &IcmpError<A>, off: usize, old: u32, new: u32) -> Result<(), Fault> {
+        let csum_off = match A::HEADER_CSUM_OFF {
+            Some(csum_off) => err.l3_off + csum_off,
+            None => err.icmp_off + 2,
+        };
+        self.store_with_csum(csum_off, off, new.to_ne_bytes(), |c| csum::replace4(c, old, new))
     }
     #[inline(always)]
     fn replace_icmp_u16(&self, icmp_off: usize, off: usize, old: u16, new: u16) -> Result<(), Fault> {

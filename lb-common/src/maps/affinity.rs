@@ -29,6 +29,16 @@ impl AffinityKeyV1 {
 }
 
 impl AffinityKeyV1 {
+    /// The key of an IPv6 client (raw, wire order) of the frontend `service_id`.
+    #[inline(always)]
+    pub fn ip6(client: [u32; 4], service_id: u32) -> Self {
+        let mut key = Self { client: [0; 16], service_id, client_kind: crate::AFFINITY_CLIENT_IP6, _pad: [0; 3] };
+        for (i, w) in client.iter().enumerate() {
+            key.client[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        key
+    }
+
     /// The key of a network namespace (the socket hooks' client) on the frontend `service_id`.
     #[inline(always)]
     pub const fn netns(cookie: u64, service_id: u32) -> Self {
@@ -67,6 +77,10 @@ mod layout {
         assert_layout!(AffinityKeyV1, size 24, align 4, { client @ 0, service_id @ 16, client_kind @ 20, _pad @ 21 });
         let k = AffinityKeyV1::ip4(crate::ip4_raw([10, 0, 0, 7]), 3);
         assert_eq!(&k.client[..5], &[10, 0, 0, 7, 0]);
+        let addr: core::net::Ipv6Addr = "fd00::7".parse().unwrap();
+        let k = AffinityKeyV1::ip6(crate::ip6_raw(addr.octets()), 3);
+        assert_eq!(k.client, addr.octets());
+        assert_ne!(k.client_kind, AffinityKeyV1::ip4(0, 3).client_kind);
     }
 
     #[test]

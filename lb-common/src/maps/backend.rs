@@ -3,6 +3,9 @@ use super::{Addr4, Addr6, MapAddr};
 
 /// Array `backend id -> Backend4V1`.
 pub const MAP_BACKENDS: &str = "LB4_BE_V1";
+/// Array `backend id -> Backend6V1`. Backend ids share one space with the IPv4 ones (one
+/// Maglev slot array and one counter array serve both); an id is set in one of the two.
+pub const MAP_BACKENDS6: &str = "LB6_BE_V1";
 /// Array `slot -> backend id`: every service's Maglev table is one slice of this array.
 pub const MAP_MAGLEV: &str = "LB_MAGLEV_V1";
 

@@ -4,6 +4,10 @@
 pub const MAP_CONFIG: &str = "LB_CONFIG_V1";
 /// Hash `raw IPv4 -> ifindex`: this node's own addresses, where NodePorts answer.
 pub const MAP_NODE_IPS: &str = "LB4_NODEIP_V1";
+/// Hash `raw IPv6 -> ifindex`: the same for the node's IPv6 addresses.
+pub const MAP_NODE_IPS6: &str = "LB6_NODEIP_V1";
+/// Array with one `Config6V1`: the IPv6 settings.
+pub const MAP_CONFIG6: &str = "LB6_CONFIG_V1";
 
 /// Settings the datapath reads on every packet.
 #[repr(C)]
@@ -19,8 +23,17 @@ pub struct ConfigV1 {
     pub _pad: u32,
 }
 
+/// The settings IPv6 flows need beside `ConfigV1` (its seed and port range serve both families).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config6V1 {
+    /// Source address for SNAT of IPv6 flows to remote backends (raw); zero when the node has
+    /// no IPv6 address: such flows are dropped.
+    pub snat_addr: [u32; 4],
+}
+
 #[cfg(feature = "user")]
-super::impl_pod!(ConfigV1);
+super::impl_pod!(ConfigV1, Config6V1);
 
 #[cfg(test)]
 mod layout {
@@ -32,5 +45,6 @@ mod layout {
         assert_layout!(ConfigV1, size 16, align 4, {
             hash_seed @ 0, snat_addr @ 4, nat_port_min @ 8, nat_port_max @ 10, _pad @ 12,
         });
+        assert_layout!(Config6V1, size 16, align 4, { snat_addr @ 0 });
     }
 }

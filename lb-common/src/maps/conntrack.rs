@@ -6,6 +6,9 @@ pub const MAP_CONNTRACK: &str = "LB4_CT_V1";
 /// Hash `Ct4KeyV1 (reply as seen on the wire) -> RevNat4V1`: how to rewrite replies; its
 /// SNAT entries also reserve the node ports handed out.
 pub const MAP_REVERSE_NAT: &str = "LB4_RNAT_V1";
+/// The IPv6 twins: `Ct6KeyV1 -> Ct6EntryV1` and `Ct6KeyV1 -> RevNat6V1`.
+pub const MAP_CONNTRACK6: &str = "LB6_CT_V1";
+pub const MAP_REVERSE_NAT6: &str = "LB6_RNAT_V1";
 
 /// A flow's 5-tuple, as seen on the wire in one direction.
 #[repr(C)]

@@ -7,6 +7,13 @@ pub trait MapAddr: Copy + Default + Eq + Ord + core::hash::Hash + core::fmt::Deb
     /// Explicit padding that ends a conntrack entry on its 8-byte alignment (none for IPv4),
     /// so that no byte of a map value is left undefined.
     type CtEntryPad: Copy + Default + Eq + core::fmt::Debug;
+    /// The address as 32-bit words in wire order: what the flow hash and checksum updates walk.
+    fn words(&self) -> &[u32];
+    /// The zero address: a NodePort frontend's, an unset backend's.
+    #[inline(always)]
+    fn is_zero(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 pub type Addr4 = u32;
@@ -14,8 +21,16 @@ pub type Addr6 = [u32; 4];
 
 impl MapAddr for Addr4 {
     type CtEntryPad = [u8; 0];
+    #[inline(always)]
+    fn words(&self) -> &[u32] {
+        core::slice::from_ref(self)
+    }
 }
 
 impl MapAddr for Addr6 {
     type CtEntryPad = [u8; 4];
+    #[inline(always)]
+    fn words(&self) -> &[u32] {
+        self
+    }
 }

@@ -31,7 +31,7 @@ pub use socket::*;
 pub use source_range::*;
 
 /// Every pinned map of schema v1.
-pub const ALL_MAPS: [&str; 18] = [
+pub const ALL_MAPS: [&str; 25] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_MAGLEV,
@@ -50,6 +50,13 @@ pub const ALL_MAPS: [&str; 18] = [
     MAP_SOCK_CONFIG,
     MAP_SOCK_REVNAT,
     MAP_SOCK_SKIP,
+    MAP_SERVICES6,
+    MAP_BACKENDS6,
+    MAP_CONNTRACK6,
+    MAP_REVERSE_NAT6,
+    MAP_NODE_IPS6,
+    MAP_CONFIG6,
+    MAP_SOURCE_RANGES6,
 ];
 
 /// Marks map types as plain old data for aya (user space only).

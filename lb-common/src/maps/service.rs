@@ -3,6 +3,9 @@ use super::{Addr4, Addr6, MapAddr};
 
 /// Hash `Service4KeyV1 -> ServiceV1`: one entry per IPv4 frontend (address, port, protocol).
 pub const MAP_SERVICES: &str = "LB4_SVC_V1";
+/// Hash `Service6KeyV1 -> ServiceV1`: the IPv6 frontends (their service ids share one space
+/// with the IPv4 ones, and so the per-service arrays).
+pub const MAP_SERVICES6: &str = "LB6_SVC_V1";
 /// Array `service id -> NameV1`: written by the agent so `lbctl` can print names with the agent down.
 pub const MAP_SERVICE_NAMES: &str = "LB_SVC_NAME_V1";
 /// Array `service id -> ServiceOptsV1`: settings read only when a `F_SVC_*` flag asks for them.
