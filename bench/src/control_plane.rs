@@ -191,7 +191,7 @@ pub fn run_case(cfg: &Config, mode: &'static str, n: usize) -> Result<Row> {
     let cold_start_s = started.elapsed().as_secs_f64();
     let pid = agent.child.id();
     let maps = Maps::open_pinned(&pins.dir)?;
-    let programmed = maps.services.keys().filter_map(|k| k.ok()).count();
+    let programmed = maps.v4.services.keys().filter_map(|k| k.ok()).count();
     if programmed != frontends {
         bail!("{programmed} of {frontends} frontends programmed after readiness:\n{}", tail(&agent.log_text()));
     }
@@ -358,7 +358,7 @@ fn frontend_entry(maps: &Maps, i: usize) -> Result<ServiceV1> {
     // calling it missing.
     let mut last = None;
     for _ in 0..3 {
-        match maps.services.get(&cluster_key(i), 0) {
+        match maps.v4.services.get(&cluster_key(i), 0) {
             Ok(entry) => return Ok(entry),
             Err(e) => last = Some(e),
         }
@@ -376,7 +376,7 @@ fn table_names(maps: &Maps, i: usize, before: ServiceV1, addr: &str) -> Result<b
     let want = ip4_raw(want.octets());
     // Every slot: a backend's share may sit anywhere in the table.
     let ids: std::collections::BTreeSet<u32> = maps.read_slots(now.maglev_offset, now.maglev_size)?.into_iter().collect();
-    let found = ids.into_iter().map(|id| Ok((id, ip4_addr(maps.backends.get(&id, 0)?.addr)))).collect::<Result<std::collections::BTreeSet<_>>>()?;
+    let found = ids.into_iter().map(|id| Ok((id, ip4_addr(maps.v4.backends.get(&id, 0)?.addr)))).collect::<Result<std::collections::BTreeSet<_>>>()?;
     if frontend_entry(maps, i)? != now {
         return Ok(false); // Flipped again while being read (its old slots may be reused): look again.
     }

@@ -12,7 +12,7 @@
 use std::net::Ipv4Addr;
 
 use anyhow::Result;
-use lb_agent::dataplane::{load::MapSizes, BackendSpec, Frontend};
+use lb_agent::dataplane::{load::MapSizes, BackendSpec, Frontend, FrontendKey};
 use testbed::progtest::Testbed;
 use lb_common::*;
 
@@ -51,10 +51,10 @@ fn syn(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
 
 fn frontend(vip: [u8; 4], backends: &[([u8; 4], u16)]) -> Frontend {
     Frontend {
-        key: Service4KeyV1 { addr: ip4_raw(vip), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER },
+        key: Service4KeyV1 { addr: ip4_raw(vip), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER }.into(),
         kind: KIND_CLUSTER_IP,
         name: format!("bench/{}", Ipv4Addr::from(vip)).into(),
-        backends: backends.iter().map(|(a, p)| BackendSpec { addr: Ipv4Addr::from(*a), port: *p, local: true, weight: 1 }).collect(),
+        backends: backends.iter().map(|(a, p)| BackendSpec { addr: std::net::IpAddr::from(*a), port: *p, local: true, weight: 1 }).collect(),
         ..Frontend::default()
     }
 }
@@ -73,14 +73,14 @@ fn testbed(n: usize, flows: u32) -> Result<Testbed> {
         Frontend { source_ranges: Some(vec![([203, 0, 113, 0].into(), 24)]), ..frontend(VIP_RANGED, &MISS_BACKENDS) },
         // externalTrafficPolicy: Local on a node without local endpoints.
         Frontend { ext_local: true, ..frontend(VIP_LOCAL, &MISS_BACKENDS) },
-        Frontend { key: Service4KeyV1 { scope: SCOPE_LOCAL, ..local_scope.key }, ..local_scope },
+        Frontend { key: FrontendKey { scope: SCOPE_LOCAL, ..local_scope.key }, ..local_scope },
         Frontend { affinity_timeout_s: Some(10_800), ..frontend(VIP_AFFINITY, &MISS_BACKENDS) },
     ];
     tb.dataplane.apply(&measured)?;
     let shared = tb.dataplane.service(&measured[2].key).expect("programmed");
     for i in 0..n.saturating_sub(measured.len()) {
         let key = Service4KeyV1 { addr: ip4_raw([10, 200 + (i >> 16) as u8, (i >> 8) as u8, i as u8]), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER };
-        tb.dataplane.maps.services.insert(&key, &shared, 0)?;
+        tb.dataplane.maps.v4.services.insert(&key, &shared, 0)?;
     }
     Ok(tb)
 }

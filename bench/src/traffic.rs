@@ -132,10 +132,10 @@ fn timed(f: impl FnOnce() -> Result<()>) -> Result<f64> {
 fn lb_update_ms(n: usize, endpoints: &[Ipv4Addr], runs: usize) -> Result<Summary> {
     let mut tb = Testbed::new(&MapSizes::default())?;
     let frontend = |i: usize, eps: &[Ipv4Addr]| Frontend {
-        key: Service4KeyV1 { addr: ip4_raw(vip(i).octets()), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER },
+        key: Service4KeyV1 { addr: ip4_raw(vip(i).octets()), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER }.into(),
         kind: KIND_CLUSTER_IP,
         name: format!("bench/svc-{i}:http/TCP").into(),
-        backends: eps.iter().map(|a| BackendSpec { addr: *a, port: 8080, local: true, weight: 1 }).collect(),
+        backends: eps.iter().map(|a| BackendSpec { addr: (*a).into(), port: 8080, local: true, weight: 1 }).collect(),
         ..Frontend::default()
     };
     let mut all: Vec<Frontend> = (0..n).map(|i| frontend(i, endpoints)).collect();

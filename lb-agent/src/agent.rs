@@ -3,7 +3,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::{atomic::AtomicBool, Arc},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -24,7 +24,7 @@ use crate::{
         conntrack,
         load::{self, MapSizes},
         maps::Maps,
-        Dataplane, Frontend,
+        Dataplane, Frontend, FrontendKey,
     },
     node,
     health::{ProxyHealth, ServiceHealthServers},
@@ -68,15 +68,13 @@ pub struct Agent {
     claims: translate::Claims,
     health_checks: BTreeMap<ServiceName, translate::HealthCheck>,
     reported: Reported,
-    /// Whether the agent said that Services' IPv6 addresses are not programmed (it says so once).
-    ipv6_reported: bool,
     health_servers: ServiceHealthServers,
     /// Cgroup ids the socket hooks skip (opted-out pods).
     sock_skip: BTreeSet<u64>,
     /// kube-proxy's notion of health: synced, and syncs succeeding.
     pub proxy_health: ProxyHealth,
     tc_links: HashMap<u32, String>,
-    node_ips: Vec<(Ipv4Addr, u32)>,
+    node_ips: Vec<(IpAddr, u32)>,
     last_gc: Option<Instant>,
     synced_once: bool,
     /// Turns true after the first full sync was programmed (the readiness probe).
@@ -126,7 +124,6 @@ impl Agent {
             claims: translate::Claims::holding(owners),
             health_checks: BTreeMap::new(),
             reported: Reported::default(),
-            ipv6_reported: false,
             tc_links: HashMap::new(),
             node_ips: Vec::new(),
             last_gc: None,
@@ -231,23 +228,46 @@ impl Agent {
     }
 
     async fn sync_node(&mut self) -> Result<()> {
-        let ips = node::ipv4_addresses(&self.netlink).await?;
+        let ips = node::node_addresses(&self.netlink).await?;
         if ips == self.node_ips {
             return Ok(());
         }
-        let from_node = self.source.objects().and_then(|o| translate::node_ip(o.nodes(), &self.cfg.node_name));
-        let snat = self
-            .cfg
-            .node_ip
-            .or_else(|| from_node.filter(|ip| ips.iter().any(|(a, _)| a == ip)))
-            .or_else(|| ips.first().map(|(ip, _)| *ip))
-            .unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let from_node = self.source.objects().map(|o| translate::node_ips(o.nodes(), &self.cfg.node_name)).unwrap_or_default();
+        // The SNAT source of each family: --node-ip, else the Node's own address when this
+        // node has it, else the first address of the family.
+        let snat_of = |v4: bool| -> Option<IpAddr> {
+            let configured = self.cfg.node_ip.map(IpAddr::V4).filter(|_| v4);
+            let of_family = |ip: &IpAddr| ip.is_ipv4() == v4;
+            configured
+                .or_else(|| from_node.iter().copied().filter(of_family).find(|ip| ips.iter().any(|(a, _)| a == ip)))
+                .or_else(|| ips.iter().map(|(ip, _)| *ip).find(of_family))
+        };
+        let (snat, snat6) = (snat_of(true), snat_of(false));
         // NodePorts answer on the addresses --nodeport-addresses allows (all by default).
-        let nodeport_ips: Vec<(Ipv4Addr, u32)> =
-            ips.iter().copied().filter(|(ip, _)| self.cfg.nodeport_cidrs.is_empty() || self.cfg.nodeport_cidrs.iter().any(|(net, len)| in_cidr(*ip, *net, *len))).collect();
+        let allowed = |ip: &IpAddr| match ip {
+            _ if self.cfg.nodeport_cidrs.is_empty() => true,
+            IpAddr::V4(ip) => self.cfg.nodeport_cidrs.iter().any(|(net, len)| in_cidr(*ip, *net, *len)),
+            IpAddr::V6(_) => false,
+        };
+        let nodeport_ips: Vec<(IpAddr, u32)> = ips.iter().copied().filter(|(ip, _)| allowed(ip)).collect();
         self.dataplane.set_node_ips(&nodeport_ips)?;
-        self.dataplane.set_config(ConfigV1 { hash_seed: self.cfg.hash_seed, snat_addr: ip4_raw(snat.octets()), nat_port_min: NAT_PORT_MIN, nat_port_max: NAT_PORT_MAX, _pad: 0 })?;
-        info!("node addresses {:?}; SNAT address {snat}", ips.iter().map(|(ip, _)| ip).collect::<Vec<_>>());
+        let snat_raw = match snat {
+            Some(IpAddr::V4(ip)) => ip4_raw(ip.octets()),
+            _ => 0,
+        };
+        self.dataplane.set_config(ConfigV1 { hash_seed: self.cfg.hash_seed, snat_addr: snat_raw, nat_port_min: NAT_PORT_MIN, nat_port_max: NAT_PORT_MAX, _pad: 0 })?;
+        let snat6 = snat6.and_then(|ip| match ip {
+            IpAddr::V6(ip) => Some(ip),
+            IpAddr::V4(_) => None,
+        });
+        self.dataplane.set_snat6(snat6)?;
+        let shown = |ip: Option<String>| ip.unwrap_or_else(|| "none".into());
+        info!(
+            "node addresses {:?}; SNAT address {} (IPv6: {})",
+            ips.iter().map(|(ip, _)| ip).collect::<Vec<_>>(),
+            shown(snat.map(|ip| ip.to_string())),
+            shown(snat6.map(|ip: Ipv6Addr| ip.to_string()))
+        );
         self.node_ips = ips;
         Ok(())
     }
@@ -359,10 +379,6 @@ impl Agent {
             for w in t.warnings {
                 self.report_warning(format!("not supported, the rest of the Service works: {w}"));
             }
-            if let Some((field, addr)) = t.ipv6_skipped.first().filter(|_| !self.ipv6_reported) {
-                self.ipv6_reported = true;
-                warn!("IPv6 is not balanced yet: Services' IPv6 addresses are not programmed, their IPv4 ones are (first seen: Service {name} {field} {addr})");
-            }
             match t.result {
                 Ok(claims) => {
                     self.claims.want(name.clone(), t.created, t.origin, claims.into());
@@ -385,8 +401,8 @@ impl Agent {
             self.dataplane.apply_shared(&all)?
         } else {
             let upserts: Vec<Arc<Frontend>> = settled.changes.iter().flat_map(|(_, _, now)| now.iter().map(|c| c.frontend.clone())).collect();
-            let kept: HashSet<Service4KeyV1> = upserts.iter().map(|f| f.key).collect();
-            let removed: Vec<Service4KeyV1> = settled.changes.iter().flat_map(|(_, before, _)| before.iter().map(|c| c.frontend.key)).filter(|k| !kept.contains(k)).collect();
+            let kept: HashSet<FrontendKey> = upserts.iter().map(|f| f.key).collect();
+            let removed: Vec<FrontendKey> = settled.changes.iter().flat_map(|(_, before, _)| before.iter().map(|c| c.frontend.key)).filter(|k| !kept.contains(k)).collect();
             self.dataplane.apply_changes(&removed, &upserts)?
         };
         log::debug!(
@@ -497,8 +513,8 @@ impl Reported {
 }
 
 /// (UDP frontend, backend) pairs new flows could take before and no longer can.
-fn gone_udp_backends(changes: &[(ServiceName, SharedClaims, SharedClaims)]) -> Vec<(Service4KeyV1, Ipv4Addr, u16)> {
-    let udp = |claims: &mut dyn Iterator<Item = &Claim>| -> BTreeSet<(Service4KeyV1, Ipv4Addr, u16)> {
+fn gone_udp_backends(changes: &[(ServiceName, SharedClaims, SharedClaims)]) -> Vec<(FrontendKey, IpAddr, u16)> {
+    let udp = |claims: &mut dyn Iterator<Item = &Claim>| -> BTreeSet<(FrontendKey, IpAddr, u16)> {
         let frontends = claims.filter(|c| c.frontend.key.proto == IPPROTO_UDP && c.frontend.key.scope == SCOPE_CLUSTER);
         frontends.flat_map(|c| c.frontend.backends.iter().map(|b| (c.frontend.key, b.addr, b.port))).collect()
     };

@@ -19,7 +19,11 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use aya::maps::IterableMap;
 
 use crate::{
-    dataplane::{batch, maps::Maps, ApplyStats},
+    dataplane::{
+        batch,
+        maps::{Family, Maps},
+        ApplyStats, FrontendKey,
+    },
     health::Reply,
 };
 
@@ -77,37 +81,36 @@ impl Scraper {
         for (reason, packets) in reason::NAMES.iter().zip(maps.reason_counts()?) {
             counter!("lb_datapath_packets_total", "reason" => *reason).absolute(packets);
         }
-        let frontends: Vec<(Service4KeyV1, ServiceV1)> = batch::lookup_all(maps.services.map()).with_context(|| format!("reading {MAP_SERVICES}"))?;
+        let (frontends4, frontends6) = (family_frontends::<Addr4>(maps)?, family_frontends::<Addr6>(maps)?);
         let names: Vec<(u32, NameV1)> = batch::lookup_all(maps.service_names.map()).with_context(|| format!("reading {MAP_SERVICE_NAMES}"))?;
-        let backends: Vec<(u32, Backend4V1)> = batch::lookup_all(maps.backends.map()).with_context(|| format!("reading {MAP_BACKENDS}"))?;
+        let (backends4, backends6) = (live_backends::<Addr4>(maps)?, live_backends::<Addr6>(maps)?);
         let service_counters = maps.all_service_counters()?;
         let backend_counters = maps.all_backend_counters()?;
         let mut tables = std::collections::HashSet::new();
-        for (key, entry) in &frontends {
+        for (key, entry) in frontends4.iter().chain(&frontends6) {
             let id = entry.service_id as usize;
             let c = service_counters.get(id).copied().unwrap_or_default();
             let service = names.get(id).map(|(_, n)| n.as_str()).unwrap_or_default();
-            let addr = if key.addr == 0 { "*".to_string() } else { ip4_addr(key.addr).to_string() };
-            let labels = [("service", service.to_string()), ("frontend", format!("{addr}:{}", port_host(key.port)))];
+            let labels = [("service", service.to_string()), ("frontend", key.to_string())];
             counter!("lb_service_packets_total", &labels).absolute(c.packets);
             counter!("lb_service_bytes_total", &labels).absolute(c.bytes);
             if entry.maglev_size > 0 {
                 tables.insert((entry.maglev_offset, entry.maglev_size));
             }
         }
-        let mut live_backends = 0u64;
-        // Id 0 is never a backend; a zeroed entry is a free id.
-        for (id, backend) in backends.iter().filter(|(id, b)| *id != 0 && b.addr != 0) {
+        for (id, backend) in backends4.iter().chain(&backends6) {
             let c = backend_counters.get(*id as usize).copied().unwrap_or_default();
-            let label = [("backend", format!("{}:{}", ip4_addr(backend.addr), port_host(backend.port)))];
+            let label = [("backend", backend.to_string())];
             counter!("lb_backend_packets_total", &label).absolute(c.packets);
             counter!("lb_backend_bytes_total", &label).absolute(c.bytes);
-            live_backends += 1;
         }
         let used_slots: u64 = tables.iter().map(|(_, size)| *size as u64).sum();
+        let (services, backends) = (maps.service_names.len() as u64, maps.v4.backends.len() as u64 - 1);
         for (map, entries, capacity) in [
-            (MAP_SERVICES, frontends.len() as u64, maps.service_names.len() as u64),
-            (MAP_BACKENDS, live_backends, maps.backends.len() as u64 - 1),
+            (MAP_SERVICES, frontends4.len() as u64, services),
+            (MAP_SERVICES6, frontends6.len() as u64, services),
+            (MAP_BACKENDS, backends4.len() as u64, backends),
+            (MAP_BACKENDS6, backends6.len() as u64, backends),
             (MAP_MAGLEV, used_slots, maps.maglev.len() as u64),
         ] {
             gauge!("lb_map_entries", "map" => map).set(entries as f64);
@@ -116,6 +119,18 @@ impl Scraper {
         gauge!("lb_maglev_tables").set(tables.len() as f64);
         Ok(())
     }
+}
+
+/// Family `A`'s frontend entries, in a few batched calls.
+fn family_frontends<A: Family>(maps: &Maps) -> Result<Vec<(FrontendKey, ServiceV1)>> {
+    let entries: Vec<(ServiceKeyV1<A>, ServiceV1)> = batch::lookup_all(A::of(maps).services.map()).with_context(|| format!("reading {}", A::MAPS[0]))?;
+    Ok(entries.into_iter().map(|(key, entry)| (FrontendKey::of(&key), entry)).collect())
+}
+
+/// Family `A`'s backends in use (id 0 is never one; a zeroed entry is a free id), as `addr:port`.
+fn live_backends<A: Family>(maps: &Maps) -> Result<Vec<(u32, std::net::SocketAddr)>> {
+    let entries: Vec<(u32, BackendV1<A>)> = batch::lookup_all(A::of(maps).backends.map()).with_context(|| format!("reading {}", A::MAPS[1]))?;
+    Ok(entries.into_iter().filter(|(id, b)| *id != 0 && !b.addr.is_zero()).map(|(id, b)| (id, std::net::SocketAddr::new(b.addr.to_ip(), port_host(b.port)))).collect())
 }
 
 /// Conntrack fill levels, from the GC pass that walked the maps anyway.

@@ -1,6 +1,9 @@
 //! What the agent learns about this node from rtnetlink: its links, its IPv4 addresses, and
 //! which links lead to pods.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use anyhow::{Context, Result};
 use futures_util::stream::TryStreamExt;
@@ -32,16 +35,21 @@ pub async fn links(handle: &Handle) -> Result<BTreeMap<u32, String>> {
     Ok(out)
 }
 
-/// Every IPv4 address of this node but loopback ones, with its link.
-pub async fn ipv4_addresses(handle: &Handle) -> Result<Vec<(Ipv4Addr, u32)>> {
+/// Every address of this node, of both families, with its link: not loopback ones, nor IPv6
+/// link-local ones (no client reaches a Service through those).
+pub async fn node_addresses(handle: &Handle) -> Result<Vec<(IpAddr, u32)>> {
     let mut out = Vec::new();
     let mut stream = handle.address().get().execute();
     while let Some(msg) = stream.try_next().await.context("listing addresses")? {
         for attr in &msg.attributes {
-            if let AddressAttribute::Local(std::net::IpAddr::V4(ip)) = attr {
-                if !ip.is_loopback() {
-                    out.push((*ip, msg.header.index));
-                }
+            // IFA_LOCAL for IPv4; IPv6 addresses come as IFA_ADDRESS only.
+            let ip = match attr {
+                AddressAttribute::Local(ip @ IpAddr::V4(_)) => *ip,
+                AddressAttribute::Address(ip @ IpAddr::V6(v6)) if !v6.is_unicast_link_local() => *ip,
+                _ => continue,
+            };
+            if !ip.is_loopback() {
+                out.push((ip, msg.header.index));
             }
         }
     }

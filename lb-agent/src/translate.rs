@@ -3,7 +3,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
 
@@ -12,7 +12,7 @@ use crate::source::model::{
 };
 use lb_common::*;
 
-use crate::dataplane::{BackendSpec, Backends, Frontend};
+use crate::dataplane::{BackendSpec, Backends, Frontend, FrontendKey};
 
 /// A problem with one object, naming where it came from, the object and the field.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,8 +113,6 @@ pub struct Translation {
     /// Fields this proxy does not implement; the rest of each Service works.
     pub warnings: Vec<ObjectError>,
     pub health_checks: Vec<HealthCheck>,
-    /// IPv6 addresses left unprogrammed: (Service, field, address).
-    pub ipv6_skipped: Vec<(ServiceName, String, String)>,
 }
 
 /// Whether this proxy programs the Service at all (headless, ExternalName and Services of
@@ -142,9 +140,6 @@ pub struct ServiceTranslation {
     /// Fields this proxy does not implement; the rest of the Service works.
     pub warnings: Vec<ObjectError>,
     pub health_check: Option<HealthCheck>,
-    /// Its IPv6 addresses, (field, address): not programmed (IPv6 is not balanced yet). Not
-    /// warnings: in a dual-stack cluster every Service has one, and the agent says so once.
-    pub ipv6_skipped: Vec<(String, String)>,
 }
 
 /// Translates one Service (`name` is its `namespace/name`) with its EndpointSlices; `None`
@@ -157,9 +152,8 @@ pub fn translate_service(svc: &Service, name: &ServiceName, origin: &Origin, sli
     let mut warnings = Vec::new();
     let mut health_checks = Vec::new();
     let mut warn = |field: String, message: String| warnings.push(error((field, message)));
-    let mut ipv6_skipped = Vec::new();
-    let result = service_frontends(svc, name, slices, node_name, &mut warn, &mut health_checks, &mut ipv6_skipped).map_err(error);
-    Some(ServiceTranslation { name: name.clone(), origin: origin.clone(), created: svc.metadata.created, result, warnings, health_check: health_checks.pop(), ipv6_skipped })
+    let result = service_frontends(svc, name, slices, node_name, &mut warn, &mut health_checks).map_err(error);
+    Some(ServiceTranslation { name: name.clone(), origin: origin.clone(), created: svc.metadata.created, result, warnings, health_check: health_checks.pop() })
 }
 
 /// Translates every Service of a snapshot (tests and tools; the agent translates only the
@@ -185,7 +179,6 @@ pub fn translate(state: &ClusterState, node_name: &str) -> Translation {
     for t in translated {
         out.warnings.extend(t.warnings);
         out.health_checks.extend(t.health_check);
-        out.ipv6_skipped.extend(t.ipv6_skipped.into_iter().map(|(field, addr)| (t.name.clone(), field, addr)));
         out.services.push(ServiceFrontends { name: t.name, origin: t.origin, result: t.result });
     }
     out
@@ -201,7 +194,7 @@ pub struct Claimed {
 
 /// Settles frontends that several Services ask for, all at once (see [`Claims`]): `services`
 /// in claim order, `owners` who held what before.
-pub fn claim(services: Vec<(ServiceName, Origin, Vec<Claim>)>, owners: &HashMap<Service4KeyV1, ServiceName>) -> Claimed {
+pub fn claim(services: Vec<(ServiceName, Origin, Vec<Claim>)>, owners: &HashMap<FrontendKey, ServiceName>) -> Claimed {
     let mut claims = Claims::holding(owners.clone());
     for (i, (name, origin, list)) in services.iter().enumerate() {
         claims.want(name.clone(), Some(i as i64), origin.clone(), list.as_slice().into());
@@ -247,14 +240,14 @@ pub struct Settled {
 /// is let go.
 #[derive(Debug, Default)]
 pub struct Claims {
-    holders: HashMap<Service4KeyV1, ServiceName>,
-    waiting: HashMap<Service4KeyV1, BTreeSet<ServiceName>>,
+    holders: HashMap<FrontendKey, ServiceName>,
+    waiting: HashMap<FrontendKey, BTreeSet<ServiceName>>,
     services: HashMap<ServiceName, ServiceClaims>,
 }
 
 impl Claims {
     /// Starts from who held what (read back from the pinned maps after a restart).
-    pub fn holding(holders: HashMap<Service4KeyV1, ServiceName>) -> Self {
+    pub fn holding(holders: HashMap<FrontendKey, ServiceName>) -> Self {
         Self { holders, ..Self::default() }
     }
 
@@ -297,9 +290,9 @@ impl Claims {
         if everything {
             affected.extend(self.holders.values().cloned());
         }
-        let keys_of = |w: &Option<Wanted>| -> HashSet<Service4KeyV1> { w.iter().flat_map(|w| w.claims.iter().map(|c| frontend_of(&c.frontend.key))).collect() };
+        let keys_of = |w: &Option<Wanted>| -> HashSet<FrontendKey> { w.iter().flat_map(|w| w.claims.iter().map(|c| frontend_of(&c.frontend.key))).collect() };
         // What each affected Service holds: all holders on a restart, else what it was granted.
-        let mut held: HashMap<ServiceName, Vec<Service4KeyV1>> = HashMap::new();
+        let mut held: HashMap<ServiceName, Vec<FrontendKey>> = HashMap::new();
         if everything {
             for (key, holder) in &self.holders {
                 held.entry(holder.clone()).or_default().push(*key);
@@ -364,14 +357,17 @@ impl Claims {
 }
 
 /// Both scopes of a frontend are one claim: the key claims are settled by.
-pub fn frontend_of(key: &Service4KeyV1) -> Service4KeyV1 {
-    Service4KeyV1 { scope: SCOPE_CLUSTER, ..*key }
+pub fn frontend_of(key: &FrontendKey) -> FrontendKey {
+    FrontendKey { scope: SCOPE_CLUSTER, ..*key }
 }
 
-/// `10.0.0.1:80`, or `<node>:30080` for a NodePort.
-fn addr_port(key: &Service4KeyV1) -> String {
+/// `10.0.0.1:80`, `[fd00::1]:80`, or `<every node address>:30080` for a NodePort.
+fn addr_port(key: &FrontendKey) -> String {
     let port = port_host(key.port);
-    if key.addr == 0 { format!("<every node address>:{port}") } else { format!("{}:{port}", ip4_addr(key.addr)) }
+    match key.addr {
+        _ if key.is_node_port() => format!("<every node {} address>:{port}", if key.addr.is_ipv4() { "IPv4" } else { "IPv6" }),
+        addr => std::net::SocketAddr::new(addr, port).to_string(),
+    }
 }
 
 type FieldError = (String, String);
@@ -382,7 +378,7 @@ struct Policy {
     ext_local: bool,
     int_local: bool,
     /// `None`: no ranges given, every client is let in.
-    source_ranges: Option<Vec<(Ipv4Addr, u8)>>,
+    source_ranges: Option<Vec<(IpAddr, u8)>>,
 }
 
 fn policy(svc: &Service, spec: &ServiceSpec, warn: &mut impl FnMut(String, String)) -> Result<Policy, FieldError> {
@@ -412,18 +408,18 @@ fn policy(svc: &Service, spec: &ServiceSpec, warn: &mut impl FnMut(String, Strin
         (_, Some(a)) => (SOURCE_RANGES_ANNOTATION, a.split(',').map(str::trim).filter(|r| !r.is_empty()).collect()),
         _ => ("", Vec::new()),
     };
-    let mut ipv4_ranges = Vec::new();
+    let mut parsed = Vec::new();
     for (i, cidr) in ranges.iter().enumerate() {
-        if let Some(range) = parse_cidr4(cidr).map_err(|m| (format!("{field}[{i}]"), m))? {
-            ipv4_ranges.push(range);
+        parsed.push(parse_cidr(cidr).map_err(|m| (format!("{field}[{i}]"), m))?);
+    }
+    // Ranges of one family only restrict the other too: to none of its clients (the Service
+    // was meant to be closed, not opened to one family).
+    for family in [Family::V4, Family::V6] {
+        if !parsed.is_empty() && families_served(spec).contains(&family) && !parsed.iter().any(|(net, _)| Family::of(net) == family) {
+            warn(field.to_string(), format!("no {family} range: every {family} client of the LoadBalancer IPs is refused"));
         }
     }
-    // Ranges of IPv6 clients only restrict IPv4 clients too: to none of them (the Service was
-    // meant to be closed, not opened to one family).
-    if !ranges.is_empty() && ipv4_ranges.is_empty() {
-        warn(field.to_string(), "no IPv4 range: every IPv4 client of the LoadBalancer IPs is refused".into());
-    }
-    let source_ranges = (!ranges.is_empty()).then_some(ipv4_ranges);
+    let source_ranges = (!ranges.is_empty()).then_some(parsed);
     Ok(Policy { affinity_timeout_s, ext_local, int_local, source_ranges })
 }
 
@@ -434,7 +430,6 @@ fn service_frontends(
     node_name: &str,
     warn: &mut impl FnMut(String, String),
     health_checks: &mut Vec<HealthCheck>,
-    ipv6_skipped: &mut Vec<(String, String)>,
 ) -> Result<Vec<Claim>, FieldError> {
     if svc.metadata.id.name().is_empty() {
         return Err(("metadata.name".into(), "is missing".into()));
@@ -452,25 +447,29 @@ fn service_frontends(
     report_unsupported(svc, spec, warn);
 
     // Addresses: cluster IPs, external IPs, load-balancer ingress IPs, each with its field.
-    // IPv6 ones are set aside (this datapath is IPv4 so far); anything else that does not
-    // parse is an error.
-    let mut cluster_ips = Vec::new();
+    // The Service is served in the families of its cluster IPs (as kube-proxy: an external or
+    // load-balancer IP of another family is not programmed); anything that does not parse is
+    // an error.
+    let families = families_served(spec);
+    let mut addresses: Vec<(IpAddr, u8, String)> = Vec::new();
+    let mut add_address = |ip: &str, kind: u8, field: String, warn: &mut dyn FnMut(String, String)| -> Result<(), FieldError> {
+        let addr = parse_ip(ip, &field)?;
+        if families.contains(&Family::of(&addr)) {
+            addresses.push((addr, kind, field));
+        } else {
+            warn(field, format!("{addr} is {} but the Service has no {} cluster IP: it is not programmed", Family::of(&addr), Family::of(&addr)));
+        }
+        Ok(())
+    };
     let listed = spec.cluster_ips.as_deref().unwrap_or_default();
     let all: &[Text] = if listed.is_empty() { spec.cluster_ip.as_slice() } else { listed };
     for (i, ip) in all.iter().enumerate() {
         let field = if spec.cluster_ips.is_some() { format!("spec.clusterIPs[{i}]") } else { "spec.clusterIP".into() };
-        if let Some(ip) = ipv4_or_set_aside(ip, &field, ipv6_skipped)? {
-            cluster_ips.push((ip, field));
-        }
+        add_address(ip, KIND_CLUSTER_IP, field, warn)?;
     }
-    let mut external_ips = Vec::new();
     for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
-        let field = format!("spec.externalIPs[{i}]");
-        if let Some(ip) = ipv4_or_set_aside(ip, &field, ipv6_skipped)? {
-            external_ips.push((ip, field));
-        }
+        add_address(ip, KIND_EXTERNAL_IP, format!("spec.externalIPs[{i}]"), warn)?;
     }
-    let mut lb_ips = Vec::new();
     if kind_type == "LoadBalancer" {
         for (i, ing) in svc.status.load_balancer.ingress.iter().enumerate() {
             let Some(ip) = &ing.ip else { continue };
@@ -480,9 +479,7 @@ fn service_frontends(
                 warn(format!("status.loadBalancer.ingress[{i}].ipMode"), format!("Proxy is not supported: {ip} is not programmed, traffic to it goes through the load balancer"));
                 continue;
             }
-            if let Some(ip) = ipv4_or_set_aside(ip, &field, ipv6_skipped)? {
-                lb_ips.push((ip, field));
-            }
+            add_address(ip, KIND_LOAD_BALANCER, field, warn)?;
         }
     }
 
@@ -502,14 +499,21 @@ fn service_frontends(
         let svc_port = valid_port(port.port, &field("port"))?;
         let endpoints = endpoints_for(port, slices, node_name)?;
         local_ready.extend(endpoints.ready.iter().filter(|b| b.local).map(|b| b.addr));
+        // Each family's frontends balance to that family's endpoints.
+        let (v4, v6) = (endpoints.of_family(Family::V4), endpoints.of_family(Family::V6));
         let port_label = port.name.as_deref().filter(|n| !n.is_empty()).map_or_else(|| svc_port.to_string(), String::from);
         let proto_name = if proto == IPPROTO_TCP { "TCP" } else { "UDP" };
         let display: Arc<str> = format!("{name}:{port_label}/{proto_name}").into();
-        // Each view of the endpoints once, shared by the frontends that see it.
-        let every_node = endpoints.split(false);
-        let this_node = if policy.int_local || policy.ext_local { endpoints.split(true) } else { every_node.clone() }; // only read under a Local policy
-        let mut add = |addr: Ipv4Addr, port: u16, kind: u8, field: String| {
-            let key = Service4KeyV1 { addr: ip4_raw(addr.octets()), port: port_raw(port), proto, scope: SCOPE_CLUSTER };
+        // Each view of the endpoints once per family, shared by the frontends that see it.
+        let views = |endpoints: &Endpoints| {
+            let every_node = endpoints.split(false);
+            let this_node = if policy.int_local || policy.ext_local { endpoints.split(true) } else { every_node.clone() }; // only read under a Local policy
+            (every_node, this_node)
+        };
+        let (views4, views6) = (views(&v4), views(&v6));
+        let mut add = |addr: IpAddr, port: u16, kind: u8, field: String| {
+            let (every_node, this_node) = if addr.is_ipv4() { &views4 } else { &views6 };
+            let key = FrontendKey { addr, port: port_raw(port), proto, scope: SCOPE_CLUSTER };
             let external = kind != KIND_CLUSTER_IP;
             // internalTrafficPolicy: Local keeps pods' ClusterIP traffic on this node.
             let (backends, draining) = if !external && policy.int_local { this_node.clone() } else { every_node.clone() };
@@ -528,24 +532,22 @@ fn service_frontends(
                 // What outside clients get: this node's endpoints only.
                 let (backends, draining) = this_node.clone();
                 let name = format!("{display}{}", crate::dataplane::LOCAL_VIEW_SUFFIX).into();
-                let local = Frontend { key: Service4KeyV1 { scope: SCOPE_LOCAL, ..key }, name, backends, draining, ext_local: false, ..frontend.clone() };
+                let local = Frontend { key: FrontendKey { scope: SCOPE_LOCAL, ..key }, name, backends, draining, ext_local: false, ..frontend.clone() };
                 claims.push(Claim { frontend: Arc::new(local), field: field.clone() });
             }
             claims.push(Claim { frontend: Arc::new(frontend), field });
         };
-        for (ip, f) in &cluster_ips {
-            add(*ip, svc_port, KIND_CLUSTER_IP, f.clone());
-        }
-        for (ip, f) in &external_ips {
-            add(*ip, svc_port, KIND_EXTERNAL_IP, f.clone());
-        }
-        for (ip, f) in &lb_ips {
-            add(*ip, svc_port, KIND_LOAD_BALANCER, f.clone());
+        for (ip, kind, f) in &addresses {
+            add(*ip, svc_port, *kind, f.clone());
         }
         if kind_type != "ClusterIP" {
             if let Some(node_port) = port.node_port {
-                // Address 0: the datapath matches it on every address of this node.
-                add(Ipv4Addr::UNSPECIFIED, valid_port(node_port, &field("nodePort"))?, KIND_NODE_PORT, field("nodePort"));
+                // The unspecified address: the datapath matches it on every address of this
+                // node of its family.
+                let node_port = valid_port(node_port, &field("nodePort"))?;
+                for family in &families {
+                    add(family.unspecified(), node_port, KIND_NODE_PORT, field("nodePort"));
+                }
             }
         }
     }
@@ -580,6 +582,12 @@ struct Endpoints {
 }
 
 impl Endpoints {
+    /// The endpoints of one address family.
+    fn of_family(&self, family: Family) -> Self {
+        let pick = |list: &[BackendSpec]| list.iter().filter(|b| Family::of(&b.addr) == family).copied().collect();
+        Self { ready: pick(&self.ready), serving_terminating: pick(&self.serving_terminating), other: pick(&self.other) }
+    }
+
     /// (new flows may go to, established flows only), from this node's endpoints or all.
     fn split(&self, local_only: bool) -> (Backends, Backends) {
         let pick = |list: &[BackendSpec]| list.iter().filter(|b| !local_only || b.local).copied().collect::<Vec<_>>();
@@ -601,7 +609,8 @@ fn endpoints_for(port: &ServicePort, slices: &[&EndpointSlice], node_name: &str)
     let want_name = port.name.as_deref().unwrap_or("");
     let mut out = Endpoints::default();
     for slice in slices {
-        if slice.address_type != "IPv4" {
+        if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
+            // FQDN slices name no address to balance to.
             continue;
         }
         let slice_name = slice.metadata.id.name();
@@ -627,12 +636,12 @@ fn endpoints_for(port: &ServicePort, slices: &[&EndpointSlice], node_name: &str)
             let local = ep.node_name.as_deref() == Some(node_name);
             let Some(addr) = &ep.address else { continue };
             // The field is named only in an error: 300k endpoints need no string each.
-            let addr = match addr.parse::<Ipv4Addr>() {
-                Ok(addr) => addr,
-                Err(_) => match parse_ipv4(addr, &format!("EndpointSlice {slice_name}: endpoints[{j}].addresses[0]"))? {
-                    Some(addr) => addr,
-                    None => continue,
-                },
+            let addr = match addr.parse::<IpAddr>() {
+                Ok(addr) if Family::of(&addr).name() == &*slice.address_type => addr,
+                _ => {
+                    let field = format!("EndpointSlice {slice_name}: endpoints[{j}].addresses[0]");
+                    return Err((field, format!("{addr:?} is not an {} address (addressType)", slice.address_type)));
+                }
             };
             let spec = BackendSpec { addr, port: target_port, local, weight: 1 };
             if !list.contains(&spec) {
@@ -646,20 +655,78 @@ fn endpoints_for(port: &ServicePort, slices: &[&EndpointSlice], node_name: &str)
     Ok(out)
 }
 
-/// `a.b.c.d/n` as (network, n) with host bits cleared; `None` for an IPv6 CIDR (skipped).
-pub fn parse_cidr4(s: &str) -> Result<Option<(Ipv4Addr, u8)>, String> {
+/// `address/n` of either family as (network, n), host bits cleared.
+pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
     let (addr, len) = s.split_once('/').ok_or_else(|| format!("{s:?} is not a CIDR (address/prefix)"))?;
-    if addr.parse::<std::net::Ipv6Addr>().is_ok() {
-        return Ok(None);
+    let addr: IpAddr = addr.parse().map_err(|_| format!("{s:?} is not a CIDR: bad address"))?;
+    let bits = if addr.is_ipv4() { 32 } else { 128 };
+    let len: u8 = len.parse().ok().filter(|l| *l <= bits).ok_or_else(|| format!("{s:?} is not a CIDR: prefix length must be 0-{bits}"))?;
+    Ok(match addr {
+        IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a) & prefix_mask(len))),
+        IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a) & (u128::MAX.checked_shl(128 - len as u32).unwrap_or(0)))),
+    })
+    .map(|net| (net, len))
+}
+
+/// `a.b.c.d/n` as (network, n) with host bits cleared (IPv4 only: `--nodeport-addresses`).
+pub fn parse_cidr4(s: &str) -> Result<(Ipv4Addr, u8), String> {
+    match parse_cidr(s)? {
+        (IpAddr::V4(net), len) => Ok((net, len)),
+        _ => Err(format!("{s:?} is not an IPv4 CIDR")),
     }
-    let addr: Ipv4Addr = addr.parse().map_err(|_| format!("{s:?} is not a CIDR: bad address"))?;
-    let len: u8 = len.parse().ok().filter(|l| *l <= 32).ok_or_else(|| format!("{s:?} is not a CIDR: prefix length must be 0-32"))?;
-    Ok(Some((Ipv4Addr::from(u32::from(addr) & prefix_mask(len)), len)))
 }
 
 /// The netmask of a prefix length (0-32), host order.
 pub fn prefix_mask(len: u8) -> u32 {
     if len == 0 { 0 } else { u32::MAX << (32 - len.min(32)) }
+}
+
+/// An address family, as Kubernetes names it (`ipFamilies`, `addressType`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(addr: &IpAddr) -> Self {
+        if addr.is_ipv4() { Self::V4 } else { Self::V6 }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        }
+    }
+
+    /// The address a NodePort frontend of this family has.
+    fn unspecified(self) -> IpAddr {
+        match self {
+            Self::V4 => Ipv4Addr::UNSPECIFIED.into(),
+            Self::V6 => Ipv6Addr::UNSPECIFIED.into(),
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The families a Service is served in: those of its cluster IPs, as kube-proxy (the API server
+/// allocates them from `ipFamilies` and `ipFamilyPolicy`); IPv4 for a Service without any (a
+/// NodePort-only manifest).
+fn families_served(spec: &ServiceSpec) -> Vec<Family> {
+    let listed = spec.cluster_ips.as_deref().unwrap_or_default();
+    let ips: &[Text] = if listed.is_empty() { spec.cluster_ip.as_slice() } else { listed };
+    let mut families: Vec<Family> = ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()).map(|ip| Family::of(&ip)).collect();
+    if families.is_empty() {
+        families.push(Family::V4);
+    }
+    families.dedup();
+    families
 }
 
 fn valid_port(port: i32, field: &str) -> Result<u16, FieldError> {
@@ -670,32 +737,15 @@ fn valid_port(port: i32, field: &str) -> Result<u16, FieldError> {
     }
 }
 
-/// An IPv4 address; a valid IPv6 one is set aside in `ipv6` (IPv6 frontends are not
-/// programmed yet); anything else is an error.
-fn ipv4_or_set_aside(s: &str, field: &str, ipv6: &mut Vec<(String, String)>) -> Result<Option<Ipv4Addr>, FieldError> {
-    let ip = parse_ipv4(s, field)?;
-    if ip.is_none() {
-        ipv6.push((field.to_string(), s.to_string()));
-    }
-    Ok(ip)
+/// An address of either family; anything else is an error naming the field.
+fn parse_ip(s: &str, field: &str) -> Result<IpAddr, FieldError> {
+    s.parse().map_err(|_| (field.to_string(), format!("{s:?} is not an IP address")))
 }
 
-/// An IPv4 address, `None` for a valid IPv6 one (skipped), an error for anything else.
-fn parse_ipv4(s: &str, field: &str) -> Result<Option<Ipv4Addr>, FieldError> {
-    if let Ok(ip) = s.parse::<Ipv4Addr>() {
-        return Ok(Some(ip));
-    }
-    if s.parse::<std::net::Ipv6Addr>().is_ok() {
-        return Ok(None);
-    }
-    Err((field.to_string(), format!("{s:?} is not an IP address")))
-}
-
-/// The InternalIP (else ExternalIP) of the Node named `node_name`.
-pub fn node_ip<'a>(mut nodes: impl Iterator<Item = &'a Node>, node_name: &str) -> Option<Ipv4Addr> {
-    let node = nodes.find(|n| n.metadata.id.name() == node_name)?;
-    let addrs = node.status.as_ref()?.addresses.as_ref()?;
-    ["InternalIP", "ExternalIP"]
-        .iter()
-        .find_map(|t| addrs.iter().filter(|a| a.type_ == *t).find_map(|a| a.address.parse::<Ipv4Addr>().ok()))
+/// The InternalIPs (else ExternalIPs) of the Node named `node_name`, of both families.
+pub fn node_ips<'a>(mut nodes: impl Iterator<Item = &'a Node>, node_name: &str) -> Vec<IpAddr> {
+    let Some(addrs) = nodes.find(|n| n.metadata.id.name() == node_name).and_then(|n| n.status.as_ref()?.addresses.as_ref()) else { return Vec::new() };
+    let of_type = |t: &str| addrs.iter().filter(|a| a.type_ == t).filter_map(|a| a.address.parse::<IpAddr>().ok()).collect::<Vec<_>>();
+    let internal = of_type("InternalIP");
+    if internal.is_empty() { of_type("ExternalIP") } else { internal }
 }

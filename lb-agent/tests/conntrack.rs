@@ -1,6 +1,5 @@
 //! Conntrack garbage collection with TCP-state-aware lifetimes, on entries the real programs
 //! created from real packets.
-use std::net::Ipv4Addr;
 
 use anyhow::Result;
 use etherparse::PacketBuilder;
@@ -39,7 +38,7 @@ fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
 }
 
 fn flows(tb: &Testbed) -> Vec<u16> {
-    let mut ports: Vec<u16> = tb.dataplane.maps.conntrack.keys().filter_map(|k| k.ok()).map(|k| port_host(k.src_port)).collect();
+    let mut ports: Vec<u16> = tb.dataplane.maps.v4.conntrack.keys().filter_map(|k| k.ok()).map(|k| port_host(k.src_port)).collect();
     ports.sort();
     ports
 }
@@ -49,10 +48,10 @@ fn gc_expires_flows_by_state_and_takes_their_reverse_nat_along() -> Result<()> {
     in_private_netns(|| {
         let mut tb = Testbed::new(&MapSizes::default())?;
         let backend = |proto| Frontend {
-            key: Service4KeyV1 { addr: ip4_raw(VIP), port: port_raw(80), proto, scope: SCOPE_CLUSTER },
+            key: Service4KeyV1 { addr: ip4_raw(VIP), port: port_raw(80), proto, scope: SCOPE_CLUSTER }.into(),
             kind: KIND_CLUSTER_IP,
             name: "test/web".into(),
-            backends: [BackendSpec { addr: Ipv4Addr::from(BACKEND), port: 8080, local: true, weight: 1 }].into(),
+            backends: [BackendSpec { addr: BACKEND.into(), port: 8080, local: true, weight: 1 }].into(),
             ..Frontend::default()
         };
         tb.dataplane.apply(&[backend(IPPROTO_TCP), backend(IPPROTO_UDP)])?;
@@ -69,7 +68,7 @@ fn gc_expires_flows_by_state_and_takes_their_reverse_nat_along() -> Result<()> {
         tb.run_tc(&tcp(CLIENT, VIP, 1003, 80, "FA"))?;
         tb.run_tc(&udp(CLIENT, VIP, 1004, 80))?;
         let now = monotonic_ns();
-        assert_eq!(tb.dataplane.maps.reverse_nat.keys().count(), 5);
+        assert_eq!(tb.dataplane.maps.v4.reverse_nat.keys().count(), 5);
 
         let stats = tb.dataplane.collect_conntrack(now + S)?;
         assert_eq!((stats.flows_kept, stats.flows_removed), (5, 0), "nothing is a second past its lifetime");
@@ -82,7 +81,7 @@ fn gc_expires_flows_by_state_and_takes_their_reverse_nat_along() -> Result<()> {
         let stats = tb.dataplane.collect_conntrack(now + 21_601 * S)?;
         assert_eq!(stats.flows_removed, 1);
         assert!(flows(&tb).is_empty());
-        assert_eq!(tb.dataplane.maps.reverse_nat.keys().count(), 0, "reverse NAT goes with its flow");
+        assert_eq!(tb.dataplane.maps.v4.reverse_nat.keys().count(), 0, "reverse NAT goes with its flow");
         Ok(())
     })
 }

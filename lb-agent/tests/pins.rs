@@ -17,11 +17,11 @@ fn a_reload_adopts_pinned_conntrack_with_its_entries() -> Result<()> {
     {
         let mut ebpf = load::load(&mount.dir, &MapSizes::default())?;
         let mut maps = Maps::take(&mut ebpf)?;
-        maps.conntrack.insert(&key, &entry, 0)?;
+        maps.v4.conntrack.insert(&key, &entry, 0)?;
     } // the agent is gone; the pins stay
     let mut ebpf = load::load(&mount.dir, &MapSizes::default())?;
     let maps = Maps::take(&mut ebpf)?;
-    assert_eq!(maps.conntrack.get(&key, 0)?, entry);
+    assert_eq!(maps.v4.conntrack.get(&key, 0)?, entry);
     assert!(load::set_aside_incompatible_pins(&mount.dir)?.is_empty());
     Ok(())
 }
@@ -51,32 +51,32 @@ fn other_capacities_resize_the_pinned_maps_and_keep_the_newest_flows() -> Result
         let mut ebpf = load::load(&mount.dir, &MapSizes { flows: Some(64), maglev_slots: Some(1024), services: Some(16), backends: Some(16) })?;
         let mut maps = Maps::take(&mut ebpf)?;
         for port in 0..10u16 {
-            maps.conntrack.insert(&key(40000 + port), &entry(1000 + port as u64), 0)?;
+            maps.v4.conntrack.insert(&key(40000 + port), &entry(1000 + port as u64), 0)?;
         }
         maps.maglev.set(1000, &42, 0)?;
-        maps.services.insert(&svc_key, &svc, 0)?;
+        maps.v4.services.insert(&svc_key, &svc, 0)?;
         maps.service_names.set(0, &NameV1::new("bench/svc:http/TCP"), 0)?;
-        maps.backends.set(7, &Backend4V1 { addr: ip4_raw([10, 244, 1, 7]), port: port_raw(8080), flags: 0, _pad: 0 }, 0)?;
+        maps.v4.backends.set(7, &Backend4V1 { addr: ip4_raw([10, 244, 1, 7]), port: port_raw(8080), flags: 0, _pad: 0 }, 0)?;
     }
     // Larger: every flow and slot carried over.
     {
         let mut ebpf = load::load(&mount.dir, &MapSizes { flows: Some(4096), maglev_slots: Some(2048), services: Some(64), backends: Some(64) })?;
         let maps = Maps::take(&mut ebpf)?;
         // --max-services and --max-backends: the frontend, its name and its backend carried over.
-        assert_eq!((maps.service_names.len(), maps.backends.len(), maps.backend_stats.len()), (64, 64, 64));
-        assert_eq!(maps.services.get(&svc_key, 0)?, svc);
+        assert_eq!((maps.service_names.len(), maps.v4.backends.len(), maps.backend_stats.len()), (64, 64, 64));
+        assert_eq!(maps.v4.services.get(&svc_key, 0)?, svc);
         assert_eq!(maps.service_names.get(&0, 0)?.as_str(), "bench/svc:http/TCP");
-        assert_eq!(maps.backends.get(&7, 0)?.addr, ip4_raw([10, 244, 1, 7]));
+        assert_eq!(maps.v4.backends.get(&7, 0)?.addr, ip4_raw([10, 244, 1, 7]));
         assert_eq!(maps.flow_capacity, 4096);
-        assert_eq!(maps.conntrack.keys().count(), 10);
-        assert_eq!(maps.conntrack.get(&key(40003), 0)?, entry(1003));
+        assert_eq!(maps.v4.conntrack.keys().count(), 10);
+        assert_eq!(maps.v4.conntrack.get(&key(40003), 0)?, entry(1003));
         assert_eq!((maps.maglev.len(), maps.maglev.get(&1000, 0)?), (2048, 42));
     }
     // Smaller: the most recently used flows stay.
     let mut ebpf = load::load(&mount.dir, &MapSizes { flows: Some(4), maglev_slots: Some(2048), ..Default::default() })?;
     let maps = Maps::take(&mut ebpf)?;
     assert_eq!(maps.flow_capacity, 4);
-    let mut kept: Vec<u16> = maps.conntrack.keys().filter_map(|k| k.ok()).map(|k| port_host(k.src_port)).collect();
+    let mut kept: Vec<u16> = maps.v4.conntrack.keys().filter_map(|k| k.ok()).map(|k| port_host(k.src_port)).collect();
     kept.sort();
     assert_eq!(kept, [40006, 40007, 40008, 40009]);
     let leftovers: Vec<String> = std::fs::read_dir(&mount.dir)?.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.contains("resize")).collect();
@@ -94,7 +94,7 @@ fn a_slot_array_from_before_it_was_mappable_is_recreated_with_its_tables() -> Re
     {
         let mut ebpf = load::load(&mount.dir, &sizes)?;
         let mut maps = Maps::take(&mut ebpf)?;
-        maps.services.insert(&svc_key, &svc, 0)?;
+        maps.v4.services.insert(&svc_key, &svc, 0)?;
     }
     // What an older build pinned: the same array, without BPF_F_MMAPABLE.
     let path = mount.dir.join(MAP_MAGLEV);
@@ -130,7 +130,7 @@ fn counters_survive_a_restart_and_ids_handed_out_afterwards_start_at_zero() -> R
     let mount = BpfMount::new("pins")?;
     let sizes = MapSizes { services: Some(16), backends: Some(16), maglev_slots: Some(4096), ..Default::default() };
     let frontend = |octet: u8| Frontend {
-        key: Service4KeyV1 { addr: ip4_raw([10, 96, 0, octet]), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER },
+        key: Service4KeyV1 { addr: ip4_raw([10, 96, 0, octet]), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER }.into(),
         kind: KIND_CLUSTER_IP,
         name: format!("ns/svc-{octet}:http/TCP").into(),
         backends: [BackendSpec { addr: [10, 244, 0, octet].into(), port: 8080, local: true, weight: 1 }].into(),

@@ -1,12 +1,12 @@
 //! Program tests: the real object, loaded into the kernel, run with BPF_PROG_TEST_RUN on
 //! packets built with etherparse. Each asserts the verdict, the output bytes and the counters.
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::Result;
 use etherparse::{
     EtherType, Ethernet2Header, Icmpv6Type, IpAuthHeader, IpFragOffset, IpHeaders, IpNumber, Ipv4Header, Ipv4Options, Ipv6Extensions, Ipv6FragmentHeader, Ipv6Header, Ipv6RawExtHeader, Ipv6RoutingExtensions, PacketBuilder, SlicedPacket, TransportSlice, VlanId,
 };
-use lb_agent::dataplane::{load::MapSizes, BackendSpec, Frontend};
+use lb_agent::dataplane::{load::MapSizes, BackendSpec, Frontend, FrontendKey};
 use testbed::{
     netns::{in_private_netns, sh},
     progtest::Testbed,
@@ -51,10 +51,10 @@ fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Ve
 
 fn frontend(addr: [u8; 4], port: u16, proto: u8, kind: u8, backends: &[[u8; 4]], local: bool) -> Frontend {
     Frontend {
-        key: Service4KeyV1 { addr: ip4_raw(addr), port: port_raw(port), proto, scope: SCOPE_CLUSTER },
+        key: Service4KeyV1 { addr: ip4_raw(addr), port: port_raw(port), proto, scope: SCOPE_CLUSTER }.into(),
         kind,
         name: format!("test/svc-{port}:{port}").into(),
-        backends: backends.iter().map(|b| BackendSpec { addr: Ipv4Addr::from(*b), port: 8080, local, weight: 1 }).collect(),
+        backends: backends.iter().map(|b| BackendSpec { addr: IpAddr::from(*b), port: 8080, local, weight: 1 }).collect(),
         ..Frontend::default()
     }
 }
@@ -123,9 +123,9 @@ fn assert_icmp_port_unreachable(frame: &[u8], original: &[u8]) {
 /// The backend Maglev must pick for this flow, computed in user space from the same hash.
 fn predicted_backend(tb: &Testbed, svc: &Frontend, src: [u8; 4], sport: u16) -> [u8; 4] {
     let entry = tb.dataplane.service(&svc.key).unwrap();
-    let hash = flow_hash4(ip4_raw(src), svc.key.addr, port_raw(sport), svc.key.port, svc.key.proto, 0);
+    let hash = flow_hash4(ip4_raw(src), svc.key.entry::<Addr4>().unwrap().addr, port_raw(sport), svc.key.port, svc.key.proto, 0);
     let id = tb.dataplane.maps.maglev.get(&(entry.maglev_offset + hash % entry.maglev_size), 0).unwrap();
-    ip4_octets(tb.dataplane.maps.backends.get(&id, 0).unwrap().addr)
+    ip4_octets(tb.dataplane.maps.v4.backends.get(&id, 0).unwrap().addr)
 }
 
 fn testbed() -> Testbed {
@@ -389,10 +389,10 @@ fn ct_miss_selects_the_maglev_backend_and_rewrites_with_valid_checksums() -> Res
             seen.insert(o.dst);
             // Conntrack and reverse NAT hold the flow.
             let key = Ct4KeyV1 { src_addr: ip4_raw(CLIENT), dst_addr: ip4_raw(VIP), src_port: port_raw(sport), dst_port: port_raw(80), proto: IPPROTO_TCP, _pad: [0; 3] };
-            let ct = tb.dataplane.maps.conntrack.get(&key, 0)?;
-            assert_eq!(ip4_octets(tb.dataplane.maps.backends.get(&ct.backend_id, 0)?.addr), o.dst);
+            let ct = tb.dataplane.maps.v4.conntrack.get(&key, 0)?;
+            assert_eq!(ip4_octets(tb.dataplane.maps.v4.backends.get(&ct.backend_id, 0)?.addr), o.dst);
             let reply = Ct4KeyV1 { src_addr: ip4_raw(o.dst), dst_addr: ip4_raw(CLIENT), src_port: port_raw(8080), dst_port: port_raw(sport), proto: IPPROTO_TCP, _pad: [0; 3] };
-            let rnat = tb.dataplane.maps.reverse_nat.get(&reply, 0)?;
+            let rnat = tb.dataplane.maps.v4.reverse_nat.get(&reply, 0)?;
             assert_eq!((rnat.src_addr, rnat.src_port), (ip4_raw(VIP), port_raw(80)));
         }
         assert_eq!(seen.len(), 3, "64 flows reach all 3 backends");
@@ -524,7 +524,7 @@ fn full_conntrack_fails_new_flows_and_keeps_old_ones() -> Result<()> {
         let (v, _) = tb.run_xdp(&tcp_syn(CLIENT, VIP, 44100, 80))?;
         assert_eq!(v, XDP_DROP, "a fifth flow does not fit");
         assert_eq!(reason_count(&tb, reason::DROP_CT_FULL), 1);
-        assert_eq!(tb.dataplane.maps.conntrack.keys().count(), 4);
+        assert_eq!(tb.dataplane.maps.v4.conntrack.keys().count(), 4);
         for (sport, backend) in established.iter().enumerate() {
             let (v, out) = tb.run_xdp(&tcp_ack(CLIENT, VIP, 44000 + sport as u16, 80, b"data"))?;
             assert_eq!((v, decode(&out).dst), (XDP_PASS, *backend), "established flow {sport} still served");
@@ -543,7 +543,7 @@ fn routed_node() -> Result<Testbed> {
         && ip neigh add 10.99.0.254 lladdr 02:00:00:00:00:fe dev lbt0 nud permanent")?;
     let mut tb = testbed();
     tb.dataplane.set_config(ConfigV1 { hash_seed: 0, snat_addr: ip4_raw(NODE_IP), nat_port_min: NAT_PORT_MIN, nat_port_max: NAT_PORT_MAX, _pad: 0 })?;
-    tb.dataplane.set_node_ips(&[(Ipv4Addr::from(NODE_IP), 0)])?;
+    tb.dataplane.set_node_ips(&[(IpAddr::from(NODE_IP), 0)])?;
     Ok(tb)
 }
 
@@ -574,7 +574,7 @@ fn remote_backend_is_snated_and_its_replies_translated_back() -> Result<()> {
         // A second flow gets its own port; the NAT entries are in the map.
         let (_, out) = tb.run_xdp(&tcp_syn(CLIENT, NODE_IP, 46001, NODE_PORT))?;
         assert_ne!(decode(&out).sport, nat_port);
-        let snat_entries = tb.dataplane.maps.reverse_nat.iter().filter_map(|e| e.ok()).filter(|(_, v)| v.flags & F_CT_SNAT != 0).count();
+        let snat_entries = tb.dataplane.maps.v4.reverse_nat.iter().filter_map(|e| e.ok()).filter(|(_, v)| v.flags & F_CT_SNAT != 0).count();
         assert_eq!(snat_entries, 2);
         Ok(())
     })
@@ -622,7 +622,7 @@ fn affinity_keeps_a_client_on_its_backend_until_it_expires_or_the_backend_goes()
         let id = tb.dataplane.service(&svc.key).unwrap().service_id;
         let key = AffinityKeyV1::ip4(ip4_raw(CLIENT), id);
         let entry = tb.dataplane.maps.affinity.get(&key, 0)?;
-        assert_eq!(ip4_octets(tb.dataplane.maps.backends.get(&entry.backend_id, 0)?.addr), first);
+        assert_eq!(ip4_octets(tb.dataplane.maps.v4.backends.get(&entry.backend_id, 0)?.addr), first);
         // Another client has its own affinity.
         let other_client = [192, 0, 2, 99];
         tb.run_tc(&tcp_syn(other_client, VIP, 47000, 80))?;
@@ -657,9 +657,9 @@ fn affinity_keeps_a_client_on_its_backend_until_it_expires_or_the_backend_goes()
 fn external_traffic_policy_local_uses_only_local_endpoints_for_outside_clients() -> Result<()> {
     in_private_netns(|| {
         let mut tb = testbed();
-        let local = BackendSpec { addr: Ipv4Addr::from(BACKENDS[0]), port: 8080, local: true, weight: 1 };
-        let remote = BackendSpec { addr: Ipv4Addr::from([10, 244, 2, 11]), port: 8080, local: false, weight: 1 };
-        let policy = |key: Service4KeyV1, backends: Vec<BackendSpec>| Frontend { key, kind: KIND_LOAD_BALANCER, name: "test/etp:80".into(), backends: backends.into(), ext_local: key.scope == SCOPE_CLUSTER, ..Frontend::default() };
+        let local = BackendSpec { addr: IpAddr::from(BACKENDS[0]), port: 8080, local: true, weight: 1 };
+        let remote = BackendSpec { addr: IpAddr::from([10, 244, 2, 11]), port: 8080, local: false, weight: 1 };
+        let policy = |key: Service4KeyV1, backends: Vec<BackendSpec>| Frontend { key: key.into(), kind: KIND_LOAD_BALANCER, name: "test/etp:80".into(), backends: backends.into(), ext_local: key.scope == SCOPE_CLUSTER, ..Frontend::default() };
         let cluster = Service4KeyV1 { addr: ip4_raw(VIP), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER };
         let local_key = Service4KeyV1 { scope: SCOPE_LOCAL, ..cluster };
         tb.dataplane.apply(&[policy(cluster, vec![local, remote]), policy(local_key, vec![local])])?;
@@ -700,9 +700,9 @@ fn source_ranges_let_clients_in_the_cidrs_through_and_drop_the_rest() -> Result<
         }
         assert_eq!(reason_count(&tb, reason::DROP_SOURCE_RANGE), 2);
         // The ranges are in the trie, and go when the Service no longer has them.
-        assert_eq!(tb.dataplane.maps.source_ranges.keys().count(), 2);
+        assert_eq!(tb.dataplane.maps.v4.source_ranges.keys().count(), 2);
         tb.dataplane.apply(&[frontend(VIP, 80, IPPROTO_TCP, KIND_LOAD_BALANCER, &BACKENDS, true)])?;
-        assert_eq!(tb.dataplane.maps.source_ranges.keys().count(), 0);
+        assert_eq!(tb.dataplane.maps.v4.source_ranges.keys().count(), 0);
         assert_eq!(tb.run_xdp(&tcp_syn([198, 51, 100, 1], VIP, 50001, 80))?.0, XDP_PASS);
         // Restricted to no range at all (its Service listed IPv6 ranges only): nobody gets in.
         tb.dataplane.apply(&[Frontend { source_ranges: Some(Vec::new()), ..frontend(VIP, 80, IPPROTO_TCP, KIND_LOAD_BALANCER, &BACKENDS, true) }])?;
@@ -794,7 +794,7 @@ fn icmp_errors_about_translated_flows_reach_the_client_about_the_frontend() -> R
         // 3. An error about no flow of ours is left alone.
         let stranger = icmp_error([10, 99, 0, 2], NODE_IP, frag_needed, &tcp_ack(NODE_IP, [10, 1, 1, 1], 40000, 443, &[0u8; 100]));
         assert_eq!(tb.run_xdp(&stranger)?, (XDP_PASS, stranger.clone()));
-        assert!(tb.dataplane.maps.conntrack.get(&flow_key(CLIENT, NODE_IP, 46500, NODE_PORT, IPPROTO_TCP), 0).is_ok(), "the flow itself is untouched");
+        assert!(tb.dataplane.maps.v4.conntrack.get(&flow_key(CLIENT, NODE_IP, 46500, NODE_PORT, IPPROTO_TCP), 0).is_ok(), "the flow itself is untouched");
         Ok(())
     })
 }
@@ -806,7 +806,7 @@ fn a_full_maglev_array_still_takes_an_endpoint_change_in_place() -> Result<()> {
         let mut tb = Testbed::new(&MapSizes { maglev_slots: Some(400), ..Default::default() })?;
         let svc = frontend(VIP, 80, IPPROTO_TCP, KIND_CLUSTER_IP, &BACKENDS, true);
         // Its NodePort: the same Service port, so the same table.
-        let node_port = |f: &Frontend| Frontend { key: Service4KeyV1 { addr: 0, port: port_raw(30080), ..f.key }, kind: KIND_NODE_PORT, ..f.clone() };
+        let node_port = |f: &Frontend| Frontend { key: FrontendKey { addr: Ipv4Addr::UNSPECIFIED.into(), port: port_raw(30080), ..f.key }, kind: KIND_NODE_PORT, ..f.clone() };
         tb.dataplane.apply(&[svc.clone(), node_port(&svc)])?;
         let before = tb.dataplane.service(&svc.key).unwrap();
         let np_before = tb.dataplane.service(&node_port(&svc).key).unwrap();

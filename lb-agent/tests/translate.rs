@@ -1,7 +1,7 @@
 //! Kubernetes semantics of the translation, and the errors bad manifests give.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use lb_agent::{
@@ -38,6 +38,14 @@ fn settled(state: &ClusterState, node: &str) -> Settled {
     settle(translate(state, node))
 }
 
+/// The octets of an IPv4 address (the test fails on an IPv6 one).
+fn octets4(addr: IpAddr) -> [u8; 4] {
+    match addr {
+        IpAddr::V4(a) => a.octets(),
+        IpAddr::V6(a) => panic!("{a} is not IPv4"),
+    }
+}
+
 fn example_state() -> ClusterState {
     let mut dir = ManifestDir::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/manifests"));
     let (changed, errors) = dir.refresh().unwrap();
@@ -53,7 +61,7 @@ fn frontend_names(state: &ClusterState, node: &str) -> Vec<(String, [u8; 4], u16
         .frontends
         .values()
         .flatten()
-        .map(|f| (f.name.to_string(), ip4_octets(f.key.addr), port_host(f.key.port), f.kind, f.backends.len(), f.backends.iter().filter(|b| b.local).count()))
+        .map(|f| (f.name.to_string(), octets4(f.key.addr), port_host(f.key.port), f.kind, f.backends.len(), f.backends.iter().filter(|b| b.local).count()))
         .collect();
     out.sort();
     out
@@ -109,7 +117,7 @@ fn slices_merge_and_only_ready_endpoints_count() {
     let state = parse_manifest("mem.yaml", &text).unwrap();
     let t = settled(&state, "a");
     let fe = &t.frontends["prod/api"][0];
-    let addrs: Vec<(Ipv4Addr, bool)> = fe.backends.iter().map(|b| (b.addr, b.local)).collect();
+    let addrs: Vec<(IpAddr, bool)> = fe.backends.iter().map(|b| (b.addr, b.local)).collect();
     assert_eq!(
         addrs,
         vec![([10, 244, 1, 1].into(), true), ([10, 244, 2, 1].into(), false), ([10, 244, 2, 2].into(), false)],
@@ -173,7 +181,7 @@ fn a_contested_frontend_stays_with_the_oldest_service_and_only_the_newcomer_lose
     let text = service("b", Some("2026-01-01T00:00:00Z"), "  clusterIP: 10.96.5.2\n  externalIPs: [10.99.200.9]\n  ports: [{port: 80}]")
         + &service("a", Some("2026-06-01T00:00:00Z"), "  clusterIP: 10.96.5.1\n  externalIPs: [10.99.200.9]\n  ports: [{port: 80}]");
     let t = settled(&parse_manifest("dup.yaml", &text).unwrap(), "n");
-    let keys = |svc: &str| t.frontends[svc].iter().map(|f| ip4_octets(f.key.addr)).collect::<Vec<_>>();
+    let keys = |svc: &str| t.frontends[svc].iter().map(|f| octets4(f.key.addr)).collect::<Vec<_>>();
     assert_eq!(keys("prod/b"), vec![[10, 96, 5, 2], [10, 99, 200, 9]]);
     assert_eq!(keys("prod/a"), vec![[10, 96, 5, 1]], "the newcomer keeps its own ClusterIP");
     assert_eq!(t.errors.len(), 1, "{:?}", t.errors);
@@ -187,7 +195,7 @@ fn a_contested_frontend_stays_with_the_oldest_service_and_only_the_newcomer_lose
     for s in translate(&parse_manifest("dup.yaml", &text).unwrap(), "n").services {
         candidates.push((s.name, s.origin, s.result.unwrap()));
     }
-    let key = Service4KeyV1 { addr: ip4_raw([10, 96, 5, 5]), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER };
+    let key = Service4KeyV1 { addr: ip4_raw([10, 96, 5, 5]), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER }.into();
     let claimed = claim(candidates.clone(), &HashMap::from([(key, "prod/b".into())]));
     assert_eq!((claimed.frontends["prod/b"].len(), claimed.frontends["prod/a"].len()), (1, 0));
     assert_eq!(claimed.errors[0].object, "Service prod/a");
@@ -227,7 +235,7 @@ fn internal_traffic_policy_local_keeps_cluster_ip_traffic_on_the_node() {
     let text = service("api", None, "  clusterIP: 10.96.1.1\n  internalTrafficPolicy: Local\n  ports: [{name: https, port: 443}]") + &slice("api-1", TWO_NODE_SLICE);
     let t = settled(&parse_manifest("itp.yaml", &text).unwrap(), "b");
     let f = &t.frontends["prod/api"][0];
-    assert_eq!(f.backends.iter().map(|b| b.addr).collect::<Vec<_>>(), vec![Ipv4Addr::from([10, 244, 2, 1])]);
+    assert_eq!(f.backends.iter().map(|b| b.addr).collect::<Vec<_>>(), vec![IpAddr::from([10, 244, 2, 1])]);
     let t = settled(&parse_manifest("itp.yaml", &text).unwrap(), "c");
     assert!(t.frontends["prod/api"][0].backends.is_empty(), "no endpoint here: refused");
 }
@@ -244,7 +252,7 @@ fn terminating_endpoints_serve_only_when_nothing_is_ready() {
         let text = format!("{SVC}{}", slice("api-1", endpoints));
         let t = settled(&parse_manifest("t.yaml", &text).unwrap(), "a");
         let f = &t.frontends["prod/api"][0];
-        let got: Vec<[u8; 4]> = f.backends.iter().map(|b| b.addr.octets()).collect();
+        let got: Vec<[u8; 4]> = f.backends.iter().map(|b| octets4(b.addr)).collect();
         assert_eq!((got, f.draining.len()), (selectable, draining), "{endpoints}");
     }
 }
@@ -264,36 +272,54 @@ fn affinity_and_source_ranges_are_read_with_kubernetes_defaults() {
     let api = &t.frontends["prod/api"];
     assert!(api.iter().all(|f| f.affinity_timeout_s == Some(10_800)), "default timeout");
     let lb = api.iter().find(|f| f.kind == KIND_LOAD_BALANCER).unwrap();
-    assert_eq!(lb.source_ranges, Some(vec![([192, 0, 2, 0].into(), 24), ([10, 0, 0, 1].into(), 32)]), "host bits cleared, IPv6 left for later");
+    let v6: IpAddr = "2001:db8::".parse().unwrap();
+    assert_eq!(lb.source_ranges, Some(vec![([192, 0, 2, 0].into(), 24), (v6, 32), ([10, 0, 0, 1].into(), 32)]), "host bits cleared, both families kept");
     assert!(api.iter().filter(|f| f.kind != KIND_LOAD_BALANCER).all(|f| f.source_ranges.is_none()), "ranges guard the LoadBalancer IPs only");
     assert_eq!(t.frontends["prod/short"][0].affinity_timeout_s, Some(5));
     let annotated = t.frontends["prod/annotated"].iter().find(|f| f.kind == KIND_LOAD_BALANCER).unwrap();
     assert_eq!(annotated.source_ranges, Some(vec![([198, 51, 100, 0].into(), 24)]));
 }
 
-/// IPv6 is not balanced yet: a Service's IPv6 addresses are set aside by name (the agent says
-/// so, once), and ranges that admit only IPv6 clients admit no IPv4 client (closed, not open).
+/// A dual-stack Service is served in both families: each address in its own family, a NodePort
+/// in each, each family's frontends balancing to that family's EndpointSlices. Ranges of one
+/// family only admit no client of the other (closed, not open); an address of a family the
+/// Service has no cluster IP of is not programmed, as kube-proxy does, and said so.
 #[test]
-fn ipv6_addresses_are_set_aside_and_ipv6_only_source_ranges_refuse_every_ipv4_client() {
+fn dual_stack_services_are_served_in_both_families_each_with_its_own_endpoints() {
     let text = service(
         "dual",
         None,
-        "  type: LoadBalancer\n  clusterIPs: [10.96.2.1, fd00::1]\n  externalIPs: [2001:db8::7]\n  loadBalancerSourceRanges: [2001:db8::/32]\n  ports: [{port: 80, nodePort: 30080}]",
-    ) + "status: {loadBalancer: {ingress: [{ip: 10.99.100.9}, {ip: 2001:db8::9}]}}\n";
-    let state = parse_manifest("a.yaml", &text).unwrap();
-    let ipv6_skipped = translate(&state, "a").ipv6_skipped;
-    let t = settled(&state, "a");
+        "  type: LoadBalancer\n  clusterIPs: [10.96.2.1, fd00::1]\n  externalIPs: [2001:db8::7]\n  loadBalancerSourceRanges: [2001:db8::/32]\n  ports: [{name: http, port: 80, nodePort: 30080}]",
+    ) + "status: {loadBalancer: {ingress: [{ip: 10.99.100.9}, {ip: 2001:db8::9}]}}\n"
+        + "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: dual-4, namespace: prod, labels: {kubernetes.io/service-name: dual}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n  - {addresses: [10.244.1.1], nodeName: a}\n"
+        + "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: dual-6, namespace: prod, labels: {kubernetes.io/service-name: dual}}\naddressType: IPv6\nports: [{name: http, port: 8080}]\nendpoints:\n  - {addresses: [\"fd00:244::1\"], nodeName: a}\n  - {addresses: [\"fd00:244::2\"], nodeName: b}\n"
+        + &service("single", None, "  clusterIP: 10.96.2.2\n  externalIPs: [10.99.200.2, 2001:db8::8]\n  ports: [{port: 80}]");
+    let t = settled(&parse_manifest("a.yaml", &text).unwrap(), "a");
     assert!(t.errors.is_empty(), "{:?}", t.errors);
     let warned: Vec<(&str, &str)> = t.warnings.iter().map(|w| (w.field.as_str(), w.message.as_str())).collect();
-    assert_eq!(warned.len(), 1, "{warned:#?}");
-    assert_eq!(warned[0].0, "spec.loadBalancerSourceRanges");
-    assert!(warned[0].1.contains("every IPv4 client"), "{warned:#?}");
-    let skipped: Vec<(&str, &str, &str)> = ipv6_skipped.iter().map(|(s, f, a)| (&**s, f.as_str(), a.as_str())).collect();
-    assert_eq!(skipped, [("prod/dual", "spec.clusterIPs[1]", "fd00::1"), ("prod/dual", "spec.externalIPs[0]", "2001:db8::7"), ("prod/dual", "status.loadBalancer.ingress[1].ip", "2001:db8::9")]);
-    let frontends = &t.frontends["prod/dual"];
-    let lb = frontends.iter().find(|f| f.kind == KIND_LOAD_BALANCER).unwrap();
-    assert_eq!((ip4_octets(lb.key.addr), &lb.source_ranges), ([10, 99, 100, 9], &Some(Vec::new())), "the IPv4 LoadBalancer IP admits nobody");
-    assert_eq!(frontends.len(), 3, "ClusterIP, NodePort and the IPv4 LoadBalancer IP: {frontends:#?}");
+    assert_eq!(warned.len(), 2, "{warned:#?}");
+    assert!(warned[0].0 == "spec.loadBalancerSourceRanges" && warned[0].1.contains("every IPv4 client"), "{warned:#?}");
+    assert!(warned[1].0 == "spec.externalIPs[1]" && warned[1].1.contains("no IPv6 cluster IP"), "{warned:#?}");
+    let mut frontends: Vec<(String, u8, Vec<String>)> = t.frontends["prod/dual"]
+        .iter()
+        .map(|f| (f.key.to_string(), f.kind, f.backends.iter().map(|b| std::net::SocketAddr::new(b.addr, b.port).to_string()).collect()))
+        .collect();
+    frontends.sort();
+    let (v4, v6) = (vec!["10.244.1.1:8080".to_string()], vec!["[fd00:244::1]:8080".to_string(), "[fd00:244::2]:8080".to_string()]);
+    assert_eq!(
+        frontends,
+        vec![
+            ("*:30080".into(), KIND_NODE_PORT, v4.clone()),
+            ("10.96.2.1:80".into(), KIND_CLUSTER_IP, v4.clone()),
+            ("10.99.100.9:80".into(), KIND_LOAD_BALANCER, v4),
+            ("[*]:30080".into(), KIND_NODE_PORT, v6.clone()),
+            ("[2001:db8::7]:80".into(), KIND_EXTERNAL_IP, v6.clone()),
+            ("[2001:db8::9]:80".into(), KIND_LOAD_BALANCER, v6.clone()),
+            ("[fd00::1]:80".into(), KIND_CLUSTER_IP, v6),
+        ]
+    );
+    let single: Vec<String> = t.frontends["prod/single"].iter().map(|f| f.key.to_string()).collect();
+    assert_eq!(single, ["10.96.2.2:80", "10.99.200.2:80"], "no IPv6 frontend without an IPv6 cluster IP");
 }
 
 #[test]
@@ -308,7 +334,7 @@ fn unsupported_fields_are_named_once_and_the_rest_of_the_service_works() {
     let fields: Vec<&str> = t.warnings.iter().map(|w| w.field.as_str()).collect();
     assert_eq!(fields, vec!["spec.trafficDistribution", "status.loadBalancer.ingress[0].ipMode", "spec.ports[1].protocol"]);
     assert!(t.warnings.iter().all(|w| w.object == "Service prod/api"));
-    let addrs: Vec<[u8; 4]> = t.frontends["prod/api"].iter().map(|f| ip4_octets(f.key.addr)).collect();
+    let addrs: Vec<[u8; 4]> = t.frontends["prod/api"].iter().map(|f| octets4(f.key.addr)).collect();
     assert_eq!(addrs, vec![[10, 96, 1, 1], [10, 99, 100, 2]], "the TCP port on the ClusterIP and the VIP-mode ingress");
 }
 
@@ -326,7 +352,7 @@ fn a_frontend_let_go_goes_to_the_service_waiting_for_it_and_only_changed_service
         }
         names
     };
-    let ips = |claims: &[Claim]| claims.iter().map(|c| ip4_octets(c.frontend.key.addr)).collect::<Vec<_>>();
+    let ips = |claims: &[Claim]| claims.iter().map(|c| octets4(c.frontend.key.addr)).collect::<Vec<_>>();
     let mut claims = Claims::default();
     let all = want(&mut claims, &(older.clone() + &newer + &other));
     let first = claims.settle(all, true);

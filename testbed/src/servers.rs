@@ -2,7 +2,7 @@
 //! backend answered and the source address it saw, and an HTTP server for load generators.
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -30,7 +30,8 @@ impl EchoServer {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let ready_udp = ready_tx.clone();
         let tcp = ns.spawn(move || -> Result<()> {
-            let listener = bound(TcpListener::bind(("0.0.0.0", tcp_port)).and_then(|l| l.set_nonblocking(true).map(|_| l)), &ready_tx)?;
+            // "::" takes both families (IPv4 clients show as IPv4-mapped addresses).
+            let listener = bound(TcpListener::bind(("::", tcp_port)).and_then(|l| l.set_nonblocking(true).map(|_| l)), &ready_tx)?;
             while !tcp_stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, peer)) => {
@@ -43,11 +44,11 @@ impl EchoServer {
             Ok(())
         });
         let udp = ns.spawn(move || -> Result<()> {
-            let socket = bound(UdpSocket::bind(("0.0.0.0", udp_port)).and_then(|s| s.set_read_timeout(Some(Duration::from_millis(50))).map(|_| s)), &ready_udp)?;
+            let socket = bound(UdpSocket::bind(("::", udp_port)).and_then(|s| s.set_read_timeout(Some(Duration::from_millis(50))).map(|_| s)), &ready_udp)?;
             let mut buf = [0u8; 2048];
             while !udp_stop.load(Ordering::Relaxed) {
                 if let Ok((n, peer)) = socket.recv_from(&mut buf) {
-                    let reply = format!("{udp_name} {} {}", peer.ip(), String::from_utf8_lossy(&buf[..n]).trim());
+                    let reply = format!("{udp_name} {} {}", peer.ip().to_canonical(), String::from_utf8_lossy(&buf[..n]).trim());
                     let _ = socket.send_to(reply.as_bytes(), peer);
                 }
             }
@@ -79,7 +80,7 @@ fn serve_tcp(conn: TcpStream, peer: SocketAddr, name: &str, stop: &AtomicBool) {
             Ok(0) => return,
             Ok(_) => {
                 // One write, one segment.
-                if writer.write_all(format!("{name} {} {}\n", peer.ip(), line.trim()).as_bytes()).is_err() {
+                if writer.write_all(format!("{name} {} {}\n", peer.ip().to_canonical(), line.trim()).as_bytes()).is_err() {
                     return;
                 }
                 line.clear();
@@ -103,7 +104,7 @@ impl Drop for EchoServer {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {
     pub backend: String,
-    pub seen_source: Ipv4Addr,
+    pub seen_source: IpAddr,
 }
 
 fn parse_answer(reply: &str) -> Result<Answer> {
@@ -117,7 +118,7 @@ fn parse_answer(reply: &str) -> Result<Answer> {
 pub fn tcp_request(ns: &Netns, to: SocketAddr, source_port: Option<u16>, timeout: Duration) -> Result<Answer> {
     match source_port {
         None => tcp_request_from(ns, None, to, timeout),
-        Some(port) => tcp_request_from(ns, Some(SocketAddr::from(([0, 0, 0, 0], port))), to, timeout),
+        Some(port) => tcp_request_from(ns, Some(SocketAddr::new(unspecified_like(&to), port)), to, timeout),
     }
 }
 
@@ -127,7 +128,7 @@ pub fn tcp_request_from(ns: &Netns, source: Option<SocketAddr>, to: SocketAddr, 
         let stream = match source {
             None => TcpStream::connect_timeout(&to, timeout)?,
             Some(source) => {
-                let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                let socket = socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::STREAM, None)?;
                 socket.set_reuse_address(true)?;
                 socket.bind(&source.into())?;
                 socket.connect_timeout(&to.into(), timeout)?;
@@ -147,7 +148,7 @@ pub fn tcp_request_from(ns: &Netns, source: Option<SocketAddr>, to: SocketAddr, 
 /// connected, so an ICMP port unreachable comes back as `ConnectionRefused`.
 pub fn udp_request(ns: &Netns, to: SocketAddr, source_port: u16, timeout: Duration) -> Result<Answer> {
     ns.run(move || -> Result<Answer> {
-        let socket = UdpSocket::bind(("0.0.0.0", source_port))?;
+        let socket = UdpSocket::bind(SocketAddr::new(unspecified_like(&to), source_port))?;
         socket.set_read_timeout(Some(timeout))?;
         socket.connect(to)?;
         socket.send(b"hello")?;
@@ -155,6 +156,11 @@ pub fn udp_request(ns: &Netns, to: SocketAddr, source_port: u16, timeout: Durati
         let n = socket.recv(&mut buf)?;
         parse_answer(&String::from_utf8_lossy(&buf[..n]))
     })?
+}
+
+/// The unspecified address of `to`'s family: a client socket for it binds there.
+fn unspecified_like(to: &SocketAddr) -> IpAddr {
+    if to.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() }
 }
 
 /// `GET path` over HTTP/1.0 from `ns`: the status code and the body.

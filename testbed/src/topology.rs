@@ -1,7 +1,7 @@
 //! Network-namespace topologies with real servers, for the demo and the end-to-end tests.
 //! Every namespace, link, mount and process made here is removed when its guard drops.
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
@@ -16,10 +16,11 @@ use crate::{
     process::AgentProcess,
 };
 
-/// A pod: its namespace, its address, and the host-side device on its node.
+/// A pod: its namespace, its addresses, and the host-side device on its node.
 pub struct Pod {
     pub ns: Netns,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     pub host_dev: String,
 }
 
@@ -27,11 +28,13 @@ pub struct Pod {
 pub struct Node {
     pub ns: Netns,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     pub pods: Vec<Pod>,
 }
 
-/// Several nodes and an outside client on one LAN (a bridge in its own namespace).
-/// Addresses: LAN 10.99.0.0/24 (client .100, nodes .1, .2, ...), pods of node N in 10.244.N.0/24.
+/// Several nodes and an outside client on one dual-stack LAN (a bridge in its own namespace).
+/// Addresses: LAN 10.99.0.0/24 and fd00:99::/64 (client .100 and ::100, nodes .1, .2, ... and
+/// ::1, ::2, ...), pods of node N in 10.244.N.0/24 and fd00:244:N::/64 (the same last byte).
 pub struct Cluster {
     pub prefix: String,
     // Dropped in field order: pods and nodes first, then the client, then the LAN.
@@ -47,6 +50,17 @@ pub struct Cluster {
 }
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 100);
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0x100);
+
+/// Node `n`'s LAN address of each family.
+fn node_ips(n: usize) -> (Ipv4Addr, Ipv6Addr) {
+    (Ipv4Addr::new(10, 99, 0, n as u8), Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, n as u16))
+}
+
+/// The addresses of pod `p` of node `n`.
+pub fn pod_ips(n: usize, p: usize) -> (Ipv4Addr, Ipv6Addr) {
+    (Ipv4Addr::new(10, 244, n as u8, 11 + p as u8), Ipv6Addr::new(0xfd00, 0x244, n as u16, 0, 0, 0, 0, 0x11 + p as u16))
+}
 /// veths hand each other packets whose checksum is left to "hardware" (CHECKSUM_PARTIAL). XDP
 /// sees no skb flags, and a frame it sends back out (XDP_TX) would carry that half-done
 /// checksum; a wire delivers complete ones. Filling them in at the sender makes veths behave
@@ -55,12 +69,13 @@ fn no_tx_csum_offload(dev: &str) -> String {
     format!("ethtool -K {dev} tx off >/dev/null")
 }
 
-/// The address pods use as their gateway (Calico-style: link-local, answered by the host).
+/// The addresses pods use as their gateway (Calico-style: link-local, answered by the host).
 const POD_GATEWAY: &str = "169.254.1.1";
+const POD_GATEWAY6: &str = "fe80::1";
 
 impl Cluster {
     /// `pods_per_node[i]` pods on node i. Load-balancer and external IPs (10.99.100.0/24,
-    /// 10.99.200.0/24) are routed by the client to the first node.
+    /// 10.99.200.0/24, fd00:99:100::/64, fd00:99:200::/64) are routed by the client to the first node.
     pub fn new(tag: &str, pods_per_node: &[usize]) -> Result<Self> {
         let prefix = unique_prefix(tag);
         let lan = Netns::new(&format!("{prefix}-lan"))?;
@@ -68,18 +83,19 @@ impl Cluster {
         let client = Netns::new(&format!("{prefix}-cl"))?;
         let cgroup = CgroupMount::new(&prefix)?;
         let mut cluster = Self { prefix: prefix.clone(), nodes: Vec::new(), client, lan, peer_xdp: None, bpffs: Vec::new(), cgroup };
-        cluster.plug(&cluster.client.name.clone(), "eth0", CLIENT_IP, 0)?;
+        cluster.plug(&cluster.client.name.clone(), "eth0", CLIENT_IP, CLIENT_IP6, 0)?;
         cluster.client.exec("ip route add 10.99.100.0/24 via 10.99.0.1 && ip route add 10.99.200.0/24 via 10.99.0.1")?;
+        cluster.client.exec("ip -6 route add fd00:99:100::/64 via fd00:99::1 && ip -6 route add fd00:99:200::/64 via fd00:99::1")?;
 
         for (i, &pods) in pods_per_node.iter().enumerate() {
             let n = i + 1;
             let ns = Netns::new(&format!("{prefix}-n{n}"))?;
-            let ip = Ipv4Addr::new(10, 99, 0, n as u8);
-            cluster.plug(&ns.name, "eth0", ip, n)?;
-            ns.exec("sysctl -qw net.ipv4.conf.all.forwarding=1")?;
-            let mut node = Node { ns, ip, pods: Vec::new() };
+            let (ip, ip6) = node_ips(n);
+            cluster.plug(&ns.name, "eth0", ip, ip6, n)?;
+            ns.exec("sysctl -qw net.ipv4.conf.all.forwarding=1 && sysctl -qw net.ipv6.conf.all.forwarding=1")?;
+            let mut node = Node { ns, ip, ip6, pods: Vec::new() };
             for p in 0..pods {
-                node.pods.push(add_pod(&node.ns, &format!("{prefix}-n{n}p{p}"), Ipv4Addr::new(10, 244, n as u8, 11 + p as u8), &format!("lxc{p}"))?);
+                node.pods.push(add_pod(&node.ns, &format!("{prefix}-n{n}p{p}"), pod_ips(n, p), &format!("lxc{p}"))?);
             }
             cluster.nodes.push(node);
         }
@@ -89,7 +105,7 @@ impl Cluster {
             for b in &cluster.nodes {
                 if a.ip != b.ip {
                     let n = b.ip.octets()[3];
-                    a.ns.exec(&format!("ip route add 10.244.{n}.0/24 via {}", b.ip))?;
+                    a.ns.exec(&format!("ip route add 10.244.{n}.0/24 via {} && ip -6 route add fd00:244:{n}::/64 via {}", b.ip, b.ip6))?;
                 }
             }
         }
@@ -118,11 +134,12 @@ impl Cluster {
         Ok(())
     }
 
-    /// Connects `ns` to the LAN bridge with a veth named `dev`.
-    fn plug(&self, ns: &str, dev: &str, ip: Ipv4Addr, index: usize) -> Result<()> {
+    /// Connects `ns` to the LAN bridge with a veth named `dev`. IPv6 addresses skip duplicate
+    /// address detection: they are usable at once.
+    fn plug(&self, ns: &str, dev: &str, ip: Ipv4Addr, ip6: Ipv6Addr, index: usize) -> Result<()> {
         let port = format!("p{index}");
         self.lan.exec(&format!("ip link add {port} type veth peer name {dev} netns {ns} && ip link set {port} master br0 && ip link set {port} up && {}", no_tx_csum_offload(&port)))?;
-        sh(&format!("ip netns exec {ns} sh -c 'ip addr add {ip}/24 dev {dev} && ip link set {dev} up && {}'", no_tx_csum_offload(dev)))?;
+        sh(&format!("ip netns exec {ns} sh -c 'ip addr add {ip}/24 dev {dev} && ip -6 addr add {ip6}/64 dev {dev} nodad && ip link set {dev} up && {}'", no_tx_csum_offload(dev)))?;
         Ok(())
     }
 
@@ -157,17 +174,19 @@ impl Cluster {
     }
 }
 
-/// A pod namespace behind a veth: `/32` route on the node, default route via a link-local
-/// gateway in the pod, static neighbours both ways.
-pub fn add_pod(node: &Netns, name: &str, ip: Ipv4Addr, host_dev: &str) -> Result<Pod> {
+/// A dual-stack pod namespace behind a veth: `/32` and `/128` routes on the node, default
+/// routes via link-local gateways in the pod, static neighbours both ways.
+pub fn add_pod(node: &Netns, name: &str, (ip, ip6): (Ipv4Addr, Ipv6Addr), host_dev: &str) -> Result<Pod> {
     let ns = Netns::new(name)?;
     node.exec(&format!("ip link add {host_dev} type veth peer name eth0 netns {name} && ip link set {host_dev} up && {}", no_tx_csum_offload(host_dev)))?;
     ns.exec(&no_tx_csum_offload("eth0"))?;
-    ns.exec(&format!("ip addr add {ip}/32 dev eth0 && ip link set eth0 up && ip route add {POD_GATEWAY} dev eth0 scope link && ip route add default via {POD_GATEWAY} dev eth0"))?;
+    ns.exec(&format!("ip addr add {ip}/32 dev eth0 && ip -6 addr add {ip6}/128 dev eth0 nodad && ip link set eth0 up"))?;
+    ns.exec(&format!("ip route add {POD_GATEWAY} dev eth0 scope link && ip route add default via {POD_GATEWAY} dev eth0 && ip -6 route add default via {POD_GATEWAY6} dev eth0"))?;
     let host_mac = node.mac(host_dev)?;
     let pod_mac = ns.mac("eth0")?;
-    ns.exec(&format!("ip neigh add {POD_GATEWAY} lladdr {host_mac} dev eth0 nud permanent"))?;
+    ns.exec(&format!("ip neigh add {POD_GATEWAY} lladdr {host_mac} dev eth0 nud permanent && ip -6 neigh add {POD_GATEWAY6} lladdr {host_mac} dev eth0 nud permanent"))?;
     node.exec(&format!("ip route add {ip}/32 dev {host_dev} && ip neigh add {ip} lladdr {pod_mac} dev {host_dev} nud permanent"))?;
-    Ok(Pod { ns, ip, host_dev: host_dev.to_string() })
+    node.exec(&format!("ip -6 route add {ip6}/128 dev {host_dev} && ip -6 neigh add {ip6} lladdr {pod_mac} dev {host_dev} nud permanent"))?;
+    Ok(Pod { ns, ip, ip6, host_dev: host_dev.to_string() })
 }
 

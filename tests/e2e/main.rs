@@ -4,6 +4,7 @@ mod support;
 
 mod changes;
 mod host;
+mod ipv6;
 mod kubernetes;
 mod lbctl;
 mod metrics;

@@ -123,7 +123,7 @@ fn external_traffic_policy_local_keeps_the_client_address_and_answers_only_where
         other => Err(anyhow!("health A/B {other:?}")),
     })?;
     let a = tcp_request(client, sock([10, 99, 0, 2], 30100), None, TIMEOUT)?;
-    assert_eq!((a.backend.as_str(), a.seen_source), ("b-0", CLIENT_IP));
+    assert_eq!((a.backend.as_str(), a.seen_source), ("b-0", CLIENT_IP.into()));
     drop(cluster.bpffs.drain(..));
     Ok(())
 }
@@ -206,7 +206,7 @@ fn a_pod_reaches_its_own_service_and_itself() -> Result<()> {
     // A Service whose only endpoint is the pod itself.
     for i in 0..20 {
         let a = tcp_request(&web0.ns, sock([10, 96, 0, 44], 80), None, TIMEOUT).map_err(|e| e.context(format!("self request {i}")))?;
-        assert_eq!((a.backend.as_str(), a.seen_source), ("web-0", HAIRPIN));
+        assert_eq!((a.backend.as_str(), a.seen_source), ("web-0", HAIRPIN.into()));
     }
     assert!(reason_count(&pins, "fwd_hairpin")? >= 20 + landed_on_self);
     Ok(())

@@ -81,9 +81,9 @@ fn node_port_with_a_backend_on_another_node_is_snated_both_ways() -> Result<()> 
     let node_a = cluster.nodes[0].ip;
     for i in 0..5 {
         let a = tcp_request(&cluster.client, sock([10, 99, 0, 1], 30090), None, TIMEOUT).map_err(|e| e.context(format!("TCP {i}\n{}\n{}\n{}", agent.log_text(), lbctl(&pin_dir, &["stats"]).unwrap_or_default(), lbctl(&pin_dir, &["ct", "list"]).unwrap_or_default())))?;
-        assert_eq!(a, Answer { backend: "remote-0".into(), seen_source: node_a }, "the remote backend sees node A's address (SNAT)");
+        assert_eq!(a, Answer { backend: "remote-0".into(), seen_source: node_a.into() }, "the remote backend sees node A's address (SNAT)");
         let a = udp_request(&cluster.client, sock([10, 99, 0, 1], 30091), 44000 + i, TIMEOUT)?;
-        assert_eq!(a, Answer { backend: "remote-0".into(), seen_source: node_a });
+        assert_eq!(a, Answer { backend: "remote-0".into(), seen_source: node_a.into() });
     }
     // The bindings are visible, and replies were translated back (the requests above got answers).
     let nat = lbctl_json(&pin_dir, &["nat", "list"])?;

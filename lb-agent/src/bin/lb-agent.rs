@@ -166,7 +166,7 @@ fn main() -> Result<()> {
 }
 
 fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
-    lb_agent::translate::parse_cidr4(s)?.ok_or_else(|| format!("{s}: IPv6 is not supported yet"))
+    lb_agent::translate::parse_cidr4(s)
 }
 
 async fn shutdown_signal() {

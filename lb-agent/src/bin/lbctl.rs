@@ -1,9 +1,17 @@
 //! lbctl: reads the pinned maps directly, so it works while the agent is down.
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+};
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use lb_agent::dataplane::{conntrack::monotonic_ns, maps::Maps};
+use lb_agent::dataplane::{
+    conntrack::monotonic_ns,
+    maps::{Family, Maps},
+    BackendEntry, FrontendKey,
+};
 use lb_common::*;
 use serde_json::{json, Value};
 
@@ -125,9 +133,13 @@ fn proto_name(p: u8) -> &'static str {
     }
 }
 
-fn frontend(key: &Service4KeyV1) -> String {
-    let addr = if key.addr == 0 { "*".to_string() } else { ip4_addr(key.addr).to_string() };
-    format!("{addr}:{}/{}", port_host(key.port), proto_name(key.proto))
+fn frontend(key: &FrontendKey) -> String {
+    format!("{key}/{}", proto_name(key.proto))
+}
+
+/// `addr:port` of a map address of either family and a raw port.
+fn sock<A: Family>(addr: A, port: u16) -> String {
+    SocketAddr::new(addr.to_ip(), port_host(port)).to_string()
 }
 
 fn kind_name(kind: u8) -> &'static str {
@@ -140,10 +152,9 @@ fn kind_name(kind: u8) -> &'static str {
     }
 }
 
-fn all_services(maps: &Maps) -> Result<Vec<(Service4KeyV1, ServiceV1, String)>> {
+fn all_services(maps: &Maps) -> Result<Vec<(FrontendKey, ServiceV1, String)>> {
     let mut out = Vec::new();
-    for entry in maps.services.iter() {
-        let (key, svc) = entry?;
+    for (key, svc) in maps.all_frontends()? {
         let name = maps.service_names.get(&svc.service_id, 0)?.as_str().to_string();
         out.push((key, svc, name));
     }
@@ -160,14 +171,14 @@ fn slot_counts(maps: &Maps, svc: &ServiceV1) -> Result<BTreeMap<u32, u32>> {
 }
 
 fn backend_name(maps: &Maps, id: u32) -> String {
-    match maps.backends.get(&id, 0) {
-        Ok(b) if b.addr != 0 => format!("{}:{}", ip4_addr(b.addr), port_host(b.port)),
-        _ => format!("#{id} (gone)"),
+    match maps.backend_by_id(id) {
+        Some(b) => SocketAddr::new(b.addr(), b.port()).to_string(),
+        None => format!("#{id} (gone)"),
     }
 }
 
 /// What shapes a frontend beyond its backends: its traffic policy, affinity, source ranges.
-fn policy(maps: &Maps, key: &Service4KeyV1, svc: &ServiceV1, ranges: &BTreeMap<u32, usize>) -> String {
+fn policy(maps: &Maps, key: &FrontendKey, svc: &ServiceV1, ranges: &HashMap<u32, Vec<(IpAddr, u8)>>) -> String {
     let mut parts = Vec::new();
     if key.scope == SCOPE_LOCAL {
         parts.push("local endpoints only (outside clients)".to_string());
@@ -180,16 +191,15 @@ fn policy(maps: &Maps, key: &Service4KeyV1, svc: &ServiceV1, ranges: &BTreeMap<u
         parts.push(format!("affinity=ClientIP/{timeout}s"));
     }
     if svc.flags & F_SVC_SOURCE_RANGES != 0 {
-        parts.push(format!("sourceRanges={}", ranges.get(&svc.service_id).copied().unwrap_or(0)));
+        parts.push(format!("sourceRanges={}", ranges.get(&svc.service_id).map_or(0, Vec::len)));
     }
     parts.join(";")
 }
 
 fn services(maps: &Maps) -> Result<Vec<Row>> {
-    let mut ranges: BTreeMap<u32, usize> = BTreeMap::new();
-    for key in maps.source_ranges.keys() {
-        *ranges.entry(key?.data().service_id).or_default() += 1;
-    }
+    let mut ranges = HashMap::new();
+    maps.source_ranges_into::<Addr4>(&mut ranges)?;
+    maps.source_ranges_into::<Addr6>(&mut ranges)?;
     all_services(maps)?
         .into_iter()
         .map(|(key, svc, name)| {
@@ -217,11 +227,16 @@ fn affinity(maps: &Maps) -> Result<Vec<Row>> {
     for entry in maps.affinity.iter() {
         let (key, value) = entry?;
         let Some((name, frontend)) = names.get(&key.service_id) else { continue };
-        let client = std::net::Ipv4Addr::new(key.client[0], key.client[1], key.client[2], key.client[3]);
+        let c = key.client;
+        let client = match key.client_kind {
+            AFFINITY_CLIENT_IP4 => Ipv4Addr::new(c[0], c[1], c[2], c[3]).to_string(),
+            AFFINITY_CLIENT_IP6 => Ipv6Addr::from(c).to_string(),
+            _ => format!("netns {}", u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])),
+        };
         rows.push(vec![
             ("service", json!(name)),
             ("frontend", json!(frontend)),
-            ("client", json!(client.to_string())),
+            ("client", json!(client)),
             ("backend", json!(backend_name(maps, value.backend_id))),
             ("idle_s", json!((now.saturating_sub(value.last_seen_ns) / 1_000_000_000) as u64)),
         ]);
@@ -243,12 +258,16 @@ fn backends(maps: &Maps) -> Result<Vec<Row>> {
     users
         .into_iter()
         .map(|(id, services)| {
-            let b = maps.backends.get(&id, 0)?;
+            let local = match maps.backend_by_id(id) {
+                Some(BackendEntry::V4(b)) => b.flags & F_BACKEND_LOCAL != 0,
+                Some(BackendEntry::V6(b)) => b.flags & F_BACKEND_LOCAL != 0,
+                None => false,
+            };
             let c = maps.backend_counters(id)?;
             Ok(vec![
                 ("id", json!(id)),
                 ("address", json!(backend_name(maps, id))),
-                ("local", json!(b.flags & F_BACKEND_LOCAL != 0)),
+                ("local", json!(local)),
                 ("services", json!(services)),
                 ("packets", json!(c.packets)),
                 ("bytes", json!(c.bytes)),
@@ -300,22 +319,29 @@ fn tcp_state(proto: u8, fwd: u8, rev: u8) -> &'static str {
 }
 
 fn conntrack(maps: &Maps) -> Result<Vec<Row>> {
+    let mut rows = family_conntrack::<Addr4>(maps)?;
+    rows.extend(family_conntrack::<Addr6>(maps)?);
+    Ok(rows)
+}
+
+fn family_conntrack<A: Family>(maps: &Maps) -> Result<Vec<Row>> {
     let now = monotonic_ns();
     let mut rows = Vec::new();
-    for entry in maps.conntrack.iter() {
+    let family = A::of(maps);
+    for entry in family.conntrack.iter() {
         let (key, ct) = entry?;
-        let backend = maps.backends.get(&ct.backend_id, 0).unwrap_or_default();
+        let backend = family.backends.get(&ct.backend_id, 0).unwrap_or_default();
         let reply = lb_agent::dataplane::conntrack::reply_key(&key, &ct, &backend);
-        let rev = maps.reverse_nat.get(&reply, 0).map(|r| r.tcp_flags_seen).unwrap_or(0);
+        let rev = family.reverse_nat.get(&reply, 0).map(|r| r.tcp_flags_seen).unwrap_or(0);
         let name = maps.service_names.get(&ct.service_id, 0).map(|n| n.as_str().to_string()).unwrap_or_default();
         rows.push(vec![
             ("proto", json!(proto_name(key.proto))),
-            ("client", json!(format!("{}:{}", ip4_addr(key.src_addr), port_host(key.src_port)))),
-            ("frontend", json!(format!("{}:{}", ip4_addr(key.dst_addr), port_host(key.dst_port)))),
+            ("client", json!(sock(key.src_addr, key.src_port))),
+            ("frontend", json!(sock(key.dst_addr, key.dst_port))),
             ("backend", json!(backend_name(maps, ct.backend_id))),
             ("service", json!(name)),
             ("state", json!(tcp_state(key.proto, ct.tcp_flags_seen, rev))),
-            ("snat", json!(if ct.flags & F_CT_SNAT != 0 { format!("{}:{}", ip4_addr(ct.nat_addr), port_host(ct.nat_port)) } else { "-".into() })),
+            ("snat", json!(if ct.flags & F_CT_SNAT != 0 { sock(ct.nat_addr, ct.nat_port) } else { "-".into() })),
             ("idle_s", json!(now.saturating_sub(ct.last_seen_ns) / 1_000_000_000)),
         ]);
     }
@@ -323,18 +349,24 @@ fn conntrack(maps: &Maps) -> Result<Vec<Row>> {
 }
 
 fn nat(maps: &Maps) -> Result<Vec<Row>> {
+    let mut rows = family_nat::<Addr4>(maps)?;
+    rows.extend(family_nat::<Addr6>(maps)?);
+    Ok(rows)
+}
+
+fn family_nat<A: Family>(maps: &Maps) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
-    for entry in maps.reverse_nat.iter() {
+    for entry in A::of(maps).reverse_nat.iter() {
         let (key, r) = entry?;
         if r.flags & F_CT_SNAT == 0 {
             continue;
         }
         rows.push(vec![
             ("proto", json!(proto_name(key.proto))),
-            ("node_binding", json!(format!("{}:{}", ip4_addr(key.dst_addr), port_host(key.dst_port)))),
-            ("backend", json!(format!("{}:{}", ip4_addr(key.src_addr), port_host(key.src_port)))),
-            ("client", json!(format!("{}:{}", ip4_addr(r.dst_addr), port_host(r.dst_port)))),
-            ("frontend", json!(format!("{}:{}", ip4_addr(r.src_addr), port_host(r.src_port)))),
+            ("node_binding", json!(sock(key.dst_addr, key.dst_port))),
+            ("backend", json!(sock(key.src_addr, key.src_port))),
+            ("client", json!(sock(r.dst_addr, r.dst_port))),
+            ("frontend", json!(sock(r.src_addr, r.src_port))),
         ]);
     }
     Ok(rows)

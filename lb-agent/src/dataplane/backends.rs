@@ -2,28 +2,26 @@
 //! it. Ids are handed out densely from 1, so entries and use counts sit in an array indexed by
 //! id, and the index by entry holds only ids, hashed by the entry each names: at 300k backends
 //! that is 4 bytes a slot, not a second copy of every entry.
-use lb_common::Backend4V1;
-
-use super::id_index::IdIndex;
+use super::{id_index::IdIndex, BackendEntry};
 
 #[derive(Debug, Default)]
 pub struct BackendIds {
     /// By id: the entry, and how many frontends use it (0: a free id).
-    users: Vec<(Backend4V1, u32)>,
+    users: Vec<(BackendEntry, u32)>,
     by_entry: IdIndex,
 }
 
 impl BackendIds {
     /// The id `entry` has, if a frontend uses it.
-    pub fn get(&self, entry: &Backend4V1) -> Option<u32> {
+    pub fn get(&self, entry: &BackendEntry) -> Option<u32> {
         self.by_entry.find(entry, |id| &self.users[id as usize].0)
     }
 
     /// One more user of `id`, which names `entry` (a fresh id, or the one `get` gave).
-    pub fn acquire(&mut self, id: u32, entry: Backend4V1) {
+    pub fn acquire(&mut self, id: u32, entry: BackendEntry) {
         let at = id as usize;
         if self.users.len() <= at {
-            self.users.resize(at + 1, (Backend4V1::default(), 0));
+            self.users.resize(at + 1, (BackendEntry::default(), 0));
         }
         let (_, count) = self.users[at];
         self.users[at] = (entry, count + 1);
@@ -44,7 +42,7 @@ impl BackendIds {
     }
 
     /// The entry a used id names.
-    pub fn entry(&self, id: u32) -> Option<Backend4V1> {
+    pub fn entry(&self, id: u32) -> Option<BackendEntry> {
         self.users.get(id as usize).filter(|u| u.1 > 0).map(|(entry, _)| *entry)
     }
 }
@@ -52,9 +50,10 @@ impl BackendIds {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lb_common::Backend4V1;
 
-    fn backend(last: u8) -> Backend4V1 {
-        Backend4V1 { addr: u32::from_be_bytes([10, 0, 0, last]).to_be(), port: 80u16.to_be(), flags: 0, _pad: 0 }
+    fn backend(last: u8) -> BackendEntry {
+        BackendEntry::V4(Backend4V1 { addr: u32::from_be_bytes([10, 0, 0, last]).to_be(), port: 80u16.to_be(), flags: 0, _pad: 0 })
     }
 
     #[test]

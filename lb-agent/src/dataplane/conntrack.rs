@@ -6,7 +6,10 @@ use anyhow::{Context, Result};
 use aya::maps::IterableMap;
 use lb_common::*;
 
-use super::{batch, maps::Maps};
+use super::{
+    batch,
+    maps::{Family, Maps},
+};
 
 /// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_ns() -> u64 {
@@ -24,8 +27,20 @@ pub struct GcStats {
     pub replies_kept: usize,
 }
 
+impl std::ops::Add for GcStats {
+    type Output = Self;
+    fn add(self, o: Self) -> Self {
+        Self {
+            flows_kept: self.flows_kept + o.flows_kept,
+            flows_removed: self.flows_removed + o.flows_removed,
+            orphans_removed: self.orphans_removed + o.orphans_removed,
+            replies_kept: self.replies_kept + o.replies_kept,
+        }
+    }
+}
+
 /// The reply key a conntrack entry's flow created in the reverse-NAT map.
-pub fn reply_key(key: &Ct4KeyV1, entry: &Ct4EntryV1, backend: &Backend4V1) -> Ct4KeyV1 {
+pub fn reply_key<A: MapAddr>(key: &CtKeyV1<A>, entry: &CtEntryV1<A>, backend: &BackendV1<A>) -> CtKeyV1<A> {
     let mut reply = key.reply_from(backend);
     if entry.flags & F_CT_SNAT != 0 {
         reply.dst_addr = entry.nat_addr;
@@ -34,24 +49,27 @@ pub fn reply_key(key: &Ct4KeyV1, entry: &Ct4EntryV1, backend: &Backend4V1) -> Ct
     reply
 }
 
-/// One pass over conntrack and reverse NAT, read and pruned in batches (a handful of system
-/// calls however many flows there are). `backend` gives a backend id's entry (zeroed: gone).
-pub fn gc(maps: &mut Maps, now_ns: u64, backend: impl Fn(u32) -> Backend4V1) -> Result<GcStats> {
+/// One pass over family `A`'s conntrack and reverse NAT, read and pruned in batches (a handful
+/// of system calls however many flows there are). `backend` gives a backend id's entry (none
+/// or zeroed: gone).
+pub fn gc<A: Family>(maps: &mut Maps, now_ns: u64, backend: impl Fn(u32) -> Option<BackendV1<A>>) -> Result<GcStats> {
     let mut stats = GcStats::default();
-    let flows: Vec<(Ct4KeyV1, Ct4EntryV1)> = batch::lookup_all(maps.conntrack.map()).with_context(|| format!("reading {MAP_CONNTRACK}"))?;
-    let replies: HashMap<Ct4KeyV1, RevNat4V1> = batch::lookup_all(maps.reverse_nat.map()).with_context(|| format!("reading {MAP_REVERSE_NAT}"))?.into_iter().collect();
+    let [_, _, ct_name, rnat_name, _, _] = A::MAPS;
+    let family = A::of(maps);
+    let flows: Vec<(CtKeyV1<A>, CtEntryV1<A>)> = batch::lookup_all(family.conntrack.map()).with_context(|| format!("reading {ct_name}"))?;
+    let replies: HashMap<CtKeyV1<A>, RevNatV1<A>> = batch::lookup_all(family.reverse_nat.map()).with_context(|| format!("reading {rnat_name}"))?.into_iter().collect();
     // Reverse-NAT entries that belong to a flow, kept or removed with it.
     let mut owned_replies = HashSet::new();
     let (mut dead_flows, mut dead_replies) = (Vec::new(), Vec::new());
     for (key, entry) in flows {
-        let backend = backend(entry.backend_id);
+        let backend = backend(entry.backend_id).unwrap_or_default();
         let reply = reply_key(&key, &entry, &backend);
         let rnat = replies.get(&reply);
         let reply_flags = rnat.map(|r| r.tcp_flags_seen).unwrap_or(0);
         let last = entry.last_seen_ns.max(rnat.map(|r| r.last_seen_ns).unwrap_or(0));
         let lifetime = ct_lifetime_ns(key.proto, entry.tcp_flags_seen, reply_flags);
         owned_replies.insert(reply);
-        if backend.addr != 0 && now_ns.saturating_sub(last) <= lifetime {
+        if !backend.addr.is_zero() && now_ns.saturating_sub(last) <= lifetime {
             stats.flows_kept += 1;
             continue;
         }
@@ -70,7 +88,7 @@ pub fn gc(maps: &mut Maps, now_ns: u64, backend: impl Fn(u32) -> Backend4V1) -> 
             stats.replies_kept -= 1;
         }
     }
-    batch::delete(maps.conntrack.map(), &dead_flows).with_context(|| format!("pruning {MAP_CONNTRACK}"))?;
-    batch::delete(maps.reverse_nat.map(), &dead_replies).with_context(|| format!("pruning {MAP_REVERSE_NAT}"))?;
+    batch::delete(family.conntrack.map(), &dead_flows).with_context(|| format!("pruning {ct_name}"))?;
+    batch::delete(family.reverse_nat.map(), &dead_replies).with_context(|| format!("pruning {rnat_name}"))?;
     Ok(stats)
 }

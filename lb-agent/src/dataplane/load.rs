@@ -6,7 +6,8 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use aya::{Ebpf, EbpfLoader};
+use aya::{maps::IterableMap, Ebpf, EbpfLoader};
+use lb_common::*;
 
 /// The object lb-ebpf compiles to (see build.rs).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_BPF_OBJECT"));
@@ -57,7 +58,7 @@ fn load_object(pin_dir: &Path, sizes: &MapSizes) -> Result<Ebpf> {
 
 /// Key and value sizes of every map of schema v1, as the kernel reports them, and the
 /// capacity where the schema fixes it (the rest are sized by flags).
-fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 18] {
+fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 25] {
     use lb_common::*;
     use std::mem::size_of;
     [
@@ -79,11 +80,18 @@ fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 18] {
         (MAP_SOCK_CONFIG, 4, size_of::<SockConfigV1>(), None),
         (MAP_SOCK_REVNAT, size_of::<SockRevNat4KeyV1>(), size_of::<SockRevNat4V1>(), None),
         (MAP_SOCK_SKIP, 8, 1, None),
+        (MAP_SERVICES6, size_of::<Service6KeyV1>(), size_of::<ServiceV1>(), None),
+        (MAP_BACKENDS6, 4, size_of::<Backend6V1>(), None),
+        (MAP_CONNTRACK6, size_of::<Ct6KeyV1>(), size_of::<Ct6EntryV1>(), None),
+        (MAP_REVERSE_NAT6, size_of::<Ct6KeyV1>(), size_of::<RevNat6V1>(), None),
+        (MAP_NODE_IPS6, 16, 4, None),
+        (MAP_CONFIG6, 4, size_of::<Config6V1>(), None),
+        (MAP_SOURCE_RANGES6, 4 + size_of::<SourceRange6V1>(), 1, None),
     ]
 }
 
 /// The capacities the flags ask for, of the maps whose size is a flag.
-fn flag_sized(sizes: &MapSizes) -> [(&'static str, u32); 10] {
+fn flag_sized(sizes: &MapSizes) -> [(&'static str, u32); 14] {
     use lb_common::*;
     let flows = sizes.flows.unwrap_or(MAX_FLOWS);
     let services = sizes.services.unwrap_or(MAX_SERVICES);
@@ -91,13 +99,17 @@ fn flag_sized(sizes: &MapSizes) -> [(&'static str, u32); 10] {
     // Services before the Maglev array: its copy keeps the slots the (copied) services use.
     [
         (MAP_SERVICES, services),
+        (MAP_SERVICES6, services),
         (MAP_CONNTRACK, flows),
         (MAP_REVERSE_NAT, flows),
+        (MAP_CONNTRACK6, flows),
+        (MAP_REVERSE_NAT6, flows),
         (MAP_MAGLEV, sizes.maglev_slots.unwrap_or(MAGLEV_SLOTS)),
         (MAP_SERVICE_STATS, services),
         (MAP_SERVICE_NAMES, services),
         (MAP_SERVICE_OPTS, services),
         (MAP_BACKENDS, backends),
+        (MAP_BACKENDS6, backends),
         (MAP_BACKEND_STATS, backends),
         (MAP_AFFINITY_MATCH, backends),
     ]
@@ -136,44 +148,22 @@ fn set_aside_resized_pins(pin_dir: &Path, sizes: &MapSizes) -> Result<Vec<(&'sta
 /// index (a table past the new end is rewritten by the next sync); arrays by id keep the ids
 /// that fit (the agent rewrites what names a lost one); per-CPU counters start again at zero.
 fn copy_entries(ebpf: &mut Ebpf, name: &'static str, from: &Path) -> Result<usize> {
-    use aya::maps::{Array, HashMap, IterableMap, Map, MapData};
-    use lb_common::*;
+    use aya::maps::{Array, HashMap, Map, MapData};
     let old = Map::from_map_data(MapData::from_pin(from)?)?;
-    // The slices programmed services use: the only Maglev slots worth copying.
-    let slices: Vec<(u32, u32)> = match ebpf.map(MAP_SERVICES) {
-        Some(services) if name == MAP_MAGLEV => {
-            let services: HashMap<_, Service4KeyV1, ServiceV1> = services.try_into()?;
-            services.iter().filter_map(|e| e.ok()).map(|(_, svc)| (svc.maglev_offset, svc.maglev_size)).collect()
-        }
-        _ => Vec::new(),
-    };
-    let new = ebpf.map_mut(name).with_context(|| format!("no map {name}"))?;
-    /// Inserts (key, value, last seen) most recent first until the map is full.
-    fn newest_first<K: aya::Pod, V: aya::Pod>(mut entries: Vec<(K, V, u64)>, into: &mut HashMap<&mut MapData, K, V>) -> usize {
-        entries.sort_by_key(|(_, _, seen)| std::cmp::Reverse(*seen));
-        entries.iter().take_while(|(k, v, _)| into.insert(k, v, 0).is_ok()).count()
+    // The slices programmed services of both families use: the only Maglev slots worth copying.
+    let mut slices = Vec::new();
+    if name == MAP_MAGLEV {
+        slices.extend(service_slices::<Addr4>(ebpf, MAP_SERVICES)?);
+        slices.extend(service_slices::<Addr6>(ebpf, MAP_SERVICES6)?);
     }
+    let new = ebpf.map_mut(name).with_context(|| format!("no map {name}"))?;
     Ok(match name {
-        MAP_CONNTRACK => {
-            let old: HashMap<_, Ct4KeyV1, Ct4EntryV1> = old.try_into()?;
-            let entries = old.iter().filter_map(|e| e.ok()).map(|(k, v)| (k, v, v.last_seen_ns)).collect();
-            newest_first(entries, &mut new.try_into()?)
-        }
-        MAP_REVERSE_NAT => {
-            let old: HashMap<_, Ct4KeyV1, RevNat4V1> = old.try_into()?;
-            let entries = old.iter().filter_map(|e| e.ok()).map(|(k, v)| (k, v, v.last_seen_ns)).collect();
-            newest_first(entries, &mut new.try_into()?)
-        }
-        MAP_SERVICES => {
-            let old: HashMap<_, Service4KeyV1, ServiceV1> = old.try_into()?;
-            let capacity = match &*new {
-                Map::HashMap(data) => data.info()?.max_entries(),
-                _ => bail!("{name} is not a hash map"),
-            };
-            let mut new: HashMap<&mut MapData, Service4KeyV1, ServiceV1> = new.try_into()?;
-            let fits: Vec<_> = old.iter().filter_map(|e| e.ok()).filter(|(_, svc)| svc.service_id < capacity).collect();
-            fits.iter().take_while(|(k, v)| new.insert(k, v, 0).is_ok()).count()
-        }
+        MAP_CONNTRACK => copy_flows::<CtEntryV1<Addr4>, Addr4>(old, new, |v| v.last_seen_ns)?,
+        MAP_REVERSE_NAT => copy_flows::<RevNatV1<Addr4>, Addr4>(old, new, |v| v.last_seen_ns)?,
+        MAP_CONNTRACK6 => copy_flows::<CtEntryV1<Addr6>, Addr6>(old, new, |v| v.last_seen_ns)?,
+        MAP_REVERSE_NAT6 => copy_flows::<RevNatV1<Addr6>, Addr6>(old, new, |v| v.last_seen_ns)?,
+        MAP_SERVICES => copy_services::<Addr4>(old, new, name)?,
+        MAP_SERVICES6 => copy_services::<Addr6>(old, new, name)?,
         MAP_AFFINITY_MATCH => {
             let old: HashMap<_, AffinityMatchKeyV1, u8> = old.try_into()?;
             let mut new: HashMap<&mut MapData, AffinityMatchKeyV1, u8> = new.try_into()?;
@@ -181,6 +171,7 @@ fn copy_entries(ebpf: &mut Ebpf, name: &'static str, from: &Path) -> Result<usiz
             keys.iter().take_while(|k| new.insert(*k, &1, 0).is_ok()).count()
         }
         MAP_BACKENDS => copy_by_index::<Backend4V1>(old, new)?,
+        MAP_BACKENDS6 => copy_by_index::<Backend6V1>(old, new)?,
         MAP_SERVICE_NAMES => copy_by_index::<NameV1>(old, new)?,
         MAP_SERVICE_OPTS => copy_by_index::<ServiceOptsV1>(old, new)?,
         MAP_SERVICE_STATS | MAP_BACKEND_STATS => 0,
@@ -198,6 +189,34 @@ fn copy_entries(ebpf: &mut Ebpf, name: &'static str, from: &Path) -> Result<usiz
             copied
         }
     })
+}
+
+/// The Maglev slices the frontends in the loaded map `name` use.
+fn service_slices<A: MapAddr + aya::Pod>(ebpf: &Ebpf, name: &str) -> Result<Vec<(u32, u32)>> {
+    let Some(map) = ebpf.map(name) else { return Ok(Vec::new()) };
+    let services: aya::maps::HashMap<_, ServiceKeyV1<A>, ServiceV1> = map.try_into()?;
+    Ok(services.iter().filter_map(|e| e.ok()).map(|(_, svc)| (svc.maglev_offset, svc.maglev_size)).collect())
+}
+
+/// Copies a conntrack or reverse-NAT map, most recently used first until the new one is full.
+fn copy_flows<V: aya::Pod, A: MapAddr + aya::Pod>(old: aya::maps::Map, new: &mut aya::maps::Map, last_seen: impl Fn(&V) -> u64) -> Result<usize> {
+    let old: aya::maps::HashMap<_, CtKeyV1<A>, V> = old.try_into()?;
+    let mut new: aya::maps::HashMap<&mut aya::maps::MapData, CtKeyV1<A>, V> = new.try_into()?;
+    let mut entries: Vec<(CtKeyV1<A>, V)> = old.iter().filter_map(|e| e.ok()).collect();
+    entries.sort_by_key(|(_, v)| std::cmp::Reverse(last_seen(v)));
+    Ok(entries.iter().take_while(|(k, v)| new.insert(k, v, 0).is_ok()).count())
+}
+
+/// Copies the frontends whose service id fits the new capacity.
+fn copy_services<A: MapAddr + aya::Pod>(old: aya::maps::Map, new: &mut aya::maps::Map, name: &str) -> Result<usize> {
+    let old: aya::maps::HashMap<_, ServiceKeyV1<A>, ServiceV1> = old.try_into()?;
+    let capacity = match &*new {
+        aya::maps::Map::HashMap(data) => data.info()?.max_entries(),
+        _ => bail!("{name} is not a hash map"),
+    };
+    let mut new: aya::maps::HashMap<&mut aya::maps::MapData, ServiceKeyV1<A>, ServiceV1> = new.try_into()?;
+    let fits: Vec<_> = old.iter().filter_map(|e| e.ok()).filter(|(_, svc)| svc.service_id < capacity).collect();
+    Ok(fits.iter().take_while(|(k, v)| new.insert(k, v, 0).is_ok()).count())
 }
 
 /// Copies every index both arrays have.

@@ -1,5 +1,5 @@
 //! Typed handles on the maps of schema v1, from a freshly loaded object or from their pins.
-use std::path::Path;
+use std::{net::IpAddr, path::Path};
 
 use anyhow::{Context, Result};
 use aya::{
@@ -8,24 +8,83 @@ use aya::{
 };
 use lb_common::*;
 
-use super::{batch, slots::SlotWindow};
+use super::{batch, slots::SlotWindow, source_range_key, BackendEntry, FrontendKey};
+
+/// The maps that hold one address family's entries.
+pub struct FamilyMaps<A: MapAddr + aya::Pod> {
+    pub services: HashMap<MapData, ServiceKeyV1<A>, ServiceV1>,
+    pub backends: Array<MapData, BackendV1<A>>,
+    pub conntrack: HashMap<MapData, CtKeyV1<A>, CtEntryV1<A>>,
+    pub reverse_nat: HashMap<MapData, CtKeyV1<A>, RevNatV1<A>>,
+    /// This node's addresses, where NodePorts answer.
+    pub node_ips: HashMap<MapData, A, u32>,
+    pub source_ranges: LpmTrie<MapData, SourceRangeV1<A>, u8>,
+}
+
+/// An address family as user space handles it: its maps, and conversions to and from `IpAddr`.
+pub trait Family: MapAddr + aya::Pod {
+    const NAME: &'static str;
+    /// Map names: services, backends, conntrack, reverse NAT, node addresses, source ranges.
+    const MAPS: [&'static str; 6];
+    fn of(maps: &Maps) -> &FamilyMaps<Self>;
+    fn of_mut(maps: &mut Maps) -> &mut FamilyMaps<Self>;
+    fn from_ip(ip: IpAddr) -> Option<Self>;
+    fn to_ip(self) -> IpAddr;
+}
+
+impl Family for Addr4 {
+    const NAME: &'static str = "IPv4";
+    const MAPS: [&'static str; 6] = [MAP_SERVICES, MAP_BACKENDS, MAP_CONNTRACK, MAP_REVERSE_NAT, MAP_NODE_IPS, MAP_SOURCE_RANGES];
+    fn of(maps: &Maps) -> &FamilyMaps<Self> {
+        &maps.v4
+    }
+    fn of_mut(maps: &mut Maps) -> &mut FamilyMaps<Self> {
+        &mut maps.v4
+    }
+    fn from_ip(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V4(ip) => Some(ip4_raw(ip.octets())),
+            IpAddr::V6(_) => None,
+        }
+    }
+    fn to_ip(self) -> IpAddr {
+        IpAddr::V4(ip4_addr(self))
+    }
+}
+
+impl Family for Addr6 {
+    const NAME: &'static str = "IPv6";
+    const MAPS: [&'static str; 6] = [MAP_SERVICES6, MAP_BACKENDS6, MAP_CONNTRACK6, MAP_REVERSE_NAT6, MAP_NODE_IPS6, MAP_SOURCE_RANGES6];
+    fn of(maps: &Maps) -> &FamilyMaps<Self> {
+        &maps.v6
+    }
+    fn of_mut(maps: &mut Maps) -> &mut FamilyMaps<Self> {
+        &mut maps.v6
+    }
+    fn from_ip(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V6(ip) => Some(ip6_raw(ip.octets())),
+            IpAddr::V4(_) => None,
+        }
+    }
+    fn to_ip(self) -> IpAddr {
+        IpAddr::V6(ip6_addr(self))
+    }
+}
 
 pub struct Maps {
-    pub services: HashMap<MapData, Service4KeyV1, ServiceV1>,
-    pub backends: Array<MapData, Backend4V1>,
+    pub v4: FamilyMaps<Addr4>,
+    pub v6: FamilyMaps<Addr6>,
     pub maglev: Array<MapData, u32>,
-    pub conntrack: HashMap<MapData, Ct4KeyV1, Ct4EntryV1>,
-    pub reverse_nat: HashMap<MapData, Ct4KeyV1, RevNat4V1>,
     pub service_stats: PerCpuArray<MapData, TrafficCountersV1>,
     pub backend_stats: PerCpuArray<MapData, TrafficCountersV1>,
     pub reasons: PerCpuArray<MapData, u64>,
     pub config: Array<MapData, ConfigV1>,
-    pub node_ips: HashMap<MapData, u32, u32>,
+    pub config6: Array<MapData, Config6V1>,
     pub service_names: Array<MapData, NameV1>,
     pub service_opts: Array<MapData, ServiceOptsV1>,
     pub affinity: HashMap<MapData, AffinityKeyV1, AffinityV1>,
     pub affinity_match: HashMap<MapData, AffinityMatchKeyV1, u8>,
-    pub source_ranges: LpmTrie<MapData, SourceRange4V1, u8>,
     pub sock_config: Array<MapData, SockConfigV1>,
     pub sock_revnat: HashMap<MapData, SockRevNat4KeyV1, SockRevNat4V1>,
     pub sock_skip: HashMap<MapData, u64, u8>,
@@ -61,28 +120,119 @@ impl Maps {
             Map::HashMap(data) => data.info()?.max_entries(),
             _ => 0,
         };
+        macro_rules! family {
+            ($names:expr, $conntrack:expr) => {{
+                let [services, backends, conntrack, reverse_nat, node_ips, source_ranges] = $names;
+                FamilyMaps {
+                    services: typed!(services),
+                    backends: typed!(backends),
+                    conntrack: $conntrack.try_into().with_context(|| format!("map {conntrack} has an unexpected type or layout"))?,
+                    reverse_nat: typed!(reverse_nat),
+                    node_ips: typed!(node_ips),
+                    source_ranges: typed!(source_ranges),
+                }
+            }};
+        }
         Ok(Self {
             slot_region: None,
             flow_capacity,
-            services: typed!(MAP_SERVICES),
-            backends: typed!(MAP_BACKENDS),
+            v4: family!(Addr4::MAPS, conntrack),
+            v6: family!(Addr6::MAPS, open(MAP_CONNTRACK6)?),
             maglev: typed!(MAP_MAGLEV),
-            conntrack: conntrack.try_into().with_context(|| format!("map {MAP_CONNTRACK} has an unexpected type or layout"))?,
-            reverse_nat: typed!(MAP_REVERSE_NAT),
             service_stats: typed!(MAP_SERVICE_STATS),
             backend_stats: typed!(MAP_BACKEND_STATS),
             reasons: typed!(MAP_REASONS),
             config: typed!(MAP_CONFIG),
-            node_ips: typed!(MAP_NODE_IPS),
+            config6: typed!(MAP_CONFIG6),
             service_names: typed!(MAP_SERVICE_NAMES),
             service_opts: typed!(MAP_SERVICE_OPTS),
             affinity: typed!(MAP_AFFINITY),
             affinity_match: typed!(MAP_AFFINITY_MATCH),
-            source_ranges: typed!(MAP_SOURCE_RANGES),
             sock_config: typed!(MAP_SOCK_CONFIG),
             sock_revnat: typed!(MAP_SOCK_REVNAT),
             sock_skip: typed!(MAP_SOCK_SKIP),
         })
+    }
+
+    /// Every frontend entry of family `A`.
+    pub fn frontends<A: Family>(&self) -> Result<Vec<(FrontendKey, ServiceV1)>> {
+        let entries = A::of(self).services.iter().map(|e| e.map(|(key, svc)| (FrontendKey::of(&key), svc)));
+        entries.collect::<Result<_, _>>().with_context(|| format!("reading {}", A::MAPS[0]))
+    }
+
+    /// Every frontend entry of both families.
+    pub fn all_frontends(&self) -> Result<Vec<(FrontendKey, ServiceV1)>> {
+        let mut all = self.frontends::<Addr4>()?;
+        all.extend(self.frontends::<Addr6>()?);
+        Ok(all)
+    }
+
+    /// Adds family `A`'s source ranges to `ranges`, by service id.
+    pub fn source_ranges_into<A: Family>(&self, ranges: &mut std::collections::HashMap<u32, Vec<(IpAddr, u8)>>) -> Result<()> {
+        for key in A::of(self).source_ranges.keys() {
+            let key = key.with_context(|| format!("reading {}", A::MAPS[5]))?;
+            let (data, prefix_len) = (key.data(), key.prefix_len());
+            ranges.entry(data.service_id).or_default().push((data.addr.to_ip(), (prefix_len - SourceRangeV1::<A>::SERVICE_BITS) as u8));
+        }
+        Ok(())
+    }
+
+    /// The backend `id` names for a frontend at `frontend_addr` (its family's array).
+    pub fn backend(&self, frontend_addr: &IpAddr, id: u32) -> Result<BackendEntry> {
+        Ok(match frontend_addr {
+            IpAddr::V4(_) => BackendEntry::V4(self.v4.backends.get(&id, 0)?),
+            IpAddr::V6(_) => BackendEntry::V6(self.v6.backends.get(&id, 0)?),
+        })
+    }
+
+    /// The backend `id` names, in whichever family's array holds it (ids are one space).
+    pub fn backend_by_id(&self, id: u32) -> Option<BackendEntry> {
+        match (self.v4.backends.get(&id, 0), self.v6.backends.get(&id, 0)) {
+            (Ok(b), _) if !b.addr.is_zero() => Some(BackendEntry::V4(b)),
+            (_, Ok(b)) if !b.addr.is_zero() => Some(BackendEntry::V6(b)),
+            _ => None,
+        }
+    }
+
+    pub fn set_backend(&mut self, id: u32, entry: &BackendEntry) -> Result<()> {
+        match entry {
+            BackendEntry::V4(b) => self.v4.backends.set(id, b, 0)?,
+            BackendEntry::V6(b) => self.v6.backends.set(id, b, 0)?,
+        }
+        Ok(())
+    }
+
+    pub fn insert_frontend(&mut self, key: &FrontendKey, entry: &ServiceV1) -> Result<()> {
+        match (key.entry::<Addr4>(), key.entry::<Addr6>()) {
+            (Some(k), _) => self.v4.services.insert(&k, entry, 0).with_context(|| format!("writing {MAP_SERVICES}")),
+            (_, Some(k)) => self.v6.services.insert(&k, entry, 0).with_context(|| format!("writing {MAP_SERVICES6}")),
+            _ => unreachable!("an address is of one family"),
+        }
+    }
+
+    pub fn remove_frontend(&mut self, key: &FrontendKey) -> Result<()> {
+        match (key.entry::<Addr4>(), key.entry::<Addr6>()) {
+            (Some(k), _) => self.v4.services.remove(&k)?,
+            (_, Some(k)) => self.v6.services.remove(&k)?,
+            _ => unreachable!("an address is of one family"),
+        }
+        Ok(())
+    }
+
+    /// Lets clients in `addr`/`len` through the source ranges of frontend `service_id`.
+    pub fn insert_source_range(&mut self, service_id: u32, addr: IpAddr, len: u8) -> Result<()> {
+        match addr {
+            IpAddr::V4(a) => self.v4.source_ranges.insert(&source_range_key(service_id, ip4_raw(a.octets()), len), &1, 0).with_context(|| format!("writing {MAP_SOURCE_RANGES}")),
+            IpAddr::V6(a) => self.v6.source_ranges.insert(&source_range_key(service_id, ip6_raw(a.octets()), len), &1, 0).with_context(|| format!("writing {MAP_SOURCE_RANGES6}")),
+        }
+    }
+
+    pub fn remove_source_range(&mut self, service_id: u32, addr: IpAddr, len: u8) -> Result<()> {
+        match addr {
+            IpAddr::V4(a) => self.v4.source_ranges.remove(&source_range_key(service_id, ip4_raw(a.octets()), len))?,
+            IpAddr::V6(a) => self.v6.source_ranges.remove(&source_range_key(service_id, ip6_raw(a.octets()), len))?,
+        }
+        Ok(())
     }
 
     /// Per-reason packet counts, summed over CPUs.

@@ -26,7 +26,7 @@ mod tables;
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
 
@@ -37,17 +37,120 @@ use maglev::Maglev;
 
 use self::{
     backends::BackendIds,
-    maps::{zero_counters, Maps},
+    maps::{zero_counters, Family, Maps},
     tables::{TableKey, Tables},
 };
 
 /// Ends the name of a frontend's `SCOPE_LOCAL` view (externalTrafficPolicy: Local).
 pub const LOCAL_VIEW_SUFFIX: &str = " [local]";
 
+/// A frontend of either family: address (unspecified for a NodePort, which answers on every
+/// node address of its family), port (raw, wire order), protocol and scope (`SCOPE_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub proto: u8,
+    pub scope: u8,
+}
+
+impl Default for FrontendKey {
+    fn default() -> Self {
+        Self { addr: Ipv4Addr::UNSPECIFIED.into(), port: 0, proto: 0, scope: SCOPE_CLUSTER }
+    }
+}
+
+impl FrontendKey {
+    /// The map key in family `A`'s frontend map, when the frontend is of that family.
+    pub fn entry<A: Family>(&self) -> Option<ServiceKeyV1<A>> {
+        A::from_ip(self.addr).map(|addr| ServiceKeyV1 { addr, port: self.port, proto: self.proto, scope: self.scope })
+    }
+
+    pub fn of<A: Family>(key: &ServiceKeyV1<A>) -> Self {
+        Self { addr: key.addr.to_ip(), port: key.port, proto: key.proto, scope: key.scope }
+    }
+
+    /// A NodePort: it answers on every node address of its family.
+    pub fn is_node_port(&self) -> bool {
+        self.addr.is_unspecified()
+    }
+}
+
+/// `10.96.0.10:80`, `[fd00::10]:80`; a NodePort `*:30080` or `[*]:30080`.
+impl std::fmt::Display for FrontendKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let port = port_host(self.port);
+        match self.addr {
+            IpAddr::V4(_) if self.is_node_port() => write!(f, "*:{port}"),
+            IpAddr::V6(_) if self.is_node_port() => write!(f, "[*]:{port}"),
+            addr => write!(f, "{}", std::net::SocketAddr::new(addr, port)),
+        }
+    }
+}
+
+impl From<Service4KeyV1> for FrontendKey {
+    fn from(key: Service4KeyV1) -> Self {
+        Self::of(&key)
+    }
+}
+
+impl From<Service6KeyV1> for FrontendKey {
+    fn from(key: Service6KeyV1) -> Self {
+        Self::of(&key)
+    }
+}
+
+/// A backend entry of either family, as `LB4_BE_V1` or `LB6_BE_V1` holds it (one id space).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BackendEntry {
+    V4(Backend4V1),
+    V6(Backend6V1),
+}
+
+impl Default for BackendEntry {
+    fn default() -> Self {
+        Self::V4(Backend4V1::default())
+    }
+}
+
+impl BackendEntry {
+    pub fn addr(&self) -> IpAddr {
+        match self {
+            Self::V4(b) => b.addr.to_ip(),
+            Self::V6(b) => b.addr.to_ip(),
+        }
+    }
+
+    /// The port, host order.
+    pub fn port(&self) -> u16 {
+        port_host(match self {
+            Self::V4(b) => b.port,
+            Self::V6(b) => b.port,
+        })
+    }
+
+    /// The zeroed entry of the same family: what a freed id holds.
+    pub fn cleared(entry: Self) -> Self {
+        match entry {
+            Self::V4(_) => Self::V4(Backend4V1::default()),
+            Self::V6(_) => Self::V6(Backend6V1::default()),
+        }
+    }
+
+    /// The entry as family `A`'s backend array holds it, when it is of that family.
+    pub fn of_family<A: Family>(&self) -> Option<BackendV1<A>> {
+        let (addr, port, flags) = match self {
+            Self::V4(b) => (b.addr.to_ip(), b.port, b.flags),
+            Self::V6(b) => (b.addr.to_ip(), b.port, b.flags),
+        };
+        A::from_ip(addr).map(|addr| BackendV1 { addr, port, flags, _pad: 0 })
+    }
+}
+
 /// One frontend as the control plane wants it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Frontend {
-    pub key: Service4KeyV1,
+    pub key: FrontendKey,
     /// `KIND_*`.
     pub kind: u8,
     /// `namespace/name:port/PROTO`, for lbctl and metrics (shared by the frontends of a port).
@@ -62,9 +165,10 @@ pub struct Frontend {
     pub ext_local: bool,
     /// sessionAffinity: ClientIP, with its timeout in seconds.
     pub affinity_timeout_s: Option<u32>,
-    /// loadBalancerSourceRanges, as (network, prefix length): `None` lets every client in,
-    /// `Some` only clients inside one of its ranges (none, when it is empty).
-    pub source_ranges: Option<Vec<(Ipv4Addr, u8)>>,
+    /// loadBalancerSourceRanges, as (network, prefix length), of both families: `None` lets
+    /// every client in, `Some` only clients inside one of its ranges of the frontend's family
+    /// (none, when it has none of that family).
+    pub source_ranges: Option<Vec<(IpAddr, u8)>>,
 }
 
 impl Frontend {
@@ -89,15 +193,19 @@ pub type Backends = Arc<[BackendSpec]>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendSpec {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub local: bool,
     pub weight: u32,
 }
 
 impl BackendSpec {
-    fn entry(&self) -> Backend4V1 {
-        Backend4V1 { addr: ip4_raw(self.addr.octets()), port: port_raw(self.port), flags: if self.local { F_BACKEND_LOCAL } else { 0 }, _pad: 0 }
+    fn entry(&self) -> BackendEntry {
+        let (port, flags) = (port_raw(self.port), if self.local { F_BACKEND_LOCAL } else { 0 });
+        match self.addr {
+            IpAddr::V4(addr) => BackendEntry::V4(BackendV1 { addr: ip4_raw(addr.octets()), port, flags, _pad: 0 }),
+            IpAddr::V6(addr) => BackendEntry::V6(BackendV1 { addr: ip6_raw(addr.octets()), port, flags, _pad: 0 }),
+        }
     }
 }
 
@@ -118,12 +226,12 @@ struct Programmed {
 struct ProgrammedPolicy {
     /// Backends it lets affinity use (`LB_AFF_MATCH_V1`).
     affinity_ids: Box<[u32]>,
-    /// Its entries in `LB4_SRCRANGE_V1`.
-    source_ranges: Box<[(u32, u8)]>,
+    /// Its entries in its family's source-range map.
+    source_ranges: Box<[(IpAddr, u8)]>,
 }
 
 impl Programmed {
-    fn new(frontend: Arc<Frontend>, entry: ServiceV1, backend_ids: Vec<u32>, affinity_ids: Vec<u32>, source_ranges: Vec<(u32, u8)>) -> Self {
+    fn new(frontend: Arc<Frontend>, entry: ServiceV1, backend_ids: Vec<u32>, affinity_ids: Vec<u32>, source_ranges: Vec<(IpAddr, u8)>) -> Self {
         let policy = (!affinity_ids.is_empty() || !source_ranges.is_empty()).then(|| Box::new(ProgrammedPolicy { affinity_ids: affinity_ids.into(), source_ranges: source_ranges.into() }));
         Self { frontend, entry, backend_ids: backend_ids.into(), policy }
     }
@@ -132,7 +240,7 @@ impl Programmed {
         self.policy.as_ref().map_or(&[], |p| &p.affinity_ids)
     }
 
-    fn source_ranges(&self) -> &[(u32, u8)] {
+    fn source_ranges(&self) -> &[(IpAddr, u8)] {
         self.policy.as_ref().map_or(&[], |p| &p.source_ranges)
     }
 }
@@ -155,7 +263,7 @@ pub struct Dataplane {
     min_table_size: u32,
     tables: Tables,
     /// Boxed: a table of 130k frontends has 256k buckets, half of them empty.
-    services: HashMap<Service4KeyV1, Box<Programmed>>,
+    services: HashMap<FrontendKey, Box<Programmed>>,
     backend_ids: BackendIds,
     free_backend_ids: Vec<u32>,
     next_backend_id: u32,
@@ -196,9 +304,9 @@ where
     Ok(())
 }
 
-/// The LPM key of one CIDR (`addr`/`len`, raw address) of a frontend's source ranges.
-fn source_range_key(service_id: u32, addr: u32, len: u8) -> LpmKey<SourceRange4V1> {
-    LpmKey::new(SourceRange4V1::SERVICE_BITS + len as u32, SourceRange4V1::new(service_id, addr))
+/// The LPM key of one CIDR (`addr`/`len`) of a frontend's source ranges, in the map of its family.
+pub(crate) fn source_range_key<A: Family>(service_id: u32, addr: A, len: u8) -> LpmKey<SourceRangeV1<A>> {
+    LpmKey::new(SourceRangeV1::<A>::SERVICE_BITS + len as u32, SourceRangeV1::new(service_id, addr))
 }
 
 impl Dataplane {
@@ -227,18 +335,16 @@ impl Dataplane {
     /// (new slice, flip, free) and removes what is stale. Returns the frontends adopted.
     /// `counters_pinned`: the counter maps were an earlier agent's (not created by this load).
     pub fn adopt(&mut self, counters_pinned: bool) -> Result<usize> {
-        let entries: Vec<(Service4KeyV1, ServiceV1)> = self.maps.services.iter().collect::<Result<_, _>>().context("reading LB4_SVC_V1")?;
+        let mut entries = self.maps.frontends::<Addr4>()?;
+        entries.extend(self.maps.frontends::<Addr6>()?);
         let mut affinity_ids: HashMap<u32, Vec<u32>> = HashMap::new();
         for key in self.maps.affinity_match.keys() {
             let key = key.context("reading LB_AFF_MATCH_V1")?;
             affinity_ids.entry(key.service_id).or_default().push(key.backend_id);
         }
-        let mut ranges: HashMap<u32, Vec<(u32, u8)>> = HashMap::new();
-        for key in self.maps.source_ranges.keys() {
-            let key = key.context("reading LB4_SRCRANGE_V1")?;
-            let (data, prefix_len) = (key.data(), key.prefix_len());
-            ranges.entry(data.service_id).or_default().push((data.addr, (prefix_len - SourceRange4V1::SERVICE_BITS) as u8));
-        }
+        let mut ranges: HashMap<u32, Vec<(IpAddr, u8)>> = HashMap::new();
+        self.maps.source_ranges_into::<Addr4>(&mut ranges)?;
+        self.maps.source_ranges_into::<Addr6>(&mut ranges)?;
         let mut max_service_id = None;
         for (key, entry) in &entries {
             let mut entry = *entry;
@@ -259,7 +365,7 @@ impl Dataplane {
             }
             // Draining backends are in no slot; they are found again by the next apply.
             for id in &ids {
-                self.backend_ids.acquire(*id, self.maps.backends.get(id, 0)?);
+                self.backend_ids.acquire(*id, self.maps.backend(&key.addr, *id)?);
                 self.next_backend_id = self.next_backend_id.max(id + 1);
             }
             let name = self.maps.service_names.get(&entry.service_id, 0).map(|n| n.as_str().to_string()).unwrap_or_default();
@@ -283,8 +389,10 @@ impl Dataplane {
 
     /// Ends this namespace's connected UDP sockets that the socket hooks sent from a frontend
     /// to a backend it no longer has (`removed`: frontend, backend address, port). Returns how many.
-    pub fn end_udp_sockets_to(&self, removed: &[(Service4KeyV1, Ipv4Addr, u16)]) -> Result<usize> {
-        let removed: Vec<(Service4KeyV1, u32, u16)> = removed.iter().map(|(key, a, p)| (*key, ip4_raw(a.octets()), port_raw(*p))).collect();
+    pub fn end_udp_sockets_to(&self, removed: &[(FrontendKey, IpAddr, u16)]) -> Result<usize> {
+        // The socket hooks translate IPv4 sockets only.
+        let removed: Vec<(Service4KeyV1, u32, u16)> =
+            removed.iter().filter_map(|(key, a, p)| Some((key.entry::<Addr4>()?, Addr4::from_ip(*a)?, port_raw(*p)))).collect();
         let backends: Vec<(u32, u16)> = removed.iter().map(|(_, addr, port)| (*addr, *port)).collect();
         sockets::destroy_udp_sockets_to(&backends, |cookie, (addr, port)| {
             let key = SockRevNat4KeyV1 { cookie, backend_addr: addr, backend_port: port, proto: IPPROTO_UDP, _pad: 0 };
@@ -308,10 +416,21 @@ impl Dataplane {
         self.maps.config.set(0, &config, 0).context("writing LB_CONFIG_V1")
     }
 
-    /// Replaces the set of node addresses where NodePorts answer.
-    pub fn set_node_ips(&mut self, ips: &[(Ipv4Addr, u32)]) -> Result<()> {
-        let wanted = ips.iter().map(|(ip, ifindex)| (ip4_raw(ip.octets()), *ifindex)).collect();
-        hold_exactly(&mut self.maps.node_ips, wanted).with_context(|| format!("writing {MAP_NODE_IPS}"))
+    /// The source address of IPv6 flows SNATed to remote backends (none: they are dropped).
+    pub fn set_snat6(&mut self, addr: Option<Ipv6Addr>) -> Result<()> {
+        let config = Config6V1 { snat_addr: addr.map_or([0; 4], |a| ip6_raw(a.octets())) };
+        self.maps.config6.set(0, &config, 0).with_context(|| format!("writing {MAP_CONFIG6}"))
+    }
+
+    /// Replaces the set of node addresses (of both families) where NodePorts answer.
+    pub fn set_node_ips(&mut self, ips: &[(IpAddr, u32)]) -> Result<()> {
+        self.set_family_node_ips::<Addr4>(ips)?;
+        self.set_family_node_ips::<Addr6>(ips)
+    }
+
+    fn set_family_node_ips<A: Family>(&mut self, ips: &[(IpAddr, u32)]) -> Result<()> {
+        let wanted = ips.iter().filter_map(|(ip, ifindex)| Some((A::from_ip(*ip)?, *ifindex))).collect();
+        hold_exactly(&mut A::of_mut(&mut self.maps).node_ips, wanted).with_context(|| format!("writing {}", A::MAPS[4]))
     }
 
     /// The table size for a service with `n` backends: at least 50 slots each, so that no
@@ -336,7 +455,7 @@ impl Dataplane {
     /// [`Dataplane::apply`] of frontends the caller shares.
     pub fn apply_shared(&mut self, desired: &[Arc<Frontend>]) -> Result<ApplyStats> {
         let mut duplicates = Vec::new();
-        let mut wanted: BTreeMap<Service4KeyV1, &Arc<Frontend>> = BTreeMap::new();
+        let mut wanted: BTreeMap<FrontendKey, &Arc<Frontend>> = BTreeMap::new();
         for f in desired {
             if let Some(first) = wanted.get(&f.key) {
                 // The control plane resolves claims before this; never let one stop the rest.
@@ -345,7 +464,7 @@ impl Dataplane {
             }
             wanted.insert(f.key, f);
         }
-        let stale: Vec<Service4KeyV1> = self.services.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
+        let stale: Vec<FrontendKey> = self.services.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
         let upserts: Vec<Arc<Frontend>> = wanted.into_values().cloned().collect();
         let mut stats = self.apply_changes(&stale, &upserts)?;
         stats.failed.extend(duplicates);
@@ -355,7 +474,7 @@ impl Dataplane {
     /// Removes the frontends `removed`, then writes `upserts` (those equal to what is
     /// programmed are left alone): what an incremental sync changed, at a cost that does not
     /// grow with the frontends left untouched.
-    pub fn apply_changes(&mut self, removed: &[Service4KeyV1], upserts: &[Arc<Frontend>]) -> Result<ApplyStats> {
+    pub fn apply_changes(&mut self, removed: &[FrontendKey], upserts: &[Arc<Frontend>]) -> Result<ApplyStats> {
         let mut stats = ApplyStats::default();
         // Cluster-scope entries go before the local-scope entries they point outside clients to.
         let cluster_first = removed.iter().filter(|k| k.scope != SCOPE_LOCAL).chain(removed.iter().filter(|k| k.scope == SCOPE_LOCAL));
@@ -432,7 +551,8 @@ impl Dataplane {
             }
         };
         let affinity_ids = if frontend.affinity_timeout_s.is_some() { selectable.clone() } else { Vec::new() };
-        let source_ranges: Vec<(u32, u8)> = frontend.source_ranges.iter().flatten().map(|(net, len)| (ip4_raw(net.octets()), *len)).collect();
+        // Only the ranges of the frontend's own family: its clients are of that family.
+        let source_ranges: Vec<(IpAddr, u8)> = frontend.source_ranges.iter().flatten().filter(|(net, _)| net.is_ipv4() == frontend.key.addr.is_ipv4()).copied().collect();
         if let Err(e) = self.write_policy(service_id, frontend, &affinity_ids, &source_ranges) {
             if maglev_size > 0 {
                 self.tables.release(maglev_offset);
@@ -453,7 +573,7 @@ impl Dataplane {
             kind: frontend.kind,
             flags: frontend.flags(),
         };
-        self.maps.services.insert(&frontend.key, &entry, 0).with_context(|| format!("writing service {} to {MAP_SERVICES}", frontend.name))?;
+        self.maps.insert_frontend(&frontend.key, &entry).with_context(|| format!("writing service {}", frontend.name))?;
 
         // 4. Free what the old state used: its table, its backends, the affinity it allowed to
         //    backends it no longer has (affinity to them ends now), its old ranges.
@@ -469,9 +589,9 @@ impl Dataplane {
         Ok(())
     }
 
-    fn remove(&mut self, key: &Service4KeyV1) -> Result<()> {
+    fn remove(&mut self, key: &FrontendKey) -> Result<()> {
         let Some(old) = self.services.remove(key) else { return Ok(()) };
-        self.maps.services.remove(key).with_context(|| format!("removing service {}", old.frontend.name))?;
+        self.maps.remove_frontend(key).with_context(|| format!("removing service {}", old.frontend.name))?;
         if old.entry.maglev_size > 0 {
             self.tables.release(old.entry.maglev_offset);
         }
@@ -483,7 +603,7 @@ impl Dataplane {
 
     /// Writes what the frontend's flags will point at: its affinity timeout and the backends
     /// affinity may use, and its source ranges. Entries already there are rewritten as they are.
-    fn write_policy(&mut self, service_id: u32, frontend: &Frontend, affinity_ids: &[u32], source_ranges: &[(u32, u8)]) -> Result<()> {
+    fn write_policy(&mut self, service_id: u32, frontend: &Frontend, affinity_ids: &[u32], source_ranges: &[(IpAddr, u8)]) -> Result<()> {
         if let Some(timeout) = frontend.affinity_timeout_s {
             self.maps.service_opts.set(service_id, &ServiceOptsV1 { affinity_timeout_s: timeout, _pad: 0 }, 0).with_context(|| format!("writing {MAP_SERVICE_OPTS}"))?;
         }
@@ -491,18 +611,18 @@ impl Dataplane {
             self.maps.affinity_match.insert(&AffinityMatchKeyV1 { backend_id, service_id }, &1, 0).with_context(|| format!("writing {MAP_AFFINITY_MATCH}"))?;
         }
         for &(addr, len) in source_ranges {
-            self.maps.source_ranges.insert(&source_range_key(service_id, addr, len), &1, 0).with_context(|| format!("writing {MAP_SOURCE_RANGES}"))?;
+            self.maps.insert_source_range(service_id, addr, len)?;
         }
         Ok(())
     }
 
     /// Removes the affinity matches and source ranges in `old_*` that are not in `keep_*`.
-    fn remove_policy(&mut self, service_id: u32, old_affinity: &[u32], old_ranges: &[(u32, u8)], keep_affinity: &[u32], keep_ranges: &[(u32, u8)]) {
+    fn remove_policy(&mut self, service_id: u32, old_affinity: &[u32], old_ranges: &[(IpAddr, u8)], keep_affinity: &[u32], keep_ranges: &[(IpAddr, u8)]) {
         for &backend_id in old_affinity.iter().filter(|id| !keep_affinity.contains(id)) {
             let _ = self.maps.affinity_match.remove(&AffinityMatchKeyV1 { backend_id, service_id });
         }
         for &(addr, len) in old_ranges.iter().filter(|r| !keep_ranges.contains(r)) {
-            let _ = self.maps.source_ranges.remove(&source_range_key(service_id, addr, len));
+            let _ = self.maps.remove_source_range(service_id, addr, len);
         }
     }
 
@@ -540,28 +660,30 @@ impl Dataplane {
         }
     }
 
-    fn acquire_backend(&mut self, entry: Backend4V1) -> Result<u32> {
+    fn acquire_backend(&mut self, entry: BackendEntry) -> Result<u32> {
         if let Some(id) = self.backend_ids.get(&entry) {
             self.backend_ids.acquire(id, entry);
             return Ok(id);
         }
-        let capacity = self.maps.backends.len();
+        // Both families' arrays have this capacity (ids are one space).
+        let capacity = self.maps.v4.backends.len();
         let Some((id, reused)) = take_id(&mut self.free_backend_ids, &mut self.next_backend_id, capacity) else {
             bail!("{MAP_BACKENDS} is full ({} backends)", capacity - 1);
         };
         if reused || !self.fresh_ids_zeroed {
             self.maps.backend_stats.set(id, zero_counters()?, 0)?;
         }
-        self.maps.backends.set(id, &entry, 0).context("writing a backend")?;
+        self.maps.set_backend(id, &entry).context("writing a backend")?;
         self.backend_ids.acquire(id, entry);
         Ok(id)
     }
 
     fn release_backends(&mut self, ids: &[u32]) -> Result<()> {
         for id in ids {
+            let entry = self.backend_ids.entry(*id);
             if self.backend_ids.release(*id) {
                 // A zeroed entry reads as "gone": flows pinned to it re-select (see lb.rs).
-                self.maps.backends.set(*id, &Backend4V1::default(), 0)?;
+                self.maps.set_backend(*id, &BackendEntry::cleared(entry.unwrap_or_default()))?;
                 self.free_backend_ids.push(*id);
             }
         }
@@ -581,14 +703,16 @@ impl Dataplane {
     }
 
     /// Programmed frontends: key, display name, entry.
-    pub fn frontends(&self) -> impl Iterator<Item = (&Service4KeyV1, &str, &ServiceV1)> {
+    pub fn frontends(&self) -> impl Iterator<Item = (&FrontendKey, &str, &ServiceV1)> {
         self.services.iter().map(|(k, p)| (k, &*p.frontend.name, &p.entry))
     }
 
     /// Collects expired flows; backends are known from what is programmed, not read back.
     pub fn collect_conntrack(&mut self, now_ns: u64) -> Result<conntrack::GcStats> {
         let ids = &self.backend_ids;
-        conntrack::gc(&mut self.maps, now_ns, |id| ids.entry(id).unwrap_or_default())
+        let v4 = conntrack::gc::<Addr4>(&mut self.maps, now_ns, |id| ids.entry(id).and_then(|e| e.of_family()))?;
+        let v6 = conntrack::gc::<Addr6>(&mut self.maps, now_ns, |id| ids.entry(id).and_then(|e| e.of_family()))?;
+        Ok(v4 + v6)
     }
 
     /// How many frontends are programmed.
@@ -612,7 +736,7 @@ impl Dataplane {
     }
 
     /// The service entry programmed for `key`.
-    pub fn service(&self, key: &Service4KeyV1) -> Option<ServiceV1> {
+    pub fn service(&self, key: &FrontendKey) -> Option<ServiceV1> {
         self.services.get(key).map(|p| p.entry)
     }
 }

@@ -24,7 +24,7 @@ pub type Backend4V1 = BackendV1<Addr4>;
 pub type Backend6V1 = BackendV1<Addr6>;
 
 #[cfg(feature = "user")]
-super::impl_pod!(Backend4V1, Backend6V1);
+super::impl_pod!(generic BackendV1);
 
 #[cfg(test)]
 mod layout {

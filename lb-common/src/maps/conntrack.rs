@@ -86,7 +86,7 @@ pub type RevNat4V1 = RevNatV1<Addr4>;
 pub type RevNat6V1 = RevNatV1<Addr6>;
 
 #[cfg(feature = "user")]
-super::impl_pod!(Ct4KeyV1, Ct6KeyV1, Ct4EntryV1, Ct6EntryV1, RevNat4V1, RevNat6V1);
+super::impl_pod!(generic CtKeyV1, CtEntryV1, RevNatV1);
 
 #[cfg(test)]
 mod layout {

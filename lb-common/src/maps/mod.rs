@@ -62,6 +62,10 @@ pub const ALL_MAPS: [&str; 25] = [
 /// Marks map types as plain old data for aya (user space only).
 #[cfg(feature = "user")]
 macro_rules! impl_pod {
+    (generic $($ty:ident),* $(,)?) => {
+        // SAFETY: as below, for either address family (both are plain words).
+        $( unsafe impl<A: super::MapAddr + aya::Pod> aya::Pod for $ty<A> {} )*
+    };
     ($($ty:ty),* $(,)?) => {
         // SAFETY: every map type is repr(C) with explicit padding and no invalid bit patterns.
         $( unsafe impl aya::Pod for $ty {} )*

@@ -88,7 +88,9 @@ impl NameV1 {
 }
 
 #[cfg(feature = "user")]
-super::impl_pod!(Service4KeyV1, Service6KeyV1, ServiceV1, ServiceOptsV1, NameV1);
+super::impl_pod!(ServiceV1, ServiceOptsV1, NameV1);
+#[cfg(feature = "user")]
+super::impl_pod!(generic ServiceKeyV1);
 
 #[cfg(test)]
 mod layout {

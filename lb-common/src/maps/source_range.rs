@@ -31,7 +31,7 @@ impl<A: MapAddr> SourceRangeV1<A> {
 }
 
 #[cfg(feature = "user")]
-super::impl_pod!(SourceRange4V1, SourceRange6V1);
+super::impl_pod!(generic SourceRangeV1);
 
 #[cfg(test)]
 mod layout {
