@@ -127,6 +127,16 @@ fn packet_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String, s
         }
         writeln!(md, " {:.2} |", of(*cfg.sizes.last().unwrap()).ns.median / of(cfg.sizes[0]).ns.median)?;
     }
+    // Each IPv6 path beside its IPv4 twin, measured in the same run.
+    writeln!(md, "\nIPv6 / IPv4, same run:\n\n| path |{}\n|---|{}", cfg.sizes.iter().map(|n| format!(" {n} services |")).collect::<String>(), "---|".repeat(cfg.sizes.len()))?;
+    for p in paths.iter().filter_map(|p| p.strip_prefix("IPv6 ")) {
+        write!(md, "| {p} |")?;
+        for n in &cfg.sizes {
+            let of = |path: &str| rows.iter().find(|r| r.path == path && r.services == *n).unwrap().ns.median;
+            write!(md, " {:.2} |", of(&format!("IPv6 {p}")) / of(p))?;
+        }
+        writeln!(md)?;
+    }
     let series: Vec<(String, Vec<(usize, Summary)>)> = paths.iter().map(|p| (p.to_string(), rows.iter().filter(|r| r.path == *p).map(|r| (r.services, r.ns)).collect())).collect();
     plot::lines(&args.out.join("packet_cost.png"), "Per-packet cost vs configured services", "ns per packet", &series, false)?;
     writeln!(md, "\n![per-packet cost](packet_cost.png)")?;

@@ -9,7 +9,7 @@
 //! - `single`: a ct miss needs a new flow per run, so each run is `repeat = 1` on a distinct
 //!   packet; the kernel-reported time of one run, minus the median single run of the XDP_PASS
 //!   floor measured the same way.
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use anyhow::Result;
 use lb_agent::dataplane::{load::MapSizes, BackendSpec, Frontend, FrontendKey};
@@ -42,19 +42,33 @@ const VIP_LOCAL: [u8; 4] = [10, 96, 0, 5];
 const VIP_AFFINITY: [u8; 4] = [10, 96, 0, 6];
 const MISS_BACKENDS: [([u8; 4], u16); 3] = [([10, 244, 1, 11], 8080), ([10, 244, 1, 12], 8080), ([10, 244, 1, 13], 8080)];
 
-/// An Ethernet/IPv4/TCP SYN.
-fn syn(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+/// IPv6 twins of the measured frontends, clients and backends.
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
+const VIP6_A: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 1);
+const VIP6_B: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 2);
+const VIP6_MISS: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 3);
+const NOT_A_SERVICE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x1, 0, 0, 0, 0, 0, 1);
+
+/// An Ethernet/IP/TCP SYN of either family.
+fn syn(src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u16) -> Vec<u8> {
+    let builder = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+    let ip = match (src.into(), dst.into()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => builder.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => builder.ipv6(s.octets(), d.octets(), 64),
+        _ => panic!("a packet has one family"),
+    };
     let mut out = Vec::new();
-    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src, dst, 64).tcp(sport, dport, 1, 64240).syn().write(&mut out, &[]).expect("a SYN fits a Vec");
+    ip.tcp(sport, dport, 1, 64240).syn().write(&mut out, &[]).expect("a SYN fits a Vec");
     out
 }
 
-fn frontend(vip: [u8; 4], backends: &[([u8; 4], u16)]) -> Frontend {
+fn frontend(vip: impl Into<IpAddr>, backends: &[(impl Into<IpAddr> + Copy, u16)]) -> Frontend {
+    let vip = vip.into();
     Frontend {
-        key: Service4KeyV1 { addr: ip4_raw(vip), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER }.into(),
+        key: FrontendKey { addr: vip, port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER },
         kind: KIND_CLUSTER_IP,
-        name: format!("bench/{}", Ipv4Addr::from(vip)).into(),
-        backends: backends.iter().map(|(a, p)| BackendSpec { addr: std::net::IpAddr::from(*a), port: *p, local: true, weight: 1 }).collect(),
+        name: format!("bench/{vip}").into(),
+        backends: backends.iter().map(|(a, p)| BackendSpec { addr: (*a).into(), port: *p, local: true, weight: 1 }).collect(),
         ..Frontend::default()
     }
 }
@@ -64,11 +78,14 @@ fn frontend(vip: [u8; 4], backends: &[([u8; 4], u16)]) -> Frontend {
 /// many keys the service map holds).
 fn testbed(n: usize, flows: u32) -> Result<Testbed> {
     let mut tb = Testbed::new(&MapSizes { flows: Some(flows), ..Default::default() })?;
-    let local_scope = frontend(VIP_LOCAL, &[]);
+    let local_scope = frontend(VIP_LOCAL, &[] as &[([u8; 4], u16)]);
     let measured = [
         frontend(VIP_A, &[(VIP_B, 80)]),
         frontend(VIP_B, &[(VIP_A, 80)]),
         frontend(VIP_MISS, &MISS_BACKENDS),
+        frontend(VIP6_A, &[(VIP6_B, 80)]),
+        frontend(VIP6_B, &[(VIP6_A, 80)]),
+        frontend(VIP6_MISS, &MISS_BACKENDS.map(|(a, p)| (Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, a[3] as u16), p))),
         // Clients outside 203.0.113.0/24 are dropped.
         Frontend { source_ranges: Some(vec![([203, 0, 113, 0].into(), 24)]), ..frontend(VIP_RANGED, &MISS_BACKENDS) },
         // externalTrafficPolicy: Local on a node without local endpoints.
@@ -77,10 +94,16 @@ fn testbed(n: usize, flows: u32) -> Result<Testbed> {
         Frontend { affinity_timeout_s: Some(10_800), ..frontend(VIP_AFFINITY, &MISS_BACKENDS) },
     ];
     tb.dataplane.apply(&measured)?;
+    // Each family's frontend map holds `n` entries.
     let shared = tb.dataplane.service(&measured[2].key).expect("programmed");
-    for i in 0..n.saturating_sub(measured.len()) {
+    for i in 0..n.saturating_sub(7) {
         let key = Service4KeyV1 { addr: ip4_raw([10, 200 + (i >> 16) as u8, (i >> 8) as u8, i as u8]), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER };
         tb.dataplane.maps.v4.services.insert(&key, &shared, 0)?;
+    }
+    for i in 0..n.saturating_sub(3) {
+        let addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, (i >> 16) as u16, i as u16);
+        let key = Service6KeyV1 { addr: ip6_raw(addr.octets()), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER };
+        tb.dataplane.maps.v6.services.insert(&key, &shared, 0)?;
     }
     Ok(tb)
 }
@@ -119,13 +142,15 @@ pub fn run(cfg: &Config) -> Result<Vec<Row>> {
         let tb = testbed(n, (2 * cfg.single_runs * cfg.runs + 1024).next_power_of_two() as u32)?;
         let mut truncated = syn(CLIENT, 1000, [10, 1, 1, 1], 80);
         truncated.truncate(14 + 20 + 10);
-        let repeat_paths: [(&str, Vec<u8>, bool); 6] = [
+        let repeat_paths: [(&str, Vec<u8>, bool); 8] = [
             ("XDP_PASS floor", syn(CLIENT, 1000, [10, 1, 1, 1], 80), true),
             ("not a service (pass)", syn(CLIENT, 1000, [10, 1, 1, 1], 80), false),
             ("drop (truncated TCP)", truncated, false),
             ("ct hit + DNAT", syn(CLIENT, 1001, VIP_A, 80), false),
             ("source range miss (drop)", syn(CLIENT, 1002, VIP_RANGED, 80), false),
             ("eTP Local, no local endpoint (drop)", syn(CLIENT, 1003, VIP_LOCAL, 80), false),
+            ("IPv6 not a service (pass)", syn(CLIENT6, 1000, NOT_A_SERVICE6, 80), false),
+            ("IPv6 ct hit + DNAT", syn(CLIENT6, 1001, VIP6_A, 80), false),
         ];
         for (path, packet, floor) in &repeat_paths {
             let samples: Vec<f64> = (0..cfg.runs)
@@ -136,16 +161,22 @@ pub fn run(cfg: &Config) -> Result<Vec<Row>> {
         // Single runs: a new flow (or a fresh copy of a rewritten packet) each time, against
         // the floor measured the same way.
         let mut next_port = 0u32;
-        let mut new_flow = |vip: [u8; 4], same_client: bool| {
+        let mut new_flow = |vip: IpAddr, same_client: bool| {
             next_port += 1;
-            let src = if same_client { CLIENT } else { [172, 16, (next_port >> 16) as u8, (next_port >> 8) as u8] };
+            let (hi, lo) = ((next_port >> 16) as u8, (next_port >> 8) as u8);
+            let src: IpAddr = match vip {
+                _ if same_client => CLIENT.into(),
+                IpAddr::V4(_) => [172, 16, hi, lo].into(),
+                IpAddr::V6(_) => Ipv6Addr::new(0x2001, 0xdb8, 0x16, 0, 0, 0, hi as u16, lo as u16).into(),
+            };
             syn(src, (next_port % 60_000) as u16 + 1024, vip, 80)
         };
-        let mut miss = |tb: &Testbed| single_runs(tb, cfg, |_| new_flow(VIP_MISS, false));
-        rows.push(Row { services: n, path: "ct miss + Maglev + DNAT", method: "single, minus floor", ns: Summary::of(&miss(&tb)?) });
+        let mut miss = |tb: &Testbed, vip: IpAddr| single_runs(tb, cfg, |_| new_flow(vip, false));
+        rows.push(Row { services: n, path: "ct miss + Maglev + DNAT", method: "single, minus floor", ns: Summary::of(&miss(&tb, VIP_MISS.into())?) });
+        rows.push(Row { services: n, path: "IPv6 ct miss + Maglev + DNAT", method: "single, minus floor", ns: Summary::of(&miss(&tb, VIP6_MISS.into())?) });
         // The client's first flow sets its affinity; every later one is a ct miss that it decides.
         tb.time_xdp(&syn(CLIENT, 999, VIP_AFFINITY, 80), 1)?;
-        let mut affinity = |tb: &Testbed| single_runs(tb, cfg, |_| new_flow(VIP_AFFINITY, true));
+        let mut affinity = |tb: &Testbed| single_runs(tb, cfg, |_| new_flow(VIP_AFFINITY.into(), true));
         rows.push(Row { services: n, path: "ct miss + affinity hit + DNAT", method: "single, minus floor", ns: Summary::of(&affinity(&tb)?) });
         // A backend's "port unreachable" about a tracked flow, rewritten back to the frontend.
         let (_, sent) = tb.run_xdp(&syn(CLIENT, 998, VIP_MISS, 80))?;
@@ -153,7 +184,9 @@ pub fn run(cfg: &Config) -> Result<Vec<Row>> {
         rows.push(Row { services: n, path: "ICMP error reverse NAT", method: "single, minus floor", ns: Summary::of(&single_runs(&tb, cfg, |_| error.clone())?) });
         let reasons = tb.dataplane.maps.reason_counts()?;
         anyhow::ensure!(reasons[reason::DROP_CT_FULL as usize] == 0, "conntrack filled up during the ct-miss runs");
-        anyhow::ensure!(reasons[reason::FWD_LOCAL_BACKEND as usize] > cfg.repeat as u64, "the ct-hit path did not forward");
+        anyhow::ensure!(reasons[reason::FWD_LOCAL_BACKEND as usize] > 2 * cfg.repeat as u64, "the ct-hit paths did not forward");
+        let v6_flows = tb.dataplane.maps.v6.conntrack.keys().count();
+        anyhow::ensure!(v6_flows >= cfg.single_runs * cfg.runs, "the IPv6 ct-miss runs made {v6_flows} IPv6 flows");
         anyhow::ensure!(reasons[reason::DROP_SOURCE_RANGE as usize] >= cfg.repeat as u64, "the source-range path did not drop");
         anyhow::ensure!(reasons[reason::DROP_NO_LOCAL_BACKEND as usize] >= cfg.repeat as u64, "the eTP Local path did not drop");
         anyhow::ensure!(reasons[reason::FWD_ICMP_ERROR as usize] >= (cfg.single_runs * cfg.runs) as u64, "the ICMP error path did not translate");

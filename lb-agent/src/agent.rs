@@ -168,7 +168,7 @@ impl Agent {
     fn attach_socket_hooks(&mut self) -> Result<()> {
         let links = links_dir(&self.cfg.pin_dir)?;
         let Some(cgroup_path) = self.cfg.socket_lb_cgroup.clone() else {
-            for (_, pin) in load::SOCK_ADDR_PROGRAMS.iter().chain([&load::SOCK_BIND_PROGRAM]) {
+            for (_, pin) in load::SOCK_ADDR_PROGRAMS.iter().chain(&load::SOCK_BIND_PROGRAMS) {
                 if std::fs::remove_file(links.join(pin)).is_ok() {
                     info!("socket hook {pin} detached (socket-level balancing is off)");
                 }
@@ -198,13 +198,14 @@ impl Agent {
         }
         // A bind hook cannot replace its program on a link: attach the new one, then drop the
         // old link (both refuse the same binds meanwhile).
-        let (name, pin) = load::SOCK_BIND_PROGRAM;
-        let prog: &mut CgroupSock = self.ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?;
-        prog.load().with_context(|| format!("loading {name}"))?;
-        let id = prog.attach(&cgroup, CgroupAttachMode::Single)?;
-        let link: FdLink = prog.take_link(id)?.try_into()?;
-        let _ = std::fs::remove_file(links.join(pin));
-        link.pin(links.join(pin)).with_context(|| format!("pinning {pin}"))?;
+        for (name, pin) in load::SOCK_BIND_PROGRAMS {
+            let prog: &mut CgroupSock = self.ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?;
+            prog.load().with_context(|| format!("loading {name}"))?;
+            let id = prog.attach(&cgroup, CgroupAttachMode::Single)?;
+            let link: FdLink = prog.take_link(id)?.try_into()?;
+            let _ = std::fs::remove_file(links.join(pin));
+            link.pin(links.join(pin)).with_context(|| format!("pinning {pin}"))?;
+        }
         info!("socket hooks on cgroup {} for this network namespace's processes", cgroup_path.display());
         Ok(())
     }

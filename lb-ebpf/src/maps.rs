@@ -57,6 +57,8 @@ pub static LB6_CONFIG_V1: Array<Config6V1> = Array::pinned(1, 0);
 #[map]
 pub static LB6_SRCRANGE_V1: LpmTrie<SourceRange6V1, u8> = LpmTrie::pinned(MAX_SOURCE_RANGES, 0);
 #[map]
+pub static LB6_SKRNAT_V1: LruHashMap<SockRevNat6KeyV1, SockRevNat6V1> = LruHashMap::pinned(MAX_SOCKETS, 0);
+#[map]
 pub static LB4_SRCRANGE_V1: LpmTrie<SourceRange4V1, u8> = LpmTrie::pinned(MAX_SOURCE_RANGES, 0);
 
 /// Per-CPU scratch space of each family's path (not pinned: nothing in it outlives a packet).

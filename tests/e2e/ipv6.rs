@@ -174,3 +174,36 @@ fn an_ipv6_frontend_without_endpoints_refuses_at_once() -> Result<()> {
     tcp_request(demo.client_pod(), sock([10, 96, 0, 60], 80), None, TIMEOUT)?;
     Ok(())
 }
+
+#[test]
+fn node_processes_reach_ipv6_frontends_through_the_socket_hooks() -> Result<()> {
+    let mut demo = Demo::build("v5")?;
+    let manifests = ManifestCopy::empty("v5")?;
+    manifests.write("dual.yaml", &dual_stack_manifest(&web_pods(&demo, false), &web_pods(&demo, true)))?;
+    let (_agent, pins) = demo.start_agent(agent_bin(), &manifests.dir, &[])?;
+    let node = &demo.cluster.nodes[0].ns;
+    let node6 = demo.cluster.nodes[0].ip6;
+    for (what, to) in [("ClusterIP", sock6(CLUSTER_IP6, 80)), ("NodePort on its own node", sock6(node6, 30600)), ("LoadBalancer IP", sock6(LB_IP6, 80))] {
+        let backends: BTreeSet<String> = (0..40).map(|i| Ok(tcp_request(node, to, None, TIMEOUT).map_err(|e| e.context(format!("{what} request {i}")))?.backend)).collect::<Result<_>>()?;
+        assert_eq!(backends.len(), 3, "{what}: 40 connections reach every backend: {backends:?}");
+        let peer = node.run(move || -> Result<SocketAddr> { Ok(std::net::TcpStream::connect_timeout(&to, TIMEOUT)?.peer_addr()?) })??;
+        assert_eq!(peer, to, "{what}: getpeername shows the frontend");
+    }
+    // Unconnected UDP: sendmsg6 picks the backend, recvmsg6 shows the reply from the frontend.
+    let to = sock6(CLUSTER_IP6, 7);
+    let (from, reply) = node.run(move || -> Result<(SocketAddr, String)> {
+        let s = std::net::UdpSocket::bind("[::]:0")?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.send_to(b"hello", to)?;
+        let mut buf = [0u8; 512];
+        let (n, from) = s.recv_from(&mut buf)?;
+        Ok((from, String::from_utf8_lossy(&buf[..n]).to_string()))
+    })??;
+    assert_eq!(from, to, "the reply's source is the frontend, not the backend");
+    assert!(reply.starts_with("web-"), "{reply}");
+    // A node process cannot bind the IPv6 LoadBalancer frontend's port.
+    let bind = node.run(move || std::net::TcpListener::bind(sock6(LB_IP6, 80)).map(|_| ()))?;
+    assert!(bind.is_err(), "binding [{LB_IP6}]:80 is refused");
+    assert!(reason_count(&pins, "fwd_socket")? >= 3 * 40 + 1);
+    Ok(())
+}

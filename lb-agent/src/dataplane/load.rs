@@ -16,10 +16,18 @@ pub const XDP_PROGRAM: &str = "lb_xdp";
 pub const TC_PROGRAM: &str = "lb_tc";
 pub const XDP_PASS_PROGRAM: &str = "lb_xdp_pass";
 /// The cgroup socket-address hooks, each with the pin name of its link.
-pub const SOCK_ADDR_PROGRAMS: [(&str, &str); 4] =
-    [("lb_sock_connect4", "sock-connect4"), ("lb_sock_sendmsg4", "sock-sendmsg4"), ("lb_sock_recvmsg4", "sock-recvmsg4"), ("lb_sock_getpeername4", "sock-getpeername4")];
-/// The cgroup socket hook that refuses binds to frontends, and its link's pin name.
-pub const SOCK_BIND_PROGRAM: (&str, &str) = ("lb_sock_post_bind4", "sock-post-bind4");
+pub const SOCK_ADDR_PROGRAMS: [(&str, &str); 8] = [
+    ("lb_sock_connect4", "sock-connect4"),
+    ("lb_sock_sendmsg4", "sock-sendmsg4"),
+    ("lb_sock_recvmsg4", "sock-recvmsg4"),
+    ("lb_sock_getpeername4", "sock-getpeername4"),
+    ("lb_sock_connect6", "sock-connect6"),
+    ("lb_sock_sendmsg6", "sock-sendmsg6"),
+    ("lb_sock_recvmsg6", "sock-recvmsg6"),
+    ("lb_sock_getpeername6", "sock-getpeername6"),
+];
+/// The cgroup socket hooks that refuse binds to frontends, and their links' pin names.
+pub const SOCK_BIND_PROGRAMS: [(&str, &str); 2] = [("lb_sock_post_bind4", "sock-post-bind4"), ("lb_sock_post_bind6", "sock-post-bind6")];
 
 /// Capacities that differ from the schema's defaults (tests shrink conntrack to fill it).
 #[derive(Clone, Debug, Default)]
@@ -58,7 +66,7 @@ fn load_object(pin_dir: &Path, sizes: &MapSizes) -> Result<Ebpf> {
 
 /// Key and value sizes of every map of schema v1, as the kernel reports them, and the
 /// capacity where the schema fixes it (the rest are sized by flags).
-fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 25] {
+fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 26] {
     use lb_common::*;
     use std::mem::size_of;
     [
@@ -87,6 +95,7 @@ fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 25] {
         (MAP_NODE_IPS6, 16, 4, None),
         (MAP_CONFIG6, 4, size_of::<Config6V1>(), None),
         (MAP_SOURCE_RANGES6, 4 + size_of::<SourceRange6V1>(), 1, None),
+        (MAP_SOCK_REVNAT6, size_of::<SockRevNat6KeyV1>(), size_of::<SockRevNat6V1>(), None),
     ]
 }
 

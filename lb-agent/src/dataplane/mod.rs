@@ -395,7 +395,7 @@ impl Dataplane {
             removed.iter().filter_map(|(key, a, p)| Some((key.entry::<Addr4>()?, Addr4::from_ip(*a)?, port_raw(*p)))).collect();
         let backends: Vec<(u32, u16)> = removed.iter().map(|(_, addr, port)| (*addr, *port)).collect();
         sockets::destroy_udp_sockets_to(&backends, |cookie, (addr, port)| {
-            let key = SockRevNat4KeyV1 { cookie, backend_addr: addr, backend_port: port, proto: IPPROTO_UDP, _pad: 0 };
+            let key = SockRevNat4KeyV1 { cookie, backend_addr: addr, backend_port: port, proto: IPPROTO_UDP, ..Default::default() };
             let Ok(asked) = self.maps.sock_revnat.get(&key, 0) else { return false };
             // A NodePort frontend (address 0) was asked for at one of the node's addresses.
             removed.iter().any(|(f, a, p)| (*a, *p) == (addr, port) && f.port == asked.frontend_port && (f.addr == 0 || f.addr == asked.frontend_addr))

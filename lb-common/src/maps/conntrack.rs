@@ -56,7 +56,7 @@ pub struct CtEntryV1<A: MapAddr> {
     pub tcp_flags_seen: u8,
     /// `F_CT_*`.
     pub flags: u8,
-    pub _pad: A::CtEntryPad,
+    pub _pad: A::TailPad,
 }
 
 pub type Ct4EntryV1 = CtEntryV1<Addr4>;

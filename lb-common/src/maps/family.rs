@@ -4,9 +4,10 @@
 
 /// An address as the maps hold it, in network byte order: IPv4 in one `u32`, IPv6 in four.
 pub trait MapAddr: Copy + Default + Eq + Ord + core::hash::Hash + core::fmt::Debug {
-    /// Explicit padding that ends a conntrack entry on its 8-byte alignment (none for IPv4),
-    /// so that no byte of a map value is left undefined.
-    type CtEntryPad: Copy + Default + Eq + core::fmt::Debug;
+    /// Explicit padding after an address and 4 more bytes, to the next 8-byte boundary (none
+    /// for IPv4): it ends conntrack entries and socket keys, so that no byte of a map key or
+    /// value is left undefined.
+    type TailPad: Copy + Default + Eq + core::fmt::Debug;
     /// The address as 32-bit words in wire order: what the flow hash and checksum updates walk.
     fn words(&self) -> &[u32];
     /// The zero address: a NodePort frontend's, an unset backend's.
@@ -20,7 +21,7 @@ pub type Addr4 = u32;
 pub type Addr6 = [u32; 4];
 
 impl MapAddr for Addr4 {
-    type CtEntryPad = [u8; 0];
+    type TailPad = [u8; 0];
     #[inline(always)]
     fn words(&self) -> &[u32] {
         core::slice::from_ref(self)
@@ -28,7 +29,7 @@ impl MapAddr for Addr4 {
 }
 
 impl MapAddr for Addr6 {
-    type CtEntryPad = [u8; 4];
+    type TailPad = [u8; 4];
     #[inline(always)]
     fn words(&self) -> &[u32] {
         self

@@ -31,7 +31,7 @@ pub use socket::*;
 pub use source_range::*;
 
 /// Every pinned map of schema v1.
-pub const ALL_MAPS: [&str; 25] = [
+pub const ALL_MAPS: [&str; 26] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_MAGLEV,
@@ -57,6 +57,7 @@ pub const ALL_MAPS: [&str; 25] = [
     MAP_NODE_IPS6,
     MAP_CONFIG6,
     MAP_SOURCE_RANGES6,
+    MAP_SOCK_REVNAT6,
 ];
 
 /// Marks map types as plain old data for aya (user space only).

@@ -1,5 +1,6 @@
 //! Socket-level balancing of the node's own processes (cgroup hooks): which network namespace
 //! is the node's, and how to show each translated socket its frontend.
+use super::{Addr4, Addr6, MapAddr};
 
 /// Array with one `SockConfigV1`: written by the agent; the socket hooks translate only
 /// sockets of the namespace it names.
@@ -10,6 +11,8 @@ pub const MAP_SOCK_SKIP: &str = "LB_SOCK_SKIP_V1";
 /// LRU hash `SockRevNat4KeyV1 -> SockRevNat4V1`: for a socket sent to a backend, the frontend
 /// its application asked for (getpeername, and the source of unconnected UDP replies).
 pub const MAP_SOCK_REVNAT: &str = "LB4_SKRNAT_V1";
+/// The same for IPv6 sockets: `SockRevNat6KeyV1 -> SockRevNat6V1`.
+pub const MAP_SOCK_REVNAT6: &str = "LB6_SKRNAT_V1";
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -21,25 +24,34 @@ pub struct SockConfigV1 {
 /// A socket (by cookie, so that two sockets never mix) and the backend it was sent to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SockRevNat4KeyV1 {
+pub struct SockRevNatKeyV1<A: MapAddr> {
     pub cookie: u64,
-    pub backend_addr: u32,
+    pub backend_addr: A,
     pub backend_port: u16,
     pub proto: u8,
     pub _pad: u8,
+    pub _tail: A::TailPad,
 }
+
+pub type SockRevNat4KeyV1 = SockRevNatKeyV1<Addr4>;
+pub type SockRevNat6KeyV1 = SockRevNatKeyV1<Addr6>;
 
 /// The frontend the application asked for.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SockRevNat4V1 {
-    pub frontend_addr: u32,
+pub struct SockRevNatV1<A: MapAddr> {
+    pub frontend_addr: A,
     pub frontend_port: u16,
     pub _pad: u16,
 }
 
+pub type SockRevNat4V1 = SockRevNatV1<Addr4>;
+pub type SockRevNat6V1 = SockRevNatV1<Addr6>;
+
 #[cfg(feature = "user")]
-super::impl_pod!(SockConfigV1, SockRevNat4KeyV1, SockRevNat4V1);
+super::impl_pod!(SockConfigV1);
+#[cfg(feature = "user")]
+super::impl_pod!(generic SockRevNatKeyV1, SockRevNatV1);
 
 #[cfg(test)]
 mod layout {
@@ -53,11 +65,13 @@ mod layout {
 
     #[test]
     fn sock_revnat_key() {
-        assert_layout!(SockRevNat4KeyV1, size 16, align 8, { cookie @ 0, backend_addr @ 8, backend_port @ 12, proto @ 14, _pad @ 15 });
+        assert_layout!(SockRevNat4KeyV1, size 16, align 8, { cookie @ 0, backend_addr @ 8, backend_port @ 12, proto @ 14, _pad @ 15, _tail @ 16 });
+        assert_layout!(SockRevNat6KeyV1, size 32, align 8, { cookie @ 0, backend_addr @ 8, backend_port @ 24, proto @ 26, _pad @ 27, _tail @ 28 });
     }
 
     #[test]
     fn sock_revnat() {
         assert_layout!(SockRevNat4V1, size 8, align 4, { frontend_addr @ 0, frontend_port @ 4, _pad @ 6 });
+        assert_layout!(SockRevNat6V1, size 20, align 4, { frontend_addr @ 0, frontend_port @ 16, _pad @ 18 });
     }
 }
