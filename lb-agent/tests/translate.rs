@@ -54,14 +54,14 @@ fn example_state() -> ClusterState {
     dir.state()
 }
 
-fn frontend_names(state: &ClusterState, node: &str) -> Vec<(String, [u8; 4], u16, u8, usize, usize)> {
+fn frontend_names(state: &ClusterState, node: &str) -> Vec<(String, IpAddr, u16, u8, usize, usize)> {
     let t = settled(state, node);
     assert!(t.errors.is_empty(), "{:?}", t.errors);
     let mut out: Vec<_> = t
         .frontends
         .values()
         .flatten()
-        .map(|f| (f.name.to_string(), octets4(f.key.addr), port_host(f.key.port), f.kind, f.backends.len(), f.backends.iter().filter(|b| b.local).count()))
+        .map(|f| (f.name.to_string(), f.key.addr, port_host(f.key.port), f.kind, f.backends.len(), f.backends.iter().filter(|b| b.local).count()))
         .collect();
     out.sort();
     out
@@ -70,7 +70,8 @@ fn frontend_names(state: &ClusterState, node: &str) -> Vec<(String, [u8; 4], u16
 #[test]
 fn example_manifests_give_every_kind_of_frontend() {
     let f = frontend_names(&example_state(), "node-a");
-    let has = |name: &str, addr: [u8; 4], port: u16, kind: u8| f.iter().any(|x| x.0 == name && x.1 == addr && x.2 == port && x.3 == kind && x.4 == 3 && x.5 == 3);
+    let has = |name: &str, addr: [u8; 4], port: u16, kind: u8| f.iter().any(|x| x.0 == name && x.1 == IpAddr::from(addr) && x.2 == port && x.3 == kind && x.4 == 3 && x.5 == 3);
+    let has6 = |name: &str, addr: &str, port: u16, kind: u8| f.iter().any(|x| x.0 == name && x.1 == addr.parse::<IpAddr>().unwrap() && x.2 == port && x.3 == kind && x.4 == 3 && x.5 == 3);
     assert!(has("demo/web:http/TCP", [10, 96, 0, 10], 80, KIND_CLUSTER_IP), "{f:#?}");
     let t = translate(&example_state(), "node-a");
     assert!(t.warnings.is_empty(), "{:?}", t.warnings);
@@ -84,9 +85,14 @@ fn example_manifests_give_every_kind_of_frontend() {
     assert!(has("demo/web-lb:http/TCP", [0, 0, 0, 0], 30081, KIND_NODE_PORT));
     assert!(has("demo/web-sticky:http/TCP", [10, 96, 0, 13], 80, KIND_CLUSTER_IP));
     assert!(has("demo/web-local:http/TCP [local]", [10, 99, 100, 11], 80, KIND_LOAD_BALANCER));
+    assert!(has("demo/web-dual:http/TCP", [10, 96, 0, 16], 80, KIND_CLUSTER_IP));
+    assert!(has6("demo/web-dual:http/TCP", "fd00:96::16", 80, KIND_CLUSTER_IP));
+    assert!(has6("demo/web-dual:http/TCP", "::", 30680, KIND_NODE_PORT));
+    assert!(has6("demo/web-dual:http/TCP", "fd00:99:100::16", 80, KIND_LOAD_BALANCER));
     // 2 (web) + 4 (nodeport: 2 cluster IP + 2 node ports) + 8 (lb: cluster, external, LB, node
     // port per port) + 1 (sticky) + 5 (local: cluster IP, and LB and node port in both scopes)
-    assert_eq!(f.len(), 20);
+    // + 5 (dual: a cluster IP and a node port per family, the IPv6 LB IP)
+    assert_eq!(f.len(), 25);
     // On another node the same endpoints are remote.
     assert!(frontend_names(&example_state(), "node-b").iter().all(|x| x.5 == 0));
 }

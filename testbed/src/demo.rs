@@ -1,7 +1,7 @@
 //! The standalone demo: a node with three backend pods and a client pod, an outside client,
 //! the example manifests, real requests through the load balancer (every kind of frontend,
-//! session affinity, hairpin, externalTrafficPolicy: Local, the health checks), and lbctl's
-//! view of it.
+//! session affinity, hairpin, externalTrafficPolicy: Local, the health checks, IPv6 and
+//! dual-stack, the node's own processes), and lbctl's view of it.
 use std::{
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -66,7 +66,7 @@ impl Demo {
 
 /// Runs the demo end to end and prints what happened.
 pub fn run(bin_dir: &Path, manifests: &Path) -> Result<()> {
-    println!("== building the topology: outside client, node-a (10.99.0.1), pods web-0..2 and a client pod");
+    println!("== building the topology: outside client, node-a (10.99.0.1, fd00:99::1), dual-stack pods web-0..2 and a client pod");
     let mut demo = Demo::build("demo")?;
     println!("== starting lb-agent on node-a with the manifests in {}", manifests.display());
     let (agent, pin_dir) = demo.start_agent(&bin_dir.join("lb-agent"), manifests, &[])?;
@@ -111,6 +111,16 @@ pub fn run(bin_dir: &Path, manifests: &Path) -> Result<()> {
             Err(e) => println!("   GET {what:<40} FAILED: {e:#}"),
         }
     }
+
+    let pod6 = demo.cluster.nodes[0].pods[3].ip6;
+    println!("== IPv6: dual-stack demo/web-dual, pod {pod6} -> ClusterIP [fd00:96::16] (and 10.96.0.16), outside client -> NodePort [fd00:99::1]:30680 and LoadBalancer [fd00:99:100::16]");
+    let v6 = |addr: &str, port: u16| SocketAddr::new(addr.parse().expect("an IPv6 address"), port);
+    for i in 0..3 {
+        show(&format!("TCP [fd00:96::16]:80 request {i}"), tcp_request(demo.client_pod(), v6("fd00:96::16", 80), None, timeout));
+    }
+    show("TCP 10.96.0.16:80 (same Service, IPv4)", tcp_request(demo.client_pod(), sock([10, 96, 0, 16], 80), None, timeout));
+    show("TCP NodePort [fd00:99::1]:30680", tcp_request(&demo.cluster.client, v6("fd00:99::1", 30680), None, timeout));
+    show("TCP LoadBalancer [fd00:99:100::16]:80", tcp_request(&demo.cluster.client, v6("fd00:99:100::16", 80), None, timeout));
 
     let node = &demo.cluster.nodes[0].ns;
     println!("== a process in node-a's own network namespace (not a pod) -> ClusterIP and NodePort (cgroup socket hooks)");

@@ -63,7 +63,7 @@ fn kubernetes_mode_follows_the_api_through_relists_and_outages() -> Result<()> {
     let pins = demo.cluster.pin_dir()?;
     let source = ["--kubernetes".to_string(), "--kubeconfig".to_string(), kubeconfig.display().to_string()];
     let agent = demo.start_agent_with(agent_bin(), &source, &pins, &[])?;
-    assert_eq!(frontend_names(&pins)?.len(), 20);
+    assert_eq!(frontend_names(&pins)?.len(), EXAMPLE_FRONTENDS);
     tcp_request(demo.client_pod(), sock([10, 96, 0, 10], 80), None, TIMEOUT)?;
 
     // Add a Service whose endpoints span two EndpointSlices: they are merged.
@@ -98,7 +98,7 @@ fn kubernetes_mode_follows_the_api_through_relists_and_outages() -> Result<()> {
     api.apply(&external_name)?;
     eventually(Duration::from_secs(5), || if frontend_names(&pins)?.iter().any(|n| n.starts_with("demo/api")) { Err(anyhow!("still programmed")) } else { Ok(()) })?;
     api.apply(&service("api", "10.96.0.30"))?;
-    eventually(Duration::from_secs(5), || if frontend_names(&pins)?.len() == 21 { Ok(()) } else { Err(anyhow!("not programmed")) })?;
+    eventually(Duration::from_secs(5), || if frontend_names(&pins)?.len() == EXAMPLE_FRONTENDS + 1 { Ok(()) } else { Err(anyhow!("not programmed")) })?;
 
     // 410 Gone: history compacted, watches dropped; the agent relists and deletes nothing.
     let log_mark = agent.log_text().len();
@@ -129,7 +129,7 @@ fn kubernetes_mode_follows_the_api_through_relists_and_outages() -> Result<()> {
     api.delete("Service", "demo", "api")?;
     eventually(Duration::from_secs(15), || {
         let names = frontend_names(&pins)?;
-        if names.len() == 20 && !names.iter().any(|n| n.starts_with("demo/api")) { Ok(()) } else { Err(anyhow!("{names:?}")) }
+        if names.len() == EXAMPLE_FRONTENDS && !names.iter().any(|n| n.starts_with("demo/api")) { Ok(()) } else { Err(anyhow!("{names:?}")) }
     })?;
     assert!(agent.log_text().contains("retrying with backoff"), "the outage was seen:\n{}", agent.log_text());
     Ok(())
@@ -148,7 +148,7 @@ fn k8s_api_server_flag_finds_the_api_server_without_any_cluster_ip() -> Result<(
     let pins = demo.cluster.pin_dir()?;
     let source = ["--kubernetes".to_string(), "--kubeconfig".to_string(), kubeconfig.display().to_string(), "--k8s-api-server".to_string(), format!("127.0.0.1:{}", api.port)];
     let _agent = demo.start_agent_with(agent_bin(), &source, &pins, &[])?;
-    assert_eq!(frontend_names(&pins)?.len(), 20);
+    assert_eq!(frontend_names(&pins)?.len(), EXAMPLE_FRONTENDS);
     tcp_request(demo.client_pod(), sock([10, 96, 0, 10], 80), None, TIMEOUT)?;
     tcp_request(&demo.cluster.client, sock([10, 99, 0, 1], 30080), None, TIMEOUT)?;
     Ok(())

@@ -28,21 +28,29 @@ fn lbctl_lists_the_entries_the_manifests_imply() -> Result<()> {
         ("demo/web-lb:http/TCP", "LoadBalancer", "10.99.100.10:80/TCP"),
         ("demo/web-lb:http/TCP", "ExternalIP", "10.99.200.10:80/TCP"),
         ("demo/web-lb:http/TCP", "NodePort", "*:30081/TCP"),
+        ("demo/web-dual:http/TCP", "ClusterIP", "10.96.0.16:80/TCP"),
+        ("demo/web-dual:http/TCP", "ClusterIP", "[fd00:96::16]:80/TCP"),
+        ("demo/web-dual:http/TCP", "NodePort", "*:30680/TCP"),
+        ("demo/web-dual:http/TCP", "NodePort", "[*]:30680/TCP"),
+        ("demo/web-dual:http/TCP", "LoadBalancer", "[fd00:99:100::16]:80/TCP"),
     ];
     for (name, kind, frontend) in want {
         assert!(frontends.contains(&(name.into(), kind.into(), frontend.into())), "missing {name} {kind} {frontend} in {frontends:#?}");
     }
-    assert_eq!(services.len(), 20);
+    assert_eq!(services.len(), EXAMPLE_FRONTENDS);
     for s in &services {
         let backends: Vec<&str> = s["backends"].as_array().unwrap().iter().map(|b| b.as_str().unwrap()).collect();
-        let port = if s["frontend"].as_str().unwrap().ends_with("UDP") { 7007 } else { 8080 };
-        assert_eq!(backends, (11..14).map(|i| format!("10.244.1.{i}:{port}")).collect::<Vec<_>>(), "{s}");
+        let frontend = s["frontend"].as_str().unwrap();
+        let port = if frontend.ends_with("UDP") { 7007 } else { 8080 };
+        // Each family's frontends balance to that family's addresses of the three pods.
+        let expected: Vec<String> = if frontend.starts_with('[') { (11..14).map(|i| format!("[fd00:244:1::{i}]:{port}")).collect() } else { (11..14).map(|i| format!("10.244.1.{i}:{port}")).collect() };
+        assert_eq!(backends, expected, "{s}");
     }
     let web = services.iter().find(|s| s["frontend"] == "10.96.0.10:80/TCP").unwrap();
     assert!(web["packets"].as_u64().unwrap() >= 6 * 3, "per-service counters count the traffic: {web}");
 
     let backends = lbctl_json(&pins, &["backend", "list"])?;
-    assert_eq!(backends.len(), 6, "3 pods x 2 ports");
+    assert_eq!(backends.len(), 9, "3 pods x 2 ports over IPv4, 3 pods x 1 port over IPv6");
     assert!(backends.iter().all(|b| b["local"] == Value::Bool(true)));
 
     let table = lbctl_json(&pins, &["maglev", "get", "demo/web:http/TCP"])?;

@@ -52,7 +52,7 @@ fn connections_survive_kill_9_and_restart_of_the_agent() -> Result<()> {
         std::thread::sleep(Duration::from_millis(300)); // no agent at all for a while
         let restarted = demo.start_agent_on(agent_bin(), &manifests, &pins, &[])?;
         let log = restarted.log_text();
-        if !log.contains("adopted 20 frontends") || !log.contains("XDP replaced in place") {
+        if !log.contains(&format!("adopted {EXAMPLE_FRONTENDS} frontends")) || !log.contains("XDP replaced in place") {
             bail!("round {round}: the restarted agent did not adopt the pinned state:\n{log}");
         }
         agent = restarted;

@@ -9,6 +9,10 @@ use serde_json::Value;
 
 pub const TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Frontends the example manifests program: 20 IPv4 ones of the single-stack Services, and the
+/// dual-stack Service's two ClusterIPs, two NodePorts and IPv6 LoadBalancer IP.
+pub const EXAMPLE_FRONTENDS: usize = 25;
+
 pub fn agent_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_lb-agent"))
 }
