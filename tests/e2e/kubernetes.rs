@@ -112,7 +112,7 @@ fn kubernetes_mode_follows_the_api_through_relists_and_outages() -> Result<()> {
         tcp_request(demo.client_pod(), sock([10, 96, 0, 30], 80), None, TIMEOUT)?;
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(frontend_names(&pins)?.len(), 21);
+    assert_eq!(frontend_names(&pins)?.len(), EXAMPLE_FRONTENDS + 1);
     assert!(removals_since(&agent, log_mark).is_empty(), "the relist removed frontends: {:?}", removals_since(&agent, log_mark));
 
     // The API server goes away: traffic keeps flowing on what is programmed.
@@ -122,7 +122,7 @@ fn kubernetes_mode_follows_the_api_through_relists_and_outages() -> Result<()> {
         tcp_request(&demo.cluster.client, sock([10, 99, 0, 1], 30080), None, TIMEOUT)?;
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(frontend_names(&pins)?.len(), 21);
+    assert_eq!(frontend_names(&pins)?.len(), EXAMPLE_FRONTENDS + 1);
 
     // It comes back; a deletion made there reaches the maps.
     api.restart()?;
