@@ -1,8 +1,11 @@
 //! Program tests: the real object, loaded into the kernel, run with BPF_PROG_TEST_RUN on
 //! packets built with etherparse. Each asserts the verdict, the output bytes and the counters.
+mod common;
+
 use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::Result;
+use common::*;
 use etherparse::{
     EtherType, Ethernet2Header, Icmpv6Type, IpAuthHeader, IpFragOffset, IpHeaders, IpNumber, Ipv4Header, Ipv4Options, Ipv6Extensions, Ipv6FragmentHeader, Ipv6Header, Ipv6RawExtHeader, Ipv6RoutingExtensions, PacketBuilder, SlicedPacket, TransportSlice, VlanId,
 };
@@ -13,15 +16,7 @@ use testbed::{
 };
 use lb_common::*;
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
 
-const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xc1];
-const NODE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x01];
 const CLIENT: [u8; 4] = [192, 0, 2, 10];
 const VIP: [u8; 4] = [10, 96, 0, 10];
 const NODE_IP: [u8; 4] = [10, 99, 0, 1];
@@ -59,9 +54,6 @@ fn frontend(addr: [u8; 4], port: u16, proto: u8, kind: u8, backends: &[[u8; 4]],
     }
 }
 
-fn reason_count(tb: &Testbed, reason: u32) -> u64 {
-    tb.dataplane.maps.reason_counts().unwrap()[reason as usize]
-}
 
 /// The decoded IPv4 + L4 view of an output packet, with its checksums checked.
 struct Out {
@@ -128,9 +120,6 @@ fn predicted_backend(tb: &Testbed, svc: &Frontend, src: [u8; 4], sport: u16) -> 
     ip4_octets(tb.dataplane.maps.v4.backends.get(&id, 0).unwrap().addr)
 }
 
-fn testbed() -> Testbed {
-    Testbed::new(&MapSizes::default()).expect("load programs")
-}
 
 // ---------------------------------------------------------------------------------------------
 // Packets that are not for a service, and malformed ones.

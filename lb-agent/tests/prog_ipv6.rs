@@ -2,40 +2,27 @@
 //! IPv6 packets. DNAT and reverse NAT bytes with every checksum checked, extension headers in
 //! front of the transport header, fragments, TCP RST and ICMPv6 rejects, SNAT through the FIB,
 //! and ICMPv6 errors about translated flows.
+mod common;
+
 use std::net::{IpAddr, Ipv6Addr};
 
 use anyhow::Result;
+use common::*;
 use etherparse::{
     icmpv6::DestUnreachableCode, IpHeaders, IpNumber, Icmpv6Type, Ipv6Extensions, Ipv6FragmentHeader, Ipv6Header, Ipv6RawExtHeader, IpFragOffset, PacketBuilder, SlicedPacket, TransportSlice,
 };
-use lb_agent::dataplane::{load::MapSizes, BackendSpec, Frontend, FrontendKey};
+use lb_agent::dataplane::{BackendSpec, Frontend, FrontendKey};
 use lb_common::*;
 use testbed::{
     netns::{in_private_netns, sh},
     progtest::Testbed,
 };
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
-const TC_ACT_REDIRECT: u32 = 7;
-
-const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xc1];
-const NODE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x01];
 const CLIENT: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
 const VIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
 const NODE: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 1);
 const BACKENDS: [Ipv6Addr; 3] = [Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 0x11), Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 0x12), Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 0x13)];
 const NODE_PORT: u16 = 30080;
-
-fn testbed() -> Testbed {
-    Testbed::new(&MapSizes::default()).expect("load programs")
-}
-
-fn reason_count(tb: &Testbed, reason: u32) -> u64 {
-    tb.dataplane.maps.reason_counts().unwrap()[reason as usize]
-}
 
 fn frontend(addr: Ipv6Addr, port: u16, proto: u8, kind: u8, backends: &[Ipv6Addr], local: bool) -> Frontend {
     Frontend {

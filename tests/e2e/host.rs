@@ -48,14 +48,7 @@ fn unconnected_udp_replies_come_from_the_frontend() -> Result<()> {
     let manifests = ManifestCopy::new("h2")?;
     let (_agent, _pins) = demo.start_agent(agent_bin(), &manifests.dir, &[])?;
     let to = sock([10, 96, 0, 10], 7);
-    let (from, reply) = demo.cluster.nodes[0].ns.run(move || -> Result<(SocketAddr, String)> {
-        let s = UdpSocket::bind("0.0.0.0:0")?;
-        s.set_read_timeout(Some(TIMEOUT))?;
-        s.send_to(b"hello", to)?;
-        let mut buf = [0u8; 512];
-        let (n, from) = s.recv_from(&mut buf)?;
-        Ok((from, String::from_utf8_lossy(&buf[..n]).to_string()))
-    })??;
+    let (from, reply) = unconnected_udp_exchange(&demo.cluster.nodes[0].ns, to)?;
     assert_eq!(from, to, "the reply's source is the frontend, not the backend");
     assert!(reply.starts_with("web-"), "{reply}");
     Ok(())

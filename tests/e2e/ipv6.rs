@@ -191,14 +191,7 @@ fn node_processes_reach_ipv6_frontends_through_the_socket_hooks() -> Result<()> 
     }
     // Unconnected UDP: sendmsg6 picks the backend, recvmsg6 shows the reply from the frontend.
     let to = sock6(CLUSTER_IP6, 7);
-    let (from, reply) = node.run(move || -> Result<(SocketAddr, String)> {
-        let s = std::net::UdpSocket::bind("[::]:0")?;
-        s.set_read_timeout(Some(TIMEOUT))?;
-        s.send_to(b"hello", to)?;
-        let mut buf = [0u8; 512];
-        let (n, from) = s.recv_from(&mut buf)?;
-        Ok((from, String::from_utf8_lossy(&buf[..n]).to_string()))
-    })??;
+    let (from, reply) = unconnected_udp_exchange(node, to)?;
     assert_eq!(from, to, "the reply's source is the frontend, not the backend");
     assert!(reply.starts_with("web-"), "{reply}");
     // A node process cannot bind the IPv6 LoadBalancer frontend's port.

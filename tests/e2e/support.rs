@@ -99,3 +99,16 @@ pub fn eventually<T>(timeout: Duration, mut check: impl FnMut() -> Result<T>) ->
         }
     }
 }
+
+/// One datagram from an unconnected UDP socket in `ns` to `to`, and the first reply: where it
+/// came from and what it said.
+pub fn unconnected_udp_exchange(ns: &testbed::netns::Netns, to: std::net::SocketAddr) -> Result<(std::net::SocketAddr, String)> {
+    ns.run(move || -> Result<(std::net::SocketAddr, String)> {
+        let s = std::net::UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.send_to(b"hello", to)?;
+        let mut buf = [0u8; 512];
+        let (n, from) = s.recv_from(&mut buf)?;
+        Ok((from, String::from_utf8_lossy(&buf[..n]).to_string()))
+    })?
+}
