@@ -152,11 +152,16 @@ pub fn run(cfg: &Config) -> Result<Vec<Row>> {
             ("IPv6 not a service (pass)", syn(CLIENT6, 1000, NOT_A_SERVICE6, 80), false),
             ("IPv6 ct hit + DNAT", syn(CLIENT6, 1001, VIP6_A, 80), false),
         ];
-        for (path, packet, floor) in &repeat_paths {
-            let samples: Vec<f64> = (0..cfg.runs)
-                .map(|_| if *floor { tb.time_xdp_pass(packet, cfg.repeat) } else { tb.time_xdp(packet, cfg.repeat) }.map(|(_, ns)| ns))
-                .collect::<Result<_>>()?;
-            rows.push(Row { services: n, path, method: "repeat", ns: Summary::of(&samples) });
+        // Runs interleaved across the paths: drift during the run shifts every path alike, so
+        // the ratios between paths (IPv6 to IPv4 among them) hold.
+        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); repeat_paths.len()];
+        for _ in 0..cfg.runs {
+            for ((_, packet, floor), samples) in repeat_paths.iter().zip(&mut samples) {
+                samples.push(if *floor { tb.time_xdp_pass(packet, cfg.repeat) } else { tb.time_xdp(packet, cfg.repeat) }?.1);
+            }
+        }
+        for ((path, _, _), samples) in repeat_paths.iter().zip(&samples) {
+            rows.push(Row { services: n, path, method: "repeat", ns: Summary::of(samples) });
         }
         // Single runs: a new flow (or a fresh copy of a rewritten packet) each time, against
         // the floor measured the same way.
@@ -171,9 +176,15 @@ pub fn run(cfg: &Config) -> Result<Vec<Row>> {
             };
             syn(src, (next_port % 60_000) as u16 + 1024, vip, 80)
         };
-        let mut miss = |tb: &Testbed, vip: IpAddr| single_runs(tb, cfg, |_| new_flow(vip, false));
-        rows.push(Row { services: n, path: "ct miss + Maglev + DNAT", method: "single, minus floor", ns: Summary::of(&miss(&tb, VIP_MISS.into())?) });
-        rows.push(Row { services: n, path: "IPv6 ct miss + Maglev + DNAT", method: "single, minus floor", ns: Summary::of(&miss(&tb, VIP6_MISS.into())?) });
+        // IPv4 and IPv6 new flows, one run of each in turn.
+        let one_run = Config { runs: 1, sizes: Vec::new(), ..*cfg };
+        let (mut miss4, mut miss6) = (Vec::new(), Vec::new());
+        for _ in 0..cfg.runs {
+            miss4.extend(single_runs(&tb, &one_run, |_| new_flow(VIP_MISS.into(), false))?);
+            miss6.extend(single_runs(&tb, &one_run, |_| new_flow(VIP6_MISS.into(), false))?);
+        }
+        rows.push(Row { services: n, path: "ct miss + Maglev + DNAT", method: "single, minus floor", ns: Summary::of(&miss4) });
+        rows.push(Row { services: n, path: "IPv6 ct miss + Maglev + DNAT", method: "single, minus floor", ns: Summary::of(&miss6) });
         // The client's first flow sets its affinity; every later one is a ct miss that it decides.
         tb.time_xdp(&syn(CLIENT, 999, VIP_AFFINITY, 80), 1)?;
         let mut affinity = |tb: &Testbed| single_runs(tb, cfg, |_| new_flow(VIP_AFFINITY.into(), true));
