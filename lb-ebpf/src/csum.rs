@@ -9,10 +9,22 @@ pub fn fold(mut sum: u32) -> u16 {
     sum as u16
 }
 
+/// What replacing 4 bytes `old` with `new` adds to a checksum (`~m + m'`), unfolded: the
+/// differences of several words add up, for one update of the checksum.
+#[inline(always)]
+pub fn diff4(old: u32, new: u32) -> u32 {
+    (!old & 0xffff) + (!old >> 16) + (new & 0xffff) + (new >> 16)
+}
+
+/// Applies an unfolded difference to a checksum.
+#[inline(always)]
+pub fn apply(csum: u16, diff: u32) -> u16 {
+    !fold((!csum) as u32 + diff)
+}
+
 #[inline(always)]
 pub fn replace4(csum: u16, old: u32, new: u32) -> u16 {
-    let sum = (!csum) as u32 + (!old & 0xffff) + (!old >> 16) + (new & 0xffff) + (new >> 16);
-    !fold(sum)
+    apply(csum, diff4(old, new))
 }
 
 #[inline(always)]

@@ -36,6 +36,18 @@ pub trait PacketWriter {
     /// Replace 4 bytes of an address in the packet's IP header: covered by the IPv4 header
     /// checksum and by the L4 pseudo-header.
     fn replace_addr_word<A: Family>(&self, pkt: &Packet<A>, off: usize, old: u32, new: u32) -> Result<(), Fault>;
+    /// Replace a whole address in the packet's IP header, word by word; words that do not
+    /// change are not touched. A writer may update each checksum once for all the words.
+    #[inline(always)]
+    fn replace_addr<A: Family>(&self, pkt: &Packet<A>, off: usize, old: &A, new: &A) -> Result<(), Fault> {
+        let (old, new) = (old.words(), new.words());
+        for i in 0..old.len() {
+            if old[i] != new[i] {
+                self.replace_addr_word(pkt, off + 4 * i, old[i], new[i])?;
+            }
+        }
+        Ok(())
+    }
     /// Replace 2 bytes of the L4 header, covered by the L4 checksum only.
     fn replace_l4_u16<A: Family>(&self, pkt: &Packet<A>, off: usize, old: u16, new: u16) -> Result<(), Fault>;
     /// Replace 4 bytes of the L4 header, covered by the L4 checksum only.
@@ -49,21 +61,19 @@ pub trait PacketWriter {
     fn replace_icmp_u32(&self, icmp_off: usize, off: usize, old: u32, new: u32) -> Result<(), Fault>;
 }
 
-/// Where an address sits, which decides the checksums its change touches.
+/// Where an address of an ICMP error sits, which decides the checksums its change touches.
 #[derive(Clone, Copy)]
 enum AddrIn<'a, A: MapAddr> {
-    /// The packet's IP header: the IPv4 header checksum and the L4 pseudo-header.
-    Packet(&'a Packet<A>),
-    /// An ICMP error's own IP header (see `replace_icmp_outer_word`).
+    /// The error's own IP header (see `replace_icmp_outer_word`).
     IcmpOuter(&'a IcmpError<A>),
     /// The datagram an ICMP error quotes (ICMP header at this offset): the ICMP checksum.
     IcmpQuote(usize),
 }
 
-/// Replaces the address at `off` word by word (one for IPv4, four for IPv6); words that do not
-/// change are not touched. An index loop of a length fixed per family: unrolled.
+/// Replaces an address of an ICMP error at `off` word by word (one for IPv4, four for IPv6);
+/// words that do not change are not touched. An index loop of a length fixed per family: unrolled.
 #[inline(always)]
-fn replace_addr<W: PacketWriter, A: Family>(w: &W, at: AddrIn<A>, off: usize, old: &A, new: &A) -> Result<(), Fault> {
+fn replace_icmp_addr<W: PacketWriter, A: Family>(w: &W, at: AddrIn<A>, off: usize, old: &A, new: &A) -> Result<(), Fault> {
     let (old, new) = (old.words(), new.words());
     for i in 0..old.len() {
         if old[i] == new[i] {
@@ -71,7 +81,6 @@ fn replace_addr<W: PacketWriter, A: Family>(w: &W, at: AddrIn<A>, off: usize, ol
         }
         let word_off = off + 4 * i;
         match at {
-            AddrIn::Packet(pkt) => w.replace_addr_word(pkt, word_off, old[i], new[i])?,
             AddrIn::IcmpOuter(err) => w.replace_icmp_outer_word(err, word_off, old[i], new[i])?,
             AddrIn::IcmpQuote(icmp_off) => w.replace_icmp_u32(icmp_off, word_off, old[i], new[i])?,
         }
@@ -83,8 +92,8 @@ fn replace_addr<W: PacketWriter, A: Family>(w: &W, at: AddrIn<A>, off: usize, ol
 #[inline(always)]
 pub fn apply_nat<W: PacketWriter, A: Family>(w: &W, pkt: &Packet<A>, to: &Nat<A>) -> Result<(), Fault> {
     let t = &pkt.tuple;
-    replace_addr(w, AddrIn::Packet(pkt), pkt.l3_off + A::SRC_OFF, &t.src_addr, &to.src_addr)?;
-    replace_addr(w, AddrIn::Packet(pkt), pkt.l3_off + A::DST_OFF, &t.dst_addr, &to.dst_addr)?;
+    w.replace_addr(pkt, pkt.l3_off + A::SRC_OFF, &t.src_addr, &to.src_addr)?;
+    w.replace_addr(pkt, pkt.l3_off + A::DST_OFF, &t.dst_addr, &to.dst_addr)?;
     if t.src_port != to.src_port {
         w.replace_l4_u16(pkt, pkt.l4_off + L4_SRC_PORT, t.src_port, to.src_port)?;
     }
@@ -104,8 +113,8 @@ pub fn apply_nat<W: PacketWriter, A: Family>(w: &W, pkt: &Packet<A>, to: &Nat<A>
 pub fn apply_icmp_error_nat<W: PacketWriter, A: Family>(w: &W, err: &IcmpError<A>, to: &Nat<A>) -> Result<(), Fault> {
     let inner = &err.inner;
     // The outer header: from the frontend to the client.
-    replace_addr(w, AddrIn::IcmpOuter(err), err.l3_off + A::SRC_OFF, &err.src_addr, &to.src_addr)?;
-    replace_addr(w, AddrIn::IcmpOuter(err), err.l3_off + A::DST_OFF, &err.dst_addr, &to.dst_addr)?;
+    replace_icmp_addr(w, AddrIn::IcmpOuter(err), err.l3_off + A::SRC_OFF, &err.src_addr, &to.src_addr)?;
+    replace_icmp_addr(w, AddrIn::IcmpOuter(err), err.l3_off + A::DST_OFF, &err.dst_addr, &to.dst_addr)?;
     // The quote: client -> frontend, its own IPv4 checksum (IPv6 has none) kept right.
     if let Some(csum_off) = A::HEADER_CSUM_OFF {
         let quoted_csum_off = err.inner_l3_off + csum_off;
@@ -115,8 +124,8 @@ pub fn apply_icmp_error_nat<W: PacketWriter, A: Family>(w: &W, err: &IcmpError<A
         let new_csum = csum::replace4(csum::replace4(old_csum, src[0], new_src[0]), dst[0], new_dst[0]);
         w.replace_icmp_u16(err.icmp_off, quoted_csum_off, old_csum, new_csum)?;
     }
-    replace_addr(w, AddrIn::IcmpQuote(err.icmp_off), err.inner_l3_off + A::SRC_OFF, &inner.src_addr, &to.dst_addr)?;
-    replace_addr(w, AddrIn::IcmpQuote(err.icmp_off), err.inner_l3_off + A::DST_OFF, &inner.dst_addr, &to.src_addr)?;
+    replace_icmp_addr(w, AddrIn::IcmpQuote(err.icmp_off), err.inner_l3_off + A::SRC_OFF, &inner.src_addr, &to.dst_addr)?;
+    replace_icmp_addr(w, AddrIn::IcmpQuote(err.icmp_off), err.inner_l3_off + A::DST_OFF, &inner.dst_addr, &to.src_addr)?;
     w.replace_icmp_u16(err.icmp_off, err.inner_l4_off + L4_SRC_PORT, inner.src_port, to.dst_port)?;
     w.replace_icmp_u16(err.icmp_off, err.inner_l4_off + L4_DST_PORT, inner.dst_port, to.src_port)?;
     Ok(())
@@ -146,8 +155,8 @@ pub fn make_tcp_reset<W: PacketWriter, A: Family>(w: &W, pkt: &Packet<A>) -> Res
     };
     let t = &pkt.tuple;
     // Swapping addresses and ports leaves every checksum as it was.
-    replace_addr(w, AddrIn::Packet(pkt), pkt.l3_off + A::SRC_OFF, &t.src_addr, &t.dst_addr)?;
-    replace_addr(w, AddrIn::Packet(pkt), pkt.l3_off + A::DST_OFF, &t.dst_addr, &t.src_addr)?;
+    w.replace_addr(pkt, pkt.l3_off + A::SRC_OFF, &t.src_addr, &t.dst_addr)?;
+    w.replace_addr(pkt, pkt.l3_off + A::DST_OFF, &t.dst_addr, &t.src_addr)?;
     w.replace_l4_u16(pkt, pkt.l4_off + L4_SRC_PORT, t.src_port, t.dst_port)?;
     w.replace_l4_u16(pkt, pkt.l4_off + L4_DST_PORT, t.dst_port, t.src_port)?;
 

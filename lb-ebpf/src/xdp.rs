@@ -211,6 +211,28 @@ impl PacketWriter for XdpWriter<'_> {
     fn data_end(&self) -> usize {
         data_end(self.0)
     }
+    /// All the changed words written, then each checksum updated once with their summed
+    /// difference (an IPv6 address is four words).
+    #[inline(always)]
+    fn replace_addr<A: Family>(&self, pkt: &Packet<A>, off: usize, old: &A, new: &A) -> Result<(), Fault> {
+        let (old, new) = (old.words(), new.words());
+        let mut diff = 0;
+        for i in 0..old.len() {
+            if old[i] != new[i] {
+                let field = ptr_at::<[u8; 4]>(data(self.0), data_end(self.0), core::hint::black_box(off + 4 * i)).ok_or(Fault)?;
+                unsafe { *field = new[i].to_ne_bytes() };
+                diff += csum::diff4(old[i], new[i]);
+            }
+        }
+        if diff == 0 {
+            return Ok(());
+        }
+        if let Some(csum_off) = A::HEADER_CSUM_OFF {
+            let ip_csum = ptr_at::<u16>(data(self.0), data_end(self.0), core::hint::black_box(pkt.l3_off + csum_off)).ok_or(Fault)?;
+            unsafe { *ip_csum = csum::apply(*ip_csum, diff) };
+        }
+        self.update_l4_csum(pkt, |c| csum::apply(c, diff))
+    }
     #[inline(always)]
     fn replace_addr_word<A: Family>(&self, pkt: &Packet<A>, off: usize, old: u32, new: u32) -> Result<(), Fault> {
         match A::HEADER_CSUM_OFF {
