@@ -21,9 +21,10 @@ use crate::{
 const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 
-/// Headers we may read: Ethernet, two VLAN tags, IPv4 with options (or IPv6 and a few
-/// extension headers), TCP without options.
-const TC_PULL_LEN: u32 = 14 + 8 + 60 + 20;
+/// Headers we may read: Ethernet, two VLAN tags, IPv4 with options or IPv6 with 64 bytes of
+/// extension headers, TCP without options. (Headers past it in a non-linear skb read as cut
+/// short.)
+const TC_PULL_LEN: u32 = 14 + 8 + 40 + 64 + 20;
 
 #[classifier]
 pub fn lb_tc(ctx: TcContext) -> i32 {

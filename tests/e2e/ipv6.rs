@@ -200,3 +200,17 @@ fn node_processes_reach_ipv6_frontends_through_the_socket_hooks() -> Result<()> 
     assert!(reason_count(&pins, "fwd_socket")? >= 3 * 40 + 1);
     Ok(())
 }
+
+#[test]
+fn a_node_ipv6_udp_socket_on_a_removed_backend_is_ended() -> Result<()> {
+    let mut demo = Demo::build("v6")?;
+    let manifests = ManifestCopy::empty("v6")?;
+    let web6 = web_pods(&demo, true);
+    manifests.write("dual.yaml", &dual_stack_manifest(&web_pods(&demo, false), &web6))?;
+    let (_agent, _pins) = demo.start_agent(agent_bin(), &manifests.dir, &[])?;
+    let remove = |index: u8| -> Result<()> {
+        let left: Vec<(IpAddr, &str)> = web6.iter().enumerate().filter(|(i, _)| *i != index as usize).map(|(_, e)| *e).collect();
+        manifests.write("dual.yaml", &dual_stack_manifest(&web_pods(&demo, false), &left))
+    };
+    a_connected_udp_socket_is_ended_when_its_backend_leaves(&demo, sock6(CLUSTER_IP6, 7), remove)
+}

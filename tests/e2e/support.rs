@@ -112,3 +112,44 @@ pub fn unconnected_udp_exchange(ns: &testbed::netns::Netns, to: std::net::Socket
         Ok((from, String::from_utf8_lossy(&buf[..n]).to_string()))
     })?
 }
+
+/// A node process's connected UDP socket to `to` answers; once `remove(index of its backend
+/// web-N)` takes that backend out of the Service, the socket is ended within a second
+/// (ECONNABORTED), and a new socket reaches a live backend.
+pub fn a_connected_udp_socket_is_ended_when_its_backend_leaves(demo: &testbed::demo::Demo, to: std::net::SocketAddr, remove: impl Fn(u8) -> Result<()>) -> Result<()> {
+    use std::{io::ErrorKind, net::UdpSocket, time::Instant};
+    let node = demo.cluster.nodes[0].ns.name.clone();
+    let socket = testbed::netns::spawn_in(&node, move || -> Result<UdpSocket> {
+        let s = UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+        s.connect(to)?;
+        s.set_read_timeout(Some(Duration::from_millis(200)))?;
+        Ok(s)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread panicked"))???;
+    let ask = |s: &UdpSocket| -> std::io::Result<String> {
+        s.send(b"hello")?;
+        let mut buf = [0u8; 512];
+        let n = s.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).split_whitespace().next().unwrap_or("").to_string())
+    };
+    let backend = ask(&socket)?;
+    remove(backend.trim_start_matches("web-").parse()?)?;
+    let changed = Instant::now();
+    let ended = loop {
+        match ask(&socket) {
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => break e,
+            Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+        if changed.elapsed() > Duration::from_secs(3) {
+            bail!("the socket on removed backend {backend} still works after 3 s");
+        }
+    };
+    assert!(changed.elapsed() < Duration::from_secs(1), "ended {:?} after the change ({ended})", changed.elapsed());
+    // The abort reports ECONNABORTED once and leaves the socket unconnected.
+    assert!(matches!(ended.raw_os_error(), Some(libc::ECONNABORTED | libc::EDESTADDRREQ)), "{ended}");
+    let fresh = testbed::servers::udp_request(&demo.cluster.nodes[0].ns, to, 0, TIMEOUT)?;
+    assert_ne!(fresh.backend, backend, "a new socket reaches a live backend");
+    Ok(())
+}

@@ -19,13 +19,16 @@ pub struct FamilyMaps<A: MapAddr + aya::Pod> {
     /// This node's addresses, where NodePorts answer.
     pub node_ips: HashMap<MapData, A, u32>,
     pub source_ranges: LpmTrie<MapData, SourceRangeV1<A>, u8>,
+    /// For a node socket sent to a backend, the frontend its application asked for.
+    pub sock_revnat: HashMap<MapData, SockRevNatKeyV1<A>, SockRevNatV1<A>>,
 }
 
 /// An address family as user space handles it: its maps, and conversions to and from `IpAddr`.
 pub trait Family: MapAddr + aya::Pod {
     const NAME: &'static str;
-    /// Map names: services, backends, conntrack, reverse NAT, node addresses, source ranges.
-    const MAPS: [&'static str; 6];
+    /// Map names: services, backends, conntrack, reverse NAT, node addresses, source ranges,
+    /// socket reverse NAT.
+    const MAPS: [&'static str; 7];
     fn of(maps: &Maps) -> &FamilyMaps<Self>;
     fn of_mut(maps: &mut Maps) -> &mut FamilyMaps<Self>;
     fn from_ip(ip: IpAddr) -> Option<Self>;
@@ -34,7 +37,7 @@ pub trait Family: MapAddr + aya::Pod {
 
 impl Family for Addr4 {
     const NAME: &'static str = "IPv4";
-    const MAPS: [&'static str; 6] = [MAP_SERVICES, MAP_BACKENDS, MAP_CONNTRACK, MAP_REVERSE_NAT, MAP_NODE_IPS, MAP_SOURCE_RANGES];
+    const MAPS: [&'static str; 7] = [MAP_SERVICES, MAP_BACKENDS, MAP_CONNTRACK, MAP_REVERSE_NAT, MAP_NODE_IPS, MAP_SOURCE_RANGES, MAP_SOCK_REVNAT];
     fn of(maps: &Maps) -> &FamilyMaps<Self> {
         &maps.v4
     }
@@ -54,7 +57,7 @@ impl Family for Addr4 {
 
 impl Family for Addr6 {
     const NAME: &'static str = "IPv6";
-    const MAPS: [&'static str; 6] = [MAP_SERVICES6, MAP_BACKENDS6, MAP_CONNTRACK6, MAP_REVERSE_NAT6, MAP_NODE_IPS6, MAP_SOURCE_RANGES6];
+    const MAPS: [&'static str; 7] = [MAP_SERVICES6, MAP_BACKENDS6, MAP_CONNTRACK6, MAP_REVERSE_NAT6, MAP_NODE_IPS6, MAP_SOURCE_RANGES6, MAP_SOCK_REVNAT6];
     fn of(maps: &Maps) -> &FamilyMaps<Self> {
         &maps.v6
     }
@@ -86,7 +89,6 @@ pub struct Maps {
     pub affinity: HashMap<MapData, AffinityKeyV1, AffinityV1>,
     pub affinity_match: HashMap<MapData, AffinityMatchKeyV1, u8>,
     pub sock_config: Array<MapData, SockConfigV1>,
-    pub sock_revnat: HashMap<MapData, SockRevNat4KeyV1, SockRevNat4V1>,
     pub sock_skip: HashMap<MapData, u64, u8>,
     /// Capacity of the conntrack (and reverse-NAT) map, which the loader may have resized.
     pub flow_capacity: u32,
@@ -122,7 +124,7 @@ impl Maps {
         };
         macro_rules! family {
             ($names:expr, $conntrack:expr) => {{
-                let [services, backends, conntrack, reverse_nat, node_ips, source_ranges] = $names;
+                let [services, backends, conntrack, reverse_nat, node_ips, source_ranges, sock_revnat] = $names;
                 FamilyMaps {
                     services: typed!(services),
                     backends: typed!(backends),
@@ -130,6 +132,7 @@ impl Maps {
                     reverse_nat: typed!(reverse_nat),
                     node_ips: typed!(node_ips),
                     source_ranges: typed!(source_ranges),
+                    sock_revnat: typed!(sock_revnat),
                 }
             }};
         }
@@ -149,7 +152,6 @@ impl Maps {
             affinity: typed!(MAP_AFFINITY),
             affinity_match: typed!(MAP_AFFINITY_MATCH),
             sock_config: typed!(MAP_SOCK_CONFIG),
-            sock_revnat: typed!(MAP_SOCK_REVNAT),
             sock_skip: typed!(MAP_SOCK_SKIP),
         })
     }

@@ -390,16 +390,21 @@ impl Dataplane {
     /// Ends this namespace's connected UDP sockets that the socket hooks sent from a frontend
     /// to a backend it no longer has (`removed`: frontend, backend address, port). Returns how many.
     pub fn end_udp_sockets_to(&self, removed: &[(FrontendKey, IpAddr, u16)]) -> Result<usize> {
-        // The socket hooks translate IPv4 sockets only.
-        let removed: Vec<(Service4KeyV1, u32, u16)> =
-            removed.iter().filter_map(|(key, a, p)| Some((key.entry::<Addr4>()?, Addr4::from_ip(*a)?, port_raw(*p)))).collect();
-        let backends: Vec<(u32, u16)> = removed.iter().map(|(_, addr, port)| (*addr, *port)).collect();
-        sockets::destroy_udp_sockets_to(&backends, |cookie, (addr, port)| {
-            let key = SockRevNat4KeyV1 { cookie, backend_addr: addr, backend_port: port, proto: IPPROTO_UDP, ..Default::default() };
-            let Ok(asked) = self.maps.sock_revnat.get(&key, 0) else { return false };
-            // A NodePort frontend (address 0) was asked for at one of the node's addresses.
-            removed.iter().any(|(f, a, p)| (*a, *p) == (addr, port) && f.port == asked.frontend_port && (f.addr == 0 || f.addr == asked.frontend_addr))
+        let backends: Vec<(IpAddr, u16)> = removed.iter().map(|(_, addr, port)| (*addr, *port)).collect();
+        sockets::destroy_udp_sockets_to(&backends, |cookie, (addr, port)| match addr {
+            IpAddr::V4(_) => self.sent_to_removed::<Addr4>(removed, cookie, addr, port),
+            IpAddr::V6(_) => self.sent_to_removed::<Addr6>(removed, cookie, addr, port),
         })
+    }
+
+    /// Whether the socket `cookie`, connected to `addr`:`port`, was sent there from one of the
+    /// frontends in `removed` that lost that backend.
+    fn sent_to_removed<A: Family>(&self, removed: &[(FrontendKey, IpAddr, u16)], cookie: u64, addr: IpAddr, port: u16) -> bool {
+        let Some(backend_addr) = A::from_ip(addr) else { return false };
+        let key = SockRevNatKeyV1::<A> { cookie, backend_addr, backend_port: port_raw(port), proto: IPPROTO_UDP, ..Default::default() };
+        let Ok(asked) = A::of(&self.maps).sock_revnat.get(&key, 0) else { return false };
+        // A NodePort frontend (the unspecified address) was asked for at one of the node's addresses.
+        removed.iter().any(|(f, a, p)| (*a, *p) == (addr, port) && f.port == asked.frontend_port && (f.is_node_port() || f.addr == asked.frontend_addr.to_ip()))
     }
 
     /// Makes the socket hooks skip exactly the cgroups in `ids`.

@@ -2,6 +2,8 @@
 //! address its connect() was translated to; when that backend goes (a replaced DNS pod, say),
 //! the agent aborts the socket through sock_diag (SOCK_DESTROY, as `ss -K` does), so the
 //! application gets an error at once and reconnects to a live backend.
+use std::net::IpAddr;
+
 use anyhow::{bail, Context, Result};
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
 
@@ -19,14 +21,16 @@ const ALL_STATES: u32 = u32::MAX;
 
 /// A UDP socket as sock_diag names it, and where it is connected to.
 struct UdpSocket {
+    family: u8,
     id: [u8; SOCK_ID_LEN],
 }
 
 impl UdpSocket {
-    /// Destination port and IPv4 address, raw (wire order), as the maps keep them.
-    fn peer(&self) -> (u32, u16) {
-        let port = u16::from_ne_bytes([self.id[2], self.id[3]]);
-        let addr = u32::from_ne_bytes([self.id[20], self.id[21], self.id[22], self.id[23]]);
+    /// Destination address and port (host order).
+    fn peer(&self) -> (IpAddr, u16) {
+        let port = u16::from_be_bytes([self.id[2], self.id[3]]);
+        let dst: [u8; 16] = self.id[20..36].try_into().expect("16 bytes");
+        let addr = if self.family == libc::AF_INET6 as u8 { IpAddr::from(dst) } else { IpAddr::from([dst[0], dst[1], dst[2], dst[3]]) };
         (addr, port)
     }
 
@@ -37,9 +41,9 @@ impl UdpSocket {
     }
 }
 
-/// Aborts this namespace's UDP sockets connected to one of `backends` (raw address and port)
-/// for which `translated(cookie, backend)` holds. Returns how many were ended.
-pub fn destroy_udp_sockets_to(backends: &[(u32, u16)], translated: impl Fn(u64, (u32, u16)) -> bool) -> Result<usize> {
+/// Aborts this namespace's UDP sockets (of both families) connected to one of `backends`
+/// (address and port) for which `translated(cookie, backend)` holds. Returns how many were ended.
+pub fn destroy_udp_sockets_to(backends: &[(IpAddr, u16)], translated: impl Fn(u64, (IpAddr, u16)) -> bool) -> Result<usize> {
     if backends.is_empty() {
         return Ok(0);
     }
@@ -47,10 +51,10 @@ pub fn destroy_udp_sockets_to(backends: &[(u32, u16)], translated: impl Fn(u64, 
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
     let mut ended = 0;
-    for udp in dump_udp(&socket)? {
+    for udp in dump_udp(&socket, libc::AF_INET as u8)?.into_iter().chain(dump_udp(&socket, libc::AF_INET6 as u8)?) {
         let peer = udp.peer();
         if backends.contains(&peer) && translated(udp.cookie(), peer) {
-            request(&socket, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &udp.id)?;
+            request(&socket, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, udp.family, &udp.id)?;
             expect_ack(&socket).context("SOCK_DESTROY")?;
             ended += 1;
         }
@@ -58,24 +62,24 @@ pub fn destroy_udp_sockets_to(backends: &[(u32, u16)], translated: impl Fn(u64, 
     Ok(ended)
 }
 
-/// Sends one request with an `inet_diag_req_v2` for IPv4 UDP and the given socket id.
-fn request(socket: &Socket, msg_type: u16, flags: u16, id: &[u8; SOCK_ID_LEN]) -> Result<()> {
+/// Sends one request with an `inet_diag_req_v2` for UDP of `family` and the given socket id.
+fn request(socket: &Socket, msg_type: u16, flags: u16, family: u8, id: &[u8; SOCK_ID_LEN]) -> Result<()> {
     let mut msg = Vec::with_capacity(NLMSG_HEADER_LEN + 8 + SOCK_ID_LEN);
     let len = (NLMSG_HEADER_LEN + 8 + SOCK_ID_LEN) as u32;
     msg.extend_from_slice(&len.to_ne_bytes());
     msg.extend_from_slice(&msg_type.to_ne_bytes());
     msg.extend_from_slice(&flags.to_ne_bytes());
     msg.extend_from_slice(&[0; 8]); // sequence number and port id
-    msg.extend_from_slice(&[libc::AF_INET as u8, libc::IPPROTO_UDP as u8, 0, 0]);
+    msg.extend_from_slice(&[family, libc::IPPROTO_UDP as u8, 0, 0]);
     msg.extend_from_slice(&ALL_STATES.to_ne_bytes());
     msg.extend_from_slice(id);
     socket.send(&msg, 0)?;
     Ok(())
 }
 
-/// Every IPv4 UDP socket of this network namespace.
-fn dump_udp(socket: &Socket) -> Result<Vec<UdpSocket>> {
-    request(socket, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, &[0; SOCK_ID_LEN])?;
+/// Every UDP socket of `family` in this network namespace.
+fn dump_udp(socket: &Socket, family: u8) -> Result<Vec<UdpSocket>> {
+    request(socket, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, family, &[0; SOCK_ID_LEN])?;
     let mut out = Vec::new();
     loop {
         let (buf, _) = socket.recv_from_full()?;
@@ -85,7 +89,7 @@ fn dump_udp(socket: &Socket) -> Result<Vec<UdpSocket>> {
                 NLMSG_ERROR => bail!("sock_diag dump: {}", error_of(payload)),
                 // `struct inet_diag_msg`: family, state, timer, retransmits, then the id.
                 SOCK_DIAG_BY_FAMILY if payload.len() >= 4 + SOCK_ID_LEN => {
-                    out.push(UdpSocket { id: payload[4..4 + SOCK_ID_LEN].try_into().expect("length checked") });
+                    out.push(UdpSocket { family, id: payload[4..4 + SOCK_ID_LEN].try_into().expect("length checked") });
                 }
                 _ => {}
             }
