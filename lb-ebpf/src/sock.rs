@@ -21,12 +21,9 @@ use crate::{
     maps::{count_reason, LB4_SKRNAT_V1, LB6_SKRNAT_V1, LB_SOCK_CFG_V1, LB_SOCK_SKIP_V1},
 };
 
-/// What the socket hooks read and write of each family.
+/// The maps and bound addresses of each family, as the socket hooks use them.
 trait SockFamily: Family {
     fn sock_revnat() -> &'static LruHashMap<SockRevNatKeyV1<Self>, SockRevNatV1<Self>>;
-    /// The address the application gave (connect, sendmsg) or is shown (recvmsg, getpeername).
-    fn user_addr(sa: &bpf_sock_addr) -> Self;
-    fn set_user_addr(sa: &mut bpf_sock_addr, addr: Self);
     /// The address a socket is bound to.
     fn bound_addr(sk: &bpf_sock) -> Self;
 }
@@ -35,14 +32,6 @@ impl SockFamily for Addr4 {
     #[inline(always)]
     fn sock_revnat() -> &'static LruHashMap<SockRevNat4KeyV1, SockRevNat4V1> {
         &LB4_SKRNAT_V1
-    }
-    #[inline(always)]
-    fn user_addr(sa: &bpf_sock_addr) -> u32 {
-        sa.user_ip4
-    }
-    #[inline(always)]
-    fn set_user_addr(sa: &mut bpf_sock_addr, addr: u32) {
-        sa.user_ip4 = addr;
     }
     #[inline(always)]
     fn bound_addr(sk: &bpf_sock) -> u32 {
@@ -55,22 +44,68 @@ impl SockFamily for Addr6 {
     fn sock_revnat() -> &'static LruHashMap<SockRevNat6KeyV1, SockRevNat6V1> {
         &LB6_SKRNAT_V1
     }
-    // The context's address words are read and written one at a time: the verifier allows
-    // 4-byte accesses to them only.
     #[inline(always)]
-    fn user_addr(sa: &bpf_sock_addr) -> [u32; 4] {
+    fn bound_addr(sk: &bpf_sock) -> [u32; 4] {
+        [sk.src_ip6[0], sk.src_ip6[1], sk.src_ip6[2], sk.src_ip6[3]]
+    }
+}
+
+/// How a hook reads and writes the address the application gave (connect, sendmsg) or is
+/// shown (recvmsg, getpeername): in its own family, or the IPv4 address inside an
+/// IPv4-mapped one (`::ffff:a.b.c.d`), which IPv6 sockets use to talk to IPv4 (Java's, by
+/// default). The context's address words are read and written one at a time: the verifier
+/// allows 4-byte accesses to them only.
+trait UserAddr<A> {
+    fn get(sa: &bpf_sock_addr) -> A;
+    fn set(sa: &mut bpf_sock_addr, addr: A);
+}
+
+struct Ip4;
+struct Ip6;
+struct Ip4InIp6;
+
+/// The third word of an IPv4-mapped IPv6 address, wire order.
+const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+#[inline(always)]
+fn is_v4_mapped(ctx: &SockAddrContext) -> bool {
+    let sa = unsafe { &*ctx.sock_addr };
+    sa.user_ip6[0] == 0 && sa.user_ip6[1] == 0 && sa.user_ip6[2] == V4_MAPPED
+}
+
+impl UserAddr<Addr4> for Ip4 {
+    #[inline(always)]
+    fn get(sa: &bpf_sock_addr) -> u32 {
+        sa.user_ip4
+    }
+    #[inline(always)]
+    fn set(sa: &mut bpf_sock_addr, addr: u32) {
+        sa.user_ip4 = addr;
+    }
+}
+
+impl UserAddr<Addr6> for Ip6 {
+    #[inline(always)]
+    fn get(sa: &bpf_sock_addr) -> [u32; 4] {
         [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]]
     }
     #[inline(always)]
-    fn set_user_addr(sa: &mut bpf_sock_addr, addr: [u32; 4]) {
+    fn set(sa: &mut bpf_sock_addr, addr: [u32; 4]) {
         sa.user_ip6[0] = addr[0];
         sa.user_ip6[1] = addr[1];
         sa.user_ip6[2] = addr[2];
         sa.user_ip6[3] = addr[3];
     }
+}
+
+impl UserAddr<Addr4> for Ip4InIp6 {
     #[inline(always)]
-    fn bound_addr(sk: &bpf_sock) -> [u32; 4] {
-        [sk.src_ip6[0], sk.src_ip6[1], sk.src_ip6[2], sk.src_ip6[3]]
+    fn get(sa: &bpf_sock_addr) -> u32 {
+        sa.user_ip6[3]
+    }
+    #[inline(always)]
+    fn set(sa: &mut bpf_sock_addr, addr: u32) {
+        sa.user_ip6[3] = addr;
     }
 }
 
@@ -82,22 +117,22 @@ const EADDRINUSE: i32 = 98;
 
 #[cgroup_sock_addr(connect4)]
 pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
-    to_backend::<Addr4>(&ctx)
+    to_backend::<Addr4, Ip4>(&ctx)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    to_backend::<Addr4>(&ctx)
+    to_backend::<Addr4, Ip4>(&ctx)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    to_frontend::<Addr4>(&ctx)
+    to_frontend::<Addr4, Ip4>(&ctx)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    to_frontend::<Addr4>(&ctx)
+    to_frontend::<Addr4, Ip4>(&ctx)
 }
 
 #[cgroup_sock(post_bind4)]
@@ -105,24 +140,25 @@ pub fn lb_sock_post_bind4(ctx: SockContext) -> i32 {
     refuse_frontend_bind::<Addr4>(&ctx)
 }
 
+// IPv6 sockets: IPv6 destinations, and IPv4 ones through IPv4-mapped addresses.
 #[cgroup_sock_addr(connect6)]
 pub fn lb_sock_connect6(ctx: SockAddrContext) -> i32 {
-    to_backend::<Addr6>(&ctx)
+    if is_v4_mapped(&ctx) { to_backend::<Addr4, Ip4InIp6>(&ctx) } else { to_backend::<Addr6, Ip6>(&ctx) }
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn lb_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
-    to_backend::<Addr6>(&ctx)
+    if is_v4_mapped(&ctx) { to_backend::<Addr4, Ip4InIp6>(&ctx) } else { to_backend::<Addr6, Ip6>(&ctx) }
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn lb_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
-    to_frontend::<Addr6>(&ctx)
+    if is_v4_mapped(&ctx) { to_frontend::<Addr4, Ip4InIp6>(&ctx) } else { to_frontend::<Addr6, Ip6>(&ctx) }
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn lb_sock_getpeername6(ctx: SockAddrContext) -> i32 {
-    to_frontend::<Addr6>(&ctx)
+    if is_v4_mapped(&ctx) { to_frontend::<Addr4, Ip4InIp6>(&ctx) } else { to_frontend::<Addr6, Ip6>(&ctx) }
 }
 
 #[cgroup_sock(post_bind6)]
@@ -149,7 +185,7 @@ fn in_node_netns<C: EbpfContext>(ctx: &C) -> Option<u64> {
 /// connect and sendmsg: a frontend destination becomes a backend, chosen as the packet path
 /// chooses (affinity per network namespace, else Maglev), and the socket remembers the frontend.
 #[inline(always)]
-fn to_backend<A: SockFamily>(ctx: &SockAddrContext) -> i32 {
+fn to_backend<A: SockFamily, V: UserAddr<A>>(ctx: &SockAddrContext) -> i32 {
     let Some(netns) = in_node_netns(ctx) else { return ALLOW };
     let sa = unsafe { &mut *ctx.sock_addr };
     let proto = sa.protocol as u8;
@@ -157,7 +193,7 @@ fn to_backend<A: SockFamily>(ctx: &SockAddrContext) -> i32 {
         return ALLOW;
     }
     // user_port holds the port in network order in its low 16 bits.
-    let (frontend_addr, frontend_port) = (A::user_addr(sa), sa.user_port as u16);
+    let (frontend_addr, frontend_port) = (V::get(sa), sa.user_port as u16);
     let Some((_, svc)) = lookup_frontend(frontend_addr, frontend_port, proto) else { return ALLOW };
     if svc.maglev_size == 0 {
         // No ready endpoint: the call fails at once, as a connection refused would.
@@ -184,7 +220,7 @@ fn to_backend<A: SockFamily>(ctx: &SockAddrContext) -> i32 {
         return ALLOW;
     }
     remember_affinity(&svc, &affinity, backend_id, now);
-    A::set_user_addr(sa, be.addr);
+    V::set(sa, be.addr);
     sa.user_port = be.port as u32;
     count_reason(reason::FWD_SOCKET);
     ALLOW
@@ -192,15 +228,15 @@ fn to_backend<A: SockFamily>(ctx: &SockAddrContext) -> i32 {
 
 /// recvmsg and getpeername: a backend this socket was sent to shows as its frontend.
 #[inline(always)]
-fn to_frontend<A: SockFamily>(ctx: &SockAddrContext) -> i32 {
+fn to_frontend<A: SockFamily, V: UserAddr<A>>(ctx: &SockAddrContext) -> i32 {
     if in_node_netns(ctx).is_none() {
         return ALLOW;
     }
     let sa = unsafe { &mut *ctx.sock_addr };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = SockRevNatKeyV1 { cookie, backend_addr: A::user_addr(sa), backend_port: sa.user_port as u16, proto: sa.protocol as u8, ..Default::default() };
+    let key = SockRevNatKeyV1 { cookie, backend_addr: V::get(sa), backend_port: sa.user_port as u16, proto: sa.protocol as u8, ..Default::default() };
     if let Some(frontend) = unsafe { A::sock_revnat().get(&key) } {
-        A::set_user_addr(sa, frontend.frontend_addr);
+        V::set(sa, frontend.frontend_addr);
         sa.user_port = frontend.frontend_port as u32;
     }
     ALLOW

@@ -194,10 +194,17 @@ fn node_processes_reach_ipv6_frontends_through_the_socket_hooks() -> Result<()> 
     let (from, reply) = unconnected_udp_exchange(node, to)?;
     assert_eq!(from, to, "the reply's source is the frontend, not the backend");
     assert!(reply.starts_with("web-"), "{reply}");
+    // An IPv6 socket reaching the IPv4 ClusterIP through its IPv4-mapped address (as Java's
+    // sockets do) is translated too, and sees the frontend as it asked for it.
+    let mapped = SocketAddr::new(IpAddr::V6("::ffff:10.96.0.60".parse().unwrap()), 80);
+    let backends: BTreeSet<String> = (0..20).map(|i| Ok(tcp_request(node, mapped, None, TIMEOUT).map_err(|e| e.context(format!("mapped request {i}")))?.backend)).collect::<Result<_>>()?;
+    assert_eq!(backends.len(), 3, "{backends:?}");
+    let peer = node.run(move || -> Result<SocketAddr> { Ok(std::net::TcpStream::connect_timeout(&mapped, TIMEOUT)?.peer_addr()?) })??;
+    assert_eq!(peer, mapped, "getpeername shows the IPv4-mapped frontend");
     // A node process cannot bind the IPv6 LoadBalancer frontend's port.
     let bind = node.run(move || std::net::TcpListener::bind(sock6(LB_IP6, 80)).map(|_| ()))?;
     assert!(bind.is_err(), "binding [{LB_IP6}]:80 is refused");
-    assert!(reason_count(&pins, "fwd_socket")? >= 3 * 40 + 1);
+    assert!(reason_count(&pins, "fwd_socket")? >= 3 * 40 + 1 + 20);
     Ok(())
 }
 

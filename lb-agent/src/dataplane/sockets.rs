@@ -30,7 +30,9 @@ impl UdpSocket {
     fn peer(&self) -> (IpAddr, u16) {
         let port = u16::from_be_bytes([self.id[2], self.id[3]]);
         let dst: [u8; 16] = self.id[20..36].try_into().expect("16 bytes");
-        let addr = if self.family == libc::AF_INET6 as u8 { IpAddr::from(dst) } else { IpAddr::from([dst[0], dst[1], dst[2], dst[3]]) };
+        // An IPv6 socket connected to an IPv4-mapped address talks IPv4: the socket hooks
+        // translated it with the IPv4 maps.
+        let addr = if self.family == libc::AF_INET6 as u8 { IpAddr::from(dst).to_canonical() } else { IpAddr::from([dst[0], dst[1], dst[2], dst[3]]) };
         (addr, port)
     }
 
