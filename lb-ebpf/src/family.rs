@@ -85,6 +85,7 @@ fn sum_addr<A: MapAddr>(addr: &A) -> u32 {
 
 /// The working space of one packet, per CPU: what does not fit on the 512-byte BPF stack
 /// beside the rest of an IPv6 path (the verifier counts every frame of a chain of calls).
+/// Both hooks run in softirq context, so one CPU never interleaves two packets' use of it.
 #[repr(C)]
 pub struct Scratch<A: MapAddr> {
     /// The packet as parsed (or the ICMP error).
