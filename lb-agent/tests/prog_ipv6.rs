@@ -170,7 +170,11 @@ fn an_ipv6_frontend_without_backends_answers_with_a_reset_or_icmpv6_port_unreach
             assert_eq!((o.src, o.sport, o.dst, o.dport, o.macs), (VIP, 80, CLIENT, 43000, (NODE_MAC, CLIENT_MAC)), "{hook}");
             assert_eq!(o.tcp, Some(((false, true, true), (0, 1001))), "{hook}: RST|ACK acknowledging the SYN");
 
-            let query = packet(CLIENT, VIP, 43000, 53, None, Ipv6Extensions::default(), b"a payload the error does not quote");
+            // Without and with a destination options header: the quote is the IPv6 header, its
+            // extension headers and 8 bytes of UDP.
+            let options = Ipv6Extensions { destination_options: Some(Ipv6RawExtHeader::new_raw(IpNumber(0), &[0; 14])?), ..Default::default() };
+            for (exts, headers) in [(Ipv6Extensions::default(), 40), (options, 56)] {
+            let query = packet(CLIENT, VIP, 43000, 53, None, exts, b"a payload the error does not quote");
             let (verdict, out) = if hook == "xdp" { tb.run_xdp(&query)? } else { tb.run_tc(&query)? };
             assert_eq!(verdict, expected, "{hook}");
             let p = SlicedPacket::from_ethernet(&out).expect("parses");
@@ -180,11 +184,12 @@ fn an_ipv6_frontend_without_backends_answers_with_a_reset_or_icmpv6_port_unreach
             let Some(TransportSlice::Icmpv6(icmp)) = &p.transport else { panic!("not ICMPv6") };
             assert_eq!(icmp.icmp_type(), Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port), "{hook}");
             assert!(icmp.is_checksum_valid(h.source, h.destination), "{hook}: ICMPv6 checksum (with its pseudo-header)");
-            assert_eq!(icmp.payload(), &query[14..14 + 48], "{hook}: quotes the IPv6 header and 8 bytes of UDP");
+            assert_eq!(icmp.payload(), &query[14..14 + headers + 8], "{hook}: quotes the IP headers and 8 bytes of UDP");
             assert_eq!((&out[..6], &out[6..12]), (&CLIENT_MAC[..], &NODE_MAC[..]), "{hook}: back to the sender's MAC");
-            assert_eq!(out.len(), 14 + 40 + 8 + 48);
+            assert_eq!(out.len(), 14 + 40 + 8 + headers + 8);
+            }
         }
-        assert_eq!(reason_count(&tb, reason::REJECT_NO_BACKEND), 4);
+        assert_eq!(reason_count(&tb, reason::REJECT_NO_BACKEND), 6);
         Ok(())
     })
 }

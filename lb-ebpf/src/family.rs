@@ -46,7 +46,7 @@ pub trait Family: MapAddr + 'static {
     /// ICMP type and code of "port unreachable".
     const PORT_UNREACHABLE: [u8; 2];
     /// One's-complement sum of the IP headers an ICMP error quotes (`l3_off..l4_off`); `None`
-    /// when they are not quoted (IPv6 extension headers).
+    /// when they are longer than an error quotes.
     fn quoted_header_sum(data: usize, data_end: usize, l3_off: usize, l4_off: usize) -> Option<u32>;
     /// Writes the IP header of an ICMP error of `icmp_len` bytes at `ip_off`, back to the
     /// sender of the datagram it quotes (whose header is at `quoted_off`); returns what its
@@ -61,6 +61,10 @@ pub trait Family: MapAddr + 'static {
     /// Copies the FIB's answer (its destination, or gateway) as the next hop to resolve.
     fn set_next_hop(nh: &mut bpf_redir_neigh, p: &bpf_fib_lookup);
 }
+
+/// The IPv6 header and extension headers an ICMPv6 error quotes in full, at most (with 8
+/// bytes of UDP, the quote then stays under 160 bytes).
+const MAX_QUOTED_HEADERS: usize = Ipv6Hdr::LEN + 64;
 
 /// The one's-complement sum of 16-bit words, unfolded.
 #[inline(always)]
@@ -275,14 +279,19 @@ impl Family for Addr6 {
     const PORT_UNREACHABLE: [u8; 2] = [1, 4];
     #[inline(always)]
     fn quoted_header_sum(data: usize, data_end: usize, l3_off: usize, l4_off: usize) -> Option<u32> {
-        if l4_off != l3_off + Ipv6Hdr::LEN {
+        // The IPv6 header and its extension headers (a multiple of 8 bytes), up to a bound,
+        // summed where they lie: a copy on the stack would cost as many bytes of it and more.
+        let len = l4_off.checked_sub(l3_off)?;
+        if len > MAX_QUOTED_HEADERS {
             return None;
         }
-        // Summed where it lies: a copy on the stack would cost 40 bytes of it and more.
-        let header = ptr_at::<[u16; Ipv6Hdr::LEN / 2]>(data, data_end, l3_off)?;
         let mut sum = 0u32;
-        for i in 0..Ipv6Hdr::LEN / 2 {
-            sum += unsafe { (*header)[i] } as u32;
+        for i in 0..MAX_QUOTED_HEADERS / 2 {
+            if 2 * i >= len {
+                break;
+            }
+            // Opaque offsets: LLVM would drop bound checks that the loop bound seems to imply.
+            sum += unsafe { *ptr_at::<u16>(data, data_end, core::hint::black_box(l3_off + 2 * i))? } as u32;
         }
         Some(sum)
     }

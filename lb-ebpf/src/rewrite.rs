@@ -201,7 +201,7 @@ impl IcmpQuote {
         let udp = unsafe { *ptr_at::<[u16; 4]>(data, data_end, pkt.l4_off).ok_or(Fault)? };
         let header_sum = A::quoted_header_sum(data, data_end, pkt.l3_off, pkt.l4_off).ok_or(Fault)?;
         let quoted_sum = header_sum + udp.iter().map(|w| *w as u32).sum::<u32>();
-        Ok(Self { l2_len: pkt.l3_off & 0x1f, quoted_len: (pkt.l4_off - pkt.l3_off + 8) & 0x7f, quoted_sum })
+        Ok(Self { l2_len: pkt.l3_off & 0x1f, quoted_len: (pkt.l4_off - pkt.l3_off + 8) & 0xff, quoted_sum })
     }
 
     /// Bytes of the original frame the error keeps: its L2 header and the quote.
