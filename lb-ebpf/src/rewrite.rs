@@ -33,21 +33,10 @@ pub struct Fault;
 pub trait PacketWriter {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
-    /// Replace 4 bytes of an address in the packet's IP header: covered by the IPv4 header
-    /// checksum and by the L4 pseudo-header.
-    fn replace_addr_word<A: Family>(&self, pkt: &Packet<A>, off: usize, old: u32, new: u32) -> Result<(), Fault>;
-    /// Replace a whole address in the packet's IP header, word by word; words that do not
-    /// change are not touched. A writer may update each checksum once for all the words.
-    #[inline(always)]
-    fn replace_addr<A: Family>(&self, pkt: &Packet<A>, off: usize, old: &A, new: &A) -> Result<(), Fault> {
-        let (old, new) = (old.words(), new.words());
-        for i in 0..old.len() {
-            if old[i] != new[i] {
-                self.replace_addr_word(pkt, off + 4 * i, old[i], new[i])?;
-            }
-        }
-        Ok(())
-    }
+    /// Replace an address in the packet's IP header (one word for IPv4, four for IPv6; words
+    /// that do not change are not touched): covered by the IPv4 header checksum and by the L4
+    /// pseudo-header.
+    fn replace_addr<A: Family>(&self, pkt: &Packet<A>, off: usize, old: &A, new: &A) -> Result<(), Fault>;
     /// Replace 2 bytes of the L4 header, covered by the L4 checksum only.
     fn replace_l4_u16<A: Family>(&self, pkt: &Packet<A>, off: usize, old: u16, new: u16) -> Result<(), Fault>;
     /// Replace 4 bytes of the L4 header, covered by the L4 checksum only.

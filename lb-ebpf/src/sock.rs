@@ -140,25 +140,35 @@ pub fn lb_sock_post_bind4(ctx: SockContext) -> i32 {
     refuse_frontend_bind::<Addr4>(&ctx)
 }
 
-// IPv6 sockets: IPv6 destinations, and IPv4 ones through IPv4-mapped addresses.
 #[cgroup_sock_addr(connect6)]
 pub fn lb_sock_connect6(ctx: SockAddrContext) -> i32 {
-    if is_v4_mapped(&ctx) { to_backend::<Addr4, Ip4InIp6>(&ctx) } else { to_backend::<Addr6, Ip6>(&ctx) }
+    to_backend6(&ctx)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn lb_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
-    if is_v4_mapped(&ctx) { to_backend::<Addr4, Ip4InIp6>(&ctx) } else { to_backend::<Addr6, Ip6>(&ctx) }
+    to_backend6(&ctx)
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn lb_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
-    if is_v4_mapped(&ctx) { to_frontend::<Addr4, Ip4InIp6>(&ctx) } else { to_frontend::<Addr6, Ip6>(&ctx) }
+    to_frontend6(&ctx)
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn lb_sock_getpeername6(ctx: SockAddrContext) -> i32 {
-    if is_v4_mapped(&ctx) { to_frontend::<Addr4, Ip4InIp6>(&ctx) } else { to_frontend::<Addr6, Ip6>(&ctx) }
+    to_frontend6(&ctx)
+}
+
+/// An IPv6 socket's destination: IPv6, or IPv4 through an IPv4-mapped address.
+#[inline(always)]
+fn to_backend6(ctx: &SockAddrContext) -> i32 {
+    if is_v4_mapped(ctx) { to_backend::<Addr4, Ip4InIp6>(ctx) } else { to_backend::<Addr6, Ip6>(ctx) }
+}
+
+#[inline(always)]
+fn to_frontend6(ctx: &SockAddrContext) -> i32 {
+    if is_v4_mapped(ctx) { to_frontend::<Addr4, Ip4InIp6>(ctx) } else { to_frontend::<Addr6, Ip6>(ctx) }
 }
 
 #[cgroup_sock(post_bind6)]

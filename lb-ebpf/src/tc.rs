@@ -184,15 +184,24 @@ impl PacketWriter for TcWriter<'_> {
     fn data_end(&self) -> usize {
         data_end(self.0)
     }
-    // The csum helpers know the skb's checksum state (CHECKSUM_PARTIAL from pods included).
+    // The csum helpers know the skb's checksum state (CHECKSUM_PARTIAL from pods included);
+    // they take one 4-byte difference at a time.
     #[inline(always)]
-    fn replace_addr_word<A: Family>(&self, pkt: &Packet<A>, off: usize, old: u32, new: u32) -> Result<(), Fault> {
-        self.0.store(off, &new, 0).map_err(|_| Fault)?;
-        if let Some(csum_off) = A::HEADER_CSUM_OFF {
-            self.0.l3_csum_replace(pkt.l3_off + csum_off, old as u64, new as u64, 4).map_err(|_| Fault)?;
+    fn replace_addr<A: Family>(&self, pkt: &Packet<A>, off: usize, old: &A, new: &A) -> Result<(), Fault> {
+        let (old, new) = (old.words(), new.words());
+        for i in 0..old.len() {
+            if old[i] == new[i] {
+                continue;
+            }
+            let (word_off, old, new) = (off + 4 * i, old[i], new[i]);
+            self.0.store(word_off, &new, 0).map_err(|_| Fault)?;
+            if let Some(csum_off) = A::HEADER_CSUM_OFF {
+                self.0.l3_csum_replace(pkt.l3_off + csum_off, old as u64, new as u64, 4).map_err(|_| Fault)?;
+            }
+            let flags = BPF_F_PSEUDO_HDR | Self::l4_flags(pkt) | 4;
+            self.0.l4_csum_replace(l4_csum_off(pkt), old as u64, new as u64, flags).map_err(|_| Fault)?;
         }
-        let flags = BPF_F_PSEUDO_HDR | Self::l4_flags(pkt) | 4;
-        self.0.l4_csum_replace(l4_csum_off(pkt), old as u64, new as u64, flags).map_err(|_| Fault)
+        Ok(())
     }
     #[inline(always)]
     fn replace_l4_u16<A: Family>(&self, pkt: &Packet<A>, off: usize, old: u16, new: u16) -> Result<(), Fault> {

@@ -234,14 +234,6 @@ impl PacketWriter for XdpWriter<'_> {
         self.update_l4_csum(pkt, |c| csum::apply(c, diff))
     }
     #[inline(always)]
-    fn replace_addr_word<A: Family>(&self, pkt: &Packet<A>, off: usize, old: u32, new: u32) -> Result<(), Fault> {
-        match A::HEADER_CSUM_OFF {
-            Some(csum_off) => self.store_with_csum(pkt.l3_off + csum_off, off, new.to_ne_bytes(), |c| csum::replace4(c, old, new))?,
-            None => unsafe { *ptr_at::<[u8; 4]>(self.data(), self.data_end(), off).ok_or(Fault)? = new.to_ne_bytes() },
-        }
-        self.update_l4_csum(pkt, |c| csum::replace4(c, old, new))
-    }
-    #[inline(always)]
     fn replace_l4_u16<A: Family>(&self, pkt: &Packet<A>, off: usize, old: u16, new: u16) -> Result<(), Fault> {
         let field = ptr_at::<[u8; 2]>(self.data(), self.data_end(), off).ok_or(Fault)?;
         unsafe { *field = new.to_ne_bytes() };

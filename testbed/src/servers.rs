@@ -159,7 +159,7 @@ pub fn udp_request(ns: &Netns, to: SocketAddr, source_port: u16, timeout: Durati
 }
 
 /// The unspecified address of `to`'s family: a client socket for it binds there.
-fn unspecified_like(to: &SocketAddr) -> IpAddr {
+pub fn unspecified_like(to: &SocketAddr) -> IpAddr {
     if to.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() }
 }
 

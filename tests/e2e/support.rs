@@ -104,7 +104,7 @@ pub fn eventually<T>(timeout: Duration, mut check: impl FnMut() -> Result<T>) ->
 /// came from and what it said.
 pub fn unconnected_udp_exchange(ns: &testbed::netns::Netns, to: std::net::SocketAddr) -> Result<(std::net::SocketAddr, String)> {
     ns.run(move || -> Result<(std::net::SocketAddr, String)> {
-        let s = std::net::UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+        let s = std::net::UdpSocket::bind(std::net::SocketAddr::new(testbed::servers::unspecified_like(&to), 0))?;
         s.set_read_timeout(Some(TIMEOUT))?;
         s.send_to(b"hello", to)?;
         let mut buf = [0u8; 512];
@@ -120,7 +120,7 @@ pub fn a_connected_udp_socket_is_ended_when_its_backend_leaves(demo: &testbed::d
     use std::{io::ErrorKind, net::UdpSocket, time::Instant};
     let node = demo.cluster.nodes[0].ns.name.clone();
     let socket = testbed::netns::spawn_in(&node, move || -> Result<UdpSocket> {
-        let s = UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+        let s = UdpSocket::bind(std::net::SocketAddr::new(testbed::servers::unspecified_like(&to), 0))?;
         s.connect(to)?;
         s.set_read_timeout(Some(Duration::from_millis(200)))?;
         Ok(s)

@@ -8,7 +8,9 @@ use aya::{
 };
 use lb_common::*;
 
-use super::{batch, slots::SlotWindow, source_range_key, BackendEntry, FrontendKey};
+use aya::maps::lpm_trie::Key as LpmKey;
+
+use super::{batch, slots::SlotWindow, BackendEntry, FrontendKey};
 
 /// The maps that hold one address family's entries.
 pub struct FamilyMaps<A: MapAddr + aya::Pod> {
@@ -300,6 +302,11 @@ impl Maps {
             Err(e) => Err(e).with_context(context),
         }
     }
+}
+
+/// The LPM key of one CIDR (`addr`/`len`) of a frontend's source ranges, in the map of its family.
+fn source_range_key<A: Family>(service_id: u32, addr: A, len: u8) -> LpmKey<SourceRangeV1<A>> {
+    LpmKey::new(SourceRangeV1::<A>::SERVICE_BITS + len as u32, SourceRangeV1::new(service_id, addr))
 }
 
 /// Slots mapped at a time for writing tables: 4 MiB of the array.

@@ -31,7 +31,6 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use aya::maps::lpm_trie::Key as LpmKey;
 use lb_common::*;
 use maglev::Maglev;
 
@@ -304,10 +303,6 @@ where
     Ok(())
 }
 
-/// The LPM key of one CIDR (`addr`/`len`) of a frontend's source ranges, in the map of its family.
-pub(crate) fn source_range_key<A: Family>(service_id: u32, addr: A, len: u8) -> LpmKey<SourceRangeV1<A>> {
-    LpmKey::new(SourceRangeV1::<A>::SERVICE_BITS + len as u32, SourceRangeV1::new(service_id, addr))
-}
 
 impl Dataplane {
     /// `min_table_size` is the smallest Maglev table a service gets (a prime from
