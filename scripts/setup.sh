@@ -12,6 +12,12 @@ command -v ethtool >/dev/null || missing+=(ethtool)
 command -v python3 >/dev/null || missing+=(python3 python3-pip)
 command -v prometheus >/dev/null || missing+=(prometheus)
 command -v bpftool >/dev/null || missing+=(bpftool)
+# The image: podman builds and runs it (runc: crun refuses hybrid cgroup machines), busybox
+# gives it a shell, mount and sysctl.
+command -v podman >/dev/null || missing+=(podman)
+command -v runc >/dev/null || missing+=(runc)
+[ -x /usr/bin/busybox ] && /usr/bin/busybox --list | grep -qx sysctl || missing+=(busybox-static)
+command -v strip >/dev/null || missing+=(binutils)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 if ((${#missing[@]})); then
   echo "setup: installing Debian packages: ${missing[*]}"
