@@ -8,8 +8,10 @@
 //! - [`node`]: this node's devices and addresses (rtnetlink);
 //! - [`metrics`]: Prometheus metrics and the agent's own health endpoints;
 //! - [`health`]: kube-proxy's health endpoints (proxy healthz, healthCheckNodePorts);
-//! - [`agent`]: the loop that ties them together.
+//! - [`agent`]: the loop that ties them together;
+//! - [`cleanup`]: `lb-agent --cleanup`, which takes all of it off the node.
 pub mod agent;
+pub mod cleanup;
 pub mod dataplane;
 pub mod health;
 pub mod metrics;

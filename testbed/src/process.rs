@@ -60,8 +60,9 @@ impl AgentProcess {
     }
 }
 
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
+impl AgentProcess {
+    /// SIGTERM, as a DaemonSet's deletion would, and waits for the exit (SIGKILL after 5 s).
+    pub fn stop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -74,6 +75,12 @@ impl Drop for AgentProcess {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

@@ -3,6 +3,7 @@
 mod support;
 
 mod changes;
+mod cleanup;
 mod host;
 mod ipv6;
 mod kubernetes;

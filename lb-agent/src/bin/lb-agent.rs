@@ -20,7 +20,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Args {
     /// Standalone mode: a directory of Kubernetes manifests (Service, EndpointSlice, Node; YAML
     /// or JSON, multi-document), re-read when files change.
-    #[arg(long, conflicts_with = "kubernetes", required_unless_present = "kubernetes")]
+    #[arg(long, conflicts_with = "kubernetes", required_unless_present_any = ["kubernetes", "cleanup"])]
     manifests: Option<PathBuf>,
     /// Kubernetes mode: watch Services, EndpointSlices and Nodes on the API server (in-cluster,
     /// or from --kubeconfig / KUBECONFIG).
@@ -56,9 +56,13 @@ struct Args {
     /// --nodeport-addresses) [default: every node address].
     #[arg(long, value_delimiter = ',', value_parser = parse_cidr)]
     nodeport_addresses: Vec<(Ipv4Addr, u8)>,
+    /// Take the datapath off this node and exit: detach every program (XDP, TC, socket hooks)
+    /// and remove every pin under --pin-dir. The uninstall step; see README "Uninstall".
+    #[arg(long, conflicts_with_all = ["manifests", "kubernetes"])]
+    cleanup: bool,
     /// This node's name, as in EndpointSlice `nodeName` (decides local or remote backends).
-    #[arg(long, env = "NODE_NAME")]
-    node_name: String,
+    #[arg(long, env = "NODE_NAME", required_unless_present = "cleanup")]
+    node_name: Option<String>,
     /// Source address for SNAT to remote backends [default: the Node object's InternalIP, else
     /// the first address found through rtnetlink].
     #[arg(long)]
@@ -114,6 +118,18 @@ enum Mode {
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
+    if args.cleanup {
+        let removed = lb_agent::cleanup::cleanup(&args.pin_dir)?;
+        println!(
+            "cleanup of {}: {} links detached ({}), {} map pins removed{}",
+            args.pin_dir.display(),
+            removed.links.len(),
+            removed.links.join(", "),
+            removed.pins,
+            if removed.unmounted { ", its bpffs unmounted" } else { "" }
+        );
+        return Ok(());
+    }
     let metrics_addr = args.metrics_addr;
     let cfg = AgentConfig {
         source: match args.manifests {
@@ -121,7 +137,7 @@ fn main() -> Result<()> {
             // An empty value (an unset ConfigMap key) means "not given".
             None => SourceConfig::Kubernetes { kubeconfig: args.kubeconfig, api_server: args.k8s_api_server.filter(|s| !s.is_empty()) },
         },
-        node_name: args.node_name,
+        node_name: args.node_name.unwrap_or_default(),
         node_ip: args.node_ip,
         external_devices: args.external_devices,
         xdp_mode: match args.xdp_mode {

@@ -13,7 +13,7 @@ use aya_obj::generated::{bpf_attr, bpf_cmd};
 /// Entries per lookup call: large enough that a 100k-entry map takes a few dozen calls.
 const LOOKUP_CHUNK: usize = 4096;
 
-fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<()> {
+pub(crate) fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<()> {
     // SAFETY: `attr` is a fully initialised bpf_attr whose pointers the caller keeps alive.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd as libc::c_long, attr as *mut bpf_attr, size_of::<bpf_attr>() as libc::c_long) };
     if rc < 0 {

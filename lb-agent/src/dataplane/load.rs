@@ -287,7 +287,7 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn is_bpffs(dir: &Path) -> Result<bool> {
+pub fn is_bpffs(dir: &Path) -> Result<bool> {
     const BPF_FS_MAGIC: i64 = 0xcafe4a11;
     Ok(fs_magic(dir)? == BPF_FS_MAGIC)
 }
