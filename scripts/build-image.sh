@@ -47,7 +47,7 @@ for bin in lb-agent lbctl; do
 done
 # The init step's shell and tools: one static busybox.
 cp /usr/bin/busybox "$root/bin/busybox"
-for applet in sh mount umount sysctl grep tr cat ls rm echo; do
+for applet in sh mount umount sysctl grep tr cat ls rm echo sleep; do
   ln -s busybox "$root/bin/$applet"
 done
 

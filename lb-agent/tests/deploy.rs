@@ -1,57 +1,88 @@
-//! deploy/daemonset.yaml: valid against the real Kubernetes schemas, least privilege, runs on
-//! every node.
-use std::{path::Path, process::Command};
+//! deploy/: a kustomize base with overlays and an uninstall step. Every rendering (with the
+//! real `kubectl kustomize`) is valid against the real Kubernetes schemas of the oldest and
+//! newest supported versions, grants least privilege, runs on every Linux node, and names the
+//! image this build makes.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
-fn manifest_path() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml")
+const OVERLAYS: [&str; 3] = ["overlays/kubernetes", "overlays/bare-metal", "overlays/standalone"];
+const KUBERNETES_VERSIONS: [&str; 2] = ["1.34.0", "1.37.0"];
+const IMAGE: &str = "ghcr.io/lb-project/lb-agent";
+
+fn deploy_dir(sub: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(sub)
 }
 
-fn documents() -> Vec<Value> {
-    let text = std::fs::read_to_string(manifest_path()).unwrap();
-    serde_yaml_ng::Deserializer::from_str(&text).map(|d| Value::deserialize(d).unwrap()).collect()
+/// `kubectl kustomize deploy/<sub>`, written to a file of its own for the validator.
+fn render(sub: &str) -> (PathBuf, String) {
+    let out = Command::new("kubectl").arg("kustomize").arg(deploy_dir(sub)).output().expect("kubectl (with its built-in kustomize)");
+    assert!(out.status.success(), "kubectl kustomize {sub}: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let file = std::env::temp_dir().join(format!("lb-deploy-{}-{}.yaml", sub.replace('/', "-"), std::process::id()));
+    std::fs::write(&file, &text).unwrap();
+    (file, text)
 }
 
-fn kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
-    docs.iter().find(|d| d["kind"].as_str() == Some(kind)).unwrap_or_else(|| panic!("no {kind}"))
+fn documents(text: &str) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(text).map(|d| Value::deserialize(d).unwrap()).collect()
 }
 
-fn validate(path: &Path) -> std::process::Output {
-    Command::new("kubernetes-validate")
-        .args(["--strict", "--kubernetes-version", "1.34.0"])
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
+    docs.iter().find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str().is_some_and(|n| n.starts_with(name)))
+}
+
+fn kind<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    find(docs, kind, name).unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+fn validate(path: &Path, version: &str) -> (bool, String) {
+    let out = Command::new("kubernetes-validate")
+        .args(["--strict", "--kubernetes-version", version])
         .arg(path)
         .output()
-        .expect("kubernetes-validate (pip install kubernetes-validate; scripts/setup.sh does)")
+        .expect("kubernetes-validate (pip install kubernetes-validate; scripts/setup.sh does)");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+}
+
+fn strings(v: &Value) -> Vec<&str> {
+    v.as_sequence().map(|s| s.iter().filter_map(|c| c.as_str()).collect()).unwrap_or_default()
 }
 
 #[test]
-fn daemonset_passes_kubernetes_validate_strict() {
-    let out = validate(&manifest_path());
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
-    for resource in ["serviceaccount/lb-agent", "clusterrole/lb-agent", "clusterrolebinding/lb-agent", "configmap/lb-agent-config", "daemonset/lb-agent"] {
-        assert!(text.contains(&format!("passed for resource {resource}")), "{resource} not validated:\n{text}");
+fn every_overlay_and_the_uninstall_pass_kubernetes_validate_strict() {
+    for sub in OVERLAYS.iter().chain(&["uninstall"]) {
+        let (file, text) = render(sub);
+        let docs = documents(&text);
+        for version in KUBERNETES_VERSIONS {
+            let (ok, report) = validate(&file, version);
+            assert!(ok, "{sub} against {version}:\n{report}");
+            for doc in &docs {
+                let resource = format!("{}/{}", doc["kind"].as_str().unwrap().to_lowercase(), doc["metadata"]["name"].as_str().unwrap());
+                assert!(report.contains(&format!("passed for resource {resource}")), "{sub}: {resource} not validated against {version}:\n{report}");
+            }
+        }
+        // The validator does reject what is wrong: a misspelt field under --strict.
+        std::fs::write(&file, text.replace("hostNetwork: true", "hostNetwrok: true").replace("nodeSelector:", "nodeSelectr:")).unwrap();
+        assert!(!validate(&file, "1.37.0").0, "{sub}: a misspelt field passed validation");
+        std::fs::remove_file(&file).unwrap();
     }
-    // The validator does reject what is wrong: a misspelt field under --strict.
-    let broken = std::env::temp_dir().join(format!("lb-daemonset-broken-{}.yaml", std::process::id()));
-    std::fs::write(&broken, std::fs::read_to_string(manifest_path()).unwrap().replace("hostNetwork: true", "hostNetwrok: true")).unwrap();
-    let out = validate(&broken);
-    std::fs::remove_file(&broken).unwrap();
-    assert!(!out.status.success(), "a misspelt field passed validation");
 }
 
 #[test]
-fn rbac_grants_only_reads_and_status_patches() {
-    let docs = documents();
-    let rules = kind(&docs, "ClusterRole")["rules"].as_sequence().unwrap();
+fn rbac_grants_only_the_lists_and_watches_the_agent_makes() {
+    let (_, text) = render("overlays/kubernetes");
+    let docs = documents(&text);
     let mut grants: Vec<(String, String, String)> = Vec::new();
-    for rule in rules {
-        for group in rule["apiGroups"].as_sequence().unwrap() {
-            for resource in rule["resources"].as_sequence().unwrap() {
-                for verb in rule["verbs"].as_sequence().unwrap() {
-                    grants.push((group.as_str().unwrap().into(), resource.as_str().unwrap().into(), verb.as_str().unwrap().into()));
+    for rule in kind(&docs, "ClusterRole", "lb-agent")["rules"].as_sequence().unwrap() {
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                for verb in strings(&rule["verbs"]) {
+                    grants.push((group.into(), resource.into(), verb.into()));
                 }
             }
         }
@@ -59,39 +90,104 @@ fn rbac_grants_only_reads_and_status_patches() {
     grants.sort();
     let mut want: Vec<(String, String, String)> = Vec::new();
     for (group, resource) in [("", "services"), ("", "nodes"), ("", "pods"), ("discovery.k8s.io", "endpointslices")] {
-        for verb in ["get", "list", "watch"] {
+        for verb in ["list", "watch"] {
             want.push((group.into(), resource.into(), verb.into()));
         }
     }
-    want.push(("".into(), "services/status".into(), "patch".into()));
     want.sort();
     assert_eq!(grants, want);
+    let binding = kind(&docs, "ClusterRoleBinding", "lb-agent");
+    assert_eq!(binding["subjects"][0]["namespace"].as_str(), Some("kube-system"));
 }
 
 #[test]
-fn daemonset_runs_on_every_node_with_probes_and_without_privilege() {
-    let docs = documents();
-    let pod = &kind(&docs, "DaemonSet")["spec"]["template"]["spec"];
-    assert_eq!(pod["hostNetwork"].as_bool(), Some(true));
-    assert_eq!(pod["priorityClassName"].as_str(), Some("system-node-critical"));
-    assert!(pod["tolerations"].as_sequence().unwrap().iter().any(|t| t["operator"].as_str() == Some("Exists") && t.get("key").is_none()));
-    let agent = &pod["containers"][0];
-    let sc = &agent["securityContext"];
-    assert_eq!(sc["privileged"].as_bool(), Some(false));
-    let caps: Vec<&str> = sc["capabilities"]["add"].as_sequence().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
-    assert_eq!(caps, ["BPF", "NET_ADMIN", "SYS_ADMIN", "PERFMON", "SYS_RESOURCE"]);
-    assert_eq!(agent["livenessProbe"]["httpGet"]["path"].as_str(), Some("/healthz"));
-    assert_eq!(agent["readinessProbe"]["httpGet"]["path"].as_str(), Some("/readyz"));
-    assert!(agent["resources"]["requests"]["cpu"].is_string() && agent["resources"]["requests"]["memory"].is_string());
-    let mounts: Vec<&str> = agent["volumeMounts"].as_sequence().unwrap().iter().map(|m| m["mountPath"].as_str().unwrap()).collect();
-    assert!(mounts.contains(&"/sys/fs/bpf"));
-    // The socket hooks attach to the host's cgroup v2 root, mounted where --cgroup-root says.
-    assert!(mounts.contains(&"/run/lb/cgroupv2"));
-    let args: Vec<&str> = agent["command"].as_sequence().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
-    assert!(args.contains(&"--cgroup-root=/run/lb/cgroupv2"), "{args:?}");
-    let env: Vec<&str> = agent["env"].as_sequence().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+fn the_agent_runs_on_every_linux_node_with_probes_and_without_privilege() {
+    for sub in OVERLAYS {
+        let (_, text) = render(sub);
+        let docs = documents(&text);
+        let ds = kind(&docs, "DaemonSet", "lb-agent");
+        assert_eq!(ds["metadata"]["namespace"].as_str(), Some("kube-system"), "{sub}");
+        let pod = &ds["spec"]["template"]["spec"];
+        assert_eq!(pod["hostNetwork"].as_bool(), Some(true));
+        assert_eq!(pod["priorityClassName"].as_str(), Some("system-node-critical"));
+        assert_eq!(pod["nodeSelector"]["kubernetes.io/os"].as_str(), Some("linux"));
+        assert!(pod["tolerations"].as_sequence().unwrap().iter().any(|t| t["operator"].as_str() == Some("Exists") && t.get("key").is_none()));
+        let agent = &pod["containers"][0];
+        let sc = &agent["securityContext"];
+        assert_eq!(sc["privileged"].as_bool(), Some(false));
+        assert_eq!(strings(&sc["capabilities"]["add"]), ["BPF", "NET_ADMIN", "SYS_ADMIN", "PERFMON", "SYS_RESOURCE"]);
+        assert_eq!(agent["startupProbe"]["httpGet"]["path"].as_str(), Some("/healthz"));
+        assert_eq!(agent["livenessProbe"]["httpGet"]["path"].as_str(), Some("/healthz"));
+        assert_eq!(agent["readinessProbe"]["httpGet"]["path"].as_str(), Some("/readyz"));
+        assert!(agent["resources"]["requests"]["cpu"].is_string() && agent["resources"]["limits"]["memory"].is_string());
+        let mounts = agent["volumeMounts"].as_sequence().unwrap().iter().map(|m| m["mountPath"].as_str().unwrap()).collect::<Vec<_>>();
+        assert!(mounts.contains(&"/sys/fs/bpf") && mounts.contains(&"/run/lb/cgroupv2"), "{sub}: {mounts:?}");
+        assert!(strings(&agent["command"]).contains(&"--cgroup-root=/run/lb/cgroupv2"));
+        // Every setting comes from the generated ConfigMap, by its hashed name.
+        let config = kind(&docs, "ConfigMap", "lb-agent-config")["metadata"]["name"].as_str().unwrap();
+        for env in agent["env"].as_sequence().unwrap().iter().filter(|e| e["valueFrom"].get("configMapKeyRef").is_some()) {
+            assert_eq!(env["valueFrom"]["configMapKeyRef"]["name"].as_str(), Some(config), "{sub}: {env:?}");
+        }
+        // The init step mounts bpffs when the host has none.
+        let init = &pod["initContainers"][0];
+        assert!(strings(&init["command"]).iter().any(|c| c.contains("mount -t bpf bpf /sys/fs/bpf")));
+    }
+}
+
+#[test]
+fn the_modes_differ_only_where_they_must() {
+    let (_, text) = render("overlays/kubernetes");
+    let docs = documents(&text);
+    let agent = &kind(&docs, "DaemonSet", "lb-agent")["spec"]["template"]["spec"]["containers"][0];
+    assert!(strings(&agent["command"]).contains(&"--kubernetes"));
+    let env = agent["env"].as_sequence().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect::<Vec<_>>();
     assert!(env.contains(&"K8S_API_SERVER"), "the API server address comes from the ConfigMap: {env:?}");
-    // The init step mounts bpffs when the host has none.
-    let init = &pod["initContainers"][0];
-    assert!(init["command"].as_sequence().unwrap().iter().any(|c| c.as_str().unwrap_or("").contains("mount -t bpf bpf /sys/fs/bpf")));
+
+    let (_, text) = render("overlays/bare-metal");
+    let docs = documents(&text);
+    let data = &kind(&docs, "ConfigMap", "lb-agent-config")["data"];
+    assert_eq!(data["external-devices"].as_str(), Some("eno1,eno2"));
+    assert_eq!(data["k8s-api-server"].as_str(), Some("10.0.0.10:6443"));
+    assert_eq!(data["socket-lb"].as_str(), Some("true"), "the base's other settings stay");
+
+    let (_, text) = render("overlays/standalone");
+    let docs = documents(&text);
+    assert!(find(&docs, "ClusterRole", "lb-agent").is_none() && find(&docs, "ClusterRoleBinding", "lb-agent").is_none(), "standalone needs no RBAC");
+    let pod = &kind(&docs, "DaemonSet", "lb-agent")["spec"]["template"]["spec"];
+    assert_eq!(pod["automountServiceAccountToken"].as_bool(), Some(false));
+    let command = strings(&pod["containers"][0]["command"]);
+    assert!(command.contains(&"--manifests=/etc/lb/manifests") && !command.contains(&"--kubernetes"), "{command:?}");
+    let env = pod["containers"][0]["env"].as_sequence().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect::<Vec<_>>();
+    assert!(!env.contains(&"K8S_API_SERVER"), "{env:?}");
+    assert!(pod["volumes"].as_sequence().unwrap().iter().any(|v| v["hostPath"]["path"].as_str() == Some("/etc/lb/manifests")));
+}
+
+#[test]
+fn every_container_runs_the_image_of_this_version() {
+    let expected = format!("{IMAGE}:{}", env!("CARGO_PKG_VERSION"));
+    for sub in OVERLAYS.iter().chain(&["uninstall"]) {
+        let (_, text) = render(sub);
+        let docs = documents(&text);
+        let ds = docs.iter().find(|d| d["kind"].as_str() == Some("DaemonSet")).unwrap();
+        let pod = &ds["spec"]["template"]["spec"];
+        for c in pod["initContainers"].as_sequence().unwrap().iter().chain(pod["containers"].as_sequence().unwrap()) {
+            assert_eq!(c["image"].as_str(), Some(expected.as_str()), "{sub}: container {:?}", c["name"]);
+        }
+    }
+}
+
+#[test]
+fn uninstall_cleans_the_pin_directory_the_agent_uses() {
+    let (_, text) = render("overlays/kubernetes");
+    let agent_pins = strings(&kind(&documents(&text), "DaemonSet", "lb-agent")["spec"]["template"]["spec"]["containers"][0]["command"])
+        .into_iter()
+        .find(|a| a.starts_with("--pin-dir="))
+        .unwrap()
+        .to_string();
+    let (_, text) = render("uninstall");
+    let docs = documents(&text);
+    let pod = &kind(&docs, "DaemonSet", "lb-cleanup")["spec"]["template"]["spec"];
+    assert_eq!(strings(&pod["initContainers"][0]["command"]), ["lb-agent", "--cleanup", agent_pins.as_str()]);
+    assert_eq!(pod["nodeSelector"]["kubernetes.io/os"].as_str(), Some("linux"));
+    assert!(pod["tolerations"].as_sequence().unwrap().iter().any(|t| t["operator"].as_str() == Some("Exists")));
 }
