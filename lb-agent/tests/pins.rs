@@ -40,6 +40,19 @@ fn a_pinned_map_with_another_layout_is_moved_aside_not_reused() -> Result<()> {
 }
 
 #[test]
+fn a_pinned_map_of_another_type_is_moved_aside() -> Result<()> {
+    let mount = BpfMount::new("pins")?;
+    // The service counters as agents before 0.1.0's atomic counters pinned them: per-CPU.
+    sh(&format!("bpftool map create {}/{MAP_SERVICE_STATS} type percpu_array key 4 value 16 entries {MAX_SERVICES} name {MAP_SERVICE_STATS}", mount.dir.display()))?;
+    let mut ebpf = load::load(&mount.dir, &MapSizes::default())?;
+    let maps = Maps::take(&mut ebpf)?;
+    assert_eq!(maps.service_counters(5)?, TrafficCountersV1::default(), "a fresh array of this build's type");
+    let aside = std::fs::read_dir(&mount.dir)?.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("LB_SVC_STAT_V1_incompatible_")).count();
+    assert_eq!(aside, 1);
+    Ok(())
+}
+
+#[test]
 fn other_capacities_resize_the_pinned_maps_and_keep_the_newest_flows() -> Result<()> {
     let mount = BpfMount::new("pins")?;
     let key = |port: u16| Ct4KeyV1 { src_addr: ip4_raw([192, 0, 2, 1]), dst_addr: ip4_raw([10, 96, 0, 1]), src_port: port_raw(port), dst_port: port_raw(80), proto: IPPROTO_TCP, _pad: [0; 3] };
@@ -126,7 +139,7 @@ fn hex_le(v: u32) -> String {
 
 #[test]
 fn counters_survive_a_restart_and_ids_handed_out_afterwards_start_at_zero() -> Result<()> {
-    use lb_agent::dataplane::{maps::zero_counters, BackendSpec, Dataplane, Frontend};
+    use lb_agent::dataplane::{BackendSpec, Dataplane, Frontend};
     let mount = BpfMount::new("pins")?;
     let sizes = MapSizes { services: Some(16), backends: Some(16), maglev_slots: Some(4096), ..Default::default() };
     let frontend = |octet: u8| Frontend {
@@ -136,26 +149,22 @@ fn counters_survive_a_restart_and_ids_handed_out_afterwards_start_at_zero() -> R
         backends: [BackendSpec { addr: [10, 244, 0, octet].into(), port: 8080, local: true, weight: 1 }].into(),
         ..Default::default()
     };
-    let counted = |packets: u64| -> Result<aya::maps::PerCpuValues<TrafficCountersV1>> {
-        let cpus = zero_counters()?.len();
-        Ok(vec![TrafficCountersV1 { packets, bytes: 0 }; cpus].try_into()?)
-    };
+    let counted = |packets: u64| -> Result<TrafficCountersV1> { Ok(TrafficCountersV1 { packets, bytes: 0 }) };
     {
         let mut ebpf = load::load(&mount.dir, &sizes)?;
         let mut dataplane = Dataplane::new(Maps::take(&mut ebpf)?, 0, 251)?;
         dataplane.adopt(true)?;
         dataplane.apply(&[frontend(1)])?; // service id 0, backend id 1
         // Traffic on it, and stale counts left past it by some earlier generation.
-        dataplane.maps.service_stats.set(0, counted(7)?, 0)?;
-        dataplane.maps.service_stats.set(1, counted(99)?, 0)?;
-        dataplane.maps.backend_stats.set(2, counted(99)?, 0)?;
+        dataplane.maps.service_stats.set(0, &counted(7)?, 0)?;
+        dataplane.maps.service_stats.set(1, &counted(99)?, 0)?;
+        dataplane.maps.backend_stats.set(2, &counted(99)?, 0)?;
     }
     let mut ebpf = load::load(&mount.dir, &sizes)?;
     let mut dataplane = Dataplane::new(Maps::take(&mut ebpf)?, 0, 251)?;
     assert_eq!(dataplane.adopt(true)?, 1);
     dataplane.apply(&[frontend(1), frontend(2)])?;
-    let cpus = zero_counters()?.len() as u64;
-    assert_eq!(dataplane.maps.service_counters(0)?.packets, 7 * cpus, "the adopted frontend keeps its counts");
+    assert_eq!(dataplane.maps.service_counters(0)?.packets, 7, "the adopted frontend keeps its counts");
     let new_id = dataplane.service(&frontend(2).key).unwrap().service_id;
     let new_backend = dataplane.backend_id(&frontend(2).backends[0]).unwrap();
     assert_eq!((new_id, new_backend), (1, 2), "the next ids, the ones with stale counts");

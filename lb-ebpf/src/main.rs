@@ -9,6 +9,9 @@
 //! differs between them is in [`family`].
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target has no `Atomic*::fetch_add`, but the kernel has the instruction.
+#![allow(internal_features)]
+#![feature(core_intrinsics, adt_const_params)]
 
 mod csum;
 mod family;

@@ -19,9 +19,9 @@ pub static LB4_CT_V1: HashMap<Ct4KeyV1, Ct4EntryV1> = HashMap::pinned(MAX_FLOWS,
 #[map]
 pub static LB4_RNAT_V1: HashMap<Ct4KeyV1, RevNat4V1> = HashMap::pinned(MAX_FLOWS, 0);
 #[map]
-pub static LB_SVC_STAT_V1: PerCpuArray<TrafficCountersV1> = PerCpuArray::pinned(MAX_SERVICES, 0);
+pub static LB_SVC_STAT_V1: Array<TrafficCountersV1> = Array::pinned(MAX_SERVICES, 0);
 #[map]
-pub static LB_BE_STAT_V1: PerCpuArray<TrafficCountersV1> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+pub static LB_BE_STAT_V1: Array<TrafficCountersV1> = Array::pinned(MAX_BACKENDS, 0);
 #[map]
 pub static LB_REASON_V1: PerCpuArray<u64> = PerCpuArray::pinned(REASON_SLOTS, 0);
 #[map]
@@ -74,12 +74,16 @@ pub fn count_reason(reason: u32) {
     }
 }
 
+/// Shared counters, added atomically: per-CPU copies of arrays this large would make the
+/// agent's memory grow with the node's CPU count (megabytes per CPU), and no memory limit
+/// would then fit every node.
 #[inline(always)]
-pub fn count_traffic(map: &PerCpuArray<TrafficCountersV1>, id: u32, bytes: u32) {
+pub fn count_traffic(map: &Array<TrafficCountersV1>, id: u32, bytes: u32) {
+    use core::intrinsics::{atomic_xadd, AtomicOrdering::Relaxed};
     if let Some(c) = map.get_ptr_mut(id) {
         unsafe {
-            (*c).packets += 1;
-            (*c).bytes += bytes as u64;
+            atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*c).packets, 1);
+            atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*c).bytes, bytes as u64);
         }
     }
 }

@@ -38,14 +38,6 @@ pub fn update<K: aya::Pod, V: aya::Pod>(map: &MapData, keys: &[K], values: &[V])
     update_each(map, keys, values, 1)
 }
 
-/// Writes the same per-CPU `value` at every key of a per-CPU map (`value` 8-byte sized, as
-/// the kernel lays out per-CPU values).
-pub fn update_per_cpu<K: aya::Pod, V: aya::Pod>(map: &MapData, keys: &[K], value: V) -> io::Result<()> {
-    let cpus = aya::util::nr_cpus().map_err(|(what, e)| io::Error::new(e.kind(), format!("{what}: {e}")))?.get() as usize;
-    assert_eq!(size_of::<V>() % 8, 0, "per-CPU values are 8-byte sized");
-    update_each(map, keys, &vec![value; keys.len() * cpus], cpus)
-}
-
 /// `values` holds `per_key` values for each key, in key order.
 fn update_each<K: aya::Pod, V: aya::Pod>(map: &MapData, keys: &[K], values: &[V], per_key: usize) -> io::Result<()> {
     assert_eq!(keys.len() * per_key, values.len(), "{per_key} values per key");
@@ -82,29 +74,12 @@ pub fn delete<K: aya::Pod>(map: &MapData, keys: &[K]) -> io::Result<()> {
 }
 
 /// Every (key, value) of a map. `V` is the whole value as the kernel copies it out: for a
-/// per-CPU map, one 8-byte-aligned value per possible CPU (see [`per_cpu`]).
+/// per-CPU map, one 8-byte-aligned value per possible CPU.
 pub fn lookup_all<K: aya::Pod, V: aya::Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
     let mut out = Vec::new();
     // SAFETY: each slice holds exactly one K and one V as the kernel wrote them; Pod types are
     // valid for any bytes.
     lookup_each(map, size_of::<K>(), size_of::<V>(), |k, v| out.push(unsafe { (std::ptr::read_unaligned(k.as_ptr().cast()), std::ptr::read_unaligned(v.as_ptr().cast())) }))?;
-    Ok(out)
-}
-
-/// Sums a per-CPU array of `V` over CPUs, for ids `0..len`: one batch instead of a call per id.
-pub fn per_cpu<V: aya::Pod>(map: &MapData, sum: impl Fn(&mut V, &V)) -> io::Result<Vec<V>> {
-    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?.get() as usize;
-    let stride = size_of::<V>().next_multiple_of(8);
-    let mut out = Vec::new();
-    lookup_each(map, size_of::<u32>(), stride * cpus, |_, values| {
-        // SAFETY: as in `lookup_all`, one V per CPU at `stride`.
-        let mut total: V = unsafe { std::ptr::read_unaligned(values.as_ptr().cast()) };
-        for cpu in 1..cpus {
-            let v: V = unsafe { std::ptr::read_unaligned(values[cpu * stride..].as_ptr().cast()) };
-            sum(&mut total, &v);
-        }
-        out.push(total);
-    })?;
     Ok(out)
 }
 

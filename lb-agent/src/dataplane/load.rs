@@ -245,6 +245,9 @@ fn copy_by_index<V: aya::Pod>(old: aya::maps::Map, new: &mut aya::maps::Map) -> 
 /// Conntrack is never wiped silently: the old map stays pinned under its new name.
 pub fn set_aside_incompatible_pins(pin_dir: &Path) -> Result<Vec<PathBuf>> {
     let mut moved = Vec::new();
+    // Map types as this build's object declares them (a counter array that stopped being
+    // per-CPU keeps its name and layout but not its type).
+    let object = aya_obj::Object::parse(OBJECT).context("parsing the BPF object")?;
     for (name, key_size, value_size, capacity) in expected_layouts() {
         let path = pin_path(pin_dir, name);
         if !path.exists() {
@@ -252,7 +255,8 @@ pub fn set_aside_incompatible_pins(pin_dir: &Path) -> Result<Vec<PathBuf>> {
         }
         let info = aya::maps::MapData::from_pin(&path).and_then(|m| m.info()).with_context(|| format!("inspecting pinned map {}", path.display()))?;
         let same_capacity = capacity.is_none_or(|c| c == info.max_entries());
-        if info.key_size() as usize == key_size && info.value_size() as usize == value_size && same_capacity {
+        let same_type = object.maps.get(name).is_none_or(|m| m.map_type() == info.map_type().map(|t| t as u32).unwrap_or(u32::MAX));
+        if info.key_size() as usize == key_size && info.value_size() as usize == value_size && same_capacity && same_type {
             continue;
         }
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -260,10 +264,12 @@ pub fn set_aside_incompatible_pins(pin_dir: &Path) -> Result<Vec<PathBuf>> {
         let aside = pin_dir.join(format!("{name}_incompatible_{stamp}"));
         std::fs::rename(&path, &aside).with_context(|| format!("moving {} aside", path.display()))?;
         log::error!(
-            "pinned map {name} has key/value sizes {}/{} and {} entries but this build expects {key_size}/{value_size}{}: moved it to {} and created a new one{}",
+            "pinned map {name} (type {:?}) has key/value sizes {}/{} and {} entries but this build expects {}{key_size}/{value_size}{}: moved it to {} and created a new one{}",
+            info.map_type(),
             info.key_size(),
             info.value_size(),
             info.max_entries(),
+            if same_type { "" } else { "another map type, " },
             capacity.map(|c| format!(" and {c} entries")).unwrap_or_default(),
             aside.display(),
             if name == lb_common::MAP_CONNTRACK || name == lb_common::MAP_REVERSE_NAT { "; established flows will be balanced again as new ones" } else { "" }

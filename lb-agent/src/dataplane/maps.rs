@@ -3,7 +3,7 @@ use std::{net::IpAddr, path::Path};
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray},
     Ebpf,
 };
 use lb_common::*;
@@ -81,8 +81,8 @@ pub struct Maps {
     pub v4: FamilyMaps<Addr4>,
     pub v6: FamilyMaps<Addr6>,
     pub maglev: Array<MapData, u32>,
-    pub service_stats: PerCpuArray<MapData, TrafficCountersV1>,
-    pub backend_stats: PerCpuArray<MapData, TrafficCountersV1>,
+    pub service_stats: Array<MapData, TrafficCountersV1>,
+    pub backend_stats: Array<MapData, TrafficCountersV1>,
     pub reasons: PerCpuArray<MapData, u64>,
     pub config: Array<MapData, ConfigV1>,
     pub config6: Array<MapData, Config6V1>,
@@ -245,29 +245,30 @@ impl Maps {
     }
 
     pub fn service_counters(&self, service_id: u32) -> Result<TrafficCountersV1> {
-        sum_counters(&self.service_stats.get(&service_id, 0)?)
+        Ok(self.service_stats.get(&service_id, 0)?)
     }
 
     pub fn backend_counters(&self, backend_id: u32) -> Result<TrafficCountersV1> {
-        sum_counters(&self.backend_stats.get(&backend_id, 0)?)
+        Ok(self.backend_stats.get(&backend_id, 0)?)
     }
 
-    /// Every service id's counters, summed over CPUs, indexed by id (a few batched calls).
+    /// Every service id's counters, indexed by id (a few batched calls).
     pub fn all_service_counters(&self) -> Result<Vec<TrafficCountersV1>> {
-        batch::per_cpu(self.service_stats.map(), add_counters).with_context(|| format!("reading {MAP_SERVICE_STATS}"))
+        all_counters(&self.service_stats, MAP_SERVICE_STATS)
     }
 
-    /// Every backend id's counters, summed over CPUs, indexed by id.
+    /// Every backend id's counters, indexed by id.
     pub fn all_backend_counters(&self) -> Result<Vec<TrafficCountersV1>> {
-        batch::per_cpu(self.backend_stats.map(), add_counters).with_context(|| format!("reading {MAP_BACKEND_STATS}"))
+        all_counters(&self.backend_stats, MAP_BACKEND_STATS)
     }
 
     /// Zeroes the counters of every service id from `services` on and every backend id from
     /// `backends` on, in two calls: ids past those are then handed out without a write each.
     pub fn zero_counters_from(&self, services: u32, backends: u32) -> Result<()> {
-        let ids = |from: u32, to: u32| (from..to).collect::<Vec<u32>>();
-        batch::update_per_cpu(self.service_stats.map(), &ids(services, self.service_stats.len()), TrafficCountersV1::default()).with_context(|| format!("zeroing {MAP_SERVICE_STATS}"))?;
-        batch::update_per_cpu(self.backend_stats.map(), &ids(backends, self.backend_stats.len()), TrafficCountersV1::default()).with_context(|| format!("zeroing {MAP_BACKEND_STATS}"))?;
+        for (map, name, from) in [(&self.service_stats, MAP_SERVICE_STATS, services), (&self.backend_stats, MAP_BACKEND_STATS, backends)] {
+            let ids: Vec<u32> = (from..map.len()).collect();
+            batch::update(map.map(), &ids, &vec![TrafficCountersV1::default(); ids.len()]).with_context(|| format!("zeroing {name}"))?;
+        }
         Ok(())
     }
 
@@ -312,19 +313,8 @@ fn source_range_key<A: Family>(service_id: u32, addr: A, len: u8) -> LpmKey<Sour
 /// Slots mapped at a time for writing tables: 4 MiB of the array.
 const SLOT_REGION: u32 = 1 << 19;
 
-fn add_counters(total: &mut TrafficCountersV1, more: &TrafficCountersV1) {
-    total.packets += more.packets;
-    total.bytes += more.bytes;
-}
-
-fn sum_counters(per_cpu: &PerCpuValues<TrafficCountersV1>) -> Result<TrafficCountersV1> {
-    let mut total = TrafficCountersV1::default();
-    per_cpu.iter().for_each(|c| add_counters(&mut total, c));
-    Ok(total)
-}
-
-/// Zeroed per-CPU counters, to reset an id before it is reused.
-pub fn zero_counters() -> Result<PerCpuValues<TrafficCountersV1>> {
-    let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?.get() as usize;
-    Ok(PerCpuValues::try_from(vec![TrafficCountersV1::default(); cpus])?)
+/// A counter array's entries in id order.
+fn all_counters(map: &Array<MapData, TrafficCountersV1>, name: &str) -> Result<Vec<TrafficCountersV1>> {
+    let entries: Vec<(u32, TrafficCountersV1)> = batch::lookup_all(map.map()).with_context(|| format!("reading {name}"))?;
+    Ok(entries.into_iter().map(|(_, c)| c).collect())
 }

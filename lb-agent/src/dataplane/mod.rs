@@ -36,7 +36,7 @@ use maglev::Maglev;
 
 use self::{
     backends::BackendIds,
-    maps::{zero_counters, Family, Maps},
+    maps::{Family, Maps},
     tables::{TableKey, Tables},
 };
 
@@ -671,7 +671,7 @@ impl Dataplane {
             bail!("{MAP_BACKENDS} is full ({} backends)", capacity - 1);
         };
         if reused || !self.fresh_ids_zeroed {
-            self.maps.backend_stats.set(id, zero_counters()?, 0)?;
+            self.maps.backend_stats.set(id, &TrafficCountersV1::default(), 0)?;
         }
         self.maps.set_backend(id, &entry).context("writing a backend")?;
         self.backend_ids.acquire(id, entry);
@@ -697,7 +697,7 @@ impl Dataplane {
             bail!("{MAP_SERVICES} is full ({capacity} frontends)");
         };
         if reused || !self.fresh_ids_zeroed {
-            self.maps.service_stats.set(id, zero_counters()?, 0)?;
+            self.maps.service_stats.set(id, &TrafficCountersV1::default(), 0)?;
         }
         Ok(id)
     }
