@@ -100,7 +100,7 @@ impl Agent {
         let slots = dataplane.maps.maglev.len();
         info!(
             "Maglev slot array {MAP_MAGLEV}: {slots} slots ({} MiB), {} in use by {} tables; room for about {} more Service ports of {} backends",
-            slots as u64 * 8 >> 20,
+            slots as u64 * MAGLEV_SLOT_STRIDE as u64 >> 20,
             dataplane.used_slots(),
             dataplane.table_count(),
             (slots as u64 - dataplane.used_slots()) / dataplane.table_size_for(3) as u64,

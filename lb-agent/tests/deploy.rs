@@ -162,6 +162,37 @@ fn the_modes_differ_only_where_they_must() {
     assert!(pod["volumes"].as_sequence().unwrap().iter().any(|v| v["hostPath"]["path"].as_str() == Some("/etc/lb/manifests")));
 }
 
+/// Mebibytes of a Kubernetes quantity such as `704Mi` or `1Gi`.
+fn mebibytes(quantity: &str) -> u64 {
+    match quantity.split_at(quantity.len() - 2) {
+        (n, "Mi") => n.parse().unwrap(),
+        (n, "Gi") => n.parse::<u64>().unwrap() * 1024,
+        _ => panic!("unexpected quantity {quantity}"),
+    }
+}
+
+#[test]
+fn the_memory_limit_holds_the_maps_the_agent_creates_and_its_heap() {
+    // The maps at the capacities the DaemonSet's flags give (none: the defaults), as the
+    // agent estimates them (tests/e2e/capacity.rs checks that estimate against the kernel).
+    let (_, text) = render("overlays/kubernetes");
+    let docs = documents(&text);
+    let agent = &kind(&docs, "DaemonSet", "lb-agent")["spec"]["template"]["spec"]["containers"][0];
+    let size_flags: Vec<&str> = strings(&agent["command"]).into_iter().filter(|a| a.starts_with("--max-") || a.starts_with("--maglev-slots")).collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_lb-agent")).arg("--estimate-memory").args(&size_flags).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = String::from_utf8(out.stdout).unwrap();
+    let total_line = report.lines().find(|l| l.starts_with("total")).unwrap();
+    let maps_mib = total_line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap().div_ceil(1 << 20);
+    // What the agent's heap needs on top: 249 MiB resident with 100k Services (bench/results).
+    const HEAP_MIB: u64 = 256;
+    let limit = mebibytes(agent["resources"]["limits"]["memory"].as_str().unwrap());
+    assert!(limit >= maps_mib + HEAP_MIB, "limit {limit} MiB < maps {maps_mib} MiB + heap {HEAP_MIB} MiB");
+    assert!(limit < maps_mib + HEAP_MIB + 64, "limit {limit} MiB is more than the maps and heap need, rounded to 64 MiB");
+    let request = mebibytes(agent["resources"]["requests"]["memory"].as_str().unwrap());
+    assert!(request >= maps_mib, "the request {request} MiB covers at least the maps ({maps_mib} MiB) the agent takes at start");
+}
+
 #[test]
 fn every_container_runs_the_image_of_this_version() {
     let expected = format!("{IMAGE}:{}", env!("CARGO_PKG_VERSION"));

@@ -61,7 +61,7 @@ fn other_capacities_resize_the_pinned_maps_and_keep_the_newest_flows() -> Result
     let svc = ServiceV1 { service_id: 0, maglev_offset: 1000, maglev_size: 3, backend_count: 1, kind: KIND_CLUSTER_IP, flags: 0 };
     let svc_key = Service4KeyV1 { addr: ip4_raw([10, 96, 0, 1]), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER };
     {
-        let mut ebpf = load::load(&mount.dir, &MapSizes { flows: Some(64), maglev_slots: Some(1024), services: Some(16), backends: Some(16) })?;
+        let mut ebpf = load::load(&mount.dir, &MapSizes { flows: Some(64), maglev_slots: Some(1024), services: Some(16), backends: Some(16), ..Default::default() })?;
         let mut maps = Maps::take(&mut ebpf)?;
         for port in 0..10u16 {
             maps.v4.conntrack.insert(&key(40000 + port), &entry(1000 + port as u64), 0)?;
@@ -73,7 +73,7 @@ fn other_capacities_resize_the_pinned_maps_and_keep_the_newest_flows() -> Result
     }
     // Larger: every flow and slot carried over.
     {
-        let mut ebpf = load::load(&mount.dir, &MapSizes { flows: Some(4096), maglev_slots: Some(2048), services: Some(64), backends: Some(64) })?;
+        let mut ebpf = load::load(&mount.dir, &MapSizes { flows: Some(4096), maglev_slots: Some(2048), services: Some(64), backends: Some(64), ..Default::default() })?;
         let maps = Maps::take(&mut ebpf)?;
         // --max-services and --max-backends: the frontend, its name and its backend carried over.
         assert_eq!((maps.service_names.len(), maps.v4.backends.len(), maps.backend_stats.len()), (64, 64, 64));

@@ -4,8 +4,9 @@
 pub const MAX_SERVICES: u32 = 131_072;
 /// Default capacity of `LB4_BE_V1` and `LB_BE_STAT_V1` (backend ids are `< MAX_BACKENDS`; id 0 is never used).
 pub const MAX_BACKENDS: u32 = 262_144;
-/// Default number of slots in `LB_MAGLEV_V1`, shared by every service's slice: 64 MiB, room
-/// for 30,000 services of 509 slots (the agent's `--maglev-slots` changes it).
+/// Default number of slots in `LB_MAGLEV_V1`, shared by every service's slice: room for 30,000
+/// services of 509 slots (the agent's `--maglev-slots` changes it). 128 MiB of kernel memory:
+/// the kernel stores each 4-byte slot in 8 bytes (array elements are 8-byte aligned).
 pub const MAGLEV_SLOTS: u32 = 1 << 24;
 /// Creation flags of `LB_MAGLEV_V1`: `BPF_F_MMAPABLE`, so that user space writes and reads
 /// tables through a memory mapping instead of a system call per slot. An array stores each

@@ -2,6 +2,7 @@
 //! Each test builds its own topology (unique names) and removes it, agent included, on drop.
 mod support;
 
+mod capacity;
 mod changes;
 mod cleanup;
 mod host;

@@ -20,7 +20,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Args {
     /// Standalone mode: a directory of Kubernetes manifests (Service, EndpointSlice, Node; YAML
     /// or JSON, multi-document), re-read when files change.
-    #[arg(long, conflicts_with = "kubernetes", required_unless_present_any = ["kubernetes", "cleanup"])]
+    #[arg(long, conflicts_with = "kubernetes", required_unless_present_any = ["kubernetes", "cleanup", "estimate_memory"])]
     manifests: Option<PathBuf>,
     /// Kubernetes mode: watch Services, EndpointSlices and Nodes on the API server (in-cluster,
     /// or from --kubeconfig / KUBECONFIG).
@@ -60,8 +60,12 @@ struct Args {
     /// and remove every pin under --pin-dir. The uninstall step; see README "Uninstall".
     #[arg(long, conflicts_with_all = ["manifests", "kubernetes"])]
     cleanup: bool,
+    /// Print the kernel memory the BPF maps take with the capacities given (--max-flows,
+    /// --max-services, ...), map by map, and exit: for sizing the pod's memory limit.
+    #[arg(long, conflicts_with_all = ["manifests", "kubernetes", "cleanup"])]
+    estimate_memory: bool,
     /// This node's name, as in EndpointSlice `nodeName` (decides local or remote backends).
-    #[arg(long, env = "NODE_NAME", required_unless_present = "cleanup")]
+    #[arg(long, env = "NODE_NAME", required_unless_present_any = ["cleanup", "estimate_memory"])]
     node_name: Option<String>,
     /// Source address for SNAT to remote backends [default: the Node object's InternalIP, else
     /// the first address found through rtnetlink].
@@ -97,7 +101,7 @@ struct Args {
     /// Capacity of the conntrack and reverse-NAT maps [default: 262144 each].
     #[arg(long)]
     max_flows: Option<u32>,
-    /// Capacity of the Maglev slot array shared by all services [default: 16777216, 64 MiB].
+    /// Capacity of the Maglev slot array shared by all services [default: 16777216].
     #[arg(long)]
     maglev_slots: Option<u32>,
     /// Capacity for frontends (each address, port and protocol of a Service; an
@@ -107,6 +111,14 @@ struct Args {
     /// Capacity for backends (distinct endpoint address and port) [default: 262144].
     #[arg(long)]
     max_backends: Option<u32>,
+    /// Capacity for connected sockets of the node's processes that the socket hooks
+    /// translated, per family; the least recently used are forgotten [default: 262144].
+    #[arg(long)]
+    max_sockets: Option<u32>,
+    /// Capacity for clients with session affinity; the least recently used are forgotten
+    /// [default: 262144].
+    #[arg(long)]
+    max_affinity: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -118,6 +130,23 @@ enum Mode {
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
+    let sizes = MapSizes {
+        flows: args.max_flows,
+        maglev_slots: args.maglev_slots,
+        services: args.max_services,
+        backends: args.max_backends,
+        sockets: args.max_sockets,
+        affinity: args.max_affinity,
+    };
+    if args.estimate_memory {
+        let maps = lb_agent::dataplane::memory::estimate(&sizes)?;
+        for (name, bytes) in &maps {
+            println!("{name:<20} {bytes:>12} bytes  {:>10}", lb_agent::dataplane::memory::mib(*bytes));
+        }
+        let total: u64 = maps.iter().map(|(_, b)| b).sum();
+        println!("{:<20} {total:>12} bytes  {:>10}", "total", lb_agent::dataplane::memory::mib(total));
+        return Ok(());
+    }
     if args.cleanup {
         let removed = lb_agent::cleanup::cleanup(&args.pin_dir)?;
         println!(
@@ -151,7 +180,7 @@ fn main() -> Result<()> {
         hash_seed: args.hash_seed,
         sync_interval: Duration::from_millis(args.sync_interval_ms),
         gc_interval: Duration::from_secs(args.gc_interval_s),
-        sizes: MapSizes { flows: args.max_flows, maglev_slots: args.maglev_slots, services: args.max_services, backends: args.max_backends },
+        sizes,
         nodeport_cidrs: args.nodeport_addresses,
         socket_lb_cgroup: args.socket_lb.then_some(args.cgroup_root),
     };

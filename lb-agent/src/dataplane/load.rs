@@ -38,11 +38,16 @@ pub struct MapSizes {
     pub services: Option<u32>,
     /// Backends (and the maps indexed by backend id).
     pub backends: Option<u32>,
+    /// Connected sockets of the node's processes the socket hooks translated (LRU).
+    pub sockets: Option<u32>,
+    /// Clients with session affinity (LRU).
+    pub affinity: Option<u32>,
 }
 
 /// Loads the object. Maps already pinned in `pin_dir` (an earlier agent's) are adopted as they
 /// are, so their entries, conntrack included, survive a restart; missing ones are created and pinned.
 pub fn load(pin_dir: &Path, sizes: &MapSizes) -> Result<Ebpf> {
+    log::info!("{}", super::memory::summary(&super::memory::estimate(sizes)?));
     ensure_bpffs(pin_dir)?;
     set_aside_incompatible_pins(pin_dir)?;
     let resized = set_aside_resized_pins(pin_dir, sizes)?;
@@ -100,7 +105,7 @@ fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 26] {
 }
 
 /// The capacities the flags ask for, of the maps whose size is a flag.
-fn flag_sized(sizes: &MapSizes) -> [(&'static str, u32); 14] {
+pub(crate) fn flag_sized(sizes: &MapSizes) -> [(&'static str, u32); 17] {
     use lb_common::*;
     let flows = sizes.flows.unwrap_or(MAX_FLOWS);
     let services = sizes.services.unwrap_or(MAX_SERVICES);
@@ -121,11 +126,14 @@ fn flag_sized(sizes: &MapSizes) -> [(&'static str, u32); 14] {
         (MAP_BACKENDS6, backends),
         (MAP_BACKEND_STATS, backends),
         (MAP_AFFINITY_MATCH, backends),
+        (MAP_SOCK_REVNAT, sizes.sockets.unwrap_or(MAX_SOCKETS)),
+        (MAP_SOCK_REVNAT6, sizes.sockets.unwrap_or(MAX_SOCKETS)),
+        (MAP_AFFINITY, sizes.affinity.unwrap_or(MAX_AFFINITY)),
     ]
 }
 
 /// A pinned map of another capacity than the flags ask for (`--max-flows`, `--maglev-slots`,
-/// `--max-services` or `--max-backends` changed) is renamed aside so that loading creates it at the new size; `load` then copies
+/// `--max-services`, `--max-backends`, `--max-sockets` or `--max-affinity` changed) is renamed aside so that loading creates it at the new size; `load` then copies
 /// its entries over and removes it. Restarting with other sizes never fails.
 fn set_aside_resized_pins(pin_dir: &Path, sizes: &MapSizes) -> Result<Vec<(&'static str, PathBuf)>> {
     let mut resized = Vec::new();
@@ -155,7 +163,7 @@ fn set_aside_resized_pins(pin_dir: &Path, sizes: &MapSizes) -> Result<Vec<(&'sta
 /// Copies the entries of the map pinned at `from` into the freshly loaded map `name`. Flows go
 /// most recent first, so a smaller map keeps the most recently used; Maglev slots keep their
 /// index (a table past the new end is rewritten by the next sync); arrays by id keep the ids
-/// that fit (the agent rewrites what names a lost one); per-CPU counters start again at zero.
+/// that fit (the agent rewrites what names a lost one); LRU maps keep what fits.
 fn copy_entries(ebpf: &mut Ebpf, name: &'static str, from: &Path) -> Result<usize> {
     use aya::maps::{Array, HashMap, Map, MapData};
     let old = Map::from_map_data(MapData::from_pin(from)?)?;
@@ -183,7 +191,10 @@ fn copy_entries(ebpf: &mut Ebpf, name: &'static str, from: &Path) -> Result<usiz
         MAP_BACKENDS6 => copy_by_index::<Backend6V1>(old, new)?,
         MAP_SERVICE_NAMES => copy_by_index::<NameV1>(old, new)?,
         MAP_SERVICE_OPTS => copy_by_index::<ServiceOptsV1>(old, new)?,
-        MAP_SERVICE_STATS | MAP_BACKEND_STATS => 0,
+        MAP_SERVICE_STATS | MAP_BACKEND_STATS => copy_by_index::<TrafficCountersV1>(old, new)?,
+        MAP_AFFINITY => copy_lru::<AffinityKeyV1, AffinityV1>(old, new)?,
+        MAP_SOCK_REVNAT => copy_lru::<SockRevNat4KeyV1, SockRevNat4V1>(old, new)?,
+        MAP_SOCK_REVNAT6 => copy_lru::<SockRevNat6KeyV1, SockRevNat6V1>(old, new)?,
         _ => {
             let old: Array<_, u32> = old.try_into()?;
             let new: Array<&mut MapData, u32> = new.try_into()?;
@@ -214,6 +225,14 @@ fn copy_flows<V: aya::Pod, A: MapAddr + aya::Pod>(old: aya::maps::Map, new: &mut
     let mut entries: Vec<(CtKeyV1<A>, V)> = old.iter().filter_map(|e| e.ok()).collect();
     entries.sort_by_key(|(_, v)| std::cmp::Reverse(last_seen(v)));
     Ok(entries.iter().take_while(|(k, v)| new.insert(k, v, 0).is_ok()).count())
+}
+
+/// Copies an LRU map's entries: a smaller map keeps as many as it holds (the kernel evicts).
+fn copy_lru<K: aya::Pod, V: aya::Pod>(old: aya::maps::Map, new: &mut aya::maps::Map) -> Result<usize> {
+    let old: aya::maps::HashMap<_, K, V> = old.try_into()?;
+    let mut new: aya::maps::HashMap<&mut aya::maps::MapData, K, V> = new.try_into()?;
+    let entries: Vec<(K, V)> = old.iter().filter_map(|e| e.ok()).collect();
+    Ok(entries.iter().filter(|(k, v)| new.insert(k, v, 0).is_ok()).count())
 }
 
 /// Copies the frontends whose service id fits the new capacity.

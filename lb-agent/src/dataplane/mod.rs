@@ -19,6 +19,7 @@ pub mod conntrack;
 mod id_index;
 pub mod load;
 pub mod maps;
+pub mod memory;
 mod slices;
 mod slots;
 pub mod sockets;
