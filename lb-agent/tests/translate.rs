@@ -132,6 +132,33 @@ fn slices_merge_and_only_ready_endpoints_count() {
 }
 
 #[test]
+fn lists_as_kubectl_writes_them_are_read_item_by_item() {
+    // `kubectl get svc,endpointslices,deploy -n prod -o yaml`: one `kind: List` whose items
+    // carry their kinds, a Deployment among them.
+    let indent = |doc: &str| doc.trim_start_matches("---\n").lines().enumerate().map(|(i, l)| if i == 0 { format!("  - {l}\n") } else { format!("    {l}\n") }).collect::<String>();
+    let deployment = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: api, namespace: prod}\nspec: {replicas: 2}\n";
+    let list = format!("apiVersion: v1\nkind: List\nmetadata: {{resourceVersion: \"\"}}\nitems:\n{}{}{}", indent(SVC), indent(&slice("api-1", "  - {addresses: [10.244.1.1], nodeName: a}\n")), indent(deployment));
+    let t = settled(&parse_manifest("list.yaml", &list).unwrap(), "a");
+    let backends: Vec<IpAddr> = t.frontends["prod/api"][0].backends.iter().map(|b| b.addr).collect();
+    assert_eq!(backends, vec![IpAddr::from([10, 244, 1, 1])], "the Service and its slice, from the list's items");
+
+    // A typed list, as the API serves it: items without a kind.
+    let typed = format!("apiVersion: v1\nkind: ServiceList\nitems:\n{}", indent(&SVC.replace("kind: Service\n", "")));
+    assert_eq!(parse_manifest("typed.yaml", &typed).unwrap().services.len(), 1);
+
+    // A list without items, and an item without a kind in an untyped list, are errors that
+    // name the document and item.
+    let e = parse_manifest("empty.yaml", "apiVersion: v1\nkind: List\n").unwrap_err();
+    assert_eq!((e.object.as_str(), e.field.as_str()), ("List (document 1)", "items"));
+    let e = parse_manifest("kindless.yaml", "apiVersion: v1\nkind: List\nitems:\n  - metadata: {name: x}\n").unwrap_err();
+    assert_eq!((e.object.as_str(), e.field.as_str()), (" (document 1, item 1)", "kind"));
+    // A bad item fails the file, naming the object and field.
+    let bad = list.replace("port: 443", "port: eighty");
+    let e = parse_manifest("list.yaml", &bad).unwrap_err();
+    assert_eq!((e.object.as_str(), e.field.as_str()), ("Service prod/api", "spec.ports[0].port"));
+}
+
+#[test]
 fn headless_externalname_and_other_proxies_are_skipped() {
     let text = "apiVersion: v1\nkind: Service\nmetadata: {name: h}\nspec: {clusterIP: None, ports: [{port: 80}]}\n---\n\
                 apiVersion: v1\nkind: Service\nmetadata: {name: e}\nspec: {type: ExternalName, externalName: example.org}\n---\n\

@@ -166,6 +166,19 @@ fn bad_manifests_are_reported_and_change_nothing() -> Result<()> {
     })?;
     serving(&demo)?;
 
+    // What `kubectl get -o yaml` writes: a List, here with a Service and a ConfigMap. The
+    // Service is programmed; the ConfigMap's kind is reported once, not on every sync.
+    manifests.write("dump.yaml", "apiVersion: v1\nkind: List\nitems:\n  - apiVersion: v1\n    kind: Service\n    metadata: {name: listed, namespace: demo}\n    spec:\n      clusterIP: 10.96.0.98\n      ports: [{name: http, port: 80}]\n  - apiVersion: v1\n    kind: ConfigMap\n    metadata: {name: settings, namespace: demo}\n    data: {a: b}\n")?;
+    eventually(Duration::from_secs(5), || {
+        let listed = lbctl_json(&pins, &["service", "list"])?;
+        anyhow::ensure!(listed.iter().any(|s| s["frontend"] == "10.96.0.98:80/TCP"), "{listed:?}");
+        Ok(())
+    })?;
+    std::thread::sleep(Duration::from_millis(500)); // several syncs
+    let warning = "dump.yaml: objects of kind ConfigMap are not read";
+    assert_eq!(agent.log_text().matches(warning).count(), 1, "{}", agent.log_text());
+    serving(&demo)?;
+
     // A file that is not even YAML keeps its last good objects.
     manifests.write("endpoints.yaml", "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nendpoints: [\n")?;
     agent.wait_for_log("endpoints.yaml: document 1: -: invalid YAML", Duration::from_secs(5))?;

@@ -16,7 +16,6 @@ use serde::Deserialize;
 use tokio::{io::unix::AsyncFd, sync::Notify};
 
 use super::{
-    model::{EndpointSlice, Node, Pod, Service},
     objects::{Kinds, Objects},
 };
 use crate::translate::{ClusterState, ObjectError, Origin, Sourced};
@@ -206,40 +205,65 @@ fn file_error(origin: &str, message: String) -> ObjectError {
     ObjectError { origin: origin.to_string(), object: "file".into(), field: "-".into(), message }
 }
 
-/// Parses one file: every document must be a well-formed Service, EndpointSlice, Node or Pod
-/// (other kinds are ignored, as a proxy ignores them). One bad document fails the file.
+/// Parses one file: every document must be a well-formed Service, EndpointSlice, Node or Pod,
+/// or a list of them (`kind: List`, what `kubectl get ... -o yaml` writes, or a typed list such
+/// as `ServiceList`). Other kinds are ignored, as a proxy ignores them, with one warning per
+/// kind and file. One bad document fails the file.
 pub fn parse_manifest(origin: &str, text: &str) -> Result<ClusterState, ObjectError> {
     let origin: Origin = origin.into();
     let mut state = ClusterState::default();
+    let mut ignored: Vec<String> = Vec::new();
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let doc_err = |object: String, field: &str, message: String| ObjectError { origin: origin.to_string(), object, field: field.to_string(), message };
         let value = serde_yaml_ng::Value::deserialize(doc).map_err(|e| doc_err(format!("document {}", i + 1), "-", format!("invalid YAML: {e}")))?;
         if value.is_null() {
             continue;
         }
-        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
-        // Named in an error only: worked out then.
-        let object = |value: &serde_yaml_ng::Value| {
-            let meta = value.get("metadata");
-            let name = meta.and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("<unnamed>");
-            let ns = meta.and_then(|m| m.get("namespace")).and_then(|n| n.as_str()).unwrap_or("default");
-            if kind == "Node" { format!("Node {name}") } else { format!("{kind} {ns}/{name}") }
+        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+        let Some(item_kind) = kind.strip_suffix("List") else {
+            read_object(&origin, &value, kind, format!("document {}", i + 1), &mut state, &mut ignored)?;
+            continue;
         };
-        // serde_path_to_error names the field that failed (spec.ports[0].port: invalid type ...).
-        macro_rules! typed {
-            ($ty:ty) => {{
-                let parsed: $ty = serde_path_to_error::deserialize(&value).map_err(|e| doc_err(object(&value), &e.path().to_string(), e.inner().to_string()))?;
-                Sourced { origin: origin.clone(), object: parsed }
-            }};
-        }
-        match kind.as_str() {
-            "Service" => state.services.push(typed!(Service)),
-            "EndpointSlice" => state.slices.push(typed!(EndpointSlice)),
-            "Node" => state.nodes.push(typed!(Node)),
-            "Pod" => state.pods.push(typed!(Pod)),
-            "" => return Err(doc_err(format!("document {}", i + 1), "kind", "is missing".into())),
-            _ => {}
+        let Some(items) = value.get("items").and_then(|items| items.as_sequence()) else {
+            return Err(doc_err(format!("{kind} (document {})", i + 1), "items", "is missing or not a list".into()));
+        };
+        for (j, item) in items.iter().enumerate() {
+            // Items of a typed list (ServiceList) may leave out their kind.
+            let kind = item.get("kind").and_then(|k| k.as_str()).unwrap_or(item_kind);
+            read_object(&origin, item, kind, format!("{kind} (document {}, item {})", i + 1, j + 1), &mut state, &mut ignored)?;
         }
     }
+    for kind in ignored {
+        log::warn!("{origin}: objects of kind {kind} are not read (only Service, EndpointSlice, Node and Pod are); ignored");
+    }
     Ok(state)
+}
+
+/// One object of a manifest into `state`; a kind the agent does not read is noted in `ignored`.
+fn read_object(origin: &Origin, value: &serde_yaml_ng::Value, kind: &str, position: String, state: &mut ClusterState, ignored: &mut Vec<String>) -> Result<(), ObjectError> {
+    let err = |object: String, field: &str, message: String| ObjectError { origin: origin.to_string(), object, field: field.to_string(), message };
+    // Named in an error only: worked out then.
+    let object = || {
+        let meta = value.get("metadata");
+        let name = meta.and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("<unnamed>");
+        let ns = meta.and_then(|m| m.get("namespace")).and_then(|n| n.as_str()).unwrap_or("default");
+        if kind == "Node" { format!("Node {name}") } else { format!("{kind} {ns}/{name}") }
+    };
+    // serde_path_to_error names the field that failed (spec.ports[0].port: invalid type ...).
+    macro_rules! typed {
+        () => {{
+            let parsed = serde_path_to_error::deserialize(value).map_err(|e| err(object(), &e.path().to_string(), e.inner().to_string()))?;
+            Sourced { origin: origin.clone(), object: parsed }
+        }};
+    }
+    match kind {
+        "Service" => state.services.push(typed!()),
+        "EndpointSlice" => state.slices.push(typed!()),
+        "Node" => state.nodes.push(typed!()),
+        "Pod" => state.pods.push(typed!()),
+        "" => return Err(err(position, "kind", "is missing".into())),
+        other if !ignored.iter().any(|k| k == other) => ignored.push(other.to_string()),
+        _ => {}
+    }
+    Ok(())
 }
