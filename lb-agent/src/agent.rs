@@ -81,6 +81,12 @@ pub struct Agent {
     pub ready: Arc<AtomicBool>,
     /// CLOCK_MONOTONIC ns of the last loop iteration (the liveness probe).
     pub heartbeat_ns: Arc<std::sync::atomic::AtomicU64>,
+    /// Conntrack fill as the last GC pass counted it, for the metrics.
+    pub conntrack_fill: Arc<crate::metrics::ConntrackFill>,
+    /// The newest endpoint-change trigger time programmed per Service: each change is
+    /// measured once. Changes from before the agent started are not measured (as kube-proxy).
+    programmed_triggers: HashMap<ServiceName, jiff::Timestamp>,
+    started_at: jiff::Timestamp,
 }
 
 impl Agent {
@@ -130,6 +136,9 @@ impl Agent {
             synced_once: false,
             ready,
             heartbeat_ns: Arc::new(std::sync::atomic::AtomicU64::new(conntrack::monotonic_ns())),
+            conntrack_fill: Arc::default(),
+            programmed_triggers: HashMap::new(),
+            started_at: jiff::Timestamp::now(),
         };
         agent.attach_external().await?;
         agent.attach_socket_hooks()?;
@@ -158,7 +167,7 @@ impl Agent {
                 xdp,
             )?;
             info!("XDP {} on {dev} (ifindex {ifindex}, mode {mode:?})", if adopted { "replaced in place" } else { "attached" });
-            crate::metrics::program_attached(dev, load::XDP_PROGRAM);
+            crate::metrics::program_attached(load::XDP_PROGRAM);
         }
         Ok(())
     }
@@ -220,7 +229,8 @@ impl Agent {
         if self.synced_once && self.last_gc.is_none_or(|t| t.elapsed() >= self.cfg.gc_interval) {
             self.last_gc = Some(Instant::now());
             let stats = self.dataplane.collect_conntrack(conntrack::monotonic_ns())?;
-            crate::metrics::export_conntrack(stats.flows_kept, stats.replies_kept, self.dataplane.maps.flow_capacity);
+            self.conntrack_fill.flows.store(stats.flows_kept as u64, std::sync::atomic::Ordering::Relaxed);
+            self.conntrack_fill.replies.store(stats.replies_kept as u64, std::sync::atomic::Ordering::Relaxed);
             if stats.flows_removed + stats.orphans_removed > 0 {
                 info!("conntrack gc: {stats:?}");
             }
@@ -292,10 +302,10 @@ impl Agent {
     async fn sync_pod_devices(&mut self) -> Result<()> {
         let links = node::links(&self.netlink).await?;
         let routed = if self.cfg.pod_devices_from_routes { node::host_route_links(&self.netlink).await? } else { Vec::new() };
-        self.tc_links.retain(|ifindex, name| {
+        self.tc_links.retain(|ifindex, _| {
             let present = links.contains_key(ifindex);
             if !present {
-                crate::metrics::program_detached(name, load::TC_PROGRAM);
+                crate::metrics::program_detached(load::TC_PROGRAM);
             }
             present
         });
@@ -323,7 +333,7 @@ impl Agent {
                 Ok(adopted) => {
                     info!("TC {} on pod device {name} (ifindex {ifindex})", if adopted { "replaced in place" } else { "attached" });
                     self.tc_links.insert(ifindex, name.clone());
-                    crate::metrics::program_attached(name, load::TC_PROGRAM);
+                    crate::metrics::program_attached(load::TC_PROGRAM);
                 }
                 Err(e) => warn!("attaching TC to {name}: {e:#}"),
             }
@@ -355,12 +365,14 @@ impl Agent {
             _ => return Ok(()),
         };
         let affected_count = affected.len();
+        let mut triggers: Vec<(ServiceName, Option<jiff::Timestamp>)> = Vec::new();
         let translated: Vec<(ServiceName, Option<translate::ServiceTranslation>, Vec<String>)> = affected
             .iter()
             .map(|name| match objects.service(name) {
                 None => (name.clone(), None, Vec::new()),
                 Some(copy) => {
                     let slices = objects.slices_of(name);
+                    triggers.push((copy.name.clone(), latest_trigger(&slices)));
                     let translation = translate::translate_service(copy.object, copy.name, copy.origin, &slices, &node_name);
                     (copy.name.clone(), translation, copy.ignored_in.into_iter().map(String::from).collect())
                 }
@@ -375,6 +387,7 @@ impl Agent {
             let Some(t) = translation else {
                 self.claims.unwant(&name);
                 self.health_checks.remove(&name);
+                self.programmed_triggers.remove(&name);
                 continue;
             };
             for w in t.warnings {
@@ -414,6 +427,7 @@ impl Agent {
         for (frontend, why) in &stats.failed {
             self.report(format!("frontend {frontend} not programmed, its previous state stays: {why}"));
         }
+        self.measure_programming(triggers);
         if stats.added + stats.updated + stats.removed > 0 || !self.synced_once {
             info!(
                 "programmed {} frontends of {} services: added {}, updated {}, removed {}, unchanged {}, failed {}",
@@ -442,6 +456,21 @@ impl Agent {
         self.ready.store(true, std::sync::atomic::Ordering::Release);
         crate::metrics::sync_done(started.elapsed(), &stats);
         Ok(())
+    }
+
+    /// Network programming latency: for each Service just programmed whose slices carry a
+    /// trigger time newer than the last one measured, the time from that trigger to now.
+    fn measure_programming(&mut self, triggers: Vec<(ServiceName, Option<jiff::Timestamp>)>) {
+        let now = jiff::Timestamp::now();
+        for (name, trigger) in triggers {
+            let Some(trigger) = trigger.filter(|t| *t >= self.started_at) else { continue };
+            if self.programmed_triggers.get(&name).is_some_and(|seen| *seen >= trigger) {
+                continue;
+            }
+            let took = now.duration_since(trigger);
+            crate::metrics::endpoints_programmed(std::time::Duration::try_from(took).unwrap_or_default());
+            self.programmed_triggers.insert(name, trigger);
+        }
     }
 
     /// Logs a problem once, not on every sync.
@@ -528,6 +557,12 @@ fn gone_udp_backends(changes: &[(ServiceName, SharedClaims, SharedClaims)]) -> V
 pub fn in_cidr(ip: Ipv4Addr, net: Ipv4Addr, len: u8) -> bool {
     let mask = translate::prefix_mask(len);
     u32::from(ip) & mask == u32::from(net) & mask
+}
+
+/// The newest endpoint-change trigger time among a Service's slices (an unparseable one is
+/// ignored: it only feeds a metric).
+fn latest_trigger(slices: &[&crate::source::model::EndpointSlice]) -> Option<jiff::Timestamp> {
+    slices.iter().filter_map(|s| s.metadata.annotations.get(crate::source::model::TRIGGER_TIME_ANNOTATION)?.parse().ok()).max()
 }
 
 /// Where attachments are pinned: they outlive the agent, so a crash or an upgrade never

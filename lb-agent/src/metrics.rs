@@ -1,6 +1,7 @@
-//! Prometheus metrics (`metrics` with the Prometheus exporter) and the health endpoints.
-//! Datapath counters are read from the per-CPU maps and exported as absolute counters.
+//! Prometheus metrics and the health endpoints. The agent's own metrics go through `metrics`
+//! and its Prometheus exporter; the datapath's are rendered from the maps at each scrape.
 use std::{
+    fmt::Write,
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -20,104 +21,205 @@ use aya::maps::IterableMap;
 
 use crate::{
     dataplane::{
-        batch,
+        batch, load,
         maps::{Family, Maps},
         ApplyStats, FrontendKey,
     },
     health::Reply,
 };
 
-/// Installs the recorder and describes every metric (HELP and TYPE lines for promtool).
+/// Installs the recorder, describes the agent's own metrics (HELP and TYPE lines for
+/// promtool) and exports every one of them from the start, at zero.
 pub fn install() -> Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full("lb_sync_duration_seconds".into()), &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])?
+        .set_buckets_for_metric(Matcher::Full("lb_network_programming_duration_seconds".into()), &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0])?
         .install_recorder()
         .context("installing the metrics recorder")?;
-    describe_counter!("lb_service_packets_total", Unit::Count, "Packets of new and tracked flows to a frontend, from the datapath.");
-    describe_counter!("lb_service_bytes_total", Unit::Bytes, "Bytes of packets to a frontend, from the datapath.");
-    describe_counter!("lb_backend_packets_total", Unit::Count, "Packets forwarded to a backend, from the datapath.");
-    describe_counter!("lb_backend_bytes_total", Unit::Bytes, "Bytes forwarded to a backend, from the datapath.");
-    describe_counter!("lb_datapath_packets_total", Unit::Count, "Packets seen by the XDP and TC programs, by verdict reason (drops included).");
-    describe_gauge!("lb_map_entries", Unit::Count, "Entries in a BPF map (Maglev: slots in use).");
-    describe_gauge!("lb_map_capacity", Unit::Count, "Capacity of a BPF map.");
-    describe_gauge!("lb_maglev_tables", Unit::Count, "Maglev tables in the slot array (one per Service port and backend set, shared by the port's frontends).");
     describe_histogram!("lb_sync_duration_seconds", Unit::Seconds, "Time to translate the sources and program the maps.");
+    describe_histogram!(
+        "lb_network_programming_duration_seconds",
+        Unit::Seconds,
+        "From an endpoint change (the EndpointSlice's endpoints.kubernetes.io/last-change-trigger-time) to its Service's maps written on this node, as kube-proxy's network_programming_duration_seconds."
+    );
     describe_counter!("lb_sync_errors_total", Unit::Count, "Syncs that failed, map-write errors included.");
     describe_counter!("lb_frontend_changes_total", Unit::Count, "Frontends added, updated or removed in the maps, or failed to be written (map full).");
-    describe_gauge!("lb_programs_attached", Unit::Count, "BPF programs attached, per device and program.");
+    describe_gauge!("lb_programs_attached", Unit::Count, "Devices (XDP, TC) or cgroups (socket hooks) a BPF program of the agent is attached to.");
+    describe_gauge!("lb_build_info", "The agent's version, as a label; always 1.");
+    gauge!("lb_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    counter!("lb_sync_errors_total").absolute(0);
+    for change in CHANGES {
+        counter!("lb_frontend_changes_total", "change" => change).absolute(0);
+    }
+    for program in [load::XDP_PROGRAM, load::TC_PROGRAM] {
+        gauge!("lb_programs_attached", "program" => program).set(0.0);
+    }
+    // Registered, so exported with a zero count before the first sample.
+    let _ = histogram!("lb_sync_duration_seconds");
+    let _ = histogram!("lb_network_programming_duration_seconds");
     Ok(handle)
 }
 
+const CHANGES: [&str; 4] = ["added", "updated", "removed", "failed"];
+
 pub fn sync_done(took: Duration, stats: &ApplyStats) {
     histogram!("lb_sync_duration_seconds").record(took.as_secs_f64());
-    for (change, n) in [("added", stats.added), ("updated", stats.updated), ("removed", stats.removed), ("failed", stats.failed.len())] {
+    for (change, n) in CHANGES.into_iter().zip([stats.added, stats.updated, stats.removed, stats.failed.len()]) {
         counter!("lb_frontend_changes_total", "change" => change).increment(n as u64);
     }
+}
+
+/// An endpoint change that took `took` from the trigger to the map write.
+pub fn endpoints_programmed(took: Duration) {
+    histogram!("lb_network_programming_duration_seconds").record(took.as_secs_f64());
 }
 
 pub fn sync_failed() {
     counter!("lb_sync_errors_total").increment(1);
 }
 
-pub fn program_attached(device: &str, program: &'static str) {
-    gauge!("lb_programs_attached", "device" => device.to_string(), "program" => program).set(1.0);
+/// Counted per program, not per device: a label per pod device would grow with pod churn.
+pub fn program_attached(program: &'static str) {
+    gauge!("lb_programs_attached", "program" => program).increment(1.0);
 }
 
-pub fn program_detached(device: &str, program: &'static str) {
-    gauge!("lb_programs_attached", "device" => device.to_string(), "program" => program).set(0.0);
+pub fn program_detached(program: &'static str) {
+    gauge!("lb_programs_attached", "program" => program).decrement(1.0);
 }
 
-/// Reads the datapath's counters and what is programmed when Prometheus scrapes, not on a
-/// timer: an idle agent makes no system calls for metrics, and a sync costs the metrics
-/// nothing. Everything comes from the pinned maps, whole maps at a time (batched calls).
+/// How full conntrack is, as the last GC pass counted it (walking 262k flows on every scrape
+/// would cost more than it tells).
+#[derive(Debug, Default)]
+pub struct ConntrackFill {
+    pub flows: AtomicU64,
+    pub replies: AtomicU64,
+}
+
+/// Exports what the datapath counted and what is programmed, read from the pinned maps when
+/// Prometheus scrapes, not on a timer: an idle agent makes no system calls for metrics, and a
+/// sync costs the metrics nothing. Rendered anew on every scrape, so the series of a deleted
+/// Service or backend are gone from the next scrape on.
 pub struct Scraper {
     pub maps: Maps,
+    /// Per-backend series (`--metrics-per-backend`): off by default, as their label values
+    /// change with every pod that comes and goes.
+    pub per_backend: bool,
+    pub conntrack: Arc<ConntrackFill>,
 }
 
 impl Scraper {
-    /// Copies the counters of the programmed ids and the fill levels into the registry.
-    pub fn export(&self) -> Result<()> {
+    /// The datapath's series in the Prometheus text format, whole maps read at a time
+    /// (batched calls).
+    pub fn render(&self) -> Result<String> {
         let maps = &self.maps;
+        let mut out = Exposition::default();
+        out.family("lb_datapath_packets_total", "counter", "Packets seen by the XDP and TC programs, by verdict reason (drops included).");
         for (reason, packets) in reason::NAMES.iter().zip(maps.reason_counts()?) {
-            counter!("lb_datapath_packets_total", "reason" => *reason).absolute(packets);
+            out.sample("lb_datapath_packets_total", &[("reason", reason)], packets);
         }
         let (frontends4, frontends6) = (family_frontends::<Addr4>(maps)?, family_frontends::<Addr6>(maps)?);
         let names: Vec<(u32, NameV1)> = batch::lookup_all(maps.service_names.map()).with_context(|| format!("reading {MAP_SERVICE_NAMES}"))?;
-        let (backends4, backends6) = (live_backends::<Addr4>(maps)?, live_backends::<Addr6>(maps)?);
         let service_counters = maps.all_service_counters()?;
-        let backend_counters = maps.all_backend_counters()?;
         let mut tables = std::collections::HashSet::new();
+        let mut services = Vec::new();
         for (key, entry) in frontends4.iter().chain(&frontends6) {
             let id = entry.service_id as usize;
-            let c = service_counters.get(id).copied().unwrap_or_default();
-            let service = names.get(id).map(|(_, n)| n.as_str()).unwrap_or_default();
-            let labels = [("service", service.to_string()), ("frontend", key.to_string())];
-            counter!("lb_service_packets_total", &labels).absolute(c.packets);
-            counter!("lb_service_bytes_total", &labels).absolute(c.bytes);
+            let name = names.get(id).map(|(_, n)| n.as_str()).unwrap_or_default();
+            services.push((ServiceLabels::parse(name, key), service_counters.get(id).copied().unwrap_or_default()));
             if entry.maglev_size > 0 {
                 tables.insert((entry.maglev_offset, entry.maglev_size));
             }
         }
-        for (id, backend) in backends4.iter().chain(&backends6) {
-            let c = backend_counters.get(*id as usize).copied().unwrap_or_default();
-            let label = [("backend", backend.to_string())];
-            counter!("lb_backend_packets_total", &label).absolute(c.packets);
-            counter!("lb_backend_bytes_total", &label).absolute(c.bytes);
+        for (metric, help, value) in [
+            ("lb_service_packets_total", "Packets of new and tracked flows to a frontend, from the datapath.", (|c: &TrafficCountersV1| c.packets) as fn(&TrafficCountersV1) -> u64),
+            ("lb_service_bytes_total", "Bytes of packets to a frontend, from the datapath.", |c| c.bytes),
+        ] {
+            out.family(metric, "counter", help);
+            for (labels, counters) in &services {
+                out.sample(metric, &labels.pairs(), value(counters));
+            }
+        }
+        let (backends4, backends6) = (live_backends::<Addr4>(maps)?, live_backends::<Addr6>(maps)?);
+        if self.per_backend {
+            let counters = maps.all_backend_counters()?;
+            let backends: Vec<(String, TrafficCountersV1)> = backends4.iter().chain(&backends6).map(|(id, b)| (b.to_string(), counters.get(*id as usize).copied().unwrap_or_default())).collect();
+            for (metric, help, value) in [
+                ("lb_backend_packets_total", "Packets forwarded to a backend, from the datapath.", (|c: &TrafficCountersV1| c.packets) as fn(&TrafficCountersV1) -> u64),
+                ("lb_backend_bytes_total", "Bytes forwarded to a backend, from the datapath.", |c| c.bytes),
+            ] {
+                out.family(metric, "counter", help);
+                for (backend, counters) in &backends {
+                    out.sample(metric, &[("backend", backend)], value(counters));
+                }
+            }
         }
         let used_slots: u64 = tables.iter().map(|(_, size)| *size as u64).sum();
-        let (services, backends) = (maps.service_names.len() as u64, maps.v4.backends.len() as u64 - 1);
-        for (map, entries, capacity) in [
-            (MAP_SERVICES, frontends4.len() as u64, services),
-            (MAP_SERVICES6, frontends6.len() as u64, services),
-            (MAP_BACKENDS, backends4.len() as u64, backends),
-            (MAP_BACKENDS6, backends6.len() as u64, backends),
+        let (service_room, backend_room) = (maps.service_names.len() as u64, maps.v4.backends.len() as u64 - 1);
+        let flows = self.conntrack.flows.load(Ordering::Relaxed);
+        let replies = self.conntrack.replies.load(Ordering::Relaxed);
+        let fill = [
+            (MAP_SERVICES, frontends4.len() as u64, service_room),
+            (MAP_SERVICES6, frontends6.len() as u64, service_room),
+            (MAP_BACKENDS, backends4.len() as u64, backend_room),
+            (MAP_BACKENDS6, backends6.len() as u64, backend_room),
             (MAP_MAGLEV, used_slots, maps.maglev.len() as u64),
-        ] {
-            gauge!("lb_map_entries", "map" => map).set(entries as f64);
-            gauge!("lb_map_capacity", "map" => map).set(capacity as f64);
+            (MAP_CONNTRACK, flows, maps.flow_capacity as u64),
+            (MAP_REVERSE_NAT, replies, maps.flow_capacity as u64),
+        ];
+        out.family("lb_map_entries", "gauge", "Entries in a BPF map (Maglev: slots in use; conntrack: as of the last GC pass).");
+        for (map, entries, _) in fill {
+            out.sample("lb_map_entries", &[("map", map)], entries);
         }
-        gauge!("lb_maglev_tables").set(tables.len() as f64);
-        Ok(())
+        out.family("lb_map_capacity", "gauge", "Capacity of a BPF map.");
+        for (map, _, capacity) in fill {
+            out.sample("lb_map_capacity", &[("map", map)], capacity);
+        }
+        out.family("lb_maglev_tables", "gauge", "Maglev tables in the slot array (one per Service port and backend set, shared by the port's frontends).");
+        out.sample("lb_maglev_tables", &[], tables.len() as u64);
+        Ok(out.0)
+    }
+}
+
+/// A frontend's labels: the Service port it belongs to, in kube-proxy's terms, and the
+/// frontend itself (`10.96.0.10:80`, `[fd00::10]:80`, NodePort `*:30080`).
+struct ServiceLabels {
+    namespace: String,
+    service: String,
+    port_name: String,
+    protocol: String,
+    frontend: String,
+}
+
+impl ServiceLabels {
+    /// From the name the agent wrote for the service id: `namespace/name:port/PROTO`.
+    fn parse(name: &str, key: &FrontendKey) -> Self {
+        let (namespace, rest) = name.split_once('/').unwrap_or(("", name));
+        let (service, port) = rest.split_once(':').unwrap_or((rest, ""));
+        let (port_name, protocol) = port.rsplit_once('/').unwrap_or((port, ""));
+        Self { namespace: namespace.into(), service: service.into(), port_name: port_name.into(), protocol: protocol.into(), frontend: key.to_string() }
+    }
+
+    fn pairs(&self) -> [(&str, &str); 5] {
+        [("namespace", &self.namespace), ("service", &self.service), ("port_name", &self.port_name), ("protocol", &self.protocol), ("frontend", &self.frontend)]
+    }
+}
+
+/// Metric families in the Prometheus text format (version 0.0.4).
+#[derive(Default)]
+struct Exposition(String);
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
+        self.0.push_str(name);
+        for (i, (label, v)) in labels.iter().enumerate() {
+            let escaped = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+            let _ = write!(self.0, "{}{label}=\"{escaped}\"", if i == 0 { "{" } else { "," });
+        }
+        let _ = writeln!(self.0, "{} {value}", if labels.is_empty() { "" } else { "}" });
     }
 }
 
@@ -131,14 +233,6 @@ fn family_frontends<A: Family>(maps: &Maps) -> Result<Vec<(FrontendKey, ServiceV
 fn live_backends<A: Family>(maps: &Maps) -> Result<Vec<(u32, std::net::SocketAddr)>> {
     let entries: Vec<(u32, BackendV1<A>)> = batch::lookup_all(A::of(maps).backends.map()).with_context(|| format!("reading {}", A::MAPS[1]))?;
     Ok(entries.into_iter().filter(|(id, b)| *id != 0 && !b.addr.is_zero()).map(|(id, b)| (id, std::net::SocketAddr::new(b.addr.to_ip(), port_host(b.port)))).collect())
-}
-
-/// Conntrack fill levels, from the GC pass that walked the maps anyway.
-pub fn export_conntrack(flows: usize, replies: usize, capacity: u32) {
-    for (map, entries) in [(MAP_CONNTRACK, flows), (MAP_REVERSE_NAT, replies)] {
-        gauge!("lb_map_entries", "map" => map).set(entries as f64);
-        gauge!("lb_map_capacity", "map" => map).set(capacity as f64);
-    }
 }
 
 /// Liveness: the sync loop ran within `stale_after` (its heartbeat is a CLOCK_MONOTONIC stamp).
@@ -160,19 +254,21 @@ pub async fn serve(addr: SocketAddr, handle: PrometheusHandle, health: Health, s
     let scraper = Arc::new(scraper);
     crate::health::serve_routes(listener, move |path| {
         if path == "/metrics" {
-            if let Err(e) = scraper.export() {
-                warn!("reading the datapath counters: {e:#}");
+            let mut body = handle.render();
+            match scraper.render() {
+                Ok(datapath) => body.push_str(&datapath),
+                Err(e) => warn!("reading the datapath counters: {e:#}"),
             }
+            return (StatusCode::OK, "text/plain; version=0.0.4", body);
         }
-        route(path, &handle, &health)
+        route(path, &health)
     })
     .await
 }
 
-fn route(path: &str, handle: &PrometheusHandle, health: &Health) -> Reply {
+fn route(path: &str, health: &Health) -> Reply {
     const TEXT: &str = "text/plain";
     match path {
-        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", handle.render()),
         "/healthz" => {
             let now = crate::dataplane::conntrack::monotonic_ns();
             let silent = Duration::from_nanos(now.saturating_sub(health.heartbeat_ns.load(Ordering::Acquire)));

@@ -36,6 +36,10 @@ struct Args {
     /// Where to serve /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:9970")]
     metrics_addr: std::net::SocketAddr,
+    /// Export packet and byte counters per backend (`lb_backend_*_total{backend="ip:port"}`):
+    /// a series per endpoint address, so their number follows pod churn.
+    #[arg(long)]
+    metrics_per_backend: bool,
     /// Where to serve kube-proxy's health check (/healthz, /livez), which cloud load balancers
     /// and probes set up for kube-proxy use. It fails while syncs keep failing.
     #[arg(long, default_value = "0.0.0.0:10256")]
@@ -160,6 +164,7 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let metrics_addr = args.metrics_addr;
+    let metrics_per_backend = args.metrics_per_backend;
     let cfg = AgentConfig {
         source: match args.manifests {
             Some(dir) => SourceConfig::Manifests(dir),
@@ -199,7 +204,7 @@ fn main() -> Result<()> {
             last_ok_ns: agent.proxy_health.last_ok_ns.clone(),
             failing_syncs_after: Duration::from_secs(healthz_failing_syncs_s),
         };
-        let scraper = lb_agent::metrics::Scraper { maps: Maps::open_pinned(&pin_dir)? };
+        let scraper = lb_agent::metrics::Scraper { maps: Maps::open_pinned(&pin_dir)?, per_backend: metrics_per_backend, conntrack: agent.conntrack_fill.clone() };
         let server = tokio::spawn(lb_agent::metrics::serve(metrics_addr, metrics, health, scraper));
         let proxy_health = tokio::spawn(lb_agent::health::serve_proxy_health(healthz_addr, agent.proxy_health.clone()));
         tokio::select! {

@@ -26,8 +26,12 @@ pub const TOPOLOGY_ANNOTATIONS: [&str; 2] = ["service.kubernetes.io/topology-mod
 /// its processes see the real destinations they connect to.
 pub const SOCKET_LB_ANNOTATION: &str = "lb-agent.io/socket-lb";
 
+/// When the change that an EndpointSlice carries was triggered (RFC 3339): where network
+/// programming latency is measured from.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
 /// Every label and annotation key the agent reads; the others are dropped on arrival.
-const KEPT_KEYS: [&str; 6] = [SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, SOURCE_RANGES_ANNOTATION, TOPOLOGY_ANNOTATIONS[0], TOPOLOGY_ANNOTATIONS[1], SOCKET_LB_ANNOTATION];
+const KEPT_KEYS: [&str; 7] = [SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, SOURCE_RANGES_ANNOTATION, TOPOLOGY_ANNOTATIONS[0], TOPOLOGY_ANNOTATIONS[1], SOCKET_LB_ANNOTATION, TRIGGER_TIME_ANNOTATION];
 
 /// A string of an object. Most (names, addresses, protocols) are at most 24 bytes and are held
 /// inline, with no allocation of their own: at 100k Services that is millions fewer.
