@@ -87,6 +87,8 @@ pub struct Agent {
     /// measured once. Changes from before the agent started are not measured (as kube-proxy).
     programmed_triggers: HashMap<ServiceName, jiff::Timestamp>,
     started_at: jiff::Timestamp,
+    /// What `lbctl status` is told.
+    pub status: crate::status::SharedStatus,
 }
 
 impl Agent {
@@ -139,7 +141,19 @@ impl Agent {
             conntrack_fill: Arc::default(),
             programmed_triggers: HashMap::new(),
             started_at: jiff::Timestamp::now(),
+            status: Arc::default(),
         };
+        {
+            let mut status = agent.status.lock().expect("not poisoned");
+            status.version = env!("CARGO_PKG_VERSION").into();
+            status.node = agent.cfg.node_name.clone();
+            (status.mode, status.source) = match &agent.cfg.source {
+                SourceConfig::Manifests(dir) => ("standalone".into(), dir.display().to_string()),
+                SourceConfig::Kubernetes { api_server, .. } => ("kubernetes".into(), api_server.clone().unwrap_or_else(|| "in-cluster or kubeconfig".into())),
+            };
+            status.pin_dir = agent.cfg.pin_dir.display().to_string();
+            status.started_unix = crate::status::unix_now();
+        }
         agent.attach_external().await?;
         agent.attach_socket_hooks()?;
         Ok(agent)
@@ -168,6 +182,7 @@ impl Agent {
             )?;
             info!("XDP {} on {dev} (ifindex {ifindex}, mode {mode:?})", if adopted { "replaced in place" } else { "attached" });
             crate::metrics::program_attached(load::XDP_PROGRAM);
+            self.status.lock().expect("not poisoned").attach(load::XDP_PROGRAM, dev);
         }
         Ok(())
     }
@@ -216,6 +231,10 @@ impl Agent {
             link.pin(links.join(pin)).with_context(|| format!("pinning {pin}"))?;
         }
         info!("socket hooks on cgroup {} for this network namespace's processes", cgroup_path.display());
+        let mut status = self.status.lock().expect("not poisoned");
+        for (name, _) in load::SOCK_ADDR_PROGRAMS.iter().chain(&load::SOCK_BIND_PROGRAMS) {
+            status.attach(name, &format!("cgroup {}", cgroup_path.display()));
+        }
         Ok(())
     }
 
@@ -302,10 +321,12 @@ impl Agent {
     async fn sync_pod_devices(&mut self) -> Result<()> {
         let links = node::links(&self.netlink).await?;
         let routed = if self.cfg.pod_devices_from_routes { node::host_route_links(&self.netlink).await? } else { Vec::new() };
-        self.tc_links.retain(|ifindex, _| {
+        let status = &self.status;
+        self.tc_links.retain(|ifindex, name| {
             let present = links.contains_key(ifindex);
             if !present {
                 crate::metrics::program_detached(load::TC_PROGRAM);
+                status.lock().expect("not poisoned").detach(load::TC_PROGRAM, name);
             }
             present
         });
@@ -334,6 +355,7 @@ impl Agent {
                     info!("TC {} on pod device {name} (ifindex {ifindex})", if adopted { "replaced in place" } else { "attached" });
                     self.tc_links.insert(ifindex, name.clone());
                     crate::metrics::program_attached(load::TC_PROGRAM);
+                    self.status.lock().expect("not poisoned").attach(load::TC_PROGRAM, name);
                 }
                 Err(e) => warn!("attaching TC to {name}: {e:#}"),
             }
@@ -365,6 +387,13 @@ impl Agent {
             _ => return Ok(()),
         };
         let affected_count = affected.len();
+        {
+            // Each affected Service's standing is decided anew below.
+            let mut status = self.status.lock().expect("not poisoned");
+            for name in &affected {
+                status.rejected.remove(&**name);
+            }
+        }
         let mut triggers: Vec<(ServiceName, Option<jiff::Timestamp>)> = Vec::new();
         let translated: Vec<(ServiceName, Option<translate::ServiceTranslation>, Vec<String>)> = affected
             .iter()
@@ -397,7 +426,10 @@ impl Agent {
                 Ok(claims) => {
                     self.claims.want(name.clone(), t.created, t.origin, claims.into());
                 }
-                Err(e) => self.report(format!("service rejected, its last good version stays in force: {e}")),
+                Err(e) => {
+                    self.status.lock().expect("not poisoned").rejected.insert(name.to_string(), e.to_string());
+                    self.report(format!("service rejected, its last good version stays in force: {e}"));
+                }
             }
             match t.health_check {
                 Some(check) => self.health_checks.insert(name, check),
@@ -406,6 +438,8 @@ impl Agent {
         }
         let settled = self.claims.settle(affected, everything);
         for e in &settled.errors {
+            let service = e.object.strip_prefix("Service ").unwrap_or(&e.object).to_string();
+            self.status.lock().expect("not poisoned").rejected.insert(service, format!("{}: {}", e.field, e.message));
             self.report(format!("frontend rejected: {e}"));
         }
         let settled_in = started.elapsed();
@@ -454,6 +488,7 @@ impl Agent {
         }
         self.synced_once = true;
         self.ready.store(true, std::sync::atomic::Ordering::Release);
+        self.status.lock().expect("not poisoned").synced = true;
         crate::metrics::sync_done(started.elapsed(), &stats);
         Ok(())
     }
@@ -504,7 +539,10 @@ impl Agent {
             }
             self.heartbeat_ns.store(conntrack::monotonic_ns(), std::sync::atomic::Ordering::Release);
             match self.sync().await {
-                Ok(()) => self.proxy_health.sync_succeeded(),
+                Ok(()) => {
+                    self.proxy_health.sync_succeeded();
+                    self.status.lock().expect("not poisoned").last_sync_unix = crate::status::unix_now();
+                }
                 Err(e) => {
                     crate::metrics::sync_failed();
                     error!("sync failed: {e:#}");

@@ -9,6 +9,7 @@
 //! - [`metrics`]: Prometheus metrics and the agent's own health endpoints;
 //! - [`health`]: kube-proxy's health endpoints (proxy healthz, healthCheckNodePorts);
 //! - [`agent`]: the loop that ties them together;
+//! - [`status`]: what the agent reports to `lbctl status`;
 //! - [`cleanup`]: `lb-agent --cleanup`, which takes all of it off the node.
 pub mod agent;
 pub mod cleanup;
@@ -17,4 +18,5 @@ pub mod health;
 pub mod metrics;
 pub mod node;
 pub mod source;
+pub mod status;
 pub mod translate;

@@ -247,8 +247,9 @@ pub struct Health {
     pub failing_syncs_after: Duration,
 }
 
-/// Serves `/metrics`, `/healthz` (liveness) and `/readyz` (ready after the first full sync).
-pub async fn serve(addr: SocketAddr, handle: PrometheusHandle, health: Health, scraper: Scraper) -> Result<()> {
+/// Serves `/metrics`, `/healthz` (liveness), `/readyz` (ready after the first full sync) and
+/// `/status` (for `lbctl status`).
+pub async fn serve(addr: SocketAddr, handle: PrometheusHandle, health: Health, scraper: Scraper, status: crate::status::SharedStatus) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
     info!("metrics and health on http://{addr}/metrics, /healthz, /readyz");
     let scraper = Arc::new(scraper);
@@ -260,6 +261,10 @@ pub async fn serve(addr: SocketAddr, handle: PrometheusHandle, health: Health, s
                 Err(e) => warn!("reading the datapath counters: {e:#}"),
             }
             return (StatusCode::OK, "text/plain; version=0.0.4", body);
+        }
+        if path == "/status" {
+            let body = serde_json::to_string(&*status.lock().expect("not poisoned")).unwrap_or_default();
+            return (StatusCode::OK, "application/json", body);
         }
         route(path, &health)
     })

@@ -205,7 +205,7 @@ fn main() -> Result<()> {
             failing_syncs_after: Duration::from_secs(healthz_failing_syncs_s),
         };
         let scraper = lb_agent::metrics::Scraper { maps: Maps::open_pinned(&pin_dir)?, per_backend: metrics_per_backend, conntrack: agent.conntrack_fill.clone() };
-        let server = tokio::spawn(lb_agent::metrics::serve(metrics_addr, metrics, health, scraper));
+        let server = tokio::spawn(lb_agent::metrics::serve(metrics_addr, metrics, health, scraper, agent.status.clone()));
         let proxy_health = tokio::spawn(lb_agent::health::serve_proxy_health(healthz_addr, agent.proxy_health.clone()));
         tokio::select! {
             r = agent.run(shutdown_signal()) => r,

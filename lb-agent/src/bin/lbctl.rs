@@ -5,8 +5,9 @@ use std::{
     path::PathBuf,
 };
 
-use anyhow::{bail, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use anyhow::{bail, Context, Result};
+use aya::maps::IterableMap;
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use lb_agent::dataplane::{
     conntrack::monotonic_ns,
     maps::{Family, Maps},
@@ -16,25 +17,44 @@ use lb_common::*;
 use serde_json::{json, Value};
 
 #[derive(Parser)]
-#[command(version, about = "Inspect the load balancer's maps")]
+#[command(name = "lbctl", version, about = "Inspect the load balancer's maps and its agent on this node")]
 struct Cli {
-    /// Where the agent pinned its maps.
+    /// Where the agent pinned its maps (the agent's --pin-dir).
     #[arg(long, global = true, default_value = "/sys/fs/bpf/lb")]
     pin_dir: PathBuf,
+    /// The agent's metrics address (its --metrics-addr), asked by `status`.
+    #[arg(long, global = true, default_value = "127.0.0.1:9970")]
+    agent: String,
     #[arg(short, long, global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
+    /// Leave out the header line of tables.
+    #[arg(long, global = true)]
+    no_headers: bool,
+    /// Only rows of Services in this namespace.
+    #[arg(short, long, global = true)]
+    namespace: Option<String>,
+    /// Only rows of this Service (`name`, or `namespace/name`).
+    #[arg(long, global = true)]
+    service: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Format {
+    /// Aligned columns, the most useful ones.
     Table,
+    /// Aligned columns, all of them.
+    Wide,
     Json,
+    Yaml,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// The agent (up, version, mode, attachments, last sync, rejected Services) and how full
+    /// each map is.
+    Status,
     /// Frontends and what they balance to.
     Service {
         #[command(subcommand)]
@@ -53,7 +73,7 @@ enum Command {
     /// Tracked flows.
     Ct {
         #[command(subcommand)]
-        cmd: ListOnly,
+        cmd: CtCmd,
     },
     /// Source-NAT bindings (flows to backends on other nodes, hairpin flows).
     Nat {
@@ -67,6 +87,8 @@ enum Command {
     },
     /// Verdicts by reason, and totals.
     Stats,
+    /// A shell completion script: `lbctl completion bash > /etc/bash_completion.d/lbctl`.
+    Completion { shell: clap_complete::Shell },
 }
 
 #[derive(Subcommand)]
@@ -75,54 +97,262 @@ enum ListOnly {
 }
 
 #[derive(Subcommand)]
+enum CtCmd {
+    List,
+    /// Forget tracked flows (all, or those of --namespace/--service): their next packets are
+    /// balanced as new flows, as `conntrack -F` does for kube-proxy.
+    Flush,
+}
+
+#[derive(Subcommand)]
 enum MaglevCmd {
     /// SERVICE is a name (namespace/name:port/PROTO, or namespace/name for all its ports), a
     /// frontend (10.96.0.10:80/TCP, *:30080/TCP for a NodePort) or a service id.
-    Get { service: String },
+    Get {
+        #[arg(value_name = "SERVICE")]
+        query: String,
+    },
 }
 
-fn main() -> Result<()> {
+/// Columns that only `-o wide` shows (JSON and YAML always have every column).
+const WIDE_ONLY: [&str; 4] = ["id", "table", "bytes", "table_size"];
+
+fn main() {
     let cli = Cli::parse();
-    let maps = Maps::open_pinned(&cli.pin_dir)?;
-    let rows = match cli.command {
+    if let Err(e) = run(&cli) {
+        eprintln!("lbctl: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    if let Command::Completion { shell } = &cli.command {
+        clap_complete::generate(*shell, &mut Cli::command(), "lbctl", &mut std::io::stdout());
+        return Ok(());
+    }
+    let maps = open_maps(&cli.pin_dir)?;
+    let filter = Filter { namespace: cli.namespace.as_deref(), service: cli.service.as_deref() };
+    let rows = match &cli.command {
+        Command::Status => return status(&maps, cli),
         Command::Service { .. } => services(&maps)?,
         Command::Backend { .. } => backends(&maps)?,
-        Command::Maglev { cmd: MaglevCmd::Get { service } } => maglev(&maps, &service)?,
-        Command::Ct { .. } => conntrack(&maps)?,
+        Command::Maglev { cmd: MaglevCmd::Get { query } } => maglev(&maps, query)?,
+        Command::Ct { cmd: CtCmd::List } => conntrack(&maps)?,
+        Command::Ct { cmd: CtCmd::Flush } => {
+            let flushed = flush_conntrack(&maps, &filter)?;
+            println!("flushed {flushed} tracked flows");
+            return Ok(());
+        }
         Command::Nat { .. } => nat(&maps)?,
         Command::Affinity { .. } => affinity(&maps)?,
         Command::Stats => stats(&maps)?,
+        Command::Completion { .. } => unreachable!("handled above"),
     };
-    print(&rows, cli.output);
+    let rows: Vec<Row> = rows.into_iter().filter(|r| filter.keeps(r)).collect();
+    print(&rows, cli.output, cli.no_headers);
     Ok(())
 }
 
-/// Rows as ordered (column, value) pairs; JSON keeps them as objects.
+/// The pinned maps, or an error that says what to check.
+fn open_maps(pin_dir: &std::path::Path) -> Result<Maps> {
+    if !pin_dir.exists() {
+        bail!(
+            "no pinned maps at {}: is lb-agent running on this node? It pins its maps there unless started with another --pin-dir (then pass the same --pin-dir here)",
+            pin_dir.display()
+        );
+    }
+    Maps::open_pinned(pin_dir).map_err(|e| {
+        // SAFETY: geteuid has no preconditions.
+        let hint = if unsafe { libc::geteuid() } != 0 {
+            "reading BPF maps needs root (CAP_BPF and CAP_SYS_ADMIN): run lbctl as root, or through `kubectl exec` in the agent's pod"
+        } else {
+            "the agent that pinned them may be of another version than this lbctl (see `lb-agent --version`)"
+        };
+        e.context(format!("opening the maps in {} ({hint})", pin_dir.display()))
+    })
+}
+
+/// `--namespace` and `--service`: which rows of Services to keep.
+struct Filter<'a> {
+    namespace: Option<&'a str>,
+    service: Option<&'a str>,
+}
+
+impl Filter<'_> {
+    /// A row is kept when one of the Services it names (`namespace/name:port/PROTO`) matches;
+    /// rows that name no Service (stats) are kept.
+    fn keeps(&self, row: &Row) -> bool {
+        if self.namespace.is_none() && self.service.is_none() {
+            return true;
+        }
+        let mut names = row.iter().filter(|(k, _)| matches!(*k, "name" | "service" | "services")).flat_map(|(_, v)| match v {
+            Value::String(s) => vec![s.as_str()],
+            Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
+            _ => vec![],
+        });
+        names.any(|full| self.matches(full))
+    }
+
+    fn matches(&self, full: &str) -> bool {
+        let (namespace, rest) = full.split_once('/').unwrap_or(("", full));
+        let name = rest.split(':').next().unwrap_or(rest);
+        self.namespace.is_none_or(|n| n == namespace)
+            && self.service.is_none_or(|s| match s.split_once('/') {
+                Some((n, s)) => n == namespace && s == name,
+                None => s == name,
+            })
+    }
+}
+
+/// Rows as ordered (column, value) pairs; JSON and YAML keep them as objects.
 type Row = Vec<(&'static str, Value)>;
 
-fn print(rows: &[Row], format: Format) {
-    if format == Format::Json {
-        let objects: Vec<Value> = rows.iter().map(|r| Value::Object(r.iter().map(|(k, v)| (k.to_string(), v.clone())).collect())).collect();
-        println!("{}", serde_json::to_string_pretty(&objects).unwrap());
-        return;
+fn print(rows: &[Row], format: Format, no_headers: bool) {
+    let objects = || -> Vec<Value> { rows.iter().map(|r| Value::Object(r.iter().map(|(k, v)| (k.to_string(), v.clone())).collect())).collect() };
+    match format {
+        Format::Json => return println!("{}", serde_json::to_string_pretty(&objects()).unwrap()),
+        Format::Yaml => return print!("{}", serde_yaml_ng::to_string(&objects()).unwrap()),
+        Format::Table | Format::Wide => {}
     }
     let Some(first) = rows.first() else {
-        println!("(none)");
+        if !no_headers {
+            println!("(none)");
+        }
         return;
     };
+    let shown: Vec<usize> = (0..first.len()).filter(|i| format == Format::Wide || !WIDE_ONLY.contains(&first[*i].0)).collect();
     let cell = |v: &Value| match v {
         Value::String(s) => s.clone(),
         Value::Array(a) => a.iter().map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string())).collect::<Vec<_>>().join(","),
         other => other.to_string(),
     };
-    let headers: Vec<String> = first.iter().map(|(k, _)| k.to_uppercase()).collect();
-    let table: Vec<Vec<String>> = rows.iter().map(|r| r.iter().map(|(_, v)| cell(v)).collect()).collect();
-    let widths: Vec<usize> = (0..headers.len()).map(|i| table.iter().map(|r| r[i].len()).chain([headers[i].len()]).max().unwrap()).collect();
+    let headers: Vec<String> = shown.iter().map(|i| first[*i].0.to_uppercase()).collect();
+    let table: Vec<Vec<String>> = rows.iter().map(|r| shown.iter().map(|i| cell(&r[*i].1)).collect()).collect();
+    let widths: Vec<usize> = (0..headers.len()).map(|i| table.iter().map(|r| r[i].len()).chain([if no_headers { 0 } else { headers[i].len() }]).max().unwrap()).collect();
     let line = |cells: &[String]| cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string();
-    println!("{}", line(&headers));
+    if !no_headers {
+        println!("{}", line(&headers));
+    }
     for r in &table {
         println!("{}", line(r));
     }
+}
+
+/// `lbctl status`: the agent's own report (GET /status) and the fill of every map. Exits
+/// non-zero when the agent does not answer, after printing what the maps say.
+fn status(maps: &Maps, cli: &Cli) -> Result<()> {
+    let agent = agent_status(&cli.agent);
+    let fill = map_fill(maps)?;
+    let report = json!({
+        "agent": match &agent {
+            Ok(status) => serde_json::to_value(status)?,
+            Err(e) => json!({"reachable": false, "error": format!("{e:#}")}),
+        },
+        "maps": fill.iter().map(|(map, entries, capacity)| json!({"map": map, "entries": entries, "capacity": capacity})).collect::<Vec<_>>(),
+    });
+    match cli.output {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Yaml => print!("{}", serde_yaml_ng::to_string(&report)?),
+        Format::Table | Format::Wide => {
+            match &agent {
+                Ok(a) => {
+                    let now = lb_agent::status::unix_now();
+                    println!("Agent:      up, version {}, node {}, {} ({})", a.version, a.node, a.mode, a.source);
+                    println!("Started:    {} s ago", now.saturating_sub(a.started_unix));
+                    let synced = if a.last_sync_unix == 0 { "not yet".to_string() } else { format!("{} s ago", now.saturating_sub(a.last_sync_unix)) };
+                    println!("Last sync:  {synced}{}", if a.synced { "" } else { " (first full sync not done)" });
+                    let mut by_program: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+                    for at in &a.attached {
+                        by_program.entry(&at.program).or_default().push(&at.target);
+                    }
+                    println!("Programs:");
+                    for (program, targets) in by_program {
+                        println!("  {program:<22} {}", targets.join(", "));
+                    }
+                    println!("Rejected:   {}", if a.rejected.is_empty() { "none" } else { "" });
+                    for (service, why) in &a.rejected {
+                        println!("  {service}: {why}");
+                    }
+                }
+                Err(e) => println!("Agent:      not reachable at {} ({e:#}): is lb-agent running? (--agent names its --metrics-addr)", cli.agent),
+            }
+            println!("Maps:       {}", cli.pin_dir.display());
+            let rows: Vec<Row> = fill
+                .iter()
+                .map(|(map, entries, capacity)| vec![("map", json!(map)), ("entries", json!(entries)), ("capacity", json!(capacity)), ("fill", json!(format!("{:.1}%", 100.0 * *entries as f64 / (*capacity).max(1) as f64)))])
+                .collect();
+            print(&rows, cli.output, cli.no_headers);
+        }
+    }
+    if agent.is_err() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// GET http://ADDR/status.
+fn agent_status(addr: &str) -> Result<lb_agent::status::AgentStatus> {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(2);
+    let socket = std::net::ToSocketAddrs::to_socket_addrs(addr)?.next().with_context(|| format!("{addr} names no address"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&socket, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(stream, "GET /status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").context("no HTTP response")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("{}", head.lines().next().unwrap_or_default());
+    }
+    serde_json::from_str(body).context("not the status of an lb-agent")
+}
+
+/// (map, entries, capacity) of the maps that fill up.
+fn map_fill(maps: &Maps) -> Result<Vec<(&'static str, u64, u64)>> {
+    let count = |map: &aya::maps::MapData, key: usize, value: usize| -> Result<u64> { Ok(lb_agent::dataplane::batch::count(map, key, value)? as u64) };
+    let capacity = |map: &aya::maps::MapData| -> Result<u64> { Ok(map.info()?.max_entries() as u64) };
+    let (services, backends) = (maps.service_names.len() as u64, maps.v4.backends.len() as u64 - 1);
+    let used_slots: u64 = {
+        let tables: std::collections::HashSet<(u32, u32)> = maps.all_frontends()?.iter().map(|(_, s)| (s.maglev_offset, s.maglev_size)).collect();
+        tables.iter().map(|(_, size)| *size as u64).sum()
+    };
+    let live_backends = (1..maps.v4.backends.len()).filter(|id| maps.backend_by_id(*id).is_some()).count() as u64;
+    use std::mem::size_of;
+    Ok(vec![
+        (MAP_SERVICES, maps.frontends::<Addr4>()?.len() as u64, services),
+        (MAP_SERVICES6, maps.frontends::<Addr6>()?.len() as u64, services),
+        (MAP_BACKENDS, live_backends, backends),
+        (MAP_MAGLEV, used_slots, maps.maglev.len() as u64),
+        (MAP_CONNTRACK, count(maps.v4.conntrack.map(), size_of::<Ct4KeyV1>(), size_of::<Ct4EntryV1>())?, capacity(maps.v4.conntrack.map())?),
+        (MAP_REVERSE_NAT, count(maps.v4.reverse_nat.map(), size_of::<Ct4KeyV1>(), size_of::<RevNat4V1>())?, capacity(maps.v4.reverse_nat.map())?),
+        (MAP_CONNTRACK6, count(maps.v6.conntrack.map(), size_of::<Ct6KeyV1>(), size_of::<Ct6EntryV1>())?, capacity(maps.v6.conntrack.map())?),
+        (MAP_REVERSE_NAT6, count(maps.v6.reverse_nat.map(), size_of::<Ct6KeyV1>(), size_of::<RevNat6V1>())?, capacity(maps.v6.reverse_nat.map())?),
+        (MAP_AFFINITY, count(maps.affinity.map(), size_of::<AffinityKeyV1>(), size_of::<AffinityV1>())?, capacity(maps.affinity.map())?),
+    ])
+}
+
+/// Deletes the tracked flows the filter keeps, and the reverse-NAT entries of their replies.
+fn flush_conntrack(maps: &Maps, filter: &Filter) -> Result<usize> {
+    Ok(family_flush::<Addr4>(maps, filter)? + family_flush::<Addr6>(maps, filter)?)
+}
+
+fn family_flush<A: Family>(maps: &Maps, filter: &Filter) -> Result<usize> {
+    let family = A::of(maps);
+    let entries: Vec<(CtKeyV1<A>, CtEntryV1<A>)> = lb_agent::dataplane::batch::lookup_all(family.conntrack.map())?;
+    let mut flows = Vec::new();
+    let mut replies = Vec::new();
+    for (key, ct) in entries {
+        let name = maps.service_names.get(&ct.service_id, 0).map(|n| n.as_str().to_string()).unwrap_or_default();
+        if (filter.namespace.is_some() || filter.service.is_some()) && !filter.matches(&name) {
+            continue;
+        }
+        let backend = family.backends.get(&ct.backend_id, 0).unwrap_or_default();
+        replies.push(lb_agent::dataplane::conntrack::reply_key(&key, &ct, &backend));
+        flows.push(key);
+    }
+    lb_agent::dataplane::batch::delete(family.conntrack.map(), &flows)?;
+    lb_agent::dataplane::batch::delete(family.reverse_nat.map(), &replies)?;
+    Ok(flows.len())
 }
 
 fn proto_name(p: u8) -> &'static str {

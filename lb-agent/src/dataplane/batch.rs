@@ -83,6 +83,13 @@ pub fn lookup_all<K: aya::Pod, V: aya::Pod>(map: &MapData) -> io::Result<Vec<(K,
     Ok(out)
 }
 
+/// How many entries a map holds, counted in batches (keys and values of the given sizes).
+pub fn count(map: &MapData, key_size: usize, value_size: usize) -> io::Result<usize> {
+    let mut n = 0;
+    lookup_each(map, key_size, value_size, |_, _| n += 1)?;
+    Ok(n)
+}
+
 /// Calls `each` with the bytes of every key and value, `LOOKUP_CHUNK` entries a call.
 fn lookup_each(map: &MapData, key_size: usize, value_size: usize, mut each: impl FnMut(&[u8], &[u8])) -> io::Result<()> {
     let mut keys = vec![0u8; key_size * LOOKUP_CHUNK];

@@ -1,0 +1,56 @@
+//! What the agent tells `lbctl status` (GET /status on the metrics address): who it is, where
+//! its Services come from, what it attached where, when it last synced, and which Services it
+//! rejects. Everything else `lbctl status` shows it reads from the maps itself.
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct AgentStatus {
+    pub version: String,
+    pub node: String,
+    /// `standalone` or `kubernetes`.
+    pub mode: String,
+    /// The manifest directory, or the API server (`in-cluster` when from the environment).
+    pub source: String,
+    pub pin_dir: String,
+    pub started_unix: u64,
+    /// Whether the first full sync is done (the readiness probe says the same).
+    pub synced: bool,
+    /// Wall-clock seconds of the last sync that succeeded; 0 before the first.
+    pub last_sync_unix: u64,
+    /// Each program and what it is attached to (a device, or the cgroup of the socket hooks).
+    pub attached: Vec<Attachment>,
+    /// Services not (fully) programmed, with the reason: `namespace/name` -> why.
+    pub rejected: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Attachment {
+    pub program: String,
+    pub target: String,
+}
+
+/// Shared between the agent loop, which writes it, and the HTTP server, which reads it.
+pub type SharedStatus = Arc<Mutex<AgentStatus>>;
+
+impl AgentStatus {
+    pub fn attach(&mut self, program: &str, target: &str) {
+        let a = Attachment { program: program.into(), target: target.into() };
+        if let Err(at) = self.attached.binary_search(&a) {
+            self.attached.insert(at, a);
+        }
+    }
+
+    pub fn detach(&mut self, program: &str, target: &str) {
+        self.attached.retain(|a| !(a.program == program && a.target == target));
+    }
+}
+
+/// Seconds since the epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
