@@ -180,7 +180,7 @@ impl Agent {
                 },
                 xdp,
             )?;
-            info!("XDP {} on {dev} (ifindex {ifindex}, mode {mode:?})", if adopted { "replaced in place" } else { "attached" });
+            info!("XDP {} on {dev} (ifindex {ifindex}, {} mode)", if adopted { "replaced in place" } else { "attached" }, if mode == XdpMode::Skb { "generic" } else { "native" });
             crate::metrics::program_attached(load::XDP_PROGRAM);
             self.status.lock().expect("not poisoned").attach(load::XDP_PROGRAM, dev);
         }
@@ -251,7 +251,10 @@ impl Agent {
             self.conntrack_fill.flows.store(stats.flows_kept as u64, std::sync::atomic::Ordering::Relaxed);
             self.conntrack_fill.replies.store(stats.replies_kept as u64, std::sync::atomic::Ordering::Relaxed);
             if stats.flows_removed + stats.orphans_removed > 0 {
-                info!("conntrack gc: {stats:?}");
+                info!(
+                    "conntrack gc: {} expired flows and {} orphaned replies removed; {} flows and {} replies kept",
+                    stats.flows_removed, stats.orphans_removed, stats.flows_kept, stats.replies_kept
+                );
             }
         }
         Ok(())
@@ -464,14 +467,15 @@ impl Agent {
         self.measure_programming(triggers);
         if stats.added + stats.updated + stats.removed > 0 || !self.synced_once {
             info!(
-                "programmed {} frontends of {} services: added {}, updated {}, removed {}, unchanged {}, failed {}",
+                "programmed {} frontends of {} services: added {}, updated {}, removed {}, unchanged {}, failed {}{}",
                 self.dataplane.frontend_count(),
                 self.claims.wanting().count(),
                 stats.added,
                 stats.updated,
                 stats.removed,
                 stats.unchanged,
-                stats.failed.len()
+                stats.failed.len(),
+                if everything { String::new() } else { named(settled.changes.iter().map(|(name, _, _)| &**name)) }
             );
         }
         // Connected UDP sockets of node processes must not stay on a backend that is gone.
@@ -595,6 +599,17 @@ fn gone_udp_backends(changes: &[(ServiceName, SharedClaims, SharedClaims)]) -> V
 pub fn in_cidr(ip: Ipv4Addr, net: Ipv4Addr, len: u8) -> bool {
     let mask = translate::prefix_mask(len);
     u32::from(ip) & mask == u32::from(net) & mask
+}
+
+/// "; changed: a, b, c and 12 more" for a log line.
+fn named<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    const SHOWN: usize = 8;
+    let names: Vec<&str> = names.collect();
+    if names.is_empty() {
+        return String::new();
+    }
+    let more = names.len().saturating_sub(SHOWN);
+    format!("; changed: {}{}", names[..names.len().min(SHOWN)].join(", "), if more > 0 { format!(" and {more} more") } else { String::new() })
 }
 
 /// The newest endpoint-change trigger time among a Service's slices (an unparseable one is

@@ -9,6 +9,7 @@ mod host;
 mod ipv6;
 mod kubernetes;
 mod lbctl;
+mod logs;
 mod metrics;
 mod restart;
 mod semantics;

@@ -33,6 +33,10 @@ struct Args {
     /// this agent has programmed it, so the agent must not depend on it.
     #[arg(long, requires = "kubernetes", env = "K8S_API_SERVER")]
     k8s_api_server: Option<String>,
+    /// Log lines as text or as JSON objects (one a line, for log collectors). RUST_LOG sets
+    /// the level (default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Where to serve /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:9970")]
     metrics_addr: std::net::SocketAddr,
@@ -131,9 +135,56 @@ enum Mode {
     Generic,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// `[time LEVEL target] message`
+    Text,
+    /// One JSON object a line: ts, level, target, msg.
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let mut logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if format == LogFormat::Json {
+        logger.format(|buf, record| {
+            use std::io::Write;
+            let line = serde_json::json!({"ts": buf.timestamp_millis().to_string(), "level": record.level().as_str(), "target": record.target(), "msg": record.args().to_string()});
+            writeln!(buf, "{line}")
+        });
+    }
+    logger.init();
+}
+
+/// The configuration in force, in one line at start.
+fn summary(args: &Args) -> String {
+    let source = match &args.manifests {
+        Some(dir) => format!("standalone, manifests in {}", dir.display()),
+        None => format!("kubernetes, API server {}", args.k8s_api_server.as_deref().filter(|s| !s.is_empty()).unwrap_or("from in-cluster config or kubeconfig")),
+    };
+    let list = |items: &[String]| if items.is_empty() { "none".to_string() } else { items.join(",") };
+    format!(
+        "lb-agent {}: {source}; node {}; external devices {} ({:?} XDP); pod devices {}{}; pins in {}; metrics on {}, kube-proxy health on {}; socket LB {}; NodePorts on {}; hash seed {}, smallest Maglev table {}; sync every {} ms, conntrack GC every {} s",
+        env!("CARGO_PKG_VERSION"),
+        args.node_name.as_deref().unwrap_or("-"),
+        list(&args.external_devices),
+        args.xdp_mode,
+        list(&args.pod_devices),
+        if args.pod_devices_from_routes { " and devices with /32 routes" } else { "" },
+        args.pin_dir.display(),
+        args.metrics_addr,
+        args.healthz_bind_address,
+        if args.socket_lb { format!("on cgroup {}", args.cgroup_root.display()) } else { "off".into() },
+        if args.nodeport_addresses.is_empty() { "every node address".to_string() } else { args.nodeport_addresses.iter().map(|(a, l)| format!("{a}/{l}")).collect::<Vec<_>>().join(",") },
+        args.hash_seed,
+        args.maglev_table_size,
+        args.sync_interval_ms,
+        args.gc_interval_s,
+    )
+}
+
 fn main() -> Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
+    init_logging(args.log_format);
     let sizes = MapSizes {
         flows: args.max_flows,
         maglev_slots: args.maglev_slots,
@@ -163,6 +214,7 @@ fn main() -> Result<()> {
         );
         return Ok(());
     }
+    log::info!("{}", summary(&args));
     let metrics_addr = args.metrics_addr;
     let metrics_per_backend = args.metrics_per_backend;
     let cfg = AgentConfig {

@@ -346,7 +346,7 @@ impl Dataplane {
             let mut entry = *entry;
             if entry.maglev_offset as u64 + entry.maglev_size as u64 > self.maps.maglev.len() as u64 {
                 // The slot array shrank under it: the next apply writes its table afresh.
-                log::warn!("pinned service {key:?} has slots {}+{} past the end of {MAP_MAGLEV}; it is rewritten", entry.maglev_offset, entry.maglev_size);
+                log::warn!("pinned frontend {key} has slots {}+{} past the end of {MAP_MAGLEV}; it is rewritten", entry.maglev_offset, entry.maglev_size);
                 entry.maglev_size = 0;
             }
             let entry = &entry;
