@@ -38,7 +38,8 @@ pub struct AgentConfig {
     pub node_name: String,
     pub node_ip: Option<Ipv4Addr>,
     pub external_devices: Vec<String>,
-    pub xdp_mode: XdpMode,
+    /// `None`: auto, chosen per device (see [`xdp_mode_for`]).
+    pub xdp_mode: Option<XdpMode>,
     pub pod_device_patterns: Vec<String>,
     pub pod_devices_from_routes: bool,
     pub pin_dir: PathBuf,
@@ -169,18 +170,38 @@ impl Agent {
             // XDP hands packets whose next hop it cannot resolve to the stack after SNAT; their
             // source is then a node address, which the stack drops as martian without this.
             ensure_sysctl(&format!("net/ipv4/conf/{dev}/accept_local"), "1")?;
-            let pin = links_dir(&self.cfg.pin_dir)?.join(format!("xdp-{dev}"));
-            let mode = self.cfg.xdp_mode;
-            let adopted = attach_pinned(
-                &pin,
-                |xdp: &mut Xdp, old| Ok(xdp.attach_to_link(old.try_into()?).map(|_| ())?),
-                |xdp: &mut Xdp| {
-                    let id = xdp.attach(ifindex, mode).with_context(|| format!("attaching XDP to {dev} in mode {mode:?}"))?;
-                    Ok(xdp.take_link(id)?.try_into()?)
-                },
-                xdp,
-            )?;
-            info!("XDP {} on {dev} (ifindex {ifindex}, {} mode)", if adopted { "replaced in place" } else { "attached" }, if mode == XdpMode::Skb { "generic" } else { "native" });
+            let (mut mode, why) = match self.cfg.xdp_mode {
+                Some(mode) => (mode, "as --xdp-mode says"),
+                None => xdp_mode_for(dev),
+            };
+            let links = links_dir(&self.cfg.pin_dir)?;
+            // A device holds one XDP mode at a time: a link of the other mode (an earlier agent's,
+            // with other flags) goes first.
+            let other = links.join(xdp_pin_name(dev, if mode == XdpMode::Skb { XdpMode::Driver } else { XdpMode::Skb }));
+            if std::fs::remove_file(&other).is_ok() {
+                info!("XDP on {dev}: the earlier agent's link of the other mode detached");
+            }
+            let attach = |xdp: &mut Xdp, mode: XdpMode| {
+                attach_pinned(
+                    &links.join(xdp_pin_name(dev, mode)),
+                    |xdp: &mut Xdp, old| Ok(xdp.attach_to_link(old.try_into()?).map(|_| ())?),
+                    |xdp: &mut Xdp| {
+                        let id = xdp.attach(ifindex, mode).with_context(|| format!("attaching XDP to {dev} in {} mode", mode_name(mode)))?;
+                        Ok(xdp.take_link(id)?.try_into()?)
+                    },
+                    xdp,
+                )
+            };
+            let adopted = match attach(xdp, mode) {
+                // Auto on a device whose driver turns native XDP down: generic XDP.
+                Err(e) if self.cfg.xdp_mode.is_none() && mode == XdpMode::Driver => {
+                    warn!("native XDP on {dev} failed ({e:#}); generic XDP instead");
+                    mode = XdpMode::Skb;
+                    attach(xdp, mode)?
+                }
+                result => result?,
+            };
+            info!("XDP {} on {dev} (ifindex {ifindex}): {} mode, {why}", if adopted { "replaced in place" } else { "attached" }, mode_name(mode));
             crate::metrics::program_attached(load::XDP_PROGRAM);
             self.status.lock().expect("not poisoned").attach(load::XDP_PROGRAM, dev);
         }
@@ -616,6 +637,28 @@ fn named<'a>(names: impl Iterator<Item = &'a str>) -> String {
 /// ignored: it only feeds a metric).
 fn latest_trigger(slices: &[&crate::source::model::EndpointSlice]) -> Option<jiff::Timestamp> {
     slices.iter().filter_map(|s| s.metadata.annotations.get(crate::source::model::TRIGGER_TIME_ANNOTATION)?.parse().ok()).max()
+}
+
+/// `--xdp-mode auto`: native XDP on a physical device; generic XDP on a virtual one (veth, the
+/// external device of kind and most containers and VMs), because a veth delivers native
+/// XDP_TX and redirected frames late (a second and more) unless its peer runs XDP itself,
+/// which the agent cannot know. Generic XDP runs the same program on the stack's buffers and
+/// transmits like the stack does.
+fn xdp_mode_for(dev: &str) -> (XdpMode, &'static str) {
+    if Path::new("/sys/class/net").join(dev).join("device").exists() {
+        (XdpMode::Driver, "a physical device (--xdp-mode auto)")
+    } else {
+        (XdpMode::Skb, "a virtual device, whose peer may not deliver native XDP_TX at once (--xdp-mode auto)")
+    }
+}
+
+fn mode_name(mode: XdpMode) -> &'static str {
+    if mode == XdpMode::Skb { "generic" } else { "native" }
+}
+
+/// The pin of a device's XDP link: `xdp-eth0` (native), `xdp-generic-eth0`.
+fn xdp_pin_name(dev: &str, mode: XdpMode) -> String {
+    if mode == XdpMode::Skb { format!("xdp-generic-{dev}") } else { format!("xdp-{dev}") }
 }
 
 /// Where attachments are pinned: they outlive the agent, so a crash or an upgrade never

@@ -112,6 +112,12 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// Takes `lb_xdp_pass` off the LAN side of the nodes' `eth0`: the veth then delivers native
+    /// XDP_TX frames late, as on a kind node whose peer runs no XDP.
+    pub fn without_peer_xdp(&mut self) {
+        self.peer_xdp = None;
+    }
+
     fn attach_peer_xdp(&mut self, nodes: usize) -> Result<()> {
         let mount = BpfMount::new(&format!("{}peer", self.prefix))?;
         let pin_dir = mount.dir.clone();
@@ -159,6 +165,11 @@ impl Cluster {
         let node_name = Self::node_name(i);
         let cgroup = self.cgroup.dir.display().to_string();
         args.extend(["--node-name", &node_name, "--external-devices", "eth0", "--pin-dir", &pin_dir, "--sync-interval-ms", "100", "--cgroup-root", &cgroup].iter().map(|s| s.to_string()));
+        // The LAN ports run XDP (see `peer_xdp`), so native XDP delivers at once; a test that
+        // wants another mode says so.
+        if !extra.contains(&"--xdp-mode") {
+            args.extend(["--xdp-mode".to_string(), "native".to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut agent = AgentProcess::start(agent_bin, &self.nodes[i].ns, &args, &log)?;
         agent.wait_for_log("programmed", Duration::from_secs(20))?;

@@ -5,6 +5,7 @@ mod support;
 mod capacity;
 mod changes;
 mod cleanup;
+mod devices;
 mod host;
 mod ipv6;
 mod kubernetes;

@@ -82,7 +82,10 @@ struct Args {
     /// Devices that receive traffic from outside the cluster; they get the XDP program.
     #[arg(long, value_delimiter = ',')]
     external_devices: Vec<String>,
-    #[arg(long, value_enum, default_value_t = Mode::Native)]
+    /// How XDP runs on the external devices. auto: native on physical devices (generic if the
+    /// driver refuses), generic on virtual ones such as veth, whose peer delivers native
+    /// XDP_TX frames late unless it runs XDP itself; chosen per device and logged.
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
     xdp_mode: Mode,
     /// Name patterns of pods' host-side devices (a trailing * matches any suffix); they get the TC program.
     #[arg(long, value_delimiter = ',', default_value = "lxc*,cali*,veth*")]
@@ -131,6 +134,7 @@ struct Args {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Mode {
+    Auto,
     Native,
     Generic,
 }
@@ -163,7 +167,7 @@ fn summary(args: &Args) -> String {
     };
     let list = |items: &[String]| if items.is_empty() { "none".to_string() } else { items.join(",") };
     format!(
-        "lb-agent {}: {source}; node {}; external devices {} ({:?} XDP); pod devices {}{}; pins in {}; metrics on {}, kube-proxy health on {}; socket LB {}; NodePorts on {}; hash seed {}, smallest Maglev table {}; sync every {} ms, conntrack GC every {} s",
+        "lb-agent {}: {source}; node {}; external devices {} (XDP mode {:?}); pod devices {}{}; pins in {}; metrics on {}, kube-proxy health on {}; socket LB {}; NodePorts on {}; hash seed {}, smallest Maglev table {}; sync every {} ms, conntrack GC every {} s",
         env!("CARGO_PKG_VERSION"),
         args.node_name.as_deref().unwrap_or("-"),
         list(&args.external_devices),
@@ -227,8 +231,9 @@ fn main() -> Result<()> {
         node_ip: args.node_ip,
         external_devices: args.external_devices,
         xdp_mode: match args.xdp_mode {
-            Mode::Native => XdpMode::Driver,
-            Mode::Generic => XdpMode::Skb,
+            Mode::Auto => None,
+            Mode::Native => Some(XdpMode::Driver),
+            Mode::Generic => Some(XdpMode::Skb),
         },
         pod_device_patterns: args.pod_devices,
         pod_devices_from_routes: args.pod_devices_from_routes,
