@@ -203,7 +203,7 @@ impl Agent {
             };
             info!("XDP {} on {dev} (ifindex {ifindex}): {} mode, {why}", if adopted { "replaced in place" } else { "attached" }, mode_name(mode));
             crate::metrics::program_attached(load::XDP_PROGRAM);
-            self.status.lock().expect("not poisoned").attach(load::XDP_PROGRAM, dev);
+            self.status.lock().expect("not poisoned").attach(load::XDP_PROGRAM, &format!("{dev} ({} XDP)", mode_name(mode)));
         }
         Ok(())
     }

@@ -131,13 +131,26 @@ pub fn run(bin_dir: &Path, manifests: &Path) -> Result<()> {
     show("TCP its own NodePort 10.99.0.1:30080", tcp_request(node, sock([10, 99, 0, 1], 30080), None, timeout));
 
     let lbctl = bin_dir.join("lbctl");
-    for args in [vec!["service", "list"], vec!["maglev", "get", "demo/web:http/TCP"], vec!["affinity", "list"], vec!["stats"]] {
+    // `status` asks the agent on its metrics address, so it runs in node-a's namespace.
+    println!("== lbctl status (in node-a's namespace, where the agent's metrics address is)");
+    let out = Command::new("ip").args(["netns", "exec", &node.name]).arg(&lbctl).arg("--pin-dir").arg(&pin_dir).arg("status").output().context("running lbctl")?;
+    print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    for args in [vec!["service", "list"], vec!["service", "list", "-n", "demo", "--service", "web", "-o", "wide"], vec!["maglev", "get", "demo/web:http/TCP"], vec!["affinity", "list"], vec!["stats"]] {
         println!("== lbctl {}", args.join(" "));
         let out = Command::new(&lbctl).arg("--pin-dir").arg(&pin_dir).args(&args).output().context("running lbctl")?;
         print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     }
+    println!("== uninstall: agent stopped, then lb-agent --cleanup takes the datapath off node-a");
     drop(agent);
-    println!("== cleaning up: agent stopped, namespaces and bpffs removed");
+    let out = Command::new(bin_dir.join("lb-agent")).arg("--cleanup").arg("--pin-dir").arg(&pin_dir).output().context("running lb-agent --cleanup")?;
+    print!("   {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let xdp_left = node.exec("ip -d link show dev eth0")?.contains("prog/xdp");
+    println!("   XDP on node-a eth0: {}; pin directory: {}", if xdp_left { "still attached (FAILED)" } else { "none" }, if pin_dir.exists() { "still there (FAILED)" } else { "gone" });
+    match tcp_request(&demo.cluster.client, sock([10, 99, 0, 1], 30080), None, Duration::from_millis(500)) {
+        Ok(a) => println!("   NodePort 10.99.0.1:30080 still answered by {} (FAILED)", a.backend),
+        Err(_) => println!("   NodePort 10.99.0.1:30080 no longer answers: nothing forwards to a frozen table"),
+    }
+    println!("== cleaning up: namespaces removed");
     Ok(())
 }
 

@@ -97,7 +97,7 @@ fn lbctl_status_filters_formats_and_flush() -> Result<()> {
     assert_eq!((a["version"].as_str(), a["mode"].as_str(), a["node"].as_str()), (Some(env!("CARGO_PKG_VERSION")), Some("standalone"), Some("node-a")), "{status}");
     assert!(a["synced"].as_bool().unwrap() && a["last_sync_unix"].as_u64().unwrap() > 0);
     let attached: Vec<(String, String)> = a["attached"].as_array().unwrap().iter().map(|x| (x["program"].as_str().unwrap().into(), x["target"].as_str().unwrap().into())).collect();
-    assert!(attached.contains(&("lb_xdp".into(), "eth0".into())) && attached.contains(&("lb_tc".into(), "lxc0".into())), "{attached:?}");
+    assert!(attached.contains(&("lb_xdp".into(), "eth0 (native XDP)".into())) && attached.contains(&("lb_tc".into(), "lxc0".into())), "{attached:?}");
     assert!(attached.iter().any(|(p, t)| p == "lb_sock_connect4" && t.starts_with("cgroup ")), "{attached:?}");
     assert_eq!(a["rejected"], serde_json::json!({}));
     let svc4 = status["maps"].as_array().unwrap().iter().find(|m| m["map"] == "LB4_SVC_V1").context("no LB4_SVC_V1")?;

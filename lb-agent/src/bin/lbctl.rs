@@ -316,12 +316,20 @@ fn map_fill(maps: &Maps) -> Result<Vec<(&'static str, u64, u64)>> {
         let tables: std::collections::HashSet<(u32, u32)> = maps.all_frontends()?.iter().map(|(_, s)| (s.maglev_offset, s.maglev_size)).collect();
         tables.iter().map(|(_, size)| *size as u64).sum()
     };
-    let live_backends = (1..maps.v4.backends.len()).filter(|id| maps.backend_by_id(*id).is_some()).count() as u64;
+    let (mut backends4, mut backends6) = (0, 0);
+    for id in 1..maps.v4.backends.len() {
+        match maps.backend_by_id(id) {
+            Some(BackendEntry::V4(_)) => backends4 += 1,
+            Some(BackendEntry::V6(_)) => backends6 += 1,
+            None => {}
+        }
+    }
     use std::mem::size_of;
     Ok(vec![
         (MAP_SERVICES, maps.frontends::<Addr4>()?.len() as u64, services),
         (MAP_SERVICES6, maps.frontends::<Addr6>()?.len() as u64, services),
-        (MAP_BACKENDS, live_backends, backends),
+        (MAP_BACKENDS, backends4, backends),
+        (MAP_BACKENDS6, backends6, backends),
         (MAP_MAGLEV, used_slots, maps.maglev.len() as u64),
         (MAP_CONNTRACK, count(maps.v4.conntrack.map(), size_of::<Ct4KeyV1>(), size_of::<Ct4EntryV1>())?, capacity(maps.v4.conntrack.map())?),
         (MAP_REVERSE_NAT, count(maps.v4.reverse_nat.map(), size_of::<Ct4KeyV1>(), size_of::<RevNat4V1>())?, capacity(maps.v4.reverse_nat.map())?),
