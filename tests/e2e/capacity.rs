@@ -1,18 +1,12 @@
 //! Memory sizing: the memory the agent prints at start for the map capacities it was given is
 //! what the kernel then charges for its maps (`bpftool map show`), for small and large sizes.
-use std::{collections::BTreeMap, path::Path, process::Command};
+use std::{collections::BTreeMap, path::Path};
 
 use anyhow::{Context, Result};
 use serde_json::Value;
 use testbed::demo::Demo;
 
 use crate::support::*;
-
-fn bpftool_json(args: &[&str]) -> Result<Value> {
-    let out = Command::new("bpftool").arg("-j").args(args).output()?;
-    anyhow::ensure!(out.status.success(), "bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
 
 /// Kernel memory of every map of the agent that pinned into `pin_dir`, by map id: its pinned
 /// maps, and the unpinned ones its attached programs use.

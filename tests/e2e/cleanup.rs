@@ -12,12 +12,6 @@ use testbed::{
 
 use crate::support::*;
 
-fn bpftool_json(args: &[&str]) -> Result<Value> {
-    let out = Command::new("bpftool").arg("-j").args(args).output()?;
-    anyhow::ensure!(out.status.success(), "bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
-
 /// (pin name, link id, program id) of every link pinned under `<pin_dir>/links`.
 fn pinned_links(pin_dir: &Path) -> Result<Vec<(String, u64, u64)>> {
     let mut links = Vec::new();

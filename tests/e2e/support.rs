@@ -77,6 +77,13 @@ pub fn lbctl(pin_dir: &Path, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
+/// `bpftool -j ARGS` as parsed JSON.
+pub fn bpftool_json(args: &[&str]) -> Result<Value> {
+    let out = Command::new("bpftool").arg("-j").args(args).output()?;
+    anyhow::ensure!(out.status.success(), "bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
 /// The packet count `lbctl stats` reports for one verdict reason.
 pub fn reason_count(pin_dir: &Path, reason: &str) -> Result<u64> {
     let stats = lbctl_json(pin_dir, &["stats"])?;
