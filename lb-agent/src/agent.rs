@@ -106,7 +106,7 @@ impl Agent {
         if adopted > 0 {
             info!("adopted {adopted} frontends from the maps pinned in {}; conntrack kept", cfg.pin_dir.display());
         }
-        let slots = dataplane.maps.maglev.len();
+        let slots = dataplane.maps.maglev_slots();
         info!(
             "Maglev slot array {MAP_MAGLEV}: {slots} slots ({} MiB), {} in use by {} tables; room for about {} more Service ports of {} backends",
             slots as u64 * MAGLEV_SLOT_STRIDE as u64 >> 20,

@@ -162,7 +162,7 @@ impl Scraper {
             (MAP_SERVICES6, frontends6.len() as u64, service_room),
             (MAP_BACKENDS, backends4.len() as u64, backend_room),
             (MAP_BACKENDS6, backends6.len() as u64, backend_room),
-            (MAP_MAGLEV, used_slots, maps.maglev.len() as u64),
+            (MAP_MAGLEV, used_slots, maps.maglev_slots() as u64),
             (MAP_CONNTRACK, flows, maps.flow_capacity as u64),
             (MAP_REVERSE_NAT, replies, maps.flow_capacity as u64),
         ];

@@ -66,7 +66,7 @@ fn other_capacities_resize_the_pinned_maps_and_keep_the_newest_flows() -> Result
         for port in 0..10u16 {
             maps.v4.conntrack.insert(&key(40000 + port), &entry(1000 + port as u64), 0)?;
         }
-        maps.maglev.set(1000, &42, 0)?;
+        maps.write_slots(1000, &[42])?;
         maps.v4.services.insert(&svc_key, &svc, 0)?;
         maps.service_names.set(0, &NameV1::new("bench/svc:http/TCP"), 0)?;
         maps.v4.backends.set(7, &Backend4V1 { addr: ip4_raw([10, 244, 1, 7]), port: port_raw(8080), flags: 0, _pad: 0 }, 0)?;
@@ -83,7 +83,7 @@ fn other_capacities_resize_the_pinned_maps_and_keep_the_newest_flows() -> Result
         assert_eq!(maps.flow_capacity, 4096);
         assert_eq!(maps.v4.conntrack.keys().count(), 10);
         assert_eq!(maps.v4.conntrack.get(&key(40003), 0)?, entry(1003));
-        assert_eq!((maps.maglev.len(), maps.maglev.get(&1000, 0)?), (2048, 42));
+        assert_eq!((maps.maglev_slots(), maps.read_slot(1000)?), (2048, 42));
     }
     // Smaller: the most recently used flows stay.
     let mut ebpf = load::load(&mount.dir, &MapSizes { flows: Some(4), maglev_slots: Some(2048), ..Default::default() })?;
@@ -98,7 +98,7 @@ fn other_capacities_resize_the_pinned_maps_and_keep_the_newest_flows() -> Result
 }
 
 #[test]
-fn a_slot_array_from_before_it_was_mappable_is_recreated_with_its_tables() -> Result<()> {
+fn a_v1_slot_array_is_carried_over_into_the_packed_one() -> Result<()> {
     let mount = BpfMount::new("pins")?;
     let sizes = MapSizes { maglev_slots: Some(4096), ..Default::default() };
     let svc = ServiceV1 { service_id: 0, maglev_offset: 1020, maglev_size: 7, backend_count: 2, kind: KIND_CLUSTER_IP, flags: 0 };
@@ -109,24 +109,23 @@ fn a_slot_array_from_before_it_was_mappable_is_recreated_with_its_tables() -> Re
         let mut maps = Maps::take(&mut ebpf)?;
         maps.v4.services.insert(&svc_key, &svc, 0)?;
     }
-    // What an older build pinned: the same array, without BPF_F_MMAPABLE.
-    let path = mount.dir.join(MAP_MAGLEV);
-    std::fs::remove_file(&path)?;
-    sh(&format!("bpftool map create {} type array key 4 value 4 entries 4096 name {MAP_MAGLEV}", path.display()))?;
+    // What a schema-v1 agent pinned: one slot an element (and, before it was mappable,
+    // without BPF_F_MMAPABLE), holding the service's table.
+    let path = mount.dir.join(MAP_MAGLEV_V1);
+    sh(&format!("bpftool map create {} type array key 4 value 4 entries 4096 name {MAP_MAGLEV_V1}", path.display()))?;
     for (i, id) in table.iter().enumerate() {
         sh(&format!("bpftool map update pinned {} key {} value {}", path.display(), hex_le(1020 + i as u32), hex_le(*id)))?;
     }
-    // lbctl next to the older agent still reads it, slot by slot.
-    assert_eq!(Maps::open_pinned(&mount.dir)?.read_slots(1020, 7)?, table);
     let mut ebpf = load::load(&mount.dir, &sizes)?;
     let mut maps = Maps::take(&mut ebpf)?;
     let info = maps.maglev.map().info()?;
-    assert_eq!((info.map_flags() & MAGLEV_MAP_FLAGS, info.max_entries()), (MAGLEV_MAP_FLAGS, 4096), "re-created mappable, same size");
+    assert_eq!((info.map_flags() & MAGLEV_MAP_FLAGS, info.max_entries(), info.value_size()), (MAGLEV_MAP_FLAGS, 2048, 8), "4096 slots, two an element, mappable");
     assert_eq!(maps.read_slots(1020, 7)?, table, "the table its service points at was carried over");
-    // Through the mapping and through the kernel's own lookup, the same slots (the 8-byte stride).
+    assert!(!path.exists(), "the v1 array's pin is gone");
+    // Through the mapping and through the kernel's own lookup, the same slots (two an element).
     maps.write_slots(2000, &[9, 8, 7])?;
-    assert_eq!([maps.maglev.get(&2000, 0)?, maps.maglev.get(&2001, 0)?, maps.maglev.get(&2002, 0)?, maps.maglev.get(&2003, 0)?], [9, 8, 7, 0]);
-    maps.maglev.set(2003, &6, 0)?;
+    assert_eq!([maps.maglev.get(&1000, 0)?, maps.maglev.get(&1001, 0)?], [[9, 8], [7, 0]]);
+    maps.maglev.set(1001, &[7, 6], 0)?;
     assert_eq!(maps.read_slots(2000, 4)?, [9, 8, 7, 6]);
     assert!(maps.read_slots(4094, 3).is_err(), "past the end is an error, not a stray mapping");
     Ok(())

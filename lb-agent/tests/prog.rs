@@ -116,7 +116,7 @@ fn assert_icmp_port_unreachable(frame: &[u8], original: &[u8]) {
 fn predicted_backend(tb: &Testbed, svc: &Frontend, src: [u8; 4], sport: u16) -> [u8; 4] {
     let entry = tb.dataplane.service(&svc.key).unwrap();
     let hash = flow_hash4(ip4_raw(src), svc.key.entry::<Addr4>().unwrap().addr, port_raw(sport), svc.key.port, svc.key.proto, 0);
-    let id = tb.dataplane.maps.maglev.get(&(entry.maglev_offset + hash % entry.maglev_size), 0).unwrap();
+    let id = tb.dataplane.maps.read_slot(entry.maglev_offset + hash % entry.maglev_size).unwrap();
     ip4_octets(tb.dataplane.maps.v4.backends.get(&id, 0).unwrap().addr)
 }
 
@@ -580,7 +580,7 @@ fn a_full_maglev_array_fails_only_the_service_that_does_not_fit() -> Result<()> 
         let stats = tb.dataplane.apply(&[first.clone(), second.clone()])?;
         assert_eq!((stats.added, stats.failed.len()), (1, 1));
         assert_eq!(stats.failed[0].0, "test/other:80", "the error names the frontend");
-        assert!(stats.failed[0].1.contains("LB_MAGLEV_V1 is full"), "{:?}", stats.failed);
+        assert!(stats.failed[0].1.contains("LB_MAGLEV_V2 is full"), "{:?}", stats.failed);
         assert!(tb.dataplane.service(&second.key).is_none(), "nothing half-written for the one that failed");
         let (verdict, out) = tb.run_xdp(&tcp_syn(CLIENT, VIP, 45000, 80))?;
         assert_eq!((verdict, decode(&out).dport), (XDP_PASS, 8080), "the service that fit serves");
@@ -811,7 +811,7 @@ fn a_full_maglev_array_still_takes_an_endpoint_change_in_place() -> Result<()> {
         assert_eq!((np_after.maglev_offset, np_after.maglev_size), (after.maglev_offset, after.maglev_size), "still shared");
         assert_eq!(tb.dataplane.table_count(), 1);
         for slot in after.maglev_offset..after.maglev_offset + after.maglev_size {
-            assert_ne!(tb.dataplane.maps.maglev.get(&slot, 0)?, removed_id, "slot {slot} still names the removed backend");
+            assert_ne!(tb.dataplane.maps.read_slot(slot)?, removed_id, "slot {slot} still names the removed backend");
         }
         for sport in 52000..52040u16 {
             assert_ne!(decode(&tb.run_xdp(&tcp_syn(CLIENT, VIP, sport, 80))?.1).dst, removed, "no new flow goes to the removed backend");

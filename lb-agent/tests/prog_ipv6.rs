@@ -102,7 +102,7 @@ fn predicted_backend(tb: &Testbed, svc: &Frontend, src: Ipv6Addr, sport: u16) ->
     let entry = tb.dataplane.service(&svc.key).unwrap();
     let key = svc.key.entry::<Addr6>().unwrap();
     let flow = Ct6KeyV1 { src_addr: ip6_raw(src.octets()), dst_addr: key.addr, src_port: port_raw(sport), dst_port: key.port, proto: key.proto, _pad: [0; 3] };
-    let id = tb.dataplane.maps.maglev.get(&(entry.maglev_offset + flow_hash(&flow, 0) % entry.maglev_size), 0).unwrap();
+    let id = tb.dataplane.maps.read_slot(entry.maglev_offset + flow_hash(&flow, 0) % entry.maglev_size).unwrap();
     ip6_addr(tb.dataplane.maps.v6.backends.get(&id, 0).unwrap().addr)
 }
 

@@ -4,15 +4,14 @@
 pub const MAX_SERVICES: u32 = 131_072;
 /// Default capacity of `LB4_BE_V1` and `LB_BE_STAT_V1` (backend ids are `< MAX_BACKENDS`; id 0 is never used).
 pub const MAX_BACKENDS: u32 = 262_144;
-/// Default number of slots in `LB_MAGLEV_V1`, shared by every service's slice: room for 30,000
-/// services of 509 slots (the agent's `--maglev-slots` changes it). 128 MiB of kernel memory:
-/// the kernel stores each 4-byte slot in 8 bytes (array elements are 8-byte aligned).
+/// Default number of slots in `LB_MAGLEV_V2`, shared by every service's slice: room for 30,000
+/// services of 509 slots (the agent's `--maglev-slots` changes it). 64 MiB of kernel memory.
 pub const MAGLEV_SLOTS: u32 = 1 << 24;
-/// Creation flags of `LB_MAGLEV_V1`: `BPF_F_MMAPABLE`, so that user space writes and reads
-/// tables through a memory mapping instead of a system call per slot. An array stores each
-/// element 8-byte aligned, so slot `i` is at byte `i * MAGLEV_SLOT_STRIDE` of the mapping.
+/// Creation flags of `LB_MAGLEV_V2`: `BPF_F_MMAPABLE`, so that user space writes and reads
+/// tables through a memory mapping instead of a system call per slot. Its 8-byte elements hold
+/// two slots each, so slot `i` is at byte `i * MAGLEV_SLOT_STRIDE` of the mapping.
 pub const MAGLEV_MAP_FLAGS: u32 = 1 << 10;
-pub const MAGLEV_SLOT_STRIDE: usize = 8;
+pub const MAGLEV_SLOT_STRIDE: usize = 4;
 /// Default capacity of the conntrack and reverse-NAT maps.
 pub const MAX_FLOWS: u32 = 262_144;
 /// Capacity of `LB_AFFINITY_V1` (an LRU: the least recently used client affinity goes first).
@@ -143,9 +142,12 @@ mod tests {
 
     #[test]
     fn maglev_slots_sit_where_the_kernel_maps_them() {
-        // An array map stores each value rounded up to 8 bytes (kernel/bpf/arraymap.c), and
+        // An array map stores each value rounded up to 8 bytes (kernel/bpf/arraymap.c): a pair
+        // of slots fills one exactly, so the mapping is a plain array of 4-byte slots.
         // BPF_F_MMAPABLE is bit 10 of the creation flags (uapi/linux/bpf.h).
-        assert_eq!(MAGLEV_SLOT_STRIDE, core::mem::size_of::<u32>().next_multiple_of(8));
+        let pair = core::mem::size_of::<crate::MaglevSlotPair>();
+        assert_eq!(pair, pair.next_multiple_of(8));
+        assert_eq!(MAGLEV_SLOT_STRIDE * crate::MAGLEV_SLOTS_PER_ENTRY, pair);
         assert_eq!(MAGLEV_MAP_FLAGS, 1024);
     }
 }

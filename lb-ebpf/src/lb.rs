@@ -235,8 +235,9 @@ pub fn pick_backend<A: Family>(svc: &ServiceV1, affinity: &AffinityKeyV1, hash: 
         Some(id) => id,
         None => {
             let slot = svc.maglev_offset.wrapping_add(hash % svc.maglev_size);
-            match LB_MAGLEV_V1.get(slot) {
-                Some(id) if *id != BACKEND_NONE => *id,
+            let pair = LB_MAGLEV_V2.get(slot / MAGLEV_SLOTS_PER_ENTRY as u32);
+            match pair.map(|pair| pair[(slot % MAGLEV_SLOTS_PER_ENTRY as u32) as usize]) {
+                Some(id) if id != BACKEND_NONE => id,
                 _ => return Err(reason::DROP_BACKEND_MISSING),
             }
         }

@@ -13,7 +13,7 @@ pub static LB4_SVC_V1: HashMap<Service4KeyV1, ServiceV1> = HashMap::pinned(MAX_S
 #[map]
 pub static LB4_BE_V1: Array<Backend4V1> = Array::pinned(MAX_BACKENDS, 0);
 #[map]
-pub static LB_MAGLEV_V1: Array<u32> = Array::pinned(MAGLEV_SLOTS, MAGLEV_MAP_FLAGS);
+pub static LB_MAGLEV_V2: Array<MaglevSlotPair> = Array::pinned(MAGLEV_SLOTS / MAGLEV_SLOTS_PER_ENTRY as u32, MAGLEV_MAP_FLAGS);
 #[map]
 pub static LB4_CT_V1: HashMap<Ct4KeyV1, Ct4EntryV1> = HashMap::pinned(MAX_FLOWS, 0);
 #[map]

@@ -330,7 +330,7 @@ fn map_fill(maps: &Maps) -> Result<Vec<(&'static str, u64, u64)>> {
         (MAP_SERVICES6, maps.frontends::<Addr6>()?.len() as u64, services),
         (MAP_BACKENDS, backends4, backends),
         (MAP_BACKENDS6, backends6, backends),
-        (MAP_MAGLEV, used_slots, maps.maglev.len() as u64),
+        (MAP_MAGLEV, used_slots, maps.maglev_slots() as u64),
         (MAP_CONNTRACK, count(maps.v4.conntrack.map(), size_of::<Ct4KeyV1>(), size_of::<Ct4EntryV1>())?, capacity(maps.v4.conntrack.map())?),
         (MAP_REVERSE_NAT, count(maps.v4.reverse_nat.map(), size_of::<Ct4KeyV1>(), size_of::<RevNat4V1>())?, capacity(maps.v4.reverse_nat.map())?),
         (MAP_CONNTRACK6, count(maps.v6.conntrack.map(), size_of::<Ct6KeyV1>(), size_of::<Ct6EntryV1>())?, capacity(maps.v6.conntrack.map())?),

@@ -57,6 +57,7 @@ pub fn load(pin_dir: &Path, sizes: &MapSizes) -> Result<Ebpf> {
         std::fs::remove_file(&aside).with_context(|| format!("removing {}", aside.display()))?;
         log::info!("{name}: {copied} entries carried over into the resized map");
     }
+    migrate_slot_array_v1(&mut ebpf, pin_dir)?;
     Ok(ebpf)
 }
 
@@ -77,7 +78,7 @@ fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 26] {
     [
         (MAP_SERVICES, size_of::<Service4KeyV1>(), size_of::<ServiceV1>(), None),
         (MAP_BACKENDS, 4, size_of::<Backend4V1>(), None),
-        (MAP_MAGLEV, 4, 4, None),
+        (MAP_MAGLEV, 4, size_of::<MaglevSlotPair>(), None),
         (MAP_CONNTRACK, size_of::<Ct4KeyV1>(), size_of::<Ct4EntryV1>(), None),
         (MAP_REVERSE_NAT, size_of::<Ct4KeyV1>(), size_of::<RevNat4V1>(), None),
         (MAP_SERVICE_STATS, 4, size_of::<TrafficCountersV1>(), None),
@@ -118,7 +119,7 @@ pub(crate) fn flag_sized(sizes: &MapSizes) -> [(&'static str, u32); 17] {
         (MAP_REVERSE_NAT, flows),
         (MAP_CONNTRACK6, flows),
         (MAP_REVERSE_NAT6, flows),
-        (MAP_MAGLEV, sizes.maglev_slots.unwrap_or(MAGLEV_SLOTS)),
+        (MAP_MAGLEV, sizes.maglev_slots.unwrap_or(MAGLEV_SLOTS).div_ceil(MAGLEV_SLOTS_PER_ENTRY as u32)),
         (MAP_SERVICE_STATS, services),
         (MAP_SERVICE_NAMES, services),
         (MAP_SERVICE_OPTS, services),
@@ -143,18 +144,12 @@ fn set_aside_resized_pins(pin_dir: &Path, sizes: &MapSizes) -> Result<Vec<(&'sta
             continue;
         }
         let info = aya::maps::MapData::from_pin(&path).and_then(|m| m.info()).with_context(|| format!("inspecting pinned map {}", path.display()))?;
-        // A slot array from before it was mappable is re-created the same way.
-        let unmappable = name == lb_common::MAP_MAGLEV && !super::slots::mappable(&info);
-        if info.max_entries() == capacity && !unmappable {
+        if info.max_entries() == capacity {
             continue;
         }
         let aside = pin_dir.join(format!("{name}_resize"));
         std::fs::rename(&path, &aside).with_context(|| format!("moving {} aside", path.display()))?;
-        if unmappable {
-            log::warn!("pinned map {name} was created without BPF_F_MMAPABLE: re-creating it with {capacity} entries");
-        } else {
-            log::warn!("pinned map {name} has {} entries of room, the flags ask for {capacity}: resizing it", info.max_entries());
-        }
+        log::warn!("pinned map {name} has {} entries of room, the flags ask for {capacity}: resizing it", info.max_entries());
         resized.push((name, aside));
     }
     Ok(resized)
@@ -196,19 +191,45 @@ fn copy_entries(ebpf: &mut Ebpf, name: &'static str, from: &Path) -> Result<usiz
         MAP_SOCK_REVNAT => copy_lru::<SockRevNat4KeyV1, SockRevNat4V1>(old, new)?,
         MAP_SOCK_REVNAT6 => copy_lru::<SockRevNat6KeyV1, SockRevNat6V1>(old, new)?,
         _ => {
-            let old: Array<_, u32> = old.try_into()?;
-            let new: Array<&mut MapData, u32> = new.try_into()?;
-            let end = old.len().min(new.len());
-            let mut copied = 0;
-            for (offset, size) in slices {
-                // Slot by slot from the old array: it may predate BPF_F_MMAPABLE.
-                let ids = (offset..offset.saturating_add(size)).take_while(|s| *s < end).map(|slot| old.get(&slot, 0)).collect::<Result<Vec<u32>, _>>()?;
-                super::slots::SlotWindow::map(new.map(), new.len(), offset, ids.len())?.write_at(offset, &ids);
-                copied += ids.len();
-            }
-            copied
+            let old: Array<_, MaglevSlotPair> = old.try_into()?;
+            let slots = old.len() * MAGLEV_SLOTS_PER_ENTRY as u32;
+            copy_slots(|slot| Ok(old.get(&(slot / 2), 0)?[(slot % 2) as usize]), slots, new, &slices)?
         }
     })
+}
+
+/// Copies the slots of `slices` (those below `old_slots`) from `read` into the loaded slot
+/// array `new`, at the same indexes.
+fn copy_slots(read: impl Fn(u32) -> Result<u32>, old_slots: u32, new: &mut aya::maps::Map, slices: &[(u32, u32)]) -> Result<usize> {
+    let new: aya::maps::Array<&mut aya::maps::MapData, MaglevSlotPair> = new.try_into()?;
+    let new_slots = new.len() * MAGLEV_SLOTS_PER_ENTRY as u32;
+    let mut copied = 0;
+    for (offset, size) in slices {
+        let ids = (*offset..offset.saturating_add(*size)).take_while(|s| *s < old_slots.min(new_slots)).map(&read).collect::<Result<Vec<u32>>>()?;
+        super::slots::SlotWindow::map(new.map(), new_slots, *offset, ids.len())?.write_at(*offset, &ids);
+        copied += ids.len();
+    }
+    Ok(copied)
+}
+
+/// Schema v1's slot array held one slot an element (half of its memory padding). An earlier
+/// agent's tables are carried over into `LB_MAGLEV_V2` at the same slots, before any program
+/// uses it, and its pin goes (the old programs hold the old array until they are replaced).
+fn migrate_slot_array_v1(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<()> {
+    use aya::maps::{Array, Map, MapData};
+    let path = pin_path(pin_dir, MAP_MAGLEV_V1);
+    if !path.exists() {
+        return Ok(());
+    }
+    let old: Array<_, u32> = Map::from_map_data(MapData::from_pin(&path)?)?.try_into().with_context(|| format!("{} is not a slot array", path.display()))?;
+    let mut slices = service_slices::<Addr4>(ebpf, MAP_SERVICES)?;
+    slices.extend(service_slices::<Addr6>(ebpf, MAP_SERVICES6)?);
+    let new = ebpf.map_mut(MAP_MAGLEV).with_context(|| format!("no map {MAP_MAGLEV}"))?;
+    // Slot by slot: a v1 array may predate BPF_F_MMAPABLE.
+    let copied = copy_slots(|slot| Ok(old.get(&slot, 0)?), old.len(), new, &slices)?;
+    std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    log::info!("{MAP_MAGLEV_V1}: {copied} slots of {} tables carried over into {MAP_MAGLEV} (two slots an element, half the memory)", slices.len());
+    Ok(())
 }
 
 /// The Maglev slices the frontends in the loaded map `name` use.

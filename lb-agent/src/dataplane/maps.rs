@@ -80,7 +80,8 @@ impl Family for Addr6 {
 pub struct Maps {
     pub v4: FamilyMaps<Addr4>,
     pub v6: FamilyMaps<Addr6>,
-    pub maglev: Array<MapData, u32>,
+    /// The Maglev slots, two to an element: see [`Maps::maglev_slots`], [`Maps::read_slots`].
+    pub maglev: Array<MapData, MaglevSlotPair>,
     pub service_stats: Array<MapData, TrafficCountersV1>,
     pub backend_stats: Array<MapData, TrafficCountersV1>,
     pub reasons: PerCpuArray<MapData, u64>,
@@ -278,7 +279,7 @@ impl Maps {
     pub fn write_slots(&mut self, offset: u32, ids: &[u32]) -> Result<()> {
         if !self.slot_region.as_ref().is_some_and(|r| r.covers(offset, ids.len())) {
             self.slot_region = None;
-            let capacity = self.maglev.len();
+            let capacity = self.maglev_slots();
             let first = offset / SLOT_REGION * SLOT_REGION;
             let count = (offset + ids.len() as u32 - first).max(SLOT_REGION).min(capacity - first);
             let region = SlotWindow::map(self.maglev.map(), capacity, first, count as usize).with_context(|| format!("writing {} slots of {MAP_MAGLEV} at {offset}", ids.len()))?;
@@ -293,15 +294,20 @@ impl Maps {
         self.slot_region = None;
     }
 
-    /// The backend ids in slots `offset..offset + size`. An array pinned by an agent from
-    /// before the array was mappable (lbctl next to an older agent) is read slot by slot.
+    /// The backend ids in slots `offset..offset + size`.
     pub fn read_slots(&self, offset: u32, size: u32) -> Result<Vec<u32>> {
-        let context = || format!("reading {size} slots of {MAP_MAGLEV} at {offset}");
-        match SlotWindow::map(self.maglev.map(), self.maglev.len(), offset, size as usize) {
-            Ok(window) => Ok(window.read()),
-            Err(_) if !super::slots::mappable(&self.maglev.map().info()?) => (offset..offset + size).map(|slot| self.maglev.get(&slot, 0).with_context(context)).collect(),
-            Err(e) => Err(e).with_context(context),
-        }
+        let window = SlotWindow::map(self.maglev.map(), self.maglev_slots(), offset, size as usize).with_context(|| format!("reading {size} slots of {MAP_MAGLEV} at {offset}"))?;
+        Ok(window.read())
+    }
+
+    /// The backend id in one slot.
+    pub fn read_slot(&self, slot: u32) -> Result<u32> {
+        Ok(self.read_slots(slot, 1)?[0])
+    }
+
+    /// How many slots the array holds (two an element).
+    pub fn maglev_slots(&self) -> u32 {
+        self.maglev.len() * MAGLEV_SLOTS_PER_ENTRY as u32
     }
 }
 

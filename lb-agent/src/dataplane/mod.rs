@@ -310,7 +310,7 @@ impl Dataplane {
     /// `maglev::TABLE_SIZES`); services with many backends get the first size above 100 N.
     pub fn new(maps: Maps, maglev_seed: u64, min_table_size: u32) -> Result<Self> {
         Maglev::new(min_table_size, maglev_seed)?;
-        let slots = maps.maglev.len();
+        let slots = maps.maglev_slots();
         Ok(Self {
             maps,
             maglev_seed,
@@ -344,7 +344,7 @@ impl Dataplane {
         let mut max_service_id = None;
         for (key, entry) in &entries {
             let mut entry = *entry;
-            if entry.maglev_offset as u64 + entry.maglev_size as u64 > self.maps.maglev.len() as u64 {
+            if entry.maglev_offset as u64 + entry.maglev_size as u64 > self.maps.maglev_slots() as u64 {
                 // The slot array shrank under it: the next apply writes its table afresh.
                 log::warn!("pinned frontend {key} has slots {}+{} past the end of {MAP_MAGLEV}; it is rewritten", entry.maglev_offset, entry.maglev_size);
                 entry.maglev_size = 0;
@@ -723,7 +723,7 @@ impl Dataplane {
 
     /// Maglev slots held by programmed services.
     pub fn used_slots(&self) -> u64 {
-        self.maps.maglev.len() as u64 - self.tables.free_slots()
+        self.maps.maglev_slots() as u64 - self.tables.free_slots()
     }
 
     /// Maglev tables in the slot array (frontends of one Service port share one).

@@ -1,4 +1,4 @@
-//! The Maglev slot array seen through a memory mapping (`LB_MAGLEV_V1` is `BPF_F_MMAPABLE`):
+//! The Maglev slot array seen through a memory mapping (`LB_MAGLEV_V2` is `BPF_F_MMAPABLE`):
 //! writing a 251-slot table is 251 stores, not a map update per slot, and a restarted agent
 //! reads every pinned table back without a system call per slot. Only the pages a table
 //! covers are mapped, and only while it is written or read, so the array never counts in the
@@ -20,11 +20,6 @@ pub struct SlotWindow {
     start: usize,
     first: u32,
     count: usize,
-}
-
-/// Whether a slot array was created `BPF_F_MMAPABLE` (arrays pinned by older builds were not).
-pub fn mappable(info: &aya::maps::MapInfo) -> bool {
-    info.map_flags() & lb_common::MAGLEV_MAP_FLAGS != 0
 }
 
 // SAFETY: the mapping is owned by the window, and its slots are only touched atomically.

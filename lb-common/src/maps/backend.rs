@@ -6,8 +6,17 @@ pub const MAP_BACKENDS: &str = "LB4_BE_V1";
 /// Array `backend id -> Backend6V1`. Backend ids share one space with the IPv4 ones (one
 /// Maglev slot array and one counter array serve both); an id is set in one of the two.
 pub const MAP_BACKENDS6: &str = "LB6_BE_V1";
-/// Array `slot -> backend id`: every service's Maglev table is one slice of this array.
-pub const MAP_MAGLEV: &str = "LB_MAGLEV_V1";
+/// Array `slot / 2 -> [backend id; 2]`: every service's Maglev table is one slice of its
+/// slots, two to an element (the kernel stores every array element in 8 bytes; one 4-byte slot
+/// an element would waste half). Mapped, the slots are one plain `u32` array.
+pub const MAP_MAGLEV: &str = "LB_MAGLEV_V2";
+/// Schema v1's slot array, one slot an element: an agent finding it pinned carries its tables
+/// over into `LB_MAGLEV_V2` and removes it.
+pub const MAP_MAGLEV_V1: &str = "LB_MAGLEV_V1";
+
+/// Two consecutive Maglev slots, one element of `LB_MAGLEV_V2`.
+pub type MaglevSlotPair = [u32; MAGLEV_SLOTS_PER_ENTRY];
+pub const MAGLEV_SLOTS_PER_ENTRY: usize = 2;
 
 /// One endpoint address and port.
 #[repr(C)]

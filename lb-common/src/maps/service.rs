@@ -33,7 +33,7 @@ pub type Service6KeyV1 = ServiceKeyV1<Addr6>;
 pub struct ServiceV1 {
     /// Index into the per-service arrays (`LB_SVC_STAT_V1`, `LB_SVC_NAME_V1`).
     pub service_id: u32,
-    /// First slot of this service's Maglev table in `LB_MAGLEV_V1`.
+    /// First slot of this service's Maglev table in `LB_MAGLEV_V2`.
     pub maglev_offset: u32,
     /// Length of the table (a Maglev prime), or 0 when no endpoint is ready: new flows are rejected.
     pub maglev_size: u32,
