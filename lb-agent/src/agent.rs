@@ -268,9 +268,13 @@ impl Agent {
         // Not before the first sync: until then draining backends are not known again.
         if self.synced_once && self.last_gc.is_none_or(|t| t.elapsed() >= self.cfg.gc_interval) {
             self.last_gc = Some(Instant::now());
-            let stats = self.dataplane.collect_conntrack(conntrack::monotonic_ns())?;
-            self.conntrack_fill.flows.store(stats.flows_kept as u64, std::sync::atomic::Ordering::Relaxed);
-            self.conntrack_fill.replies.store(stats.replies_kept as u64, std::sync::atomic::Ordering::Relaxed);
+            let by_family = self.dataplane.collect_conntrack_by_family(conntrack::monotonic_ns())?;
+            for (fill, family) in self.conntrack_fill.iter().zip(by_family) {
+                fill.flows.store(family.flows_kept as u64, std::sync::atomic::Ordering::Relaxed);
+                fill.replies.store(family.replies_kept as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            let [v4, v6] = by_family;
+            let stats = v4 + v6;
             if stats.flows_removed + stats.orphans_removed > 0 {
                 info!(
                     "conntrack gc: {} expired flows and {} orphaned replies removed; {} flows and {} replies kept",

@@ -87,13 +87,16 @@ pub fn program_detached(program: &'static str) {
     gauge!("lb_programs_attached", "program" => program).decrement(1.0);
 }
 
-/// How full conntrack is, as the last GC pass counted it (walking 262k flows on every scrape
-/// would cost more than it tells).
+/// How full one family's conntrack is, as the last GC pass counted it (walking 262k flows on
+/// every scrape would cost more than it tells).
 #[derive(Debug, Default)]
-pub struct ConntrackFill {
+pub struct FamilyFill {
     pub flows: AtomicU64,
     pub replies: AtomicU64,
 }
+
+/// IPv4's, then IPv6's.
+pub type ConntrackFill = [FamilyFill; 2];
 
 /// Exports what the datapath counted and what is programmed, read from the pinned maps when
 /// Prometheus scrapes, not on a timer: an idle agent makes no system calls for metrics, and a
@@ -155,16 +158,17 @@ impl Scraper {
         }
         let used_slots: u64 = tables.iter().map(|(_, size)| *size as u64).sum();
         let (service_room, backend_room) = (maps.service_names.len() as u64, maps.v4.backends.len() as u64 - 1);
-        let flows = self.conntrack.flows.load(Ordering::Relaxed);
-        let replies = self.conntrack.replies.load(Ordering::Relaxed);
+        let [v4, v6] = &*self.conntrack;
         let fill = [
             (MAP_SERVICES, frontends4.len() as u64, service_room),
             (MAP_SERVICES6, frontends6.len() as u64, service_room),
             (MAP_BACKENDS, backends4.len() as u64, backend_room),
             (MAP_BACKENDS6, backends6.len() as u64, backend_room),
             (MAP_MAGLEV, used_slots, maps.maglev_slots() as u64),
-            (MAP_CONNTRACK, flows, maps.flow_capacity as u64),
-            (MAP_REVERSE_NAT, replies, maps.flow_capacity as u64),
+            (MAP_CONNTRACK, v4.flows.load(Ordering::Relaxed), maps.flow_capacity as u64),
+            (MAP_REVERSE_NAT, v4.replies.load(Ordering::Relaxed), maps.flow_capacity as u64),
+            (MAP_CONNTRACK6, v6.flows.load(Ordering::Relaxed), maps.flow_capacity as u64),
+            (MAP_REVERSE_NAT6, v6.replies.load(Ordering::Relaxed), maps.flow_capacity as u64),
         ];
         out.family("lb_map_entries", "gauge", "Entries in a BPF map (Maglev: slots in use; conntrack: as of the last GC pass).");
         for (map, entries, _) in fill {

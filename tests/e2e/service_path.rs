@@ -88,6 +88,10 @@ fn node_port_with_a_backend_on_another_node_is_snated_both_ways() -> Result<()> 
     // The bindings are visible, and replies were translated back (the requests above got answers).
     let nat = lbctl_json(&pin_dir, &["nat", "list"])?;
     assert!(nat.iter().any(|n| n["backend"] == "10.244.2.11:8080" && n["frontend"] == "0.0.0.0:30090" || n["frontend"] == "10.99.0.1:30090"), "{nat:#?}");
+    // Each binding names its Service, so the filters apply to it.
+    let filtered = lbctl_json(&pin_dir, &["nat", "list", "--service", "demo/remote"])?;
+    assert!(!filtered.is_empty() && filtered.iter().all(|n| n["service"].as_str().unwrap().starts_with("demo/remote:")), "{filtered:#?}");
+    assert!(lbctl_json(&pin_dir, &["nat", "list", "-n", "other"])?.is_empty());
     let stats = lbctl_json(&pin_dir, &["stats"])?;
     let count = |name: &str| stats.iter().find(|s| s["reason"] == name).unwrap()["packets"].as_u64().unwrap();
     assert!(count("fwd_remote_backend") >= 10 && count("fwd_reverse_nat") >= 10, "{stats:?}");

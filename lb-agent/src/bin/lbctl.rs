@@ -599,12 +599,14 @@ fn family_nat<A: Family>(maps: &Maps) -> Result<Vec<Row>> {
         if r.flags & F_CT_SNAT == 0 {
             continue;
         }
+        let name = maps.service_names.get(&r.service_id, 0).map(|n| n.as_str().to_string()).unwrap_or_default();
         rows.push(vec![
             ("proto", json!(proto_name(key.proto))),
             ("node_binding", json!(sock(key.dst_addr, key.dst_port))),
             ("backend", json!(sock(key.src_addr, key.src_port))),
             ("client", json!(sock(r.dst_addr, r.dst_port))),
             ("frontend", json!(sock(r.src_addr, r.src_port))),
+            ("service", json!(name)),
         ]);
     }
     Ok(rows)

@@ -710,10 +710,16 @@ impl Dataplane {
 
     /// Collects expired flows; backends are known from what is programmed, not read back.
     pub fn collect_conntrack(&mut self, now_ns: u64) -> Result<conntrack::GcStats> {
+        let [v4, v6] = self.collect_conntrack_by_family(now_ns)?;
+        Ok(v4 + v6)
+    }
+
+    /// The same, with each family's figures: IPv4's, then IPv6's.
+    pub fn collect_conntrack_by_family(&mut self, now_ns: u64) -> Result<[conntrack::GcStats; 2]> {
         let ids = &self.backend_ids;
         let v4 = conntrack::gc::<Addr4>(&mut self.maps, now_ns, |id| ids.entry(id).and_then(|e| e.of_family()))?;
         let v6 = conntrack::gc::<Addr6>(&mut self.maps, now_ns, |id| ids.entry(id).and_then(|e| e.of_family()))?;
-        Ok(v4 + v6)
+        Ok([v4, v6])
     }
 
     /// How many frontends are programmed.
