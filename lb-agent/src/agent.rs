@@ -176,9 +176,12 @@ impl Agent {
             };
             let links = links_dir(&self.cfg.pin_dir)?;
             // A device holds one XDP mode at a time: a link of the other mode (an earlier agent's,
-            // with other flags) goes first.
+            // with other flags) goes first. Detached now: dropping its last reference would
+            // detach it later, from a kernel worker, and the new attach could find it still there.
             let other = links.join(xdp_pin_name(dev, if mode == XdpMode::Skb { XdpMode::Driver } else { XdpMode::Skb }));
-            if std::fs::remove_file(&other).is_ok() {
+            if other.exists() {
+                crate::cleanup::detach_link(&other).with_context(|| format!("detaching {}", other.display()))?;
+                std::fs::remove_file(&other)?;
                 info!("XDP on {dev}: the earlier agent's link of the other mode detached");
             }
             let attach = |xdp: &mut Xdp, mode: XdpMode| {

@@ -69,7 +69,7 @@ pub fn cleanup(pin_dir: &Path) -> Result<Removed> {
 
 /// `BPF_OBJ_GET` on the pin, then `BPF_LINK_DETACH`: the program leaves its hook now, not
 /// when the last holder of the link closes it.
-fn detach_link(pin: &Path) -> io::Result<()> {
+pub(crate) fn detach_link(pin: &Path) -> io::Result<()> {
     let path = CString::new(pin.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
     // SAFETY: bpf_attr is plain data; all-zero is its "unset".
     let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
