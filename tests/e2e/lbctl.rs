@@ -122,6 +122,8 @@ fn lbctl_status_filters_formats_and_flush() -> Result<()> {
     assert_eq!(names(&["service", "list", "--service", "web"])?, BTreeSet::from(["demo/web:http/TCP".to_string(), "demo/web:echo/UDP".to_string()]));
     assert_eq!(names(&["service", "list", "-n", "demo", "--service", "demo/web-dual"])?, BTreeSet::from(["demo/web-dual:http/TCP".to_string()]));
     assert!(names(&["service", "list", "-n", "kube-system"])?.is_empty());
+    // Rows that name no Service are not filtered away.
+    assert_eq!(lbctl_json(&pins, &["stats", "-n", "kube-system"])?.len(), lbctl_json(&pins, &["stats"])?.len());
     let backends = lbctl_json(&pins, &["backend", "list", "--service", "web-dual"])?;
     assert_eq!(backends.len(), 6, "the dual-stack Service's 3 pods in both families: {backends:?}");
 

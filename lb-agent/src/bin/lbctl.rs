@@ -185,7 +185,11 @@ impl Filter<'_> {
         if self.namespace.is_none() && self.service.is_none() {
             return true;
         }
-        let mut names = row.iter().filter(|(k, _)| matches!(*k, "name" | "service" | "services")).flat_map(|(_, v)| match v {
+        let mut named = row.iter().filter(|(k, _)| matches!(*k, "name" | "service" | "services")).peekable();
+        if named.peek().is_none() {
+            return true;
+        }
+        let mut names = named.flat_map(|(_, v)| match v {
             Value::String(s) => vec![s.as_str()],
             Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
             _ => vec![],
