@@ -18,14 +18,28 @@ fn deploy_dir(sub: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(sub)
 }
 
-/// `kubectl kustomize deploy/<sub>`, written to a file of its own for the validator.
-fn render(sub: &str) -> (PathBuf, String) {
+/// `kubectl kustomize deploy/<sub>`.
+fn render(sub: &str) -> String {
     let out = Command::new("kubectl").arg("kustomize").arg(deploy_dir(sub)).output().expect("kubectl (with its built-in kustomize)");
     assert!(out.status.success(), "kubectl kustomize {sub}: {}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8(out.stdout).unwrap();
-    let file = std::env::temp_dir().join(format!("lb-deploy-{}-{}.yaml", sub.replace('/', "-"), std::process::id()));
-    std::fs::write(&file, &text).unwrap();
-    (file, text)
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A rendering in a file of its own for the validator, removed on drop.
+struct RenderedFile(PathBuf);
+
+impl RenderedFile {
+    fn new(sub: &str, text: &str) -> Self {
+        let file = std::env::temp_dir().join(format!("lb-deploy-{}-{}.yaml", sub.replace('/', "-"), std::process::id()));
+        std::fs::write(&file, text).unwrap();
+        Self(file)
+    }
+}
+
+impl Drop for RenderedFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn documents(text: &str) -> Vec<Value> {
@@ -56,10 +70,11 @@ fn strings(v: &Value) -> Vec<&str> {
 #[test]
 fn every_overlay_and_the_uninstall_pass_kubernetes_validate_strict() {
     for sub in OVERLAYS.iter().chain(&["uninstall"]) {
-        let (file, text) = render(sub);
+        let text = render(sub);
+        let file = RenderedFile::new(sub, &text);
         let docs = documents(&text);
         for version in KUBERNETES_VERSIONS {
-            let (ok, report) = validate(&file, version);
+            let (ok, report) = validate(&file.0, version);
             assert!(ok, "{sub} against {version}:\n{report}");
             for doc in &docs {
                 let resource = format!("{}/{}", doc["kind"].as_str().unwrap().to_lowercase(), doc["metadata"]["name"].as_str().unwrap());
@@ -67,15 +82,14 @@ fn every_overlay_and_the_uninstall_pass_kubernetes_validate_strict() {
             }
         }
         // The validator does reject what is wrong: a misspelt field under --strict.
-        std::fs::write(&file, text.replace("hostNetwork: true", "hostNetwrok: true").replace("nodeSelector:", "nodeSelectr:")).unwrap();
-        assert!(!validate(&file, "1.37.0").0, "{sub}: a misspelt field passed validation");
-        std::fs::remove_file(&file).unwrap();
+        std::fs::write(&file.0, text.replace("hostNetwork: true", "hostNetwrok: true").replace("nodeSelector:", "nodeSelectr:")).unwrap();
+        assert!(!validate(&file.0, "1.37.0").0, "{sub}: a misspelt field passed validation");
     }
 }
 
 #[test]
 fn rbac_grants_only_the_lists_and_watches_the_agent_makes() {
-    let (_, text) = render("overlays/kubernetes");
+    let text = render("overlays/kubernetes");
     let docs = documents(&text);
     let mut grants: Vec<(String, String, String)> = Vec::new();
     for rule in kind(&docs, "ClusterRole", "lb-agent")["rules"].as_sequence().unwrap() {
@@ -103,7 +117,7 @@ fn rbac_grants_only_the_lists_and_watches_the_agent_makes() {
 #[test]
 fn the_agent_runs_on_every_linux_node_with_probes_and_without_privilege() {
     for sub in OVERLAYS {
-        let (_, text) = render(sub);
+        let text = render(sub);
         let docs = documents(&text);
         let ds = kind(&docs, "DaemonSet", "lb-agent");
         assert_eq!(ds["metadata"]["namespace"].as_str(), Some("kube-system"), "{sub}");
@@ -136,21 +150,21 @@ fn the_agent_runs_on_every_linux_node_with_probes_and_without_privilege() {
 
 #[test]
 fn the_modes_differ_only_where_they_must() {
-    let (_, text) = render("overlays/kubernetes");
+    let text = render("overlays/kubernetes");
     let docs = documents(&text);
     let agent = &kind(&docs, "DaemonSet", "lb-agent")["spec"]["template"]["spec"]["containers"][0];
     assert!(strings(&agent["command"]).contains(&"--kubernetes"));
     let env = agent["env"].as_sequence().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect::<Vec<_>>();
     assert!(env.contains(&"K8S_API_SERVER"), "the API server address comes from the ConfigMap: {env:?}");
 
-    let (_, text) = render("overlays/bare-metal");
+    let text = render("overlays/bare-metal");
     let docs = documents(&text);
     let data = &kind(&docs, "ConfigMap", "lb-agent-config")["data"];
     assert_eq!(data["external-devices"].as_str(), Some("eno1,eno2"));
     assert_eq!(data["k8s-api-server"].as_str(), Some("10.0.0.10:6443"));
     assert_eq!(data["socket-lb"].as_str(), Some("true"), "the base's other settings stay");
 
-    let (_, text) = render("overlays/standalone");
+    let text = render("overlays/standalone");
     let docs = documents(&text);
     assert!(find(&docs, "ClusterRole", "lb-agent").is_none() && find(&docs, "ClusterRoleBinding", "lb-agent").is_none(), "standalone needs no RBAC");
     let pod = &kind(&docs, "DaemonSet", "lb-agent")["spec"]["template"]["spec"];
@@ -175,7 +189,7 @@ fn mebibytes(quantity: &str) -> u64 {
 fn the_memory_limit_holds_the_maps_the_agent_creates_and_its_heap() {
     // The maps at the capacities the DaemonSet's flags give (none: the defaults), as the
     // agent estimates them (tests/e2e/capacity.rs checks that estimate against the kernel).
-    let (_, text) = render("overlays/kubernetes");
+    let text = render("overlays/kubernetes");
     let docs = documents(&text);
     let agent = &kind(&docs, "DaemonSet", "lb-agent")["spec"]["template"]["spec"]["containers"][0];
     let size_flags: Vec<&str> = strings(&agent["command"]).into_iter().filter(|a| a.starts_with("--max-") || a.starts_with("--maglev-slots")).collect();
@@ -197,7 +211,7 @@ fn the_memory_limit_holds_the_maps_the_agent_creates_and_its_heap() {
 fn every_container_runs_the_image_of_this_version() {
     let expected = format!("{IMAGE}:{}", env!("CARGO_PKG_VERSION"));
     for sub in OVERLAYS.iter().chain(&["uninstall"]) {
-        let (_, text) = render(sub);
+        let text = render(sub);
         let docs = documents(&text);
         let ds = docs.iter().find(|d| d["kind"].as_str() == Some("DaemonSet")).unwrap();
         let pod = &ds["spec"]["template"]["spec"];
@@ -209,13 +223,13 @@ fn every_container_runs_the_image_of_this_version() {
 
 #[test]
 fn uninstall_cleans_the_pin_directory_the_agent_uses() {
-    let (_, text) = render("overlays/kubernetes");
+    let text = render("overlays/kubernetes");
     let agent_pins = strings(&kind(&documents(&text), "DaemonSet", "lb-agent")["spec"]["template"]["spec"]["containers"][0]["command"])
         .into_iter()
         .find(|a| a.starts_with("--pin-dir="))
         .unwrap()
         .to_string();
-    let (_, text) = render("uninstall");
+    let text = render("uninstall");
     let docs = documents(&text);
     let pod = &kind(&docs, "DaemonSet", "lb-cleanup")["spec"]["template"]["spec"];
     assert_eq!(strings(&pod["initContainers"][0]["command"]), ["lb-agent", "--cleanup", agent_pins.as_str()]);

@@ -81,6 +81,8 @@ impl AgentProcess {
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.stop();
+        // Read while the agent ran (failures carry it in their message); not left behind.
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 
