@@ -103,6 +103,8 @@ fn lbctl_status_filters_formats_and_flush() -> Result<()> {
     let svc4 = status["maps"].as_array().unwrap().iter().find(|m| m["map"] == "LB4_SVC_V1").context("no LB4_SVC_V1")?;
     // The 20 IPv4 frontends, and the local-scope twins of the eTP Local Service's NodePort and LoadBalancer IP.
     assert_eq!(svc4["entries"].as_u64(), Some(22), "{svc4}");
+    let entries = |map: &str| status["maps"].as_array().unwrap().iter().find(|m| m["map"] == map).and_then(|m| m["entries"].as_u64());
+    assert_eq!((entries("LB4_BE_V1"), entries("LB6_BE_V1")), (Some(6), Some(3)), "3 pods x 2 ports over IPv4, x 1 over IPv6");
     // A Service that claims another's ClusterIP is reported rejected, with the reason.
     manifests.write("thief.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: thief, namespace: other}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]\n")?;
     let rejected = eventually(TIMEOUT, || {
