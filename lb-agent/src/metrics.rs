@@ -22,7 +22,7 @@ use aya::maps::IterableMap;
 use crate::{
     dataplane::{
         batch, load,
-        maps::{Family, Maps},
+        maps::Maps,
         ApplyStats, FrontendKey,
     },
     health::Reply,
@@ -120,7 +120,7 @@ impl Scraper {
         for (reason, packets) in reason::NAMES.iter().zip(maps.reason_counts()?) {
             out.sample("lb_datapath_packets_total", &[("reason", reason)], packets);
         }
-        let (frontends4, frontends6) = (family_frontends::<Addr4>(maps)?, family_frontends::<Addr6>(maps)?);
+        let (frontends4, frontends6) = (maps.frontends::<Addr4>()?, maps.frontends::<Addr6>()?);
         let names: Vec<(u32, NameV1)> = batch::lookup_all(maps.service_names.map()).with_context(|| format!("reading {MAP_SERVICE_NAMES}"))?;
         let service_counters = maps.all_service_counters()?;
         let mut tables = std::collections::HashSet::new();
@@ -142,7 +142,7 @@ impl Scraper {
                 out.sample(metric, &labels.pairs(), value(counters));
             }
         }
-        let (backends4, backends6) = (live_backends::<Addr4>(maps)?, live_backends::<Addr6>(maps)?);
+        let (backends4, backends6) = (maps.live_backends::<Addr4>()?, maps.live_backends::<Addr6>()?);
         if self.per_backend {
             let counters = maps.all_backend_counters()?;
             let backends: Vec<(String, TrafficCountersV1)> = backends4.iter().chain(&backends6).map(|(id, b)| (b.to_string(), counters.get(*id as usize).copied().unwrap_or_default())).collect();
@@ -225,18 +225,6 @@ impl Exposition {
         }
         let _ = writeln!(self.0, "{} {value}", if labels.is_empty() { "" } else { "}" });
     }
-}
-
-/// Family `A`'s frontend entries, in a few batched calls.
-fn family_frontends<A: Family>(maps: &Maps) -> Result<Vec<(FrontendKey, ServiceV1)>> {
-    let entries: Vec<(ServiceKeyV1<A>, ServiceV1)> = batch::lookup_all(A::of(maps).services.map()).with_context(|| format!("reading {}", A::MAPS[0]))?;
-    Ok(entries.into_iter().map(|(key, entry)| (FrontendKey::of(&key), entry)).collect())
-}
-
-/// Family `A`'s backends in use (id 0 is never one; a zeroed entry is a free id), as `addr:port`.
-fn live_backends<A: Family>(maps: &Maps) -> Result<Vec<(u32, std::net::SocketAddr)>> {
-    let entries: Vec<(u32, BackendV1<A>)> = batch::lookup_all(A::of(maps).backends.map()).with_context(|| format!("reading {}", A::MAPS[1]))?;
-    Ok(entries.into_iter().filter(|(id, b)| *id != 0 && !b.addr.is_zero()).map(|(id, b)| (id, std::net::SocketAddr::new(b.addr.to_ip(), port_host(b.port)))).collect())
 }
 
 /// Liveness: the sync loop ran within `stale_after` (its heartbeat is a CLOCK_MONOTONIC stamp).

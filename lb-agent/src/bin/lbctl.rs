@@ -320,12 +320,7 @@ fn map_fill(maps: &Maps) -> Result<Vec<(&'static str, u64, u64)>> {
         let tables: std::collections::HashSet<(u32, u32)> = maps.all_frontends()?.iter().map(|(_, s)| (s.maglev_offset, s.maglev_size)).collect();
         tables.iter().map(|(_, size)| *size as u64).sum()
     };
-    // Id 0 is never a backend; a zeroed entry is a free id. Whole arrays a batch at a time.
-    fn live<A: Family>(maps: &Maps) -> Result<u64> {
-        let entries: Vec<(u32, BackendV1<A>)> = lb_agent::dataplane::batch::lookup_all(A::of(maps).backends.map())?;
-        Ok(entries.iter().filter(|(id, b)| *id != 0 && !b.addr.is_zero()).count() as u64)
-    }
-    let (backends4, backends6) = (live::<Addr4>(maps)?, live::<Addr6>(maps)?);
+    let (backends4, backends6) = (maps.live_backends::<Addr4>()?.len() as u64, maps.live_backends::<Addr6>()?.len() as u64);
     use std::mem::size_of;
     Ok(vec![
         (MAP_SERVICES, maps.frontends::<Addr4>()?.len() as u64, services),

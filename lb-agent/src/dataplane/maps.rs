@@ -159,10 +159,17 @@ impl Maps {
         })
     }
 
-    /// Every frontend entry of family `A`.
+    /// Every frontend entry of family `A`, in a few batched calls.
     pub fn frontends<A: Family>(&self) -> Result<Vec<(FrontendKey, ServiceV1)>> {
-        let entries = A::of(self).services.iter().map(|e| e.map(|(key, svc)| (FrontendKey::of(&key), svc)));
-        entries.collect::<Result<_, _>>().with_context(|| format!("reading {}", A::MAPS[0]))
+        let entries: Vec<(ServiceKeyV1<A>, ServiceV1)> = batch::lookup_all(A::of(self).services.map()).with_context(|| format!("reading {}", A::MAPS[0]))?;
+        Ok(entries.into_iter().map(|(key, svc)| (FrontendKey::of(&key), svc)).collect())
+    }
+
+    /// Family `A`'s backends in use (id 0 is never one; a zeroed entry is a free id), as
+    /// `addr:port`, in a few batched calls.
+    pub fn live_backends<A: Family>(&self) -> Result<Vec<(u32, std::net::SocketAddr)>> {
+        let entries: Vec<(u32, BackendV1<A>)> = batch::lookup_all(A::of(self).backends.map()).with_context(|| format!("reading {}", A::MAPS[1]))?;
+        Ok(entries.into_iter().filter(|(id, b)| *id != 0 && !b.addr.is_zero()).map(|(id, b)| (id, std::net::SocketAddr::new(b.addr.to_ip(), port_host(b.port)))).collect())
     }
 
     /// Every frontend entry of both families.
