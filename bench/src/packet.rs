@@ -31,6 +31,15 @@ pub struct Row {
     pub path: &'static str,
     pub method: &'static str,
     pub ns: Summary,
+    /// ns of each run, in run order: the IPv4 and IPv6 twins' runs alternate, so the i-th of
+    /// each were measured side by side.
+    pub samples: Vec<f64>,
+}
+
+impl Row {
+    fn new(services: usize, path: &'static str, method: &'static str, samples: Vec<f64>) -> Self {
+        Self { services, path, method, ns: Summary::of(&samples), samples }
+    }
 }
 
 const CLIENT: [u8; 4] = [192, 0, 2, 10];
@@ -161,7 +170,7 @@ pub fn run(cfg: &Config) -> Result<Vec<Row>> {
             }
         }
         for ((path, _, _), samples) in repeat_paths.iter().zip(&samples) {
-            rows.push(Row { services: n, path, method: "repeat", ns: Summary::of(samples) });
+            rows.push(Row::new(n, path, "repeat", samples.clone()));
         }
         // Single runs: a new flow (or a fresh copy of a rewritten packet) each time, against
         // the floor measured the same way.
@@ -183,16 +192,16 @@ pub fn run(cfg: &Config) -> Result<Vec<Row>> {
             miss4.extend(single_runs(&tb, &one_run, |_| new_flow(VIP_MISS.into(), false))?);
             miss6.extend(single_runs(&tb, &one_run, |_| new_flow(VIP6_MISS.into(), false))?);
         }
-        rows.push(Row { services: n, path: "ct miss + Maglev + DNAT", method: "single, minus floor", ns: Summary::of(&miss4) });
-        rows.push(Row { services: n, path: "IPv6 ct miss + Maglev + DNAT", method: "single, minus floor", ns: Summary::of(&miss6) });
+        rows.push(Row::new(n, "ct miss + Maglev + DNAT", "single, minus floor", miss4));
+        rows.push(Row::new(n, "IPv6 ct miss + Maglev + DNAT", "single, minus floor", miss6));
         // The client's first flow sets its affinity; every later one is a ct miss that it decides.
         tb.time_xdp(&syn(CLIENT, 999, VIP_AFFINITY, 80), 1)?;
         let mut affinity = |tb: &Testbed| single_runs(tb, cfg, |_| new_flow(VIP_AFFINITY.into(), true));
-        rows.push(Row { services: n, path: "ct miss + affinity hit + DNAT", method: "single, minus floor", ns: Summary::of(&affinity(&tb)?) });
+        rows.push(Row::new(n, "ct miss + affinity hit + DNAT", "single, minus floor", affinity(&tb)?));
         // A backend's "port unreachable" about a tracked flow, rewritten back to the frontend.
         let (_, sent) = tb.run_xdp(&syn(CLIENT, 998, VIP_MISS, 80))?;
         let error = icmp_port_unreachable(&sent);
-        rows.push(Row { services: n, path: "ICMP error reverse NAT", method: "single, minus floor", ns: Summary::of(&single_runs(&tb, cfg, |_| error.clone())?) });
+        rows.push(Row::new(n, "ICMP error reverse NAT", "single, minus floor", single_runs(&tb, cfg, |_| error.clone())?));
         let reasons = tb.dataplane.maps.reason_counts()?;
         anyhow::ensure!(reasons[reason::DROP_CT_FULL as usize] == 0, "conntrack filled up during the ct-miss runs");
         anyhow::ensure!(reasons[reason::FWD_LOCAL_BACKEND as usize] > 2 * cfg.repeat as u64, "the ct-hit paths did not forward");
