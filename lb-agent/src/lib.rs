@@ -4,6 +4,7 @@
 //!
 //! - [`source`]: where the desired state comes from (manifests or the API server);
 //! - [`translate`]: Kubernetes objects to frontends;
+//! - [`ipam`]: addresses for LoadBalancer Services from address pools;
 //! - [`dataplane`]: the kernel object and every map write;
 //! - [`node`]: this node's devices and addresses (rtnetlink);
 //! - [`metrics`]: Prometheus metrics and the agent's own health endpoints;
@@ -15,6 +16,7 @@ pub mod agent;
 pub mod cleanup;
 pub mod dataplane;
 pub mod health;
+pub mod ipam;
 pub mod metrics;
 pub mod node;
 pub mod source;

@@ -471,7 +471,7 @@ fn service_frontends(
         add_address(ip, KIND_EXTERNAL_IP, format!("spec.externalIPs[{i}]"), warn)?;
     }
     if kind_type == "LoadBalancer" {
-        for (i, ing) in svc.status.load_balancer.ingress.iter().enumerate() {
+        for (i, ing) in svc.ingress().iter().enumerate() {
             let Some(ip) = &ing.ip else { continue };
             let field = format!("status.loadBalancer.ingress[{i}].ip");
             if ing.ip_mode.as_deref() == Some("Proxy") {
@@ -718,7 +718,7 @@ impl fmt::Display for Family {
 /// The families a Service is served in: those of its cluster IPs, as kube-proxy (the API server
 /// allocates them from `ipFamilies` and `ipFamilyPolicy`); IPv4 for a Service without any (a
 /// NodePort-only manifest).
-fn families_served(spec: &ServiceSpec) -> Vec<Family> {
+pub fn families_served(spec: &ServiceSpec) -> Vec<Family> {
     let listed = spec.cluster_ips.as_deref().unwrap_or_default();
     let ips: &[Text] = if listed.is_empty() { spec.cluster_ip.as_slice() } else { listed };
     let mut families: Vec<Family> = ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()).map(|ip| Family::of(&ip)).collect();

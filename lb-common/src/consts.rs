@@ -26,6 +26,8 @@ pub const MAX_SOCKETS: u32 = 262_144;
 pub const REASON_SLOTS: u32 = 64;
 /// Capacity of `LB4_NODEIP_V1`.
 pub const MAX_NODE_IPS: u32 = 256;
+/// Capacity of `LB4_L2ANN_V1` and `LB6_L2ANN_V1`: announced addresses times external devices.
+pub const MAX_L2_ANNOUNCE: u32 = 16_384;
 /// Longest `namespace/name:port` kept in `LB_SVC_NAME_V1`.
 pub const NAME_LEN: usize = 120;
 

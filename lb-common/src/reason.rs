@@ -45,8 +45,12 @@ pub const PASS_IPV6_LONG_CHAIN: u32 = 26;
 /// has no IPv6 address to do it with.
 pub const DROP_NO_SNAT_ADDR: u32 = 27;
 
+/// An ARP request or IPv6 neighbour solicitation for a load-balancer address this node
+/// announces, answered from XDP.
+pub const FWD_L2_ANSWER: u32 = 28;
+
 /// Number of reasons (at most `REASON_SLOTS`).
-pub const COUNT: u32 = 28;
+pub const COUNT: u32 = 29;
 
 /// Stable names for metrics and `lbctl stats`, indexed by reason.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -78,4 +82,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "reject_socket_bind",
     "pass_ipv6_long_chain",
     "drop_no_snat_addr",
+    "fwd_l2_answer",
 ];

@@ -31,3 +31,13 @@ pub fn replace4(csum: u16, old: u32, new: u32) -> u16 {
 pub fn replace2(csum: u16, old: u16, new: u16) -> u16 {
     !fold((!csum) as u32 + (!old) as u32 + new as u32)
 }
+
+/// The one's-complement sum of 16-bit words, unfolded.
+#[inline(always)]
+pub fn sum_words<const N: usize>(bytes: &[u8; N]) -> u32 {
+    let mut sum = 0u32;
+    for w in 0..N / 2 {
+        sum += u16::from_ne_bytes([bytes[2 * w], bytes[2 * w + 1]]) as u32;
+    }
+    sum
+}

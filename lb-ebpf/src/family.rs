@@ -66,16 +66,6 @@ pub trait Family: MapAddr + 'static {
 /// bytes of UDP, the quote then stays under 160 bytes).
 const MAX_QUOTED_HEADERS: usize = Ipv6Hdr::LEN + 64;
 
-/// The one's-complement sum of 16-bit words, unfolded.
-#[inline(always)]
-fn sum_words<const N: usize>(bytes: &[u8; N]) -> u32 {
-    let mut sum = 0u32;
-    for w in 0..N / 2 {
-        sum += u16::from_ne_bytes([bytes[2 * w], bytes[2 * w + 1]]) as u32;
-    }
-    sum
-}
-
 /// The one's-complement sum of an address's raw words.
 #[inline(always)]
 fn sum_addr<A: MapAddr>(addr: &A) -> u32 {
@@ -200,7 +190,7 @@ impl Family for Addr4 {
         let [dst, src] = unsafe { *ptr_at::<[[u8; 4]; 2]>(data, data_end, quoted_off + Self::SRC_OFF)? };
         let tot_len = ((Ipv4Hdr::LEN + icmp_len) as u16).to_be_bytes();
         let mut ip = [0x45, 0, tot_len[0], tot_len[1], 0, 0, 0, 0, 64, IPPROTO_ICMP, 0, 0, src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3]];
-        let csum = (!crate::csum::fold(sum_words(&ip))).to_ne_bytes();
+        let csum = (!crate::csum::fold(crate::csum::sum_words(&ip))).to_ne_bytes();
         ip[10] = csum[0];
         ip[11] = csum[1];
         unsafe { *ptr_at::<[u8; Ipv4Hdr::LEN]>(data, data_end, ip_off)? = ip };

@@ -1,6 +1,7 @@
 //! The load balancer's kernel programs: one object, one file per attach point.
 //! - [`xdp`]: `lb_xdp` on external devices (north-south: NodePort, LoadBalancer, ExternalIP),
-//!   and `lb_xdp_pass` (benchmark floor, veth peers);
+//!   ARP and NDP answers for announced addresses ([`l2`]), and `lb_xdp_pass` (benchmark
+//!   floor, veth peers);
 //! - [`tc`]: `lb_tc` on the host side of every pod's device (pod to ClusterIP, replies);
 //! - [`sock`]: cgroup socket hooks (`lb_sock_*`) for the node's own processes.
 //!
@@ -16,6 +17,7 @@
 mod csum;
 mod family;
 mod fib;
+mod l2;
 mod lb;
 mod maps;
 mod parse;

@@ -60,6 +60,10 @@ pub static LB6_SRCRANGE_V1: LpmTrie<SourceRange6V1, u8> = LpmTrie::pinned(MAX_SO
 pub static LB6_SKRNAT_V1: LruHashMap<SockRevNat6KeyV1, SockRevNat6V1> = LruHashMap::pinned(MAX_SOCKETS, 0);
 #[map]
 pub static LB4_SRCRANGE_V1: LpmTrie<SourceRange4V1, u8> = LpmTrie::pinned(MAX_SOURCE_RANGES, 0);
+#[map]
+pub static LB4_L2ANN_V1: HashMap<L2Announce4KeyV1, L2AnnounceV1> = HashMap::pinned(MAX_L2_ANNOUNCE, 0);
+#[map]
+pub static LB6_L2ANN_V1: HashMap<L2Announce6KeyV1, L2AnnounceV1> = HashMap::pinned(MAX_L2_ANNOUNCE, 0);
 
 /// Per-CPU scratch space of each family's path (not pinned: nothing in it outlives a packet).
 #[map]

@@ -13,6 +13,7 @@ use network_types::{
 
 const ETH_P_IP: u16 = 0x0800u16.to_be();
 const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
+const ETH_P_ARP: u16 = 0x0806u16.to_be();
 const ETH_P_8021Q: u16 = 0x8100u16.to_be();
 const ETH_P_8021AD: u16 = 0x88A8u16.to_be();
 /// Flags and offset bits of the IPv4 fragment field, in host order.
@@ -54,6 +55,8 @@ pub enum Network {
     /// An IPv4 or IPv6 header at this offset.
     Ipv4(usize),
     Ipv6(usize),
+    /// An ARP packet at this offset.
+    Arp(usize),
     /// Leave the frame untouched (`reason::PASS_*`).
     Pass(u32),
     /// Drop it (`reason::DROP_*`).
@@ -107,6 +110,7 @@ pub fn parse_l2(data: usize, data_end: usize) -> Network {
     match ether_type {
         ETH_P_IP => Network::Ipv4(l3_off),
         ETH_P_IPV6 => Network::Ipv6(l3_off),
+        ETH_P_ARP => Network::Arp(l3_off),
         _ => Network::Pass(reason::PASS_NOT_IP),
     }
 }

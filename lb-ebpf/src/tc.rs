@@ -43,6 +43,7 @@ fn tc_path(ctx: &TcContext) -> (i32, u32) {
     match parse_l2(data(ctx), data_end(ctx)) {
         Network::Ipv4(l3_off) => tc_family::<Addr4>(ctx, l3_off, len),
         Network::Ipv6(l3_off) => tc_family::<Addr6>(ctx, l3_off, len),
+        Network::Arp(_) => (TC_ACT_OK, reason::PASS_NOT_IP),
         Network::Pass(why) => (TC_ACT_OK, why),
         Network::Drop(why) => (TC_ACT_SHOT, why),
     }

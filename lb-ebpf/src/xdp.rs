@@ -1,5 +1,6 @@
 //! XDP on external devices: parse, decide, apply. Clients outside the cluster reach NodePorts,
-//! LoadBalancer IPs and ExternalIPs here; remote backends' replies come back here too.
+//! LoadBalancer IPs and ExternalIPs here; remote backends' replies come back here too; and
+//! ARP and neighbour solicitations for announced load-balancer addresses are answered here.
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, xdp_action},
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
@@ -14,6 +15,7 @@ use crate::{
     csum,
     family::{parse_into, Family},
     fib::{fib_params, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
+    l2::{advertisement_len, answer_arp, solicited, write_advertisement},
     lb::{decide, decide_icmp_error, Action, Balanced, Forward, Hook},
     maps::count_reason,
     parse::{parse_l2, ptr_at, IcmpError, Network, Packet, Parsed},
@@ -31,10 +33,27 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 fn xdp_path(ctx: &XdpContext) -> (u32, u32) {
     match parse_l2(data(ctx), data_end(ctx)) {
         Network::Ipv4(l3_off) => xdp_family::<Addr4>(ctx, l3_off),
-        Network::Ipv6(l3_off) => xdp_family::<Addr6>(ctx, l3_off),
+        Network::Ipv6(l3_off) => match xdp_neighbour(ctx, l3_off) {
+            Some(answered) => answered,
+            None => xdp_family::<Addr6>(ctx, l3_off),
+        },
+        // The stack answers ARP for the node's own addresses; XDP for the announced ones.
+        Network::Arp(l3_off) => answer_arp(data(ctx), data_end(ctx), l3_off, ctx.ingress_ifindex() as u32).unwrap_or((xdp_action::XDP_PASS, reason::PASS_NOT_IP)),
         Network::Pass(why) => (xdp_action::XDP_PASS, why),
         Network::Drop(why) => (xdp_action::XDP_DROP, why),
     }
+}
+
+/// A neighbour solicitation for an announced address becomes the advertisement, sent back
+/// out; `None` for every other IPv6 packet, which takes the balancing path.
+#[inline(never)]
+fn xdp_neighbour(ctx: &XdpContext, l3_off: usize) -> Option<(u32, u32)> {
+    let (mac, to) = solicited(data(ctx), data_end(ctx), l3_off, ctx.ingress_ifindex() as u32)?;
+    let resize = advertisement_len(l3_off) as i32 - (data_end(ctx) - data(ctx)) as i32;
+    if resize != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, resize) } != 0 {
+        return Some((xdp_action::XDP_DROP, reason::DROP_TRUNCATED_IP6));
+    }
+    Some(write_advertisement(data(ctx), data_end(ctx), l3_off, mac, to).unwrap_or((xdp_action::XDP_DROP, reason::DROP_TRUNCATED_IP6)))
 }
 
 /// One family's path: parse, decide, apply. Each step that needs much stack is a function of

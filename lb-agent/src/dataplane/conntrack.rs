@@ -54,7 +54,7 @@ pub fn reply_key<A: MapAddr>(key: &CtKeyV1<A>, entry: &CtEntryV1<A>, backend: &B
 /// or zeroed: gone).
 pub fn gc<A: Family>(maps: &mut Maps, now_ns: u64, backend: impl Fn(u32) -> Option<BackendV1<A>>) -> Result<GcStats> {
     let mut stats = GcStats::default();
-    let [_, _, ct_name, rnat_name, _, _, _] = A::MAPS;
+    let [_, _, ct_name, rnat_name, ..] = A::MAPS;
     let family = A::of(maps);
     let flows: Vec<(CtKeyV1<A>, CtEntryV1<A>)> = batch::lookup_all(family.conntrack.map()).with_context(|| format!("reading {ct_name}"))?;
     let replies: HashMap<CtKeyV1<A>, RevNatV1<A>> = batch::lookup_all(family.reverse_nat.map()).with_context(|| format!("reading {rnat_name}"))?.into_iter().collect();

@@ -72,7 +72,7 @@ fn load_object(pin_dir: &Path, sizes: &MapSizes) -> Result<Ebpf> {
 
 /// Key and value sizes of every map of schema v1, as the kernel reports them, and the
 /// capacity where the schema fixes it (the rest are sized by flags).
-fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 26] {
+fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 28] {
     use lb_common::*;
     use std::mem::size_of;
     [
@@ -102,6 +102,8 @@ fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 26] {
         (MAP_CONFIG6, 4, size_of::<Config6V1>(), None),
         (MAP_SOURCE_RANGES6, 4 + size_of::<SourceRange6V1>(), 1, None),
         (MAP_SOCK_REVNAT6, size_of::<SockRevNat6KeyV1>(), size_of::<SockRevNat6V1>(), None),
+        (MAP_L2_ANNOUNCE, size_of::<L2Announce4KeyV1>(), size_of::<L2AnnounceV1>(), Some(MAX_L2_ANNOUNCE)),
+        (MAP_L2_ANNOUNCE6, size_of::<L2Announce6KeyV1>(), size_of::<L2AnnounceV1>(), Some(MAX_L2_ANNOUNCE)),
     ]
 }
 

@@ -23,14 +23,16 @@ pub struct FamilyMaps<A: MapAddr + aya::Pod> {
     pub source_ranges: LpmTrie<MapData, SourceRangeV1<A>, u8>,
     /// For a node socket sent to a backend, the frontend its application asked for.
     pub sock_revnat: HashMap<MapData, SockRevNatKeyV1<A>, SockRevNatV1<A>>,
+    /// The load-balancer addresses XDP answers ARP (or NDP) for, per external device.
+    pub l2_announce: HashMap<MapData, L2AnnounceKeyV1<A>, L2AnnounceV1>,
 }
 
 /// An address family as user space handles it: its maps, and conversions to and from `IpAddr`.
 pub trait Family: MapAddr + aya::Pod {
     const NAME: &'static str;
     /// Map names: services, backends, conntrack, reverse NAT, node addresses, source ranges,
-    /// socket reverse NAT.
-    const MAPS: [&'static str; 7];
+    /// socket reverse NAT, L2 announcements.
+    const MAPS: [&'static str; 8];
     fn of(maps: &Maps) -> &FamilyMaps<Self>;
     fn of_mut(maps: &mut Maps) -> &mut FamilyMaps<Self>;
     fn from_ip(ip: IpAddr) -> Option<Self>;
@@ -39,7 +41,7 @@ pub trait Family: MapAddr + aya::Pod {
 
 impl Family for Addr4 {
     const NAME: &'static str = "IPv4";
-    const MAPS: [&'static str; 7] = [MAP_SERVICES, MAP_BACKENDS, MAP_CONNTRACK, MAP_REVERSE_NAT, MAP_NODE_IPS, MAP_SOURCE_RANGES, MAP_SOCK_REVNAT];
+    const MAPS: [&'static str; 8] = [MAP_SERVICES, MAP_BACKENDS, MAP_CONNTRACK, MAP_REVERSE_NAT, MAP_NODE_IPS, MAP_SOURCE_RANGES, MAP_SOCK_REVNAT, MAP_L2_ANNOUNCE];
     fn of(maps: &Maps) -> &FamilyMaps<Self> {
         &maps.v4
     }
@@ -59,7 +61,7 @@ impl Family for Addr4 {
 
 impl Family for Addr6 {
     const NAME: &'static str = "IPv6";
-    const MAPS: [&'static str; 7] = [MAP_SERVICES6, MAP_BACKENDS6, MAP_CONNTRACK6, MAP_REVERSE_NAT6, MAP_NODE_IPS6, MAP_SOURCE_RANGES6, MAP_SOCK_REVNAT6];
+    const MAPS: [&'static str; 8] = [MAP_SERVICES6, MAP_BACKENDS6, MAP_CONNTRACK6, MAP_REVERSE_NAT6, MAP_NODE_IPS6, MAP_SOURCE_RANGES6, MAP_SOCK_REVNAT6, MAP_L2_ANNOUNCE6];
     fn of(maps: &Maps) -> &FamilyMaps<Self> {
         &maps.v6
     }
@@ -127,7 +129,7 @@ impl Maps {
         };
         macro_rules! family {
             ($names:expr, $conntrack:expr) => {{
-                let [services, backends, conntrack, reverse_nat, node_ips, source_ranges, sock_revnat] = $names;
+                let [services, backends, conntrack, reverse_nat, node_ips, source_ranges, sock_revnat, l2_announce] = $names;
                 FamilyMaps {
                     services: typed!(services),
                     backends: typed!(backends),
@@ -136,6 +138,7 @@ impl Maps {
                     node_ips: typed!(node_ips),
                     source_ranges: typed!(source_ranges),
                     sock_revnat: typed!(sock_revnat),
+                    l2_announce: typed!(l2_announce),
                 }
             }};
         }
@@ -157,6 +160,25 @@ impl Maps {
             sock_config: typed!(MAP_SOCK_CONFIG),
             sock_skip: typed!(MAP_SOCK_SKIP),
         })
+    }
+
+    /// Makes family `A`'s announced addresses exactly `wanted` (device ifindex, address, the
+    /// device's MAC), each answered until `expires_ns` (CLOCK_MONOTONIC).
+    pub fn set_announced<A: Family>(&mut self, wanted: &[(u32, A, [u8; 6])], expires_ns: u64) -> Result<()> {
+        let map = &mut A::of_mut(self).l2_announce;
+        let stale: Vec<L2AnnounceKeyV1<A>> = map.keys().filter_map(Result::ok).filter(|k| !wanted.iter().any(|(i, a, _)| k.ifindex == *i && k.addr == *a)).collect();
+        for key in stale {
+            map.remove(&key).with_context(|| format!("removing from {}", A::MAPS[7]))?;
+        }
+        for &(ifindex, addr, mac) in wanted {
+            map.insert(&L2AnnounceKeyV1 { ifindex, addr }, &L2AnnounceV1 { expires_ns, mac, _pad: [0; 2] }, 0).with_context(|| format!("writing {}", A::MAPS[7]))?;
+        }
+        Ok(())
+    }
+
+    /// Family `A`'s announced addresses: (ifindex, address, entry).
+    pub fn announced<A: Family>(&self) -> Vec<(u32, IpAddr, L2AnnounceV1)> {
+        A::of(self).l2_announce.iter().filter_map(Result::ok).map(|(k, v)| (k.ifindex, k.addr.to_ip(), v)).collect()
     }
 
     /// Every frontend entry of family `A`, in a few batched calls.

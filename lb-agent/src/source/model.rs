@@ -26,12 +26,27 @@ pub const TOPOLOGY_ANNOTATIONS: [&str; 2] = ["service.kubernetes.io/topology-mod
 /// its processes see the real destinations they connect to.
 pub const SOCKET_LB_ANNOTATION: &str = "lb-agent.io/socket-lb";
 
+/// Addresses a LoadBalancer Service asks for, comma-separated (one per family at most).
+pub const LB_IPS_ANNOTATION: &str = "lb-agent.io/load-balancer-ips";
+/// LoadBalancer Services with the same value here may share an address if their ports differ.
+pub const SHARING_KEY_ANNOTATION: &str = "lb-agent.io/sharing-key";
+
 /// When the change that an EndpointSlice carries was triggered (RFC 3339): where network
 /// programming latency is measured from.
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// Every label and annotation key the agent reads; the others are dropped on arrival.
-const KEPT_KEYS: [&str; 7] = [SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, SOURCE_RANGES_ANNOTATION, TOPOLOGY_ANNOTATIONS[0], TOPOLOGY_ANNOTATIONS[1], SOCKET_LB_ANNOTATION, TRIGGER_TIME_ANNOTATION];
+const KEPT_KEYS: [&str; 9] = [
+    SERVICE_NAME_LABEL,
+    SERVICE_PROXY_NAME_LABEL,
+    SOURCE_RANGES_ANNOTATION,
+    TOPOLOGY_ANNOTATIONS[0],
+    TOPOLOGY_ANNOTATIONS[1],
+    SOCKET_LB_ANNOTATION,
+    TRIGGER_TIME_ANNOTATION,
+    LB_IPS_ANNOTATION,
+    SHARING_KEY_ANNOTATION,
+];
 
 /// A string of an object. Most (names, addresses, protocols) are at most 24 bytes and are held
 /// inline, with no allocation of their own: at 100k Services that is millions fewer.
@@ -98,23 +113,30 @@ pub struct Meta {
     pub annotations: KeptKeys,
 }
 
-/// Metadata as written.
-#[derive(Deserialize)]
+/// Metadata as written; labels as `L` (the kept keys, or all of them).
+#[derive(Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct MetaDoc {
+struct MetaDoc<L: Default = KeptKeys> {
     name: Option<Text>,
     namespace: Option<Text>,
     creation_timestamp: Option<Time>,
     #[serde(default)]
-    labels: KeptKeys,
+    labels: L,
     #[serde(default)]
     annotations: KeptKeys,
 }
 
+impl<L: Default> MetaDoc<L> {
+    fn into_meta(self, labels: KeptKeys) -> Meta {
+        Meta { id: ObjectName::new(self.namespace.as_deref(), self.name.as_deref()), created: self.creation_timestamp.map(|t| t.0.as_second()), labels, annotations: self.annotations }
+    }
+}
+
 impl<'de> Deserialize<'de> for Meta {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let m = MetaDoc::deserialize(d)?;
-        Ok(Self { id: ObjectName::new(m.namespace.as_deref(), m.name.as_deref()), created: m.creation_timestamp.map(|t| t.0.as_second()), labels: m.labels, annotations: m.annotations })
+        let mut m = MetaDoc::<KeptKeys>::deserialize(d)?;
+        let labels = std::mem::take(&mut m.labels);
+        Ok(m.into_meta(labels))
     }
 }
 
@@ -143,28 +165,114 @@ macro_rules! object {
         }
     )*};
 }
-object!(Service, EndpointSlice, Node, Pod);
+object!(Service, EndpointSlice, Node, Pod, IpPool);
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(from = "ServiceDoc")]
 pub struct Service {
-    #[serde(default)]
     pub metadata: Meta,
     pub spec: Option<ServiceSpec>,
-    /// Absent and empty mean the same: no Option (it keeps a Service 16 bytes smaller).
-    #[serde(default, deserialize_with = "null_as_default")]
-    pub status: ServiceStatus,
+    /// What only a LoadBalancer Service has: one allocation for those, 8 bytes for the rest.
+    pub load_balancer: Option<Box<LoadBalancer>>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+/// A LoadBalancer Service's address request and status.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadBalancer {
+    /// `spec.loadBalancerIP` (deprecated by Kubernetes, still honoured, as by MetalLB and Cilium).
+    pub requested_ip: Option<Text>,
+    /// `spec.loadBalancerClass`: another class belongs to another implementation.
+    pub class: Option<Text>,
+    /// Every label of the Service: address pools select Services by them.
+    pub labels: Box<[(Text, Text)]>,
+    /// `status.loadBalancer.ingress`.
+    pub ingress: Box<[LoadBalancerIngress]>,
+}
+
+/// A Service as written.
+#[derive(Deserialize)]
+struct ServiceDoc {
+    #[serde(default)]
+    metadata: MetaDoc<Option<BTreeMap<String, Text>>>,
+    spec: Option<ServiceSpecDoc>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    status: ServiceStatus,
+}
+
+/// The spec as written: the stored spec and the LoadBalancer-only request fields.
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ServiceSpec {
+struct ServiceSpecDoc {
     #[serde(rename = "type")]
-    pub type_: Option<Text>,
+    type_: Option<Text>,
     #[serde(rename = "clusterIP")]
-    pub cluster_ip: Option<Text>,
+    cluster_ip: Option<Text>,
     #[serde(rename = "clusterIPs")]
-    pub cluster_ips: Option<Box<[Text]>>,
+    cluster_ips: Option<Box<[Text]>>,
     #[serde(rename = "externalIPs")]
+    external_ips: Option<Box<[Text]>>,
+    ports: Option<Box<[ServicePort]>>,
+    session_affinity: Option<Text>,
+    session_affinity_config: Option<SessionAffinityConfig>,
+    external_traffic_policy: Option<Text>,
+    internal_traffic_policy: Option<Text>,
+    load_balancer_source_ranges: Option<Box<[Text]>>,
+    health_check_node_port: Option<i32>,
+    traffic_distribution: Option<Text>,
+    #[serde(rename = "loadBalancerIP")]
+    load_balancer_ip: Option<Text>,
+    load_balancer_class: Option<Text>,
+}
+
+impl From<ServiceDoc> for Service {
+    fn from(doc: ServiceDoc) -> Self {
+        let labels = doc.metadata.labels.clone().unwrap_or_default();
+        let metadata = doc.metadata.into_meta(KeptKeys::from_map(labels.clone()));
+        let (spec, requested_ip, class) = match doc.spec {
+            None => (None, None, None),
+            Some(p) => {
+                let spec = ServiceSpec {
+                    type_: p.type_,
+                    cluster_ip: p.cluster_ip,
+                    cluster_ips: p.cluster_ips,
+                    external_ips: p.external_ips,
+                    ports: p.ports,
+                    session_affinity: p.session_affinity,
+                    session_affinity_config: p.session_affinity_config,
+                    external_traffic_policy: p.external_traffic_policy,
+                    internal_traffic_policy: p.internal_traffic_policy,
+                    load_balancer_source_ranges: p.load_balancer_source_ranges,
+                    health_check_node_port: p.health_check_node_port,
+                    traffic_distribution: p.traffic_distribution,
+                };
+                (Some(spec), p.load_balancer_ip, p.load_balancer_class)
+            }
+        };
+        let load_balancer = LoadBalancer::of(spec.as_ref(), requested_ip, class, labels.into_iter().map(|(k, v)| (k.into(), v)).collect(), doc.status.load_balancer.ingress);
+        Self { metadata, spec, load_balancer }
+    }
+}
+
+impl LoadBalancer {
+    /// What a Service of `spec` keeps: everything for a LoadBalancer, nothing for the others.
+    fn of(spec: Option<&ServiceSpec>, requested_ip: Option<Text>, class: Option<Text>, labels: Box<[(Text, Text)]>, ingress: Box<[LoadBalancerIngress]>) -> Option<Box<Self>> {
+        let is_lb = spec.is_some_and(|s| s.type_.as_deref() == Some("LoadBalancer"));
+        is_lb.then(|| Box::new(Self { requested_ip, class, labels, ingress }))
+    }
+}
+
+impl Service {
+    /// `status.loadBalancer.ingress` (empty but for a LoadBalancer Service).
+    pub fn ingress(&self) -> &[LoadBalancerIngress] {
+        self.load_balancer.as_ref().map_or(&[], |lb| &lb.ingress)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceSpec {
+    pub type_: Option<Text>,
+    pub cluster_ip: Option<Text>,
+    pub cluster_ips: Option<Box<[Text]>>,
     pub external_ips: Option<Box<[Text]>>,
     pub ports: Option<Box<[ServicePort]>>,
     pub session_affinity: Option<Text>,
@@ -199,15 +307,15 @@ pub struct ClientIpConfig {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ServiceStatus {
+struct ServiceStatus {
     #[serde(default, deserialize_with = "null_as_default")]
-    pub load_balancer: LoadBalancerStatus,
+    load_balancer: LoadBalancerStatus,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-pub struct LoadBalancerStatus {
+struct LoadBalancerStatus {
     #[serde(default, deserialize_with = "null_as_default")]
-    pub ingress: Box<[LoadBalancerIngress]>,
+    ingress: Box<[LoadBalancerIngress]>,
 }
 
 /// A field whose `null` means the same as its absence.
@@ -273,6 +381,60 @@ pub struct Node {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 pub struct NodeStatus {
     pub addresses: Option<Box<[NodeAddress]>>,
+    pub conditions: Option<Box<[NodeCondition]>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct NodeCondition {
+    #[serde(rename = "type")]
+    pub type_: Text,
+    pub status: Text,
+}
+
+impl Node {
+    /// Its `Ready` condition is `True`. (Standalone mode's notion of a live node: a manifest
+    /// without conditions describes a node that is there.)
+    pub fn ready(&self) -> bool {
+        let conditions = self.status.as_ref().and_then(|s| s.conditions.as_deref()).unwrap_or_default();
+        conditions.iter().find(|c| c.type_ == "Ready").is_none_or(|c| c.status == "True")
+    }
+}
+
+/// The API group and version of this project's own kinds.
+pub const API_GROUP: &str = "lb-agent.io";
+pub const API_VERSION: &str = "v1alpha1";
+/// The kind of an address pool for LoadBalancer Services.
+pub const POOL_KIND: &str = "LoadBalancerIPPool";
+
+/// `LoadBalancerIPPool` (cluster-scoped): addresses to give LoadBalancer Services.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct IpPool {
+    #[serde(default)]
+    pub metadata: Meta,
+    #[serde(default)]
+    pub spec: IpPoolSpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IpPoolSpec {
+    /// Address blocks: a CIDR, or a first and last address.
+    #[serde(default)]
+    pub blocks: Vec<IpBlock>,
+    /// The Services it serves (all, when absent). Besides their labels, a Service matches
+    /// `io.kubernetes.service.namespace` and `io.kubernetes.service.name`.
+    pub service_selector: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+    /// Whether a CIDR's first and last addresses (network and broadcast in IPv4) are given
+    /// out; they are not by default. /31, /32, /127 and /128 blocks give out every address.
+    #[serde(default, rename = "allowFirstLastIPs")]
+    pub allow_first_last_ips: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct IpBlock {
+    pub cidr: Option<Text>,
+    pub start: Option<Text>,
+    pub stop: Option<Text>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -336,6 +498,7 @@ fn texts(v: Option<Vec<String>>) -> Option<Box<[Text]>> {
 
 impl From<api::core::v1::Service> for Service {
     fn from(s: api::core::v1::Service) -> Self {
+        let (lb_ip, lb_class) = s.spec.as_ref().map_or((None, None), |p| (p.load_balancer_ip.clone(), p.load_balancer_class.clone()));
         let spec = s.spec.map(|p| ServiceSpec {
             type_: text(p.type_),
             cluster_ip: text(p.cluster_ip),
@@ -351,8 +514,11 @@ impl From<api::core::v1::Service> for Service {
             traffic_distribution: text(p.traffic_distribution),
         });
         let ingress = s.status.and_then(|st| st.load_balancer).and_then(|l| l.ingress).unwrap_or_default();
-        let status = ServiceStatus { load_balancer: LoadBalancerStatus { ingress: ingress.into_iter().map(|i| LoadBalancerIngress { ip: text(i.ip), ip_mode: text(i.ip_mode) }).collect() } };
-        Self { metadata: s.metadata.into(), spec, status }
+        let ingress = ingress.into_iter().map(|i| LoadBalancerIngress { ip: text(i.ip), ip_mode: text(i.ip_mode) }).collect();
+        let (requested_ip, class) = (text(lb_ip), text(lb_class));
+        let labels = s.metadata.labels.clone().unwrap_or_default().into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+        let load_balancer = LoadBalancer::of(spec.as_ref(), requested_ip, class, labels, ingress);
+        Self { metadata: s.metadata.into(), spec, load_balancer }
     }
 }
 
@@ -374,7 +540,10 @@ impl From<api::discovery::v1::EndpointSlice> for EndpointSlice {
 
 impl From<api::core::v1::Node> for Node {
     fn from(n: api::core::v1::Node) -> Self {
-        let status = n.status.map(|s| NodeStatus { addresses: s.addresses.map(|list| list.into_iter().map(|a| NodeAddress { type_: a.type_.into(), address: a.address.into() }).collect()) });
+        let status = n.status.map(|s| NodeStatus {
+            addresses: s.addresses.map(|list| list.into_iter().map(|a| NodeAddress { type_: a.type_.into(), address: a.address.into() }).collect()),
+            conditions: s.conditions.map(|list| list.into_iter().map(|c| NodeCondition { type_: c.type_.into(), status: c.status.into() }).collect()),
+        });
         Self { metadata: n.metadata.into(), status }
     }
 }

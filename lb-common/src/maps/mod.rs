@@ -9,13 +9,15 @@
 //! - [`conntrack`]: tracked flows and reverse NAT;
 //! - [`counters`]: traffic and verdict counters;
 //! - [`config`]: settings and node addresses the agent gives the datapath;
-//! - [`socket`]: socket-level balancing of the node's own processes.
+//! - [`socket`]: socket-level balancing of the node's own processes;
+//! - [`l2`]: the load-balancer addresses this node answers ARP and NDP for.
 pub mod affinity;
 pub mod backend;
 pub mod config;
 pub mod conntrack;
 pub mod counters;
 pub mod family;
+pub mod l2;
 pub mod service;
 pub mod socket;
 pub mod source_range;
@@ -26,12 +28,13 @@ pub use config::*;
 pub use conntrack::*;
 pub use counters::*;
 pub use family::*;
+pub use l2::*;
 pub use service::*;
 pub use socket::*;
 pub use source_range::*;
 
 /// Every pinned map of schema v1.
-pub const ALL_MAPS: [&str; 26] = [
+pub const ALL_MAPS: [&str; 28] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_MAGLEV,
@@ -58,6 +61,8 @@ pub const ALL_MAPS: [&str; 26] = [
     MAP_CONFIG6,
     MAP_SOURCE_RANGES6,
     MAP_SOCK_REVNAT6,
+    MAP_L2_ANNOUNCE,
+    MAP_L2_ANNOUNCE6,
 ];
 
 /// Marks map types as plain old data for aya (user space only).
