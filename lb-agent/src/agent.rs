@@ -20,6 +20,7 @@ use lb_common::*;
 use log::{error, info, warn};
 
 use crate::{
+    announce, ipam,
     dataplane::{
         conntrack,
         load::{self, MapSizes},
@@ -54,6 +55,11 @@ pub struct AgentConfig {
     /// Socket-level balancing for the node's own processes: the cgroup v2 whose sockets the
     /// hooks see (the root: every process), or `None` to leave them untranslated.
     pub socket_lb_cgroup: Option<PathBuf>,
+    /// Answer ARP and NDP for the pool addresses this node owns, and announce them.
+    pub l2_announce: bool,
+    /// The heartbeat (Kubernetes mode); its timeout also bounds how long this node answers for
+    /// an address after it last confirmed it may (both modes).
+    pub heartbeat: crate::heartbeat::HeartbeatConfig,
 }
 
 
@@ -90,6 +96,18 @@ pub struct Agent {
     started_at: jiff::Timestamp,
     /// What `lbctl status` is told.
     pub status: crate::status::SharedStatus,
+    /// Pool addresses given to LoadBalancer Services (by this agent's computation, which every
+    /// agent shares), and why some have none.
+    assignments: BTreeMap<ServiceName, ipam::Assignment>,
+    /// LoadBalancer addresses an earlier agent programmed, by Service: held across restarts.
+    assigned_at_start: HashMap<ServiceName, Vec<IpAddr>>,
+    announcements: announce::Announcements,
+    devices: Vec<announce::Device>,
+    sender: Option<announce::Sender>,
+    heartbeat: Option<crate::heartbeat::Heartbeat>,
+    /// Assignments written to Service status and Events published, so that each is sent once.
+    status_sent: HashMap<ServiceName, (Vec<IpAddr>, Instant)>,
+    events_sent: BTreeSet<(ServiceName, String)>,
 }
 
 impl Agent {
@@ -118,7 +136,32 @@ impl Agent {
         let netlink = node::connect()?;
         let source = Source::open(&cfg.source, &cfg.node_name).await?;
         // Frontends an earlier agent programmed stay with their Services when claims collide.
-        let owners = dataplane.frontends().map(|(key, name, _)| (translate::frontend_of(key), ServiceName::from(name.split_once(':').map_or(name, |(s, _)| s)))).collect();
+        let service_of = |name: &str| ServiceName::from(name.split_once(':').map_or(name, |(s, _)| s));
+        let owners = dataplane.frontends().map(|(key, name, _)| (translate::frontend_of(key), service_of(name))).collect();
+        // So do the LoadBalancer addresses it gave out.
+        let mut assigned_at_start: HashMap<ServiceName, Vec<IpAddr>> = HashMap::new();
+        for (key, name, _) in dataplane.frontends().filter(|(k, _, e)| e.kind == KIND_LOAD_BALANCER && k.scope == SCOPE_CLUSTER) {
+            let addrs = assigned_at_start.entry(service_of(name)).or_default();
+            if !addrs.contains(&key.addr) {
+                addrs.push(key.addr);
+            }
+        }
+        // Who is alive decides who announces an address and who writes a Service's status.
+        let heartbeat = match &source {
+            Source::Kubernetes(kube) => Some(crate::heartbeat::Heartbeat::start(kube.client.clone(), &cfg.node_name, cfg.heartbeat.clone())),
+            Source::Manifests(..) => None,
+        };
+        let sender = if cfg.l2_announce {
+            match announce::Sender::new() {
+                Ok(sender) => Some(sender),
+                Err(e) => {
+                    warn!("no packet socket for gratuitous ARP and unsolicited NA ({e}): addresses are answered for, not announced");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let ready = Arc::new(AtomicBool::new(false));
         let proxy_health = ProxyHealth { ready: ready.clone(), ..ProxyHealth::new((cfg.sync_interval * 4).max(Duration::from_secs(2))) };
         let mut agent = Self {
@@ -143,6 +186,14 @@ impl Agent {
             programmed_triggers: HashMap::new(),
             started_at: jiff::Timestamp::now(),
             status: Arc::default(),
+            assignments: BTreeMap::new(),
+            assigned_at_start,
+            announcements: announce::Announcements::default(),
+            devices: Vec::new(),
+            sender,
+            heartbeat,
+            status_sent: HashMap::new(),
+            events_sent: BTreeSet::new(),
         };
         {
             let mut status = agent.status.lock().expect("not poisoned");
@@ -205,6 +256,10 @@ impl Agent {
                 result => result?,
             };
             info!("XDP {} on {dev} (ifindex {ifindex}): {} mode, {why}", if adopted { "replaced in place" } else { "attached" }, mode_name(mode));
+            match announce::Device::read(dev, ifindex) {
+                Ok(device) => self.devices.push(device),
+                Err(e) => warn!("{dev}: {e:#}; pool addresses are not announced on it"),
+            }
             crate::metrics::program_attached(load::XDP_PROGRAM);
             self.status.lock().expect("not poisoned").attach(load::XDP_PROGRAM, &format!("{dev} ({} XDP)", mode_name(mode)));
         }
@@ -417,6 +472,23 @@ impl Agent {
             _ if everything => objects.service_names().into_iter().chain(self.claims.wanting().cloned()).collect(),
             _ => return Ok(()),
         };
+        // Pool addresses, assigned again when a pool or a LoadBalancer Service changed; the
+        // Services whose addresses changed are translated again.
+        let mut affected = affected;
+        let mut pool_problems = Vec::new();
+        if objects.take_lb_changed() || everything {
+            let (assigned, problems, pool_use) = assign_addresses(&objects, &self.assignments, &self.assigned_at_start);
+            for (name, a) in &assigned {
+                if self.assignments.get(name).map(|before| &before.addrs) != Some(&a.addrs) {
+                    affected.insert(name.clone());
+                }
+            }
+            affected.extend(self.assignments.keys().filter(|name| !assigned.contains_key(*name)).cloned());
+            self.assignments = assigned;
+            pool_problems = problems;
+            crate::metrics::pool_use(&pool_use);
+            self.status.lock().expect("not poisoned").pools = pool_use;
+        }
         let affected_count = affected.len();
         {
             // Each affected Service's standing is decided anew below.
@@ -433,13 +505,18 @@ impl Agent {
                 Some(copy) => {
                     let slices = objects.slices_of(name);
                     triggers.push((copy.name.clone(), latest_trigger(&slices)));
-                    let translation = translate::translate_service(copy.object, copy.name, copy.origin, &slices, &node_name);
+                    let assigned: Option<Vec<IpAddr>> = self.assignments.get(name).map(|a| a.addrs.iter().map(|(ip, _)| *ip).collect());
+                    let translation = translate::translate_service(copy.object, copy.name, copy.origin, &slices, &node_name, assigned.as_deref());
                     (copy.name.clone(), translation, copy.ignored_in.into_iter().map(String::from).collect())
                 }
             })
             .collect();
         drop(objects);
         let translated_in = started.elapsed();
+        for problem in pool_problems {
+            self.report(problem);
+        }
+        self.report_assignments();
         for (name, translation, copies) in translated {
             for origin in copies {
                 self.report(format!("Service {name} is also defined in {origin}; that copy is ignored"));
@@ -525,6 +602,79 @@ impl Agent {
         Ok(())
     }
 
+    /// Says, once each, why a Service has no (or too few) pool addresses: in the log, to
+    /// `lbctl status`, and in Kubernetes mode as an Event on the Service and its assignment in
+    /// its status (both from one agent, the Service's rendezvous owner among live nodes).
+    fn report_assignments(&mut self) {
+        let mut problems = Vec::new();
+        {
+            let mut status = self.status.lock().expect("not poisoned");
+            for (name, a) in &self.assignments {
+                if let Some(why) = &a.error {
+                    status.rejected.insert(name.to_string(), format!("load-balancer address: {why}"));
+                    problems.push(format!("Service {name}: load-balancer address: {why}"));
+                }
+            }
+        }
+        for p in problems {
+            self.report(p);
+        }
+    }
+
+    /// Who answers for each pool address: the owners computed afresh (membership, eTP Local
+    /// endpoints), this node's answers in the maps with their expiry moved on, gratuitous ARP
+    /// and unsolicited NA for the addresses it just took over and, now and then, for all it owns.
+    fn sync_l2(&mut self) -> Result<()> {
+        let node = self.cfg.node_name.clone();
+        let Some(objects) = self.source.objects() else { return Ok(()) };
+        let membership = match &self.heartbeat {
+            Some(heartbeat) => heartbeat.membership(),
+            None => standalone_membership(objects.nodes(), &node, self.cfg.heartbeat.timeout),
+        };
+        let mut states = Vec::new();
+        for (name, a) in &self.assignments {
+            let copy = objects.service(name);
+            let local_only = copy.as_ref().and_then(|c| c.object.spec.as_ref()).is_some_and(|s| s.external_traffic_policy.as_deref() == Some("Local"));
+            let with_endpoints: BTreeSet<String> = if local_only { translate::nodes_with_ready_endpoints(&objects.slices_of(name)) } else { BTreeSet::new() };
+            let candidates: Vec<&str> = membership.live.iter().filter(|n| !local_only || with_endpoints.contains(*n)).map(String::as_str).collect();
+            for (address, pool) in &a.addrs {
+                let owner = announce::owner(*address, candidates.iter().copied()).unwrap_or_default().to_string();
+                states.push(announce::AddressState { address: *address, service: name.to_string(), pool: pool.to_string(), owner, since_unix: crate::status::unix_now() });
+            }
+        }
+        if let Source::Kubernetes(kube) = &self.source {
+            publish_assignments(&kube.client, &node, &self.assignments, &objects, &membership.live, &mut self.status_sent, &mut self.events_sent);
+        }
+        drop(objects);
+        if !self.cfg.l2_announce {
+            return Ok(());
+        }
+        let changes_before = self.announcements.changes;
+        let taken_over = self.announcements.update(&node, states);
+        crate::metrics::l2_ownership_changes(self.announcements.changes - changes_before);
+        let owned: Vec<IpAddr> = self.announcements.owned_by(&node).collect();
+        self.dataplane.maps.set_announced::<Addr4>(&announced_on(&self.devices, &owned), membership.answer_until_ns)?;
+        self.dataplane.maps.set_announced::<Addr6>(&announced_on(&self.devices, &owned), membership.answer_until_ns)?;
+        if let Some(sender) = &self.sender {
+            for address in &taken_over {
+                info!("L2: this node now answers for {address}");
+                sender.takeover_burst(&self.devices, *address);
+            }
+            if self.announcements.last_reannounce.is_none_or(|t| t.elapsed() >= announce::REANNOUNCE_EVERY) {
+                self.announcements.last_reannounce = Some(Instant::now());
+                for address in owned.iter().filter(|a| !taken_over.contains(a)) {
+                    for d in &self.devices {
+                        if let Err(e) = sender.send(d.ifindex, &announce::announcement(d.mac, *address)) {
+                            warn!("announcing {address} on {}: {e}", d.name);
+                        }
+                    }
+                }
+            }
+        }
+        self.status.lock().expect("not poisoned").addresses = self.announcements.states.values().cloned().collect();
+        Ok(())
+    }
+
     /// Network programming latency: for each Service just programmed whose slices carry a
     /// trigger time newer than the last one measured, the time from that trigger to now.
     fn measure_programming(&mut self, triggers: Vec<(ServiceName, Option<jiff::Timestamp>)>) {
@@ -558,19 +708,38 @@ impl Agent {
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(self.cfg.sync_interval);
         let notify = self.source.notify();
+        let heartbeat = self.heartbeat.as_ref().map(|h| h.notify.clone()).unwrap_or_default();
         loop {
             tokio::select! {
                 _ = &mut shutdown => {
                     // The programs stay attached through their pinned links: traffic keeps
-                    // flowing until the next agent takes over.
+                    // flowing until the next agent takes over. The L2 answers do not: the other
+                    // nodes take this node's addresses over at once.
+                    if let Some(heartbeat) = &self.heartbeat {
+                        heartbeat.release().await;
+                    }
+                    if let Err(e) = self.dataplane.maps.set_announced::<Addr4>(&[], 0).and_then(|_| self.dataplane.maps.set_announced::<Addr6>(&[], 0)) {
+                        warn!("withdrawing L2 answers: {e:#}");
+                    }
                     info!("shutting down; the datapath stays in place");
                     return Ok(());
                 }
                 _ = tick.tick() => {}
                 _ = notify.notified() => {}
+                // A renewal (or a node's heartbeat changing) only moves L2 ownership.
+                _ = heartbeat.notified() => {
+                    if let Err(e) = self.sync_l2() {
+                        error!("L2 announcements: {e:#}");
+                    }
+                    continue;
+                }
             }
             self.heartbeat_ns.store(conntrack::monotonic_ns(), std::sync::atomic::Ordering::Release);
-            match self.sync().await {
+            let synced = self.sync().await;
+            if let Err(e) = self.sync_l2() {
+                error!("L2 announcements: {e:#}");
+            }
+            match synced {
                 Ok(()) => {
                     self.proxy_health.sync_succeeded();
                     self.status.lock().expect("not poisoned").last_sync_unix = crate::status::unix_now();
@@ -610,6 +779,91 @@ impl Reported {
         }
         true
     }
+}
+
+/// Kubernetes mode: writes each assignment the Service's status does not show yet, and an Event
+/// for each new reason a Service has no address. Each Service's by one agent, its rendezvous
+/// owner among the live nodes; a write that did not show is sent again after `STATUS_RETRY`.
+fn publish_assignments(
+    client: &::kube::Client,
+    node: &str,
+    assignments: &BTreeMap<ServiceName, ipam::Assignment>,
+    objects: &crate::source::objects::Objects,
+    live: &BTreeSet<String>,
+    status_sent: &mut HashMap<ServiceName, (Vec<IpAddr>, Instant)>,
+    events_sent: &mut BTreeSet<(ServiceName, String)>,
+) {
+    const STATUS_RETRY: Duration = Duration::from_secs(3);
+    for (name, a) in assignments {
+        if announce::owner_of_key(name.as_bytes(), live.iter().map(String::as_str)) != Some(node) {
+            continue;
+        }
+        let addrs: Vec<IpAddr> = a.addrs.iter().map(|(ip, _)| *ip).collect();
+        let shown: Vec<IpAddr> = objects.service(name).map(|c| c.object.ingress().iter().filter_map(|i| i.ip.as_deref()?.parse().ok()).collect()).unwrap_or_default();
+        let recently_sent = status_sent.get(name).is_some_and(|(sent, at)| *sent == addrs && at.elapsed() < STATUS_RETRY);
+        if shown != addrs && !recently_sent {
+            status_sent.insert(name.clone(), (addrs.clone(), Instant::now()));
+            tokio::spawn(crate::publish::service_status(client.clone(), name.clone(), addrs));
+        }
+        if let Some(why) = &a.error {
+            if events_sent.insert((name.clone(), why.clone())) {
+                tokio::spawn(crate::publish::warning_event(client.clone(), node.to_string(), name.clone(), why.clone()));
+            }
+        }
+    }
+}
+
+/// The pools (the broken ones reported), the LoadBalancer Services' requests, and their
+/// assignment; with each pool's size and use.
+fn assign_addresses(
+    objects: &crate::source::objects::Objects,
+    before: &BTreeMap<ServiceName, ipam::Assignment>,
+    at_start: &HashMap<ServiceName, Vec<IpAddr>>,
+) -> (BTreeMap<ServiceName, ipam::Assignment>, Vec<String>, Vec<crate::status::PoolUse>) {
+    let mut problems = Vec::new();
+    let pools: Vec<ipam::Pool> = objects
+        .pools()
+        .into_iter()
+        .filter_map(|(origin, pool)| match ipam::Pool::parse(pool) {
+            Ok(pool) => Some(pool),
+            Err(e) => {
+                problems.push(format!("{} {} ({origin}) is not used: {e}", crate::source::model::POOL_KIND, pool.metadata.id.name()));
+                None
+            }
+        })
+        .collect();
+    let requests: Vec<ipam::Request> = objects
+        .load_balancers()
+        .filter_map(|copy| {
+            let spec = copy.object.spec.as_ref()?;
+            let earlier = before.get(copy.name);
+            let held: Vec<IpAddr> = earlier.map(|a| a.addrs.iter().map(|(ip, _)| *ip).collect()).or_else(|| at_start.get(copy.name).cloned()).unwrap_or_default();
+            ipam::Request::of(copy.object, copy.name, translate::families_served(spec), &held, earlier.is_some())
+        })
+        .collect();
+    let assigned = ipam::assign(&pools, &requests);
+    let pool_use = pools
+        .iter()
+        .map(|p| {
+            let used: BTreeSet<IpAddr> = assigned.values().flat_map(|a| a.addrs.iter()).filter(|(_, pool)| *pool == p.name).map(|(ip, _)| *ip).collect();
+            crate::status::PoolUse { name: p.name.to_string(), size: p.size().min(u64::MAX as u128) as u64, used: used.len() as u64 }
+        })
+        .collect();
+    (assigned, problems, pool_use)
+}
+
+/// Standalone mode's membership: the Ready Node manifests (this node alone when there are
+/// none), this node answering while the agent keeps syncing.
+fn standalone_membership<'a>(nodes: impl Iterator<Item = &'a crate::source::model::Node>, node: &str, timeout: Duration) -> announce::Membership {
+    let mut nodes = nodes.peekable();
+    let live: BTreeSet<String> = if nodes.peek().is_none() { [node.to_string()].into() } else { nodes.filter(|n| n.ready()).map(|n| n.metadata.id.name().to_string()).collect() };
+    let answer_until_ns = if live.contains(node) { conntrack::monotonic_ns() + timeout.as_nanos() as u64 } else { 0 };
+    announce::Membership { live, answer_until_ns }
+}
+
+/// Family `A`'s entries of the L2 answer map: each owned address on each device.
+fn announced_on<A: crate::dataplane::maps::Family>(devices: &[announce::Device], owned: &[IpAddr]) -> Vec<(u32, A, [u8; 6])> {
+    devices.iter().flat_map(|d| owned.iter().filter_map(move |a| Some((d.ifindex, A::from_ip(*a)?, d.mac)))).collect()
 }
 
 /// (UDP frontend, backend) pairs new flows could take before and no longer can.

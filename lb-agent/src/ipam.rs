@@ -67,6 +67,9 @@ impl Pool {
     /// The pool an object describes, or what is wrong with it (the pool is then not used).
     pub fn parse(object: &IpPool) -> Result<Self, String> {
         let name: Arc<str> = object.metadata.id.name().into();
+        if let Some(problem) = &object.problem {
+            return Err(problem.clone());
+        }
         if object.spec.blocks.is_empty() {
             return Err("spec.blocks: a pool needs at least one block".into());
         }
@@ -146,12 +149,17 @@ pub struct Request {
     pub sharing_key: Option<String>,
     /// Addresses it holds (its status, or an earlier assignment).
     pub held: Vec<IpAddr>,
+    /// It is this agent's to serve even if no pool selects it: it asks this agent for an
+    /// address (the annotation), or this agent gave it one before.
+    pub claimed: bool,
 }
 
 impl Request {
     /// The request a Service makes; `None` when it is not ours to serve (not a
-    /// LoadBalancer, or of another `loadBalancerClass`).
-    pub fn of(svc: &crate::source::model::Service, name: &ServiceName, families: Vec<Family>, held_before: &[IpAddr]) -> Option<Self> {
+    /// LoadBalancer, or of another `loadBalancerClass`). `held_before`: addresses it had from
+    /// this agent (or from an earlier one, read back from the pinned maps); `served_before`:
+    /// this agent served it (a pool that selected it may be gone).
+    pub fn of(svc: &crate::source::model::Service, name: &ServiceName, families: Vec<Family>, held_before: &[IpAddr], served_before: bool) -> Option<Self> {
         let lb = svc.load_balancer.as_deref()?;
         if lb.class.as_deref().is_some_and(|c| c != LOAD_BALANCER_CLASS) {
             return None;
@@ -170,7 +178,8 @@ impl Request {
         let mut labels: Vec<(String, String)> = lb.labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         labels.push(("io.kubernetes.service.namespace".into(), name.split_once('/').map_or("", |(ns, _)| ns).into()));
         labels.push(("io.kubernetes.service.name".into(), name.split_once('/').map_or("", |(_, n)| n).into()));
-        Some(Self { name: name.clone(), created: svc.metadata.created, families, ports, labels, requested, sharing_key: svc.metadata.annotations.get(SHARING_KEY_ANNOTATION).map(String::from), held })
+        let claimed = !annotation.is_empty() || served_before;
+        Some(Self { name: name.clone(), created: svc.metadata.created, families, ports, labels, requested, sharing_key: svc.metadata.annotations.get(SHARING_KEY_ANNOTATION).map(String::from), held, claimed })
     }
 
     fn label(&self, key: &str) -> Option<String> {
@@ -207,12 +216,15 @@ impl Holders {
     }
 }
 
-/// The assignment of every request. `pools` are the valid pools; the result has an entry for
-/// every request.
+/// The assignment of every request this agent serves: those a pool selects, and those it has
+/// claimed (see [`Request::claimed`]). A Service that is neither is left alone (its status
+/// may come from another implementation). `pools` are the valid pools.
 pub fn assign(pools: &[Pool], requests: &[Request]) -> BTreeMap<ServiceName, Assignment> {
     let mut pools: Vec<&Pool> = pools.iter().collect();
     pools.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut order: Vec<&Request> = requests.iter().collect();
+    let served = |req: &&Request| req.claimed || pools.iter().any(|p| p.selects(&|k| req.label(k)));
+    let requests: Vec<&Request> = requests.iter().filter(served).collect();
+    let mut order: Vec<&Request> = requests.clone();
     order.sort_by(|a, b| (a.created.unwrap_or(i64::MAX), &a.name).cmp(&(b.created.unwrap_or(i64::MAX), &b.name)));
     let mut taken: BTreeMap<Num, Holders> = BTreeMap::new();
     let mut out: BTreeMap<ServiceName, Assignment> = requests.iter().map(|r| (r.name.clone(), Assignment::default())).collect();
@@ -408,7 +420,7 @@ mod tests {
     #[test]
     fn a_deleted_pool_moves_its_services_or_says_why_not() {
         let b = pool("b", serde_json::json!([{"cidr": "10.0.1.0/30"}]), serde_json::json!({}));
-        let held = Request { held: vec!["10.0.0.1".parse().unwrap()], ..req("web", 1) };
+        let held = Request { held: vec!["10.0.0.1".parse().unwrap()], claimed: true, ..req("web", 1) };
         // Pool a (10.0.0.0/24) is gone; b takes the Service, and the loss is said.
         let out = assign(std::slice::from_ref(&b), std::slice::from_ref(&held));
         let web = &out[&ServiceName::from("ns/web")];
@@ -428,9 +440,11 @@ mod tests {
         let team_a = Request { labels: vec![("team".into(), "a".into())], families: vec![Family::V4, Family::V6], ..req("dual", 1) };
         let in_b = Request { name: "b/web".into(), labels: vec![("io.kubernetes.service.namespace".into(), "b".into())], ..req("x", 2) };
         let nobody = req("none", 3);
-        let out = assign(&pools, &[team_a, in_b, nobody]);
+        let annotated = Request { requested: vec![Ok("10.0.0.2".parse().unwrap())], claimed: true, ..req("annotated", 4) };
+        let out = assign(&pools, &[team_a, in_b, nobody, annotated]);
         assert_eq!(ips(&out[&ServiceName::from("ns/dual")]), ["10.0.0.1@team-a", "fd00::1@team-a"]);
         assert_eq!(ips(&out[&ServiceName::from("b/web")]), ["10.0.1.1@ns-b"]);
-        assert_eq!(out[&ServiceName::from("ns/none")].error.as_deref(), Some("no LoadBalancerIPPool serves this Service"));
+        assert!(!out.contains_key(&ServiceName::from("ns/none")), "no pool selects it and it asked nothing of this agent: left alone");
+        assert_eq!(out[&ServiceName::from("ns/annotated")].error.as_deref(), Some("10.0.0.2 is outside every pool that serves this Service"));
     }
 }

@@ -5,6 +5,9 @@
 //! - [`source`]: where the desired state comes from (manifests or the API server);
 //! - [`translate`]: Kubernetes objects to frontends;
 //! - [`ipam`]: addresses for LoadBalancer Services from address pools;
+//! - [`announce`]: which node answers ARP/NDP for each of them;
+//! - [`heartbeat`]: Kubernetes mode's node heartbeat Leases, which say who is alive;
+//! - [`publish`]: Service status and Events that Kubernetes mode writes;
 //! - [`dataplane`]: the kernel object and every map write;
 //! - [`node`]: this node's devices and addresses (rtnetlink);
 //! - [`metrics`]: Prometheus metrics and the agent's own health endpoints;
@@ -13,12 +16,15 @@
 //! - [`status`]: what the agent reports to `lbctl status`;
 //! - [`cleanup`]: `lb-agent --cleanup`, which takes all of it off the node.
 pub mod agent;
+pub mod announce;
 pub mod cleanup;
 pub mod dataplane;
 pub mod health;
+pub mod heartbeat;
 pub mod ipam;
 pub mod metrics;
 pub mod node;
+pub mod publish;
 pub mod source;
 pub mod status;
 pub mod translate;

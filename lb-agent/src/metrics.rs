@@ -78,6 +78,19 @@ pub fn sync_failed() {
     counter!("lb_sync_errors_total").increment(1);
 }
 
+/// Each address pool's size and how many of its addresses are given out.
+pub fn pool_use(pools: &[crate::status::PoolUse]) {
+    for p in pools {
+        gauge!("lb_ip_pool_addresses", "pool" => p.name.clone()).set(p.size as f64);
+        gauge!("lb_ip_pool_addresses_used", "pool" => p.name.clone()).set(p.used as f64);
+    }
+}
+
+/// Pool addresses whose owner (the node that answers ARP/NDP for them) changed.
+pub fn l2_ownership_changes(n: u64) {
+    counter!("lb_l2_ownership_changes_total").increment(n);
+}
+
 /// Counted per program, not per device: a label per pod device would grow with pod churn.
 pub fn program_attached(program: &'static str) {
     gauge!("lb_programs_attached", "program" => program).increment(1.0);

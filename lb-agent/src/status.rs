@@ -26,6 +26,19 @@ pub struct AgentStatus {
     pub attached: Vec<Attachment>,
     /// Services not (fully) programmed, with the reason: `namespace/name` -> why.
     pub rejected: BTreeMap<String, String>,
+    /// Address pools: size and use.
+    #[serde(default)]
+    pub pools: Vec<PoolUse>,
+    /// Pool addresses: Service, pool, the node that answers for each, since when.
+    #[serde(default)]
+    pub addresses: Vec<crate::announce::AddressState>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PoolUse {
+    pub name: String,
+    pub size: u64,
+    pub used: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]

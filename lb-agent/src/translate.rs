@@ -8,7 +8,7 @@ use std::{
 };
 
 use crate::source::model::{
-    EndpointSlice, Node, Pod, Service, ServicePort, ServiceSpec, Text, SERVICE_PROXY_NAME_LABEL, SOCKET_LB_ANNOTATION, SOURCE_RANGES_ANNOTATION, TOPOLOGY_ANNOTATIONS,
+    Endpoint, EndpointSlice, Node, Pod, Service, ServicePort, ServiceSpec, Text, SERVICE_PROXY_NAME_LABEL, SOCKET_LB_ANNOTATION, SOURCE_RANGES_ANNOTATION, TOPOLOGY_ANNOTATIONS,
 };
 use lb_common::*;
 
@@ -49,6 +49,8 @@ pub struct ClusterState {
     pub nodes: Vec<Sourced<Node>>,
     /// Pods of this node (only their socket-LB opt-out is read).
     pub pods: Vec<Sourced<Pod>>,
+    /// Address pools for LoadBalancer Services.
+    pub pools: Vec<Sourced<crate::source::model::IpPool>>,
 }
 
 
@@ -143,8 +145,9 @@ pub struct ServiceTranslation {
 }
 
 /// Translates one Service (`name` is its `namespace/name`) with its EndpointSlices; `None`
-/// when this proxy leaves it alone.
-pub fn translate_service(svc: &Service, name: &ServiceName, origin: &Origin, slices: &[&EndpointSlice], node_name: &str) -> Option<ServiceTranslation> {
+/// when this proxy leaves it alone. `assigned`: the LoadBalancer addresses address pools gave
+/// it, in place of its `status.loadBalancer.ingress` (`None`: no pool serves it).
+pub fn translate_service(svc: &Service, name: &ServiceName, origin: &Origin, slices: &[&EndpointSlice], node_name: &str, assigned: Option<&[IpAddr]>) -> Option<ServiceTranslation> {
     if !is_proxied(svc) {
         return None;
     }
@@ -152,7 +155,7 @@ pub fn translate_service(svc: &Service, name: &ServiceName, origin: &Origin, sli
     let mut warnings = Vec::new();
     let mut health_checks = Vec::new();
     let mut warn = |field: String, message: String| warnings.push(error((field, message)));
-    let result = service_frontends(svc, name, slices, node_name, &mut warn, &mut health_checks).map_err(error);
+    let result = service_frontends(svc, name, slices, assigned, node_name, &mut warn, &mut health_checks).map_err(error);
     Some(ServiceTranslation { name: name.clone(), origin: origin.clone(), created: svc.metadata.created, result, warnings, health_check: health_checks.pop() })
 }
 
@@ -172,7 +175,7 @@ pub fn translate(state: &ClusterState, node_name: &str) -> Translation {
         .iter()
         .filter_map(|s| {
             let name = crate::source::objects::name_of(&s.object);
-            translate_service(&s.object, &name, &s.origin, slices.get(&name).map(Vec::as_slice).unwrap_or(&[]), node_name)
+            translate_service(&s.object, &name, &s.origin, slices.get(&name).map(Vec::as_slice).unwrap_or(&[]), node_name, None)
         })
         .collect();
     translated.sort_by(|a, b| claim_order(a.created, &a.name).cmp(&claim_order(b.created, &b.name)));
@@ -427,6 +430,7 @@ fn service_frontends(
     svc: &Service,
     name: &str,
     slices: &[&EndpointSlice],
+    assigned: Option<&[IpAddr]>,
     node_name: &str,
     warn: &mut impl FnMut(String, String),
     health_checks: &mut Vec<HealthCheck>,
@@ -470,7 +474,11 @@ fn service_frontends(
     for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
         add_address(ip, KIND_EXTERNAL_IP, format!("spec.externalIPs[{i}]"), warn)?;
     }
-    if kind_type == "LoadBalancer" {
+    if let (Some(assigned), "LoadBalancer") = (assigned, kind_type) {
+        for (i, ip) in assigned.iter().enumerate() {
+            add_address(&ip.to_string(), KIND_LOAD_BALANCER, format!("address {i} from a {}", crate::source::model::POOL_KIND), warn)?;
+        }
+    } else if kind_type == "LoadBalancer" {
         for (i, ing) in svc.ingress().iter().enumerate() {
             let Some(ip) = &ing.ip else { continue };
             let field = format!("status.loadBalancer.ingress[{i}].ip");
@@ -740,6 +748,17 @@ fn valid_port(port: i32, field: &str) -> Result<u16, FieldError> {
 /// An address of either family; anything else is an error naming the field.
 fn parse_ip(s: &str, field: &str) -> Result<IpAddr, FieldError> {
     s.parse().map_err(|_| (field.to_string(), format!("{s:?} is not an IP address")))
+}
+
+/// The nodes that have a ready endpoint of a Service (else a serving, terminating one, as the
+/// datapath falls back to): where an `externalTrafficPolicy: Local` address may be announced.
+pub fn nodes_with_ready_endpoints(slices: &[&EndpointSlice]) -> std::collections::BTreeSet<String> {
+    let endpoints = || slices.iter().flat_map(|s| s.endpoints.iter());
+    let ready = |e: &&Endpoint| e.conditions.as_ref().and_then(|c| c.ready) != Some(false);
+    let serving = |e: &&Endpoint| e.conditions.as_ref().is_some_and(|c| c.serving == Some(true) && c.terminating == Some(true));
+    let nodes = |keep: &dyn Fn(&&Endpoint) -> bool| endpoints().filter(|e| keep(e)).filter_map(|e| e.node_name.as_deref().map(String::from)).collect::<std::collections::BTreeSet<String>>();
+    let ready_nodes = nodes(&ready);
+    if ready_nodes.is_empty() { nodes(&serving) } else { ready_nodes }
 }
 
 /// The InternalIPs (else ExternalIPs) of the Node named `node_name`, of both families.

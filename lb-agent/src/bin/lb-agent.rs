@@ -130,6 +130,20 @@ struct Args {
     /// [default: 262144].
     #[arg(long)]
     max_affinity: Option<u32>,
+    /// Answer ARP and NDP on the external devices for the LoadBalancerIPPool addresses this
+    /// node owns, and announce them (gratuitous ARP, unsolicited NA).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    l2_announce: bool,
+    /// How often this node's heartbeat Lease is renewed (Kubernetes mode), in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    heartbeat_interval_ms: u64,
+    /// A node whose heartbeat was not renewed for this long is dead: its addresses move, and
+    /// it stops answering for them itself. In milliseconds.
+    #[arg(long, default_value_t = 1500)]
+    heartbeat_timeout_ms: u64,
+    /// The namespace of the heartbeat Leases.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    lease_namespace: String,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -167,7 +181,7 @@ fn summary(args: &Args) -> String {
     };
     let list = |items: &[String]| if items.is_empty() { "none".to_string() } else { items.join(",") };
     format!(
-        "lb-agent {}: {source}; node {}; external devices {} (XDP mode {:?}); pod devices {}{}; pins in {}; metrics on {}, kube-proxy health on {}; socket LB {}; NodePorts on {}; hash seed {}, smallest Maglev table {}; sync every {} ms, conntrack GC every {} s",
+        "lb-agent {}: {source}; node {}; external devices {} (XDP mode {:?}); pod devices {}{}; pins in {}; metrics on {}, kube-proxy health on {}; socket LB {}; NodePorts on {}; hash seed {}, smallest Maglev table {}; sync every {} ms, conntrack GC every {} s; L2 announcements {}, heartbeat every {} ms, dead after {} ms",
         env!("CARGO_PKG_VERSION"),
         args.node_name.as_deref().unwrap_or("-"),
         list(&args.external_devices),
@@ -183,6 +197,9 @@ fn summary(args: &Args) -> String {
         args.maglev_table_size,
         args.sync_interval_ms,
         args.gc_interval_s,
+        if args.l2_announce { "on" } else { "off" },
+        args.heartbeat_interval_ms,
+        args.heartbeat_timeout_ms,
     )
 }
 
@@ -245,6 +262,12 @@ fn main() -> Result<()> {
         sizes,
         nodeport_cidrs: args.nodeport_addresses,
         socket_lb_cgroup: args.socket_lb.then_some(args.cgroup_root),
+        l2_announce: args.l2_announce,
+        heartbeat: lb_agent::heartbeat::HeartbeatConfig {
+            namespace: args.lease_namespace,
+            interval: Duration::from_millis(args.heartbeat_interval_ms),
+            timeout: Duration::from_millis(args.heartbeat_timeout_ms),
+        },
     };
     let healthz_addr = args.healthz_bind_address;
     let pin_dir = args.pin_dir;

@@ -1,4 +1,5 @@
-//! Kubernetes source: watches of Services, EndpointSlices, Nodes and this node's Pods feeding
+//! Kubernetes source: watches of Services, EndpointSlices, Nodes, this node's Pods and the
+//! LoadBalancerIPPools feeding
 //! one index ([`Objects`]). An event changes one object and marks only its Service; a
 //! (re)list is applied whole when it completes, so a relist after `410 Gone` or a reconnect
 //! never shows a partial view; while the API server is unreachable the index keeps its last
@@ -11,13 +12,17 @@ use std::sync::{
 use futures_util::StreamExt;
 use k8s_openapi::api::{core::v1, discovery};
 use ::kube::{
+    core::{ApiResource, DynamicObject, GroupVersionKind},
     runtime::{watcher, WatchStreamExt},
     Api, Client, Resource,
 };
 use log::{info, warn};
 use tokio::sync::Notify;
 
-use super::objects::{name_of, Kinds, Objects};
+use super::{
+    model::{IpPool, API_GROUP, API_VERSION, POOL_KIND},
+    objects::{name_of, Kinds, Objects},
+};
 use crate::translate::{ClusterState, Origin, Sourced};
 
 /// Objects from the API server carry this origin.
@@ -30,14 +35,28 @@ pub struct KubeSource {
     synced: [Arc<AtomicBool>; 3],
     /// Wakes the agent's loop on a change.
     pub notify: Arc<Notify>,
+    /// For the agent's own writes: heartbeat Leases, Service status, Events.
+    pub client: Client,
 }
 
 /// How one kind enters the index: one object, or a whole list (of what the agent keeps of
 /// objects of the API type `K`: `M`).
-struct Feed<M> {
+struct Feed<K, M> {
+    kind: String,
+    convert: fn(K) -> M,
     set: fn(&mut Objects, &Origin, Arc<str>, Option<M>),
     kinds: Kinds,
     list: fn(Vec<Sourced<M>>) -> ClusterState,
+}
+
+/// A pool as the API server sends it (a custom resource), read into the model; one that does
+/// not read is kept with its problem, which is reported, and is not used.
+fn pool_of(object: DynamicObject) -> IpPool {
+    let name = object.metadata.name.clone();
+    match serde_json::to_value(&object).and_then(serde_json::from_value::<IpPool>) {
+        Ok(pool) => pool,
+        Err(e) => IpPool { metadata: super::model::Meta { id: super::model::ObjectName::new(None, name.as_deref()), ..Default::default() }, problem: Some(e.to_string()), ..Default::default() },
+    }
 }
 
 impl KubeSource {
@@ -49,16 +68,27 @@ impl KubeSource {
         // Lists at resourceVersion 0, as kube-proxy's informers do: the API server answers from
         // its watch cache, in one response, instead of paging through etcd for every node.
         let all = watcher::Config::default().any_semantic();
-        let services = Feed { set: Objects::set_service, kinds: Kinds { services: true, ..Kinds::NONE }, list: |services| ClusterState { services, ..Default::default() } };
-        watch(Api::<v1::Service>::all(client.clone()), all.clone(), services, &objects, &synced[0], &notify);
-        let slices = Feed { set: Objects::set_slice, kinds: Kinds { slices: true, ..Kinds::NONE }, list: |slices| ClusterState { slices, ..Default::default() } };
-        watch(Api::<discovery::v1::EndpointSlice>::all(client.clone()), all.clone(), slices, &objects, &synced[1], &notify);
-        let nodes = Feed { set: Objects::set_node, kinds: Kinds { nodes: true, ..Kinds::NONE }, list: |nodes| ClusterState { nodes, ..Default::default() } };
-        watch(Api::<v1::Node>::all(client.clone()), all, nodes, &objects, &synced[2], &notify);
+        macro_rules! feed {
+            ($api:ty, $model:ty, $set:ident, $kinds:ident, $field:ident) => {
+                Feed::<$api, $model> {
+                    kind: <$api as Resource>::kind(&()).to_string(),
+                    convert: <$model>::from,
+                    set: Objects::$set,
+                    kinds: Kinds { $kinds: true, ..Kinds::NONE },
+                    list: |$field| ClusterState { $field, ..Default::default() },
+                }
+            };
+        }
+        watch(Api::<v1::Service>::all(client.clone()), all.clone(), feed!(v1::Service, super::model::Service, set_service, services, services), &objects, &synced[0], &notify);
+        watch(Api::<discovery::v1::EndpointSlice>::all(client.clone()), all.clone(), feed!(discovery::v1::EndpointSlice, super::model::EndpointSlice, set_slice, slices, slices), &objects, &synced[1], &notify);
+        watch(Api::<v1::Node>::all(client.clone()), all.clone(), feed!(v1::Node, super::model::Node, set_node, nodes, nodes), &objects, &synced[2], &notify);
         let on_this_node = watcher::Config::default().any_semantic().fields(&format!("spec.nodeName={node_name}"));
-        let pods = Feed { set: Objects::set_pod, kinds: Kinds { pods: true, ..Kinds::NONE }, list: |pods| ClusterState { pods, ..Default::default() } };
-        watch(Api::<v1::Pod>::all(client), on_this_node, pods, &objects, &Arc::new(AtomicBool::new(false)), &notify);
-        Self { objects, synced, notify }
+        watch(Api::<v1::Pod>::all(client.clone()), on_this_node, feed!(v1::Pod, super::model::Pod, set_pod, pods, pods), &objects, &Arc::new(AtomicBool::new(false)), &notify);
+        // Address pools: a custom resource, not waited for (a cluster without the CRD has none).
+        let pools = ApiResource::from_gvk(&GroupVersionKind::gvk(API_GROUP, API_VERSION, POOL_KIND));
+        let pool_feed = Feed { kind: POOL_KIND.to_string(), convert: pool_of, set: Objects::set_pool, kinds: Kinds { pools: true, ..Kinds::NONE }, list: |pools| ClusterState { pools, ..Default::default() } };
+        watch(Api::<DynamicObject>::all_with(client.clone(), &pools), all, pool_feed, &objects, &Arc::new(AtomicBool::new(false)), &notify);
+        Self { objects, synced, notify, client }
     }
 
     /// True once every watch has completed its first full list.
@@ -71,12 +101,12 @@ impl KubeSource {
     }
 }
 
-fn watch<K, M>(api: Api<K>, config: watcher::Config, feed: Feed<M>, objects: &Arc<Mutex<Objects>>, synced: &Arc<AtomicBool>, notify: &Arc<Notify>)
+fn watch<K, M>(api: Api<K>, config: watcher::Config, feed: Feed<K, M>, objects: &Arc<Mutex<Objects>>, synced: &Arc<AtomicBool>, notify: &Arc<Notify>)
 where
-    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
-    M: From<K> + super::model::Object + Send + 'static,
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    M: super::model::Object + Send + 'static,
 {
-    let kind = K::kind(&()).to_string();
+    let kind = feed.kind.clone();
     let (objects, synced, notify) = (objects.clone(), synced.clone(), notify.clone());
     let stream = watcher(api, config).default_backoff();
     let started = std::time::Instant::now();
@@ -88,7 +118,7 @@ where
         while let Some(event) = stream.next().await {
             match event {
                 Ok(watcher::Event::Init) => listing.clear(),
-                Ok(watcher::Event::InitApply(object)) => listing.push(Sourced { origin: origin.clone(), object: object.into() }),
+                Ok(watcher::Event::InitApply(object)) => listing.push(Sourced { origin: origin.clone(), object: (feed.convert)(object) }),
                 Ok(watcher::Event::InitDone) => {
                     let list = std::mem::take(&mut listing);
                     let count = list.len();
@@ -99,12 +129,12 @@ where
                     notify.notify_one();
                 }
                 Ok(watcher::Event::Apply(object)) => {
-                    let object = M::from(object);
+                    let object = (feed.convert)(object);
                     (feed.set)(&mut objects.lock().expect("not poisoned"), &origin, name_of(&object), Some(object));
                     notify.notify_one();
                 }
                 Ok(watcher::Event::Delete(object)) => {
-                    let object = M::from(object);
+                    let object = (feed.convert)(object);
                     (feed.set)(&mut objects.lock().expect("not poisoned"), &origin, name_of(&object), None);
                     notify.notify_one();
                 }

@@ -16,6 +16,7 @@ use serde::Deserialize;
 use tokio::{io::unix::AsyncFd, sync::Notify};
 
 use super::{
+    model::POOL_KIND,
     objects::{Kinds, Objects},
 };
 use crate::translate::{ClusterState, ObjectError, Origin, Sourced};
@@ -234,7 +235,7 @@ pub fn parse_manifest(origin: &str, text: &str) -> Result<ClusterState, ObjectEr
         }
     }
     for kind in ignored {
-        log::warn!("{origin}: objects of kind {kind} are not read (only Service, EndpointSlice, Node and Pod are); ignored");
+        log::warn!("{origin}: objects of kind {kind} are not read (only Service, EndpointSlice, Node, Pod and {POOL_KIND} are); ignored");
     }
     Ok(state)
 }
@@ -247,7 +248,7 @@ fn read_object(origin: &Origin, value: &serde_yaml_ng::Value, kind: &str, positi
         let meta = value.get("metadata");
         let name = meta.and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("<unnamed>");
         let ns = meta.and_then(|m| m.get("namespace")).and_then(|n| n.as_str()).unwrap_or("default");
-        if kind == "Node" { format!("Node {name}") } else { format!("{kind} {ns}/{name}") }
+        if kind == "Node" || kind == POOL_KIND { format!("{kind} {name}") } else { format!("{kind} {ns}/{name}") }
     };
     // serde_path_to_error names the field that failed (spec.ports[0].port: invalid type ...).
     macro_rules! typed {
@@ -261,6 +262,7 @@ fn read_object(origin: &Origin, value: &serde_yaml_ng::Value, kind: &str, positi
         "EndpointSlice" => state.slices.push(typed!()),
         "Node" => state.nodes.push(typed!()),
         "Pod" => state.pods.push(typed!()),
+        POOL_KIND => state.pools.push(typed!()),
         "" => return Err(err(position, "kind", "is missing".into())),
         other if !ignored.iter().any(|k| k == other) => ignored.push(other.to_string()),
         _ => {}

@@ -413,6 +413,10 @@ pub struct IpPool {
     pub metadata: Meta,
     #[serde(default)]
     pub spec: IpPoolSpec,
+    /// Why the object could not be read (Kubernetes mode: the API server checks a custom
+    /// resource only against its CRD's schema).
+    #[serde(skip)]
+    pub problem: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]

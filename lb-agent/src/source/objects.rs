@@ -6,7 +6,7 @@ use std::{
     sync::Arc,
 };
 
-use super::model::{EndpointSlice, Node, Object, ObjectName, Pod, Service};
+use super::model::{EndpointSlice, IpPool, Node, Object, ObjectName, Pod, Service};
 use super::model::SERVICE_NAME_LABEL;
 use crate::translate::{ClusterState, Origin, ServiceName, Sourced};
 
@@ -30,9 +30,14 @@ pub struct Objects {
     slices_of: HashMap<ServiceName, Vec<Key>>,
     nodes: BTreeMap<Key, Arc<Node>>,
     pods: BTreeMap<Key, Arc<Pod>>,
+    pools: BTreeMap<Key, Arc<IpPool>>,
     /// The names each origin holds, by kind (`KIND_*`): a re-read file is compared with its
     /// own objects, not with every object.
-    by_origin: HashMap<Origin, [BTreeSet<Arc<str>>; 4]>,
+    by_origin: HashMap<Origin, [BTreeSet<Arc<str>>; 5]>,
+    /// LoadBalancer Services, for address assignment (a few among many).
+    load_balancers: BTreeSet<ServiceName>,
+    /// A pool, or a LoadBalancer Service, changed: addresses must be assigned again.
+    lb_changed: bool,
     dirty: Dirty,
 }
 
@@ -40,6 +45,7 @@ const KIND_SERVICE: usize = 0;
 const KIND_SLICE: usize = 1;
 const KIND_NODE: usize = 2;
 const KIND_POD: usize = 3;
+const KIND_POOL: usize = 4;
 
 /// `namespace/name` of an object (`default` when it has no namespace), shared with it.
 pub fn name_of(object: &impl Object) -> Arc<str> {
@@ -55,7 +61,7 @@ pub fn owner_of(slice: &EndpointSlice) -> Option<ServiceName> {
 /// Sets or removes one object; whether it changed.
 fn put<T: PartialEq>(
     map: &mut BTreeMap<Key, Arc<T>>,
-    by_origin: &mut HashMap<Origin, [BTreeSet<Arc<str>>; 4]>,
+    by_origin: &mut HashMap<Origin, [BTreeSet<Arc<str>>; 5]>,
     kind: usize,
     key: Key,
     object: Option<T>,
@@ -105,8 +111,18 @@ impl Objects {
             let slices = self.slices_of.remove(&key).expect("just found");
             self.slices_of.insert(name.clone(), slices);
         }
-        if put(&mut self.services, &mut self.by_origin, KIND_SERVICE, (name.clone(), origin.clone()), object).is_some() {
-            self.mark(name);
+        let is_lb = object.as_ref().is_some_and(|s| s.load_balancer.is_some());
+        if let Some(old) = put(&mut self.services, &mut self.by_origin, KIND_SERVICE, (name.clone(), origin.clone()), object) {
+            if is_lb || old.is_some_and(|s| s.load_balancer.is_some()) {
+                self.lb_changed = true;
+            }
+            self.mark(name.clone());
+        }
+        // Indexed while any copy of it is a LoadBalancer.
+        if is_lb {
+            self.load_balancers.insert(name);
+        } else if self.service(&name).is_none_or(|copy| copy.object.load_balancer.is_none()) {
+            self.load_balancers.remove(&name);
         }
     }
 
@@ -148,6 +164,28 @@ impl Objects {
         put(&mut self.pods, &mut self.by_origin, KIND_POD, (name, origin.clone()), object);
     }
 
+    pub fn set_pool(&mut self, origin: &Origin, name: Arc<str>, object: Option<IpPool>) {
+        if put(&mut self.pools, &mut self.by_origin, KIND_POOL, (name, origin.clone()), object).is_some() {
+            self.lb_changed = true;
+        }
+    }
+
+    /// Whether addresses must be assigned again since the last call.
+    pub fn take_lb_changed(&mut self) -> bool {
+        std::mem::take(&mut self.lb_changed)
+    }
+
+    /// The LoadBalancer Services.
+    pub fn load_balancers(&self) -> impl Iterator<Item = ServiceCopy<'_>> {
+        self.load_balancers.iter().filter_map(|name| self.service(name))
+    }
+
+    /// The address pools (of a name in two origins, the first).
+    pub fn pools(&self) -> Vec<(&Origin, &IpPool)> {
+        let mut seen = BTreeSet::new();
+        self.pools.iter().filter(|((name, _), _)| seen.insert(name.clone())).map(|((_, origin), pool)| (origin, &**pool)).collect()
+    }
+
     /// Makes `origin`'s objects exactly `state`'s: a re-read file, a relisted kind (`kinds`
     /// says which kinds `state` speaks for). Only objects that differ mark their Service.
     pub fn replace_origin(&mut self, origin: &Origin, state: ClusterState, kinds: Kinds) {
@@ -180,6 +218,9 @@ impl Objects {
         if kinds.pods {
             replace!(KIND_POD, state.pods, set_pod);
         }
+        if kinds.pools {
+            replace!(KIND_POOL, state.pools, set_pool);
+        }
     }
 
     /// Packs the indexes built one insert at a time into full nodes (after the first full load:
@@ -192,6 +233,7 @@ impl Objects {
         packed(&mut self.slices);
         packed(&mut self.nodes);
         packed(&mut self.pods);
+        packed(&mut self.pools);
         self.by_origin.values_mut().flatten().for_each(packed);
     }
 
@@ -225,7 +267,7 @@ impl Objects {
         fn all<T: Clone>(map: &BTreeMap<Key, Arc<T>>) -> Vec<Sourced<T>> {
             map.iter().map(|((_, origin), o)| Sourced { origin: origin.clone(), object: (**o).clone() }).collect()
         }
-        ClusterState { services: all(&self.services), slices: all(&self.slices), nodes: all(&self.nodes), pods: all(&self.pods) }
+        ClusterState { services: all(&self.services), slices: all(&self.slices), nodes: all(&self.nodes), pods: all(&self.pods), pools: all(&self.pools) }
     }
 }
 
@@ -244,11 +286,12 @@ pub struct Kinds {
     pub slices: bool,
     pub nodes: bool,
     pub pods: bool,
+    pub pools: bool,
 }
 
 impl Kinds {
-    pub const ALL: Kinds = Kinds { services: true, slices: true, nodes: true, pods: true };
-    pub const NONE: Kinds = Kinds { services: false, slices: false, nodes: false, pods: false };
+    pub const ALL: Kinds = Kinds { services: true, slices: true, nodes: true, pods: true, pools: true };
+    pub const NONE: Kinds = Kinds { services: false, slices: false, nodes: false, pods: false, pools: false };
 }
 
 #[cfg(test)]
