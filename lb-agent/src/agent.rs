@@ -464,19 +464,22 @@ impl Agent {
             objects.compact();
         }
         let dirty = objects.take_dirty();
+        let lb_changed = objects.take_lb_changed();
         // The first pass settles everything (and removes what an earlier agent left); a relist
         // marks only the Services whose objects differ.
         let everything = !self.synced_once;
         let affected: BTreeSet<ServiceName> = match dirty {
             Dirty::Services(names) if !everything => names,
             _ if everything => objects.service_names().into_iter().chain(self.claims.wanting().cloned()).collect(),
+            // Only a pool changed: the Services whose addresses change are found below.
+            Dirty::Nothing if lb_changed => BTreeSet::new(),
             _ => return Ok(()),
         };
         // Pool addresses, assigned again when a pool or a LoadBalancer Service changed; the
         // Services whose addresses changed are translated again.
         let mut affected = affected;
         let mut pool_problems = Vec::new();
-        if objects.take_lb_changed() || everything {
+        if lb_changed || everything {
             let (assigned, problems, pool_use) = assign_addresses(&objects, &self.assignments, &self.assigned_at_start);
             for (name, a) in &assigned {
                 if self.assignments.get(name).map(|before| &before.addrs) != Some(&a.addrs) {
@@ -652,7 +655,7 @@ impl Agent {
         let changes_before = self.announcements.changes;
         let taken_over = self.announcements.update(&node, states);
         crate::metrics::l2_ownership_changes(self.announcements.changes - changes_before);
-        let owned: Vec<IpAddr> = self.announcements.owned_by(&node).collect();
+        let owned: Vec<IpAddr> = self.announcements.owned_by(&node).into_iter().collect();
         self.dataplane.maps.set_announced::<Addr4>(&announced_on(&self.devices, &owned), membership.answer_until_ns)?;
         self.dataplane.maps.set_announced::<Addr6>(&announced_on(&self.devices, &owned), membership.answer_until_ns)?;
         if let Some(sender) = &self.sender {

@@ -186,8 +186,8 @@ impl Sender {
 /// What this node announces, and since when.
 #[derive(Default)]
 pub struct Announcements {
-    /// Address -> (service, pool, owner, since).
-    pub states: BTreeMap<IpAddr, AddressState>,
+    /// (address, Service) -> pool, owner, since. (Services with a sharing key share addresses.)
+    pub states: BTreeMap<(IpAddr, String), AddressState>,
     pub last_reannounce: Option<Instant>,
     /// Ownership changes seen (any node's), for the metrics.
     pub changes: u64,
@@ -199,26 +199,27 @@ impl Announcements {
         let mut taken_over = Vec::new();
         let mut states = BTreeMap::new();
         for mut state in now {
-            match self.states.get(&state.address) {
+            let key = (state.address, state.service.clone());
+            match self.states.get(&key) {
                 Some(before) if before.owner == state.owner => state.since_unix = before.since_unix,
                 before => {
                     if before.is_some() || !state.owner.is_empty() {
                         self.changes += 1;
                     }
-                    if state.owner == node {
+                    if state.owner == node && !taken_over.contains(&state.address) {
                         taken_over.push(state.address);
                     }
                 }
             }
-            states.insert(state.address, state);
+            states.insert(key, state);
         }
         self.states = states;
         taken_over
     }
 
     /// The addresses this node owns.
-    pub fn owned_by<'a>(&'a self, node: &'a str) -> impl Iterator<Item = IpAddr> + 'a {
-        self.states.values().filter(move |s| s.owner == node).map(|s| s.address)
+    pub fn owned_by(&self, node: &str) -> BTreeSet<IpAddr> {
+        self.states.values().filter(|s| s.owner == node).map(|s| s.address).collect()
     }
 }
 

@@ -20,9 +20,27 @@ use crate::netns::{spawn_in, Netns};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
-/// The kinds the agent watches: (kind, list path). Field selectors (the agent asks for its own
-/// node's pods) are not applied: every pod is served, as a permissive server would.
-const KINDS: [(&str, &str); 4] = [("Service", "/api/v1/services"), ("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices"), ("Node", "/api/v1/nodes"), ("Pod", "/api/v1/pods")];
+/// The kinds the agent watches: (kind, list path, apiVersion). Field and label selectors (the
+/// agent asks for its own node's pods, and its own Leases) are not applied: every object is
+/// served, as a permissive server would. Leases are served in `kube-system`.
+const KINDS: [(&str, &str, &str); 6] = [
+    ("Service", "/api/v1/services", "v1"),
+    ("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices", "discovery.k8s.io/v1"),
+    ("Node", "/api/v1/nodes", "v1"),
+    ("Pod", "/api/v1/pods", "v1"),
+    ("Lease", "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases", "coordination.k8s.io/v1"),
+    ("LoadBalancerIPPool", "/apis/lb-agent.io/v1alpha1/loadbalancerippools", "lb-agent.io/v1alpha1"),
+];
+
+/// The kind of a namespaced resource the agent writes, by its plural.
+fn kind_of_plural(plural: &str) -> Option<&'static str> {
+    match plural {
+        "leases" => Some("Lease"),
+        "services" => Some("Service"),
+        "events" => Some("Event"),
+        _ => None,
+    }
+}
 
 #[derive(Clone)]
 struct Event {
@@ -44,11 +62,15 @@ struct State {
     lists: usize,
     watches: usize,
     gone_sent: usize,
+    /// Writes by kind (create, replace, patch, delete), and the Events posted.
+    writes: BTreeMap<String, usize>,
+    events: Vec<Value>,
 }
 
 pub struct FakeApiServer {
     state: Arc<Mutex<State>>,
     events: broadcast::Sender<Option<Event>>,
+    pub ip: std::net::Ipv4Addr,
     pub port: u16,
     ns_name: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -65,8 +87,13 @@ fn key(obj: &Value) -> (String, String) {
 impl FakeApiServer {
     /// Starts serving on 127.0.0.1:`port` inside `ns`.
     pub fn start(ns: &Netns, port: u16) -> Result<Self> {
-        let (events, _) = broadcast::channel(1024);
-        let mut server = Self { state: Arc::new(Mutex::new(State { rv: 100, oldest_rv: 0, ..Default::default() })), events, port, ns_name: ns.name.clone(), stop: None, thread: None };
+        Self::start_on(ns, std::net::Ipv4Addr::LOCALHOST, port)
+    }
+
+    /// Starts serving on `ip`:`port` inside `ns` (an address other namespaces reach).
+    pub fn start_on(ns: &Netns, ip: std::net::Ipv4Addr, port: u16) -> Result<Self> {
+        let (events, _) = broadcast::channel(4096);
+        let mut server = Self { state: Arc::new(Mutex::new(State { rv: 100, oldest_rv: 0, ..Default::default() })), events, ip, port, ns_name: ns.name.clone(), stop: None, thread: None };
         server.listen()?;
         Ok(server)
     }
@@ -74,11 +101,11 @@ impl FakeApiServer {
     fn listen(&mut self) -> Result<()> {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (state, events, port) = (self.state.clone(), self.events.clone(), self.port);
+        let (state, events, ip, port) = (self.state.clone(), self.events.clone(), self.ip, self.port);
         let thread = spawn_in(&self.ns_name, move || -> Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+                let listener = tokio::net::TcpListener::bind((ip, port)).await?;
                 let _ = ready_tx.send(());
                 let accept = async {
                     loop {
@@ -123,28 +150,29 @@ impl FakeApiServer {
 
     /// Creates or replaces an object (anything serializable to Kubernetes JSON).
     pub fn apply(&self, object: &impl serde::Serialize) -> Result<()> {
-        let mut obj = serde_json::to_value(object)?;
-        let mut st = self.state.lock().unwrap();
-        st.rv += 1;
-        obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
-        let k = key(&obj);
-        let kind_type = if st.objects.insert(k.clone(), Bytes::from(obj.to_string())).is_some() { "MODIFIED" } else { "ADDED" };
-        let ev = Event { rv: st.rv, kind: k.0, kind_type, object: obj };
-        st.history.push(ev.clone());
-        let _ = self.events.send(Some(ev));
+        store(&mut self.state.lock().unwrap(), &self.events, serde_json::to_value(object)?);
         Ok(())
     }
 
     pub fn delete(&self, kind: &str, namespace: &str, name: &str) -> Result<()> {
-        let mut st = self.state.lock().unwrap();
-        let stored = st.objects.remove(&(kind.to_string(), format!("{namespace}/{name}"))).context("no such object")?;
-        let mut obj: Value = serde_json::from_slice(&stored)?;
-        st.rv += 1;
-        obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
-        let ev = Event { rv: st.rv, kind: kind.to_string(), kind_type: "DELETED", object: obj };
-        st.history.push(ev.clone());
-        let _ = self.events.send(Some(ev));
+        remove(&mut self.state.lock().unwrap(), &self.events, kind, &format!("{namespace}/{name}")).context("no such object")?;
         Ok(())
+    }
+
+    /// An object as stored now.
+    pub fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+        let st = self.state.lock().unwrap();
+        st.objects.get(&(kind.to_string(), format!("{namespace}/{name}"))).and_then(|b| serde_json::from_slice(b).ok())
+    }
+
+    /// Writes (create, replace, patch, delete) of `kind` so far.
+    pub fn writes(&self, kind: &str) -> usize {
+        self.state.lock().unwrap().writes.get(kind).copied().unwrap_or(0)
+    }
+
+    /// The Events clients posted.
+    pub fn events(&self) -> Vec<Value> {
+        self.state.lock().unwrap().events.clone()
     }
 
     /// Compacts the history, as etcd does, and ends every open watch: clients re-watch from
@@ -186,6 +214,125 @@ impl Drop for FakeApiServer {
     }
 }
 
+/// Stores `obj` under a new resourceVersion and tells the watches.
+fn store(st: &mut State, events: &broadcast::Sender<Option<Event>>, mut obj: Value) -> Value {
+    st.rv += 1;
+    obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+    let k = key(&obj);
+    let kind_type = if st.objects.insert(k.clone(), Bytes::from(obj.to_string())).is_some() { "MODIFIED" } else { "ADDED" };
+    let ev = Event { rv: st.rv, kind: k.0, kind_type, object: obj.clone() };
+    st.history.push(ev.clone());
+    let _ = events.send(Some(ev));
+    obj
+}
+
+fn remove(st: &mut State, events: &broadcast::Sender<Option<Event>>, kind: &str, ns_name: &str) -> Option<Value> {
+    let stored = st.objects.remove(&(kind.to_string(), ns_name.to_string()))?;
+    let mut obj: Value = serde_json::from_slice(&stored).ok()?;
+    st.rv += 1;
+    obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+    let ev = Event { rv: st.rv, kind: kind.to_string(), kind_type: "DELETED", object: obj.clone() };
+    st.history.push(ev.clone());
+    let _ = events.send(Some(ev));
+    Some(obj)
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+fn status(code: u16, reason: &str, message: String) -> Response<Body> {
+    json_response(code, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "message": message, "code": code}))
+}
+
+/// Writes to one object (`/namespaces/{ns}/{plural}[/{name}[/status]]`): create, get,
+/// replace (refused on a stale resourceVersion, as the real server does), merge patch (of the
+/// object or its status), delete.
+async fn write(req: Request<hyper::body::Incoming>, state: Arc<Mutex<State>>, events: broadcast::Sender<Option<Event>>) -> Response<Body> {
+    use http_body_util::BodyExt;
+    let path = req.uri().path().to_string();
+    let parts: Vec<&str> = path.split('/').collect();
+    let Some(at) = parts.iter().position(|p| *p == "namespaces") else { return status(404, "NotFound", path) };
+    let (ns, plural, name, sub) = (parts.get(at + 1).copied().unwrap_or(""), parts.get(at + 2).copied().unwrap_or(""), parts.get(at + 3).copied(), parts.get(at + 4).copied());
+    let Some(kind) = kind_of_plural(plural) else { return status(404, "NotFound", path) };
+    let method = req.method().clone();
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return status(400, "BadRequest", e.to_string()),
+    };
+    let sent: Value = if body.is_empty() { Value::Null } else { serde_json::from_slice(&body).unwrap_or(Value::Null) };
+    let mut st = state.lock().unwrap();
+    let stored = |st: &State, name: &str| st.objects.get(&(kind.to_string(), format!("{ns}/{name}"))).and_then(|b| serde_json::from_slice::<Value>(b).ok());
+    let counted = |st: &mut State| *st.writes.entry(kind.to_string()).or_default() += 1;
+    match (method, name, sub) {
+        (hyper::Method::GET, Some(name), None) => match stored(&st, name) {
+            Some(obj) => json_response(200, obj),
+            None => status(404, "NotFound", format!("{plural} \"{name}\" not found")),
+        },
+        (hyper::Method::POST, None, None) => {
+            let mut obj = sent;
+            obj["kind"] = json!(kind);
+            obj["metadata"]["namespace"] = json!(ns);
+            if obj["metadata"]["name"].is_null() {
+                let generated = format!("{}{}", obj["metadata"]["generateName"].as_str().unwrap_or("object-"), st.rv + 1);
+                obj["metadata"]["name"] = json!(generated);
+            }
+            let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
+            if stored(&st, &name).is_some() {
+                return status(409, "AlreadyExists", format!("{plural} \"{name}\" already exists"));
+            }
+            counted(&mut st);
+            if kind == "Event" {
+                st.events.push(obj.clone());
+            }
+            json_response(201, store(&mut st, &events, obj))
+        }
+        (hyper::Method::PUT, Some(name), None) => {
+            let Some(old) = stored(&st, name) else { return status(404, "NotFound", format!("{plural} \"{name}\" not found")) };
+            let given = sent["metadata"]["resourceVersion"].as_str().unwrap_or_default();
+            if !given.is_empty() && old["metadata"]["resourceVersion"].as_str() != Some(given) {
+                return status(409, "Conflict", format!("the object has been modified; please apply your changes to the latest version"));
+            }
+            let mut obj = sent;
+            obj["kind"] = json!(kind);
+            obj["metadata"]["namespace"] = json!(ns);
+            counted(&mut st);
+            json_response(200, store(&mut st, &events, obj))
+        }
+        (hyper::Method::PATCH, Some(name), sub) => {
+            let Some(mut obj) = stored(&st, name) else { return status(404, "NotFound", format!("{plural} \"{name}\" not found")) };
+            // A patch of the status subresource changes only the status.
+            let patch = if sub == Some("status") { json!({"status": sent["status"].clone()}) } else { sent };
+            merge_patch(&mut obj, &patch);
+            counted(&mut st);
+            if kind == "Event" {
+                st.events.push(obj.clone());
+            }
+            json_response(200, store(&mut st, &events, obj))
+        }
+        (hyper::Method::DELETE, Some(name), None) => {
+            counted(&mut st);
+            match remove(&mut st, &events, kind, &format!("{ns}/{name}")) {
+                Some(obj) => json_response(200, obj),
+                None => status(404, "NotFound", format!("{plural} \"{name}\" not found")),
+            }
+        }
+        _ => status(405, "MethodNotAllowed", path),
+    }
+}
+
 type Body = Either<Full<Bytes>, Channel<Bytes>>;
 
 fn json_response(status: u16, body: Value) -> Response<Body> {
@@ -196,11 +343,11 @@ fn json_response(status: u16, body: Value) -> Response<Body> {
 }
 
 async fn handle(req: Request<hyper::body::Incoming>, state: Arc<Mutex<State>>, events: broadcast::Sender<Option<Event>>) -> Result<Response<Body>, Infallible> {
-    let Some((kind, _)) = KINDS.iter().find(|(_, path)| *path == req.uri().path()) else {
-        return Ok(json_response(404, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404})));
+    let Some((kind, _, api_version)) = KINDS.iter().find(|(_, path, _)| *path == req.uri().path()).filter(|_| req.method() == hyper::Method::GET) else {
+        return Ok(write(req, state, events).await);
     };
+    let (kind, api_version) = (*kind, *api_version);
     let query: BTreeMap<String, String> = form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()).into_owned().collect();
-    let api_version = if *kind == "EndpointSlice" { "discovery.k8s.io/v1" } else { "v1" };
     if query.get("watch").map(String::as_str) != Some("true") {
         let mut st = state.lock().unwrap();
         st.lists += 1;

@@ -8,6 +8,7 @@ mod cleanup;
 mod devices;
 mod host;
 mod ipv6;
+mod l2;
 mod kubernetes;
 mod lbctl;
 mod logs;

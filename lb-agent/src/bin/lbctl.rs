@@ -87,6 +87,12 @@ enum Command {
     },
     /// Verdicts by reason, and totals.
     Stats,
+    /// LoadBalancer addresses from the pools: Service, pool, the node that answers ARP/NDP
+    /// for each and since when (asked of the agent, as `status` is).
+    Address {
+        #[command(subcommand)]
+        cmd: ListOnly,
+    },
     /// A shell completion script: `lbctl completion bash > /etc/bash_completion.d/lbctl`.
     Completion { shell: clap_complete::Shell },
 }
@@ -146,6 +152,7 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Nat { .. } => nat(&maps)?,
         Command::Affinity { .. } => affinity(&maps)?,
         Command::Stats => stats(&maps)?,
+        Command::Address { .. } => addresses(&maps, &cli.agent)?,
         Command::Completion { .. } => unreachable!("handled above"),
     };
     let rows: Vec<Row> = rows.into_iter().filter(|r| filter.keeps(r)).collect();
@@ -272,6 +279,9 @@ fn status(maps: &Maps, cli: &Cli) -> Result<()> {
                     println!("Programs:");
                     for (program, targets) in by_program {
                         println!("  {program:<22} {}", targets.join(", "));
+                    }
+                    for pool in &a.pools {
+                        println!("Pool:       {} {} of {} addresses in use", pool.name, pool.used, pool.size);
                     }
                     println!("Rejected:   {}", if a.rejected.is_empty() { "none" } else { "" });
                     for (service, why) in &a.rejected {
@@ -607,6 +617,28 @@ fn family_nat<A: Family>(maps: &Maps) -> Result<Vec<Row>> {
         ]);
     }
     Ok(rows)
+}
+
+/// Pool addresses as the agent sees them, and whether this node's XDP answers for each now.
+fn addresses(maps: &Maps, agent: &str) -> Result<Vec<Row>> {
+    let status = agent_status(agent).with_context(|| format!("asking the agent at {agent} (--agent names its --metrics-addr)"))?;
+    let now = lb_agent::dataplane::conntrack::monotonic_ns();
+    let answered: Vec<std::net::IpAddr> = maps.announced::<Addr4>().into_iter().chain(maps.announced::<Addr6>()).filter(|(_, _, e)| e.expires_ns > now).map(|(_, ip, _)| ip).collect();
+    let unix_now = lb_agent::status::unix_now();
+    Ok(status
+        .addresses
+        .iter()
+        .map(|a| {
+            vec![
+                ("address", json!(a.address.to_string())),
+                ("service", json!(a.service)),
+                ("pool", json!(a.pool)),
+                ("owner", json!(if a.owner.is_empty() { "none" } else { &a.owner })),
+                ("since_s", json!(unix_now.saturating_sub(a.since_unix))),
+                ("answered_here", json!(answered.contains(&a.address))),
+            ]
+        })
+        .collect())
 }
 
 fn stats(maps: &Maps) -> Result<Vec<Row>> {
