@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use serde_json::{json, Value};
 use testbed::{
     apiserver::{kubeconfig_for, FakeApiServer},
@@ -128,4 +128,220 @@ fn standalone_pools_assign_share_refuse_and_move() -> Result<()> {
     tcp_request(&demo.cluster.client, SocketAddr::from(([10, 99, 0, 220], 80)), None, TIMEOUT).context("the moved address")?;
     assert!(tcp_request(&demo.cluster.client, SocketAddr::from(([10, 99, 0, 200], 80)), None, Duration::from_millis(500)).is_err(), "the old address is gone");
     Ok(())
+}
+
+/// Agents on nodes A and B in Kubernetes mode, against an API server on the LAN, with the
+/// pool `lan`; node C (if any) runs no agent and hosts backends, so that a node that fails takes
+/// no backend with it. Fields drop in order: agents before the API server, the topology last.
+struct Bed {
+    agents: Vec<Option<AgentProcess>>,
+    api: FakeApiServer,
+    pins: Vec<PathBuf>,
+    source: Vec<String>,
+    _servers: Vec<EchoServer>,
+    _dir: ManifestCopy,
+    cluster: Cluster,
+}
+
+impl Bed {
+    /// `pods[i]` pods on node i, each running an echo server named web-<node><pod>.
+    fn new(tag: &str, pods: &[usize]) -> Result<Self> {
+        let mut cluster = Cluster::new(tag, pods)?;
+        cluster.lan.exec(&format!("ip addr add {API_IP}/24 dev br0"))?;
+        // A switch floods frames for a MAC it does not know to every port, and a real NIC
+        // drops those not addressed to it; a veth does not, so the switch here does not flood
+        // them (broadcasts, ARP among them, still go everywhere).
+        for port in 0..=pods.len() {
+            cluster.lan.exec(&format!("bridge link set dev p{port} flood off"))?;
+        }
+        let api = FakeApiServer::start_on(&cluster.lan, API_IP, 6443)?;
+        let dir = ManifestCopy::empty(tag)?;
+        let kubeconfig = kubeconfig_for(&dir.dir, &format!("http://{API_IP}:6443"))?;
+        let mut servers = Vec::new();
+        for (n, node) in cluster.nodes.iter().enumerate() {
+            for (p, pod) in node.pods.iter().enumerate() {
+                servers.push(EchoServer::start(&pod.ns, &format!("web-{}{p}", n + 1), 8080, 7007)?);
+            }
+        }
+        api.apply(&pool("lan", LAN_POOL.0, LAN_POOL.1, json!(null)))?;
+        let pins = vec![cluster.pin_dir()?, cluster.pin_dir()?];
+        let source = vec!["--kubernetes".into(), "--kubeconfig".into(), kubeconfig.display().to_string()];
+        let mut bed = Self { agents: vec![None, None], api, pins, source, _servers: servers, _dir: dir, cluster };
+        bed.start_agent(0)?;
+        bed.start_agent(1)?;
+        Ok(bed)
+    }
+
+    fn start_agent(&mut self, i: usize) -> Result<()> {
+        self.agents[i] = Some(self.cluster.start_agent(agent_bin(), i, &self.source, &self.pins[i], &[])?);
+        Ok(())
+    }
+
+    /// Applies Service `name` (LoadBalancer, port 80) and its EndpointSlice.
+    fn service(&self, name: &str, cluster_ip: &str, spec: Value, endpoints: &[(IpAddr, &str)]) -> Result<()> {
+        let (svc, slice) = lb_service(name, cluster_ip, &[80], json!({}), spec, endpoints);
+        self.api.apply(&svc)?;
+        self.api.apply(&slice)
+    }
+
+    /// The addresses in Service `name`'s status, once it has `want`.
+    fn wait_for_status(&self, name: &str, want: &str) -> Result<()> {
+        eventually(Duration::from_secs(10), || {
+            let svc = self.api.get("Service", "demo", name).context("no such Service")?;
+            let ingress = &svc["status"]["loadBalancer"]["ingress"];
+            if ingress[0]["ip"] == want { Ok(()) } else { Err(anyhow!("status of {name}: {ingress}")) }
+        })
+    }
+
+    /// The index of the node whose MAC the client has for `ip`.
+    fn node_with_client_neighbour(&self, ip: Ipv4Addr) -> Result<usize> {
+        let mac = client_neighbour(&self.cluster.client, ip)?;
+        (0..2).find(|i| self.cluster.nodes[*i].ns.mac("eth0").is_ok_and(|m| m == mac)).with_context(|| format!("the client's neighbour for {ip} is {mac:?}, no node's"))
+    }
+
+    /// A request to `VIP`:80 from the outside client; the node that answered ARP for it.
+    fn request(&self) -> Result<(testbed::servers::Answer, usize)> {
+        let answer = tcp_request(&self.cluster.client, SocketAddr::from((VIP, 80)), None, TIMEOUT)?;
+        Ok((answer, self.node_with_client_neighbour(VIP)?))
+    }
+}
+
+/// The backends of node C (index 2), for Services of nodes that hold none.
+fn node_c_endpoints(count: usize) -> Vec<(IpAddr, &'static str)> {
+    (0..count).map(|p| (IpAddr::V4(pod_ips(3, p).0), "node-c")).collect()
+}
+
+#[test]
+fn kubernetes_pool_address_is_written_to_status_and_answered_by_one_node() -> Result<()> {
+    let bed = Bed::new("l2k", &[0, 0, 2])?;
+    bed.service("web", "10.96.2.1", json!({}), &node_c_endpoints(2))?;
+    bed.wait_for_status("web", "10.99.0.200")?;
+    let (answer, owner) = bed.request()?;
+    assert!(answer.backend.starts_with("web-3"), "{answer:?}");
+    assert_eq!(answer.seen_source, IpAddr::V4(bed.cluster.nodes[owner].ip), "a remote backend sees the owner's node address (SNAT)");
+    // Exactly the owner answers for it, and both agents agree on who that is.
+    for (i, pins) in bed.pins.iter().enumerate() {
+        let rows = bed.cluster.nodes[i].ns.exec(&format!("{} --pin-dir {} address list -o json", env!("CARGO_BIN_EXE_lbctl"), pins.display()))?;
+        let rows: Vec<Value> = serde_json::from_str(&rows)?;
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!((rows[0]["address"].as_str(), rows[0]["service"].as_str(), rows[0]["pool"].as_str()), (Some("10.99.0.200"), Some("demo/web"), Some("lan")));
+        assert_eq!(rows[0]["owner"].as_str(), Some(Cluster::node_name(owner).as_str()), "node {i}");
+        assert_eq!(rows[0]["answered_here"], json!(i == owner), "node {i}");
+    }
+    // A Service asking for an address outside every pool: not served, and a Warning Event says why.
+    let (asking, slice) = lb_service("asking", "10.96.2.2", &[80], json!({"annotations": {"lb-agent.io/load-balancer-ips": "192.0.2.7"}}), json!({}), &node_c_endpoints(1));
+    bed.api.apply(&asking)?;
+    bed.api.apply(&slice)?;
+    let event = eventually(Duration::from_secs(10), || {
+        let events = bed.api.events();
+        events.into_iter().find(|e| e["regarding"]["name"] == "asking").context("no Event about demo/asking yet")
+    })?;
+    assert_eq!((event["type"].as_str(), event["reason"].as_str()), (Some("Warning"), Some("AddressNotAssigned")));
+    assert!(event["note"].as_str().unwrap_or_default().contains("192.0.2.7 is outside every pool"), "{event}");
+    assert!(bed.api.get("Service", "demo", "asking").unwrap()["status"]["loadBalancer"]["ingress"].as_array().is_none_or(|i| i.is_empty()));
+    Ok(())
+}
+
+/// Requests to `VIP`:80 every 50 ms while `fail` takes the owner down. Returns the gap (from
+/// the failure to the first request answered after the first one that was not; zero when none
+/// failed) and when the client's neighbour entry for `VIP` moved to `survivor_mac`.
+fn measure_failover(bed: &Bed, fail: Failure, survivor_mac: &str) -> Result<(Duration, Duration)> {
+    use std::sync::{atomic::{AtomicBool, Ordering}, Mutex};
+    let (stop, log) = (AtomicBool::new(false), Mutex::new(Vec::<(Instant, bool)>::new()));
+    std::thread::scope(|scope| -> Result<(Duration, Duration)> {
+        scope.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let at = Instant::now();
+                let ok = tcp_request(&bed.cluster.client, SocketAddr::from((VIP, 80)), None, Duration::from_millis(200)).is_ok();
+                log.lock().unwrap().push((at, ok));
+                std::thread::sleep(Duration::from_millis(50).saturating_sub(at.elapsed()));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let failed_at = Instant::now();
+        let outcome = fail();
+        let mut moved = None;
+        let result = eventually(Duration::from_secs(6), || {
+            if moved.is_none() && client_neighbour(&bed.cluster.client, VIP)? == survivor_mac {
+                moved = Some(failed_at.elapsed());
+            }
+            let log = log.lock().unwrap();
+            let after: Vec<&(Instant, bool)> = log.iter().filter(|(at, _)| *at >= failed_at).collect();
+            let gap = match after.iter().position(|(_, ok)| !ok) {
+                Some(miss) => after[miss..].iter().find(|(_, ok)| *ok).map(|(at, _)| at.duration_since(failed_at)),
+                None => Some(Duration::ZERO),
+            };
+            match (gap, moved) {
+                (Some(gap), Some(moved)) if after.len() >= 10 => Ok((gap, moved)),
+                _ => Err(anyhow!("since the failure: answered after {gap:?}, neighbour moved after {moved:?}")),
+            }
+        });
+        stop.store(true, Ordering::Relaxed);
+        outcome?;
+        result
+    })
+}
+
+/// Takes a node down, when called.
+type Failure = Box<dyn FnOnce() -> Result<()>>;
+
+/// Five failovers of the owner of `VIP` (`fail` gives what takes it down, `recover` brings it
+/// back), each asserted under 2 s with the client's neighbour moved to the other node.
+fn failovers(bed: &mut Bed, what: &str, fail: impl Fn(&mut Bed, usize) -> Result<Failure>, recover: impl Fn(&mut Bed, usize) -> Result<()>) -> Result<()> {
+    bed.service("web", "10.96.2.1", json!({}), &node_c_endpoints(2))?;
+    bed.wait_for_status("web", "10.99.0.200")?;
+    let mut gaps = Vec::new();
+    for run in 1..=5 {
+        let (_, owner) = eventually(Duration::from_secs(10), || bed.request())?;
+        let failure = fail(bed, owner)?;
+        let survivor = 1 - owner;
+        let (gap, moved) = measure_failover(bed, failure, &bed.cluster.nodes[survivor].ns.mac("eth0")?)?;
+        let (answer, answered_by) = bed.request()?;
+        assert_eq!(answered_by, survivor, "run {run}: the client's neighbour moved to the other node");
+        assert_eq!(answer.seen_source, IpAddr::V4(bed.cluster.nodes[survivor].ip));
+        eprintln!("{what}, run {run}: {} -> {}: requests unanswered for {gap:?}, the client's neighbour moved after {moved:?}", Cluster::node_name(owner), Cluster::node_name(survivor));
+        assert!(gap < Duration::from_secs(2) && moved < Duration::from_secs(2), "{what}, run {run}: gap {gap:?}, moved after {moved:?}");
+        gaps.push((gap, moved));
+        recover(bed, owner)?;
+        // Both nodes alive again: the address settles on its owner before the next run.
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    eprintln!("{what}: (gap, neighbour moved) per run: {gaps:?}");
+    Ok(())
+}
+
+#[test]
+fn failover_when_the_owner_link_goes_down_under_2s() -> Result<()> {
+    let mut bed = Bed::new("l2f", &[0, 0, 2])?;
+    failovers(
+        &mut bed,
+        "owner's LAN link down",
+        |bed, owner| {
+            let ns = bed.cluster.nodes[owner].ns.name.clone();
+            Ok(Box::new(move || Ok(testbed::netns::sh(&format!("ip netns exec {ns} ip link set eth0 down")).map(|_| ())?)))
+        },
+        |bed, owner| {
+            let node = &bed.cluster.nodes[owner];
+            node.ns.exec("ip link set eth0 up")?;
+            // Routes through the link went with it.
+            for other in bed.cluster.nodes.iter().filter(|o| o.ip != node.ip) {
+                node.ns.exec(&format!("ip route replace 10.244.{}.0/24 via {}", other.ip.octets()[3], other.ip))?;
+            }
+            Ok(())
+        },
+    )
+}
+
+#[test]
+fn failover_when_the_owner_agent_is_killed_under_2s() -> Result<()> {
+    let mut bed = Bed::new("l2a", &[0, 0, 2])?;
+    failovers(
+        &mut bed,
+        "owner's agent killed",
+        |bed, owner| {
+            let mut agent = bed.agents[owner].take().context("agent")?;
+            Ok(Box::new(move || agent.kill9()))
+        },
+        |bed, owner| bed.start_agent(owner),
+    )
 }
