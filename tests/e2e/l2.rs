@@ -345,3 +345,114 @@ fn failover_when_the_owner_agent_is_killed_under_2s() -> Result<()> {
         |bed, owner| bed.start_agent(owner),
     )
 }
+
+/// Asks who has `target` by ARP from the client, `asks` times `every` apart, and counts the
+/// replies by the MAC they give.
+fn arp_replies(client: &Netns, target: Ipv4Addr, asks: usize, every: Duration) -> Result<BTreeMap<String, usize>> {
+    let mac: Vec<u8> = client.mac("eth0")?.split(':').map(|b| u8::from_str_radix(b, 16)).collect::<Result<_, _>>()?;
+    client.run(move || -> Result<BTreeMap<String, usize>> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        const ETH_P_ARP: u16 = 0x0806;
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (ETH_P_ARP.to_be()) as i32) };
+        anyhow::ensure!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let ifindex = unsafe { libc::if_nametoindex(c"eth0".as_ptr()) };
+        let mut at: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        at.sll_family = libc::AF_PACKET as u16;
+        at.sll_protocol = ETH_P_ARP.to_be();
+        at.sll_ifindex = ifindex as i32;
+        at.sll_halen = 6;
+        at.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+        let len = size_of::<libc::sockaddr_ll>() as u32;
+        anyhow::ensure!(unsafe { libc::bind(fd.as_raw_fd(), (&raw const at).cast(), len) } == 0, "bind: {}", std::io::Error::last_os_error());
+        let timeout = libc::timeval { tv_sec: 0, tv_usec: 10_000 };
+        unsafe { libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const timeout).cast(), size_of::<libc::timeval>() as u32) };
+        let mut request = vec![0xff; 6];
+        request.extend_from_slice(&mac);
+        request.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        request.extend_from_slice(&mac);
+        request.extend_from_slice(&CLIENT_IP.octets());
+        request.extend_from_slice(&[0; 6]);
+        request.extend_from_slice(&target.octets());
+        let mut replies = BTreeMap::new();
+        let mut buf = [0u8; 1500];
+        for _ in 0..asks {
+            let sent_at = Instant::now();
+            let n = unsafe { libc::sendto(fd.as_raw_fd(), request.as_ptr().cast(), request.len(), 0, (&raw const at).cast(), len) };
+            anyhow::ensure!(n >= 0, "sendto: {}", std::io::Error::last_os_error());
+            while sent_at.elapsed() < every {
+                let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                // An ARP reply (operation 2) from `target`.
+                if n >= 42 && buf[12..14] == [0x08, 0x06] && buf[20..22] == [0, 2] && buf[28..32] == target.octets() {
+                    let sender: Vec<String> = buf[22..28].iter().map(|b| format!("{b:02x}")).collect();
+                    *replies.entry(sender.join(":")).or_default() += 1;
+                }
+            }
+        }
+        Ok(replies)
+    })?
+}
+
+#[test]
+fn only_one_node_answers_arp_for_an_address() -> Result<()> {
+    let bed = Bed::new("l2s", &[0, 0, 1])?;
+    bed.service("web", "10.96.2.1", json!({}), &node_c_endpoints(1))?;
+    bed.wait_for_status("web", "10.99.0.200")?;
+    let (_, owner) = eventually(Duration::from_secs(5), || bed.request())?;
+    // 30 s of requests, one every 100 ms, with both nodes healthy.
+    let replies = arp_replies(&bed.cluster.client, VIP, 300, Duration::from_millis(100))?;
+    eprintln!("ARP replies for {VIP} over 30 s, by MAC: {replies:?}");
+    let owner_mac = bed.cluster.nodes[owner].ns.mac("eth0")?;
+    assert_eq!(replies.keys().collect::<Vec<_>>(), [&owner_mac], "one node, the owner, answers");
+    assert!(replies[&owner_mac] >= 295, "{replies:?}: every request is answered");
+    Ok(())
+}
+
+#[test]
+fn external_traffic_policy_local_moves_the_owner_with_the_last_local_endpoint() -> Result<()> {
+    let bed = Bed::new("l2e", &[1, 1])?;
+    let endpoints = |nodes: &[usize]| -> Vec<(IpAddr, &'static str)> { nodes.iter().map(|n| (IpAddr::V4(pod_ips(n + 1, 0).0), if *n == 0 { "node-a" } else { "node-b" })).collect() };
+    bed.service("local", "10.96.2.3", json!({"externalTrafficPolicy": "Local"}), &endpoints(&[0, 1]))?;
+    bed.wait_for_status("local", "10.99.0.200")?;
+    let (answer, owner) = eventually(Duration::from_secs(5), || bed.request())?;
+    assert_eq!((answer.backend.as_str(), answer.seen_source), (format!("web-{}0", owner + 1).as_str(), IpAddr::V4(CLIENT_IP)), "the owner's own endpoint, seeing the client");
+    // The owner's endpoint goes: the other node, which has one, takes the address.
+    let other = 1 - owner;
+    let (_, slice) = lb_service("local", "10.96.2.3", &[80], json!({}), json!({}), &endpoints(&[other]));
+    bed.api.apply(&slice)?;
+    let moved_to = eventually(Duration::from_secs(5), || {
+        let node = bed.node_with_client_neighbour(VIP)?;
+        if node == other { Ok(node) } else { Err(anyhow!("the client still resolves {VIP} to node {node}")) }
+    })?;
+    let answer = tcp_request(&bed.cluster.client, SocketAddr::from((VIP, 80)), None, TIMEOUT)?;
+    assert_eq!((answer.backend.as_str(), answer.seen_source, moved_to), (format!("web-{}0", other + 1).as_str(), IpAddr::V4(CLIENT_IP), other));
+    Ok(())
+}
+
+#[test]
+fn lease_writes_grow_with_nodes_not_with_services() -> Result<()> {
+    let bed = Bed::new("l2q", &[0, 0, 1])?;
+    bed.service("web", "10.96.2.1", json!({}), &node_c_endpoints(1))?;
+    bed.wait_for_status("web", "10.99.0.200")?;
+    let rate = |bed: &Bed| -> f64 {
+        let (start, at) = (bed.api.writes("Lease"), Instant::now());
+        std::thread::sleep(Duration::from_secs(5));
+        (bed.api.writes("Lease") - start) as f64 / at.elapsed().as_secs_f64()
+    };
+    let one = rate(&bed);
+    bed.api.apply(&pool("bulk", "10.98.0.1", "10.98.3.254", json!({"matchLabels": {"bulk": "yes"}})))?;
+    for i in 0..999 {
+        let (svc, _) = lb_service(&format!("bulk-{i}"), &format!("10.96.{}.{}", 8 + i / 250, 1 + i % 250), &[80], json!({"labels": {"bulk": "yes"}}), json!({}), &[]);
+        bed.api.apply(&svc)?;
+    }
+    eventually(Duration::from_secs(30), || {
+        let pending = (0..999).filter(|i| bed.api.get("Service", "demo", &format!("bulk-{i}")).is_none_or(|s| s["status"]["loadBalancer"]["ingress"][0]["ip"].is_null())).count();
+        if pending == 0 { Ok(()) } else { Err(anyhow!("{pending} Services have no address in their status yet")) }
+    })?;
+    let thousand = rate(&bed);
+    let status_writes = bed.api.writes("Service");
+    eprintln!("Lease writes per second, 2 nodes: {one:.2} with 1 LoadBalancer Service, {thousand:.2} with 1,000 ({status_writes} status writes in all)");
+    assert!((3.0..=5.0).contains(&one), "two nodes renew twice a second each: {one:.2}/s");
+    assert!((thousand - one).abs() <= 1.0, "{one:.2}/s with 1 Service, {thousand:.2}/s with 1,000");
+    Ok(())
+}
