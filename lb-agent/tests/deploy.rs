@@ -103,15 +103,29 @@ fn rbac_grants_only_the_lists_and_watches_the_agent_makes() {
     }
     grants.sort();
     let mut want: Vec<(String, String, String)> = Vec::new();
-    for (group, resource) in [("", "services"), ("", "nodes"), ("", "pods"), ("discovery.k8s.io", "endpointslices")] {
+    for (group, resource) in [("", "services"), ("", "nodes"), ("", "pods"), ("discovery.k8s.io", "endpointslices"), ("lb-agent.io", "loadbalancerippools")] {
         for verb in ["list", "watch"] {
             want.push((group.into(), resource.into(), verb.into()));
         }
     }
+    // LB-IPAM's writes: a Service's status, and Events about it.
+    want.extend([("", "services/status", "patch"), ("events.k8s.io", "events", "create"), ("events.k8s.io", "events", "patch")].map(|(g, r, v)| (g.into(), r.into(), v.into())));
     want.sort();
     assert_eq!(grants, want);
     let binding = kind(&docs, "ClusterRoleBinding", "lb-agent");
     assert_eq!(binding["subjects"][0]["namespace"].as_str(), Some("kube-system"));
+    // Leases only in the agent's namespace: a Role, not the ClusterRole.
+    let role = kind(&docs, "Role", "lb-agent-heartbeat");
+    assert_eq!(role["metadata"]["namespace"].as_str(), Some("kube-system"));
+    let rules = role["rules"].as_sequence().unwrap();
+    assert_eq!((rules.len(), strings(&rules[0]["resources"]), strings(&rules[0]["verbs"])), (1, vec!["leases"], vec!["get", "create", "update", "delete", "list", "watch"]));
+    assert_eq!(kind(&docs, "RoleBinding", "lb-agent-heartbeat")["subjects"][0]["name"].as_str(), Some("lb-agent"));
+    // The pool kind's schema, as the agent reads it.
+    let crd = kind(&docs, "CustomResourceDefinition", "loadbalancerippools.lb-agent.io");
+    let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+    for field in ["blocks", "serviceSelector", "allowFirstLastIPs"] {
+        assert!(!spec[field].is_null(), "the CRD has spec.{field}");
+    }
 }
 
 #[test]
@@ -129,7 +143,7 @@ fn the_agent_runs_on_every_linux_node_with_probes_and_without_privilege() {
         let agent = &pod["containers"][0];
         let sc = &agent["securityContext"];
         assert_eq!(sc["privileged"].as_bool(), Some(false));
-        assert_eq!(strings(&sc["capabilities"]["add"]), ["BPF", "NET_ADMIN", "SYS_ADMIN", "PERFMON", "SYS_RESOURCE"]);
+        assert_eq!(strings(&sc["capabilities"]["add"]), ["BPF", "NET_ADMIN", "SYS_ADMIN", "PERFMON", "SYS_RESOURCE", "NET_RAW"]);
         assert_eq!(agent["startupProbe"]["httpGet"]["path"].as_str(), Some("/healthz"));
         assert_eq!(agent["livenessProbe"]["httpGet"]["path"].as_str(), Some("/healthz"));
         assert_eq!(agent["readinessProbe"]["httpGet"]["path"].as_str(), Some("/readyz"));
@@ -167,6 +181,8 @@ fn the_modes_differ_only_where_they_must() {
     let text = render("overlays/standalone");
     let docs = documents(&text);
     assert!(find(&docs, "ClusterRole", "lb-agent").is_none() && find(&docs, "ClusterRoleBinding", "lb-agent").is_none(), "standalone needs no RBAC");
+    assert!(find(&docs, "Role", "lb-agent").is_none() && find(&docs, "RoleBinding", "lb-agent").is_none(), "nor Leases");
+    assert!(find(&docs, "CustomResourceDefinition", "loadbalancerippools").is_none(), "pools are manifests there");
     let pod = &kind(&docs, "DaemonSet", "lb-agent")["spec"]["template"]["spec"];
     assert_eq!(pod["automountServiceAccountToken"].as_bool(), Some(false));
     let command = strings(&pod["containers"][0]["command"]);
