@@ -46,6 +46,10 @@ pub fn install() -> Result<PrometheusHandle> {
     describe_counter!("lb_frontend_changes_total", Unit::Count, "Frontends added, updated or removed in the maps, or failed to be written (map full).");
     describe_gauge!("lb_programs_attached", Unit::Count, "Devices (XDP, TC) or cgroups (socket hooks) a BPF program of the agent is attached to.");
     describe_gauge!("lb_build_info", "The agent's version, as a label; always 1.");
+    describe_gauge!("lb_ip_pool_addresses", Unit::Count, "Addresses of each LoadBalancerIPPool.");
+    describe_gauge!("lb_ip_pool_addresses_used", Unit::Count, "Addresses of each LoadBalancerIPPool given to Services.");
+    describe_counter!("lb_l2_ownership_changes_total", Unit::Count, "Pool addresses whose answering node (ARP/NDP) changed, as this agent saw it.");
+    counter!("lb_l2_ownership_changes_total").absolute(0);
     gauge!("lb_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     counter!("lb_sync_errors_total").absolute(0);
     for change in CHANGES {

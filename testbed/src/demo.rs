@@ -68,8 +68,10 @@ impl Demo {
 pub fn run(bin_dir: &Path, manifests: &Path) -> Result<()> {
     println!("== building the topology: outside client, node-a (10.99.0.1, fd00:99::1), dual-stack pods web-0..2 and a client pod");
     let mut demo = Demo::build("demo")?;
+    // The agent reads a copy, to which the bare-metal step adds a pool.
+    let workdir = ManifestsCopy::of(manifests)?;
     println!("== starting lb-agent on node-a with the manifests in {}", manifests.display());
-    let (agent, pin_dir) = demo.start_agent(&bin_dir.join("lb-agent"), manifests, &[])?;
+    let (agent, pin_dir) = demo.start_agent(&bin_dir.join("lb-agent"), &workdir.0, &[])?;
     let timeout = Duration::from_secs(2);
     let show = |what: &str, r: Result<Answer>| match r {
         Ok(a) => println!("   {what:<44} answered by {} (it saw source {})", a.backend, a.seen_source),
@@ -131,6 +133,23 @@ pub fn run(bin_dir: &Path, manifests: &Path) -> Result<()> {
     show("TCP its own NodePort 10.99.0.1:30080", tcp_request(node, sock([10, 99, 0, 1], 30080), None, timeout));
 
     let lbctl = bin_dir.join("lbctl");
+    let bare_metal = manifests.join("../bare-metal/pool.yaml");
+    println!("== bare metal: a LoadBalancerIPPool 10.99.0.200-209 and demo/web-lan, a LoadBalancer with no address ({})", bare_metal.display());
+    std::fs::copy(&bare_metal, workdir.0.join("bare-metal.yaml")).with_context(|| format!("copying {}", bare_metal.display()))?;
+    let vip = sock([10, 99, 0, 200], 80);
+    let answered = (0..40).find_map(|_| tcp_request(&demo.cluster.client, vip, None, Duration::from_millis(250)).ok().or_else(|| {
+        std::thread::sleep(Duration::from_millis(100));
+        None
+    }));
+    match answered {
+        Some(a) => println!("   TCP 10.99.0.200:80 (the pool's first address)             answered by {} (it saw source {})", a.backend, a.seen_source),
+        None => println!("   TCP 10.99.0.200:80 FAILED: no answer within 4 s"),
+    }
+    let neighbour = demo.cluster.client.exec("ip neigh show 10.99.0.200 dev eth0")?;
+    println!("   the client resolved it by ARP, answered from XDP on node-a ({}): {}", node.mac("eth0")?, neighbour.trim());
+    println!("== lbctl address list (in node-a's namespace: it asks the agent)");
+    let out = Command::new("ip").args(["netns", "exec", &node.name]).arg(&lbctl).arg("--pin-dir").arg(&pin_dir).args(["address", "list"]).output().context("running lbctl")?;
+    print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     // `status` asks the agent on its metrics address, so it runs in node-a's namespace.
     println!("== lbctl status (in node-a's namespace, where the agent's metrics address is)");
     let out = Command::new("ip").args(["netns", "exec", &node.name]).arg(&lbctl).arg("--pin-dir").arg(&pin_dir).arg("status").output().context("running lbctl")?;
@@ -152,6 +171,27 @@ pub fn run(bin_dir: &Path, manifests: &Path) -> Result<()> {
     }
     println!("== cleaning up: namespaces removed");
     Ok(())
+}
+
+/// A private copy of a manifest directory, removed on drop.
+struct ManifestsCopy(PathBuf);
+
+impl ManifestsCopy {
+    fn of(dir: &Path) -> Result<Self> {
+        let copy = std::env::temp_dir().join(format!("lb-demo-manifests-{}", std::process::id()));
+        std::fs::create_dir_all(&copy)?;
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            std::fs::copy(&path, copy.join(path.file_name().context("a file name")?))?;
+        }
+        Ok(Self(copy))
+    }
+}
+
+impl Drop for ManifestsCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 pub fn sock(addr: [u8; 4], port: u16) -> SocketAddr {
