@@ -30,9 +30,9 @@ const ORIGIN: &str = "api";
 
 pub struct KubeSource {
     objects: Arc<Mutex<Objects>>,
-    /// Services, EndpointSlices, Nodes: the kinds waited for. This node's pods are not (they
-    /// only narrow the socket hooks).
-    synced: [Arc<AtomicBool>; 3],
+    /// Services, EndpointSlices, Nodes, pools: the kinds waited for. This node's pods are not
+    /// (they only narrow the socket hooks).
+    synced: [Arc<AtomicBool>; 4],
     /// Wakes the agent's loop on a change.
     pub notify: Arc<Notify>,
     /// For the agent's own writes: heartbeat Leases, Service status, Events.
@@ -43,6 +43,9 @@ pub struct KubeSource {
 /// objects of the API type `K`: `M`).
 struct Feed<K, M> {
     kind: String,
+    /// A kind the cluster may not have (a custom resource whose CRD is not installed): "not
+    /// found" counts as an empty first list (the watch keeps trying, so it is read once it is).
+    optional: bool,
     convert: fn(K) -> M,
     set: fn(&mut Objects, &Origin, Arc<str>, Option<M>),
     kinds: Kinds,
@@ -64,7 +67,7 @@ impl KubeSource {
     pub fn start(client: Client, node_name: &str) -> Self {
         let objects = Arc::new(Mutex::new(Objects::default()));
         let notify = Arc::new(Notify::new());
-        let synced = [Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false))];
+        let synced = [(); 4].map(|_| Arc::new(AtomicBool::new(false)));
         // Lists at resourceVersion 0, as kube-proxy's informers do: the API server answers from
         // its watch cache, in one response, instead of paging through etcd for every node.
         let all = watcher::Config::default().any_semantic();
@@ -72,6 +75,7 @@ impl KubeSource {
             ($api:ty, $model:ty, $set:ident, $kinds:ident, $field:ident) => {
                 Feed::<$api, $model> {
                     kind: <$api as Resource>::kind(&()).to_string(),
+                    optional: false,
                     convert: <$model>::from,
                     set: Objects::$set,
                     kinds: Kinds { $kinds: true, ..Kinds::NONE },
@@ -84,10 +88,10 @@ impl KubeSource {
         watch(Api::<v1::Node>::all(client.clone()), all.clone(), feed!(v1::Node, super::model::Node, set_node, nodes, nodes), &objects, &synced[2], &notify);
         let on_this_node = watcher::Config::default().any_semantic().fields(&format!("spec.nodeName={node_name}"));
         watch(Api::<v1::Pod>::all(client.clone()), on_this_node, feed!(v1::Pod, super::model::Pod, set_pod, pods, pods), &objects, &Arc::new(AtomicBool::new(false)), &notify);
-        // Address pools: a custom resource, not waited for (a cluster without the CRD has none).
+        // Address pools: a custom resource (a cluster without its CRD has none).
         let pools = ApiResource::from_gvk(&GroupVersionKind::gvk(API_GROUP, API_VERSION, POOL_KIND));
-        let pool_feed = Feed { kind: POOL_KIND.to_string(), convert: pool_of, set: Objects::set_pool, kinds: Kinds { pools: true, ..Kinds::NONE }, list: |pools| ClusterState { pools, ..Default::default() } };
-        watch(Api::<DynamicObject>::all_with(client.clone(), &pools), all, pool_feed, &objects, &Arc::new(AtomicBool::new(false)), &notify);
+        let pool_feed = Feed { kind: POOL_KIND.to_string(), optional: true, convert: pool_of, set: Objects::set_pool, kinds: Kinds { pools: true, ..Kinds::NONE }, list: |pools| ClusterState { pools, ..Default::default() } };
+        watch(Api::<DynamicObject>::all_with(client.clone(), &pools), all, pool_feed, &objects, &synced[3], &notify);
         Self { objects, synced, notify, client }
     }
 
@@ -137,6 +141,12 @@ where
                     let object = (feed.convert)(object);
                     (feed.set)(&mut objects.lock().expect("not poisoned"), &origin, name_of(&object), None);
                     notify.notify_one();
+                }
+                Err(watcher::Error::InitialListFailed(::kube::Error::Api(status))) if feed.optional && status.code == 404 => {
+                    if !synced.swap(true, Ordering::AcqRel) {
+                        info!("{kind}: not served by this API server (its CRD is not installed): none; looking again with backoff");
+                        notify.notify_one();
+                    }
                 }
                 Err(e) => warn!("{kind} watch: {e}; retrying with backoff, the datapath keeps its state"),
             }
