@@ -482,7 +482,7 @@ impl Agent {
         if lb_changed || everything {
             let (assigned, problems, pool_use) = assign_addresses(&objects, &self.assignments, &self.assigned_at_start);
             for (name, a) in &assigned {
-                if self.assignments.get(name).map(|before| &before.addrs) != Some(&a.addrs) {
+                if self.assignments.get(name) != Some(a) {
                     affected.insert(name.clone());
                 }
             }
@@ -632,7 +632,8 @@ impl Agent {
         let Some(objects) = self.source.objects() else { return Ok(()) };
         let membership = match &self.heartbeat {
             Some(heartbeat) => heartbeat.membership(),
-            None => standalone_membership(objects.nodes(), &node, self.cfg.heartbeat.timeout),
+            // Refreshed every sync: the answers outlive a few of them.
+            None => standalone_membership(objects.nodes(), &node, self.cfg.heartbeat.timeout.max(self.cfg.sync_interval * 3)),
         };
         let mut states = Vec::new();
         for (name, a) in &self.assignments {
@@ -649,12 +650,13 @@ impl Agent {
             publish_assignments(&kube.client, &node, &self.assignments, &objects, &membership.live, &mut self.status_sent, &mut self.events_sent);
         }
         drop(objects);
-        if !self.cfg.l2_announce {
-            return Ok(());
-        }
         let changes_before = self.announcements.changes;
         let taken_over = self.announcements.update(&node, states);
         crate::metrics::l2_ownership_changes(self.announcements.changes - changes_before);
+        self.status.lock().expect("not poisoned").addresses = self.announcements.states.values().cloned().collect();
+        if !self.cfg.l2_announce {
+            return Ok(());
+        }
         let owned: Vec<IpAddr> = self.announcements.owned_by(&node).into_iter().collect();
         self.dataplane.maps.set_announced::<Addr4>(&announced_on(&self.devices, &owned), membership.answer_until_ns)?;
         self.dataplane.maps.set_announced::<Addr6>(&announced_on(&self.devices, &owned), membership.answer_until_ns)?;
@@ -674,7 +676,6 @@ impl Agent {
                 }
             }
         }
-        self.status.lock().expect("not poisoned").addresses = self.announcements.states.values().cloned().collect();
         Ok(())
     }
 

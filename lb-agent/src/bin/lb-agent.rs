@@ -235,6 +235,12 @@ fn main() -> Result<()> {
         );
         return Ok(());
     }
+    anyhow::ensure!(
+        args.heartbeat_timeout_ms > args.heartbeat_interval_ms,
+        "--heartbeat-timeout-ms ({}) must be longer than --heartbeat-interval-ms ({}): a node would be dead between two renewals",
+        args.heartbeat_timeout_ms,
+        args.heartbeat_interval_ms
+    );
     log::info!("{}", summary(&args));
     let metrics_addr = args.metrics_addr;
     let metrics_per_backend = args.metrics_per_backend;
