@@ -432,6 +432,18 @@ mod tests {
     }
 
     #[test]
+    fn services_of_another_load_balancer_class_are_left_alone() {
+        let svc = |class: Option<&str>, kind: &str| -> crate::source::model::Service {
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "web", "namespace": "ns"}, "spec": {"type": kind, "clusterIP": "10.96.0.1", "loadBalancerClass": class, "ports": [{"port": 80}]}})).unwrap()
+        };
+        let request = |s: &crate::source::model::Service| Request::of(s, &"ns/web".into(), vec![Family::V4], &[], false);
+        assert!(request(&svc(None, "LoadBalancer")).is_some());
+        assert!(request(&svc(Some(LOAD_BALANCER_CLASS), "LoadBalancer")).is_some());
+        assert!(request(&svc(Some("example.com/other"), "LoadBalancer")).is_none());
+        assert!(request(&svc(None, "ClusterIP")).is_none());
+    }
+
+    #[test]
     fn selectors_and_families() {
         let pools = [
             pool("team-a", serde_json::json!([{"cidr": "10.0.0.0/29"}, {"cidr": "fd00::/120"}]), serde_json::json!({"serviceSelector": {"matchLabels": {"team": "a"}}})),

@@ -93,7 +93,7 @@ fn standalone_pools_assign_share_refuse_and_move() -> Result<()> {
         objects.push(slice.clone());
     }
     manifests.write("pools.yaml", &yaml_docs(&objects))?;
-    let (_agent, pins) = demo.start_agent(agent_bin(), &manifests.dir, &[])?;
+    let (agent, pins) = demo.start_agent(agent_bin(), &manifests.dir, &[])?;
     let node = &demo.cluster.nodes[0].ns;
     let expected = [("demo/auto", "10.99.0.200"), ("demo/asked", "10.99.0.201"), ("demo/http", "10.99.0.202"), ("demo/alt", "10.99.0.202")];
     let status = eventually(Duration::from_secs(5), || {
@@ -127,6 +127,26 @@ fn standalone_pools_assign_share_refuse_and_move() -> Result<()> {
     assert!(status["rejected"]["demo/asked"].as_str().unwrap_or_default().contains("10.99.0.201 is outside every pool"), "{}", status["rejected"]);
     tcp_request(&demo.cluster.client, SocketAddr::from(([10, 99, 0, 220], 80)), None, TIMEOUT).context("the moved address")?;
     assert!(tcp_request(&demo.cluster.client, SocketAddr::from(([10, 99, 0, 200], 80)), None, Duration::from_millis(500)).is_err(), "the old address is gone");
+
+    // http and alt leave, freeing .221: late keeps .222 (what a Service holds stays), through
+    // a restart too (read back from the pinned maps), though the first free address is lower.
+    let address_of = |status: &Value, svc: &str| status["addresses"].as_array().and_then(|a| a.iter().find(|a| a["service"] == svc)).map(|a| a["address"].clone());
+    objects.retain(|o| !matches!(o["metadata"]["name"].as_str(), Some("http" | "alt" | "http-1" | "alt-1")));
+    manifests.write("pools.yaml", &yaml_docs(&objects))?;
+    let held = json!({"demo/auto": "10.99.0.220", "demo/late": "10.99.0.222"});
+    let addresses = |status: &Value| json!({"demo/auto": address_of(status, "demo/auto"), "demo/late": address_of(status, "demo/late")});
+    eventually(Duration::from_secs(5), || {
+        let status = agent_status(node, &pins)?;
+        if address_of(&status, "demo/http").is_none() && addresses(&status) == held { Ok(()) } else { Err(anyhow!("{}", status["addresses"])) }
+    })?;
+    drop(agent);
+    let _agent = demo.start_agent_on(agent_bin(), &manifests.dir, &pins, &[])?;
+    let status = eventually(Duration::from_secs(5), || {
+        let status = agent_status(node, &pins)?;
+        if status["addresses"].as_array().is_some_and(|a| !a.is_empty()) { Ok(status) } else { Err(anyhow!("no addresses yet")) }
+    })?;
+    assert_eq!(addresses(&status), held, "after a restart");
+    tcp_request(&demo.cluster.client, SocketAddr::from(([10, 99, 0, 222], 80)), None, TIMEOUT).context("late's address after the restart")?;
     Ok(())
 }
 
