@@ -476,3 +476,28 @@ fn lease_writes_grow_with_nodes_not_with_services() -> Result<()> {
     assert!((thousand - one).abs() <= 1.0, "{one:.2}/s with 1 Service, {thousand:.2}/s with 1,000");
     Ok(())
 }
+
+#[test]
+fn standalone_ipv6_pool_address_is_answered_by_neighbour_discovery() -> Result<()> {
+    use testbed::topology::CLIENT_IP6;
+    let mut demo = Demo::build("l2v6")?;
+    let manifests = ManifestCopy::empty("l2v6")?;
+    let endpoints: Vec<Value> = (0..3).map(|p| json!({"addresses": [pod_ips(1, p).1.to_string()], "conditions": {"ready": true}, "nodeName": "node-a"})).collect();
+    let objects = [
+        // A /126: its first and last addresses are not given out.
+        json!({"apiVersion": "lb-agent.io/v1alpha1", "kind": "LoadBalancerIPPool", "metadata": {"name": "v6"}, "spec": {"blocks": [{"cidr": "fd00:99::200/126"}]}}),
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web6", "namespace": "demo"},
+               "spec": {"type": "LoadBalancer", "ipFamilies": ["IPv6"], "clusterIP": "fd00:96::30", "clusterIPs": ["fd00:96::30"], "ports": [{"name": "http", "protocol": "TCP", "port": 80}]}}),
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": {"name": "web6-1", "namespace": "demo", "labels": {"kubernetes.io/service-name": "web6"}},
+               "addressType": "IPv6", "ports": [{"name": "http", "protocol": "TCP", "port": 8080}], "endpoints": endpoints}),
+    ];
+    manifests.write("v6.yaml", &yaml_docs(&objects))?;
+    let (_agent, _pins) = demo.start_agent(agent_bin(), &manifests.dir, &[])?;
+    let vip: std::net::Ipv6Addr = "fd00:99::201".parse()?;
+    let answer = eventually(Duration::from_secs(5), || tcp_request(&demo.cluster.client, SocketAddr::from((vip, 80)), None, Duration::from_millis(500)))?;
+    assert!(answer.backend.starts_with("web-"), "{answer:?}");
+    assert_eq!(answer.seen_source, IpAddr::V6(CLIENT_IP6));
+    let neighbour: Vec<Value> = serde_json::from_str(&demo.cluster.client.exec(&format!("ip -6 -j neigh show {vip} dev eth0"))?)?;
+    assert_eq!(neighbour[0]["lladdr"].as_str(), Some(demo.cluster.nodes[0].ns.mac("eth0")?.as_str()), "resolved by neighbour discovery, answered from node-a's XDP");
+    Ok(())
+}
