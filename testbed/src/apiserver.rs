@@ -65,6 +65,8 @@ struct State {
     /// Writes by kind (create, replace, patch, delete), and the Events posted.
     writes: BTreeMap<String, usize>,
     events: Vec<Value>,
+    /// Kinds answered with 404, as a server without their CRD answers.
+    hidden: Vec<String>,
 }
 
 pub struct FakeApiServer {
@@ -173,6 +175,12 @@ impl FakeApiServer {
     /// The Events clients posted.
     pub fn events(&self) -> Vec<Value> {
         self.state.lock().unwrap().events.clone()
+    }
+
+    /// Answers lists and watches of `kind` with 404 Not Found, as a server whose cluster lacks
+    /// the kind's CRD.
+    pub fn hide(&self, kind: &str) {
+        self.state.lock().unwrap().hidden.push(kind.to_string());
     }
 
     /// Compacts the history, as etcd does, and ends every open watch: clients re-watch from
@@ -347,6 +355,9 @@ async fn handle(req: Request<hyper::body::Incoming>, state: Arc<Mutex<State>>, e
         return Ok(write(req, state, events).await);
     };
     let (kind, api_version) = (*kind, *api_version);
+    if state.lock().unwrap().hidden.iter().any(|k| k == kind) {
+        return Ok(status(404, "NotFound", format!("the server could not find the requested resource ({kind})")));
+    }
     let query: BTreeMap<String, String> = form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()).into_owned().collect();
     if query.get("watch").map(String::as_str) != Some("true") {
         let mut st = state.lock().unwrap();

@@ -501,3 +501,24 @@ fn standalone_ipv6_pool_address_is_answered_by_neighbour_discovery() -> Result<(
     assert_eq!(neighbour[0]["lladdr"].as_str(), Some(demo.cluster.nodes[0].ns.mac("eth0")?.as_str()), "resolved by neighbour discovery, answered from node-a's XDP");
     Ok(())
 }
+
+#[test]
+fn kubernetes_mode_without_the_pool_crd_serves_everything_else() -> Result<()> {
+    let mut demo = Demo::build("l2n")?;
+    let api = FakeApiServer::start(&demo.cluster.nodes[0].ns, 6443)?;
+    api.hide("LoadBalancerIPPool");
+    let pods: Vec<(IpAddr, &str)> = (0..3).map(|p| (IpAddr::V4(pod_ips(1, p).0), "node-a")).collect();
+    let (mut svc, slice) = lb_service("web", "10.96.3.1", &[80], json!({}), json!({}), &pods);
+    svc["status"] = json!({"loadBalancer": {"ingress": [{"ip": "10.99.100.30"}]}});
+    api.apply(&svc)?;
+    api.apply(&slice)?;
+    let dir = ManifestCopy::empty("l2n")?;
+    let source = ["--kubernetes".to_string(), "--kubeconfig".to_string(), api.kubeconfig(&dir.dir)?.display().to_string()];
+    let pins = demo.cluster.pin_dir()?;
+    // Programmed at all means the first sync waited for no pool list that cannot come.
+    let agent = demo.start_agent_with(agent_bin(), &source, &pins, &[])?;
+    assert!(agent.log_text().contains("LoadBalancerIPPool: not served by this API server"), "{}", agent.log_text());
+    let answer = tcp_request(&demo.cluster.client, SocketAddr::from(([10, 99, 100, 30], 80)), None, TIMEOUT)?;
+    assert_eq!(answer.seen_source, IpAddr::V4(CLIENT_IP), "the status address of another implementation is served");
+    Ok(())
+}
