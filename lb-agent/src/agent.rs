@@ -489,7 +489,6 @@ impl Agent {
             affected.extend(self.assignments.keys().filter(|name| !assigned.contains_key(*name)).cloned());
             self.assignments = assigned;
             pool_problems = problems;
-            crate::metrics::pool_use(&pool_use);
             self.status.lock().expect("not poisoned").pools = pool_use;
         }
         let affected_count = affected.len();

@@ -46,8 +46,6 @@ pub fn install() -> Result<PrometheusHandle> {
     describe_counter!("lb_frontend_changes_total", Unit::Count, "Frontends added, updated or removed in the maps, or failed to be written (map full).");
     describe_gauge!("lb_programs_attached", Unit::Count, "Devices (XDP, TC) or cgroups (socket hooks) a BPF program of the agent is attached to.");
     describe_gauge!("lb_build_info", "The agent's version, as a label; always 1.");
-    describe_gauge!("lb_ip_pool_addresses", Unit::Count, "Addresses of each LoadBalancerIPPool.");
-    describe_gauge!("lb_ip_pool_addresses_used", Unit::Count, "Addresses of each LoadBalancerIPPool given to Services.");
     describe_counter!("lb_l2_ownership_changes_total", Unit::Count, "Pool addresses whose answering node (ARP/NDP) changed, as this agent saw it.");
     counter!("lb_l2_ownership_changes_total").absolute(0);
     gauge!("lb_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
@@ -80,14 +78,6 @@ pub fn endpoints_programmed(took: Duration) {
 
 pub fn sync_failed() {
     counter!("lb_sync_errors_total").increment(1);
-}
-
-/// Each address pool's size and how many of its addresses are given out.
-pub fn pool_use(pools: &[crate::status::PoolUse]) {
-    for p in pools {
-        gauge!("lb_ip_pool_addresses", "pool" => p.name.clone()).set(p.size as f64);
-        gauge!("lb_ip_pool_addresses_used", "pool" => p.name.clone()).set(p.used as f64);
-    }
 }
 
 /// Pool addresses whose owner (the node that answers ARP/NDP for them) changed.
@@ -201,6 +191,21 @@ impl Scraper {
     }
 }
 
+/// Each address pool's size and use, as the last assignment found them: rendered per scrape,
+/// so a deleted pool's series go with it.
+fn pool_series(pools: &[crate::status::PoolUse]) -> String {
+    let mut out = Exposition::default();
+    out.family("lb_ip_pool_addresses", "gauge", "Addresses of each LoadBalancerIPPool.");
+    for p in pools {
+        out.sample("lb_ip_pool_addresses", &[("pool", &p.name)], p.size);
+    }
+    out.family("lb_ip_pool_addresses_used", "gauge", "Addresses of each LoadBalancerIPPool given to Services.");
+    for p in pools {
+        out.sample("lb_ip_pool_addresses_used", &[("pool", &p.name)], p.used);
+    }
+    out.0
+}
+
 /// A frontend's labels: the Service port it belongs to, in kube-proxy's terms, and the
 /// frontend itself (`10.96.0.10:80`, `[fd00::10]:80`, NodePort `*:30080`).
 struct ServiceLabels {
@@ -269,6 +274,7 @@ pub async fn serve(addr: SocketAddr, handle: PrometheusHandle, health: Health, s
                 Ok(datapath) => body.push_str(&datapath),
                 Err(e) => warn!("reading the datapath counters: {e:#}"),
             }
+            body.push_str(&pool_series(&status.lock().expect("not poisoned").pools));
             return (StatusCode::OK, "text/plain; version=0.0.4", body);
         }
         if path == "/status" {

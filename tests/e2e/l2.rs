@@ -108,6 +108,11 @@ fn standalone_pools_assign_share_refuse_and_move() -> Result<()> {
     assert!(why("outside").contains("192.0.2.9 is outside every pool that serves this Service"), "{}", why("outside"));
     assert!(why("late").contains("no free IPv4 address in pool tiny"), "{}", why("late"));
     assert_eq!(status["pools"], json!([{"name": "tiny", "size": 3, "used": 3}]));
+    let metrics = |demo: &Demo| -> Result<String> { Ok(testbed::servers::http_get(&demo.cluster.client, SocketAddr::from(([10, 99, 0, 1], 9970)), "/metrics", TIMEOUT)?.1) };
+    let text = metrics(&demo)?;
+    for line in ["lb_ip_pool_addresses{pool=\"tiny\"} 3", "lb_ip_pool_addresses_used{pool=\"tiny\"} 3"] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in the metrics");
+    }
     // Every given address answers, after the client resolved it by ARP; the shared one on both ports.
     for (ip, port) in [([10, 99, 0, 200], 80), ([10, 99, 0, 201], 80), ([10, 99, 0, 202], 80), ([10, 99, 0, 202], 8081)] {
         let a = tcp_request(&demo.cluster.client, SocketAddr::from((ip, port)), None, TIMEOUT).with_context(|| format!("{ip:?}:{port}"))?;
@@ -126,6 +131,8 @@ fn standalone_pools_assign_share_refuse_and_move() -> Result<()> {
     assert!(moved.contains("10.99.0.200 is no longer in a pool that serves this Service"), "{moved}");
     assert!(status["rejected"]["demo/asked"].as_str().unwrap_or_default().contains("10.99.0.201 is outside every pool"), "{}", status["rejected"]);
     tcp_request(&demo.cluster.client, SocketAddr::from(([10, 99, 0, 220], 80)), None, TIMEOUT).context("the moved address")?;
+    let text = metrics(&demo)?;
+    assert!(text.lines().any(|l| l == "lb_ip_pool_addresses_used{pool=\"spare\"} 3") && !text.contains("pool=\"tiny\""), "the deleted pool's series are gone");
     assert!(tcp_request(&demo.cluster.client, SocketAddr::from(([10, 99, 0, 200], 80)), None, Duration::from_millis(500)).is_err(), "the old address is gone");
 
     // http and alt leave, freeing .221: late keeps .222 (what a Service holds stays), through
@@ -248,6 +255,8 @@ fn kubernetes_pool_address_is_written_to_status_and_answered_by_one_node() -> Re
         assert_eq!(rows[0]["owner"].as_str(), Some(Cluster::node_name(owner).as_str()), "node {i}");
         assert_eq!(rows[0]["answered_here"], json!(i == owner), "node {i}");
     }
+    let metrics = testbed::servers::http_get(&bed.cluster.client, SocketAddr::from((bed.cluster.nodes[owner].ip, 9970)), "/metrics", TIMEOUT)?.1;
+    assert!(metrics.lines().any(|l| l == "lb_l2_ownership_changes_total 1"), "the owner counted the address's one change of owner");
     // A Service asking for an address outside every pool: not served, and a Warning Event says why.
     let (asking, slice) = lb_service("asking", "10.96.2.2", &[80], json!({"annotations": {"lb-agent.io/load-balancer-ips": "192.0.2.7"}}), json!({}), &node_c_endpoints(1));
     bed.api.apply(&asking)?;
