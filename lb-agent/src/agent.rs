@@ -604,9 +604,8 @@ impl Agent {
         Ok(())
     }
 
-    /// Says, once each, why a Service has no (or too few) pool addresses: in the log, to
-    /// `lbctl status`, and in Kubernetes mode as an Event on the Service and its assignment in
-    /// its status (both from one agent, the Service's rendezvous owner among live nodes).
+    /// Says, once each, why a Service has no (or too few) pool addresses: in the log and to
+    /// `lbctl status` (Kubernetes mode's Events: [`publish_assignments`]).
     fn report_assignments(&mut self) {
         let mut problems = Vec::new();
         {
@@ -657,8 +656,15 @@ impl Agent {
             return Ok(());
         }
         let owned: Vec<IpAddr> = self.announcements.owned_by(&node).into_iter().collect();
-        self.dataplane.maps.set_announced::<Addr4>(&announced_on(&self.devices, &owned), membership.answer_until_ns)?;
-        self.dataplane.maps.set_announced::<Addr6>(&announced_on(&self.devices, &owned), membership.answer_until_ns)?;
+        // Written when what is owned changes, or when the expiry moves by a meaningful step
+        // (on, or back to zero when this node may no longer answer): not every pass.
+        let written = self.announcements.written.as_ref();
+        let stale = written.is_none_or(|(addrs, until)| *addrs != owned || membership.answer_until_ns.abs_diff(*until) >= ANSWER_REFRESH_NS);
+        if stale {
+            self.dataplane.maps.set_announced::<Addr4>(&announced_on(&self.devices, &owned), membership.answer_until_ns)?;
+            self.dataplane.maps.set_announced::<Addr6>(&announced_on(&self.devices, &owned), membership.answer_until_ns)?;
+            self.announcements.written = Some((owned.clone(), membership.answer_until_ns));
+        }
         if let Some(sender) = &self.sender {
             for address in &taken_over {
                 info!("L2: this node now answers for {address}");
@@ -863,6 +869,9 @@ fn standalone_membership<'a>(nodes: impl Iterator<Item = &'a crate::source::mode
     let answer_until_ns = if live.contains(node) { conntrack::monotonic_ns() + timeout.as_nanos() as u64 } else { 0 };
     announce::Membership { live, answer_until_ns }
 }
+
+/// The L2 answers' expiry is moved on once it would move by this much (100 ms).
+const ANSWER_REFRESH_NS: u64 = 100_000_000;
 
 /// Family `A`'s entries of the L2 answer map: each owned address on each device.
 fn announced_on<A: crate::dataplane::maps::Family>(devices: &[announce::Device], owned: &[IpAddr]) -> Vec<(u32, A, [u8; 6])> {

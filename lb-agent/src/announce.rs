@@ -189,6 +189,8 @@ pub struct Announcements {
     /// (address, Service) -> pool, owner, since. (Services with a sharing key share addresses.)
     pub states: BTreeMap<(IpAddr, String), AddressState>,
     pub last_reannounce: Option<Instant>,
+    /// The addresses last written to the answer maps, and their expiry.
+    pub written: Option<(Vec<IpAddr>, u64)>,
     /// Ownership changes seen (any node's), for the metrics.
     pub changes: u64,
 }
