@@ -719,6 +719,20 @@ impl Agent {
         let notify = self.source.notify();
         let heartbeat = self.heartbeat.as_ref().map(|h| h.notify.clone()).unwrap_or_default();
         loop {
+            // When a node's heartbeat goes stale, ownership moves: woken then, not a tick later.
+            let expiry = self.heartbeat.as_ref().and_then(|h| h.next_expiry());
+            let stale = async move {
+                match expiry {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let membership_moved = async {
+                tokio::select! {
+                    _ = heartbeat.notified() => {}
+                    _ = stale => {}
+                }
+            };
             tokio::select! {
                 _ = &mut shutdown => {
                     // The programs stay attached through their pinned links: traffic keeps
@@ -735,8 +749,8 @@ impl Agent {
                 }
                 _ = tick.tick() => {}
                 _ = notify.notified() => {}
-                // A renewal (or a node's heartbeat changing) only moves L2 ownership.
-                _ = heartbeat.notified() => {
+                // A renewal, a node coming alive or going stale only moves L2 ownership.
+                _ = membership_moved => {
                     if let Err(e) = self.sync_l2() {
                         error!("L2 announcements: {e:#}");
                     }

@@ -12,11 +12,13 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io,
-    net::{IpAddr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::Arc,
     time::{Duration, Instant},
 };
+
+use lb_common::csum::{fold, sum_words};
 
 /// When gratuitous ARP / unsolicited NA go out after a node takes an address over: at once,
 /// then twice more in case the first is lost.
@@ -92,50 +94,31 @@ impl Device {
     }
 }
 
+/// An ARP request from `mac`/`sender`: who has `target`?
+pub fn arp_request(mac: [u8; 6], sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    [&[0xff; 6][..], &mac, &[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1], &mac, &sender.octets(), &[0; 6], &target.octets()].concat()
+}
+
 /// Gratuitous ARP (a request for the address, from it) or an unsolicited neighbour
 /// advertisement (to all nodes, override set), from `mac`.
 pub fn announcement(mac: [u8; 6], addr: IpAddr) -> Vec<u8> {
-    let mut f = Vec::with_capacity(86);
     match addr {
-        IpAddr::V4(a) => {
-            f.extend_from_slice(&[0xff; 6]);
-            f.extend_from_slice(&mac);
-            f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
-            f.extend_from_slice(&mac);
-            f.extend_from_slice(&a.octets());
-            f.extend_from_slice(&[0; 6]);
-            f.extend_from_slice(&a.octets());
-        }
+        IpAddr::V4(a) => arp_request(mac, a, a),
         IpAddr::V6(a) => {
             let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1).octets();
-            f.extend_from_slice(&[0x33, 0x33, 0, 0, 0, 1]);
-            f.extend_from_slice(&mac);
-            f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0, 0, 32, 58, 255]);
-            f.extend_from_slice(&a.octets());
-            f.extend_from_slice(&all_nodes);
-            let mut icmp = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
-            icmp.extend_from_slice(&a.octets());
-            icmp.extend_from_slice(&[2, 1]);
-            icmp.extend_from_slice(&mac);
-            let pseudo: Vec<u8> = [&a.octets()[..], &all_nodes, &[0, 0, 0, 32, 0, 0, 0, 58]].concat();
-            let sum = ones_sum(&pseudo) + ones_sum(&icmp);
-            let csum = !fold(sum);
-            icmp[2..4].copy_from_slice(&csum.to_be_bytes());
-            f.extend_from_slice(&icmp);
+            // Type 136, override; the target; its link-layer address option.
+            let mut icmp = [0u8; 32];
+            icmp[0] = 136;
+            icmp[4] = 0x20;
+            icmp[8..24].copy_from_slice(&a.octets());
+            icmp[24..26].copy_from_slice(&[2, 1]);
+            icmp[26..].copy_from_slice(&mac);
+            // The pseudo-header: addresses, upper-layer length (32), next header (58).
+            let sum = sum_words(&a.octets()) + sum_words(&all_nodes) + sum_words(&[0, 0, 0, 32, 0, 0, 0, 58]) + sum_words(&icmp);
+            icmp[2..4].copy_from_slice(&(!fold(sum)).to_ne_bytes());
+            [&[0x33, 0x33, 0, 0, 0, 1][..], &mac, &[0x86, 0xdd, 0x60, 0, 0, 0, 0, 32, 58, 255], &a.octets(), &all_nodes, &icmp].concat()
         }
     }
-    f
-}
-
-fn ones_sum(bytes: &[u8]) -> u32 {
-    bytes.chunks(2).map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32).sum()
-}
-
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
 }
 
 /// A packet socket that only sends (protocol 0: it receives nothing).
@@ -228,7 +211,6 @@ impl Announcements {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::Ipv4Addr;
 
     #[test]
     fn owners_spread_and_move_only_when_their_node_leaves() {

@@ -51,7 +51,8 @@ pub struct Heartbeat {
     cfg: HeartbeatConfig,
     seen: Arc<Mutex<Seen>>,
     api: Api<Lease>,
-    /// Woken on every renewal and every change of another node's Lease.
+    /// Woken on every renewal of this node's Lease (or failure to), and when another node
+    /// comes alive or its Lease goes.
     pub notify: Arc<Notify>,
 }
 
@@ -83,6 +84,14 @@ impl Heartbeat {
             None => 0,
         };
         Membership { live, answer_until_ns }
+    }
+
+    /// When the membership next changes by itself: the first live node (this one included)
+    /// whose last renewal, as seen, passes the timeout.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        let seen = self.seen.lock().expect("not poisoned");
+        let now = Instant::now();
+        seen.nodes.values().map(|(_, at)| *at).chain(seen.renewed).map(|at| at + self.cfg.timeout).filter(|expiry| *expiry > now).min()
     }
 
     /// Deletes this node's Lease (a clean stop): the other nodes take its addresses over at
@@ -179,17 +188,22 @@ async fn watch(api: Api<Lease>, node: String, timeout: Duration, seen: Arc<Mutex
         let renewed_text = renewed.map(|t| t.to_string());
         let mut seen = seen.lock().expect("not poisoned");
         let now = Instant::now();
-        let at = match seen.nodes.get(&holder) {
-            Some((before, at)) if *before == renewed_text => *at,
-            Some(_) => now,
+        let fresh = |at: Instant| now.duration_since(at) < timeout;
+        let (at, was_alive) = match seen.nodes.get(&holder) {
+            Some((before, at)) if *before == renewed_text => (*at, fresh(*at)),
+            Some((_, at)) => (now, fresh(*at)),
             None => {
                 // First sight: as old as its renew time says (a dead node's Lease is not fresh).
                 let age = renewed.map(|t| k8s_openapi::jiff::Timestamp::now().duration_since(t).unsigned_abs()).unwrap_or(timeout);
-                now.checked_sub(age.min(timeout)).unwrap_or(now)
+                (now.checked_sub(age.min(timeout)).unwrap_or(now), false)
             }
         };
         seen.nodes.insert(holder, (renewed_text, at));
         drop(seen);
-        notify.notify_one();
+        // Only a node coming alive changes who owns what; a live node's renewal does not (and
+        // going stale is a time, see `next_expiry`).
+        if fresh(at) && !was_alive {
+            notify.notify_one();
+        }
     }
 }

@@ -223,11 +223,10 @@ pub fn assign(pools: &[Pool], requests: &[Request]) -> BTreeMap<ServiceName, Ass
     let mut pools: Vec<&Pool> = pools.iter().collect();
     pools.sort_by(|a, b| a.name.cmp(&b.name));
     let served = |req: &&Request| req.claimed || pools.iter().any(|p| p.selects(&|k| req.label(k)));
-    let requests: Vec<&Request> = requests.iter().filter(served).collect();
-    let mut order: Vec<&Request> = requests.clone();
+    let mut order: Vec<&Request> = requests.iter().filter(served).collect();
     order.sort_by(|a, b| (a.created.unwrap_or(i64::MAX), &a.name).cmp(&(b.created.unwrap_or(i64::MAX), &b.name)));
     let mut taken: BTreeMap<Num, Holders> = BTreeMap::new();
-    let mut out: BTreeMap<ServiceName, Assignment> = requests.iter().map(|r| (r.name.clone(), Assignment::default())).collect();
+    let mut out: BTreeMap<ServiceName, Assignment> = order.iter().map(|r| (r.name.clone(), Assignment::default())).collect();
     let selecting = |req: &Request| -> Vec<&Pool> { pools.iter().copied().filter(|p| p.selects(&|k| req.label(k))).collect() };
     let pool_of = |req: &Request, ip: Num| selecting(req).into_iter().find(|p| p.contains(ip)).map(|p| p.name.clone());
     let give = |taken: &mut BTreeMap<Num, Holders>, out: &mut BTreeMap<ServiceName, Assignment>, req: &Request, ip: Num, pool: Arc<str>| {

@@ -629,17 +629,10 @@ fn endpoints_for(port: &ServicePort, slices: &[&EndpointSlice], node_name: &str)
         let Some(target_port) = target.port else { continue };
         let target_port = valid_port(target_port, &format!("EndpointSlice {slice_name}: ports[name={want_name}].port"))?;
         for (j, ep) in slice.endpoints.iter().enumerate() {
-            // Kubernetes: a missing `ready` means ready, a missing `serving` means as ready.
-            let conditions = ep.conditions.as_ref();
-            let ready = conditions.and_then(|c| c.ready) != Some(false);
-            let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
-            let terminating = conditions.and_then(|c| c.terminating) == Some(true);
-            let list = if ready && !terminating {
-                &mut out.ready
-            } else if serving && terminating {
-                &mut out.serving_terminating
-            } else {
-                &mut out.other
+            let list = match readiness(ep) {
+                Readiness::Ready => &mut out.ready,
+                Readiness::ServingTerminating => &mut out.serving_terminating,
+                Readiness::Other => &mut out.other,
             };
             let local = ep.node_name.as_deref() == Some(node_name);
             let Some(addr) = &ep.address else { continue };
@@ -750,15 +743,37 @@ fn parse_ip(s: &str, field: &str) -> Result<IpAddr, FieldError> {
     s.parse().map_err(|_| (field.to_string(), format!("{s:?} is not an IP address")))
 }
 
+/// Where an endpoint's conditions place it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Readiness {
+    Ready,
+    /// Terminating but still serving: used when no endpoint is ready.
+    ServingTerminating,
+    /// Neither: no new flows.
+    Other,
+}
+
+/// Kubernetes: a missing `ready` means ready, a missing `serving` means as ready.
+fn readiness(ep: &Endpoint) -> Readiness {
+    let conditions = ep.conditions.as_ref();
+    let ready = conditions.and_then(|c| c.ready) != Some(false);
+    let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+    let terminating = conditions.and_then(|c| c.terminating) == Some(true);
+    if ready && !terminating {
+        Readiness::Ready
+    } else if serving && terminating {
+        Readiness::ServingTerminating
+    } else {
+        Readiness::Other
+    }
+}
+
 /// The nodes that have a ready endpoint of a Service (else a serving, terminating one, as the
 /// datapath falls back to): where an `externalTrafficPolicy: Local` address may be announced.
 pub fn nodes_with_ready_endpoints(slices: &[&EndpointSlice]) -> std::collections::BTreeSet<String> {
-    let endpoints = || slices.iter().flat_map(|s| s.endpoints.iter());
-    let ready = |e: &&Endpoint| e.conditions.as_ref().and_then(|c| c.ready) != Some(false);
-    let serving = |e: &&Endpoint| e.conditions.as_ref().is_some_and(|c| c.serving == Some(true) && c.terminating == Some(true));
-    let nodes = |keep: &dyn Fn(&&Endpoint) -> bool| endpoints().filter(|e| keep(e)).filter_map(|e| e.node_name.as_deref().map(String::from)).collect::<std::collections::BTreeSet<String>>();
-    let ready_nodes = nodes(&ready);
-    if ready_nodes.is_empty() { nodes(&serving) } else { ready_nodes }
+    let nodes = |want: Readiness| slices.iter().flat_map(|s| s.endpoints.iter()).filter(|e| readiness(e) == want).filter_map(|e| e.node_name.as_deref().map(String::from)).collect::<std::collections::BTreeSet<_>>();
+    let ready = nodes(Readiness::Ready);
+    if ready.is_empty() { nodes(Readiness::ServingTerminating) } else { ready }
 }
 
 /// The InternalIPs (else ExternalIPs) of the Node named `node_name`, of both families.

@@ -24,7 +24,7 @@ const MINUTE_NS: u64 = 60_000_000_000;
 
 /// An ARP request from the client: who has `target`, tell `sender`.
 fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
-    [&[0xff; 6][..], &CLIENT_MAC, &[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1], &CLIENT_MAC, &sender.octets(), &[0; 6], &target.octets()].concat()
+    lb_agent::announce::arp_request(CLIENT_MAC, sender, target)
 }
 
 /// A neighbour solicitation for `target` from `src` (with the source link-layer option unless

@@ -12,6 +12,7 @@
 #![no_std]
 
 pub mod consts;
+pub mod csum;
 pub mod hash;
 pub mod maps;
 pub mod reason;

@@ -1,13 +1,7 @@
 //! Incremental Internet checksum updates (RFC 1624, eqn. 3): `HC' = ~(~HC + ~m + m')`.
 //! The one's-complement sum does not care about byte order, so raw wire-order values are used.
 
-/// Folds a 32-bit one's-complement sum to 16 bits.
-#[inline(always)]
-pub fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
-}
+pub use lb_common::csum::{fold, sum_words};
 
 /// What replacing 4 bytes `old` with `new` adds to a checksum (`~m + m'`), unfolded: the
 /// differences of several words add up, for one update of the checksum.
@@ -30,14 +24,4 @@ pub fn replace4(csum: u16, old: u32, new: u32) -> u16 {
 #[inline(always)]
 pub fn replace2(csum: u16, old: u16, new: u16) -> u16 {
     !fold((!csum) as u32 + (!old) as u32 + new as u32)
-}
-
-/// The one's-complement sum of 16-bit words, unfolded.
-#[inline(always)]
-pub fn sum_words<const N: usize>(bytes: &[u8; N]) -> u32 {
-    let mut sum = 0u32;
-    for w in 0..N / 2 {
-        sum += u16::from_ne_bytes([bytes[2 * w], bytes[2 * w + 1]]) as u32;
-    }
-    sum
 }

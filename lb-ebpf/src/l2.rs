@@ -43,7 +43,6 @@ struct Neighbour {
     opt_mac: [u8; 6],
 }
 
-const NEIGHBOUR_SOLICITATION: u8 = 135;
 const NEIGHBOUR_ADVERTISEMENT: u8 = 136;
 /// The option that carries the answer's MAC.
 const OPT_TARGET_LINK_ADDR: u8 = 2;
@@ -84,19 +83,11 @@ pub fn answer_arp(data: usize, data_end: usize, l3_off: usize, ifindex: u32) -> 
     Some((xdp_action::XDP_TX, reason::FWD_L2_ANSWER))
 }
 
-/// What a neighbour solicitation for an announced address asks: the answer's MAC and
-/// destination. `None`: not a solicitation, or not for an address of ours.
+/// What a neighbour solicitation (`Parsed::NeighbourSolicitation`) asks of this node: the
+/// answer's MAC and destination. `None`: not for an address of ours.
 #[inline(always)]
 pub fn solicited(data: usize, data_end: usize, l3_off: usize, ifindex: u32) -> Option<([u8; 6], [u8; 16])> {
     let ip = unsafe { &*ptr_at::<Ipv6Hdr>(data, data_end, l3_off)? };
-    // Neighbour discovery is link-local: hop limit 255, no extension headers.
-    if ip.next_hdr != IPPROTO_ICMPV6 || ip.hop_limit != 255 {
-        return None;
-    }
-    let kind = unsafe { *ptr_at::<u8>(data, data_end, l3_off + Ipv6Hdr::LEN)? };
-    if kind != NEIGHBOUR_SOLICITATION {
-        return None;
-    }
     let target = unsafe { *ptr_at::<[u32; 4]>(data, data_end, l3_off + Ipv6Hdr::LEN + 8)? };
     let mac = announced(&LB6_L2ANN_V1, ifindex, target)?;
     // Duplicate address detection asks from the unspecified address: the answer goes to all nodes.

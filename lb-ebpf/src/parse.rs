@@ -69,6 +69,9 @@ pub enum Network {
 pub enum Parsed {
     Packet,
     IcmpError,
+    /// An IPv6 neighbour solicitation as neighbour discovery sends them (no extension
+    /// headers, hop limit 255): XDP answers it when it asks for an announced address.
+    NeighbourSolicitation,
     /// Leave the packet untouched (`reason::PASS_*`).
     Pass(u32),
     /// Drop it (`reason::DROP_*`).
@@ -254,7 +257,7 @@ pub fn parse_ipv6(data: usize, data_end: usize, l3_off: usize, out: &mut Scratch
         return Parsed::Pass(reason::PASS_IPV6_LONG_CHAIN);
     }
     if next == IPPROTO_ICMPV6 && !first_fragment {
-        return parse_icmp6_error(data, data_end, l3_off, off, ip, &mut out.err);
+        return parse_icmp6(data, data_end, l3_off, off, ip, &mut out.err);
     }
     if next != IPPROTO_TCP && next != IPPROTO_UDP {
         return Parsed::Pass(reason::PASS_NOT_TCP_UDP);
@@ -277,14 +280,20 @@ const ICMP6_DEST_UNREACH: u8 = 1;
 const ICMP6_PACKET_TOO_BIG: u8 = 2;
 const ICMP6_TIME_EXCEEDED: u8 = 3;
 const ICMP6_PARAMETER_PROB: u8 = 4;
+const ICMP6_NEIGHBOUR_SOLICITATION: u8 = 135;
 
-/// An ICMPv6 error that quotes a TCP or UDP datagram (no extension headers in the quote) with
-/// its ports; any other ICMPv6 (echo, neighbour discovery, router advertisements) is the stack's.
+/// A neighbour solicitation, or an ICMPv6 error that quotes a TCP or UDP datagram (no
+/// extension headers in the quote) with its ports; any other ICMPv6 (echo, the rest of
+/// neighbour discovery, router advertisements) is the stack's.
 #[inline(always)]
-fn parse_icmp6_error(data: usize, data_end: usize, l3_off: usize, icmp_off: usize, ip: &Ipv6Hdr, err: &mut IcmpError<Addr6>) -> Parsed {
+fn parse_icmp6(data: usize, data_end: usize, l3_off: usize, icmp_off: usize, ip: &Ipv6Hdr, err: &mut IcmpError<Addr6>) -> Parsed {
     let not_ours = Parsed::Pass(reason::PASS_NOT_TCP_UDP);
     let Some(icmp) = ptr_at::<[u8; ICMP_HEADER_LEN]>(data, data_end, icmp_off) else { return not_ours };
-    if !matches!(unsafe { (*icmp)[0] }, ICMP6_DEST_UNREACH | ICMP6_PACKET_TOO_BIG | ICMP6_TIME_EXCEEDED | ICMP6_PARAMETER_PROB) {
+    let kind = unsafe { (*icmp)[0] };
+    if kind == ICMP6_NEIGHBOUR_SOLICITATION && icmp_off == l3_off + Ipv6Hdr::LEN && ip.hop_limit == 255 {
+        return Parsed::NeighbourSolicitation;
+    }
+    if !matches!(kind, ICMP6_DEST_UNREACH | ICMP6_PACKET_TOO_BIG | ICMP6_TIME_EXCEEDED | ICMP6_PARAMETER_PROB) {
         return not_ours;
     }
     let inner_l3_off = icmp_off + ICMP_HEADER_LEN;

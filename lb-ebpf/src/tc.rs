@@ -63,6 +63,8 @@ fn tc_family<A: Family>(ctx: &TcContext, l3_off: usize, len: u32) -> (i32, u32) 
             Balanced::Reject => tc_reject(ctx, &scratch.pkt, ifindex),
         },
         Parsed::IcmpError => tc_icmp_error(ctx, &scratch.err, ifindex),
+        // Answered on external devices only: a pod's is the stack's.
+        Parsed::NeighbourSolicitation => (TC_ACT_OK, reason::PASS_NOT_TCP_UDP),
         Parsed::Pass(why) => (TC_ACT_OK, why),
         Parsed::Drop(why) => (TC_ACT_SHOT, why),
     }

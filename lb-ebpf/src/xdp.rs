@@ -33,10 +33,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 fn xdp_path(ctx: &XdpContext) -> (u32, u32) {
     match parse_l2(data(ctx), data_end(ctx)) {
         Network::Ipv4(l3_off) => xdp_family::<Addr4>(ctx, l3_off),
-        Network::Ipv6(l3_off) => match solicited(data(ctx), data_end(ctx), l3_off, ctx.ingress_ifindex() as u32) {
-            Some(answer) => xdp_advertise(ctx, l3_off, &answer),
-            None => xdp_family::<Addr6>(ctx, l3_off),
-        },
+        Network::Ipv6(l3_off) => xdp_family::<Addr6>(ctx, l3_off),
         // The stack answers ARP for the node's own addresses; XDP for the announced ones.
         Network::Arp(l3_off) => answer_arp(data(ctx), data_end(ctx), l3_off, ctx.ingress_ifindex() as u32).unwrap_or((xdp_action::XDP_PASS, reason::PASS_NOT_IP)),
         Network::Pass(why) => (xdp_action::XDP_PASS, why),
@@ -44,15 +41,18 @@ fn xdp_path(ctx: &XdpContext) -> (u32, u32) {
     }
 }
 
-/// A neighbour solicitation for an announced address (`answer`: the MAC and destination
-/// [`solicited`] found) becomes the advertisement, sent back out.
+/// A neighbour solicitation for an announced address becomes the advertisement, sent back
+/// out; one for any other address is the stack's.
 #[inline(never)]
-fn xdp_advertise(ctx: &XdpContext, l3_off: usize, answer: &([u8; 6], [u8; 16])) -> (u32, u32) {
+fn xdp_advertise(ctx: &XdpContext, l3_off: usize) -> (u32, u32) {
+    let Some((mac, to)) = solicited(data(ctx), data_end(ctx), l3_off, ctx.ingress_ifindex() as u32) else {
+        return (xdp_action::XDP_PASS, reason::PASS_NOT_TCP_UDP);
+    };
     let resize = advertisement_len(l3_off) as i32 - (data_end(ctx) - data(ctx)) as i32;
     if resize != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, resize) } != 0 {
         return (xdp_action::XDP_DROP, reason::DROP_TRUNCATED_IP6);
     }
-    write_advertisement(data(ctx), data_end(ctx), l3_off, answer.0, answer.1).unwrap_or((xdp_action::XDP_DROP, reason::DROP_TRUNCATED_IP6))
+    write_advertisement(data(ctx), data_end(ctx), l3_off, mac, to).unwrap_or((xdp_action::XDP_DROP, reason::DROP_TRUNCATED_IP6))
 }
 
 /// One family's path: parse, decide, apply. Each step that needs much stack is a function of
@@ -70,6 +70,7 @@ fn xdp_family<A: Family>(ctx: &XdpContext, l3_off: usize) -> (u32, u32) {
             Balanced::Reject => xdp_reject(ctx, &scratch.pkt),
         },
         Parsed::IcmpError => xdp_icmp_error(ctx, &scratch.err),
+        Parsed::NeighbourSolicitation => xdp_advertise(ctx, l3_off),
         Parsed::Pass(why) => (xdp_action::XDP_PASS, why),
         Parsed::Drop(why) => (xdp_action::XDP_DROP, why),
     }

@@ -396,13 +396,7 @@ fn arp_replies(client: &Netns, target: Ipv4Addr, asks: usize, every: Duration) -
         anyhow::ensure!(unsafe { libc::bind(fd.as_raw_fd(), (&raw const at).cast(), len) } == 0, "bind: {}", std::io::Error::last_os_error());
         let timeout = libc::timeval { tv_sec: 0, tv_usec: 10_000 };
         unsafe { libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const timeout).cast(), size_of::<libc::timeval>() as u32) };
-        let mut request = vec![0xff; 6];
-        request.extend_from_slice(&mac);
-        request.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
-        request.extend_from_slice(&mac);
-        request.extend_from_slice(&CLIENT_IP.octets());
-        request.extend_from_slice(&[0; 6]);
-        request.extend_from_slice(&target.octets());
+        let request = lb_agent::announce::arp_request(mac.as_slice().try_into()?, CLIENT_IP, target);
         let mut replies = BTreeMap::new();
         let mut buf = [0u8; 1500];
         for _ in 0..asks {
