@@ -17,7 +17,7 @@ use aya::{
     Ebpf,
 };
 use lb_common::*;
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 
 use crate::{
     announce, ipam,
@@ -118,6 +118,7 @@ impl Agent {
         xdp.load().context("loading lb_xdp")?;
         let tc: &mut SchedClassifier = ebpf.program_mut(load::TC_PROGRAM).context("no TC program")?.try_into()?;
         tc.load().context("loading lb_tc")?;
+        load::pin_program(&cfg.pin_dir, load::TC_PROGRAM, tc)?;
         let maps = Maps::take(&mut ebpf)?;
         let mut dataplane = Dataplane::new(maps, cfg.hash_seed as u64, cfg.maglev_min_table)?;
         let adopted = dataplane.adopt(counters_pinned)?;
@@ -319,6 +320,7 @@ impl Agent {
 
     /// One pass: sources, then devices and addresses, then maps, then GC.
     pub async fn sync(&mut self) -> Result<()> {
+        self.sync_pod_cidrs();
         self.sync_node().await?;
         self.sync_pod_devices().await?;
         self.sync_services()?;
@@ -388,6 +390,17 @@ impl Agent {
         Ok(())
     }
 
+    /// This node's pod ranges, as its Node says, for lb-cni (GET /status).
+    fn sync_pod_cidrs(&mut self) {
+        let node_name = &self.cfg.node_name;
+        let Some(cidrs) = self.source.objects().map(|o| o.nodes().find(|n| n.metadata.id.name() == node_name).map(|n| n.pod_cidrs()).unwrap_or_default()) else { return };
+        let mut status = self.status.lock().expect("not poisoned");
+        if status.pod_cidrs != cidrs {
+            info!("pod ranges of this node: {}", if cidrs.is_empty() { "none".to_string() } else { cidrs.join(", ") });
+            status.pod_cidrs = cidrs;
+        }
+    }
+
     /// Points the socket hooks past the cgroups of host-network pods that opted out, and of
     /// their containers (found anew each pass: containers come and go).
     fn sync_socket_opt_outs(&mut self) -> Result<()> {
@@ -442,6 +455,10 @@ impl Agent {
                     self.tc_links.insert(ifindex, name.clone());
                     crate::metrics::program_attached(load::TC_PROGRAM);
                     self.status.lock().expect("not poisoned").attach(load::TC_PROGRAM, name);
+                }
+                // lb-cni attached it a moment ago and is pinning its link: adopted next pass.
+                Err(e) if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.raw_os_error() == Some(libc::EEXIST))) => {
+                    debug!("TC on {name} was attached by lb-cni; its pinned link is adopted next pass")
                 }
                 Err(e) => warn!("attaching TC to {name}: {e:#}"),
             }

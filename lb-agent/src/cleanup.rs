@@ -47,6 +47,11 @@ pub fn cleanup(pin_dir: &Path) -> Result<Removed> {
         std::fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
     }
     removed.pins = remove_own_pins(pin_dir)?;
+    let programs = crate::dataplane::load::programs_dir(pin_dir);
+    if programs.is_dir() {
+        removed.pins += remove_own_pins(&programs)?;
+        std::fs::remove_dir(&programs).with_context(|| format!("removing {}", programs.display()))?;
+    }
     // A bpffs of our own at the pin directory (`ensure_bpffs` mounted it), now empty: unmount it too.
     // (The root of every bpffs lists the kernel's own `maps.debug` and `progs.debug`.)
     let empty = std::fs::read_dir(pin_dir)?.flatten().all(|e| matches!(e.file_name().to_str(), Some("maps.debug" | "progs.debug")));
@@ -86,13 +91,13 @@ pub(crate) fn detach_link(pin: &Path) -> io::Result<()> {
 }
 
 /// Removes the pins of `dir` that are the agent's: its maps, current and set aside (their
-/// names all start with `LB`). Anything else is left, so a pin directory shared by mistake
+/// names all start with `LB`), and its programs (`lb_`). Anything else is left, so a pin directory shared by mistake
 /// loses nothing of another tool's.
 fn remove_own_pins(dir: &Path) -> Result<usize> {
     let mut count = 0;
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let path = entry?.path();
-        if path.is_file() && path.file_name().is_some_and(|n| n.as_encoded_bytes().starts_with(b"LB")) {
+        if path.is_file() && path.file_name().is_some_and(|n| n.as_encoded_bytes().to_ascii_uppercase().starts_with(b"LB")) {
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
             count += 1;
         }

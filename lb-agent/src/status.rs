@@ -32,6 +32,9 @@ pub struct AgentStatus {
     /// Pool addresses: Service, pool, the node that answers for each, since when.
     #[serde(default)]
     pub addresses: Vec<crate::announce::AddressState>,
+    /// This node's pod ranges (its Node's `spec.podCIDRs`), which lb-cni allocates from.
+    #[serde(default)]
+    pub pod_cidrs: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -66,4 +69,21 @@ impl AgentStatus {
 /// Seconds since the epoch.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Asks the agent serving on `addr` (its `--metrics-addr`) for its status: GET /status.
+pub fn fetch(addr: &str, timeout: std::time::Duration) -> anyhow::Result<AgentStatus> {
+    use anyhow::{bail, Context};
+    use std::io::{Read, Write};
+    let socket = std::net::ToSocketAddrs::to_socket_addrs(addr)?.next().with_context(|| format!("{addr} names no address"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&socket, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(stream, "GET /status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").context("no HTTP response")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("{}", head.lines().next().unwrap_or_default());
+    }
+    serde_json::from_str(body).context("not the status of an lb-agent")
 }

@@ -28,6 +28,10 @@ pub const REASON_SLOTS: u32 = 64;
 pub const MAX_NODE_IPS: u32 = 256;
 /// Capacity of `LB4_L2ANN_V1` and `LB6_L2ANN_V1`: announced addresses times external devices.
 pub const MAX_L2_ANNOUNCE: u32 = 16_384;
+/// `BPF_F_NO_PREALLOC`: a hash map's entries are allocated as they are added.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
+/// Capacity of `LB4_EP_V1` and `LB6_EP_V1`: pods on one node (allocated as they come).
+pub const MAX_ENDPOINTS: u32 = 16_384;
 /// Longest `namespace/name:port` kept in `LB_SVC_NAME_V1`.
 pub const NAME_LEN: usize = 120;
 

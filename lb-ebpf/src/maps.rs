@@ -64,6 +64,11 @@ pub static LB4_SRCRANGE_V1: LpmTrie<SourceRange4V1, u8> = LpmTrie::pinned(MAX_SO
 pub static LB4_L2ANN_V1: HashMap<L2Announce4KeyV1, L2AnnounceV1> = HashMap::pinned(MAX_L2_ANNOUNCE, 0);
 #[map]
 pub static LB6_L2ANN_V1: HashMap<L2Announce6KeyV1, L2AnnounceV1> = HashMap::pinned(MAX_L2_ANNOUNCE, 0);
+/// Written by lb-cni, one entry per pod: allocated as pods come (BPF_F_NO_PREALLOC).
+#[map]
+pub static LB4_EP_V1: HashMap<Endpoint4KeyV1, EndpointV1> = HashMap::pinned(MAX_ENDPOINTS, BPF_F_NO_PREALLOC);
+#[map]
+pub static LB6_EP_V1: HashMap<Endpoint6KeyV1, EndpointV1> = HashMap::pinned(MAX_ENDPOINTS, BPF_F_NO_PREALLOC);
 
 /// Per-CPU scratch space of each family's path (not pinned: nothing in it outlives a packet).
 #[map]

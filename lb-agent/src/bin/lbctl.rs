@@ -93,6 +93,11 @@ enum Command {
         #[command(subcommand)]
         cmd: ListOnly,
     },
+    /// Pods lb-cni wired on this node: address, pod, host device, MAC.
+    Endpoint {
+        #[command(subcommand)]
+        cmd: ListOnly,
+    },
     /// A shell completion script: `lbctl completion bash > /etc/bash_completion.d/lbctl`.
     Completion { shell: clap_complete::Shell },
 }
@@ -153,6 +158,7 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Affinity { .. } => affinity(&maps)?,
         Command::Stats => stats(&maps)?,
         Command::Address { .. } => addresses(&maps, &cli.agent)?,
+        Command::Endpoint { .. } => endpoints(&cli.pin_dir)?,
         Command::Completion { .. } => unreachable!("handled above"),
     };
     let rows: Vec<Row> = rows.into_iter().filter(|r| filter.keeps(r)).collect();
@@ -306,19 +312,7 @@ fn status(maps: &Maps, cli: &Cli) -> Result<()> {
 
 /// GET http://ADDR/status.
 fn agent_status(addr: &str) -> Result<lb_agent::status::AgentStatus> {
-    use std::io::{Read, Write};
-    let timeout = std::time::Duration::from_secs(2);
-    let socket = std::net::ToSocketAddrs::to_socket_addrs(addr)?.next().with_context(|| format!("{addr} names no address"))?;
-    let mut stream = std::net::TcpStream::connect_timeout(&socket, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    write!(stream, "GET /status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response.split_once("\r\n\r\n").context("no HTTP response")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("{}", head.lines().next().unwrap_or_default());
-    }
-    serde_json::from_str(body).context("not the status of an lb-agent")
+    lb_agent::status::fetch(addr, std::time::Duration::from_secs(2))
 }
 
 /// (map, entries, capacity) of the maps that fill up.
@@ -636,6 +630,27 @@ fn addresses(maps: &Maps, agent: &str) -> Result<Vec<Row>> {
                 ("owner", json!(if a.owner.is_empty() { "none" } else { &a.owner })),
                 ("since_s", json!(unix_now.saturating_sub(a.since_unix))),
                 ("answered_here", json!(answered.contains(&a.address))),
+            ]
+        })
+        .collect())
+}
+
+fn endpoints(pin_dir: &std::path::Path) -> Result<Vec<Row>> {
+    let endpoints = lb_agent::dataplane::endpoints::Endpoints::open_pinned(pin_dir)?;
+    let links: HashMap<u32, String> = std::fs::read_dir("/sys/class/net")
+        .map(|dir| dir.flatten().filter_map(|e| Some((std::fs::read_to_string(e.path().join("ifindex")).ok()?.trim().parse().ok()?, e.file_name().to_string_lossy().into_owned()))).collect())
+        .unwrap_or_default();
+    Ok(endpoints
+        .list()
+        .into_iter()
+        .map(|(ip, e)| {
+            let mac = e.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+            vec![
+                ("address", json!(ip.to_string())),
+                ("pod", json!(if e.pod().is_empty() { "-" } else { e.pod() })),
+                ("device", json!(links.get(&e.ifindex).cloned().unwrap_or_else(|| format!("ifindex {} (gone)", e.ifindex)))),
+                ("ifindex", json!(e.ifindex)),
+                ("mac", json!(mac)),
             ]
         })
         .collect())

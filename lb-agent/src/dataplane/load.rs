@@ -72,7 +72,7 @@ fn load_object(pin_dir: &Path, sizes: &MapSizes) -> Result<Ebpf> {
 
 /// Key and value sizes of every map of schema v1, as the kernel reports them, and the
 /// capacity where the schema fixes it (the rest are sized by flags).
-fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 28] {
+fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 30] {
     use lb_common::*;
     use std::mem::size_of;
     [
@@ -104,6 +104,8 @@ fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 28] {
         (MAP_SOCK_REVNAT6, size_of::<SockRevNat6KeyV1>(), size_of::<SockRevNat6V1>(), None),
         (MAP_L2_ANNOUNCE, size_of::<L2Announce4KeyV1>(), size_of::<L2AnnounceV1>(), Some(MAX_L2_ANNOUNCE)),
         (MAP_L2_ANNOUNCE6, size_of::<L2Announce6KeyV1>(), size_of::<L2AnnounceV1>(), Some(MAX_L2_ANNOUNCE)),
+        (MAP_ENDPOINTS, size_of::<Endpoint4KeyV1>(), size_of::<EndpointV1>(), Some(MAX_ENDPOINTS)),
+        (MAP_ENDPOINTS6, size_of::<Endpoint6KeyV1>(), size_of::<EndpointV1>(), Some(MAX_ENDPOINTS)),
     ]
 }
 
@@ -354,6 +356,26 @@ fn fs_magic(dir: &Path) -> Result<i64> {
         bail!("statfs {}: {}", dir.display(), io::Error::last_os_error());
     }
     Ok(st.f_type as i64)
+}
+
+/// Where the agent pins the programs another process attaches: lb-cni attaches `lb_tc` to
+/// each pod it wires, before its ADD returns.
+pub fn programs_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("programs")
+}
+
+/// Pins a loaded program at `programs/<name>`, replacing an earlier agent's pin in one step
+/// (pinned under a temporary name, then renamed over it), so lb-cni never finds none.
+pub fn pin_program(pin_dir: &Path, name: &str, prog: &mut aya::programs::SchedClassifier) -> Result<PathBuf> {
+    let dir = programs_dir(pin_dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(name);
+    // bpffs refuses names with dots.
+    let fresh = dir.join(format!("{name}_new"));
+    let _ = std::fs::remove_file(&fresh);
+    prog.pin(&fresh).with_context(|| format!("pinning {name} at {}", fresh.display()))?;
+    std::fs::rename(&fresh, &path).with_context(|| format!("renaming {} to {}", fresh.display(), path.display()))?;
+    Ok(path)
 }
 
 /// Where a map of `pin_dir` is pinned.

@@ -375,7 +375,19 @@ pub struct EndpointPort {
 pub struct Node {
     #[serde(default)]
     pub metadata: Meta,
+    pub spec: Option<NodeSpec>,
     pub status: Option<NodeStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSpec {
+    /// The node's pod ranges (one per family); lb-cni allocates from them when its config
+    /// names no subnet.
+    pub pod_cidrs: Option<Box<[Text]>>,
+    /// The older single-range field, set alone by some clusters.
+    #[serde(rename = "podCIDR")]
+    pub pod_cidr: Option<Text>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -394,6 +406,16 @@ pub struct NodeCondition {
 impl Node {
     /// Its `Ready` condition is `True`. (Standalone mode's notion of a live node: a manifest
     /// without conditions describes a node that is there.)
+    /// `spec.podCIDRs`, else `spec.podCIDR`.
+    pub fn pod_cidrs(&self) -> Vec<String> {
+        let Some(spec) = &self.spec else { return Vec::new() };
+        match (&spec.pod_cidrs, &spec.pod_cidr) {
+            (Some(all), _) if !all.is_empty() => all.iter().map(|c| c.to_string()).collect(),
+            (_, Some(one)) => vec![one.to_string()],
+            _ => Vec::new(),
+        }
+    }
+
     pub fn ready(&self) -> bool {
         let conditions = self.status.as_ref().and_then(|s| s.conditions.as_deref()).unwrap_or_default();
         conditions.iter().find(|c| c.type_ == "Ready").is_none_or(|c| c.status == "True")
@@ -548,7 +570,8 @@ impl From<api::core::v1::Node> for Node {
             addresses: s.addresses.map(|list| list.into_iter().map(|a| NodeAddress { type_: a.type_.into(), address: a.address.into() }).collect()),
             conditions: s.conditions.map(|list| list.into_iter().map(|c| NodeCondition { type_: c.type_.into(), status: c.status.into() }).collect()),
         });
-        Self { metadata: n.metadata.into(), status }
+        let spec = n.spec.map(|s| NodeSpec { pod_cidrs: s.pod_cidrs.map(|list| list.into_iter().map(Text::from).collect()), pod_cidr: text(s.pod_cidr) });
+        Self { metadata: n.metadata.into(), spec, status }
     }
 }
 
@@ -629,8 +652,10 @@ mod tests {
         assert_eq!(slice.endpoints[0].address.as_deref(), Some("10.244.1.5"), "only the first address is kept");
         let node: Node = both_ways::<api::core::v1::Node, _>(json!({
             "apiVersion": "v1", "kind": "Node", "metadata": meta(json!({}), json!({})),
+            "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24", "fd00:244:1::/64"]},
             "status": {"addresses": [{"type": "InternalIP", "address": "192.168.1.10"}, {"type": "Hostname", "address": "node-a"}]},
         }));
+        assert_eq!(node.pod_cidrs(), ["10.244.1.0/24", "fd00:244:1::/64"]);
         assert_eq!(node.status.unwrap().addresses.unwrap()[0].address, "192.168.1.10");
         let pod: Pod = both_ways::<api::core::v1::Pod, _>(json!({
             "apiVersion": "v1", "kind": "Pod", "metadata": meta(json!({}), json!({SOCKET_LB_ANNOTATION: "disabled"})),

@@ -10,12 +10,14 @@
 //! - [`counters`]: traffic and verdict counters;
 //! - [`config`]: settings and node addresses the agent gives the datapath;
 //! - [`socket`]: socket-level balancing of the node's own processes;
-//! - [`l2`]: the load-balancer addresses this node answers ARP and NDP for.
+//! - [`l2`]: the load-balancer addresses this node answers ARP and NDP for;
+//! - [`endpoint`]: the pods the CNI plugin wired on this node.
 pub mod affinity;
 pub mod backend;
 pub mod config;
 pub mod conntrack;
 pub mod counters;
+pub mod endpoint;
 pub mod family;
 pub mod l2;
 pub mod service;
@@ -27,6 +29,7 @@ pub use backend::*;
 pub use config::*;
 pub use conntrack::*;
 pub use counters::*;
+pub use endpoint::*;
 pub use family::*;
 pub use l2::*;
 pub use service::*;
@@ -34,7 +37,7 @@ pub use socket::*;
 pub use source_range::*;
 
 /// Every pinned map of schema v1.
-pub const ALL_MAPS: [&str; 28] = [
+pub const ALL_MAPS: [&str; 30] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_MAGLEV,
@@ -63,6 +66,8 @@ pub const ALL_MAPS: [&str; 28] = [
     MAP_SOCK_REVNAT6,
     MAP_L2_ANNOUNCE,
     MAP_L2_ANNOUNCE6,
+    MAP_ENDPOINTS,
+    MAP_ENDPOINTS6,
 ];
 
 /// Marks map types as plain old data for aya (user space only).
