@@ -3,7 +3,7 @@
 #
 #   scripts/build-image.sh [--bin-dir DIR] [--image NAME]
 #
-# --bin-dir: where lb-agent and lbctl are [default: builds them with `cargo build --release`].
+# --bin-dir: where lb-agent, lbctl and lb-cni are [default: builds them with `cargo build --release`].
 # --image:   the image name [default: ghcr.io/lb-project/lb-agent]; the tag is always the
 #            binaries' own version (`lb-agent --version`), the one deploy/ names.
 # Prints the image reference on its last line.
@@ -19,7 +19,7 @@ while (($#)); do
   esac
 done
 if [ -z "$bin_dir" ]; then
-  cargo build --release --bin lb-agent --bin lbctl >&2
+  cargo build --release --bin lb-agent --bin lbctl --bin lb-cni >&2
   bin_dir=target/release
 fi
 for tool in busybox strip; do
@@ -38,7 +38,7 @@ root="$stage/rootfs"
 mkdir -p "$root/usr/local/bin" "$root/bin" "$root/tmp" "$root/run" "$root/sys/fs/bpf" "$root/proc"
 chmod 1777 "$root/tmp"
 # The binaries without debug info, and every shared library they load, at the same paths.
-for bin in lb-agent lbctl; do
+for bin in lb-agent lbctl lb-cni; do
   strip --strip-debug -o "$root/usr/local/bin/$bin" "$bin_dir/$bin"
   for lib in $(ldd "$bin_dir/$bin" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'); do
     mkdir -p "$root$(dirname "$lib")"
@@ -47,7 +47,7 @@ for bin in lb-agent lbctl; do
 done
 # The init step's shell and tools: one static busybox.
 cp /usr/bin/busybox "$root/bin/busybox"
-for applet in sh mount umount sysctl grep tr cat ls rm echo sleep; do
+for applet in sh mount umount sysctl grep tr cat ls rm echo sleep cp mv; do
   ln -s busybox "$root/bin/$applet"
 done
 

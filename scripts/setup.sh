@@ -19,6 +19,8 @@ command -v runc >/dev/null || missing+=(runc)
 [ -x /usr/bin/busybox ] && /usr/bin/busybox --list | grep -qx sysctl || missing+=(busybox-static)
 command -v strip >/dev/null || missing+=(binutils)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
+# The reference CNI plugins: lb-cni's tests chain portmap after it and delegate to host-local.
+[ -x /usr/lib/cni/portmap ] && [ -x /usr/lib/cni/host-local ] || missing+=(containernetworking-plugins)
 if ((${#missing[@]})); then
   echo "setup: installing Debian packages: ${missing[*]}"
   apt-get update -qq

@@ -10,7 +10,7 @@ use std::{
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
-const OVERLAYS: [&str; 3] = ["overlays/kubernetes", "overlays/bare-metal", "overlays/standalone"];
+const OVERLAYS: [&str; 4] = ["overlays/kubernetes", "overlays/bare-metal", "overlays/standalone", "overlays/cni"];
 const KUBERNETES_VERSIONS: [&str; 2] = ["1.34.0", "1.37.0"];
 const IMAGE: &str = "ghcr.io/lb-project/lb-agent";
 
@@ -157,7 +157,7 @@ fn the_agent_runs_on_every_linux_node_with_probes_and_without_privilege() {
             assert_eq!(env["valueFrom"]["configMapKeyRef"]["name"].as_str(), Some(config), "{sub}: {env:?}");
         }
         // The init step mounts bpffs when the host has none.
-        let init = &pod["initContainers"][0];
+        let init = pod["initContainers"].as_sequence().unwrap().iter().find(|c| c["name"].as_str() == Some("prepare-node")).unwrap();
         assert!(strings(&init["command"]).iter().any(|c| c.contains("mount -t bpf bpf /sys/fs/bpf")));
     }
 }
@@ -190,6 +190,37 @@ fn the_modes_differ_only_where_they_must() {
     let env = pod["containers"][0]["env"].as_sequence().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect::<Vec<_>>();
     assert!(!env.contains(&"K8S_API_SERVER"), "{env:?}");
     assert!(pod["volumes"].as_sequence().unwrap().iter().any(|v| v["hostPath"]["path"].as_str() == Some("/etc/lb/manifests")));
+}
+
+#[test]
+fn the_cni_overlay_installs_lb_cni_and_a_config_list_it_accepts() {
+    let text = render("overlays/cni");
+    let docs = documents(&text);
+    let pod = &kind(&docs, "DaemonSet", "lb-agent")["spec"]["template"]["spec"];
+    let install = pod["initContainers"].as_sequence().unwrap().iter().find(|c| c["name"].as_str() == Some("install-cni")).expect("an install-cni init container");
+    let mounts: Vec<&str> = install["volumeMounts"].as_sequence().unwrap().iter().map(|m| m["mountPath"].as_str().unwrap()).collect();
+    assert_eq!(mounts, ["/host/opt/cni/bin", "/host/etc/cni/net.d", "/etc/lb-cni"]);
+    let script = strings(&install["command"]).join(" ");
+    assert!(script.contains("/host/opt/cni/bin/lb-cni") && script.contains("/host/etc/cni/net.d/05-lb-cni.conflist"), "{script}");
+    let host_paths: Vec<&str> = pod["volumes"].as_sequence().unwrap().iter().filter_map(|v| v["hostPath"]["path"].as_str()).collect();
+    assert!(host_paths.contains(&"/opt/cni/bin") && host_paths.contains(&"/etc/cni/net.d"), "{host_paths:?}");
+    assert!(strings(&pod["containers"][0]["command"]).contains(&"--kubernetes"), "the kubernetes overlay underneath");
+    // The config list names the agent's pin directory and status address, and lb-cni reads
+    // its plugin entry: STATUS gets as far as asking the agent (none here: code 50).
+    let conflist: serde_json::Value = serde_json::from_str(kind(&docs, "ConfigMap", "lb-cni-config")["data"]["05-lb-cni.conflist"].as_str().unwrap()).unwrap();
+    let agent_pins = strings(&pod["containers"][0]["command"]).into_iter().find_map(|a| a.strip_prefix("--pin-dir=")).unwrap().to_string();
+    let mut plugin = conflist["plugins"][0].clone();
+    assert_eq!((plugin["type"].as_str(), plugin["pinDir"].as_str()), (Some("lb-cni"), Some(agent_pins.as_str())));
+    assert_eq!(plugin["agent"].as_str().map(|a| a.ends_with(":9970")), Some(true), "the agent's metrics-addr port");
+    plugin["cniVersion"] = "1.1.0".into();
+    plugin["name"] = conflist["name"].clone();
+    plugin["agent"] = "127.0.0.1:1".into();
+    let lb_cni = Path::new(env!("CARGO_BIN_EXE_lb-agent")).with_file_name("lb-cni");
+    let mut child = Command::new(&lb_cni).env("CNI_COMMAND", "STATUS").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().expect("lb-cni, built beside lb-agent");
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), plugin.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["code"].as_u64(), Some(50), "{reply}");
 }
 
 /// Mebibytes of a Kubernetes quantity such as `704Mi` or `1Gi`.
