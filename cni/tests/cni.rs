@@ -4,10 +4,9 @@
 //! second node.
 use std::{
     collections::BTreeSet,
-    io::Write,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
@@ -16,6 +15,7 @@ use lb_agent::dataplane::endpoints::Endpoints;
 use lb_cni::spec::Attachment;
 use serde_json::{json, Value};
 use testbed::{
+    cni::{self, Reply},
     netns::{unique_prefix, Netns},
     process::AgentProcess,
     servers::{http_get, tcp_request, udp_request, EchoServer},
@@ -35,54 +35,12 @@ fn agent_bin() -> PathBuf {
     plugin().with_file_name("lb-agent")
 }
 
-/// What the plugin answered.
-#[derive(Debug)]
-struct Reply {
-    ok: bool,
-    json: Value,
-}
-
-impl Reply {
-    fn code(&self) -> u64 {
-        self.json["code"].as_u64().unwrap_or(0)
-    }
-
-    fn success(self) -> Result<Value> {
-        ensure!(self.ok, "lb-cni failed: {}", self.json);
-        Ok(self.json)
-    }
-}
-
-/// Runs `binary` in `node`'s namespace with exactly the given `CNI_*` variables.
 fn invoke(binary: &Path, node: &Netns, env: &[(&str, String)], stdin: &[u8]) -> Result<Reply> {
-    invoke_in(binary, &node.name, env, stdin)
-}
-
-fn invoke_in(binary: &Path, node: &str, env: &[(&str, String)], stdin: &[u8]) -> Result<Reply> {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", node]).arg(binary).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    for name in ["CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH"] {
-        cmd.env_remove(name);
-    }
-    cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
-    let mut child = cmd.spawn().with_context(|| format!("running {}", binary.display()))?;
-    child.stdin.take().expect("piped").write_all(stdin)?;
-    let out = child.wait_with_output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let json = if text.trim().is_empty() { Value::Null } else { serde_json::from_str(&text).with_context(|| format!("stdout is not JSON: {text:?} (stderr {:?})", String::from_utf8_lossy(&out.stderr)))? };
-    if !out.status.success() {
-        ensure!(json.get("code").is_some() && json.get("msg").is_some() && json.get("cniVersion").is_some(), "an error without the spec's error JSON: {text:?}");
-    }
-    Ok(Reply { ok: out.status.success(), json })
+    cni::invoke(binary, &node.name, env, stdin)
 }
 
 fn cni_env(command: &str, container_id: &str, netns: Option<&str>, ifname: &str) -> Vec<(&'static str, String)> {
-    let mut env = vec![("CNI_COMMAND", command.to_string()), ("CNI_CONTAINERID", container_id.to_string()), ("CNI_IFNAME", ifname.to_string()), ("CNI_PATH", "/usr/lib/cni".to_string())];
-    env.push(("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME={container_id}")));
-    if let Some(ns) = netns {
-        env.push(("CNI_NETNS", ns.to_string()));
-    }
-    env
+    cni::attachment_env(command, container_id, netns, ifname, ("shop", container_id))
 }
 
 /// A pod as the runtime sees it: a network namespace and a container ID.
@@ -346,7 +304,7 @@ fn concurrent_adds_get_distinct_addresses_and_200_cycles_leave_nothing() -> Resu
         .iter()
         .map(|p| {
             let (node, conf, path, id) = (node.clone(), conf.clone(), p.path(), p.id.clone());
-            std::thread::spawn(move || -> Result<Value> { invoke_in(plugin(), &node, &cni_env("ADD", &id, Some(&path), "eth0"), conf.as_bytes())?.success() })
+            std::thread::spawn(move || -> Result<Value> { cni::invoke(plugin(), &node, &cni_env("ADD", &id, Some(&path), "eth0"), conf.as_bytes())?.success() })
         })
         .collect();
     // Every thread joined before any error is returned: none outlives the test bed.

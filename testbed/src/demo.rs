@@ -1,7 +1,8 @@
 //! The standalone demo: a node with three backend pods and a client pod, an outside client,
 //! the example manifests, real requests through the load balancer (every kind of frontend,
 //! session affinity, hairpin, externalTrafficPolicy: Local, the health checks, IPv6 and
-//! dual-stack, the node's own processes), and lbctl's view of it.
+//! dual-stack, the node's own processes, a bare-metal address pool, a pod wired by lb-cni), and
+//! lbctl's view of it.
 use std::{
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -12,6 +13,7 @@ use std::{
 use anyhow::{Context, Result};
 
 use crate::{
+    cni,
     netns::Netns,
     process::AgentProcess,
     servers::{http_get, tcp_request, udp_request, Answer, EchoServer},
@@ -147,6 +149,7 @@ pub fn run(bin_dir: &Path, manifests: &Path) -> Result<()> {
     }
     let neighbour = demo.cluster.client.exec("ip neigh show 10.99.0.200 dev eth0")?;
     println!("   the client resolved it by ARP, answered from XDP on node-a ({}): {}", node.mac("eth0")?, neighbour.trim());
+    pod_networking(bin_dir, &demo, &pin_dir)?;
     println!("== lbctl address list (in node-a's namespace: it asks the agent)");
     let out = Command::new("ip").args(["netns", "exec", &node.name]).arg(&lbctl).arg("--pin-dir").arg(&pin_dir).args(["address", "list"]).output().context("running lbctl")?;
     print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -170,6 +173,38 @@ pub fn run(bin_dir: &Path, manifests: &Path) -> Result<()> {
         Err(_) => println!("   NodePort 10.99.0.1:30080 no longer answers: nothing forwards to a frozen table"),
     }
     println!("== cleaning up: namespaces removed");
+    Ok(())
+}
+
+/// lb-cni wires a new pod as a container runtime would run it (ADD), the pod reaches a
+/// ClusterIP through the TC program ADD attached, lbctl lists the endpoint, DEL undoes it all.
+fn pod_networking(bin_dir: &Path, demo: &Demo, pin_dir: &Path) -> Result<()> {
+    let node = &demo.cluster.nodes[0].ns;
+    let pod = Netns::new(&format!("{}-cni", demo.cluster.prefix))?;
+    let data_dir = std::env::temp_dir().join(format!("lb-demo-cni-{}", std::process::id()));
+    let conf = serde_json::json!({
+        "cniVersion": "1.1.0", "name": "demo", "type": "lb-cni", "pinDir": pin_dir, "agent": "127.0.0.1:9970",
+        "ipam": {"type": "lb-cni", "subnet": "10.244.1.128/25", "dataDir": data_dir},
+    });
+    let netns = format!("/run/netns/{}", pod.name);
+    let plugin = bin_dir.join("lb-cni");
+    let env = |command: &str| cni::attachment_env(command, "demo-cni-0", Some(&netns), "eth0", ("demo", "cni-0"));
+    println!("== pod networking: lb-cni ADD for a new pod (CNI 1.1.0, own IPAM from 10.244.1.128/25), as a container runtime runs it");
+    let result = cni::invoke(&plugin, &node.name, &env("ADD"), conf.to_string().as_bytes())?.success()?;
+    let pod_ip = result["ips"][0]["address"].as_str().unwrap_or_default().to_string();
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    println!("   result: {pod_ip} on {} (host side {}), gateway {}", text(&result["interfaces"][1]["name"]), text(&result["interfaces"][0]["name"]), text(&result["ips"][0]["gateway"]));
+    match tcp_request(&pod, sock([10, 96, 0, 10], 80), None, Duration::from_secs(2)) {
+        Ok(a) => println!("   {:<44} answered by {} (it saw source {})", "new pod -> ClusterIP 10.96.0.10:80 (TCP)", a.backend, a.seen_source),
+        Err(e) => println!("   new pod -> ClusterIP 10.96.0.10:80 FAILED: {e:#}"),
+    }
+    println!("== lbctl endpoint list");
+    let out = Command::new("ip").args(["netns", "exec", &node.name]).arg(bin_dir.join("lbctl")).arg("--pin-dir").arg(pin_dir).args(["endpoint", "list"]).output().context("running lbctl")?;
+    print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let deleted = cni::invoke(&plugin, &node.name, &env("DEL"), conf.to_string().as_bytes())?;
+    let left = std::fs::read_dir(data_dir.join("demo")).map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("10.")).count()).unwrap_or(0);
+    println!("   lb-cni DEL: {}; addresses still reserved: {left}", if deleted.ok { "ok" } else { "FAILED" });
+    let _ = std::fs::remove_dir_all(&data_dir);
     Ok(())
 }
 

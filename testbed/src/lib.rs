@@ -8,10 +8,12 @@
 //! - [`servers`]: echo and HTTP servers in pods, and their clients;
 //! - [`process`]: lb-agent as a child process;
 //! - [`bpffs`]: private bpffs mounts;
+//! - [`cni`]: a CNI plugin run as a container runtime runs it;
 //! - [`progtest`]: the kernel programs loaded for BPF_PROG_TEST_RUN;
 //! - [`demo`]: the example topology and the standalone demo.
 pub mod apiserver;
 pub mod bpffs;
+pub mod cni;
 pub mod demo;
 pub mod netns;
 pub mod process;
