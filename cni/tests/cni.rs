@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::{ensure, Context, Result};
+use aya::programs::{tc::TcAttachType, SchedClassifier};
 use lb_agent::dataplane::endpoints::Endpoints;
 use lb_cni::spec::Attachment;
 use serde_json::{json, Value};
@@ -207,6 +208,9 @@ fn every_version_adds_checks_and_deletes_a_pod_that_reaches_gateway_pods_cluster
         let a = tcp_request(&pod.ns, remote_pod, None, TIMEOUT).with_context(|| format!("{version}: pod to a pod on node B"))?;
         assert_eq!((a.backend.as_str(), a.seen_source), ("remote-0", pod_ip));
 
+        // One TC program on the host side, however the agent's own discovery raced the ADD.
+        let device = interfaces[0]["name"].as_str().unwrap();
+        assert_eq!(tcx_ingress(&bed, device)?, ["lb_tc"], "{version}: programs on {device}");
         // The endpoint map and lbctl name the pod.
         let endpoints = Endpoints::open_pinned(&bed.pins)?;
         let entry = endpoints.get(pod_ip).context("no endpoint entry")?;
@@ -222,6 +226,13 @@ fn every_version_adds_checks_and_deletes_a_pod_that_reaches_gateway_pods_cluster
     bed.run("DEL", &neighbour, &bed.conf("1.1.0"))?.success()?;
     assert_eq!(bed.leftovers()?, Leftovers::default());
     Ok(())
+}
+
+/// The names of the TCX ingress programs on node A's `device` (this bpftool predates TCX).
+fn tcx_ingress(bed: &Bed, device: &str) -> Result<Vec<String>> {
+    let ifindex: u32 = bed.node().exec(&format!("cat /sys/class/net/{device}/ifindex"))?.trim().parse()?;
+    let (_, programs) = bed.node().run(move || SchedClassifier::query_tcx(ifindex, TcAttachType::Ingress))??;
+    Ok(programs.iter().map(|p| p.name_as_str().unwrap_or_default().to_string()).collect())
 }
 
 fn neighbour_device(bed: &Bed, pod: &PodNs) -> Result<String> {
@@ -320,11 +331,13 @@ fn concurrent_adds_get_distinct_addresses_and_200_cycles_leave_nothing() -> Resu
     assert_eq!(bed.leftovers()?, Leftovers::default());
 
     let pod = bed.pod("cycle")?;
+    let started = std::time::Instant::now();
     for i in 0..200 {
         let version = VERSIONS[i % VERSIONS.len()];
         bed.add(&pod, version).with_context(|| format!("cycle {i}"))?;
         bed.run("DEL", &pod, &bed.conf(version))?.success().with_context(|| format!("cycle {i}"))?;
     }
+    eprintln!("200 ADD/DEL cycles (each a process per command, as a runtime runs them) took {:.2} s", started.elapsed().as_secs_f64());
     assert_eq!(bed.leftovers()?, Leftovers::default(), "200 ADD/DEL cycles leave nothing");
     assert!(pod.ns.exec("ip -o link show")?.lines().all(|l| !l.contains("eth0")));
     Ok(())
@@ -387,10 +400,21 @@ fn gc_frees_exactly_the_attachments_not_listed_and_status_follows_the_agent() ->
     assert!(address_of(&result)?.to_string().starts_with("10.244.1."), "{result}");
     bed.run("DEL", &pod, &from_node)?.success()?;
     bed.agent.take();
+    // The datapath outlives the agent: the kept pod still reaches the ClusterIP.
+    let a = tcp_request(&pods[0].ns, SocketAddr::from((CLUSTER_IP, 80)), None, TIMEOUT).context("ClusterIP with the agent stopped")?;
+    assert_eq!((a.backend.as_str(), a.seen_source), ("remote-0", address_of(&results[0])?));
     let down = status(&bed)?;
     assert_eq!((down.ok, down.code()), (false, 50), "{}", down.json);
     let add = bed.run("ADD", &pod, &from_node)?;
     assert_eq!((add.ok, add.code()), (false, 11), "no range without the agent: try again later: {}", add.json);
+    // A new agent adopts the pod's pinned link (its program replaced in place, no second one).
+    bed.agent = Some(bed.cluster.start_agent(&agent_bin(), 0, &["--manifests".to_string(), bed.manifests.display().to_string()], &bed.pins, &[])?);
+    assert!(status(&bed)?.ok);
+    assert!(bed.run("CHECK", &pods[0], &bed.with_prev("1.1.0", &results[0]))?.ok);
+    let device = &bed.leftovers()?.host_devices[0];
+    assert_eq!(tcx_ingress(&bed, device)?, ["lb_tc"], "one program on {device} after the agent's restart");
+    let a = tcp_request(&pods[0].ns, SocketAddr::from((CLUSTER_IP, 80)), None, TIMEOUT).context("ClusterIP after the agent's restart")?;
+    assert_eq!(a.backend, "remote-0");
     bed.run("DEL", &pods[0], &bed.conf("1.1.0"))?.success()?;
     assert_eq!(bed.leftovers()?, Leftovers::default());
     Ok(())

@@ -2,7 +2,8 @@
 //! `--max-flows`, `--max-services`, `--max-backends` and `--maglev-slots` ask for, through
 //! the kernel's own accounting (what `bpftool map show` reports as `memlock`, and what the
 //! pod's memory cgroup is charged). Maps are preallocated, so this is their cost from the
-//! first packet on; only the source-range tries grow with their contents.
+//! first packet on; only the source-range tries and the endpoint maps (one entry per pod)
+//! grow with their contents.
 use anyhow::{Context, Result};
 
 use super::load::{flag_sized, MapSizes, OBJECT};
@@ -47,6 +48,9 @@ fn map_bytes(map_type: u32, key: u64, value: u64, entries: u64, flags: u32, cpus
         HTAB_STRUCT + HTAB_LOCKS_PER_CPU * cpus + entries.next_power_of_two() * HTAB_BUCKET + elements * elem
     };
     match map_type {
+        // Allocated as entries are added (the endpoint maps): its buckets only, and no spare
+        // element pointers per CPU.
+        t if t == BPF_MAP_TYPE_HASH as u32 && flags & lb_common::BPF_F_NO_PREALLOC != 0 => hash(0, false) - 8 * cpus,
         // A preallocated hash map keeps one spare element per CPU for updates in place.
         t if t == BPF_MAP_TYPE_HASH as u32 => hash(entries + cpus, false),
         t if t == BPF_MAP_TYPE_LRU_HASH as u32 => hash(entries, false) - HTAB_BUCKET,

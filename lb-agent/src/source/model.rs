@@ -380,10 +380,10 @@ pub struct Node {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
 pub struct NodeSpec {
     /// The node's pod ranges (one per family); lb-cni allocates from them when its config
     /// names no subnet.
+    #[serde(rename = "podCIDRs")]
     pub pod_cidrs: Option<Box<[Text]>>,
     /// The older single-range field, set alone by some clusters.
     #[serde(rename = "podCIDR")]
