@@ -11,7 +11,8 @@
 //! - [`config`]: settings and node addresses the agent gives the datapath;
 //! - [`socket`]: socket-level balancing of the node's own processes;
 //! - [`l2`]: the load-balancer addresses this node answers ARP and NDP for;
-//! - [`endpoint`]: the pods the CNI plugin wired on this node.
+//! - [`endpoint`]: the pods the CNI plugin wired on this node;
+//! - [`policy`]: NetworkPolicy identities, isolation and allow rules.
 pub mod affinity;
 pub mod backend;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod counters;
 pub mod endpoint;
 pub mod family;
 pub mod l2;
+pub mod policy;
 pub mod service;
 pub mod socket;
 pub mod source_range;
@@ -32,6 +34,7 @@ pub use counters::*;
 pub use endpoint::*;
 pub use family::*;
 pub use l2::*;
+pub use policy::*;
 pub use service::*;
 pub use socket::*;
 pub use source_range::*;
