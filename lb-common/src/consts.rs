@@ -32,6 +32,14 @@ pub const MAX_L2_ANNOUNCE: u32 = 16_384;
 pub const BPF_F_NO_PREALLOC: u32 = 1;
 /// Capacity of `LB4_EP_V1` and `LB6_EP_V1`: pods on one node (allocated as they come).
 pub const MAX_ENDPOINTS: u32 = 16_384;
+/// Capacity of the ipcache tries (`LB4_IPCACHE_V1`, `LB6_IPCACHE_V1`): pods of the cluster and
+/// `ipBlock` prefixes.
+pub const MAX_IPCACHE: u32 = 262_144;
+/// Capacity of `LB_POLICY_V1`: allow rules of this node's pods (a port range is several).
+pub const MAX_POLICY_RULES: u32 = 262_144;
+/// Capacity of the policy flow tables (`LB4_POLCT_V1`, `LB6_POLCT_V1`): connections a policy
+/// allowed, whose replies pass.
+pub const MAX_POLICY_FLOWS: u32 = 262_144;
 /// Longest `namespace/name:port` kept in `LB_SVC_NAME_V1`.
 pub const NAME_LEN: usize = 120;
 

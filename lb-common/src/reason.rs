@@ -48,9 +48,11 @@ pub const DROP_NO_SNAT_ADDR: u32 = 27;
 /// An ARP request or IPv6 neighbour solicitation for a load-balancer address this node
 /// announces, answered from XDP.
 pub const FWD_L2_ANSWER: u32 = 28;
+/// A pod's NetworkPolicy does not allow the packet (its ingress or its egress).
+pub const DROP_POLICY: u32 = 29;
 
 /// Number of reasons (at most `REASON_SLOTS`).
-pub const COUNT: u32 = 29;
+pub const COUNT: u32 = 30;
 
 /// Stable names for metrics and `lbctl stats`, indexed by reason.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -83,4 +85,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "pass_ipv6_long_chain",
     "drop_no_snat_addr",
     "fwd_l2_answer",
+    "drop_policy",
 ];

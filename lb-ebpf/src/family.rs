@@ -3,7 +3,7 @@
 //! generic over [`Family`]; only what differs is here.
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, bpf_redir_neigh},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::*;
 
@@ -31,6 +31,10 @@ pub trait Family: MapAddr + 'static {
     /// This node's addresses, where NodePorts answer.
     fn node_ips() -> &'static HashMap<Self, u32>;
     fn source_ranges() -> &'static LpmTrie<SourceRangeV1<Self>, u8>;
+    /// NetworkPolicy: address -> identity, this node's isolated pods, flows a policy allowed.
+    fn ipcache() -> &'static LpmTrie<IpCacheKeyV1<Self>, IdentityV1>;
+    fn policy_endpoints() -> &'static HashMap<PolicyEndpointKeyV1<Self>, PolicyEndpointV1>;
+    fn policy_flows() -> &'static LruHashMap<CtKeyV1<Self>, u8>;
     /// This family's per-CPU scratch space.
     fn scratch() -> &'static PerCpuArray<Scratch<Self>>;
     fn affinity_key(client: Self, service_id: u32) -> AffinityKeyV1;
@@ -86,6 +90,8 @@ pub struct Scratch<A: MapAddr> {
     pub pkt: Packet<A>,
     pub err: IcmpError<A>,
     pub new_flow: NewFlow<A>,
+    /// A translated packet's tuple as it travels on, for the pod's egress policy.
+    pub travelling: CtKeyV1<A>,
 }
 
 /// A new flow's entries, before they go into the conntrack and reverse-NAT maps.
@@ -143,6 +149,18 @@ impl Family for Addr4 {
     #[inline(always)]
     fn source_ranges() -> &'static LpmTrie<SourceRange4V1, u8> {
         &LB4_SRCRANGE_V1
+    }
+    #[inline(always)]
+    fn ipcache() -> &'static LpmTrie<IpCache4KeyV1, IdentityV1> {
+        &LB4_IPCACHE_V1
+    }
+    #[inline(always)]
+    fn policy_endpoints() -> &'static HashMap<PolicyEndpoint4KeyV1, PolicyEndpointV1> {
+        &LB4_POLEP_V1
+    }
+    #[inline(always)]
+    fn policy_flows() -> &'static LruHashMap<Ct4KeyV1, u8> {
+        &LB4_POLCT_V1
     }
     #[inline(always)]
     fn scratch() -> &'static PerCpuArray<Scratch<Self>> {
@@ -230,6 +248,18 @@ impl Family for Addr6 {
     #[inline(always)]
     fn source_ranges() -> &'static LpmTrie<SourceRange6V1, u8> {
         &LB6_SRCRANGE_V1
+    }
+    #[inline(always)]
+    fn ipcache() -> &'static LpmTrie<IpCache6KeyV1, IdentityV1> {
+        &LB6_IPCACHE_V1
+    }
+    #[inline(always)]
+    fn policy_endpoints() -> &'static HashMap<PolicyEndpoint6KeyV1, PolicyEndpointV1> {
+        &LB6_POLEP_V1
+    }
+    #[inline(always)]
+    fn policy_flows() -> &'static LruHashMap<Ct6KeyV1, u8> {
+        &LB6_POLCT_V1
     }
     #[inline(always)]
     fn scratch() -> &'static PerCpuArray<Scratch<Self>> {

@@ -2,7 +2,9 @@
 //! - [`xdp`]: `lb_xdp` on external devices (north-south: NodePort, LoadBalancer, ExternalIP),
 //!   ARP and NDP answers for announced addresses ([`l2`]), and `lb_xdp_pass` (benchmark
 //!   floor, veth peers);
-//! - [`tc`]: `lb_tc` on the host side of every pod's device (pod to ClusterIP, replies);
+//! - [`tc`]: `lb_tc` on the host side of every pod's device (pod to ClusterIP, replies, the
+//!   pod's egress policy) and `lb_tc_to_pod` on its way out to the pod (the pod's ingress
+//!   policy, [`policy`]);
 //! - [`sock`]: cgroup socket hooks (`lb_sock_*`) for the node's own processes.
 //!
 //! Each hook reads top to bottom: parse ([`parse`]), decide ([`lb::decide`], shared), apply
@@ -21,6 +23,7 @@ mod l2;
 mod lb;
 mod maps;
 mod parse;
+mod policy;
 mod rewrite;
 mod sock;
 mod tc;

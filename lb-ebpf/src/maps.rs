@@ -69,6 +69,21 @@ pub static LB6_L2ANN_V1: HashMap<L2Announce6KeyV1, L2AnnounceV1> = HashMap::pinn
 pub static LB4_EP_V1: HashMap<Endpoint4KeyV1, EndpointV1> = HashMap::pinned(MAX_ENDPOINTS, BPF_F_NO_PREALLOC);
 #[map]
 pub static LB6_EP_V1: HashMap<Endpoint6KeyV1, EndpointV1> = HashMap::pinned(MAX_ENDPOINTS, BPF_F_NO_PREALLOC);
+/// NetworkPolicy: address -> identity, this node's isolated pods, allow rules, allowed flows.
+#[map]
+pub static LB4_IPCACHE_V1: LpmTrie<IpCache4KeyV1, IdentityV1> = LpmTrie::pinned(MAX_IPCACHE, 0);
+#[map]
+pub static LB6_IPCACHE_V1: LpmTrie<IpCache6KeyV1, IdentityV1> = LpmTrie::pinned(MAX_IPCACHE, 0);
+#[map]
+pub static LB4_POLEP_V1: HashMap<PolicyEndpoint4KeyV1, PolicyEndpointV1> = HashMap::pinned(MAX_ENDPOINTS, BPF_F_NO_PREALLOC);
+#[map]
+pub static LB6_POLEP_V1: HashMap<PolicyEndpoint6KeyV1, PolicyEndpointV1> = HashMap::pinned(MAX_ENDPOINTS, BPF_F_NO_PREALLOC);
+#[map]
+pub static LB_POLICY_V1: LpmTrie<PolicyKeyV1, PolicyVerdictV1> = LpmTrie::pinned(MAX_POLICY_RULES, 0);
+#[map]
+pub static LB4_POLCT_V1: LruHashMap<Ct4KeyV1, u8> = LruHashMap::pinned(MAX_POLICY_FLOWS, 0);
+#[map]
+pub static LB6_POLCT_V1: LruHashMap<Ct6KeyV1, u8> = LruHashMap::pinned(MAX_POLICY_FLOWS, 0);
 
 /// Per-CPU scratch space of each family's path (not pinned: nothing in it outlives a packet).
 #[map]

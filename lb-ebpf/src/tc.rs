@@ -7,7 +7,7 @@ use aya_ebpf::{
     programs::TcContext,
     EbpfContext,
 };
-use lb_common::{reason, Addr4, Addr6, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{reason, Addr4, Addr6, CtKeyV1, IPPROTO_TCP, IPPROTO_UDP, POLICY_EGRESS, POLICY_INGRESS};
 
 use crate::{
     family::{parse_into, Family},
@@ -15,6 +15,7 @@ use crate::{
     lb::{decide, decide_icmp_error, Action, Balanced, Forward, Hook},
     maps::count_reason,
     parse::{parse_l2, IcmpError, Network, Packet, Parsed},
+    policy,
     rewrite::{apply_icmp_error_nat, apply_nat, l4_csum_off, make_tcp_reset, write_icmp_port_unreachable, Fault, IcmpQuote, Nat, PacketWriter},
 };
 
@@ -74,22 +75,82 @@ fn tc_family<A: Family>(ctx: &TcContext, l3_off: usize, len: u32) -> (i32, u32) 
 #[inline(never)]
 fn tc_balance<A: Family>(ctx: &TcContext, pkt: &Packet<A>, ifindex: u32, len: u32) -> Balanced {
     let w = TcWriter(ctx);
+    // The pod's egress policy judges the packet as it travels between pods: after DNAT for a
+    // new or tracked flow (the backend is the peer), before reverse NAT for a reply.
     let (verdict, why) = match decide(pkt, Hook::Pod, len) {
-        Action::Pass(why) => (TC_ACT_OK, why),
+        Action::Pass(why) => match egress_check(pkt, None) {
+            0 => (TC_ACT_OK, why),
+            denied => (TC_ACT_SHOT, denied),
+        },
         Action::Drop(why) => (TC_ACT_SHOT, why),
         Action::Reject => return Balanced::Reject,
         Action::Rewrite { reason: why, to, forward } => {
-            if apply_nat(&w, pkt, &to).is_err() {
-                (TC_ACT_SHOT, reason::DROP_TRUNCATED_L4)
-            } else {
-                match forward {
+            let translated = if why == reason::FWD_REVERSE_NAT { None } else { Some(&to) };
+            match egress_check(pkt, translated) {
+                0 if apply_nat(&w, pkt, &to).is_err() => (TC_ACT_SHOT, reason::DROP_TRUNCATED_L4),
+                0 => match forward {
                     Forward::Stack => (TC_ACT_OK, why),
                     Forward::Fib => (tc_fib_forward(ctx, pkt.l3_off, pkt.tuple.proto, &to, ifindex), why),
-                }
+                },
+                denied => (TC_ACT_SHOT, denied),
             }
         }
     };
     Balanced::Done(verdict as u16, why)
+}
+
+/// The pod's egress check (0: it passes), from a stack frame of its own. A translated flow is checked on its tuple after
+/// translation (built in the per-CPU scratch space: an IPv6 tuple does not fit the stack
+/// beside the decision); when it passes, the frontend tuple is remembered too, as replies
+/// come back reverse-NATed, from the frontend.
+#[inline(never)]
+fn egress_check<A: Family>(pkt: &Packet<A>, translated: Option<&Nat<A>>) -> u32 {
+    let t = &pkt.tuple;
+    let Some(to) = translated else { return policy::check(t, POLICY_EGRESS) };
+    let Some(scratch) = A::scratch().get_ptr_mut(0) else { return 0 };
+    let travelling = unsafe { &mut (*scratch).travelling };
+    *travelling = CtKeyV1 { src_addr: to.src_addr, dst_addr: to.dst_addr, src_port: to.src_port, dst_port: to.dst_port, proto: t.proto, _pad: [0; 3] };
+    let denied = policy::check(travelling, POLICY_EGRESS);
+    if denied == 0 && policy::selected(t.src_addr) {
+        policy::remember(t);
+    }
+    denied
+}
+
+/// TC egress on the host side of every pod's device: what reaches the pod, checked against
+/// its ingress policy. Nothing is rewritten here.
+#[classifier]
+pub fn lb_tc_to_pod(ctx: TcContext) -> i32 {
+    let len = ctx.len();
+    if ((data_end(&ctx) - data(&ctx)) as u32) < TC_PULL_LEN.min(len) {
+        let _ = ctx.pull_data(TC_PULL_LEN.min(len));
+    }
+    let (verdict, why) = match parse_l2(data(&ctx), data_end(&ctx)) {
+        Network::Ipv4(l3_off) => to_pod_family::<Addr4>(&ctx, l3_off),
+        Network::Ipv6(l3_off) => to_pod_family::<Addr6>(&ctx, l3_off),
+        _ => (TC_ACT_OK, 0),
+    };
+    // Only drops are counted: the packet's other reasons were counted where it was balanced.
+    if why != 0 {
+        count_reason(why);
+    }
+    verdict
+}
+
+#[inline(never)]
+fn to_pod_family<A: Family>(ctx: &TcContext, l3_off: usize) -> (i32, u32) {
+    let Some(scratch) = A::scratch().get_ptr_mut(0) else {
+        return (TC_ACT_OK, 0);
+    };
+    let scratch = unsafe { &mut *scratch };
+    match parse_into(data(ctx), data_end(ctx), l3_off, scratch) {
+        Parsed::Packet => match policy::check(&scratch.pkt.tuple, POLICY_INGRESS) {
+            0 => (TC_ACT_OK, 0),
+            why => (TC_ACT_SHOT, why),
+        },
+        // ICMP errors, neighbour discovery, fragments past the first: the stack's to judge.
+        _ => (TC_ACT_OK, 0),
+    }
 }
 
 /// No ready backend: a TCP RST or an ICMP port unreachable back to the pod. A function of its

@@ -30,6 +30,8 @@ impl Testbed {
         pass.load()?;
         let tc: &mut SchedClassifier = ebpf.program_mut(load::TC_PROGRAM).context("no TC program")?.try_into()?;
         tc.load().context("verifier rejected lb_tc")?;
+        let to_pod: &mut SchedClassifier = ebpf.program_mut(load::TC_TO_POD_PROGRAM).context("no TC to-pod program")?.try_into()?;
+        to_pod.load().context("verifier rejected lb_tc_to_pod")?;
         let maps = Maps::take(&mut ebpf)?;
         let dataplane = Dataplane::new(maps, 0, maglev::TABLE_SIZES[0])?;
         Ok(Self { ebpf, dataplane, mount })
@@ -44,6 +46,12 @@ impl Testbed {
     /// Runs `lb_tc` once on `packet`.
     pub fn run_tc(&self, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
         let prog: &SchedClassifier = self.ebpf.program(load::TC_PROGRAM).context("no TC program")?.try_into()?;
+        run(&|o| prog.test_run(o), packet, 1).map(|(verdict, out, _)| (verdict, out))
+    }
+
+    /// Runs `lb_tc_to_pod` once on `packet`.
+    pub fn run_tc_to_pod(&self, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let prog: &SchedClassifier = self.ebpf.program(load::TC_TO_POD_PROGRAM).context("no TC to-pod program")?.try_into()?;
         run(&|o| prog.test_run(o), packet, 1).map(|(verdict, out, _)| (verdict, out))
     }
 

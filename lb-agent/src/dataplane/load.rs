@@ -14,6 +14,8 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_BPF_OBJECT"));
 
 pub const XDP_PROGRAM: &str = "lb_xdp";
 pub const TC_PROGRAM: &str = "lb_tc";
+/// TC egress of pod devices: the pods' NetworkPolicy ingress.
+pub const TC_TO_POD_PROGRAM: &str = "lb_tc_to_pod";
 pub const XDP_PASS_PROGRAM: &str = "lb_xdp_pass";
 /// The cgroup socket-address hooks, each with the pin name of its link.
 pub const SOCK_ADDR_PROGRAMS: [(&str, &str); 8] = [
@@ -72,7 +74,7 @@ fn load_object(pin_dir: &Path, sizes: &MapSizes) -> Result<Ebpf> {
 
 /// Key and value sizes of every map of schema v1, as the kernel reports them, and the
 /// capacity where the schema fixes it (the rest are sized by flags).
-fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 30] {
+fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 37] {
     use lb_common::*;
     use std::mem::size_of;
     [
@@ -106,6 +108,14 @@ fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 30] {
         (MAP_L2_ANNOUNCE6, size_of::<L2Announce6KeyV1>(), size_of::<L2AnnounceV1>(), Some(MAX_L2_ANNOUNCE)),
         (MAP_ENDPOINTS, size_of::<Endpoint4KeyV1>(), size_of::<EndpointV1>(), Some(MAX_ENDPOINTS)),
         (MAP_ENDPOINTS6, size_of::<Endpoint6KeyV1>(), size_of::<EndpointV1>(), Some(MAX_ENDPOINTS)),
+        // LPM keys: the 4-byte prefix length, then the data.
+        (MAP_IPCACHE, 4 + size_of::<IpCache4KeyV1>(), size_of::<IdentityV1>(), Some(MAX_IPCACHE)),
+        (MAP_IPCACHE6, 4 + size_of::<IpCache6KeyV1>(), size_of::<IdentityV1>(), Some(MAX_IPCACHE)),
+        (MAP_POLICY_ENDPOINTS, size_of::<PolicyEndpoint4KeyV1>(), size_of::<PolicyEndpointV1>(), Some(MAX_ENDPOINTS)),
+        (MAP_POLICY_ENDPOINTS6, size_of::<PolicyEndpoint6KeyV1>(), size_of::<PolicyEndpointV1>(), Some(MAX_ENDPOINTS)),
+        (MAP_POLICY, 4 + size_of::<PolicyKeyV1>(), size_of::<PolicyVerdictV1>(), Some(MAX_POLICY_RULES)),
+        (MAP_POLICY_FLOWS, size_of::<Ct4KeyV1>(), 1, Some(MAX_POLICY_FLOWS)),
+        (MAP_POLICY_FLOWS6, size_of::<Ct6KeyV1>(), 1, Some(MAX_POLICY_FLOWS)),
     ]
 }
 

@@ -40,7 +40,7 @@ pub use socket::*;
 pub use source_range::*;
 
 /// Every pinned map of schema v1.
-pub const ALL_MAPS: [&str; 30] = [
+pub const ALL_MAPS: [&str; 37] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_MAGLEV,
@@ -71,6 +71,13 @@ pub const ALL_MAPS: [&str; 30] = [
     MAP_L2_ANNOUNCE6,
     MAP_ENDPOINTS,
     MAP_ENDPOINTS6,
+    MAP_IPCACHE,
+    MAP_IPCACHE6,
+    MAP_POLICY_ENDPOINTS,
+    MAP_POLICY_ENDPOINTS6,
+    MAP_POLICY,
+    MAP_POLICY_FLOWS,
+    MAP_POLICY_FLOWS6,
 ];
 
 /// Marks map types as plain old data for aya (user space only).

@@ -1,6 +1,6 @@
 //! NetworkPolicy (the `policy` crate compiles it): which identity an address has, which local
-//! pods are isolated in which direction, and what their policies allow. Not yet in the kernel
-//! object: the TC programs will enforce them after Service translation.
+//! pods are isolated in which direction, and what their policies allow. `lb_tc` checks a pod's
+//! egress after Service translation, `lb_tc_to_pod` (TC egress of the pod's device) its ingress.
 use super::{Addr4, Addr6, MapAddr};
 
 /// LPM trie `IpCacheKeyV1<Addr4> -> IdentityV1`: an address's identity is the longest prefix's.
@@ -13,6 +13,10 @@ pub const MAP_POLICY_ENDPOINTS: &str = "LB4_POLEP_V1";
 pub const MAP_POLICY_ENDPOINTS6: &str = "LB6_POLEP_V1";
 /// LPM trie `PolicyKeyV1 -> PolicyVerdictV1`: allow rules, the port range as a prefix.
 pub const MAP_POLICY: &str = "LB_POLICY_V1";
+/// LRU hash `Ct4KeyV1 -> u8`: connections a policy allowed (as first seen), whose replies pass.
+pub const MAP_POLICY_FLOWS: &str = "LB4_POLCT_V1";
+/// LRU hash `Ct6KeyV1 -> u8`.
+pub const MAP_POLICY_FLOWS6: &str = "LB6_POLCT_V1";
 
 /// An LPM key's data: the address (the trie's prefix length comes first in the kernel key).
 #[repr(C)]

@@ -1,0 +1,67 @@
+//! NetworkPolicy in the kernel. `lb_tc` checks a pod's egress after Service translation,
+//! `lb_tc_to_pod` (TC egress of the pod's device) its ingress on the way in. A pod that no
+//! policy isolates in a direction is open in it; an isolated one passes what an allow rule
+//! names (the peer's identity or any peer, the protocol, the destination port as a prefix),
+//! the replies of flows a check allowed, and its own node.
+use aya_ebpf::maps::lpm_trie::Key;
+use lb_common::*;
+
+use crate::{family::Family, maps::LB_POLICY_V1};
+
+/// Every bit of a policy key: endpoint, identity and direction, then protocol and port.
+const POLICY_PREFIX_FULL: u32 = POLICY_PREFIX_FIXED + 24;
+
+/// Checks `t`, as it travels between the pod and its peer, against the policy of the pod at
+/// its source (`POLICY_EGRESS`) or destination (`POLICY_INGRESS`). 0: it passes; otherwise
+/// the reason it is dropped.
+#[inline(never)]
+pub fn check<A: Family>(t: &CtKeyV1<A>, direction: u8) -> u32 {
+    let (local, peer, isolated) = match direction {
+        POLICY_EGRESS => (t.src_addr, t.dst_addr, POLICY_EGRESS_ISOLATED),
+        _ => (t.dst_addr, t.src_addr, POLICY_INGRESS_ISOLATED),
+    };
+    let Some(ep) = (unsafe { A::policy_endpoints().get(&PolicyEndpointKeyV1 { addr: local }) }) else { return 0 };
+    // A flow a check allowed, in either direction: its packets and its replies.
+    let flows = A::policy_flows();
+    if unsafe { flows.get(t) }.is_some() || unsafe { flows.get(&t.reversed()) }.is_some() {
+        return 0;
+    }
+    // Open in this direction: remembered all the same, so that its replies pass the other
+    // direction's isolation.
+    if ep.flags & isolated == 0 {
+        remember(t);
+        return 0;
+    }
+    let bits = 32 * peer.words().len() as u32;
+    let identity = A::ipcache().get(&Key::new(bits, IpCacheKeyV1 { addr: peer })).map_or(IDENTITY_WORLD, |i| i.id);
+    if identity == IDENTITY_HOST {
+        return 0;
+    }
+    // Ports are kept as the packet has them (network order): a range is a prefix of them.
+    let mut key = PolicyKeyV1 { endpoint: ep.endpoint, identity, direction, protocol: t.proto, port: t.dst_port.to_ne_bytes() };
+    let mut rule = LB_POLICY_V1.get(&Key::new(POLICY_PREFIX_FULL, key));
+    if rule.is_none() {
+        key.identity = IDENTITY_ANY;
+        rule = LB_POLICY_V1.get(&Key::new(POLICY_PREFIX_FULL, key));
+    }
+    match rule {
+        Some(_) => {
+            remember(t);
+            0
+        }
+        None => reason::DROP_POLICY,
+    }
+}
+
+/// Whether a policy selects the pod at `addr` (in either direction).
+#[inline(always)]
+pub fn selected<A: Family>(addr: A) -> bool {
+    unsafe { A::policy_endpoints().get(&PolicyEndpointKeyV1 { addr }) }.is_some()
+}
+
+/// Records an allowed flow: its later packets and its replies pass without a rule lookup.
+#[inline(always)]
+pub fn remember<A: Family>(t: &CtKeyV1<A>) {
+    // Full: the oldest flow is forgotten (LRU); its next packet is checked again.
+    let _ = A::policy_flows().insert(t, &1, 0);
+}
