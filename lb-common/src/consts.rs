@@ -37,9 +37,9 @@ pub const MAX_ENDPOINTS: u32 = 16_384;
 pub const MAX_IPCACHE: u32 = 262_144;
 /// Capacity of `LB_POLICY_V1`: allow rules of this node's pods (a port range is several).
 pub const MAX_POLICY_RULES: u32 = 262_144;
-/// Capacity of the policy flow tables (`LB4_POLCT_V1`, `LB6_POLCT_V1`): connections a policy
-/// allowed, whose replies pass.
-pub const MAX_POLICY_FLOWS: u32 = 262_144;
+/// Capacity of the policy flow tables (`LB4_POLCT_V1`, `LB6_POLCT_V1`): flows of pods a policy
+/// selects, whose replies pass (LRU: preallocated, 11 MiB for both).
+pub const MAX_POLICY_FLOWS: u32 = 65_536;
 /// Longest `namespace/name:port` kept in `LB_SVC_NAME_V1`.
 pub const NAME_LEN: usize = 120;
 
