@@ -130,6 +130,10 @@ struct Args {
     /// [default: 262144].
     #[arg(long)]
     max_affinity: Option<u32>,
+    /// Capacity for flows of pods a NetworkPolicy selects, per family (their replies pass);
+    /// the least recently used are forgotten [default: 65536].
+    #[arg(long)]
+    max_policy_flows: Option<u32>,
     /// Answer ARP and NDP on the external devices for the LoadBalancerIPPool addresses this
     /// node owns, and announce them (gratuitous ARP, unsolicited NA).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -213,6 +217,7 @@ fn main() -> Result<()> {
         backends: args.max_backends,
         sockets: args.max_sockets,
         affinity: args.max_affinity,
+        policy_flows: args.max_policy_flows,
     };
     if args.estimate_memory {
         let maps = lb_agent::dataplane::memory::estimate(&sizes)?;

@@ -44,6 +44,8 @@ pub struct MapSizes {
     pub sockets: Option<u32>,
     /// Clients with session affinity (LRU).
     pub affinity: Option<u32>,
+    /// Flows of pods a NetworkPolicy selects, per family (LRU).
+    pub policy_flows: Option<u32>,
 }
 
 /// Loads the object. Maps already pinned in `pin_dir` (an earlier agent's) are adopted as they
@@ -114,13 +116,13 @@ fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 37] {
         (MAP_POLICY_ENDPOINTS, size_of::<PolicyEndpoint4KeyV1>(), size_of::<PolicyEndpointV1>(), Some(MAX_ENDPOINTS)),
         (MAP_POLICY_ENDPOINTS6, size_of::<PolicyEndpoint6KeyV1>(), size_of::<PolicyEndpointV1>(), Some(MAX_ENDPOINTS)),
         (MAP_POLICY, 4 + size_of::<PolicyKeyV1>(), size_of::<PolicyVerdictV1>(), Some(MAX_POLICY_RULES)),
-        (MAP_POLICY_FLOWS, size_of::<Ct4KeyV1>(), 1, Some(MAX_POLICY_FLOWS)),
-        (MAP_POLICY_FLOWS6, size_of::<Ct6KeyV1>(), 1, Some(MAX_POLICY_FLOWS)),
+        (MAP_POLICY_FLOWS, size_of::<Ct4KeyV1>(), 1, None),
+        (MAP_POLICY_FLOWS6, size_of::<Ct6KeyV1>(), 1, None),
     ]
 }
 
 /// The capacities the flags ask for, of the maps whose size is a flag.
-pub(crate) fn flag_sized(sizes: &MapSizes) -> [(&'static str, u32); 17] {
+pub(crate) fn flag_sized(sizes: &MapSizes) -> [(&'static str, u32); 19] {
     use lb_common::*;
     let flows = sizes.flows.unwrap_or(MAX_FLOWS);
     let services = sizes.services.unwrap_or(MAX_SERVICES);
@@ -144,6 +146,8 @@ pub(crate) fn flag_sized(sizes: &MapSizes) -> [(&'static str, u32); 17] {
         (MAP_SOCK_REVNAT, sizes.sockets.unwrap_or(MAX_SOCKETS)),
         (MAP_SOCK_REVNAT6, sizes.sockets.unwrap_or(MAX_SOCKETS)),
         (MAP_AFFINITY, sizes.affinity.unwrap_or(MAX_AFFINITY)),
+        (MAP_POLICY_FLOWS, sizes.policy_flows.unwrap_or(MAX_POLICY_FLOWS)),
+        (MAP_POLICY_FLOWS6, sizes.policy_flows.unwrap_or(MAX_POLICY_FLOWS)),
     ]
 }
 
@@ -204,6 +208,8 @@ fn copy_entries(ebpf: &mut Ebpf, name: &'static str, from: &Path) -> Result<usiz
         MAP_AFFINITY => copy_lru::<AffinityKeyV1, AffinityV1>(old, new)?,
         MAP_SOCK_REVNAT => copy_lru::<SockRevNat4KeyV1, SockRevNat4V1>(old, new)?,
         MAP_SOCK_REVNAT6 => copy_lru::<SockRevNat6KeyV1, SockRevNat6V1>(old, new)?,
+        MAP_POLICY_FLOWS => copy_lru::<Ct4KeyV1, u8>(old, new)?,
+        MAP_POLICY_FLOWS6 => copy_lru::<Ct6KeyV1, u8>(old, new)?,
         _ => {
             let old: Array<_, MaglevSlotPair> = old.try_into()?;
             let slots = old.len() * MAGLEV_SLOTS_PER_ENTRY as u32;
