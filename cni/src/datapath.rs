@@ -11,19 +11,7 @@ use aya::programs::{links::FdLink, tc::TcAttachType, SchedClassifier};
 use lb_agent::dataplane::{endpoints::Endpoints, load};
 use lb_common::{EndpointV1, MAP_ENDPOINTS};
 
-use crate::spec::{code, Error};
-
-/// Whether an error's chain holds the OS error `errno`.
-fn error_is(e: &(dyn std::error::Error + 'static), errno: i32) -> bool {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(c) = cause {
-        if c.downcast_ref::<std::io::Error>().is_some_and(|io| io.raw_os_error() == Some(errno)) {
-            return true;
-        }
-        cause = c.source();
-    }
-    false
-}
+use crate::spec::{code, host_device_of, Error};
 
 pub struct Datapath {
     pin_dir: PathBuf,
@@ -43,10 +31,22 @@ impl Datapath {
         Ok(Self { pin_dir: pin_dir.to_path_buf(), endpoints })
     }
 
-    /// Whether the agent's pins are there, without opening them (DEL and GC of a node the
-    /// agent was removed from have nothing to clean in them).
-    pub fn present(pin_dir: &Path) -> bool {
-        pin_dir.join(MAP_ENDPOINTS).exists()
+    /// For DEL and GC: deletes the endpoint entries of the attachments `keep` refuses (by
+    /// hash) and the TC link pins of their devices and of `device`. Without the agent's pins
+    /// (a node it was removed from) there is nothing to clean. Returns what failed.
+    pub fn forget(pin_dir: &Path, keep: impl Fn(u64) -> bool, device: Option<String>) -> Vec<String> {
+        if !pin_dir.join(MAP_ENDPOINTS).exists() {
+            return Vec::new();
+        }
+        let mut datapath = match Self::open(pin_dir) {
+            Ok(datapath) => datapath,
+            Err(e) => return vec![e.to_string()],
+        };
+        let mut devices: Vec<String> = device.into_iter().collect();
+        devices.extend(datapath.endpoints.retain(keep).into_iter().map(|(_, e)| host_device_of(e.attachment)));
+        devices.sort();
+        devices.dedup();
+        devices.iter().filter_map(|d| datapath.detach(d).err()).map(|e| format!("{e:#}")).collect()
     }
 
     /// Where the TC link of a host device is pinned: the name the agent gives its own.
@@ -63,7 +63,7 @@ impl Datapath {
             Ok(id) => id,
             // The agent, which attaches to new `lxc*` devices too, was first: its link is
             // pinned where this one would be, a moment after it attached.
-            Err(e) if error_is(&e, libc::EEXIST) => return self.await_agent_pin(device),
+            Err(e) if lb_agent::node::is_os_error(&e, libc::EEXIST) => return self.await_agent_pin(device),
             Err(e) => return Err(anyhow::Error::new(e).context(format!("attaching TC to {device}"))),
         };
         let link: FdLink = tc.take_link(id)?.try_into().context("a TCX link")?;

@@ -37,13 +37,12 @@ fn to_u128(ip: IpAddr) -> u128 {
 
 impl Range {
     pub fn parse(text: &str) -> Result<Self> {
-        let subnet = Cidr::parse(text).ok_or_else(|| Error::new(code::INVALID_CONFIG, format!("ipam.subnet {text:?} is not a prefix in CIDR notation")))?;
-        let bits: u32 = if subnet.addr.is_ipv4() { 32 } else { 128 };
-        let host_bits = bits - subnet.len as u32;
-        let mask = if host_bits >= 128 { u128::MAX } else { (1u128 << host_bits) - 1 };
-        let network = to_u128(subnet.addr) & !mask;
-        let (first, last) = if host_bits >= 2 { (network + 1, (network | mask) - 1) } else { (network, network | mask) };
-        Ok(Self { subnet: Cidr { addr: Self::ip(subnet.addr.is_ipv4(), network), len: subnet.len }, first, last })
+        let (net, len) = lb_agent::translate::parse_cidr(text).map_err(|e| Error::new(code::INVALID_CONFIG, format!("ipam.subnet: {e}")))?;
+        let host_bits = if net.is_ipv4() { 32 } else { 128 } - len as u32;
+        let host_mask = if host_bits >= 128 { u128::MAX } else { (1u128 << host_bits) - 1 };
+        let network = to_u128(net);
+        let (first, last) = if host_bits >= 2 { (network + 1, (network | host_mask) - 1) } else { (network, network | host_mask) };
+        Ok(Self { subnet: Cidr { addr: net, len }, first, last })
     }
 
     fn ip(v4: bool, n: u128) -> IpAddr {

@@ -17,7 +17,8 @@ const OWN_IPAM: &str = "lb-cni";
 fn main() {
     let mut stdin = Vec::new();
     let read = std::io::stdin().read_to_end(&mut stdin);
-    let version = serde_json::from_slice::<Value>(&stdin).ok().and_then(|v| v.get("cniVersion")?.as_str().map(str::to_string)).filter(|v| spec::SUPPORTED_VERSIONS.contains(&v.as_str())).unwrap_or(spec::LATEST.into());
+    // Errors are answered in the configuration's version, when this plugin speaks it.
+    let version = asked_version(&stdin).filter(|v| spec::SUPPORTED_VERSIONS.contains(&v.as_str())).unwrap_or(spec::LATEST.into());
     let outcome = match read {
         Err(e) => Err(Error::new(code::IO_FAILURE, format!("reading the configuration from stdin: {e}"))),
         Ok(_) => run(&stdin),
@@ -58,8 +59,13 @@ fn run(stdin: &[u8]) -> Result<Option<Value>> {
 
 /// VERSION: every version this plugin speaks, answered in the version asked.
 fn version(stdin: &[u8]) -> Value {
-    let asked = serde_json::from_slice::<Value>(stdin).ok().and_then(|v| v.get("cniVersion")?.as_str().map(str::to_string)).filter(|v| !v.is_empty()).unwrap_or(spec::LATEST.into());
+    let asked = asked_version(stdin).unwrap_or(spec::LATEST.into());
     json!({"cniVersion": asked, "supportedVersions": spec::SUPPORTED_VERSIONS})
+}
+
+/// The `cniVersion` on stdin, if there is one.
+fn asked_version(stdin: &[u8]) -> Option<String> {
+    serde_json::from_slice::<Value>(stdin).ok()?.get("cniVersion")?.as_str().filter(|v| !v.is_empty()).map(str::to_string)
 }
 
 /// Where lb-cni's own IPAM keeps its allocations.
@@ -183,20 +189,8 @@ async fn remove(conf: &NetConf, params: &Params, stdin: &[u8], host: &rtnetlink:
     if let Err(e) = pod::unwire(host, &attachment).await {
         errors.push(format!("{e:#}"));
     }
-    if Datapath::present(&conf.pin_dir) {
-        match Datapath::open(&conf.pin_dir) {
-            Ok(mut datapath) => {
-                let hash = attachment.hash();
-                if let Err(e) = datapath.endpoints.retain(|a| a != hash) {
-                    errors.push(format!("{e:#}"));
-                }
-                if let Err(e) = datapath.detach(&attachment.host_device()) {
-                    errors.push(format!("{e:#}"));
-                }
-            }
-            Err(e) => errors.push(e.to_string()),
-        }
-    }
+    let hash = attachment.hash();
+    errors.extend(Datapath::forget(&conf.pin_dir, |a| a != hash, Some(attachment.host_device())));
     if let Err(e) = release(conf, params, stdin) {
         errors.push(e.to_string());
     }
@@ -285,23 +279,7 @@ async fn gc(conf: &NetConf, params: &Params, stdin: &[u8]) -> Result<()> {
             }
         }
     }
-    if Datapath::present(&conf.pin_dir) {
-        match Datapath::open(&conf.pin_dir) {
-            Ok(mut datapath) => {
-                let stale = datapath.endpoints.list().into_iter().filter(|(_, e)| !valid_hashes.contains(&e.attachment)).map(|(_, e)| e.attachment);
-                let devices: Vec<String> = stale.map(spec::host_device_of).collect();
-                if let Err(e) = datapath.endpoints.retain(|a| valid_hashes.contains(&a)) {
-                    errors.push(format!("{e:#}"));
-                }
-                for device in devices {
-                    if let Err(e) = datapath.detach(&device) {
-                        errors.push(format!("{e:#}"));
-                    }
-                }
-            }
-            Err(e) => errors.push(e.to_string()),
-        }
-    }
+    errors.extend(Datapath::forget(&conf.pin_dir, |a| valid_hashes.contains(&a), None));
     match conf.ipam() {
         Ok(ipam) if ipam.plugin == OWN_IPAM => match ipam::Store::lock(&data_dir(conf), &conf.name).and_then(|s| s.release_all_but(&valid)) {
             Ok(freed) if !freed.is_empty() => eprintln!("lb-cni: GC freed {}", freed.iter().map(IpAddr::to_string).collect::<Vec<_>>().join(", ")),

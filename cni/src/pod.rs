@@ -51,7 +51,7 @@ impl Link {
     }
 
     pub fn mac_text(&self) -> String {
-        self.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+        lb_agent::node::mac_text(&self.mac)
     }
 }
 

@@ -457,7 +457,7 @@ impl Agent {
                     self.status.lock().expect("not poisoned").attach(load::TC_PROGRAM, name);
                 }
                 // lb-cni attached it a moment ago and is pinning its link: adopted next pass.
-                Err(e) if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.raw_os_error() == Some(libc::EEXIST))) => {
+                Err(e) if node::is_os_error(e.as_ref(), libc::EEXIST) => {
                     debug!("TC on {name} was attached by lb-cni; its pinned link is adopted next pass")
                 }
                 Err(e) => warn!("attaching TC to {name}: {e:#}"),

@@ -82,6 +82,16 @@ pub async fn host_route_links(handle: &Handle) -> Result<Vec<u32>> {
     Ok(out)
 }
 
+/// A MAC address as `ip link` prints it.
+pub fn mac_text(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// Whether an error, or any error under it, is the OS error `errno`.
+pub fn is_os_error(e: &(dyn std::error::Error + 'static), errno: i32) -> bool {
+    std::iter::successors(Some(e), |e| e.source()).any(|e| e.downcast_ref::<std::io::Error>().is_some_and(|io| io.raw_os_error() == Some(errno)))
+}
+
 /// Shell-style match of a link name against a pattern with one optional trailing `*`.
 pub fn name_matches(pattern: &str, name: &str) -> bool {
     match pattern.strip_suffix('*') {

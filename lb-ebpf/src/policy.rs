@@ -13,9 +13,10 @@ const POLICY_PREFIX_FULL: u32 = POLICY_PREFIX_FIXED + 24;
 
 /// Checks `t`, as it travels between the pod and its peer, against the policy of the pod at
 /// its source (`POLICY_EGRESS`) or destination (`POLICY_INGRESS`). 0: it passes; otherwise
-/// the reason it is dropped.
+/// the reason it is dropped. A new flow that passes is remembered, with `frontend`, the tuple
+/// it had before DNAT (its replies come back reverse-NATed, from the frontend).
 #[inline(never)]
-pub fn check<A: Family>(t: &CtKeyV1<A>, direction: u8) -> u32 {
+pub fn check<A: Family>(t: &CtKeyV1<A>, direction: u8, frontend: Option<&CtKeyV1<A>>) -> u32 {
     let (local, peer, isolated) = match direction {
         POLICY_EGRESS => (t.src_addr, t.dst_addr, POLICY_EGRESS_ISOLATED),
         _ => (t.dst_addr, t.src_addr, POLICY_INGRESS_ISOLATED),
@@ -29,7 +30,7 @@ pub fn check<A: Family>(t: &CtKeyV1<A>, direction: u8) -> u32 {
     // Open in this direction: remembered all the same, so that its replies pass the other
     // direction's isolation.
     if ep.flags & isolated == 0 {
-        remember(t);
+        remember(t, frontend);
         return 0;
     }
     let bits = 32 * peer.words().len() as u32;
@@ -46,22 +47,21 @@ pub fn check<A: Family>(t: &CtKeyV1<A>, direction: u8) -> u32 {
     }
     match rule {
         Some(_) => {
-            remember(t);
+            remember(t, frontend);
             0
         }
         None => reason::DROP_POLICY,
     }
 }
 
-/// Whether a policy selects the pod at `addr` (in either direction).
+/// Records an allowed flow (and its tuple before DNAT): its later packets and its replies
+/// pass without a rule lookup.
 #[inline(always)]
-pub fn selected<A: Family>(addr: A) -> bool {
-    unsafe { A::policy_endpoints().get(&PolicyEndpointKeyV1 { addr }) }.is_some()
-}
-
-/// Records an allowed flow: its later packets and its replies pass without a rule lookup.
-#[inline(always)]
-pub fn remember<A: Family>(t: &CtKeyV1<A>) {
+fn remember<A: Family>(t: &CtKeyV1<A>, frontend: Option<&CtKeyV1<A>>) {
     // Full: the oldest flow is forgotten (LRU); its next packet is checked again.
-    let _ = A::policy_flows().insert(t, &1, 0);
+    let flows = A::policy_flows();
+    let _ = flows.insert(t, &1, 0);
+    if let Some(frontend) = frontend {
+        let _ = flows.insert(frontend, &1, 0);
+    }
 }

@@ -99,22 +99,17 @@ fn tc_balance<A: Family>(ctx: &TcContext, pkt: &Packet<A>, ifindex: u32, len: u3
     Balanced::Done(verdict as u16, why)
 }
 
-/// The pod's egress check (0: it passes), from a stack frame of its own. A translated flow is checked on its tuple after
-/// translation (built in the per-CPU scratch space: an IPv6 tuple does not fit the stack
-/// beside the decision); when it passes, the frontend tuple is remembered too, as replies
-/// come back reverse-NATed, from the frontend.
+/// The pod's egress check (0: it passes), from a stack frame of its own. A translated flow is
+/// checked on its tuple after translation, built in the per-CPU scratch space (an IPv6 tuple
+/// does not fit the stack beside the decision).
 #[inline(never)]
 fn egress_check<A: Family>(pkt: &Packet<A>, translated: Option<&Nat<A>>) -> u32 {
     let t = &pkt.tuple;
-    let Some(to) = translated else { return policy::check(t, POLICY_EGRESS) };
+    let Some(to) = translated else { return policy::check(t, POLICY_EGRESS, None) };
     let Some(scratch) = A::scratch().get_ptr_mut(0) else { return 0 };
     let travelling = unsafe { &mut (*scratch).travelling };
     *travelling = CtKeyV1 { src_addr: to.src_addr, dst_addr: to.dst_addr, src_port: to.src_port, dst_port: to.dst_port, proto: t.proto, _pad: [0; 3] };
-    let denied = policy::check(travelling, POLICY_EGRESS);
-    if denied == 0 && policy::selected(t.src_addr) {
-        policy::remember(t);
-    }
-    denied
+    policy::check(travelling, POLICY_EGRESS, Some(t))
 }
 
 /// TC egress on the host side of every pod's device: what reaches the pod, checked against
@@ -144,7 +139,7 @@ fn to_pod_family<A: Family>(ctx: &TcContext, l3_off: usize) -> (i32, u32) {
     };
     let scratch = unsafe { &mut *scratch };
     match parse_into(data(ctx), data_end(ctx), l3_off, scratch) {
-        Parsed::Packet => match policy::check(&scratch.pkt.tuple, POLICY_INGRESS) {
+        Parsed::Packet => match policy::check(&scratch.pkt.tuple, POLICY_INGRESS, None) {
             0 => (TC_ACT_OK, 0),
             why => (TC_ACT_SHOT, why),
         },

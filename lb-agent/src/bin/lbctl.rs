@@ -644,13 +644,12 @@ fn endpoints(pin_dir: &std::path::Path) -> Result<Vec<Row>> {
         .list()
         .into_iter()
         .map(|(ip, e)| {
-            let mac = e.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
             vec![
                 ("address", json!(ip.to_string())),
                 ("pod", json!(if e.pod().is_empty() { "-" } else { e.pod() })),
                 ("device", json!(links.get(&e.ifindex).cloned().unwrap_or_else(|| format!("ifindex {} (gone)", e.ifindex)))),
                 ("ifindex", json!(e.ifindex)),
-                ("mac", json!(mac)),
+                ("mac", json!(lb_agent::node::mac_text(&e.mac))),
             ]
         })
         .collect())

@@ -3,39 +3,33 @@
 use std::{net::IpAddr, path::Path};
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{HashMap, MapData};
 use lb_common::*;
 
-use super::maps::Family;
+use super::maps::{open_pinned, Family};
 
 pub struct Endpoints {
     v4: HashMap<MapData, Endpoint4KeyV1, EndpointV1>,
     v6: HashMap<MapData, Endpoint6KeyV1, EndpointV1>,
 }
 
-fn open<A: Family>(pin_dir: &Path, name: &str) -> Result<HashMap<MapData, EndpointKeyV1<A>, EndpointV1>> {
-    let path = pin_dir.join(name);
-    let data = MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
-    Map::HashMap(data).try_into().with_context(|| format!("map {} has an unexpected layout", path.display()))
-}
-
 fn entries<A: Family>(map: &HashMap<MapData, EndpointKeyV1<A>, EndpointV1>) -> Vec<(IpAddr, EndpointV1)> {
     map.iter().filter_map(Result::ok).map(|(k, v)| (k.addr.to_ip(), v)).collect()
 }
 
-/// Deletes the entries whose attachment `keep` refuses; returns their addresses.
-fn retain_in<A: Family>(map: &mut HashMap<MapData, EndpointKeyV1<A>, EndpointV1>, keep: impl Fn(u64) -> bool) -> Result<Vec<IpAddr>> {
-    let stale: Vec<EndpointKeyV1<A>> = map.iter().filter_map(Result::ok).filter(|(_, v)| !keep(v.attachment)).map(|(k, _)| k).collect();
-    for key in &stale {
+/// Deletes the entries whose attachment `keep` refuses; returns them.
+fn retain_in<A: Family>(map: &mut HashMap<MapData, EndpointKeyV1<A>, EndpointV1>, keep: impl Fn(u64) -> bool) -> Vec<(IpAddr, EndpointV1)> {
+    let stale: Vec<(EndpointKeyV1<A>, EndpointV1)> = map.iter().filter_map(Result::ok).filter(|(_, v)| !keep(v.attachment)).collect();
+    for (key, _) in &stale {
         // Gone already (a DEL racing a GC) is what was wanted.
         let _ = map.remove(key);
     }
-    Ok(stale.iter().map(|k| k.addr.to_ip()).collect())
+    stale.into_iter().map(|(k, v)| (k.addr.to_ip(), v)).collect()
 }
 
 impl Endpoints {
     pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
-        Ok(Self { v4: open(pin_dir, MAP_ENDPOINTS)?, v6: open(pin_dir, MAP_ENDPOINTS6)? })
+        Ok(Self { v4: open_pinned(pin_dir, MAP_ENDPOINTS)?, v6: open_pinned(pin_dir, MAP_ENDPOINTS6)? })
     }
 
     pub fn insert(&mut self, ip: IpAddr, entry: &EndpointV1) -> Result<()> {
@@ -61,10 +55,10 @@ impl Endpoints {
         all
     }
 
-    /// Deletes the endpoints whose attachment `keep` refuses; returns their addresses.
-    pub fn retain(&mut self, keep: impl Fn(u64) -> bool) -> Result<Vec<IpAddr>> {
-        let mut gone = retain_in(&mut self.v4, &keep)?;
-        gone.extend(retain_in(&mut self.v6, &keep)?);
-        Ok(gone)
+    /// Deletes the endpoints whose attachment `keep` refuses; returns them.
+    pub fn retain(&mut self, keep: impl Fn(u64) -> bool) -> Vec<(IpAddr, EndpointV1)> {
+        let mut gone = retain_in(&mut self.v4, &keep);
+        gone.extend(retain_in(&mut self.v6, &keep));
+        gone
     }
 }

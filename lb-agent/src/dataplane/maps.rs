@@ -79,6 +79,15 @@ impl Family for Addr6 {
     }
 }
 
+/// Opens the map pinned as `name` in `pin_dir` as the typed map `T` (its kind read from the
+/// kernel): for the maps `Maps` does not hold.
+pub fn open_pinned<T: TryFrom<Map, Error = aya::maps::MapError>>(pin_dir: &Path, name: &str) -> Result<T> {
+    let path = pin_dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
+    let map = Map::from_map_data(data).with_context(|| format!("map {}", path.display()))?;
+    T::try_from(map).with_context(|| format!("map {} has an unexpected type or layout", path.display()))
+}
+
 pub struct Maps {
     pub v4: FamilyMaps<Addr4>,
     pub v6: FamilyMaps<Addr6>,

@@ -5,10 +5,10 @@
 use std::{net::IpAddr, path::Path};
 
 use anyhow::{Context, Result};
-use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData};
+use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, MapData};
 use lb_common::*;
 
-use super::maps::Family;
+use super::maps::{open_pinned, Family};
 
 /// One allow rule as the datapath keys it. `protocol` 0 is any protocol; `ports` `None`
 /// every port.
@@ -33,13 +33,6 @@ impl AllowRule {
     }
 }
 
-fn open<T: TryFrom<Map, Error = aya::maps::MapError>>(pin_dir: &Path, name: &str) -> Result<T> {
-    let path = pin_dir.join(name);
-    let data = MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
-    let map = if name.contains("POLEP") { Map::HashMap(data) } else { Map::LpmTrie(data) };
-    T::try_from(map).with_context(|| format!("map {} has an unexpected layout", path.display()))
-}
-
 pub struct PolicyMaps {
     ipcache4: LpmTrie<MapData, IpCache4KeyV1, IdentityV1>,
     ipcache6: LpmTrie<MapData, IpCache6KeyV1, IdentityV1>,
@@ -51,11 +44,11 @@ pub struct PolicyMaps {
 impl PolicyMaps {
     pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
         Ok(Self {
-            ipcache4: open(pin_dir, MAP_IPCACHE)?,
-            ipcache6: open(pin_dir, MAP_IPCACHE6)?,
-            endpoints4: open(pin_dir, MAP_POLICY_ENDPOINTS)?,
-            endpoints6: open(pin_dir, MAP_POLICY_ENDPOINTS6)?,
-            rules: open(pin_dir, MAP_POLICY)?,
+            ipcache4: open_pinned(pin_dir, MAP_IPCACHE)?,
+            ipcache6: open_pinned(pin_dir, MAP_IPCACHE6)?,
+            endpoints4: open_pinned(pin_dir, MAP_POLICY_ENDPOINTS)?,
+            endpoints6: open_pinned(pin_dir, MAP_POLICY_ENDPOINTS6)?,
+            rules: open_pinned(pin_dir, MAP_POLICY)?,
         })
     }
 

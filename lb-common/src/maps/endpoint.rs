@@ -50,13 +50,10 @@ impl Default for EndpointV1 {
 impl EndpointV1 {
     /// Sets the pod's name, cut to `POD_NAME_LEN` bytes at a character boundary.
     pub fn set_pod(&mut self, pod: &str) {
-        let mut end = pod.len().min(POD_NAME_LEN);
-        while !pod.is_char_boundary(end) {
-            end -= 1;
-        }
+        let pod = super::cut_to(pod, POD_NAME_LEN);
         self.pod = [0; POD_NAME_LEN];
-        self.pod[..end].copy_from_slice(&pod.as_bytes()[..end]);
-        self.pod_len = end as u16;
+        self.pod[..pod.len()].copy_from_slice(pod.as_bytes());
+        self.pod_len = pod.len() as u16;
     }
 
     pub fn pod(&self) -> &str {

@@ -80,6 +80,16 @@ pub const ALL_MAPS: [&str; 37] = [
     MAP_POLICY_FLOWS6,
 ];
 
+/// The longest start of `text` that fits `max` bytes and ends on a character boundary: how
+/// names are cut to fit a fixed-size field.
+pub fn cut_to(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// Marks map types as plain old data for aya (user space only).
 #[cfg(feature = "user")]
 macro_rules! impl_pod {

@@ -72,12 +72,9 @@ impl Default for NameV1 {
 impl NameV1 {
     /// Truncates to `NAME_LEN` bytes at a character boundary.
     pub fn new(name: &str) -> Self {
-        let mut end = name.len().min(crate::NAME_LEN);
-        while !name.is_char_boundary(end) {
-            end -= 1;
-        }
-        let mut out = Self { len: end as u16, ..Self::default() };
-        out.bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
+        let name = super::cut_to(name, crate::NAME_LEN);
+        let mut out = Self { len: name.len() as u16, ..Self::default() };
+        out.bytes[..name.len()].copy_from_slice(name.as_bytes());
         out
     }
 
