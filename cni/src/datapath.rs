@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::programs::{links::FdLink, tc::TcAttachType, SchedClassifier};
+use aya::programs::{links::FdLink, SchedClassifier};
 use lb_agent::dataplane::{endpoints::Endpoints, load};
 use lb_common::{EndpointV1, MAP_ENDPOINTS};
 
@@ -49,62 +49,71 @@ impl Datapath {
         devices.iter().filter_map(|d| datapath.detach(d).err()).map(|e| format!("{e:#}")).collect()
     }
 
-    /// Where the TC link of a host device is pinned: the name the agent gives its own.
-    fn link_pin(&self, device: &str) -> PathBuf {
-        self.pin_dir.join("links").join(format!("tc-{device}"))
+    /// The agent's programs for pod devices that it has pinned: `lb_tc` always, `lb_tc_to_pod`
+    /// while it enforces NetworkPolicy.
+    fn programs(&self) -> impl Iterator<Item = (load::PodDeviceProgram, PathBuf)> + '_ {
+        load::POD_DEVICE_PROGRAMS.into_iter().map(|p| (p, load::programs_dir(&self.pin_dir).join(p.name))).filter(|(_, pin)| pin.exists())
     }
 
-    /// Attaches the agent's TC program to `device`'s ingress and pins the link: the agent
-    /// adopts it (and replaces the program in it when it is upgraded).
+    /// Attaches the agent's programs to `device` and pins their links: the agent adopts them
+    /// (and replaces the programs in them when it is upgraded).
     pub fn attach(&self, device: &str, ifindex: u32) -> Result<()> {
-        let program = load::programs_dir(&self.pin_dir).join(load::TC_PROGRAM);
-        let mut tc = SchedClassifier::from_pin(&program).with_context(|| format!("opening the program pinned at {}", program.display()))?;
-        let id = match tc.attach(ifindex, TcAttachType::Ingress) {
+        for (program, pin) in self.programs() {
+            self.attach_one(program, &pin, device, ifindex)?;
+        }
+        Ok(())
+    }
+
+    fn attach_one(&self, program: load::PodDeviceProgram, program_pin: &Path, device: &str, ifindex: u32) -> Result<()> {
+        let mut tc = SchedClassifier::from_pin(program_pin).with_context(|| format!("opening the program pinned at {}", program_pin.display()))?;
+        let link_pin = program.link_pin(&self.pin_dir, device);
+        let id = match tc.attach(ifindex, program.direction) {
             Ok(id) => id,
             // The agent, which attaches to new `lxc*` devices too, was first: its link is
             // pinned where this one would be, a moment after it attached.
-            Err(e) if lb_agent::node::is_os_error(&e, libc::EEXIST) => return self.await_agent_pin(device),
-            Err(e) => return Err(anyhow::Error::new(e).context(format!("attaching TC to {device}"))),
+            Err(e) if lb_agent::node::is_os_error(&e, libc::EEXIST) => return await_pin(&link_pin, device),
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("attaching {} to {device}", program.name))),
         };
         let link: FdLink = tc.take_link(id)?.try_into().context("a TCX link")?;
         // Pinned under a temporary name, then renamed over any pin the agent made meanwhile
         // (it attaches to new `lxc*` devices too): its link, unpinned, is released, and the
         // device is never without the program.
-        let pin = self.link_pin(device);
-        let fresh = self.link_pin(&format!("{device}-new"));
-        std::fs::create_dir_all(pin.parent().expect("in links/"))?;
+        let fresh = program.link_pin(&self.pin_dir, &format!("{device}-new"));
+        std::fs::create_dir_all(link_pin.parent().expect("in links/"))?;
         let _ = std::fs::remove_file(&fresh);
         link.pin(&fresh).with_context(|| format!("pinning {}", fresh.display()))?;
-        std::fs::rename(&fresh, &pin).with_context(|| format!("renaming {} to {}", fresh.display(), pin.display()))?;
+        std::fs::rename(&fresh, &link_pin).with_context(|| format!("renaming {} to {}", fresh.display(), link_pin.display()))?;
         Ok(())
     }
 
-    fn await_agent_pin(&self, device: &str) -> Result<()> {
-        let pin = self.link_pin(device);
-        for _ in 0..100 {
-            if pin.exists() {
-                return Ok(());
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        anyhow::bail!("TC on {device} is attached, but no link is pinned at {}", pin.display())
-    }
-
-    /// Whether `device` has the pinned TC link.
+    /// Whether `device` has the pinned link of each program the agent pinned.
     pub fn attached(&self, device: &str) -> bool {
-        self.link_pin(device).exists()
+        self.programs().all(|(p, _)| p.link_pin(&self.pin_dir, device).exists())
     }
 
-    /// Removes the link's pin (the link itself went with the device).
+    /// Removes the links' pins (the links themselves went with the device).
     pub fn detach(&self, device: &str) -> Result<()> {
-        let pin = self.link_pin(device);
-        match std::fs::remove_file(&pin) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| format!("removing {}", pin.display())),
-            _ => Ok(()),
+        for program in load::POD_DEVICE_PROGRAMS {
+            let pin = program.link_pin(&self.pin_dir, device);
+            match std::fs::remove_file(&pin) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).with_context(|| format!("removing {}", pin.display())),
+                _ => {}
+            }
         }
+        Ok(())
     }
 
     pub fn record(&mut self, ip: IpAddr, entry: &EndpointV1) -> Result<()> {
         self.endpoints.insert(ip, entry)
     }
+}
+
+fn await_pin(pin: &Path, device: &str) -> Result<()> {
+    for _ in 0..100 {
+        if pin.exists() {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    anyhow::bail!("TC on {device} is attached, but no link is pinned at {}", pin.display())
 }

@@ -143,7 +143,7 @@ impl Bed {
         let host_devices = self.node().exec("ip -o link show")?.lines().filter_map(|l| l.split(": ").nth(1)).map(|n| n.split('@').next().unwrap_or(n).to_string()).filter(|n| n.starts_with("lxc")).collect();
         let pod_routes = self.node().exec("ip route show")?.lines().filter(|l| l.starts_with("10.244.1.")).map(str::to_string).collect();
         let endpoints = Endpoints::open_pinned(&self.pins)?.list().into_iter().map(|(ip, e)| format!("{ip} {}", e.pod())).collect();
-        let link_pins = std::fs::read_dir(self.pins.join("links"))?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("tc-lxc")).collect();
+        let link_pins = std::fs::read_dir(self.pins.join("links"))?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.contains("-lxc")).collect();
         Ok(Leftovers { reserved, host_devices, pod_routes, endpoints, link_pins })
     }
 }
@@ -208,9 +208,9 @@ fn every_version_adds_checks_and_deletes_a_pod_that_reaches_gateway_pods_cluster
         let a = tcp_request(&pod.ns, remote_pod, None, TIMEOUT).with_context(|| format!("{version}: pod to a pod on node B"))?;
         assert_eq!((a.backend.as_str(), a.seen_source), ("remote-0", pod_ip));
 
-        // One TC program on the host side, however the agent's own discovery raced the ADD.
+        // One TC program each way on the host side, however the agent's own discovery raced the ADD.
         let device = interfaces[0]["name"].as_str().unwrap();
-        assert_eq!(tcx_ingress(&bed, device)?, ["lb_tc"], "{version}: programs on {device}");
+        assert_eq!(tcx_programs(&bed, device)?, ["lb_tc", "lb_tc_to_pod"], "{version}: programs on {device}");
         // The endpoint map and lbctl name the pod.
         let endpoints = Endpoints::open_pinned(&bed.pins)?;
         let entry = endpoints.get(pod_ip).context("no endpoint entry")?;
@@ -228,11 +228,16 @@ fn every_version_adds_checks_and_deletes_a_pod_that_reaches_gateway_pods_cluster
     Ok(())
 }
 
-/// The names of the TCX ingress programs on node A's `device` (this bpftool predates TCX).
-fn tcx_ingress(bed: &Bed, device: &str) -> Result<Vec<String>> {
+/// The names of the TCX programs on node A's `device`, ingress then egress (this bpftool
+/// predates TCX).
+fn tcx_programs(bed: &Bed, device: &str) -> Result<Vec<String>> {
     let ifindex: u32 = bed.node().exec(&format!("cat /sys/class/net/{device}/ifindex"))?.trim().parse()?;
-    let (_, programs) = bed.node().run(move || SchedClassifier::query_tcx(ifindex, TcAttachType::Ingress))??;
-    Ok(programs.iter().map(|p| p.name_as_str().unwrap_or_default().to_string()).collect())
+    let mut names = Vec::new();
+    for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
+        let (_, programs) = bed.node().run(move || SchedClassifier::query_tcx(ifindex, direction))??;
+        names.extend(programs.iter().map(|p| p.name_as_str().unwrap_or_default().to_string()));
+    }
+    Ok(names)
 }
 
 fn neighbour_device(bed: &Bed, pod: &PodNs) -> Result<String> {
@@ -383,7 +388,7 @@ fn gc_frees_exactly_the_attachments_not_listed_and_status_follows_the_agent() ->
     assert_eq!(left.reserved, vec![address_of(&results[0])?.to_string()]);
     assert_eq!(left.endpoints, vec![format!("{} shop/{}", address_of(&results[0])?, pods[0].id)]);
     assert_eq!(left.host_devices.len(), 1);
-    assert_eq!(left.link_pins, vec![format!("tc-{}", left.host_devices[0])]);
+    assert_eq!(left.link_pins, vec![format!("tc-{}", left.host_devices[0]), format!("to-pod-{}", left.host_devices[0])]);
     assert!(bed.run("CHECK", &pods[0], &bed.with_prev("1.1.0", &results[0]))?.ok, "the valid attachment is untouched");
     for gone in &pods[1..] {
         assert!(gone.ns.exec("ip -o link show")?.lines().all(|l| !l.contains("eth0")), "GC removed {}'s veth", gone.id);
@@ -412,7 +417,7 @@ fn gc_frees_exactly_the_attachments_not_listed_and_status_follows_the_agent() ->
     assert!(status(&bed)?.ok);
     assert!(bed.run("CHECK", &pods[0], &bed.with_prev("1.1.0", &results[0]))?.ok);
     let device = &bed.leftovers()?.host_devices[0];
-    assert_eq!(tcx_ingress(&bed, device)?, ["lb_tc"], "one program on {device} after the agent's restart");
+    assert_eq!(tcx_programs(&bed, device)?, ["lb_tc", "lb_tc_to_pod"], "one program each way on {device} after the agent's restart");
     let a = tcp_request(&pods[0].ns, SocketAddr::from((CLUSTER_IP, 80)), None, TIMEOUT).context("ClusterIP after the agent's restart")?;
     assert_eq!(a.backend, "remote-0");
     bed.run("DEL", &pods[0], &bed.conf("1.1.0"))?.success()?;

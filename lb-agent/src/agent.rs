@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use aya::{
     programs::{
         links::{CgroupAttachMode, FdLink, PinnedLink},
-        CgroupSock, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupSock, CgroupSockAddr, SchedClassifier, Xdp, XdpMode,
     },
     Ebpf,
 };
@@ -57,6 +57,8 @@ pub struct AgentConfig {
     pub socket_lb_cgroup: Option<PathBuf>,
     /// Answer ARP and NDP for the pool addresses this node owns, and announce them.
     pub l2_announce: bool,
+    /// Enforce NetworkPolicy on this node's pods.
+    pub network_policy: bool,
     /// The heartbeat (Kubernetes mode); its timeout also bounds how long this node answers for
     /// an address after it last confirmed it may (both modes).
     pub heartbeat: crate::heartbeat::HeartbeatConfig,
@@ -80,8 +82,15 @@ pub struct Agent {
     sock_skip: BTreeSet<u64>,
     /// kube-proxy's notion of health: synced, and syncs succeeding.
     pub proxy_health: ProxyHealth,
-    tc_links: HashMap<u32, String>,
+    /// Programs attached to pod devices: (ifindex, program) -> device.
+    tc_links: HashMap<(u32, &'static str), String>,
     node_ips: Vec<(IpAddr, u32)>,
+    /// Every address of the node, link-local ones too: the node itself to NetworkPolicy.
+    host_ips: Vec<IpAddr>,
+    /// NetworkPolicy enforcement (none when --network-policy=false), and the node addresses
+    /// it was last compiled with.
+    policy: Option<crate::netpol::NetworkPolicies>,
+    policy_host_ips: Option<Vec<IpAddr>>,
     last_gc: Option<Instant>,
     synced_once: bool,
     /// Turns true after the first full sync was programmed (the readiness probe).
@@ -119,6 +128,18 @@ impl Agent {
         let tc: &mut SchedClassifier = ebpf.program_mut(load::TC_PROGRAM).context("no TC program")?.try_into()?;
         tc.load().context("loading lb_tc")?;
         load::pin_program(&cfg.pin_dir, load::TC_PROGRAM, tc)?;
+        let to_pod: &mut SchedClassifier = ebpf.program_mut(load::TC_TO_POD_PROGRAM).context("no TC to-pod program")?.try_into()?;
+        let to_pod_pin = load::programs_dir(&cfg.pin_dir).join(load::TC_TO_POD_PROGRAM);
+        let policy = if cfg.network_policy {
+            to_pod.load().context("loading lb_tc_to_pod")?;
+            load::pin_program(&cfg.pin_dir, load::TC_TO_POD_PROGRAM, to_pod)?;
+            Some(crate::netpol::NetworkPolicies::open(&cfg.pin_dir)?)
+        } else {
+            // Another component enforces policy: nothing an earlier agent wrote stays.
+            let _ = std::fs::remove_file(&to_pod_pin);
+            crate::netpol::NetworkPolicies::open(&cfg.pin_dir)?.clear();
+            None
+        };
         let maps = Maps::take(&mut ebpf)?;
         let mut dataplane = Dataplane::new(maps, cfg.hash_seed as u64, cfg.maglev_min_table)?;
         let adopted = dataplane.adopt(counters_pinned)?;
@@ -135,7 +156,7 @@ impl Agent {
             3
         );
         let netlink = node::connect()?;
-        let source = Source::open(&cfg.source, &cfg.node_name).await?;
+        let source = Source::open(&cfg.source, &cfg.node_name, cfg.network_policy).await?;
         // Frontends an earlier agent programmed stay with their Services when claims collide.
         let service_of = |name: &str| ServiceName::from(name.split_once(':').map_or(name, |(s, _)| s));
         let owners = dataplane.frontends().map(|(key, name, _)| (translate::frontend_of(key), service_of(name))).collect();
@@ -179,6 +200,9 @@ impl Agent {
             reported: Reported::default(),
             tc_links: HashMap::new(),
             node_ips: Vec::new(),
+            host_ips: Vec::new(),
+            policy,
+            policy_host_ips: None,
             last_gc: None,
             synced_once: false,
             ready,
@@ -324,6 +348,7 @@ impl Agent {
         self.sync_node().await?;
         self.sync_pod_devices().await?;
         self.sync_services()?;
+        self.sync_policy()?;
         self.sync_socket_opt_outs()?;
         // Not before the first sync: until then draining backends are not known again.
         if self.synced_once && self.last_gc.is_none_or(|t| t.elapsed() >= self.cfg.gc_interval) {
@@ -346,7 +371,11 @@ impl Agent {
     }
 
     async fn sync_node(&mut self) -> Result<()> {
-        let ips = node::node_addresses(&self.netlink).await?;
+        let all = node::node_addresses(&self.netlink).await?;
+        // Every address is the node's own to NetworkPolicy (the source its processes use
+        // towards a pod may be a pod gateway's link-local one).
+        self.host_ips = all.iter().map(|(ip, _)| *ip).collect();
+        let ips: Vec<(IpAddr, u32)> = all.into_iter().filter(|(ip, _)| !node::is_link_local(ip)).collect();
         if ips == self.node_ips {
             return Ok(());
         }
@@ -390,6 +419,29 @@ impl Agent {
         Ok(())
     }
 
+    /// Compiles NetworkPolicy again when a Pod, Namespace or NetworkPolicy changed (or the
+    /// node's addresses), once all three have been listed, and writes what differs.
+    fn sync_policy(&mut self) -> Result<()> {
+        let Some(policy) = self.policy.as_mut() else { return Ok(()) };
+        if !self.source.policy_synced() {
+            return Ok(());
+        }
+        let Some(mut objects) = self.source.objects() else { return Ok(()) };
+        let changed = objects.take_policy_changed();
+        if changed.is_none() && self.policy_host_ips.as_ref() == Some(&self.host_ips) {
+            return Ok(());
+        }
+        let frontends = self.dataplane.frontends().map(|(key, _, _)| key.addr).collect();
+        policy.sync(&objects, &self.cfg.node_name, &self.host_ips, changed.unwrap_or_else(Instant::now), &frontends)?;
+        self.policy_host_ips = Some(self.host_ips.clone());
+        Ok(())
+    }
+
+    /// What `lbctl policy` is told (none when policy is not enforced).
+    pub fn policy_view(&self) -> Option<crate::netpol::SharedPolicyView> {
+        self.policy.as_ref().map(|p| p.view.clone())
+    }
+
     /// This node's pod ranges, as its Node says, for lb-cni (GET /status).
     fn sync_pod_cidrs(&mut self) {
         let node_name = &self.cfg.node_name;
@@ -421,46 +473,48 @@ impl Agent {
         let links = node::links(&self.netlink).await?;
         let routed = if self.cfg.pod_devices_from_routes { node::host_route_links(&self.netlink).await? } else { Vec::new() };
         let status = &self.status;
-        self.tc_links.retain(|ifindex, name| {
+        self.tc_links.retain(|(ifindex, program), name| {
             let present = links.contains_key(ifindex);
             if !present {
-                crate::metrics::program_detached(load::TC_PROGRAM);
-                status.lock().expect("not poisoned").detach(load::TC_PROGRAM, name);
+                crate::metrics::program_detached(program);
+                status.lock().expect("not poisoned").detach(program, name);
             }
             present
         });
-        let tc: &mut SchedClassifier = self.ebpf.program_mut(load::TC_PROGRAM).context("no TC program")?.try_into()?;
+        let programs: &[load::PodDeviceProgram] = if self.cfg.network_policy { &load::POD_DEVICE_PROGRAMS } else { &load::POD_DEVICE_PROGRAMS[..1] };
         for (ifindex, name) in &links {
-            if self.tc_links.contains_key(ifindex) || self.cfg.external_devices.contains(name) || name == "lo" {
-                continue;
-            }
             let by_name = self.cfg.pod_device_patterns.iter().any(|p| node::name_matches(p, name));
-            if !by_name && !routed.contains(ifindex) {
+            if self.cfg.external_devices.contains(name) || name == "lo" || (!by_name && !routed.contains(ifindex)) {
                 continue;
             }
-            let pin = links_dir(&self.cfg.pin_dir)?.join(format!("tc-{name}"));
-            let ifindex = *ifindex;
-            let attached = attach_pinned(
-                &pin,
-                |tc: &mut SchedClassifier, old| Ok(tc.attach_to_link(old.try_into()?).map(|_| ())?),
-                |tc: &mut SchedClassifier| {
-                    let id = tc.attach(ifindex, TcAttachType::Ingress)?;
-                    Ok(tc.take_link(id)?.try_into()?)
-                },
-                tc,
-            );
-            match attached {
-                Ok(adopted) => {
-                    info!("TC {} on pod device {name} (ifindex {ifindex})", if adopted { "replaced in place" } else { "attached" });
-                    self.tc_links.insert(ifindex, name.clone());
-                    crate::metrics::program_attached(load::TC_PROGRAM);
-                    self.status.lock().expect("not poisoned").attach(load::TC_PROGRAM, name);
+            for program in programs {
+                if self.tc_links.contains_key(&(*ifindex, program.name)) {
+                    continue;
                 }
-                // lb-cni attached it a moment ago and is pinning its link: adopted next pass.
-                Err(e) if node::is_os_error(e.as_ref(), libc::EEXIST) => {
-                    debug!("TC on {name} was attached by lb-cni; its pinned link is adopted next pass")
+                let tc: &mut SchedClassifier = self.ebpf.program_mut(program.name).with_context(|| format!("no program {}", program.name))?.try_into()?;
+                let ifindex = *ifindex;
+                let attached = attach_pinned(
+                    &program.link_pin(&self.cfg.pin_dir, name),
+                    |tc: &mut SchedClassifier, old| Ok(tc.attach_to_link(old.try_into()?).map(|_| ())?),
+                    |tc: &mut SchedClassifier| {
+                        let id = tc.attach(ifindex, program.direction)?;
+                        Ok(tc.take_link(id)?.try_into()?)
+                    },
+                    tc,
+                );
+                match attached {
+                    Ok(adopted) => {
+                        info!("{} {} on pod device {name} (ifindex {ifindex})", program.name, if adopted { "replaced in place" } else { "attached" });
+                        self.tc_links.insert((ifindex, program.name), name.clone());
+                        crate::metrics::program_attached(program.name);
+                        self.status.lock().expect("not poisoned").attach(program.name, name);
+                    }
+                    // lb-cni attached it a moment ago and is pinning its link: adopted next pass.
+                    Err(e) if node::is_os_error(e.as_ref(), libc::EEXIST) => {
+                        debug!("{} on {name} was attached by lb-cni; its pinned link is adopted next pass", program.name)
+                    }
+                    Err(e) => warn!("attaching {} to {name}: {e:#}", program.name),
                 }
-                Err(e) => warn!("attaching TC to {name}: {e:#}"),
             }
         }
         Ok(())

@@ -23,6 +23,7 @@ pub mod health;
 pub mod heartbeat;
 pub mod ipam;
 pub mod metrics;
+pub mod netpol;
 pub mod node;
 pub mod publish;
 pub mod source;

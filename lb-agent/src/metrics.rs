@@ -262,8 +262,9 @@ pub struct Health {
 }
 
 /// Serves `/metrics`, `/healthz` (liveness), `/readyz` (ready after the first full sync) and
-/// `/status` (for `lbctl status`).
-pub async fn serve(addr: SocketAddr, handle: PrometheusHandle, health: Health, scraper: Scraper, status: crate::status::SharedStatus) -> Result<()> {
+/// `/status` (for `lbctl status`) and `/policy` (for `lbctl policy`; 404 when NetworkPolicy is
+/// not enforced).
+pub async fn serve(addr: SocketAddr, handle: PrometheusHandle, health: Health, scraper: Scraper, status: crate::status::SharedStatus, policy: Option<crate::netpol::SharedPolicyView>) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
     info!("metrics and health on http://{addr}/metrics, /healthz, /readyz");
     let scraper = Arc::new(scraper);
@@ -279,6 +280,10 @@ pub async fn serve(addr: SocketAddr, handle: PrometheusHandle, health: Health, s
         }
         if path == "/status" {
             let body = serde_json::to_string(&*status.lock().expect("not poisoned")).unwrap_or_default();
+            return (StatusCode::OK, "application/json", body);
+        }
+        if let (true, Some(policy)) = (path == "/policy", &policy) {
+            let body = serde_json::to_string(&*policy.lock().expect("not poisoned")).unwrap_or_default();
             return (StatusCode::OK, "application/json", body);
         }
         route(path, &health)

@@ -35,9 +35,7 @@ pub async fn links(handle: &Handle) -> Result<BTreeMap<u32, String>> {
     Ok(out)
 }
 
-/// Every address of this node, of both families, with its link: not loopback ones, nor
-/// link-local ones (no client reaches a Service through those; lb-cni puts the pods' gateway,
-/// 169.254.1.1, on every pod's host device).
+/// Every address of this node, of both families, with its link, but loopback ones.
 pub async fn node_addresses(handle: &Handle) -> Result<Vec<(IpAddr, u32)>> {
     let mut out = Vec::new();
     let mut stream = handle.address().get().execute();
@@ -45,8 +43,8 @@ pub async fn node_addresses(handle: &Handle) -> Result<Vec<(IpAddr, u32)>> {
         for attr in &msg.attributes {
             // IFA_LOCAL for IPv4; IPv6 addresses come as IFA_ADDRESS only.
             let ip = match attr {
-                AddressAttribute::Local(ip @ IpAddr::V4(v4)) if !v4.is_link_local() => *ip,
-                AddressAttribute::Address(ip @ IpAddr::V6(v6)) if !v6.is_unicast_link_local() => *ip,
+                AddressAttribute::Local(ip @ IpAddr::V4(_)) => *ip,
+                AddressAttribute::Address(ip @ IpAddr::V6(_)) => *ip,
                 _ => continue,
             };
             if !ip.is_loopback() {
@@ -57,6 +55,15 @@ pub async fn node_addresses(handle: &Handle) -> Result<Vec<(IpAddr, u32)>> {
     out.sort();
     out.dedup();
     Ok(out)
+}
+
+/// Whether `ip` is link-local: no client reaches a Service through such an address (lb-cni
+/// puts the pods' gateway, 169.254.1.1, on every pod's host device).
+pub fn is_link_local(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    }
 }
 
 /// Links that carry a /32 route in the main table: the host side of pod devices, as CNIs

@@ -73,17 +73,23 @@ pub fn unix_now() -> u64 {
 
 /// Asks the agent serving on `addr` (its `--metrics-addr`) for its status: GET /status.
 pub fn fetch(addr: &str, timeout: std::time::Duration) -> anyhow::Result<AgentStatus> {
+    use anyhow::Context;
+    serde_json::from_str(&get(addr, "/status", timeout)?).context("not the status of an lb-agent")
+}
+
+/// The body of GET `path` from the agent serving on `addr`; an error unless it answers 200.
+pub fn get(addr: &str, path: &str, timeout: std::time::Duration) -> anyhow::Result<String> {
     use anyhow::{bail, Context};
     use std::io::{Read, Write};
     let socket = std::net::ToSocketAddrs::to_socket_addrs(addr)?.next().with_context(|| format!("{addr} names no address"))?;
     let mut stream = std::net::TcpStream::connect_timeout(&socket, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
-    write!(stream, "GET /status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let (head, body) = response.split_once("\r\n\r\n").context("no HTTP response")?;
     if !head.starts_with("HTTP/1.1 200") {
-        bail!("{}", head.lines().next().unwrap_or_default());
+        bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
     }
-    serde_json::from_str(body).context("not the status of an lb-agent")
+    Ok(body.to_string())
 }

@@ -47,10 +47,12 @@ pub struct ClusterState {
     pub services: Vec<Sourced<Service>>,
     pub slices: Vec<Sourced<EndpointSlice>>,
     pub nodes: Vec<Sourced<Node>>,
-    /// Pods of this node (only their socket-LB opt-out is read).
+    /// Pods: this node's for the socket hooks' opt-outs, every pod for NetworkPolicy.
     pub pods: Vec<Sourced<Pod>>,
     /// Address pools for LoadBalancer Services.
     pub pools: Vec<Sourced<crate::source::model::IpPool>>,
+    pub namespaces: Vec<Sourced<crate::source::model::Namespace>>,
+    pub policies: Vec<Sourced<crate::source::model::NetworkPolicy>>,
 }
 
 

@@ -40,6 +40,8 @@ pub const MAX_POLICY_RULES: u32 = 262_144;
 /// Capacity of the policy flow tables (`LB4_POLCT_V1`, `LB6_POLCT_V1`): flows of pods a policy
 /// selects, whose replies pass (LRU: preallocated, 11 MiB for both).
 pub const MAX_POLICY_FLOWS: u32 = 65_536;
+/// NetworkPolicies one node can count (ids of `LB_POLSTAT_V1`).
+pub const MAX_POLICIES: u32 = 16_384;
 /// Longest `namespace/name:port` kept in `LB_SVC_NAME_V1`.
 pub const NAME_LEN: usize = 120;
 

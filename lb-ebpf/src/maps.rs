@@ -84,6 +84,10 @@ pub static LB_POLICY_V1: LpmTrie<PolicyKeyV1, PolicyVerdictV1> = LpmTrie::pinned
 pub static LB4_POLCT_V1: LruHashMap<Ct4KeyV1, u8> = LruHashMap::pinned(MAX_POLICY_FLOWS, 0);
 #[map]
 pub static LB6_POLCT_V1: LruHashMap<Ct6KeyV1, u8> = LruHashMap::pinned(MAX_POLICY_FLOWS, 0);
+#[map]
+pub static LB_POLSTAT_V1: Array<PolicyCounterV1> = Array::pinned(MAX_POLICIES, 0);
+#[map]
+pub static LB_POLDENY_V1: Array<PolicyCounterV1> = Array::pinned(2 * MAX_ENDPOINTS, 0);
 
 /// Per-CPU scratch space of each family's path (not pinned: nothing in it outlives a packet).
 #[map]
@@ -109,6 +113,15 @@ pub fn count_traffic(map: &Array<TrafficCountersV1>, id: u32, bytes: u32) {
             atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*c).packets, 1);
             atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*c).bytes, bytes as u64);
         }
+    }
+}
+
+/// One more in a shared counter (see [`count_traffic`]).
+#[inline(always)]
+pub fn count_one(map: &Array<PolicyCounterV1>, slot: u32) {
+    use core::intrinsics::{atomic_xadd, AtomicOrdering::Relaxed};
+    if let Some(c) = map.get_ptr_mut(slot) {
+        unsafe { atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*c).count, 1) };
     }
 }
 

@@ -6,7 +6,10 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use lb_common::*;
 
-use crate::{family::Family, maps::LB_POLICY_V1};
+use crate::{
+    family::Family,
+    maps::{count_one, LB_POLDENY_V1, LB_POLICY_V1, LB_POLSTAT_V1},
+};
 
 /// Every bit of a policy key: endpoint, identity and direction, then protocol and port.
 const POLICY_PREFIX_FULL: u32 = POLICY_PREFIX_FIXED + 24;
@@ -46,11 +49,15 @@ pub fn check<A: Family>(t: &CtKeyV1<A>, direction: u8, frontend: Option<&CtKeyV1
         rule = LB_POLICY_V1.get(&Key::new(POLICY_PREFIX_FULL, key));
     }
     match rule {
-        Some(_) => {
+        Some(rule) => {
+            count_one(&LB_POLSTAT_V1, rule.policy);
             remember(t, frontend);
             0
         }
-        None => reason::DROP_POLICY,
+        None => {
+            count_one(&LB_POLDENY_V1, denied_slot(ep.endpoint, direction));
+            reason::DROP_POLICY
+        }
     }
 }
 

@@ -23,13 +23,15 @@ use tokio::sync::broadcast;
 /// The kinds the agent watches: (kind, list path, apiVersion). Field and label selectors (the
 /// agent asks for its own node's pods, and its own Leases) are not applied: every object is
 /// served, as a permissive server would. Leases are served in `kube-system`.
-const KINDS: [(&str, &str, &str); 6] = [
+const KINDS: [(&str, &str, &str); 8] = [
     ("Service", "/api/v1/services", "v1"),
     ("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices", "discovery.k8s.io/v1"),
     ("Node", "/api/v1/nodes", "v1"),
     ("Pod", "/api/v1/pods", "v1"),
     ("Lease", "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases", "coordination.k8s.io/v1"),
     ("LoadBalancerIPPool", "/apis/lb-agent.io/v1alpha1/loadbalancerippools", "lb-agent.io/v1alpha1"),
+    ("Namespace", "/api/v1/namespaces", "v1"),
+    ("NetworkPolicy", "/apis/networking.k8s.io/v1/networkpolicies", "networking.k8s.io/v1"),
 ];
 
 /// The kind of a namespaced resource the agent writes, by its plural.

@@ -138,6 +138,10 @@ struct Args {
     /// node owns, and announce them (gratuitous ARP, unsolicited NA).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     l2_announce: bool,
+    /// Enforce NetworkPolicy on this node's pods (watches every Pod, Namespace and
+    /// NetworkPolicy). Off: another component enforces it, and every pod is open here.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    network_policy: bool,
     /// How often this node's heartbeat Lease is renewed (Kubernetes mode), in milliseconds.
     #[arg(long, default_value_t = 500)]
     heartbeat_interval_ms: u64,
@@ -185,7 +189,7 @@ fn summary(args: &Args) -> String {
     };
     let list = |items: &[String]| if items.is_empty() { "none".to_string() } else { items.join(",") };
     format!(
-        "lb-agent {}: {source}; node {}; external devices {} (XDP mode {:?}); pod devices {}{}; pins in {}; metrics on {}, kube-proxy health on {}; socket LB {}; NodePorts on {}; hash seed {}, smallest Maglev table {}; sync every {} ms, conntrack GC every {} s; L2 announcements {}, heartbeat every {} ms, dead after {} ms",
+        "lb-agent {}: {source}; node {}; external devices {} (XDP mode {:?}); pod devices {}{}; pins in {}; metrics on {}, kube-proxy health on {}; socket LB {}; NodePorts on {}; hash seed {}, smallest Maglev table {}; sync every {} ms, conntrack GC every {} s; L2 announcements {}, NetworkPolicy {}, heartbeat every {} ms, dead after {} ms",
         env!("CARGO_PKG_VERSION"),
         args.node_name.as_deref().unwrap_or("-"),
         list(&args.external_devices),
@@ -202,6 +206,7 @@ fn summary(args: &Args) -> String {
         args.sync_interval_ms,
         args.gc_interval_s,
         if args.l2_announce { "on" } else { "off" },
+        if args.network_policy { "enforced" } else { "off" },
         args.heartbeat_interval_ms,
         args.heartbeat_timeout_ms,
     )
@@ -274,6 +279,7 @@ fn main() -> Result<()> {
         nodeport_cidrs: args.nodeport_addresses,
         socket_lb_cgroup: args.socket_lb.then_some(args.cgroup_root),
         l2_announce: args.l2_announce,
+        network_policy: args.network_policy,
         heartbeat: lb_agent::heartbeat::HeartbeatConfig {
             namespace: args.lease_namespace,
             interval: Duration::from_millis(args.heartbeat_interval_ms),
@@ -296,7 +302,7 @@ fn main() -> Result<()> {
             failing_syncs_after: Duration::from_secs(healthz_failing_syncs_s),
         };
         let scraper = lb_agent::metrics::Scraper { maps: Maps::open_pinned(&pin_dir)?, per_backend: metrics_per_backend, conntrack: agent.conntrack_fill.clone() };
-        let server = tokio::spawn(lb_agent::metrics::serve(metrics_addr, metrics, health, scraper, agent.status.clone()));
+        let server = tokio::spawn(lb_agent::metrics::serve(metrics_addr, metrics, health, scraper, agent.status.clone(), agent.policy_view()));
         let proxy_health = tokio::spawn(lb_agent::health::serve_proxy_health(healthz_addr, agent.proxy_health.clone()));
         tokio::select! {
             r = agent.run(shutdown_signal()) => r,

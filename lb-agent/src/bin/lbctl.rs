@@ -98,6 +98,13 @@ enum Command {
         #[command(subcommand)]
         cmd: ListOnly,
     },
+    /// NetworkPolicy on this node: `list` the policies (rules written, new flows allowed),
+    /// `identities`, `endpoints` (each pod's isolation, policies and denied packets). Names
+    /// are asked of the agent, counters read from the maps.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
     /// A shell completion script: `lbctl completion bash > /etc/bash_completion.d/lbctl`.
     Completion { shell: clap_complete::Shell },
 }
@@ -105,6 +112,13 @@ enum Command {
 #[derive(Subcommand)]
 enum ListOnly {
     List,
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    List,
+    Identities,
+    Endpoints,
 }
 
 #[derive(Subcommand)]
@@ -159,6 +173,7 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Stats => stats(&maps)?,
         Command::Address { .. } => addresses(&maps, &cli.agent)?,
         Command::Endpoint { .. } => endpoints(&cli.pin_dir)?,
+        Command::Policy { cmd } => network_policy(&cli.pin_dir, &cli.agent, cmd)?,
         Command::Completion { .. } => unreachable!("handled above"),
     };
     let rows: Vec<Row> = rows.into_iter().filter(|r| filter.keeps(r)).collect();
@@ -653,6 +668,51 @@ fn endpoints(pin_dir: &std::path::Path) -> Result<Vec<Row>> {
             ]
         })
         .collect())
+}
+
+fn network_policy(pin_dir: &std::path::Path, agent: &str, cmd: &PolicyCmd) -> Result<Vec<Row>> {
+    let body = lb_agent::status::get(agent, "/policy", std::time::Duration::from_secs(2)).with_context(|| format!("asking the agent at {agent} (--agent) for its NetworkPolicy view; it answers 404 when started with --network-policy=false"))?;
+    let view: lb_agent::netpol::PolicyView = serde_json::from_str(&body).context("not the policy view of an lb-agent")?;
+    // Counters as they are now, from the maps.
+    let maps = lb_agent::dataplane::policy::PolicyMaps::open_pinned(pin_dir)?;
+    let names = |list: &[String]| if list.is_empty() { "-".to_string() } else { list.join(",") };
+    Ok(match cmd {
+        PolicyCmd::List => view
+            .policies
+            .iter()
+            .map(|p| {
+                vec![
+                    ("policy", json!(p.name)),
+                    ("version", json!(p.version.as_deref().unwrap_or("-"))),
+                    ("id", json!(p.id)),
+                    ("rules", json!(p.rules)),
+                    ("allowed", json!(p.id.map_or(0, |id| maps.allowed(id)))),
+                ]
+            })
+            .collect(),
+        PolicyCmd::Identities => view.identities.iter().map(|i| vec![("identity", json!(i.id)), ("labels", json!(i.labels))]).collect(),
+        PolicyCmd::Endpoints => view
+            .endpoints
+            .iter()
+            .map(|e| {
+                let isolated = match (e.ingress_isolated, e.egress_isolated) {
+                    (true, true) => "ingress,egress",
+                    (true, false) => "ingress",
+                    (false, true) => "egress",
+                    (false, false) => "-",
+                };
+                vec![
+                    ("address", json!(e.address.to_string())),
+                    ("pod", json!(e.pod)),
+                    ("identity", json!(e.identity)),
+                    ("isolated", json!(isolated)),
+                    ("policies", json!(names(&e.policies))),
+                    ("denied_ingress", json!(e.endpoint.map_or(0, |id| maps.denied(id, POLICY_INGRESS)))),
+                    ("denied_egress", json!(e.endpoint.map_or(0, |id| maps.denied(id, POLICY_EGRESS)))),
+                ]
+            })
+            .collect(),
+    })
 }
 
 fn stats(maps: &Maps) -> Result<Vec<Row>> {

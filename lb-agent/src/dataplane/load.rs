@@ -16,6 +16,28 @@ pub const XDP_PROGRAM: &str = "lb_xdp";
 pub const TC_PROGRAM: &str = "lb_tc";
 /// TC egress of pod devices: the pods' NetworkPolicy ingress.
 pub const TC_TO_POD_PROGRAM: &str = "lb_tc_to_pod";
+
+/// A program on the host side of every pod device: its name (and pin in `programs/`), its
+/// TCX direction, and its link's pin in `links/`, `<prefix>-<device>`.
+#[derive(Clone, Copy, Debug)]
+pub struct PodDeviceProgram {
+    pub name: &'static str,
+    pub direction: aya::programs::tc::TcAttachType,
+    pub link_prefix: &'static str,
+}
+
+impl PodDeviceProgram {
+    pub fn link_pin(&self, pin_dir: &Path, device: &str) -> PathBuf {
+        pin_dir.join("links").join(format!("{}-{device}", self.link_prefix))
+    }
+}
+
+/// `lb_tc` on the way in from the pod (balancing, egress policy), `lb_tc_to_pod` on the way
+/// out to it (ingress policy; attached while NetworkPolicy is enforced).
+pub const POD_DEVICE_PROGRAMS: [PodDeviceProgram; 2] = [
+    PodDeviceProgram { name: TC_PROGRAM, direction: aya::programs::tc::TcAttachType::Ingress, link_prefix: "tc" },
+    PodDeviceProgram { name: TC_TO_POD_PROGRAM, direction: aya::programs::tc::TcAttachType::Egress, link_prefix: "to-pod" },
+];
 pub const XDP_PASS_PROGRAM: &str = "lb_xdp_pass";
 /// The cgroup socket-address hooks, each with the pin name of its link.
 pub const SOCK_ADDR_PROGRAMS: [(&str, &str); 8] = [
@@ -76,7 +98,7 @@ fn load_object(pin_dir: &Path, sizes: &MapSizes) -> Result<Ebpf> {
 
 /// Key and value sizes of every map of schema v1, as the kernel reports them, and the
 /// capacity where the schema fixes it (the rest are sized by flags).
-fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 37] {
+fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 39] {
     use lb_common::*;
     use std::mem::size_of;
     [
@@ -118,6 +140,8 @@ fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 37] {
         (MAP_POLICY, 4 + size_of::<PolicyKeyV1>(), size_of::<PolicyVerdictV1>(), Some(MAX_POLICY_RULES)),
         (MAP_POLICY_FLOWS, size_of::<Ct4KeyV1>(), 1, None),
         (MAP_POLICY_FLOWS6, size_of::<Ct6KeyV1>(), 1, None),
+        (MAP_POLICY_STATS, 4, size_of::<PolicyCounterV1>(), Some(MAX_POLICIES)),
+        (MAP_POLICY_DENIED, 4, size_of::<PolicyCounterV1>(), Some(2 * MAX_ENDPOINTS)),
     ]
 }
 

@@ -5,10 +5,13 @@
 use std::{net::IpAddr, path::Path};
 
 use anyhow::{Context, Result};
-use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, MapData};
+use aya::maps::{lpm_trie::Key, Array, HashMap, IterableMap, LpmTrie, MapData};
 use lb_common::*;
 
-use super::maps::{open_pinned, Family};
+use super::{
+    batch,
+    maps::{open_pinned, Family},
+};
 
 /// One allow rule as the datapath keys it. `protocol` 0 is any protocol; `ports` `None`
 /// every port.
@@ -39,7 +42,14 @@ pub struct PolicyMaps {
     endpoints4: HashMap<MapData, PolicyEndpoint4KeyV1, PolicyEndpointV1>,
     endpoints6: HashMap<MapData, PolicyEndpoint6KeyV1, PolicyEndpointV1>,
     rules: LpmTrie<MapData, PolicyKeyV1, PolicyVerdictV1>,
+    flows4: HashMap<MapData, Ct4KeyV1, u8>,
+    flows6: HashMap<MapData, Ct6KeyV1, u8>,
+    allowed: Array<MapData, PolicyCounterV1>,
+    denied: Array<MapData, PolicyCounterV1>,
 }
+
+/// A flow the datapath remembers as allowed: (source, destination, protocol, destination port).
+pub type PolicyFlow = (IpAddr, IpAddr, u8, u16);
 
 impl PolicyMaps {
     pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
@@ -49,7 +59,87 @@ impl PolicyMaps {
             endpoints4: open_pinned(pin_dir, MAP_POLICY_ENDPOINTS)?,
             endpoints6: open_pinned(pin_dir, MAP_POLICY_ENDPOINTS6)?,
             rules: open_pinned(pin_dir, MAP_POLICY)?,
+            flows4: open_pinned(pin_dir, MAP_POLICY_FLOWS)?,
+            flows6: open_pinned(pin_dir, MAP_POLICY_FLOWS6)?,
+            allowed: open_pinned(pin_dir, MAP_POLICY_STATS)?,
+            denied: open_pinned(pin_dir, MAP_POLICY_DENIED)?,
         })
+    }
+
+    /// What an earlier agent wrote: identities by prefix, endpoints, and rule keys with the
+    /// policy of each (so that a restart rewrites only what changed).
+    pub fn read_back(&self) -> (Vec<(IpAddr, u8, u32)>, Vec<(IpAddr, PolicyEndpointV1)>, Vec<(Key<PolicyKeyV1>, u32)>) {
+        let mut ids: Vec<(IpAddr, u8, u32)> = self.ipcache4.iter().flatten().map(|(k, v)| (k.data().addr.to_ip(), k.prefix_len() as u8, v.id)).collect();
+        ids.extend(self.ipcache6.iter().flatten().map(|(k, v)| (k.data().addr.to_ip(), k.prefix_len() as u8, v.id)));
+        let mut endpoints: Vec<(IpAddr, PolicyEndpointV1)> = self.endpoints4.iter().flatten().map(|(k, v)| (k.addr.to_ip(), v)).collect();
+        endpoints.extend(self.endpoints6.iter().flatten().map(|(k, v)| (k.addr.to_ip(), v)));
+        let rules = self.rules.iter().flatten().map(|(k, v)| (k, v.policy)).collect();
+        (ids, endpoints, rules)
+    }
+
+    pub fn remove_identity(&mut self, addr: IpAddr, len: u8) {
+        // Gone already is what was wanted.
+        let _ = match addr {
+            IpAddr::V4(_) => self.ipcache4.remove(&Key::new(len as u32, IpCacheKeyV1 { addr: Addr4::from_ip(addr).expect("IPv4") })),
+            IpAddr::V6(_) => self.ipcache6.remove(&Key::new(len as u32, IpCacheKeyV1 { addr: Addr6::from_ip(addr).expect("IPv6") })),
+        };
+    }
+
+    pub fn remove_endpoint(&mut self, addr: IpAddr) {
+        let _ = match addr {
+            IpAddr::V4(_) => self.endpoints4.remove(&PolicyEndpointKeyV1 { addr: Addr4::from_ip(addr).expect("IPv4") }),
+            IpAddr::V6(_) => self.endpoints6.remove(&PolicyEndpointKeyV1 { addr: Addr6::from_ip(addr).expect("IPv6") }),
+        };
+    }
+
+    pub fn remove_key(&mut self, key: &Key<PolicyKeyV1>) {
+        let _ = self.rules.remove(key);
+    }
+
+    /// The flows the datapath remembers as allowed, both families.
+    pub fn flows(&self) -> Result<Vec<PolicyFlow>> {
+        fn of<A: Family>(map: &HashMap<MapData, CtKeyV1<A>, u8>, name: &str) -> Result<Vec<PolicyFlow>> {
+            let entries: Vec<(CtKeyV1<A>, u8)> = batch::lookup_all(map.map()).with_context(|| format!("reading {name}"))?;
+            Ok(entries.into_iter().map(|(k, _)| (k.src_addr.to_ip(), k.dst_addr.to_ip(), k.proto, u16::from_be(k.dst_port))).collect())
+        }
+        let mut flows = of(&self.flows4, MAP_POLICY_FLOWS)?;
+        flows.extend(of(&self.flows6, MAP_POLICY_FLOWS6)?);
+        Ok(flows)
+    }
+
+    /// Forgets remembered flows whose (source, destination, protocol, destination port) is in
+    /// `flows`: their next packet is judged again. Returns how many were forgotten.
+    pub fn forget_flows(&mut self, flows: &std::collections::HashSet<PolicyFlow>) -> Result<usize> {
+        fn of<A: Family>(map: &HashMap<MapData, CtKeyV1<A>, u8>, name: &str, flows: &std::collections::HashSet<PolicyFlow>) -> Result<usize> {
+            let entries: Vec<(CtKeyV1<A>, u8)> = batch::lookup_all(map.map()).with_context(|| format!("reading {name}"))?;
+            let gone: Vec<CtKeyV1<A>> = entries.into_iter().map(|(k, _)| k).filter(|k| flows.contains(&(k.src_addr.to_ip(), k.dst_addr.to_ip(), k.proto, u16::from_be(k.dst_port)))).collect();
+            batch::delete(map.map(), &gone).with_context(|| format!("pruning {name}"))?;
+            Ok(gone.len())
+        }
+        Ok(of(&self.flows4, MAP_POLICY_FLOWS, flows)? + of(&self.flows6, MAP_POLICY_FLOWS6, flows)?)
+    }
+
+    /// New flows policy `id` allowed.
+    pub fn allowed(&self, id: u32) -> u64 {
+        self.allowed.get(&id, 0).map_or(0, |c| c.count)
+    }
+
+    /// Packets endpoint `id`'s policy denied in `direction`.
+    pub fn denied(&self, endpoint: u32, direction: u8) -> u64 {
+        self.denied.get(&denied_slot(endpoint, direction), 0).map_or(0, |c| c.count)
+    }
+
+    /// Starts the counters of a newly given policy or endpoint id at zero.
+    pub fn zero_counters(&mut self, policy: Option<u32>, endpoint: Option<u32>) -> Result<()> {
+        if let Some(id) = policy {
+            self.allowed.set(id, &PolicyCounterV1::default(), 0).with_context(|| format!("zeroing {MAP_POLICY_STATS}[{id}]"))?;
+        }
+        if let Some(id) = endpoint {
+            for direction in [POLICY_INGRESS, POLICY_EGRESS] {
+                self.denied.set(denied_slot(id, direction), &PolicyCounterV1::default(), 0).with_context(|| format!("zeroing {MAP_POLICY_DENIED}"))?;
+            }
+        }
+        Ok(())
     }
 
     /// `addr/len` has identity `id` (the longest prefix holding an address wins).
@@ -72,15 +162,20 @@ impl PolicyMaps {
 
     pub fn allow(&mut self, rule: &AllowRule, policy: u32) -> Result<()> {
         for key in rule.keys() {
-            self.rules.insert(&key, &PolicyVerdictV1 { policy }, 0).with_context(|| format!("writing the rule {rule:?}"))?;
+            self.insert_key(&key, policy).with_context(|| format!("writing the rule {rule:?}"))?;
         }
         Ok(())
     }
 
+    /// Writes one key of a rule, naming `policy`.
+    pub fn insert_key(&mut self, key: &Key<PolicyKeyV1>, policy: u32) -> Result<()> {
+        let d = key.data();
+        self.rules.insert(key, &PolicyVerdictV1 { policy }, 0).with_context(|| format!("writing the rule key {d:?}/{}", key.prefix_len()))
+    }
+
     pub fn forget(&mut self, rule: &AllowRule) -> Result<()> {
         for key in rule.keys() {
-            // Gone already is what was wanted.
-            let _ = self.rules.remove(&key);
+            self.remove_key(&key);
         }
         Ok(())
     }

@@ -1,6 +1,6 @@
-//! Kubernetes source: watches of Services, EndpointSlices, Nodes, this node's Pods and the
-//! LoadBalancerIPPools feeding
-//! one index ([`Objects`]). An event changes one object and marks only its Service; a
+//! Kubernetes source: watches of Services, EndpointSlices, Nodes, Pods (every pod when
+//! NetworkPolicy is enforced, else this node's), Namespaces, NetworkPolicies and the
+//! LoadBalancerIPPools feeding one index ([`Objects`]). An event changes one object and marks only its Service; a
 //! (re)list is applied whole when it completes, so a relist after `410 Gone` or a reconnect
 //! never shows a partial view; while the API server is unreachable the index keeps its last
 //! state and the datapath keeps what it has.
@@ -30,9 +30,12 @@ const ORIGIN: &str = "api";
 
 pub struct KubeSource {
     objects: Arc<Mutex<Objects>>,
-    /// Services, EndpointSlices, Nodes, pools: the kinds waited for. This node's pods are not
-    /// (they only narrow the socket hooks).
+    /// Services, EndpointSlices, Nodes, pools: the kinds the Services wait for. Pods only
+    /// narrow the socket hooks there.
     synced: [Arc<AtomicBool>; 4],
+    /// Pods, Namespaces, NetworkPolicies: what policy waits for (a partial view would deny
+    /// what a full one allows).
+    policy_synced: [Arc<AtomicBool>; 3],
     /// Wakes the agent's loop on a change.
     pub notify: Arc<Notify>,
     /// For the agent's own writes: heartbeat Leases, Service status, Events.
@@ -63,11 +66,13 @@ fn pool_of(object: DynamicObject) -> IpPool {
 }
 
 impl KubeSource {
-    /// Starts the watches on the current tokio runtime.
-    pub fn start(client: Client, node_name: &str) -> Self {
+    /// Starts the watches on the current tokio runtime. With `network_policy`, every Pod,
+    /// Namespace and NetworkPolicy is watched; without, only this node's Pods.
+    pub fn start(client: Client, node_name: &str, network_policy: bool) -> Self {
         let objects = Arc::new(Mutex::new(Objects::default()));
         let notify = Arc::new(Notify::new());
         let synced = [(); 4].map(|_| Arc::new(AtomicBool::new(false)));
+        let policy_synced = [(); 3].map(|_| Arc::new(AtomicBool::new(false)));
         // Lists at resourceVersion 0, as kube-proxy's informers do: the API server answers from
         // its watch cache, in one response, instead of paging through etcd for every node.
         let all = watcher::Config::default().any_semantic();
@@ -86,13 +91,23 @@ impl KubeSource {
         watch(Api::<v1::Service>::all(client.clone()), all.clone(), feed!(v1::Service, super::model::Service, set_service, services, services), &objects, &synced[0], &notify);
         watch(Api::<discovery::v1::EndpointSlice>::all(client.clone()), all.clone(), feed!(discovery::v1::EndpointSlice, super::model::EndpointSlice, set_slice, slices, slices), &objects, &synced[1], &notify);
         watch(Api::<v1::Node>::all(client.clone()), all.clone(), feed!(v1::Node, super::model::Node, set_node, nodes, nodes), &objects, &synced[2], &notify);
-        let on_this_node = watcher::Config::default().any_semantic().fields(&format!("spec.nodeName={node_name}"));
-        watch(Api::<v1::Pod>::all(client.clone()), on_this_node, feed!(v1::Pod, super::model::Pod, set_pod, pods, pods), &objects, &Arc::new(AtomicBool::new(false)), &notify);
+        let pods = if network_policy { all.clone() } else { watcher::Config::default().any_semantic().fields(&format!("spec.nodeName={node_name}")) };
+        watch(Api::<v1::Pod>::all(client.clone()), pods, feed!(v1::Pod, super::model::Pod, set_pod, pods, pods), &objects, &policy_synced[0], &notify);
+        if network_policy {
+            watch(Api::<v1::Namespace>::all(client.clone()), all.clone(), feed!(v1::Namespace, super::model::Namespace, set_namespace, namespaces, namespaces), &objects, &policy_synced[1], &notify);
+            let policies = feed!(k8s_openapi::api::networking::v1::NetworkPolicy, super::model::NetworkPolicy, set_policy, policies, policies);
+            watch(Api::<k8s_openapi::api::networking::v1::NetworkPolicy>::all(client.clone()), all.clone(), policies, &objects, &policy_synced[2], &notify);
+        }
         // Address pools: a custom resource (a cluster without its CRD has none).
         let pools = ApiResource::from_gvk(&GroupVersionKind::gvk(API_GROUP, API_VERSION, POOL_KIND));
         let pool_feed = Feed { kind: POOL_KIND.to_string(), optional: true, convert: pool_of, set: Objects::set_pool, kinds: Kinds { pools: true, ..Kinds::NONE }, list: |pools| ClusterState { pools, ..Default::default() } };
         watch(Api::<DynamicObject>::all_with(client.clone(), &pools), all, pool_feed, &objects, &synced[3], &notify);
-        Self { objects, synced, notify, client }
+        Self { objects, synced, policy_synced, notify, client }
+    }
+
+    /// True once Pods, Namespaces and NetworkPolicies have each been listed in full.
+    pub fn policy_synced(&self) -> bool {
+        self.policy_synced.iter().all(|s| s.load(Ordering::Acquire))
     }
 
     /// True once every watch has completed its first full list.

@@ -206,7 +206,7 @@ fn file_error(origin: &str, message: String) -> ObjectError {
     ObjectError { origin: origin.to_string(), object: "file".into(), field: "-".into(), message }
 }
 
-/// Parses one file: every document must be a well-formed Service, EndpointSlice, Node or Pod,
+/// Parses one file: every document must be a well-formed object of a kind the agent reads,
 /// or a list of them (`kind: List`, what `kubectl get ... -o yaml` writes, or a typed list such
 /// as `ServiceList`). Other kinds are ignored, as a proxy ignores them, with one warning per
 /// kind and file. One bad document fails the file.
@@ -235,7 +235,7 @@ pub fn parse_manifest(origin: &str, text: &str) -> Result<ClusterState, ObjectEr
         }
     }
     for kind in ignored {
-        log::warn!("{origin}: objects of kind {kind} are not read (only Service, EndpointSlice, Node, Pod and {POOL_KIND} are); ignored");
+        log::warn!("{origin}: objects of kind {kind} are not read (only Service, EndpointSlice, Node, Pod, Namespace, NetworkPolicy and {POOL_KIND} are); ignored");
     }
     Ok(state)
 }
@@ -248,7 +248,7 @@ fn read_object(origin: &Origin, value: &serde_yaml_ng::Value, kind: &str, positi
         let meta = value.get("metadata");
         let name = meta.and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("<unnamed>");
         let ns = meta.and_then(|m| m.get("namespace")).and_then(|n| n.as_str()).unwrap_or("default");
-        if kind == "Node" || kind == POOL_KIND { format!("{kind} {name}") } else { format!("{kind} {ns}/{name}") }
+        if ["Node", "Namespace", POOL_KIND].contains(&kind) { format!("{kind} {name}") } else { format!("{kind} {ns}/{name}") }
     };
     // serde_path_to_error names the field that failed (spec.ports[0].port: invalid type ...).
     macro_rules! typed {
@@ -263,6 +263,8 @@ fn read_object(origin: &Origin, value: &serde_yaml_ng::Value, kind: &str, positi
         "Node" => state.nodes.push(typed!()),
         "Pod" => state.pods.push(typed!()),
         POOL_KIND => state.pools.push(typed!()),
+        "Namespace" => state.namespaces.push(typed!()),
+        "NetworkPolicy" => state.policies.push(typed!()),
         "" => return Err(err(position, "kind", "is missing".into())),
         other if !ignored.iter().any(|k| k == other) => ignored.push(other.to_string()),
         _ => {}

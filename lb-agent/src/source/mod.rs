@@ -37,7 +37,7 @@ pub enum Source {
 
 impl Source {
     /// Opens the source; Kubernetes mode starts its watches on the current tokio runtime.
-    pub async fn open(cfg: &SourceConfig, node_name: &str) -> Result<Self> {
+    pub async fn open(cfg: &SourceConfig, node_name: &str, network_policy: bool) -> Result<Self> {
         Ok(match cfg {
             SourceConfig::Manifests(dir) => {
                 let notify = Arc::new(Notify::new());
@@ -49,7 +49,7 @@ impl Source {
                 }
                 Source::Manifests(manifests, notify)
             }
-            SourceConfig::Kubernetes { kubeconfig, api_server } => Source::Kubernetes(KubeSource::start(kube_client(kubeconfig.as_deref(), api_server.as_deref()).await?, node_name)),
+            SourceConfig::Kubernetes { kubeconfig, api_server } => Source::Kubernetes(KubeSource::start(kube_client(kubeconfig.as_deref(), api_server.as_deref()).await?, node_name, network_policy)),
         })
     }
 
@@ -75,6 +75,14 @@ impl Source {
         match self {
             Source::Manifests(..) => true,
             Source::Kubernetes(kube) => kube.synced(),
+        }
+    }
+
+    /// Whether what NetworkPolicy reads is in full (a directory always has it).
+    pub fn policy_synced(&self) -> bool {
+        match self {
+            Source::Manifests(..) => true,
+            Source::Kubernetes(kube) => kube.policy_synced(),
         }
     }
 

@@ -165,7 +165,7 @@ macro_rules! object {
         }
     )*};
 }
-object!(Service, EndpointSlice, Node, Pod, IpPool);
+object!(Service, EndpointSlice, Node, Pod, IpPool, Namespace, NetworkPolicy);
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(from = "ServiceDoc")]
@@ -478,6 +478,10 @@ pub struct Pod {
     /// too long to be held inline, and no other kind needs it.
     pub uid: Option<Text>,
     pub spec: Option<PodSpec>,
+    /// Every label: NetworkPolicy selects pods by any of them.
+    pub labels: Box<[(Text, Text)]>,
+    /// `status.podIPs` (or `status.podIP` alone).
+    pub ips: Box<[Text]>,
 }
 
 /// A Pod as written, with its UID in its metadata.
@@ -485,19 +489,63 @@ pub struct Pod {
 struct PodDoc {
     #[serde(default)]
     metadata: PodMeta,
-    spec: Option<PodSpec>,
+    spec: Option<PodSpecDoc>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    status: PodStatusDoc,
 }
 
 #[derive(Default, Deserialize)]
 struct PodMeta {
     #[serde(flatten)]
-    meta: Meta,
+    meta: MetaDoc<Option<BTreeMap<String, Text>>>,
     uid: Option<Text>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodSpecDoc {
+    node_name: Option<Text>,
+    host_network: Option<bool>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    containers: Vec<ContainerDoc>,
+}
+
+#[derive(Deserialize)]
+struct ContainerDoc {
+    #[serde(default, deserialize_with = "null_as_default")]
+    ports: Vec<NamedPort>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodStatusDoc {
+    #[serde(rename = "podIP")]
+    pod_ip: Option<Text>,
+    #[serde(rename = "podIPs")]
+    pod_ips: Option<Vec<PodIpDoc>>,
+}
+
+#[derive(Deserialize)]
+struct PodIpDoc {
+    ip: Text,
+}
+
+/// The pod's addresses: `podIPs`, else `podIP`.
+fn pod_ips(ips: Option<Vec<Text>>, ip: Option<Text>) -> Box<[Text]> {
+    ips.filter(|ips| !ips.is_empty()).unwrap_or_else(|| ip.into_iter().collect()).into()
 }
 
 impl From<PodDoc> for Pod {
     fn from(doc: PodDoc) -> Self {
-        Self { metadata: doc.metadata.meta, uid: doc.metadata.uid, spec: doc.spec }
+        let labels = doc.metadata.meta.labels.clone().unwrap_or_default();
+        let metadata = doc.metadata.meta.into_meta(KeptKeys::from_map(labels.clone()));
+        let spec = doc.spec.map(|s| PodSpec {
+            node_name: s.node_name,
+            host_network: s.host_network,
+            named_ports: s.containers.into_iter().flat_map(|c| c.ports).filter(|p| p.name.is_some()).collect(),
+        });
+        let ips = pod_ips(doc.status.pod_ips.map(|ips| ips.into_iter().map(|i| i.ip).collect()), doc.status.pod_ip);
+        Self { metadata, uid: doc.metadata.uid, spec, labels: labels.into_iter().map(|(k, v)| (k.into(), v)).collect(), ips }
     }
 }
 
@@ -506,6 +554,73 @@ impl From<PodDoc> for Pod {
 pub struct PodSpec {
     pub node_name: Option<Text>,
     pub host_network: Option<bool>,
+    /// The containers' ports that have a name (NetworkPolicy names them).
+    #[serde(skip)]
+    pub named_ports: Box<[NamedPort]>,
+}
+
+/// A container port: `name`, `containerPort`, `protocol`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NamedPort {
+    pub name: Option<Text>,
+    pub container_port: i32,
+    pub protocol: Option<Text>,
+}
+
+/// A Namespace: its name and every label (NetworkPolicy selects namespaces by them).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(from = "NamespaceDoc")]
+pub struct Namespace {
+    pub metadata: Meta,
+    pub labels: Box<[(Text, Text)]>,
+}
+
+#[derive(Deserialize)]
+struct NamespaceDoc {
+    #[serde(default)]
+    metadata: MetaDoc<Option<BTreeMap<String, Text>>>,
+}
+
+impl From<NamespaceDoc> for Namespace {
+    fn from(doc: NamespaceDoc) -> Self {
+        let labels = doc.metadata.labels.clone().unwrap_or_default();
+        // Cluster-scoped: no namespace of its own.
+        let metadata = MetaDoc { namespace: None, ..doc.metadata }.into_meta(KeptKeys::default());
+        Self { metadata, labels: labels.into_iter().map(|(k, v)| (k.into(), v)).collect() }
+    }
+}
+
+/// A NetworkPolicy (networking.k8s.io/v1): its spec is read whole, as the API types have it.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(from = "NetworkPolicyDoc")]
+pub struct NetworkPolicy {
+    pub metadata: Meta,
+    /// `metadata.resourceVersion`: which version of it is in force (`lbctl policy` shows it).
+    pub version: Option<Text>,
+    pub spec: api::networking::v1::NetworkPolicySpec,
+}
+
+#[derive(Deserialize)]
+struct NetworkPolicyDoc {
+    #[serde(default)]
+    metadata: VersionedMeta,
+    #[serde(default)]
+    spec: api::networking::v1::NetworkPolicySpec,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VersionedMeta {
+    #[serde(flatten)]
+    meta: Meta,
+    resource_version: Option<Text>,
+}
+
+impl From<NetworkPolicyDoc> for NetworkPolicy {
+    fn from(doc: NetworkPolicyDoc) -> Self {
+        Self { metadata: doc.metadata.meta, version: doc.metadata.resource_version, spec: doc.spec }
+    }
 }
 
 // From the API server's objects, moving what is kept.
@@ -578,7 +693,33 @@ impl From<api::core::v1::Node> for Node {
 impl From<api::core::v1::Pod> for Pod {
     fn from(mut p: api::core::v1::Pod) -> Self {
         let uid = text(p.metadata.uid.take());
-        Self { metadata: p.metadata.into(), uid, spec: p.spec.map(|s| PodSpec { node_name: text(s.node_name), host_network: s.host_network }) }
+        let labels = p.metadata.labels.take().unwrap_or_default();
+        let named_port = |c: api::core::v1::ContainerPort| NamedPort { name: text(c.name), container_port: c.container_port, protocol: text(c.protocol) };
+        let spec = p.spec.map(|s| PodSpec {
+            node_name: text(s.node_name),
+            host_network: s.host_network,
+            named_ports: s.containers.into_iter().flat_map(|c| c.ports.unwrap_or_default()).filter(|p| p.name.is_some()).map(named_port).collect(),
+        });
+        let status = p.status.unwrap_or_default();
+        let ips = pod_ips(status.pod_ips.map(|ips| ips.into_iter().map(|i| Text::from(i.ip)).collect()), text(status.pod_ip));
+        let mut metadata: Meta = p.metadata.into();
+        metadata.labels = KeptKeys::from_map(labels.clone());
+        Self { metadata, uid, spec, labels: labels.into_iter().map(|(k, v)| (k.into(), v.into())).collect(), ips }
+    }
+}
+
+impl From<api::core::v1::Namespace> for Namespace {
+    fn from(mut n: api::core::v1::Namespace) -> Self {
+        let labels = n.metadata.labels.take().unwrap_or_default();
+        n.metadata.namespace = None;
+        Self { metadata: n.metadata.into(), labels: labels.into_iter().map(|(k, v)| (k.into(), v.into())).collect() }
+    }
+}
+
+impl From<api::networking::v1::NetworkPolicy> for NetworkPolicy {
+    fn from(mut p: api::networking::v1::NetworkPolicy) -> Self {
+        let version = text(p.metadata.resource_version.take());
+        Self { metadata: p.metadata.into(), version, spec: p.spec.unwrap_or_default() }
     }
 }
 
@@ -662,5 +803,28 @@ mod tests {
             "spec": {"nodeName": "node-a", "hostNetwork": true, "containers": [{"name": "c", "image": "busybox"}]},
         }));
         assert_eq!((pod.metadata.annotations.get(SOCKET_LB_ANNOTATION), pod.uid.as_deref(), pod.spec.unwrap().host_network), (Some("disabled"), Some("u-1"), Some(true)));
+        // What NetworkPolicy reads: every label, the addresses, the named ports.
+        let pod: Pod = both_ways::<api::core::v1::Pod, _>(json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": meta(json!({"app": "web", "tier": "front"}), json!({})),
+            "spec": {"nodeName": "node-a", "containers": [
+                {"name": "c", "image": "busybox", "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}, {"containerPort": 9000}]},
+                {"name": "d", "image": "busybox", "ports": [{"name": "dns", "containerPort": 53, "protocol": "UDP"}]},
+            ]},
+            "status": {"podIP": "10.244.1.5", "podIPs": [{"ip": "10.244.1.5"}, {"ip": "fd00::5"}]},
+        }));
+        assert_eq!(&*pod.labels, [("app".into(), "web".into()), ("tier".into(), "front".into())]);
+        assert_eq!(&*pod.ips, ["10.244.1.5", "fd00::5"]);
+        let ports: Vec<_> = pod.spec.unwrap().named_ports.iter().map(|p| (p.name.clone().unwrap(), p.container_port, p.protocol.clone())).collect();
+        assert_eq!(ports, [("http".into(), 8080, Some("TCP".into())), ("dns".into(), 53, Some("UDP".into()))]);
+        let pod: Pod = both_ways::<api::core::v1::Pod, _>(json!({"metadata": {"name": "p"}, "status": {"podIP": "10.244.1.6"}}));
+        assert_eq!(&*pod.ips, ["10.244.1.6"], "podIP alone");
+        let ns: Namespace = both_ways::<api::core::v1::Namespace, _>(json!({"metadata": {"name": "x", "labels": {"team": "a"}}}));
+        assert_eq!((ns.metadata.id.name(), &*ns.labels), ("x", &[("team".into(), "a".into())][..]));
+        let np: NetworkPolicy = both_ways::<api::networking::v1::NetworkPolicy, _>(json!({
+            "metadata": {"name": "deny", "namespace": "x"}, "spec": {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{"ports": [{"port": "http", "endPort": null}]}]},
+        }));
+        assert_eq!((&**np.metadata.id.full(), np.spec.policy_types.as_deref()), ("x/deny", Some(&["Ingress".to_string()][..])));
+        let np: NetworkPolicy = both_ways::<api::networking::v1::NetworkPolicy, _>(json!({"metadata": meta(json!({}), json!({})), "spec": {"podSelector": {}}}));
+        assert_eq!(np.version.as_deref(), Some("7"));
     }
 }

@@ -6,7 +6,7 @@ use std::{
     sync::Arc,
 };
 
-use super::model::{EndpointSlice, IpPool, Node, Object, ObjectName, Pod, Service};
+use super::model::{EndpointSlice, IpPool, Namespace, NetworkPolicy, Node, Object, ObjectName, Pod, Service};
 use super::model::SERVICE_NAME_LABEL;
 use crate::translate::{ClusterState, Origin, ServiceName, Sourced};
 
@@ -31,13 +31,17 @@ pub struct Objects {
     nodes: BTreeMap<Key, Arc<Node>>,
     pods: BTreeMap<Key, Arc<Pod>>,
     pools: BTreeMap<Key, Arc<IpPool>>,
+    namespaces: BTreeMap<Key, Arc<Namespace>>,
+    policies: BTreeMap<Key, Arc<NetworkPolicy>>,
     /// The names each origin holds, by kind (`KIND_*`): a re-read file is compared with its
     /// own objects, not with every object.
-    by_origin: HashMap<Origin, [BTreeSet<Arc<str>>; 5]>,
+    by_origin: HashMap<Origin, [BTreeSet<Arc<str>>; KINDS]>,
     /// LoadBalancer Services, for address assignment (a few among many).
     load_balancers: BTreeSet<ServiceName>,
     /// A pool, or a LoadBalancer Service, changed: addresses must be assigned again.
     lb_changed: bool,
+    /// When a Pod, Namespace or NetworkPolicy first changed since policy was last compiled.
+    policy_changed: Option<std::time::Instant>,
     dirty: Dirty,
 }
 
@@ -46,6 +50,9 @@ const KIND_SLICE: usize = 1;
 const KIND_NODE: usize = 2;
 const KIND_POD: usize = 3;
 const KIND_POOL: usize = 4;
+const KIND_NAMESPACE: usize = 5;
+const KIND_POLICY: usize = 6;
+const KINDS: usize = 7;
 
 /// `namespace/name` of an object (`default` when it has no namespace), shared with it.
 pub fn name_of(object: &impl Object) -> Arc<str> {
@@ -61,7 +68,7 @@ pub fn owner_of(slice: &EndpointSlice) -> Option<ServiceName> {
 /// Sets or removes one object; whether it changed.
 fn put<T: PartialEq>(
     map: &mut BTreeMap<Key, Arc<T>>,
-    by_origin: &mut HashMap<Origin, [BTreeSet<Arc<str>>; 5]>,
+    by_origin: &mut HashMap<Origin, [BTreeSet<Arc<str>>; KINDS]>,
     kind: usize,
     key: Key,
     object: Option<T>,
@@ -161,7 +168,36 @@ impl Objects {
     }
 
     pub fn set_pod(&mut self, origin: &Origin, name: Arc<str>, object: Option<Pod>) {
-        put(&mut self.pods, &mut self.by_origin, KIND_POD, (name, origin.clone()), object);
+        if put(&mut self.pods, &mut self.by_origin, KIND_POD, (name, origin.clone()), object).is_some() {
+            self.policy_changed.get_or_insert_with(std::time::Instant::now);
+        }
+    }
+
+    pub fn set_namespace(&mut self, origin: &Origin, name: Arc<str>, object: Option<Namespace>) {
+        if put(&mut self.namespaces, &mut self.by_origin, KIND_NAMESPACE, (name, origin.clone()), object).is_some() {
+            self.policy_changed.get_or_insert_with(std::time::Instant::now);
+        }
+    }
+
+    pub fn set_policy(&mut self, origin: &Origin, name: Arc<str>, object: Option<NetworkPolicy>) {
+        if put(&mut self.policies, &mut self.by_origin, KIND_POLICY, (name, origin.clone()), object).is_some() {
+            self.policy_changed.get_or_insert_with(std::time::Instant::now);
+        }
+    }
+
+    /// When policy inputs first changed since the last call, if they did.
+    pub fn take_policy_changed(&mut self) -> Option<std::time::Instant> {
+        self.policy_changed.take()
+    }
+
+    /// The Namespaces (of a name in two origins, the first).
+    pub fn namespaces(&self) -> impl Iterator<Item = &Namespace> {
+        first_of_each(&self.namespaces)
+    }
+
+    /// The NetworkPolicies (of a name in two origins, the first).
+    pub fn policies(&self) -> impl Iterator<Item = &NetworkPolicy> {
+        first_of_each(&self.policies)
     }
 
     pub fn set_pool(&mut self, origin: &Origin, name: Arc<str>, object: Option<IpPool>) {
@@ -221,6 +257,12 @@ impl Objects {
         if kinds.pools {
             replace!(KIND_POOL, state.pools, set_pool);
         }
+        if kinds.namespaces {
+            replace!(KIND_NAMESPACE, state.namespaces, set_namespace);
+        }
+        if kinds.policies {
+            replace!(KIND_POLICY, state.policies, set_policy);
+        }
     }
 
     /// Packs the indexes built one insert at a time into full nodes (after the first full load:
@@ -234,6 +276,8 @@ impl Objects {
         packed(&mut self.nodes);
         packed(&mut self.pods);
         packed(&mut self.pools);
+        packed(&mut self.namespaces);
+        packed(&mut self.policies);
         self.by_origin.values_mut().flatten().for_each(packed);
     }
 
@@ -258,8 +302,9 @@ impl Objects {
         self.nodes.values().map(|n| &**n)
     }
 
+    /// The Pods (of a name in two origins, the first).
     pub fn pods(&self) -> impl Iterator<Item = &Pod> {
-        self.pods.values().map(|p| &**p)
+        first_of_each(&self.pods)
     }
 
     /// Everything, as one snapshot (tests and tools; the agent reads through the index).
@@ -267,8 +312,22 @@ impl Objects {
         fn all<T: Clone>(map: &BTreeMap<Key, Arc<T>>) -> Vec<Sourced<T>> {
             map.iter().map(|((_, origin), o)| Sourced { origin: origin.clone(), object: (**o).clone() }).collect()
         }
-        ClusterState { services: all(&self.services), slices: all(&self.slices), nodes: all(&self.nodes), pods: all(&self.pods), pools: all(&self.pools) }
+        ClusterState {
+            services: all(&self.services),
+            slices: all(&self.slices),
+            nodes: all(&self.nodes),
+            pods: all(&self.pods),
+            pools: all(&self.pools),
+            namespaces: all(&self.namespaces),
+            policies: all(&self.policies),
+        }
     }
+}
+
+/// Each name's first copy (by origin): the one in force when two files hold one object.
+fn first_of_each<T>(map: &BTreeMap<Key, Arc<T>>) -> impl Iterator<Item = &T> {
+    let mut last: Option<&Arc<str>> = None;
+    map.iter().filter(move |((name, _), _)| last.replace(name) != Some(name)).map(|(_, o)| &**o)
 }
 
 /// The copy of a Service in force (the first by origin), and where the others are.
@@ -287,11 +346,13 @@ pub struct Kinds {
     pub nodes: bool,
     pub pods: bool,
     pub pools: bool,
+    pub namespaces: bool,
+    pub policies: bool,
 }
 
 impl Kinds {
-    pub const ALL: Kinds = Kinds { services: true, slices: true, nodes: true, pods: true, pools: true };
-    pub const NONE: Kinds = Kinds { services: false, slices: false, nodes: false, pods: false, pools: false };
+    pub const ALL: Kinds = Kinds { services: true, slices: true, nodes: true, pods: true, pools: true, namespaces: true, policies: true };
+    pub const NONE: Kinds = Kinds { services: false, slices: false, nodes: false, pods: false, pools: false, namespaces: false, policies: false };
 }
 
 #[cfg(test)]

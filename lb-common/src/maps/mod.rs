@@ -40,7 +40,7 @@ pub use socket::*;
 pub use source_range::*;
 
 /// Every pinned map of schema v1.
-pub const ALL_MAPS: [&str; 37] = [
+pub const ALL_MAPS: [&str; 39] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_MAGLEV,
@@ -78,6 +78,8 @@ pub const ALL_MAPS: [&str; 37] = [
     MAP_POLICY,
     MAP_POLICY_FLOWS,
     MAP_POLICY_FLOWS6,
+    MAP_POLICY_STATS,
+    MAP_POLICY_DENIED,
 ];
 
 /// The longest start of `text` that fits `max` bytes and ends on a character boundary: how

@@ -17,6 +17,8 @@ pub const MAP_POLICY: &str = "LB_POLICY_V1";
 pub const MAP_POLICY_FLOWS: &str = "LB4_POLCT_V1";
 /// LRU hash `Ct6KeyV1 -> u8`.
 pub const MAP_POLICY_FLOWS6: &str = "LB6_POLCT_V1";
+pub const MAP_POLICY_STATS: &str = "LB_POLSTAT_V1";
+pub const MAP_POLICY_DENIED: &str = "LB_POLDENY_V1";
 
 /// An LPM key's data: the address (the trie's prefix length comes first in the kernel key).
 #[repr(C)]
@@ -89,10 +91,24 @@ pub struct PolicyVerdictV1 {
     pub policy: u32,
 }
 
+/// One counter, added to atomically: in `LB_POLSTAT_V1` the new flows each policy allowed (by
+/// policy id), in `LB_POLDENY_V1` the packets each isolated endpoint's policy denied (at
+/// `2 * endpoint + direction`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyCounterV1 {
+    pub count: u64,
+}
+
+/// The slot of `endpoint`'s denials in `direction` in `LB_POLDENY_V1`.
+pub const fn denied_slot(endpoint: u32, direction: u8) -> u32 {
+    2 * endpoint + direction as u32
+}
+
 #[cfg(feature = "user")]
 super::impl_pod!(generic IpCacheKeyV1, PolicyEndpointKeyV1);
 #[cfg(feature = "user")]
-super::impl_pod!(IdentityV1, PolicyEndpointV1, PolicyKeyV1, PolicyVerdictV1);
+super::impl_pod!(IdentityV1, PolicyEndpointV1, PolicyKeyV1, PolicyVerdictV1, PolicyCounterV1);
 
 #[cfg(test)]
 mod layout {
@@ -111,5 +127,7 @@ mod layout {
         assert_layout!(PolicyKeyV1, size 12, align 4, { endpoint @ 0, identity @ 4, direction @ 8, protocol @ 9, port @ 10 });
         assert_eq!(POLICY_PREFIX_FIXED as usize, 8 * core::mem::offset_of!(PolicyKeyV1, protocol));
         assert_layout!(PolicyVerdictV1, size 4, align 4, { policy @ 0 });
+        assert_layout!(PolicyCounterV1, size 8, align 8, { count @ 0 });
+        assert_eq!(denied_slot(3, POLICY_EGRESS), 7);
     }
 }
