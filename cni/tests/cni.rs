@@ -143,7 +143,7 @@ impl Bed {
         let host_devices = self.node().exec("ip -o link show")?.lines().filter_map(|l| l.split(": ").nth(1)).map(|n| n.split('@').next().unwrap_or(n).to_string()).filter(|n| n.starts_with("lxc")).collect();
         let pod_routes = self.node().exec("ip route show")?.lines().filter(|l| l.starts_with("10.244.1.")).map(str::to_string).collect();
         let endpoints = Endpoints::open_pinned(&self.pins)?.list().into_iter().map(|(ip, e)| format!("{ip} {}", e.pod())).collect();
-        let link_pins = std::fs::read_dir(self.pins.join("links"))?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.contains("-lxc")).collect();
+        let link_pins = std::fs::read_dir(self.pins.join("links"))?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.contains("-lxc")).collect::<BTreeSet<_>>().into_iter().collect();
         Ok(Leftovers { reserved, host_devices, pod_routes, endpoints, link_pins })
     }
 }

@@ -103,7 +103,11 @@ fn ingress_is_checked_on_the_way_in_and_replies_of_allowed_flows_pass() -> Resul
     maps.set_endpoint(ip(POD_A), PolicyEndpointV1 { endpoint: 1, flags: POLICY_INGRESS_ISOLATED })?;
     maps.set_endpoint(ip(POD_B), PolicyEndpointV1 { endpoint: 2, flags: POLICY_INGRESS_ISOLATED | POLICY_EGRESS_ISOLATED })?;
     maps.allow(&rule(2, POLICY_INGRESS, ID_A, IPPROTO_TCP, Some((8080, 8080))), 3)?;
-    assert_eq!(verdict_of(&tb, &tcp(POD_A, 40000, POD_B, 8081), true), TC_ACT_SHOT, "A to B on a port no rule names");
+    // Both pods on this node: A's packet leaves A through lb_tc (A's egress is open, and is
+    // remembered as passed), then enters B through lb_tc_to_pod, which judges it for itself.
+    assert_eq!(verdict_of(&tb, &tcp(POD_A, 40000, POD_B, 8081), false), TC_ACT_OK, "out of A to 8081");
+    assert_eq!(verdict_of(&tb, &tcp(POD_A, 40000, POD_B, 8081), true), TC_ACT_SHOT, "A to B on a port no rule names, though A's egress passed it");
+    assert_eq!(verdict_of(&tb, &tcp(POD_A, 40000, POD_B, 8080), false), TC_ACT_OK, "out of A to 8080");
     assert_eq!(verdict_of(&tb, &tcp(POD_A, 40000, POD_B, 8080), true), TC_ACT_OK, "A to B on 8080");
     // B's reply passes B's egress isolation (lb_tc) and A's ingress isolation (lb_tc_to_pod).
     let reply = tcp(POD_B, 8080, POD_A, 40000);

@@ -25,15 +25,17 @@ pub fn check<A: Family>(t: &CtKeyV1<A>, direction: u8, frontend: Option<&CtKeyV1
         _ => (t.dst_addr, t.src_addr, POLICY_INGRESS_ISOLATED),
     };
     let Some(ep) = (unsafe { A::policy_endpoints().get(&PolicyEndpointKeyV1 { addr: local }) }) else { return 0 };
-    // A flow a check allowed, in either direction: its packets and its replies.
+    // A flow this check passed before, or the reply to one this pod's other check passed.
+    // (Both ends of a flow may be pods of this node: each end's verdict is its own bit.)
+    let (this, other) = (flow_bit(direction), flow_bit(direction ^ 1));
     let flows = A::policy_flows();
-    if unsafe { flows.get(t) }.is_some() || unsafe { flows.get(&t.reversed()) }.is_some() {
+    if unsafe { flows.get(t) }.is_some_and(|bits| bits & this != 0) || unsafe { flows.get(&t.reversed()) }.is_some_and(|bits| bits & other != 0) {
         return 0;
     }
     // Open in this direction: remembered all the same, so that its replies pass the other
     // direction's isolation.
     if ep.flags & isolated == 0 {
-        remember(t, frontend);
+        remember(t, this, frontend);
         return 0;
     }
     let bits = 32 * peer.words().len() as u32;
@@ -51,7 +53,7 @@ pub fn check<A: Family>(t: &CtKeyV1<A>, direction: u8, frontend: Option<&CtKeyV1
     match rule {
         Some(rule) => {
             count_one(&LB_POLSTAT_V1, rule.policy);
-            remember(t, frontend);
+            remember(t, this, frontend);
             0
         }
         None => {
@@ -61,14 +63,18 @@ pub fn check<A: Family>(t: &CtKeyV1<A>, direction: u8, frontend: Option<&CtKeyV1
     }
 }
 
-/// Records an allowed flow (and its tuple before DNAT): its later packets and its replies
-/// pass without a rule lookup.
+/// Records that this check (`bit`) passed a flow, and its tuple before DNAT: its later
+/// packets and its replies pass without a rule lookup.
 #[inline(always)]
-fn remember<A: Family>(t: &CtKeyV1<A>, frontend: Option<&CtKeyV1<A>>) {
+fn remember<A: Family>(t: &CtKeyV1<A>, bit: u8, frontend: Option<&CtKeyV1<A>>) {
     // Full: the oldest flow is forgotten (LRU); its next packet is checked again.
     let flows = A::policy_flows();
-    let _ = flows.insert(t, &1, 0);
-    if let Some(frontend) = frontend {
-        let _ = flows.insert(frontend, &1, 0);
+    for key in [Some(t), frontend].into_iter().flatten() {
+        match flows.get_ptr_mut(key) {
+            Some(bits) => unsafe { *bits |= bit },
+            None => {
+                let _ = flows.insert(key, &bit, 0);
+            }
+        }
     }
 }

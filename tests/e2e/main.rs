@@ -13,6 +13,7 @@ mod kubernetes;
 mod lbctl;
 mod logs;
 mod metrics;
+mod netpol;
 mod restart;
 mod semantics;
 mod service_path;

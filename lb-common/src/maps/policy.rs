@@ -100,6 +100,12 @@ pub struct PolicyCounterV1 {
     pub count: u64,
 }
 
+/// The bit a policy flow entry (`LB4_POLCT_V1`) carries once the check of `direction` passed
+/// it: the source pod's egress, or the destination pod's ingress.
+pub const fn flow_bit(direction: u8) -> u8 {
+    1 << direction
+}
+
 /// The slot of `endpoint`'s denials in `direction` in `LB_POLDENY_V1`.
 pub const fn denied_slot(endpoint: u32, direction: u8) -> u32 {
     2 * endpoint + direction as u32
@@ -129,5 +135,6 @@ mod layout {
         assert_layout!(PolicyVerdictV1, size 4, align 4, { policy @ 0 });
         assert_layout!(PolicyCounterV1, size 8, align 8, { count @ 0 });
         assert_eq!(denied_slot(3, POLICY_EGRESS), 7);
+        assert_eq!((flow_bit(POLICY_INGRESS), flow_bit(POLICY_EGRESS)), (1, 2));
     }
 }
