@@ -457,3 +457,91 @@ fn netpol_matrix_matches_the_truth_table_after_every_change() -> Result<()> {
     }
     Ok(())
 }
+
+/// Pod manifests of the standalone test: (namespace, name, labels, address).
+fn pods_yaml(pods: &[(&str, &str, &str, IpAddr)]) -> String {
+    pods.iter()
+        .map(|(ns, name, labels, ip)| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{labels}}}}}\nspec: {{nodeName: node-a, containers: [{{name: c, image: agnhost, ports: [{{name: http, containerPort: 80}}]}}]}}\nstatus: {{podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+/// Standalone mode reads Namespaces, Pods and NetworkPolicies from manifests; a bad policy
+/// file is refused with an error naming it, and the policies in force stay; the pinned
+/// policy outlives the agent and a restarted agent rewrites nothing; the node reaches its
+/// isolated pods.
+#[test]
+fn standalone_manifests_enforce_policy_and_a_bad_file_disturbs_nothing() -> Result<()> {
+    let mut cluster = Cluster::new("nps", &[3])?;
+    let ips: Vec<IpAddr> = cluster.nodes[0].pods.iter().map(|p| IpAddr::V4(p.ip)).collect();
+    let names = ["x/web", "x/client", "y/other"];
+    let mut servers = Vec::new();
+    for (pod, name) in cluster.nodes[0].pods.iter().zip(names) {
+        servers.push(EchoServer::start(&pod.ns, name, 80, 80)?);
+    }
+    let manifests = ManifestCopy::empty("nps")?;
+    manifests.write("namespaces.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: y}\n")?;
+    manifests.write("pods.yaml", &pods_yaml(&[("x", "web", "app: web", ips[0]), ("x", "client", "role: client", ips[1]), ("y", "other", "role: client", ips[2])]))?;
+    // x/web: TCP on its named port "http", from role=client pods of x only.
+    manifests.write(
+        "policy.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {role: client}}}]\n    ports: [{port: http}]\n",
+    )?;
+    let pin = cluster.pin_dir()?;
+    let source = ["--manifests".to_string(), manifests.dir.display().to_string()];
+    let mut agent = cluster.start_agent(agent_bin(), 0, &source, &pin, &[])?;
+    let pod_ns = |i: usize| cluster.nodes[0].pods[i].ns.name.clone();
+    let web = SocketAddr::new(ips[0], 80);
+    let reach = |from: usize, proto: Proto| -> Result<bool> { spawn_in(&pod_ns(from), move || connects(web, proto, "x/web")).join().map_err(|_| anyhow::anyhow!("probe panicked"))? };
+    let expect = |what: &str| -> Result<()> {
+        crate::support::eventually(Duration::from_secs(5), || {
+            let got = (reach(1, Proto::Tcp)?, reach(2, Proto::Tcp)?, reach(1, Proto::Udp)?);
+            if got == (true, false, false) { Ok(()) } else { bail!("{what}: x/client TCP, y/other TCP, x/client UDP = {got:?}") }
+        })
+    };
+    expect("policy from manifests")?;
+    // The node itself reaches an isolated pod.
+    let node = cluster.nodes[0].ns.name.clone();
+    assert!(spawn_in(&node, move || connects(web, Proto::Tcp, "x/web")).join().unwrap()?, "the node reaches x/web");
+
+    // A malformed policy file: refused with its name, the policy in force stays.
+    let before = agent.log_text().len();
+    manifests.write("bad.yaml", "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: x}\nspec: {podSelector: {}, ingress: oops}\n")?;
+    crate::support::eventually(Duration::from_secs(5), || if agent.log_text()[before..].contains("bad.yaml") { Ok(()) } else { bail!("no error about bad.yaml") })?;
+    assert!(agent.log_text()[before..].contains("spec.ingress"), "the error names the field: {}", &agent.log_text()[before..]);
+    expect("after a malformed policy file")?;
+    // A policy with an operator the API does not define: reported, and it selects nothing.
+    manifests.write("bad.yaml", "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: odd, namespace: x}\nspec:\n  podSelector: {matchExpressions: [{key: app, operator: Near}]}\n  policyTypes: [Ingress]\n")?;
+    let view = crate::support::eventually(Duration::from_secs(5), || {
+        let body = cluster.nodes[0].ns.run(|| lb_agent::status::get("127.0.0.1:9970", "/policy", Duration::from_secs(1)))??;
+        let view: Value = serde_json::from_str(&body)?;
+        if view["problems"].to_string().contains("x/odd") { Ok(view) } else { bail!("no problem reported: {view}") }
+    })?;
+    assert!(view["problems"].to_string().contains("Near"), "{view}");
+    expect("beside a policy with a bad selector")?;
+
+    // The agent stops: the pinned policy still holds. A restarted agent finds the maps as
+    // it would write them.
+    agent.stop();
+    expect("with the agent stopped")?;
+    let mut agent = cluster.start_agent(agent_bin(), 0, &source, &pin, &[])?;
+    crate::support::eventually(Duration::from_secs(5), || if agent.log_text().contains("NetworkPolicy: 2 policies") { Ok(()) } else { bail!("not programmed yet") })?;
+    let log = agent.log_text();
+    assert!(log.contains("read back from the pinned maps"), "{log}");
+    assert!(log.contains("0 entries written and 0 removed"), "a restart rewrites nothing: {log}");
+    expect("after the restart")?;
+
+    // The policy file removed: x/web is open again, UDP included.
+    std::fs::remove_file(manifests.dir.join("policy.yaml"))?;
+    crate::support::eventually(Duration::from_secs(5), || {
+        let got = (reach(1, Proto::Tcp)?, reach(2, Proto::Tcp)?, reach(1, Proto::Udp)?);
+        if got == (true, true, true) { Ok(()) } else { bail!("after removing the policy: {got:?}") }
+    })?;
+    agent.stop();
+    drop(servers);
+    Ok(())
+}
