@@ -4,6 +4,7 @@
 mod control_plane;
 mod packet;
 mod plot;
+mod policy;
 mod rules;
 mod socket;
 mod stats;
@@ -23,7 +24,7 @@ struct Args {
     #[arg(long)]
     smoke: bool,
     /// Suites to run.
-    #[arg(long, value_delimiter = ',', default_value = "maglev,packet,dataplanes,socket,control-plane")]
+    #[arg(long, value_delimiter = ',', default_value = "maglev,packet,policy,dataplanes,socket,control-plane")]
     suites: Vec<String>,
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
     out: PathBuf,
@@ -56,6 +57,9 @@ fn main() -> Result<()> {
     }
     if args.suites.iter().any(|s| s == "packet") {
         packet_suite(&args, &mut md, &mut js)?;
+    }
+    if args.suites.iter().any(|s| s == "policy") {
+        policy_suite(&args, &mut md, &mut js)?;
     }
     if args.suites.iter().any(|s| s == "dataplanes") {
         dataplane_suite(&args, &mut md, &mut js)?;
@@ -155,6 +159,41 @@ fn packet_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String, s
     plot::lines(&args.out.join("packet_cost.png"), "Per-packet cost vs configured services", "ns per packet", &series, false)?;
     writeln!(md, "\n![per-packet cost](packet_cost.png)")?;
     js.insert("packet".into(), json!(rows.iter().map(|r| json!({"services": r.services, "path": r.path, "method": r.method, "ns": r.ns.median, "min": r.ns.min, "max": r.ns.max, "runs": r.ns.runs})).collect::<Vec<_>>()));
+    Ok(())
+}
+
+fn policy_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    let cfg = if args.smoke {
+        policy::Config { policies: vec![1, 10], repeat: 1000, single_runs: 100, runs: 2 }
+    } else {
+        policy::Config { policies: vec![1, 100, 1_000], repeat: 1_000_000, single_runs: 2_000, runs: 9 }
+    };
+    let rows = policy::run(&cfg)?;
+    writeln!(
+        md,
+        "\n## Per-packet cost of NetworkPolicy (BPF_PROG_TEST_RUN)\n\nA pod-to-pod TCP SYN under N NetworkPolicies (each selecting the server pod and allowing one client identity on TCP 80; the measured client is allowed by the first, and egress-isolated by one more). ns per packet, kernel-reported, median of {} runs (min-max). `repeat`: {} iterations on the same packet. `single`: the median of {} runs of one iteration, each a new flow. Not floor-subtracted.\n",
+        cfg.runs, cfg.repeat, cfg.single_runs
+    )?;
+    write!(md, "| path | method |")?;
+    for n in &cfg.policies {
+        write!(md, " {n} policies |")?;
+    }
+    writeln!(md, " largest / 1 |\n|---|---|{}---|", "---|".repeat(cfg.policies.len()))?;
+    let mut paths: Vec<&str> = Vec::new();
+    for r in &rows {
+        if !paths.contains(&r.path) {
+            paths.push(r.path);
+        }
+    }
+    for p in &paths {
+        let of = |n: usize| rows.iter().find(|r| r.path == *p && r.policies == n).expect("every size");
+        write!(md, "| {p} | {} |", of(cfg.policies[0]).method)?;
+        for n in &cfg.policies {
+            write!(md, " {} |", of(*n).ns.show(1))?;
+        }
+        writeln!(md, " {:.2} |", of(*cfg.policies.last().expect("sizes")).ns.median / of(cfg.policies[0]).ns.median)?;
+    }
+    js.insert("policy_packet".into(), json!(rows.iter().map(|r| json!({"policies": r.policies, "path": r.path, "method": r.method, "ns": r.ns.median, "min": r.ns.min, "max": r.ns.max, "runs": r.ns.runs})).collect::<Vec<_>>()));
     Ok(())
 }
 

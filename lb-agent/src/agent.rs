@@ -432,7 +432,7 @@ impl Agent {
             return Ok(());
         }
         let frontends = self.dataplane.frontends().map(|(key, _, _)| key.addr).collect();
-        policy.sync(&objects, &self.cfg.node_name, &self.host_ips, changed.unwrap_or_else(Instant::now), &frontends)?;
+        policy.sync(&crate::netpol::input_of(&objects), &self.cfg.node_name, &self.host_ips, changed.unwrap_or_else(Instant::now), &frontends)?;
         self.policy_host_ips = Some(self.host_ips.clone());
         Ok(())
     }

@@ -139,8 +139,18 @@ pub struct PolicyEntry {
 
 pub type SharedPolicyView = Arc<Mutex<PolicyView>>;
 
-/// The cluster as the `policy` crate reads it, from the objects.
-pub fn input_of(objects: &Objects) -> (Vec<::policy::Namespace>, Vec<::policy::Pod>, Vec<::policy::Policy>) {
+/// The cluster as the `policy` crate reads it, and the version of each policy.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyInput {
+    pub namespaces: Vec<::policy::Namespace>,
+    pub pods: Vec<::policy::Pod>,
+    pub policies: Vec<::policy::Policy>,
+    /// `namespace/name` -> `metadata.resourceVersion`.
+    pub versions: BTreeMap<String, String>,
+}
+
+/// The policy input, from the objects.
+pub fn input_of(objects: &Objects) -> PolicyInput {
     let labels = |l: &[(model::Text, model::Text)]| l.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let namespaces = objects.namespaces().map(|n| ::policy::Namespace { name: n.metadata.id.name().into(), labels: labels(&n.labels) }).collect();
     let pods = objects
@@ -166,7 +176,8 @@ pub fn input_of(objects: &Objects) -> (Vec<::policy::Namespace>, Vec<::policy::P
         })
         .collect();
     let policies = objects.policies().map(|p| ::policy::Policy { namespace: p.metadata.id.namespace().into(), name: p.metadata.id.name().into(), spec: p.spec.clone() }).collect();
-    (namespaces, pods, policies)
+    let versions = objects.policies().filter_map(|p| Some((p.metadata.id.full().to_string(), p.version.as_deref()?.to_string()))).collect();
+    PolicyInput { namespaces, pods, policies, versions }
 }
 
 pub struct NetworkPolicies {
@@ -214,12 +225,11 @@ impl NetworkPolicies {
         })
     }
 
-    /// Compiles the objects for `node` and writes what changed. `changed_at` is when the first
+    /// Compiles `input` for `node` and writes what changed. `changed_at` is when the first
     /// change arrived (the latency logged); `frontends` are Service addresses (flows to them
     /// are judged after translation, not here).
-    pub fn sync(&mut self, objects: &Objects, node: &str, node_ips: &[IpAddr], changed_at: Instant, frontends: &HashSet<IpAddr>) -> Result<()> {
-        let (namespaces, pods, policies) = input_of(objects);
-        let compiled = ::policy::compile(&::policy::Input { node, node_ips, namespaces: &namespaces, pods: &pods, policies: &policies }, &mut self.identities);
+    pub fn sync(&mut self, input: &PolicyInput, node: &str, node_ips: &[IpAddr], changed_at: Instant, frontends: &HashSet<IpAddr>) -> Result<()> {
+        let compiled = ::policy::compile(&::policy::Input { node, node_ips, namespaces: &input.namespaces, pods: &input.pods, policies: &input.policies }, &mut self.identities);
         for problem in &compiled.problems {
             if self.reported.insert(problem.clone()) {
                 warn!("{problem}");
@@ -258,7 +268,7 @@ impl NetworkPolicies {
             }
         }
         self.compiled = compiled;
-        let view = self.render(objects, elapsed.as_micros() as u64, errors);
+        let view = self.render(&input.versions, elapsed.as_micros() as u64, errors);
         *self.view.lock().expect("not poisoned") = view;
         Ok(())
     }
@@ -373,7 +383,7 @@ impl NetworkPolicies {
     }
 
     /// The view `lbctl policy` reads.
-    fn render(&self, objects: &Objects, last_programmed_us: u64, errors: Vec<String>) -> PolicyView {
+    fn render(&self, versions: &BTreeMap<String, String>, last_programmed_us: u64, errors: Vec<String>) -> PolicyView {
         let c = &self.compiled;
         let identities = self.identities.list().into_iter().map(|(id, labels)| IdentityView { id, labels }).collect();
         let mut names_of: BTreeMap<IpAddr, BTreeSet<&str>> = BTreeMap::new();
@@ -401,7 +411,6 @@ impl NetworkPolicies {
                 }
             })
             .collect();
-        let versions: BTreeMap<&str, Option<&str>> = objects.policies().map(|p| (&**p.metadata.id.full(), p.version.as_deref())).collect();
         let policies = c
             .policies
             .iter()
@@ -409,7 +418,7 @@ impl NetworkPolicies {
                 let id = self.policy_ids.by_key.get(name).copied();
                 PolicyEntry {
                     name: name.clone(),
-                    version: versions.get(name.as_str()).copied().flatten().map(String::from),
+                    version: versions.get(name.as_str()).cloned(),
                     id,
                     rules: rules_of.get(name.as_str()).copied().unwrap_or(0),
                     allowed: id.map_or(0, |id| self.maps.allowed(id)),

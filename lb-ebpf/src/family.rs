@@ -33,6 +33,7 @@ pub trait Family: MapAddr + 'static {
     fn source_ranges() -> &'static LpmTrie<SourceRangeV1<Self>, u8>;
     /// NetworkPolicy: address -> identity, this node's isolated pods, flows a policy allowed.
     fn ipcache() -> &'static LpmTrie<IpCacheKeyV1<Self>, IdentityV1>;
+    fn ipcache_hosts() -> &'static HashMap<IpCacheKeyV1<Self>, IdentityV1>;
     fn policy_endpoints() -> &'static HashMap<PolicyEndpointKeyV1<Self>, PolicyEndpointV1>;
     fn policy_flows() -> &'static LruHashMap<CtKeyV1<Self>, u8>;
     /// This family's per-CPU scratch space.
@@ -155,6 +156,10 @@ impl Family for Addr4 {
         &LB4_IPCACHE_V1
     }
     #[inline(always)]
+    fn ipcache_hosts() -> &'static HashMap<IpCache4KeyV1, IdentityV1> {
+        &LB4_IPHOST_V1
+    }
+    #[inline(always)]
     fn policy_endpoints() -> &'static HashMap<PolicyEndpoint4KeyV1, PolicyEndpointV1> {
         &LB4_POLEP_V1
     }
@@ -252,6 +257,10 @@ impl Family for Addr6 {
     #[inline(always)]
     fn ipcache() -> &'static LpmTrie<IpCache6KeyV1, IdentityV1> {
         &LB6_IPCACHE_V1
+    }
+    #[inline(always)]
+    fn ipcache_hosts() -> &'static HashMap<IpCache6KeyV1, IdentityV1> {
+        &LB6_IPHOST_V1
     }
     #[inline(always)]
     fn policy_endpoints() -> &'static HashMap<PolicyEndpoint6KeyV1, PolicyEndpointV1> {

@@ -75,9 +75,15 @@ pub static LB4_IPCACHE_V1: LpmTrie<IpCache4KeyV1, IdentityV1> = LpmTrie::pinned(
 #[map]
 pub static LB6_IPCACHE_V1: LpmTrie<IpCache6KeyV1, IdentityV1> = LpmTrie::pinned(MAX_IPCACHE, 0);
 #[map]
+pub static LB4_IPHOST_V1: HashMap<IpCache4KeyV1, IdentityV1> = HashMap::pinned(MAX_IPCACHE, BPF_F_NO_PREALLOC);
+#[map]
+pub static LB6_IPHOST_V1: HashMap<IpCache6KeyV1, IdentityV1> = HashMap::pinned(MAX_IPCACHE, BPF_F_NO_PREALLOC);
+#[map]
 pub static LB4_POLEP_V1: HashMap<PolicyEndpoint4KeyV1, PolicyEndpointV1> = HashMap::pinned(MAX_ENDPOINTS, BPF_F_NO_PREALLOC);
 #[map]
 pub static LB6_POLEP_V1: HashMap<PolicyEndpoint6KeyV1, PolicyEndpointV1> = HashMap::pinned(MAX_ENDPOINTS, BPF_F_NO_PREALLOC);
+#[map]
+pub static LB_POLEXACT_V1: HashMap<PolicyKeyV1, PolicyVerdictV1> = HashMap::pinned(MAX_POLICY_RULES, BPF_F_NO_PREALLOC);
 #[map]
 pub static LB_POLICY_V1: LpmTrie<PolicyKeyV1, PolicyVerdictV1> = LpmTrie::pinned(MAX_POLICY_RULES, 0);
 #[map]

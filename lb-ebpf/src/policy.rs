@@ -8,11 +8,8 @@ use lb_common::*;
 
 use crate::{
     family::Family,
-    maps::{count_one, LB_POLDENY_V1, LB_POLICY_V1, LB_POLSTAT_V1},
+    maps::{count_one, LB_POLDENY_V1, LB_POLEXACT_V1, LB_POLICY_V1, LB_POLSTAT_V1},
 };
-
-/// Every bit of a policy key: endpoint, identity and direction, then protocol and port.
-const POLICY_PREFIX_FULL: u32 = POLICY_PREFIX_FIXED + 24;
 
 /// Checks `t`, as it travels between the pod and its peer, against the policy of the pod at
 /// its source (`POLICY_EGRESS`) or destination (`POLICY_INGRESS`). 0: it passes; otherwise
@@ -38,17 +35,16 @@ pub fn check<A: Family>(t: &CtKeyV1<A>, direction: u8, frontend: Option<&CtKeyV1
         remember(t, this, frontend);
         return 0;
     }
-    let bits = 32 * peer.words().len() as u32;
-    let identity = A::ipcache().get(&Key::new(bits, IpCacheKeyV1 { addr: peer })).map_or(IDENTITY_WORLD, |i| i.id);
+    let identity = identity_of(peer);
     if identity == IDENTITY_HOST {
         return 0;
     }
     // Ports are kept as the packet has them (network order): a range is a prefix of them.
     let mut key = PolicyKeyV1 { endpoint: ep.endpoint, identity, direction, protocol: t.proto, port: t.dst_port.to_ne_bytes() };
-    let mut rule = LB_POLICY_V1.get(&Key::new(POLICY_PREFIX_FULL, key));
+    let mut rule = rule_for(&key);
     if rule.is_none() {
         key.identity = IDENTITY_ANY;
-        rule = LB_POLICY_V1.get(&Key::new(POLICY_PREFIX_FULL, key));
+        rule = rule_for(&key);
     }
     match rule {
         Some(rule) => {
@@ -60,6 +56,26 @@ pub fn check<A: Family>(t: &CtKeyV1<A>, direction: u8, frontend: Option<&CtKeyV1
             count_one(&LB_POLDENY_V1, denied_slot(ep.endpoint, direction));
             reason::DROP_POLICY
         }
+    }
+}
+
+/// The identity of `addr`: its own entry (a pod, a node), else the longest `ipBlock` prefix
+/// holding it, else the world.
+#[inline(always)]
+fn identity_of<A: Family>(addr: A) -> u32 {
+    let key = IpCacheKeyV1 { addr };
+    if let Some(id) = unsafe { A::ipcache_hosts().get(&key) } {
+        return id.id;
+    }
+    A::ipcache().get(&Key::new(32 * addr.words().len() as u32, key)).map_or(IDENTITY_WORLD, |i| i.id)
+}
+
+/// The rule `key` matches: one that fixes every bit, else a range or wildcard in the trie.
+#[inline(always)]
+fn rule_for(key: &PolicyKeyV1) -> Option<PolicyVerdictV1> {
+    match unsafe { LB_POLEXACT_V1.get(key) } {
+        Some(rule) => Some(*rule),
+        None => LB_POLICY_V1.get(&Key::new(POLICY_PREFIX_FULL, *key)).copied(),
     }
 }
 

@@ -65,6 +65,12 @@ impl Testbed {
         self.time(load::XDP_PASS_PROGRAM, packet, repeat)
     }
 
+    /// The same for a TC program (`lb_tc`, `lb_tc_to_pod`).
+    pub fn time_tc(&self, program: &str, packet: &[u8], repeat: u32) -> Result<(u32, f64)> {
+        let prog: &SchedClassifier = self.ebpf.program(program).with_context(|| format!("no program {program}"))?.try_into()?;
+        run(&|o| prog.test_run(o), packet, repeat).map(|(verdict, _, ns)| (verdict, ns))
+    }
+
     fn time(&self, program: &str, packet: &[u8], repeat: u32) -> Result<(u32, f64)> {
         let prog: &Xdp = self.ebpf.program(program).with_context(|| format!("no program {program}"))?.try_into()?;
         run(&|o| prog.test_run(o), packet, repeat).map(|(verdict, _, ns)| (verdict, ns))

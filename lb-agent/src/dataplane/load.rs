@@ -98,7 +98,7 @@ fn load_object(pin_dir: &Path, sizes: &MapSizes) -> Result<Ebpf> {
 
 /// Key and value sizes of every map of schema v1, as the kernel reports them, and the
 /// capacity where the schema fixes it (the rest are sized by flags).
-fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 39] {
+fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 42] {
     use lb_common::*;
     use std::mem::size_of;
     [
@@ -142,6 +142,9 @@ fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 39] {
         (MAP_POLICY_FLOWS6, size_of::<Ct6KeyV1>(), 1, None),
         (MAP_POLICY_STATS, 4, size_of::<PolicyCounterV1>(), Some(MAX_POLICIES)),
         (MAP_POLICY_DENIED, 4, size_of::<PolicyCounterV1>(), Some(2 * MAX_ENDPOINTS)),
+        (MAP_IPCACHE_HOSTS, size_of::<IpCache4KeyV1>(), size_of::<IdentityV1>(), Some(MAX_IPCACHE)),
+        (MAP_IPCACHE_HOSTS6, size_of::<IpCache6KeyV1>(), size_of::<IdentityV1>(), Some(MAX_IPCACHE)),
+        (MAP_POLICY_EXACT, size_of::<PolicyKeyV1>(), size_of::<PolicyVerdictV1>(), Some(MAX_POLICY_RULES)),
     ]
 }
 

@@ -1,4 +1,5 @@
-//! The NetworkPolicy maps: address -> identity (`LB4_IPCACHE_V1`, `LB6_IPCACHE_V1`), this
+//! The NetworkPolicy maps: address -> identity (`LB4_IPHOST_V1` for single addresses,
+//! `LB4_IPCACHE_V1` for prefixes, and their IPv6 twins), this
 //! node's selected pods (`LB4_POLEP_V1`, `LB6_POLEP_V1`) and allow rules (`LB_POLICY_V1`, a
 //! port range written as the prefixes of an LPM key). The `policy` crate computes what they
 //! hold; this writes it.
@@ -39,6 +40,9 @@ impl AllowRule {
 pub struct PolicyMaps {
     ipcache4: LpmTrie<MapData, IpCache4KeyV1, IdentityV1>,
     ipcache6: LpmTrie<MapData, IpCache6KeyV1, IdentityV1>,
+    hosts4: HashMap<MapData, IpCache4KeyV1, IdentityV1>,
+    hosts6: HashMap<MapData, IpCache6KeyV1, IdentityV1>,
+    exact: HashMap<MapData, PolicyKeyV1, PolicyVerdictV1>,
     endpoints4: HashMap<MapData, PolicyEndpoint4KeyV1, PolicyEndpointV1>,
     endpoints6: HashMap<MapData, PolicyEndpoint6KeyV1, PolicyEndpointV1>,
     rules: LpmTrie<MapData, PolicyKeyV1, PolicyVerdictV1>,
@@ -56,6 +60,9 @@ impl PolicyMaps {
         Ok(Self {
             ipcache4: open_pinned(pin_dir, MAP_IPCACHE)?,
             ipcache6: open_pinned(pin_dir, MAP_IPCACHE6)?,
+            hosts4: open_pinned(pin_dir, MAP_IPCACHE_HOSTS)?,
+            hosts6: open_pinned(pin_dir, MAP_IPCACHE_HOSTS6)?,
+            exact: open_pinned(pin_dir, MAP_POLICY_EXACT)?,
             endpoints4: open_pinned(pin_dir, MAP_POLICY_ENDPOINTS)?,
             endpoints6: open_pinned(pin_dir, MAP_POLICY_ENDPOINTS6)?,
             rules: open_pinned(pin_dir, MAP_POLICY)?,
@@ -71,15 +78,20 @@ impl PolicyMaps {
     pub fn read_back(&self) -> (Vec<(IpAddr, u8, u32)>, Vec<(IpAddr, PolicyEndpointV1)>, Vec<(Key<PolicyKeyV1>, u32)>) {
         let mut ids: Vec<(IpAddr, u8, u32)> = self.ipcache4.iter().flatten().map(|(k, v)| (k.data().addr.to_ip(), k.prefix_len() as u8, v.id)).collect();
         ids.extend(self.ipcache6.iter().flatten().map(|(k, v)| (k.data().addr.to_ip(), k.prefix_len() as u8, v.id)));
+        ids.extend(self.hosts4.iter().flatten().map(|(k, v)| (k.addr.to_ip(), 32, v.id)));
+        ids.extend(self.hosts6.iter().flatten().map(|(k, v)| (k.addr.to_ip(), 128, v.id)));
         let mut endpoints: Vec<(IpAddr, PolicyEndpointV1)> = self.endpoints4.iter().flatten().map(|(k, v)| (k.addr.to_ip(), v)).collect();
         endpoints.extend(self.endpoints6.iter().flatten().map(|(k, v)| (k.addr.to_ip(), v)));
-        let rules = self.rules.iter().flatten().map(|(k, v)| (k, v.policy)).collect();
+        let mut rules: Vec<(Key<PolicyKeyV1>, u32)> = self.rules.iter().flatten().map(|(k, v)| (k, v.policy)).collect();
+        rules.extend(self.exact.iter().flatten().map(|(k, v)| (Key::new(POLICY_PREFIX_FULL, k), v.policy)));
         (ids, endpoints, rules)
     }
 
     pub fn remove_identity(&mut self, addr: IpAddr, len: u8) {
         // Gone already is what was wanted.
         let _ = match addr {
+            IpAddr::V4(_) if len == 32 => self.hosts4.remove(&IpCacheKeyV1 { addr: Addr4::from_ip(addr).expect("IPv4") }),
+            IpAddr::V6(_) if len == 128 => self.hosts6.remove(&IpCacheKeyV1 { addr: Addr6::from_ip(addr).expect("IPv6") }),
             IpAddr::V4(_) => self.ipcache4.remove(&Key::new(len as u32, IpCacheKeyV1 { addr: Addr4::from_ip(addr).expect("IPv4") })),
             IpAddr::V6(_) => self.ipcache6.remove(&Key::new(len as u32, IpCacheKeyV1 { addr: Addr6::from_ip(addr).expect("IPv6") })),
         };
@@ -93,7 +105,7 @@ impl PolicyMaps {
     }
 
     pub fn remove_key(&mut self, key: &Key<PolicyKeyV1>) {
-        let _ = self.rules.remove(key);
+        let _ = if key.prefix_len() == POLICY_PREFIX_FULL { self.exact.remove(&key.data()) } else { self.rules.remove(key) };
     }
 
     /// The flows the datapath remembers as allowed, both families.
@@ -142,10 +154,13 @@ impl PolicyMaps {
         Ok(())
     }
 
-    /// `addr/len` has identity `id` (the longest prefix holding an address wins).
+    /// `addr/len` has identity `id` (its own entry for a single address; else the longest
+    /// prefix holding an address wins).
     pub fn set_identity(&mut self, addr: IpAddr, len: u8, id: u32) -> Result<()> {
         let value = IdentityV1 { id };
         match addr {
+            IpAddr::V4(_) if len == 32 => self.hosts4.insert(&IpCacheKeyV1 { addr: Addr4::from_ip(addr).expect("IPv4") }, &value, 0),
+            IpAddr::V6(_) if len == 128 => self.hosts6.insert(&IpCacheKeyV1 { addr: Addr6::from_ip(addr).expect("IPv6") }, &value, 0),
             IpAddr::V4(_) => self.ipcache4.insert(&Key::new(len as u32, IpCacheKeyV1 { addr: Addr4::from_ip(addr).expect("IPv4") }), &value, 0),
             IpAddr::V6(_) => self.ipcache6.insert(&Key::new(len as u32, IpCacheKeyV1 { addr: Addr6::from_ip(addr).expect("IPv6") }), &value, 0),
         }
@@ -167,10 +182,11 @@ impl PolicyMaps {
         Ok(())
     }
 
-    /// Writes one key of a rule, naming `policy`.
+    /// Writes one key of a rule, naming `policy`: a key that fixes every bit goes to the
+    /// hash the datapath looks in first.
     pub fn insert_key(&mut self, key: &Key<PolicyKeyV1>, policy: u32) -> Result<()> {
-        let d = key.data();
-        self.rules.insert(key, &PolicyVerdictV1 { policy }, 0).with_context(|| format!("writing the rule key {d:?}/{}", key.prefix_len()))
+        let (d, value) = (key.data(), PolicyVerdictV1 { policy });
+        if key.prefix_len() == POLICY_PREFIX_FULL { self.exact.insert(&d, &value, 0) } else { self.rules.insert(key, &value, 0) }.with_context(|| format!("writing the rule key {d:?}/{}", key.prefix_len()))
     }
 
     pub fn forget(&mut self, rule: &AllowRule) -> Result<()> {

@@ -40,7 +40,7 @@ pub use socket::*;
 pub use source_range::*;
 
 /// Every pinned map of schema v1.
-pub const ALL_MAPS: [&str; 39] = [
+pub const ALL_MAPS: [&str; 42] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_MAGLEV,
@@ -80,6 +80,9 @@ pub const ALL_MAPS: [&str; 39] = [
     MAP_POLICY_FLOWS6,
     MAP_POLICY_STATS,
     MAP_POLICY_DENIED,
+    MAP_IPCACHE_HOSTS,
+    MAP_IPCACHE_HOSTS6,
+    MAP_POLICY_EXACT,
 ];
 
 /// The longest start of `text` that fits `max` bytes and ends on a character boundary: how

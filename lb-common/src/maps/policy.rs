@@ -7,6 +7,13 @@ use super::{Addr4, Addr6, MapAddr};
 pub const MAP_IPCACHE: &str = "LB4_IPCACHE_V1";
 /// LPM trie `IpCacheKeyV1<Addr6> -> IdentityV1`.
 pub const MAP_IPCACHE6: &str = "LB6_IPCACHE_V1";
+/// Single addresses (pods, nodes) of the ipcache: a hash lookup that stays as cheap with
+/// 100k pods as with one; the tries hold the `ipBlock` prefixes only.
+pub const MAP_IPCACHE_HOSTS: &str = "LB4_IPHOST_V1";
+pub const MAP_IPCACHE_HOSTS6: &str = "LB6_IPHOST_V1";
+/// Rule keys that fix every bit (one peer, one protocol, one port), looked up by hash before
+/// the trie (`LB_POLICY_V1`), which holds ranges and wildcards.
+pub const MAP_POLICY_EXACT: &str = "LB_POLEXACT_V1";
 /// Hash `PolicyEndpoint4KeyV1 -> PolicyEndpointV1`: this node's pods that policies select.
 pub const MAP_POLICY_ENDPOINTS: &str = "LB4_POLEP_V1";
 /// Hash `PolicyEndpoint6KeyV1 -> PolicyEndpointV1`.
@@ -71,6 +78,8 @@ pub const IDENTITY_WORLD: u32 = 2;
 /// Bits of a policy key always matched: endpoint, identity, direction. Then 8 for the
 /// protocol (0 bits of it: any protocol) and up to 16 for the port range.
 pub const POLICY_PREFIX_FIXED: u32 = 72;
+/// Every bit of a policy key: endpoint, identity and direction, then protocol and port.
+pub const POLICY_PREFIX_FULL: u32 = POLICY_PREFIX_FIXED + 24;
 
 /// An allow rule's key. Field order is prefix order: an LPM trie matches leading bits.
 #[repr(C)]
@@ -132,6 +141,7 @@ mod layout {
         // 12 bytes, no padding: every bit is part of the prefix.
         assert_layout!(PolicyKeyV1, size 12, align 4, { endpoint @ 0, identity @ 4, direction @ 8, protocol @ 9, port @ 10 });
         assert_eq!(POLICY_PREFIX_FIXED as usize, 8 * core::mem::offset_of!(PolicyKeyV1, protocol));
+        assert_eq!(POLICY_PREFIX_FULL as usize, 8 * core::mem::size_of::<PolicyKeyV1>());
         assert_layout!(PolicyVerdictV1, size 4, align 4, { policy @ 0 });
         assert_layout!(PolicyCounterV1, size 8, align 8, { count @ 0 });
         assert_eq!(denied_slot(3, POLICY_EGRESS), 7);
