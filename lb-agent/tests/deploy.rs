@@ -103,7 +103,7 @@ fn rbac_grants_only_the_lists_and_watches_the_agent_makes() {
     }
     grants.sort();
     let mut want: Vec<(String, String, String)> = Vec::new();
-    for (group, resource) in [("", "services"), ("", "nodes"), ("", "pods"), ("discovery.k8s.io", "endpointslices"), ("lb-agent.io", "loadbalancerippools")] {
+    for (group, resource) in [("", "services"), ("", "nodes"), ("", "pods"), ("", "namespaces"), ("networking.k8s.io", "networkpolicies"), ("discovery.k8s.io", "endpointslices"), ("lb-agent.io", "loadbalancerippools")] {
         for verb in ["list", "watch"] {
             want.push((group.into(), resource.into(), verb.into()));
         }
