@@ -86,57 +86,73 @@ fn input(n: usize) -> Result<PolicyInput> {
     Ok(PolicyInput { namespaces: vec![::policy::Namespace { name: "bench".into(), ..Default::default() }], pods, policies, versions: BTreeMap::new() })
 }
 
-pub fn run(cfg: &Config) -> Result<Vec<Row>> {
-    let mut rows = Vec::new();
-    for &n in &cfg.policies {
-        let flows = (2 * cfg.single_runs * cfg.runs + 1024).next_power_of_two() as u32;
+/// One size's testbed: the maps hold `n` policies.
+struct Bed {
+    n: usize,
+    tb: Testbed,
+    /// The next source port of a new flow.
+    port: u16,
+}
+
+impl Bed {
+    fn new(n: usize, flows: u32) -> Result<Self> {
         let tb = Testbed::new(&MapSizes { policy_flows: Some(flows), ..Default::default() })?;
         let mut policies = NetworkPolicies::open(&tb.mount.dir)?;
         policies.sync(&input(n)?, NODE, &[IpAddr::from([10, 99, 0, 1])], Instant::now(), &HashSet::new())?;
-        let to_pod = |packet: &[u8], repeat: u32| tb.time_tc(load::TC_TO_POD_PROGRAM, packet, repeat);
-        let out_of_pod = |packet: &[u8], repeat: u32| tb.time_tc(load::TC_PROGRAM, packet, repeat);
         // The verdicts the timings are of.
-        ensure!(to_pod(&syn(CLIENT, 999, SERVER, 80), 1)?.0 == TC_ACT_OK, "the client is allowed");
-        ensure!(to_pod(&syn(OTHER_CLIENT, 999, SERVER, 81), 1)?.0 == TC_ACT_SHOT, "port 81 is denied");
-        let repeat_paths: [(&'static str, Vec<u8>, u32); 3] = [
-            ("lb_tc_to_pod: to a pod no policy selects", syn(CLIENT, 1000, OPEN_POD, 80), TC_ACT_OK),
-            ("lb_tc_to_pod: allowed flow, established", syn(CLIENT, 999, SERVER, 80), TC_ACT_OK),
-            ("lb_tc_to_pod: denied (no rule)", syn(OTHER_CLIENT, 999, SERVER, 81), TC_ACT_SHOT),
-        ];
-        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); repeat_paths.len()];
-        for _ in 0..cfg.runs {
-            for ((path, packet, verdict), samples) in repeat_paths.iter().zip(&mut samples) {
-                let (got, ns) = to_pod(packet, cfg.repeat)?;
+        ensure!(tb.time_tc(load::TC_TO_POD_PROGRAM, &syn(CLIENT, 999, SERVER, 80), 1)?.0 == TC_ACT_OK, "the client is allowed");
+        ensure!(tb.time_tc(load::TC_TO_POD_PROGRAM, &syn(OTHER_CLIENT, 999, SERVER, 81), 1)?.0 == TC_ACT_SHOT, "port 81 is denied");
+        Ok(Self { n, tb, port: 1024 })
+    }
+
+    /// The median of `runs` single runs of `program`, each a new allowed flow to the server.
+    fn new_flows(&mut self, program: &str, runs: usize) -> Result<f64> {
+        let mut ns = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            self.port = self.port.wrapping_add(1).max(1024);
+            let (verdict, t) = self.tb.time_tc(program, &syn(CLIENT, self.port, SERVER, 80), 1)?;
+            ensure!(verdict == TC_ACT_OK, "a new allowed flow got verdict {verdict}");
+            ns.push(t);
+        }
+        ns.sort_by(f64::total_cmp);
+        Ok(ns[ns.len() / 2])
+    }
+}
+
+const REPEAT_PATHS: [(&str, [u8; 4], [u8; 4], u16, u32); 3] = [
+    ("lb_tc_to_pod: to a pod no policy selects", CLIENT, OPEN_POD, 80, TC_ACT_OK),
+    ("lb_tc_to_pod: allowed flow, established", CLIENT, SERVER, 80, TC_ACT_OK),
+    ("lb_tc_to_pod: denied (no rule)", OTHER_CLIENT, SERVER, 81, TC_ACT_SHOT),
+];
+const NEW_FLOW_PATHS: [(&str, &str); 2] = [("lb_tc_to_pod: allowed, new flow", load::TC_TO_POD_PROGRAM), ("lb_tc: egress allowed, new flow (not a service)", load::TC_PROGRAM)];
+
+/// Every size's maps are built first; then each run measures every path at every size in
+/// turn, so drift on the machine shifts all sizes alike.
+pub fn run(cfg: &Config) -> Result<Vec<Row>> {
+    let flows = (2 * cfg.single_runs * cfg.runs + 1024).next_power_of_two() as u32;
+    let mut beds: Vec<Bed> = cfg.policies.iter().map(|n| Bed::new(*n, flows)).collect::<Result<_>>()?;
+    let paths = REPEAT_PATHS.len() + NEW_FLOW_PATHS.len();
+    let mut samples: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); paths]; beds.len()];
+    for _ in 0..cfg.runs {
+        for (bed, samples) in beds.iter_mut().zip(&mut samples) {
+            for (i, (path, src, dst, port, verdict)) in REPEAT_PATHS.iter().enumerate() {
+                let (got, ns) = bed.tb.time_tc(load::TC_TO_POD_PROGRAM, &syn(*src, 999, *dst, *port), cfg.repeat)?;
                 ensure!(got == *verdict, "{path}: verdict {got}");
-                samples.push(ns);
+                samples[i].push(ns);
+            }
+            for (i, (_, program)) in NEW_FLOW_PATHS.iter().enumerate() {
+                samples[REPEAT_PATHS.len() + i].push(bed.new_flows(program, cfg.single_runs)?);
             }
         }
-        for ((path, _, _), samples) in repeat_paths.iter().zip(&samples) {
-            rows.push(Row { policies: n, path, method: "repeat", ns: Summary::of(samples) });
-        }
-        // New flows: a distinct source port each, one run each, the median of each batch.
-        let mut port = 1024u16;
-        let mut single = |time: &dyn Fn(&[u8], u32) -> Result<(u32, f64)>, dst: [u8; 4]| -> Result<Vec<f64>> {
-            let mut medians = Vec::new();
-            for _ in 0..cfg.runs {
-                let mut runs = Vec::with_capacity(cfg.single_runs);
-                for _ in 0..cfg.single_runs {
-                    port = port.wrapping_add(1).max(1024);
-                    let (verdict, ns) = time(&syn(CLIENT, port, dst, 80), 1)?;
-                    ensure!(verdict == TC_ACT_OK, "a new allowed flow got verdict {verdict}");
-                    runs.push(ns);
-                }
-                runs.sort_by(f64::total_cmp);
-                medians.push(runs[runs.len() / 2]);
-            }
-            Ok(medians)
-        };
-        let ingress = single(&to_pod, SERVER)?;
-        let egress = single(&out_of_pod, SERVER)?;
-        rows.push(Row { policies: n, path: "lb_tc_to_pod: allowed, new flow", method: "single", ns: Summary::of(&ingress) });
-        rows.push(Row { policies: n, path: "lb_tc: egress allowed, new flow (not a service)", method: "single", ns: Summary::of(&egress) });
-        let reasons = tb.dataplane.maps.reason_counts()?;
+    }
+    let mut rows = Vec::new();
+    for (bed, samples) in beds.iter().zip(&samples) {
+        let reasons = bed.tb.dataplane.maps.reason_counts()?;
         ensure!(reasons[reason::DROP_POLICY as usize] >= cfg.repeat as u64, "the denied path did not drop by policy");
+        let names = REPEAT_PATHS.iter().map(|p| (p.0, "repeat")).chain(NEW_FLOW_PATHS.iter().map(|p| (p.0, "single")));
+        for ((path, method), samples) in names.zip(samples) {
+            rows.push(Row { policies: bed.n, path, method, ns: Summary::of(samples) });
+        }
     }
     Ok(rows)
 }
