@@ -1,8 +1,8 @@
 //! The standalone demo: a node with three backend pods and a client pod, an outside client,
 //! the example manifests, real requests through the load balancer (every kind of frontend,
 //! session affinity, hairpin, externalTrafficPolicy: Local, the health checks, IPv6 and
-//! dual-stack, the node's own processes, a bare-metal address pool, a pod wired by lb-cni), and
-//! lbctl's view of it.
+//! dual-stack, the node's own processes, a bare-metal address pool, a pod wired by lb-cni,
+//! NetworkPolicy), and lbctl's view of it.
 use std::{
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -150,6 +150,7 @@ pub fn run(bin_dir: &Path, manifests: &Path) -> Result<()> {
     let neighbour = demo.cluster.client.exec("ip neigh show 10.99.0.200 dev eth0")?;
     println!("   the client resolved it by ARP, answered from XDP on node-a ({}): {}", node.mac("eth0")?, neighbour.trim());
     pod_networking(bin_dir, &demo, &pin_dir)?;
+    network_policy(bin_dir, &demo, &pin_dir, &workdir.0, &manifests.join("../network-policy/policy.yaml"))?;
     println!("== lbctl address list (in node-a's namespace: it asks the agent)");
     let out = Command::new("ip").args(["netns", "exec", &node.name]).arg(&lbctl).arg("--pin-dir").arg(&pin_dir).args(["address", "list"]).output().context("running lbctl")?;
     print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -205,6 +206,49 @@ fn pod_networking(bin_dir: &Path, demo: &Demo, pin_dir: &Path) -> Result<()> {
     let left = std::fs::read_dir(data_dir.join("demo")).map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("10.")).count()).unwrap_or(0);
     println!("   lb-cni DEL: {}; addresses still reserved: {left}", if deleted.ok { "ok" } else { "FAILED" });
     let _ = std::fs::remove_dir_all(&data_dir);
+    Ok(())
+}
+
+/// A NetworkPolicy from a manifest: only role=client pods reach the web pods, on "http". The
+/// client pod still gets through the ClusterIP; the outside client and UDP are refused at the
+/// pods; lbctl shows the policy, the identities and the pods' denials; removing the file opens
+/// them again.
+fn network_policy(bin_dir: &Path, demo: &Demo, pin_dir: &Path, workdir: &Path, policy: &Path) -> Result<()> {
+    let node = &demo.cluster.nodes[0].ns;
+    println!("== NetworkPolicy: demo/web-from-clients lets only role=client pods reach app=web pods, on their \"http\" port ({})", policy.display());
+    std::fs::copy(policy, workdir.join("network-policy.yaml")).with_context(|| format!("copying {}", policy.display()))?;
+    let nodeport = sock([10, 99, 0, 1], 30080);
+    let quick = Duration::from_millis(300);
+    // Programmed when the outside client stops getting through.
+    let refused = (0..40).any(|_| {
+        let through = tcp_request(&demo.cluster.client, nodeport, None, quick).is_ok();
+        if through {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        !through
+    });
+    let outcome = |r: Result<Answer>| match r {
+        Ok(a) => format!("answered by {} (it saw source {})", a.backend, a.seen_source),
+        Err(_) => "refused (no answer)".to_string(),
+    };
+    println!("   {:<56} {}", "client pod (role=client) -> ClusterIP 10.96.0.10:80 TCP", outcome(tcp_request(demo.client_pod(), sock([10, 96, 0, 10], 80), None, Duration::from_secs(2))));
+    println!("   {:<56} {}", "client pod -> ClusterIP 10.96.0.10:7 UDP (not \"http\")", outcome(udp_request(demo.client_pod(), sock([10, 96, 0, 10], 7), 0, quick)));
+    println!("   {:<56} {}", "outside client -> NodePort 10.99.0.1:30080", if refused { "refused (no answer)".to_string() } else { "still answered (FAILED)".to_string() });
+    let lbctl = |args: &[&str]| -> Result<()> {
+        println!("== lbctl {}", args.join(" "));
+        let out = Command::new("ip").args(["netns", "exec", &node.name]).arg(bin_dir.join("lbctl")).arg("--pin-dir").arg(pin_dir).args(args).output().context("running lbctl")?;
+        print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    };
+    lbctl(&["policy", "list"])?;
+    lbctl(&["policy", "identities"])?;
+    lbctl(&["policy", "endpoints"])?;
+    std::fs::remove_file(workdir.join("network-policy.yaml"))?;
+    let open = (0..40).find_map(|_| tcp_request(&demo.cluster.client, nodeport, None, quick).ok().or_else(|| {
+        std::thread::sleep(Duration::from_millis(100));
+        None
+    }));
+    println!("   {:<56} {}", "policy file removed: outside client -> NodePort again", open.map_or("still refused (FAILED)".to_string(), |a| format!("answered by {}", a.backend)));
     Ok(())
 }
 
