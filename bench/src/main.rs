@@ -112,25 +112,7 @@ fn packet_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String, s
         "\n## Per-packet cost (BPF_PROG_TEST_RUN)\n\nns per packet, median of {} runs (min-max). `repeat`: {} iterations on the same packet (paths that leave it unchanged; the ct-hit path restores itself through two services that are each other's backend). `single`: {} runs of one iteration on distinct new flows, minus the XDP_PASS floor's single run.\n",
         cfg.runs, cfg.repeat, cfg.single_runs
     )?;
-    let paths: Vec<&str> = rows.iter().map(|r| r.path).fold(Vec::new(), |mut v, p| {
-        if !v.contains(&p) {
-            v.push(p)
-        }
-        v
-    });
-    write!(md, "| path | method |")?;
-    for n in &cfg.sizes {
-        write!(md, " {n} services |")?;
-    }
-    writeln!(md, " largest / 1 |\n|---|---|{}---|", "---|".repeat(cfg.sizes.len()))?;
-    for p in &paths {
-        let of = |n: usize| rows.iter().find(|r| r.path == *p && r.services == n).unwrap();
-        write!(md, "| {p} | {} |", of(cfg.sizes[0]).method)?;
-        for n in &cfg.sizes {
-            write!(md, " {} |", of(*n).ns.show(1))?;
-        }
-        writeln!(md, " {:.2} |", of(*cfg.sizes.last().unwrap()).ns.median / of(cfg.sizes[0]).ns.median)?;
-    }
+    let paths = sweep_table(md, "services", &cfg.sizes, &rows.iter().map(|r| (r.services, r.path, r.method, r.ns)).collect::<Vec<_>>())?;
     // Each IPv6 path beside its IPv4 twin: the ratio of each pair of runs measured side by
     // side, so drift on the machine during the run cancels out.
     writeln!(
@@ -162,6 +144,32 @@ fn packet_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String, s
     Ok(())
 }
 
+/// A table of paths (rows, in first-seen order) by size (columns) of (size, path, method, ns)
+/// rows, with the largest size's median over the smallest's; returns the paths.
+fn sweep_table<'a>(md: &mut String, unit: &str, sizes: &[usize], rows: &[(usize, &'a str, &str, Summary)]) -> Result<Vec<&'a str>> {
+    let mut paths: Vec<&str> = Vec::new();
+    for (_, path, _, _) in rows {
+        if !paths.contains(path) {
+            paths.push(path);
+        }
+    }
+    write!(md, "| path | method |")?;
+    for n in sizes {
+        write!(md, " {n} {unit} |")?;
+    }
+    writeln!(md, " largest / 1 |\n|---|---|{}---|", "---|".repeat(sizes.len()))?;
+    let (first, last) = (sizes[0], sizes[sizes.len() - 1]);
+    for p in &paths {
+        let of = |n: usize| rows.iter().find(|r| r.1 == *p && r.0 == n).expect("every path at every size");
+        write!(md, "| {p} | {} |", of(first).2)?;
+        for n in sizes {
+            write!(md, " {} |", of(*n).3.show(1))?;
+        }
+        writeln!(md, " {:.2} |", of(last).3.median / of(first).3.median)?;
+    }
+    Ok(paths)
+}
+
 fn policy_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String, serde_json::Value>) -> Result<()> {
     let cfg = if args.smoke {
         policy::Config { policies: vec![1, 10], repeat: 1000, single_runs: 100, runs: 2 }
@@ -174,25 +182,7 @@ fn policy_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String, s
         "\n## Per-packet cost of NetworkPolicy (BPF_PROG_TEST_RUN)\n\nA pod-to-pod TCP SYN under N NetworkPolicies (each selecting the server pod and allowing one client identity on TCP 80; the measured client is allowed by the first, and egress-isolated by one more). ns per packet, kernel-reported, median of {} runs (min-max). `repeat`: {} iterations on the same packet. `single`: the median of {} runs of one iteration, each a new flow. Not floor-subtracted.\n",
         cfg.runs, cfg.repeat, cfg.single_runs
     )?;
-    write!(md, "| path | method |")?;
-    for n in &cfg.policies {
-        write!(md, " {n} policies |")?;
-    }
-    writeln!(md, " largest / 1 |\n|---|---|{}---|", "---|".repeat(cfg.policies.len()))?;
-    let mut paths: Vec<&str> = Vec::new();
-    for r in &rows {
-        if !paths.contains(&r.path) {
-            paths.push(r.path);
-        }
-    }
-    for p in &paths {
-        let of = |n: usize| rows.iter().find(|r| r.path == *p && r.policies == n).expect("every size");
-        write!(md, "| {p} | {} |", of(cfg.policies[0]).method)?;
-        for n in &cfg.policies {
-            write!(md, " {} |", of(*n).ns.show(1))?;
-        }
-        writeln!(md, " {:.2} |", of(*cfg.policies.last().expect("sizes")).ns.median / of(cfg.policies[0]).ns.median)?;
-    }
+    sweep_table(md, "policies", &cfg.policies, &rows.iter().map(|r| (r.policies, r.path, r.method, r.ns)).collect::<Vec<_>>())?;
     js.insert("policy_packet".into(), json!(rows.iter().map(|r| json!({"policies": r.policies, "path": r.path, "method": r.method, "ns": r.ns.median, "min": r.ns.min, "max": r.ns.max, "runs": r.ns.runs})).collect::<Vec<_>>()));
     Ok(())
 }

@@ -52,6 +52,41 @@ fn a_pinned_map_of_another_type_is_moved_aside() -> Result<()> {
     Ok(())
 }
 
+/// --max-ipcache and --max-policy-rules resize the NetworkPolicy maps with their entries: the
+/// hash of single addresses and the trie of prefixes, the hash of one-port rules and the trie
+/// of ranges.
+#[test]
+fn policy_capacities_resize_the_pinned_maps_with_their_entries() -> Result<()> {
+    use lb_agent::dataplane::policy::{AllowRule, PolicyMaps};
+    let mount = BpfMount::new("pins")?;
+    let pod: std::net::IpAddr = [10, 244, 1, 5].into();
+    let block: std::net::IpAddr = [203, 0, 113, 0].into();
+    let one_port = AllowRule { endpoint: 1, direction: POLICY_INGRESS, identity: 300, protocol: IPPROTO_TCP, ports: Some((80, 80)) };
+    let range = AllowRule { endpoint: 1, direction: POLICY_INGRESS, identity: 300, protocol: IPPROTO_UDP, ports: Some((1000, 1003)) };
+    let read = |capacity: u32| -> Result<(Vec<(std::net::IpAddr, u8, u32)>, usize)> {
+        let _ebpf = load::load(&mount.dir, &MapSizes { ipcache: Some(capacity), policy_rules: Some(capacity), ..Default::default() })?;
+        for name in [MAP_IPCACHE_HOSTS, MAP_IPCACHE, MAP_POLICY_EXACT, MAP_POLICY] {
+            assert_eq!(aya::maps::MapData::from_pin(mount.dir.join(name))?.info()?.max_entries(), capacity, "{name}");
+        }
+        let (mut ids, _, rules) = PolicyMaps::open_pinned(&mount.dir)?.read_back();
+        ids.sort();
+        Ok((ids, rules.len()))
+    };
+    {
+        let _ebpf = load::load(&mount.dir, &MapSizes { ipcache: Some(64), policy_rules: Some(64), ..Default::default() })?;
+        let mut maps = PolicyMaps::open_pinned(&mount.dir)?;
+        maps.set_identity(pod, 32, 300)?;
+        maps.set_identity(block, 24, 1 << 24)?;
+        maps.allow(&one_port, 4)?;
+        maps.allow(&range, 5)?;
+    }
+    let want = (vec![(pod, 32, 300), (block, 24, 1 << 24)], 1 + range.keys().len());
+    assert_eq!(read(64)?, want);
+    assert_eq!(read(256)?, want, "grown");
+    assert_eq!(read(128)?, want, "shrunk, everything fits");
+    Ok(())
+}
+
 #[test]
 fn other_capacities_resize_the_pinned_maps_and_keep_the_newest_flows() -> Result<()> {
     let mount = BpfMount::new("pins")?;

@@ -32,11 +32,12 @@ pub const MAX_L2_ANNOUNCE: u32 = 16_384;
 pub const BPF_F_NO_PREALLOC: u32 = 1;
 /// Capacity of `LB4_EP_V1` and `LB6_EP_V1`: pods on one node (allocated as they come).
 pub const MAX_ENDPOINTS: u32 = 16_384;
-/// Capacity of the ipcache tries (`LB4_IPCACHE_V1`, `LB6_IPCACHE_V1`): pods of the cluster and
-/// `ipBlock` prefixes.
-pub const MAX_IPCACHE: u32 = 262_144;
-/// Capacity of `LB_POLICY_V1`: allow rules of this node's pods (a port range is several).
-pub const MAX_POLICY_RULES: u32 = 262_144;
+/// Default capacity of the ipcache maps, each family (`--max-ipcache`): addresses of the
+/// cluster's pods and nodes (`LB4_IPHOST_V1`), and `ipBlock` prefixes (`LB4_IPCACHE_V1`).
+pub const MAX_IPCACHE: u32 = 65_536;
+/// Default capacity of the rule maps (`--max-policy-rules`): allow-rule keys of this node's
+/// pods, one-port ones (`LB_POLEXACT_V1`) and the rest (`LB_POLICY_V1`; a range is several).
+pub const MAX_POLICY_RULES: u32 = 65_536;
 /// Capacity of the policy flow tables (`LB4_POLCT_V1`, `LB6_POLCT_V1`): flows of pods a policy
 /// selects, whose replies pass (LRU: preallocated, 11 MiB for both).
 pub const MAX_POLICY_FLOWS: u32 = 65_536;

@@ -134,6 +134,14 @@ struct Args {
     /// the least recently used are forgotten [default: 65536].
     #[arg(long)]
     max_policy_flows: Option<u32>,
+    /// Capacity for addresses with a NetworkPolicy identity (every pod and node of the
+    /// cluster) and for `ipBlock` prefixes, each family [default: 65536].
+    #[arg(long)]
+    max_ipcache: Option<u32>,
+    /// Capacity for NetworkPolicy rule keys of this node's pods (a port range takes several)
+    /// [default: 65536].
+    #[arg(long)]
+    max_policy_rules: Option<u32>,
     /// Answer ARP and NDP on the external devices for the LoadBalancerIPPool addresses this
     /// node owns, and announce them (gratuitous ARP, unsolicited NA).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -223,6 +231,8 @@ fn main() -> Result<()> {
         sockets: args.max_sockets,
         affinity: args.max_affinity,
         policy_flows: args.max_policy_flows,
+        ipcache: args.max_ipcache,
+        policy_rules: args.max_policy_rules,
     };
     if args.estimate_memory {
         let maps = lb_agent::dataplane::memory::estimate(&sizes)?;

@@ -68,6 +68,11 @@ pub struct MapSizes {
     pub affinity: Option<u32>,
     /// Flows of pods a NetworkPolicy selects, per family (LRU).
     pub policy_flows: Option<u32>,
+    /// Addresses with a NetworkPolicy identity (pods and nodes of the cluster), and `ipBlock`
+    /// prefixes, per family.
+    pub ipcache: Option<u32>,
+    /// NetworkPolicy rule keys of this node's pods (one-port rules, and ranges and wildcards).
+    pub policy_rules: Option<u32>,
 }
 
 /// Loads the object. Maps already pinned in `pin_dir` (an earlier agent's) are adopted as they
@@ -133,23 +138,23 @@ fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 42] {
         (MAP_ENDPOINTS, size_of::<Endpoint4KeyV1>(), size_of::<EndpointV1>(), Some(MAX_ENDPOINTS)),
         (MAP_ENDPOINTS6, size_of::<Endpoint6KeyV1>(), size_of::<EndpointV1>(), Some(MAX_ENDPOINTS)),
         // LPM keys: the 4-byte prefix length, then the data.
-        (MAP_IPCACHE, 4 + size_of::<IpCache4KeyV1>(), size_of::<IdentityV1>(), Some(MAX_IPCACHE)),
-        (MAP_IPCACHE6, 4 + size_of::<IpCache6KeyV1>(), size_of::<IdentityV1>(), Some(MAX_IPCACHE)),
+        (MAP_IPCACHE, 4 + size_of::<IpCache4KeyV1>(), size_of::<IdentityV1>(), None),
+        (MAP_IPCACHE6, 4 + size_of::<IpCache6KeyV1>(), size_of::<IdentityV1>(), None),
         (MAP_POLICY_ENDPOINTS, size_of::<PolicyEndpoint4KeyV1>(), size_of::<PolicyEndpointV1>(), Some(MAX_ENDPOINTS)),
         (MAP_POLICY_ENDPOINTS6, size_of::<PolicyEndpoint6KeyV1>(), size_of::<PolicyEndpointV1>(), Some(MAX_ENDPOINTS)),
-        (MAP_POLICY, 4 + size_of::<PolicyKeyV1>(), size_of::<PolicyVerdictV1>(), Some(MAX_POLICY_RULES)),
+        (MAP_POLICY, 4 + size_of::<PolicyKeyV1>(), size_of::<PolicyVerdictV1>(), None),
         (MAP_POLICY_FLOWS, size_of::<Ct4KeyV1>(), 1, None),
         (MAP_POLICY_FLOWS6, size_of::<Ct6KeyV1>(), 1, None),
         (MAP_POLICY_STATS, 4, size_of::<PolicyCounterV1>(), Some(MAX_POLICIES)),
         (MAP_POLICY_DENIED, 4, size_of::<PolicyCounterV1>(), Some(2 * MAX_ENDPOINTS)),
-        (MAP_IPCACHE_HOSTS, size_of::<IpCache4KeyV1>(), size_of::<IdentityV1>(), Some(MAX_IPCACHE)),
-        (MAP_IPCACHE_HOSTS6, size_of::<IpCache6KeyV1>(), size_of::<IdentityV1>(), Some(MAX_IPCACHE)),
-        (MAP_POLICY_EXACT, size_of::<PolicyKeyV1>(), size_of::<PolicyVerdictV1>(), Some(MAX_POLICY_RULES)),
+        (MAP_IPCACHE_HOSTS, size_of::<IpCache4KeyV1>(), size_of::<IdentityV1>(), None),
+        (MAP_IPCACHE_HOSTS6, size_of::<IpCache6KeyV1>(), size_of::<IdentityV1>(), None),
+        (MAP_POLICY_EXACT, size_of::<PolicyKeyV1>(), size_of::<PolicyVerdictV1>(), None),
     ]
 }
 
 /// The capacities the flags ask for, of the maps whose size is a flag.
-pub(crate) fn flag_sized(sizes: &MapSizes) -> [(&'static str, u32); 19] {
+pub(crate) fn flag_sized(sizes: &MapSizes) -> [(&'static str, u32); 25] {
     use lb_common::*;
     let flows = sizes.flows.unwrap_or(MAX_FLOWS);
     let services = sizes.services.unwrap_or(MAX_SERVICES);
@@ -175,6 +180,12 @@ pub(crate) fn flag_sized(sizes: &MapSizes) -> [(&'static str, u32); 19] {
         (MAP_AFFINITY, sizes.affinity.unwrap_or(MAX_AFFINITY)),
         (MAP_POLICY_FLOWS, sizes.policy_flows.unwrap_or(MAX_POLICY_FLOWS)),
         (MAP_POLICY_FLOWS6, sizes.policy_flows.unwrap_or(MAX_POLICY_FLOWS)),
+        (MAP_IPCACHE_HOSTS, sizes.ipcache.unwrap_or(MAX_IPCACHE)),
+        (MAP_IPCACHE_HOSTS6, sizes.ipcache.unwrap_or(MAX_IPCACHE)),
+        (MAP_IPCACHE, sizes.ipcache.unwrap_or(MAX_IPCACHE)),
+        (MAP_IPCACHE6, sizes.ipcache.unwrap_or(MAX_IPCACHE)),
+        (MAP_POLICY_EXACT, sizes.policy_rules.unwrap_or(MAX_POLICY_RULES)),
+        (MAP_POLICY, sizes.policy_rules.unwrap_or(MAX_POLICY_RULES)),
     ]
 }
 
@@ -232,11 +243,17 @@ fn copy_entries(ebpf: &mut Ebpf, name: &'static str, from: &Path) -> Result<usiz
         MAP_SERVICE_NAMES => copy_by_index::<NameV1>(old, new)?,
         MAP_SERVICE_OPTS => copy_by_index::<ServiceOptsV1>(old, new)?,
         MAP_SERVICE_STATS | MAP_BACKEND_STATS => copy_by_index::<TrafficCountersV1>(old, new)?,
-        MAP_AFFINITY => copy_lru::<AffinityKeyV1, AffinityV1>(old, new)?,
-        MAP_SOCK_REVNAT => copy_lru::<SockRevNat4KeyV1, SockRevNat4V1>(old, new)?,
-        MAP_SOCK_REVNAT6 => copy_lru::<SockRevNat6KeyV1, SockRevNat6V1>(old, new)?,
-        MAP_POLICY_FLOWS => copy_lru::<Ct4KeyV1, u8>(old, new)?,
-        MAP_POLICY_FLOWS6 => copy_lru::<Ct6KeyV1, u8>(old, new)?,
+        MAP_AFFINITY => copy_hash::<AffinityKeyV1, AffinityV1>(old, new)?,
+        MAP_SOCK_REVNAT => copy_hash::<SockRevNat4KeyV1, SockRevNat4V1>(old, new)?,
+        MAP_SOCK_REVNAT6 => copy_hash::<SockRevNat6KeyV1, SockRevNat6V1>(old, new)?,
+        MAP_POLICY_FLOWS => copy_hash::<Ct4KeyV1, u8>(old, new)?,
+        MAP_POLICY_FLOWS6 => copy_hash::<Ct6KeyV1, u8>(old, new)?,
+        MAP_IPCACHE_HOSTS => copy_hash::<IpCache4KeyV1, IdentityV1>(old, new)?,
+        MAP_IPCACHE_HOSTS6 => copy_hash::<IpCache6KeyV1, IdentityV1>(old, new)?,
+        MAP_POLICY_EXACT => copy_hash::<PolicyKeyV1, PolicyVerdictV1>(old, new)?,
+        MAP_IPCACHE => copy_lpm::<IpCache4KeyV1, IdentityV1>(old, new)?,
+        MAP_IPCACHE6 => copy_lpm::<IpCache6KeyV1, IdentityV1>(old, new)?,
+        MAP_POLICY => copy_lpm::<PolicyKeyV1, PolicyVerdictV1>(old, new)?,
         _ => {
             let old: Array<_, MaglevSlotPair> = old.try_into()?;
             let slots = old.len() * MAGLEV_SLOTS_PER_ENTRY as u32;
@@ -296,10 +313,19 @@ fn copy_flows<V: aya::Pod, A: MapAddr + aya::Pod>(old: aya::maps::Map, new: &mut
 }
 
 /// Copies an LRU map's entries: a smaller map keeps as many as it holds (the kernel evicts).
-fn copy_lru<K: aya::Pod, V: aya::Pod>(old: aya::maps::Map, new: &mut aya::maps::Map) -> Result<usize> {
+/// Copies a hash map (LRU or not) into its resized twin, as many entries as fit.
+fn copy_hash<K: aya::Pod, V: aya::Pod>(old: aya::maps::Map, new: &mut aya::maps::Map) -> Result<usize> {
     let old: aya::maps::HashMap<_, K, V> = old.try_into()?;
     let mut new: aya::maps::HashMap<&mut aya::maps::MapData, K, V> = new.try_into()?;
     let entries: Vec<(K, V)> = old.iter().filter_map(|e| e.ok()).collect();
+    Ok(entries.iter().filter(|(k, v)| new.insert(k, v, 0).is_ok()).count())
+}
+
+/// Copies an LPM trie into its resized twin, as many entries as fit.
+fn copy_lpm<K: aya::Pod, V: aya::Pod>(old: aya::maps::Map, new: &mut aya::maps::Map) -> Result<usize> {
+    let old: aya::maps::LpmTrie<_, K, V> = old.try_into()?;
+    let mut new: aya::maps::LpmTrie<&mut aya::maps::MapData, K, V> = new.try_into()?;
+    let entries: Vec<(aya::maps::lpm_trie::Key<K>, V)> = old.iter().filter_map(|e| e.ok()).collect();
     Ok(entries.iter().filter(|(k, v)| new.insert(k, v, 0).is_ok()).count())
 }
 
