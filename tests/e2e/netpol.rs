@@ -449,9 +449,9 @@ fn netpol_matrix_matches_the_truth_table_after_every_change() -> Result<()> {
     let mut sorted = m.latencies_ms.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
-    let p90 = sorted[sorted.len() * 9 / 10];
-    eprintln!("policy write -> both agents programmed, {} changes: median {median:.1} ms, p90 {p90:.1} ms, max {:.1} ms", sorted.len(), sorted[sorted.len() - 1]);
-    assert!(p90 <= 100.0, "p90 {p90:.1} ms of {sorted:?}");
+    let (p90, max) = (sorted[sorted.len() * 9 / 10], sorted[sorted.len() - 1]);
+    eprintln!("policy write -> both agents programmed, {} changes: median {median:.1} ms, p90 {p90:.1} ms, max {max:.1} ms", sorted.len());
+    assert!(max <= 100.0, "every change within 100 ms: {sorted:?}");
     for (i, agent) in m.agents.iter().enumerate() {
         assert!(agent.log_text().contains("NetworkPolicy: "), "agent {i} logs its policy programming");
     }
