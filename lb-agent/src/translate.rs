@@ -660,15 +660,7 @@ fn endpoints_for(port: &ServicePort, slices: &[&EndpointSlice], node_name: &str)
 
 /// `address/n` of either family as (network, n), host bits cleared.
 pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
-    let (addr, len) = s.split_once('/').ok_or_else(|| format!("{s:?} is not a CIDR (address/prefix)"))?;
-    let addr: IpAddr = addr.parse().map_err(|_| format!("{s:?} is not a CIDR: bad address"))?;
-    let bits = if addr.is_ipv4() { 32 } else { 128 };
-    let len: u8 = len.parse().ok().filter(|l| *l <= bits).ok_or_else(|| format!("{s:?} is not a CIDR: prefix length must be 0-{bits}"))?;
-    Ok(match addr {
-        IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a) & prefix_mask(len))),
-        IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a) & (u128::MAX.checked_shl(128 - len as u32).unwrap_or(0)))),
-    })
-    .map(|net| (net, len))
+    ::policy::Prefix::parse(s).map(|p| (p.addr, p.len))
 }
 
 /// `a.b.c.d/n` as (network, n) with host bits cleared (IPv4 only: `--nodeport-addresses`).

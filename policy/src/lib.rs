@@ -115,13 +115,13 @@ fn bits(ip: IpAddr) -> (u128, u8) {
 }
 
 impl Prefix {
-    /// Parses `addr/len`, keeping only the network bits.
-    pub fn parse(text: &str) -> Option<Self> {
-        let (addr, len) = text.split_once('/')?;
-        let addr: IpAddr = addr.parse().ok()?;
-        let len: u8 = len.parse().ok()?;
+    /// Parses `addr/len`, keeping only the network bits; the error says what is wrong.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (addr, len) = text.split_once('/').ok_or_else(|| format!("{text:?} is not a CIDR (address/prefix)"))?;
+        let addr: IpAddr = addr.parse().map_err(|_| format!("{text:?} is not a CIDR: bad address"))?;
         let (_, width) = bits(addr);
-        (len <= width).then(|| Self { addr, len }.masked())
+        let len: u8 = len.parse().ok().filter(|l| *l <= width).ok_or_else(|| format!("{text:?} is not a CIDR: prefix length must be 0-{width}"))?;
+        Ok(Self { addr, len }.masked())
     }
 
     pub fn host(addr: IpAddr) -> Self {
@@ -393,10 +393,10 @@ pub fn compile(input: &Input, ids: &mut Identities) -> Compiled {
         for block in peers.filter_map(|p| p.ip_block.as_ref()) {
             for text in std::iter::once(&block.cidr).chain(block.except.iter().flatten()) {
                 match Prefix::parse(text) {
-                    Some(p) => {
+                    Ok(p) => {
                         prefixes.insert(p);
                     }
-                    None => out.problems.push(format!("NetworkPolicy {}/{}: ipBlock {text:?} is not a CIDR", policy.namespace, policy.name)),
+                    Err(e) => out.problems.push(format!("NetworkPolicy {}/{}: ipBlock: {e}", policy.namespace, policy.name)),
                 }
             }
         }
@@ -516,8 +516,8 @@ fn peer_set<'a>(peers: &[NetworkPolicyPeer], namespace: &str, members: &'a [Memb
     let mut pods = Vec::new();
     for peer in peers {
         if let Some(block) = &peer.ip_block {
-            let Some(cidr) = Prefix::parse(&block.cidr) else { continue };
-            let except: Vec<Prefix> = block.except.iter().flatten().filter_map(|e| Prefix::parse(e)).collect();
+            let Ok(cidr) = Prefix::parse(&block.cidr) else { continue };
+            let except: Vec<Prefix> = block.except.iter().flatten().filter_map(|e| Prefix::parse(e).ok()).collect();
             let inside = |p: &Prefix| cidr.covers(p) && !except.iter().any(|e| e.covers(p));
             // Every named prefix inside the CIDR and outside each exception: with the
             // longest prefix winning, an address in an exception has that exception's identity.
