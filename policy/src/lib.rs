@@ -267,11 +267,18 @@ pub struct Input<'a> {
     pub policies: &'a [Policy],
 }
 
-/// A pod with its namespace's labels and identity.
+/// A pod with its namespace's labels and the identity of each of its addresses.
 struct Member<'a> {
     pod: &'a Pod,
     ns_labels: &'a Labels,
-    identity: u32,
+    /// (address, identity): one label set may give two addresses two identities (see `compile`).
+    ids: Vec<(IpAddr, u32)>,
+}
+
+impl Member<'_> {
+    fn identities(&self) -> impl Iterator<Item = u32> + '_ {
+        self.ids.iter().map(|(_, id)| *id)
+    }
 }
 
 /// A port clause resolved: protocol, and a port range (none: every port).
@@ -379,12 +386,6 @@ pub fn compile(input: &Input, ids: &mut Identities) -> Compiled {
         set.extend(ns_label_sets[pod.namespace.as_str()].iter().map(|(k, v)| (format!("ns:{k}"), v.clone())));
         set
     };
-    let members: Vec<Member> = input
-        .pods
-        .iter()
-        .filter(|p| !p.host_network && !p.ips.is_empty())
-        .map(|pod| Member { pod, ns_labels: &ns_label_sets[pod.namespace.as_str()], identity: ids.of_labels(&label_set(pod)) })
-        .collect();
     // Every prefix an ipBlock names (its CIDR and its exceptions) gets an identity.
     let mut prefixes: BTreeSet<Prefix> = BTreeSet::new();
     for policy in input.policies {
@@ -401,23 +402,38 @@ pub fn compile(input: &Input, ids: &mut Identities) -> Compiled {
             }
         }
     }
+    // An address's identity is its pod's label set plus the named prefixes that hold the
+    // address: an ipBlock then matches exactly the pod addresses inside it (a pod's IPv6
+    // address is in no IPv4 block; of two pods with one label set, only the one inside).
+    let mut label_sets: BTreeSet<Labels> = BTreeSet::new();
+    let mut address_identity = |pod: &Pod, ip: IpAddr| -> u32 {
+        let mut set = label_set(pod);
+        set.extend(prefixes.iter().filter(|p| p.contains(ip)).map(|p| (format!("cidr:{p}"), String::new())));
+        let id = ids.of_labels(&set);
+        label_sets.insert(set);
+        id
+    };
+    let members: Vec<Member> = input
+        .pods
+        .iter()
+        .filter(|p| !p.host_network && !p.ips.is_empty())
+        .map(|pod| Member { pod, ns_labels: &ns_label_sets[pod.namespace.as_str()], ids: pod.ips.iter().map(|ip| (*ip, address_identity(pod, *ip))).collect() })
+        .collect();
     for p in &prefixes {
         out.ipcache.insert(*p, ids.of_prefix(*p));
     }
     for m in &members {
-        for ip in &m.pod.ips {
-            out.ipcache.insert(Prefix::host(*ip), m.identity);
-        }
-        if m.pod.node == input.node {
-            for ip in &m.pod.ips {
-                out.endpoints.insert(*ip, EndpointPolicy { pod: format!("{}/{}", m.pod.namespace, m.pod.name), identity: m.identity, ..Default::default() });
+        for (ip, id) in &m.ids {
+            out.ipcache.insert(Prefix::host(*ip), *id);
+            if m.pod.node == input.node {
+                out.endpoints.insert(*ip, EndpointPolicy { pod: format!("{}/{}", m.pod.namespace, m.pod.name), identity: *id, ..Default::default() });
             }
         }
     }
     for ip in input.node_ips {
         out.ipcache.insert(Prefix::host(*ip), IDENTITY_HOST);
     }
-    ids.keep_only(&members.iter().map(|m| label_set(m.pod)).collect(), &prefixes);
+    ids.keep_only(&label_sets, &prefixes);
 
     let everyone = LabelSelector::default();
     for policy in input.policies {
@@ -495,7 +511,9 @@ pub fn compile(input: &Input, ids: &mut Identities) -> Compiled {
                             for peer in peer_pods {
                                 let clauses = resolve_named(&named, peer.pod);
                                 if !clauses.is_empty() {
-                                    add(peer.identity, &clauses, false);
+                                    for id in peer.identities() {
+                                        add(id, &clauses, false);
+                                    }
                                 }
                             }
                         }
@@ -524,11 +542,14 @@ fn peer_set<'a>(peers: &[NetworkPolicyPeer], namespace: &str, members: &'a [Memb
             for p in prefixes.iter().filter(|p| inside(p)) {
                 identities.insert(ids.of_prefix(*p));
             }
-            // Pods' addresses are /32 (or /128) entries of their own identity: a pod whose
-            // address is inside the block is a peer too, as the upstream tests expect.
-            for m in members.iter().filter(|m| m.pod.ips.iter().any(|ip| inside(&Prefix::host(*ip)))) {
-                identities.insert(m.identity);
-                pods.push(m);
+            // Pods' addresses are /32 (or /128) entries of their own identity: a pod address
+            // inside the block is a peer too, as the upstream tests expect (that address only).
+            for m in members {
+                let inside_ids: Vec<u32> = m.ids.iter().filter(|(ip, _)| inside(&Prefix::host(*ip))).map(|(_, id)| *id).collect();
+                if !inside_ids.is_empty() {
+                    identities.extend(inside_ids);
+                    pods.push(m);
+                }
             }
             continue;
         }
@@ -546,7 +567,7 @@ fn peer_set<'a>(peers: &[NetworkPolicyPeer], namespace: &str, members: &'a [Memb
             (None, None) => false,
         });
         for m in selected {
-            identities.insert(m.identity);
+            identities.extend(m.identities());
             pods.push(m);
         }
     }

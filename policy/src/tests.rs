@@ -263,3 +263,29 @@ fn port_ranges_split_into_aligned_prefixes() {
         }
     }
 }
+
+/// An ipBlock matches pod addresses, not label sets: a dual-stack pod's IPv6 address is in no
+/// IPv4 block, and of two pods with one label set only the one inside the block is a peer.
+#[test]
+fn ip_blocks_match_addresses_not_label_sets() {
+    let (namespaces, mut pods) = cluster();
+    let xb6: IpAddr = "fd00:244:2::21".parse().unwrap();
+    pods.iter_mut().find(|p| p.namespace == "x" && p.name == "b").unwrap().ips.push(xb6);
+    // A twin of y/b (same labels, same namespace) on node-a, outside 10.244.2.0/24.
+    let twin: IpAddr = [10, 244, 1, 99].into();
+    let yb = pods.iter().find(|p| p.namespace == "y" && p.name == "b").unwrap().clone();
+    pods.push(Pod { name: "b-twin".into(), ips: vec![twin], node: "node-a".into(), ..yb });
+    let block = policy("x", "from-node-b", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.244.2.0/24"}}]}]}));
+    let mut ids = Identities::default();
+    let node_a = compile(&Input { node: "node-a", node_ips: &[IpAddr::from(NODE_A_IP)], namespaces: &namespaces, pods: &pods, policies: &[block.clone()] }, &mut ids);
+    let xa = pod_ip(X, A);
+    let allowed = |src: IpAddr| matches!(node_a.verdict(src, xa, Protocol::Tcp, 80), Verdict::Allowed(_));
+    assert!(allowed(pod_ip(X, B)), "x/b's IPv4 address is inside");
+    assert!(!allowed(xb6), "x/b's IPv6 address is in no IPv4 block");
+    assert!(allowed(pod_ip(Y, B)), "y/b is inside");
+    assert!(!allowed(twin), "y/b's twin has its labels but not its place");
+    assert_ne!(node_a.identity_of(pod_ip(Y, B)), node_a.identity_of(twin));
+    // Without the policy, the twins share one identity again.
+    let open = compile(&Input { node: "node-a", node_ips: &[IpAddr::from(NODE_A_IP)], namespaces: &namespaces, pods: &pods, policies: &[] }, &mut ids);
+    assert_eq!(open.identity_of(pod_ip(Y, B)), open.identity_of(twin));
+}

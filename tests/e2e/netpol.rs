@@ -45,6 +45,7 @@ struct Peer {
     name: &'static str,
     node: usize,
     ip: IpAddr,
+    ip6: IpAddr,
 }
 
 impl Peer {
@@ -83,7 +84,7 @@ impl Matrix {
             for port in PORTS {
                 servers.push(EchoServer::start(&pod.ns, &format!("{ns}/{name}"), port, port)?);
             }
-            peers.push(Peer { ns, name, node, ip: IpAddr::V4(pod.ip) });
+            peers.push(Peer { ns, name, node, ip: IpAddr::V4(pod.ip), ip6: IpAddr::V6(pod.ip6) });
         }
         for ns in NAMESPACES {
             api.apply(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": {"ns": ns}}}))?;
@@ -164,15 +165,16 @@ impl Matrix {
     }
 
     /// Every pair of distinct pods (a pod reaching itself never leaves it), every port and
-    /// protocol, at once: one thread per probe, in the source pod's namespace.
-    fn probe(&self) -> Result<BTreeMap<Cell, bool>> {
+    /// protocol, at once: one thread per probe, in the source pod's namespace; to the pods'
+    /// IPv6 addresses with `v6`.
+    fn probe(&self, v6: bool) -> Result<BTreeMap<Cell, bool>> {
         let mut running = Vec::new();
         for (f, from) in self.peers.iter().enumerate() {
             let ns_name = self.pod_ns(from).name.clone();
             for (t, to) in self.peers.iter().enumerate().filter(|(t, _)| *t != f) {
                 for port in PORTS {
                     for proto in PROTOS {
-                        let (dst, expect_name) = (SocketAddr::new(to.ip, port), to.id());
+                        let (dst, expect_name) = (SocketAddr::new(if v6 { to.ip6 } else { to.ip }, port), to.id());
                         let handle = spawn_in(&ns_name, move || connects(dst, proto, &expect_name));
                         running.push(((f, t, port, proto), handle));
                     }
@@ -187,17 +189,22 @@ impl Matrix {
         &self.cluster.nodes[p.node].pods[slot].ns
     }
 
-    /// Probes and compares with `expect(from, to, port, protocol)`; cells that differ are
-    /// probed again (twice at most, as upstream retries) before the tables are printed.
+    /// Probes over IPv4 and compares with `expect(from, to, port, protocol)`.
     fn check(&self, case: &str, expect: impl Fn(&Peer, &Peer, u16, Proto) -> bool) -> Result<()> {
+        self.check_family(case, false, expect)
+    }
+
+    /// Probes (over IPv6 with `v6`) and compares; cells that differ are probed again (twice
+    /// at most, as upstream retries) before the tables are printed.
+    fn check_family(&self, case: &str, v6: bool, expect: impl Fn(&Peer, &Peer, u16, Proto) -> bool) -> Result<()> {
         let want: BTreeMap<Cell, bool> = self.probe_cells().into_iter().map(|c @ (f, t, port, proto)| (c, expect(&self.peers[f], &self.peers[t], port, proto))).collect();
-        let mut got = self.probe()?;
+        let mut got = self.probe(v6)?;
         for _ in 0..2 {
             let wrong: Vec<Cell> = want.iter().filter(|(c, w)| got[*c] != **w).map(|(c, _)| *c).collect();
             if wrong.is_empty() {
                 return Ok(());
             }
-            let again = self.probe()?;
+            let again = self.probe(v6)?;
             for c in wrong {
                 got.insert(c, again[&c]);
             }
@@ -205,7 +212,7 @@ impl Matrix {
         if want == got {
             return Ok(());
         }
-        bail!("{case}: the probes differ from the truth table\n{}", self.table(&want, &got))
+        bail!("{case}{}: the probes differ from the truth table\n{}", if v6 { " (IPv6)" } else { "" }, self.table(&want, &got))
     }
 
     fn probe_cells(&self) -> Vec<Cell> {
@@ -262,7 +269,7 @@ fn connects(dst: SocketAddr, proto: Proto, name: &str) -> bool {
                 stream.read(&mut buf)?
             }
             Proto::Udp => {
-                let socket = UdpSocket::bind(("0.0.0.0", 0))?;
+                let socket = UdpSocket::bind(SocketAddr::new(testbed::servers::unspecified_like(&dst), 0))?;
                 socket.set_read_timeout(Some(PROBE_TIMEOUT))?;
                 socket.connect(dst)?;
                 socket.send(b"probe")?;
@@ -285,7 +292,7 @@ fn pod_object(p: &Peer, extra: &[(&str, &str)]) -> Value {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": p.name, "namespace": p.ns, "labels": labels},
         "spec": {"nodeName": Cluster::node_name(p.node), "containers": [{"name": "c", "image": "agnhost", "ports": ports}]},
-        "status": {"phase": "Running", "podIP": p.ip.to_string(), "podIPs": [{"ip": p.ip.to_string()}]},
+        "status": {"phase": "Running", "podIP": p.ip.to_string(), "podIPs": [{"ip": p.ip.to_string()}, {"ip": p.ip6.to_string()}]},
     })
 }
 
@@ -313,6 +320,8 @@ fn netpol_matrix_matches_the_truth_table_after_every_change() -> Result<()> {
     // 2. Default deny ingress in x.
     m.apply_policy("x", "deny-ingress", json!({"podSelector": all, "policyTypes": ["Ingress"]}))?;
     m.check("default deny ingress", |_, to, _, _| to.ns != "x")?;
+    // Dual-stack pods: the same over IPv6.
+    m.check_family("default deny ingress", true, |_, to, _, _| to.ns != "x")?;
     // Denials are counted per endpoint, and by reason.
     let endpoints = m.lbctl_policy(0, "endpoints")?;
     let xa = endpoints.iter().find(|e| e["pod"] == "x/a").context("x/a listed")?;
@@ -409,6 +418,8 @@ fn netpol_matrix_matches_the_truth_table_after_every_change() -> Result<()> {
     // 20. ipBlock with except: from the pod network, but node-b's pods.
     m.apply_policy("x", "ipblock", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.244.0.0/16", "except": ["10.244.2.0/24"]}}]}]}))?;
     m.check("x/a from 10.244.0.0/16 except 10.244.2.0/24", |from, to, _, _| !is(to, "x/a") || on_node_a(from))?;
+    // An IPv4 block names no IPv6 address: over IPv6 nobody reaches x/a.
+    m.check_family("x/a from an IPv4 block, probed over IPv6", true, |_, to, _, _| !is(to, "x/a"))?;
     m.delete_all_policies()?;
 
     // 21. Egress ipBlock: only to node-b's pods.
