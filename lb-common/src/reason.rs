@@ -54,6 +54,32 @@ pub const DROP_POLICY: u32 = 29;
 /// Number of reasons (at most `REASON_SLOTS`).
 pub const COUNT: u32 = 30;
 
+/// The reasons whose packet is dropped or answered with a refusal (a flow event of kind
+/// drop), one bit each.
+pub const DROPS: u64 = (1 << DROP_TRUNCATED_ETH)
+    | (1 << DROP_TRUNCATED_VLAN)
+    | (1 << DROP_TRUNCATED_IP4)
+    | (1 << DROP_MALFORMED_IP4)
+    | (1 << DROP_TRUNCATED_IP6)
+    | (1 << DROP_TRUNCATED_L4)
+    | (1 << DROP_SERVICE_FRAGMENT)
+    | (1 << REJECT_NO_BACKEND)
+    | (1 << DROP_CT_FULL)
+    | (1 << DROP_NAT_PORTS_EXHAUSTED)
+    | (1 << DROP_FIB_LOOKUP)
+    | (1 << DROP_BACKEND_MISSING)
+    | (1 << DROP_NO_LOCAL_BACKEND)
+    | (1 << DROP_SOURCE_RANGE)
+    | (1 << REJECT_SOCKET_BIND)
+    | (1 << DROP_NO_SNAT_ADDR)
+    | (1 << DROP_POLICY);
+
+/// Whether packets of `reason` are dropped or refused.
+#[inline(always)]
+pub const fn is_drop(reason: u32) -> bool {
+    reason < 64 && DROPS >> reason & 1 == 1
+}
+
 /// Stable names for metrics and `lbctl stats`, indexed by reason.
 pub const NAMES: [&str; COUNT as usize] = [
     "pass_not_ip",

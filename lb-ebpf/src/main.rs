@@ -17,6 +17,7 @@
 #![feature(core_intrinsics, adt_const_params)]
 
 mod csum;
+mod events;
 mod family;
 mod fib;
 mod l2;

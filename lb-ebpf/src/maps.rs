@@ -2,7 +2,7 @@
 //! so a restarted agent adopts them and established flows keep their state.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::*;
 
@@ -94,6 +94,16 @@ pub static LB6_POLCT_V1: LruHashMap<Ct6KeyV1, u8> = LruHashMap::pinned(MAX_POLIC
 pub static LB_POLSTAT_V1: Array<PolicyCounterV1> = Array::pinned(MAX_POLICIES, 0);
 #[map]
 pub static LB_POLDENY_V1: Array<PolicyCounterV1> = Array::pinned(2 * MAX_ENDPOINTS, 0);
+
+/// Flow events (see `lb_common::maps::events`).
+#[map]
+pub static LB_EVENTS_V1: RingBuf = RingBuf::pinned(EVENT_RING_BYTES, 0);
+#[map]
+pub static LB_EVCFG_V1: Array<EventConfigV1> = Array::pinned(1, 0);
+#[map]
+pub static LB_EVBKT_V1: PerCpuArray<EventBucketV1> = PerCpuArray::pinned(1, 0);
+#[map]
+pub static LB_EVSTAT_V1: PerCpuArray<u64> = PerCpuArray::pinned(EVENT_OUTCOMES * EVENT_KINDS as u32, 0);
 
 /// Per-CPU scratch space of each family's path (not pinned: nothing in it outlives a packet).
 #[map]

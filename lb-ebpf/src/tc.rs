@@ -7,9 +7,10 @@ use aya_ebpf::{
     programs::TcContext,
     EbpfContext,
 };
-use lb_common::{reason, Addr4, Addr6, CtKeyV1, IPPROTO_TCP, IPPROTO_UDP, POLICY_EGRESS, POLICY_INGRESS};
+use lb_common::{reason, Addr4, Addr6, CtKeyV1, HOOK_TC, HOOK_TC_TO_POD, IPPROTO_TCP, IPPROTO_UDP, POLICY_EGRESS, POLICY_INGRESS};
 
 use crate::{
+    events::drop_event,
     family::{parse_into, Family},
     fib::{fib_params, next_hop, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
     lb::{decide, decide_icmp_error, Action, Balanced, Forward, Hook},
@@ -59,15 +60,24 @@ fn tc_family<A: Family>(ctx: &TcContext, l3_off: usize, len: u32) -> (i32, u32) 
     };
     let scratch = unsafe { &mut *scratch };
     match parse_into(data(ctx), data_end(ctx), l3_off, scratch) {
-        Parsed::Packet => match tc_balance(ctx, &scratch.pkt, ifindex, len) {
-            Balanced::Done(verdict, why) => (verdict as i16 as i32, why),
-            Balanced::Reject => tc_reject(ctx, &scratch.pkt, ifindex),
-        },
+        Parsed::Packet => {
+            let (verdict, why) = match tc_balance(ctx, &scratch.pkt, ifindex, len) {
+                Balanced::Done(verdict, why) => (verdict as i16 as i32, why),
+                Balanced::Reject => tc_reject(ctx, &scratch.pkt, ifindex),
+            };
+            if reason::is_drop(why) {
+                drop_event(Some(&scratch.pkt.tuple), why, HOOK_TC, ifindex);
+            }
+            (verdict, why)
+        }
         Parsed::IcmpError => tc_icmp_error(ctx, &scratch.err, ifindex),
         // Answered on external devices only: a pod's is the stack's.
         Parsed::NeighbourSolicitation => (TC_ACT_OK, reason::PASS_NOT_TCP_UDP),
         Parsed::Pass(why) => (TC_ACT_OK, why),
-        Parsed::Drop(why) => (TC_ACT_SHOT, why),
+        Parsed::Drop(why) => {
+            drop_event::<A>(None, why, HOOK_TC, ifindex);
+            (TC_ACT_SHOT, why)
+        }
     }
 }
 
@@ -141,7 +151,11 @@ fn to_pod_family<A: Family>(ctx: &TcContext, l3_off: usize) -> (i32, u32) {
     match parse_into(data(ctx), data_end(ctx), l3_off, scratch) {
         Parsed::Packet => match policy::check(&scratch.pkt.tuple, POLICY_INGRESS, None) {
             0 => (TC_ACT_OK, 0),
-            why => (TC_ACT_SHOT, why),
+            why => {
+                let ifindex = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex };
+                drop_event(Some(&scratch.pkt.tuple), why, HOOK_TC_TO_POD, ifindex);
+                (TC_ACT_SHOT, why)
+            }
         },
         // ICMP errors, neighbour discovery, fragments past the first: the stack's to judge.
         _ => (TC_ACT_OK, 0),

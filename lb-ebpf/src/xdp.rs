@@ -8,11 +8,12 @@ use aya_ebpf::{
     programs::XdpContext,
     EbpfContext,
 };
-use lb_common::{reason, Addr4, Addr6, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{reason, Addr4, Addr6, HOOK_XDP, IPPROTO_TCP, IPPROTO_UDP};
 use network_types::eth::EthHdr;
 
 use crate::{
     csum,
+    events::drop_event,
     family::{parse_into, Family},
     fib::{fib_params, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
     l2::{advertisement_len, answer_arp, solicited, write_advertisement},
@@ -64,15 +65,25 @@ fn xdp_family<A: Family>(ctx: &XdpContext, l3_off: usize) -> (u32, u32) {
         return (xdp_action::XDP_PASS, reason::PASS_NOT_SERVICE);
     };
     let scratch = unsafe { &mut *scratch };
+    let ifindex = ctx.ingress_ifindex() as u32;
     match parse_into(data(ctx), data_end(ctx), l3_off, scratch) {
-        Parsed::Packet => match xdp_balance(ctx, &scratch.pkt) {
-            Balanced::Done(verdict, why) => (verdict as u32, why),
-            Balanced::Reject => xdp_reject(ctx, &scratch.pkt),
-        },
+        Parsed::Packet => {
+            let (verdict, why) = match xdp_balance(ctx, &scratch.pkt) {
+                Balanced::Done(verdict, why) => (verdict as u32, why),
+                Balanced::Reject => xdp_reject(ctx, &scratch.pkt),
+            };
+            if reason::is_drop(why) {
+                drop_event(Some(&scratch.pkt.tuple), why, HOOK_XDP, ifindex);
+            }
+            (verdict, why)
+        }
         Parsed::IcmpError => xdp_icmp_error(ctx, &scratch.err),
         Parsed::NeighbourSolicitation => xdp_advertise(ctx, l3_off),
         Parsed::Pass(why) => (xdp_action::XDP_PASS, why),
-        Parsed::Drop(why) => (xdp_action::XDP_DROP, why),
+        Parsed::Drop(why) => {
+            drop_event::<A>(None, why, HOOK_XDP, ifindex);
+            (xdp_action::XDP_DROP, why)
+        }
     }
 }
 

@@ -103,7 +103,7 @@ fn load_object(pin_dir: &Path, sizes: &MapSizes) -> Result<Ebpf> {
 
 /// Key and value sizes of every map of schema v1, as the kernel reports them, and the
 /// capacity where the schema fixes it (the rest are sized by flags).
-fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 42] {
+fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 46] {
     use lb_common::*;
     use std::mem::size_of;
     [
@@ -150,6 +150,10 @@ fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 42] {
         (MAP_IPCACHE_HOSTS, size_of::<IpCache4KeyV1>(), size_of::<IdentityV1>(), None),
         (MAP_IPCACHE_HOSTS6, size_of::<IpCache6KeyV1>(), size_of::<IdentityV1>(), None),
         (MAP_POLICY_EXACT, size_of::<PolicyKeyV1>(), size_of::<PolicyVerdictV1>(), None),
+        (MAP_EVENTS, 0, 0, Some(EVENT_RING_BYTES)),
+        (MAP_EVENT_CONFIG, 4, size_of::<EventConfigV1>(), Some(1)),
+        (MAP_EVENT_BUCKET, 4, size_of::<EventBucketV1>(), Some(1)),
+        (MAP_EVENT_STATS, 4, 8, Some(EVENT_OUTCOMES * EVENT_KINDS as u32)),
     ]
 }
 

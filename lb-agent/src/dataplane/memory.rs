@@ -57,6 +57,8 @@ fn map_bytes(map_type: u32, key: u64, value: u64, entries: u64, flags: u32, cpus
         t if t == BPF_MAP_TYPE_ARRAY as u32 && flags & BPF_F_MMAPABLE != 0 => PAGE + (entries * value8).next_multiple_of(PAGE),
         t if t == BPF_MAP_TYPE_ARRAY as u32 => ARRAY_STRUCT + entries * value8,
         t if t == BPF_MAP_TYPE_PERCPU_ARRAY as u32 => ARRAY_STRUCT + entries * 8 + entries * value8 * cpus,
+        // Its data pages, a pointer to each (mapped twice), and the header pages.
+        t if t == BPF_MAP_TYPE_RINGBUF as u32 => entries + 16 * (entries / PAGE) + 12_616,
         // Tries allocate per prefix as they fill: nothing up front.
         _ => 0,
     }
@@ -92,6 +94,8 @@ mod tests {
             (BPF_MAP_TYPE_ARRAY, 4, 16, 1024, 0, 16_696),
             (BPF_MAP_TYPE_ARRAY, 4, 4, 4096, BPF_F_MMAPABLE, 36_864),
             (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 64, 0, 1_848),
+            (BPF_MAP_TYPE_RINGBUF, 0, 0, 1 << 20, 0, 1_065_288),
+            (BPF_MAP_TYPE_RINGBUF, 0, 0, 1 << 16, 0, 78_408),
         ];
         for (t, key, value, entries, flags, bytes) in cases {
             assert_eq!(map_bytes(t as u32, key, value, entries, flags, 2), bytes, "type {t:?} key {key} value {value} entries {entries}");

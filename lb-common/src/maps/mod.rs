@@ -19,6 +19,7 @@ pub mod config;
 pub mod conntrack;
 pub mod counters;
 pub mod endpoint;
+pub mod events;
 pub mod family;
 pub mod l2;
 pub mod policy;
@@ -32,6 +33,7 @@ pub use config::*;
 pub use conntrack::*;
 pub use counters::*;
 pub use endpoint::*;
+pub use events::*;
 pub use family::*;
 pub use l2::*;
 pub use policy::*;
@@ -40,7 +42,7 @@ pub use socket::*;
 pub use source_range::*;
 
 /// Every pinned map of schema v1.
-pub const ALL_MAPS: [&str; 42] = [
+pub const ALL_MAPS: [&str; 46] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_MAGLEV,
@@ -83,6 +85,10 @@ pub const ALL_MAPS: [&str; 42] = [
     MAP_IPCACHE_HOSTS,
     MAP_IPCACHE_HOSTS6,
     MAP_POLICY_EXACT,
+    MAP_EVENTS,
+    MAP_EVENT_CONFIG,
+    MAP_EVENT_BUCKET,
+    MAP_EVENT_STATS,
 ];
 
 /// The longest start of `text` that fits `max` bytes and ends on a character boundary: how
