@@ -59,11 +59,26 @@ pub struct AgentConfig {
     pub l2_announce: bool,
     /// Enforce NetworkPolicy on this node's pods.
     pub network_policy: bool,
+    /// Flow events: what the programs emit and how fast, how many the agent keeps, where it
+    /// serves them.
+    pub events: EventsConfig,
     /// The heartbeat (Kubernetes mode); its timeout also bounds how long this node answers for
     /// an address after it last confirmed it may (both modes).
     pub heartbeat: crate::heartbeat::HeartbeatConfig,
 }
 
+
+#[derive(Clone, Debug)]
+pub struct EventsConfig {
+    /// `EVENT_DROP` bits; 0: none.
+    pub kinds: u32,
+    /// Events a second per CPU, and the burst.
+    pub rate: u32,
+    pub burst: u32,
+    /// Events kept in memory.
+    pub buffer: usize,
+    pub socket: PathBuf,
+}
 
 pub struct Agent {
     cfg: AgentConfig,
@@ -117,6 +132,9 @@ pub struct Agent {
     /// Assignments written to Service status and Events published, so that each is sent once.
     status_sent: HashMap<ServiceName, (Vec<IpAddr>, Instant)>,
     events_sent: BTreeSet<(ServiceName, String)>,
+    /// Flow events the datapath emitted, and the names they are given.
+    pub flow_events: Arc<crate::events::EventLog>,
+    event_names: crate::events::Names,
 }
 
 impl Agent {
@@ -140,6 +158,12 @@ impl Agent {
             crate::netpol::NetworkPolicies::open(&cfg.pin_dir)?.clear();
             None
         };
+        // Flow events: the programs are told what to emit; a task reads them.
+        crate::events::configure(&cfg.pin_dir, cfg.events.kinds, cfg.events.rate, cfg.events.burst)?;
+        let ring: aya::maps::RingBuf<aya::maps::MapData> = ebpf.take_map(MAP_EVENTS).context("no event ring buffer")?.try_into()?;
+        let flow_events = crate::events::EventLog::new(cfg.events.buffer);
+        let event_names = crate::events::Names::default();
+        crate::events::start_reader(ring, cfg.pin_dir.clone(), cfg.node_name.clone(), event_names.clone(), flow_events.clone())?;
         let maps = Maps::take(&mut ebpf)?;
         let mut dataplane = Dataplane::new(maps, cfg.hash_seed as u64, cfg.maglev_min_table)?;
         let adopted = dataplane.adopt(counters_pinned)?;
@@ -219,6 +243,8 @@ impl Agent {
             heartbeat,
             status_sent: HashMap::new(),
             events_sent: BTreeSet::new(),
+            flow_events,
+            event_names,
         };
         {
             let mut status = agent.status.lock().expect("not poisoned");
@@ -345,6 +371,7 @@ impl Agent {
     /// One pass: sources, then devices and addresses, then maps, then GC.
     pub async fn sync(&mut self) -> Result<()> {
         self.sync_pod_cidrs();
+        self.sync_event_names();
         self.sync_node().await?;
         self.sync_pod_devices().await?;
         self.sync_services()?;
@@ -440,6 +467,29 @@ impl Agent {
     /// What `lbctl policy` is told (none when policy is not enforced).
     pub fn policy_view(&self) -> Option<crate::netpol::SharedPolicyView> {
         self.policy.as_ref().map(|p| p.view.clone())
+    }
+
+    /// The names flow events give addresses: pods as `namespace/name`, nodes as `node/<name>`.
+    fn sync_event_names(&mut self) {
+        let Some(mut objects) = self.source.objects() else { return };
+        if !objects.take_names_changed() {
+            return;
+        }
+        let mut names = HashMap::new();
+        for node in objects.nodes() {
+            let addresses = node.status.as_ref().and_then(|s| s.addresses.as_deref()).unwrap_or_default();
+            for a in addresses.iter().filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP") {
+                if let Ok(ip) = a.address.parse::<IpAddr>() {
+                    names.insert(ip, format!("node/{}", node.metadata.id.name()));
+                }
+            }
+        }
+        for pod in objects.pods().filter(|p| p.spec.as_ref().and_then(|s| s.host_network) != Some(true)) {
+            for ip in pod.ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()) {
+                names.insert(ip, pod.metadata.id.full().to_string());
+            }
+        }
+        *self.event_names.write().expect("not poisoned") = names;
     }
 
     /// This node's pod ranges, as its Node says, for lb-cni (GET /status).

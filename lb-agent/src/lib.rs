@@ -19,6 +19,7 @@ pub mod agent;
 pub mod announce;
 pub mod cleanup;
 pub mod dataplane;
+pub mod events;
 pub mod health;
 pub mod heartbeat;
 pub mod ipam;

@@ -115,6 +115,8 @@ pub struct Scraper {
     /// change with every pod that comes and goes.
     pub per_backend: bool,
     pub conntrack: Arc<ConntrackFill>,
+    /// Flow events emitted, throttled and lost (per CPU).
+    pub event_stats: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
 }
 
 impl Scraper {
@@ -126,6 +128,10 @@ impl Scraper {
         out.family("lb_datapath_packets_total", "counter", "Packets seen by the XDP and TC programs, by verdict reason (drops included).");
         for (reason, packets) in reason::NAMES.iter().zip(maps.reason_counts()?) {
             out.sample("lb_datapath_packets_total", &[("reason", reason)], packets);
+        }
+        out.family("lb_flow_events_total", "counter", "Flow events of the datapath, by kind and outcome: emitted into the ring buffer, throttled by the per-CPU rate limit, lost (the ring buffer was full).");
+        for (kind, outcome, n) in crate::events::kernel_counts(&self.event_stats)? {
+            out.sample("lb_flow_events_total", &[("kind", kind), ("outcome", outcome)], n);
         }
         let (frontends4, frontends6) = (maps.frontends::<Addr4>()?, maps.frontends::<Addr6>()?);
         let names: Vec<(u32, NameV1)> = batch::lookup_all(maps.service_names.map()).with_context(|| format!("reading {MAP_SERVICE_NAMES}"))?;

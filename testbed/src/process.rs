@@ -48,6 +48,11 @@ impl AgentProcess {
         bail!("lb-agent did not log {needle:?} within {timeout:?}:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default())
     }
 
+    /// The process id of the agent (`ip netns exec` execs it, so the child is the agent).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

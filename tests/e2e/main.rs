@@ -6,6 +6,7 @@ mod capacity;
 mod changes;
 mod cleanup;
 mod devices;
+mod events;
 mod host;
 mod ipv6;
 mod l2;

@@ -150,6 +150,23 @@ struct Args {
     /// NetworkPolicy). Off: another component enforces it, and every pod is open here.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     network_policy: bool,
+    /// Flow events the datapath emits: `drops` (drops and refusals, with their reason) or
+    /// `none`. Read them with `lbctl observe`.
+    #[arg(long, value_enum, default_value_t = Events::Drops)]
+    events: Events,
+    /// Flow events each CPU may emit a second (a token bucket; the rest are counted as
+    /// throttled).
+    #[arg(long, default_value_t = 1000)]
+    event_rate: u32,
+    /// Flow events each CPU may emit at once, above the rate.
+    #[arg(long, default_value_t = 200)]
+    event_burst: u32,
+    /// Flow events kept in memory for `lbctl observe --last`.
+    #[arg(long, default_value_t = 4096)]
+    event_buffer: usize,
+    /// The unix socket `lbctl observe` reads flow events from.
+    #[arg(long, default_value = "/run/lb-agent/events.sock")]
+    events_socket: PathBuf,
     /// How often this node's heartbeat Lease is renewed (Kubernetes mode), in milliseconds.
     #[arg(long, default_value_t = 500)]
     heartbeat_interval_ms: u64,
@@ -167,6 +184,13 @@ enum Mode {
     Auto,
     Native,
     Generic,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Events {
+    /// Drops and refusals.
+    Drops,
+    None,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -290,6 +314,13 @@ fn main() -> Result<()> {
         socket_lb_cgroup: args.socket_lb.then_some(args.cgroup_root),
         l2_announce: args.l2_announce,
         network_policy: args.network_policy,
+        events: lb_agent::agent::EventsConfig {
+            kinds: if args.events == Events::Drops { 1 << lb_common::EVENT_DROP } else { 0 },
+            rate: args.event_rate,
+            burst: args.event_burst,
+            buffer: args.event_buffer,
+            socket: args.events_socket.clone(),
+        },
         heartbeat: lb_agent::heartbeat::HeartbeatConfig {
             namespace: args.lease_namespace,
             interval: Duration::from_millis(args.heartbeat_interval_ms),
@@ -299,6 +330,7 @@ fn main() -> Result<()> {
     let healthz_addr = args.healthz_bind_address;
     let pin_dir = args.pin_dir;
     let healthz_failing_syncs_s = args.healthz_failing_syncs_s;
+    let events_socket = args.events_socket;
     enable_ip_forwarding()?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
@@ -311,13 +343,20 @@ fn main() -> Result<()> {
             last_ok_ns: agent.proxy_health.last_ok_ns.clone(),
             failing_syncs_after: Duration::from_secs(healthz_failing_syncs_s),
         };
-        let scraper = lb_agent::metrics::Scraper { maps: Maps::open_pinned(&pin_dir)?, per_backend: metrics_per_backend, conntrack: agent.conntrack_fill.clone() };
+        let scraper = lb_agent::metrics::Scraper {
+            maps: Maps::open_pinned(&pin_dir)?,
+            per_backend: metrics_per_backend,
+            conntrack: agent.conntrack_fill.clone(),
+            event_stats: lb_agent::dataplane::maps::open_pinned(&pin_dir, lb_common::MAP_EVENT_STATS)?,
+        };
+        let flow_events = tokio::spawn(lb_agent::events::serve(events_socket, agent.flow_events.clone()));
         let server = tokio::spawn(lb_agent::metrics::serve(metrics_addr, metrics, health, scraper, agent.status.clone(), agent.policy_view()));
         let proxy_health = tokio::spawn(lb_agent::health::serve_proxy_health(healthz_addr, agent.proxy_health.clone()));
         tokio::select! {
             r = agent.run(shutdown_signal()) => r,
             r = server => r?,
             r = proxy_health => r?,
+            r = flow_events => r?,
         }
     })
 }

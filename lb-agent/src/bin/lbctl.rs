@@ -105,6 +105,10 @@ enum Command {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+    /// Flow events of this node's datapath (drops and refusals, with their reason, 5-tuple,
+    /// Service and pods), from the agent's unix socket: the last ones held, then new ones with
+    /// `--follow`. `-o json` prints one JSON object a line; other formats one line each.
+    Observe(ObserveArgs),
     /// A shell completion script: `lbctl completion bash > /etc/bash_completion.d/lbctl`.
     Completion { shell: clap_complete::Shell },
 }
@@ -112,6 +116,41 @@ enum Command {
 #[derive(Subcommand)]
 enum ListOnly {
     List,
+}
+
+#[derive(clap::Args)]
+struct ObserveArgs {
+    /// The agent's flow-event socket (its --events-socket).
+    #[arg(long, default_value = "/run/lb-agent/events.sock")]
+    socket: PathBuf,
+    /// How many of the held events to print first [default: 20, or 0 with --follow].
+    #[arg(long)]
+    last: Option<usize>,
+    /// Keep printing new events as they come.
+    #[arg(short, long)]
+    follow: bool,
+    /// Only events since this long ago (`30s`, `5m`, `2h`) or this time (RFC 3339); every
+    /// held event that recent is printed (`--last` does not apply).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only `dropped` or `rejected` events.
+    #[arg(long)]
+    verdict: Option<String>,
+    /// Only events of this reason (`drop_source_range`, ...; see `lbctl stats`).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only events with this pod (`namespace/name`, or `name`) at either end.
+    #[arg(long)]
+    pod: Option<String>,
+    /// Only events with this address at either end.
+    #[arg(long)]
+    ip: Option<IpAddr>,
+    /// Only events with this port at either end.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Only `TCP` or `UDP` events.
+    #[arg(long)]
+    protocol: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -155,6 +194,9 @@ fn run(cli: &Cli) -> Result<()> {
         clap_complete::generate(*shell, &mut Cli::command(), "lbctl", &mut std::io::stdout());
         return Ok(());
     }
+    if let Command::Observe(args) = &cli.command {
+        return observe(cli, args);
+    }
     let maps = open_maps(&cli.pin_dir)?;
     let filter = Filter { namespace: cli.namespace.as_deref(), service: cli.service.as_deref() };
     let rows = match &cli.command {
@@ -174,7 +216,7 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Address { .. } => addresses(&maps, &cli.agent)?,
         Command::Endpoint { .. } => endpoints(&cli.pin_dir)?,
         Command::Policy { cmd } => network_policy(&cli.pin_dir, &cli.agent, cmd)?,
-        Command::Completion { .. } => unreachable!("handled above"),
+        Command::Completion { .. } | Command::Observe(_) => unreachable!("handled above"),
     };
     let rows: Vec<Row> = rows.into_iter().filter(|r| filter.keeps(r)).collect();
     print(&rows, cli.output, cli.no_headers);
@@ -713,6 +755,87 @@ fn network_policy(pin_dir: &std::path::Path, agent: &str, cmd: &PolicyCmd) -> Re
             })
             .collect(),
     })
+}
+
+/// `lbctl observe`: asks the agent's socket, filters, prints.
+fn observe(cli: &Cli, args: &ObserveArgs) -> Result<()> {
+    use std::io::{BufRead, Write};
+    use lb_agent::events::{FlowEvent, Line, Request};
+    let since = match &args.since {
+        None => None,
+        Some(text) => Some(match text.parse::<jiff::Timestamp>() {
+            Ok(t) => t,
+            Err(_) => {
+                let span: jiff::SignedDuration = humantime_like(text).with_context(|| format!("--since {text:?} is neither a duration (30s, 5m, 2h) nor an RFC 3339 time"))?;
+                jiff::Timestamp::now() - span
+            }
+        }),
+    };
+    let mut stream = std::os::unix::net::UnixStream::connect(&args.socket).with_context(|| format!("connecting to {} (the agent's --events-socket): is lb-agent running on this node?", args.socket.display()))?;
+    let last = args.last.unwrap_or(if args.follow { 0 } else { 20 });
+    // A time filter looks at everything held.
+    let request = Request { last: if since.is_some() { usize::MAX } else { last }, follow: args.follow };
+    writeln!(stream, "{}", serde_json::to_string(&request)?)?;
+    let name_matches = |name: &Option<String>, want: &str| name.as_deref().is_some_and(|n| n == want || n.rsplit('/').next() == Some(want));
+    let keep = |e: &FlowEvent| {
+        args.verdict.as_deref().is_none_or(|v| e.verdict.eq_ignore_ascii_case(v))
+            && args.reason.as_deref().is_none_or(|r| e.reason == r)
+            && args.pod.as_deref().is_none_or(|p| name_matches(&e.src_name, p) || name_matches(&e.dst_name, p))
+            && args.ip.is_none_or(|ip| e.src == Some(ip) || e.dst == Some(ip))
+            && args.port.is_none_or(|port| e.src_port == Some(port) || e.dst_port == Some(port))
+            && args.protocol.as_deref().is_none_or(|p| e.protocol.eq_ignore_ascii_case(p))
+            && cli.namespace.as_deref().is_none_or(|ns| e.service.as_deref().is_some_and(|s| s.starts_with(&format!("{ns}/"))))
+            && cli.service.as_deref().is_none_or(|svc| e.service.as_deref().is_some_and(|s| s.split(':').next().is_some_and(|name| name == svc || name.rsplit('/').next() == Some(svc))))
+            && since.is_none_or(|t| e.time.parse::<jiff::Timestamp>().is_ok_and(|at| at >= t))
+    };
+    let json = matches!(cli.output, Format::Json | Format::Yaml);
+    let mut out = std::io::stdout().lock();
+    for line in std::io::BufReader::new(stream).lines() {
+        match serde_json::from_str::<Line>(&line?)? {
+            Line::Event(e) if keep(&e) => {
+                if json {
+                    writeln!(out, "{}", serde_json::to_string(&e)?)?;
+                } else {
+                    writeln!(out, "{}", compact(&e))?;
+                }
+            }
+            Line::Event(_) => {}
+            Line::Missed { missed } => writeln!(out, "... {missed} events missed (this reader fell behind)")?,
+        }
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// `30s`, `5m`, `2h`, `1d` as a duration.
+fn humantime_like(text: &str) -> Option<jiff::SignedDuration> {
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit())?);
+    let n: i64 = number.parse().ok()?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    Some(jiff::SignedDuration::from_secs(n * seconds))
+}
+
+/// One event on one line: time, verdict, reason, where, the tuple, the names.
+fn compact(e: &lb_agent::events::FlowEvent) -> String {
+    let end = |ip: Option<IpAddr>, port: Option<u16>, name: &Option<String>| match (ip, port) {
+        (Some(IpAddr::V6(ip)), Some(port)) => format!("[{ip}]:{port}"),
+        (Some(ip), Some(port)) => format!("{ip}:{port}"),
+        _ => "?".into(),
+    } + &name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default();
+    let mut line = format!("{} {} {} {} {} {}", e.time, e.verdict, e.reason, e.hook, e.device, if e.protocol.is_empty() { "-" } else { &e.protocol });
+    if e.src.is_some() {
+        line += &format!(" {} -> {}", end(e.src, e.src_port, &e.src_name), end(e.dst, e.dst_port, &e.dst_name));
+    }
+    if let Some(service) = &e.service {
+        line += &format!(" service {service}");
+    }
+    line
 }
 
 fn stats(maps: &Maps) -> Result<Vec<Row>> {

@@ -42,6 +42,8 @@ pub struct Objects {
     lb_changed: bool,
     /// When a Pod, Namespace or NetworkPolicy first changed since policy was last compiled.
     policy_changed: Option<std::time::Instant>,
+    /// A Pod or Node changed: the names flow events give addresses must be made again.
+    names_changed: bool,
     dirty: Dirty,
 }
 
@@ -164,12 +166,15 @@ impl Objects {
 
     /// Nodes and pods shape no frontend (the agent reads them on every pass).
     pub fn set_node(&mut self, origin: &Origin, name: Arc<str>, object: Option<Node>) {
-        put(&mut self.nodes, &mut self.by_origin, KIND_NODE, (name, origin.clone()), object);
+        if put(&mut self.nodes, &mut self.by_origin, KIND_NODE, (name, origin.clone()), object).is_some() {
+            self.names_changed = true;
+        }
     }
 
     pub fn set_pod(&mut self, origin: &Origin, name: Arc<str>, object: Option<Pod>) {
         if put(&mut self.pods, &mut self.by_origin, KIND_POD, (name, origin.clone()), object).is_some() {
             self.policy_changed.get_or_insert_with(std::time::Instant::now);
+            self.names_changed = true;
         }
     }
 
@@ -183,6 +188,11 @@ impl Objects {
         if put(&mut self.policies, &mut self.by_origin, KIND_POLICY, (name, origin.clone()), object).is_some() {
             self.policy_changed.get_or_insert_with(std::time::Instant::now);
         }
+    }
+
+    /// Whether a Pod or Node changed since the last call.
+    pub fn take_names_changed(&mut self) -> bool {
+        std::mem::take(&mut self.names_changed)
     }
 
     /// When policy inputs first changed since the last call, if they did.

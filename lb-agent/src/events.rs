@@ -1,0 +1,282 @@
+//! Flow events: read from the kernel's ring buffer, enriched with the Service, pod and node
+//! names, the last N kept in memory (older ones give way), and served on a local unix socket
+//! to `lbctl observe`.
+//!
+//! The socket speaks JSON lines: the client sends one request (`{"last": 20, "follow":
+//! true}`), the agent answers with the last events it holds, then (when following) each new
+//! one as it comes. A follower that falls behind is told how many it missed.
+use std::{
+    collections::{HashMap, VecDeque},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, RwLock},
+};
+
+use anyhow::{Context, Result};
+use aya::maps::{MapData, RingBuf};
+use lb_common::*;
+use log::{info, warn};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{unix::AsyncFd, AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::broadcast,
+};
+
+use crate::dataplane::maps::{Family, Maps};
+
+/// What `lbctl observe` prints, one per event.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FlowEvent {
+    /// RFC 3339, from the kernel's monotonic timestamp.
+    pub time: String,
+    /// `DROPPED` or `REJECTED` (answered with a RST or an ICMP error).
+    pub verdict: String,
+    /// The reason as `lbctl stats` names it (`drop_source_range`, ...).
+    pub reason: String,
+    /// `xdp` (external device), `tc` (from a pod), `tc-to-pod` (into a pod).
+    pub hook: String,
+    pub device: String,
+    pub node: String,
+    /// `TCP`, `UDP`, or empty when the packet was cut short before its ports.
+    pub protocol: String,
+    pub src: Option<IpAddr>,
+    pub src_port: Option<u16>,
+    pub dst: Option<IpAddr>,
+    pub dst_port: Option<u16>,
+    /// `namespace/name:port/PROTO` of the frontend the packet was for, if any.
+    pub service: Option<String>,
+    /// `namespace/name` of the pods (or `node/<name>`) at either end, when known.
+    pub src_name: Option<String>,
+    pub dst_name: Option<String>,
+}
+
+/// A request on the socket.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Request {
+    /// How many held events to send first.
+    #[serde(default)]
+    pub last: usize,
+    /// Then keep sending new ones.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+/// A line the agent sends: an event, or a note that a follower missed some.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Line {
+    Event(Box<FlowEvent>),
+    Missed { missed: u64 },
+}
+
+/// Addresses to names: pods (`namespace/name`) and nodes (`node/<name>`), refreshed by the
+/// agent when Pods or Nodes change.
+pub type Names = Arc<RwLock<HashMap<IpAddr, String>>>;
+
+/// The last events, and a channel to the followers.
+pub struct EventLog {
+    held: Mutex<VecDeque<FlowEvent>>,
+    capacity: usize,
+    tx: broadcast::Sender<FlowEvent>,
+}
+
+impl EventLog {
+    pub fn new(capacity: usize) -> Arc<Self> {
+        let (tx, _) = broadcast::channel(capacity.clamp(16, 65_536));
+        Arc::new(Self { held: Mutex::new(VecDeque::with_capacity(capacity)), capacity, tx })
+    }
+
+    fn push(&self, event: FlowEvent) {
+        let mut held = self.held.lock().expect("not poisoned");
+        if held.len() == self.capacity {
+            held.pop_front();
+        }
+        held.push_back(event.clone());
+        drop(held);
+        let _ = self.tx.send(event);
+    }
+
+    pub fn last(&self, n: usize) -> Vec<FlowEvent> {
+        let held = self.held.lock().expect("not poisoned");
+        held.iter().skip(held.len().saturating_sub(n)).cloned().collect()
+    }
+}
+
+/// Writes what the kernel programs emit: `kinds` (`EVENT_DROP` bits), at most `rate` events a
+/// second per CPU with bursts of `burst`.
+pub fn configure(pin_dir: &Path, kinds: u32, rate: u32, burst: u32) -> Result<()> {
+    let mut cfg: aya::maps::Array<MapData, EventConfigV1> = crate::dataplane::maps::open_pinned(pin_dir, MAP_EVENT_CONFIG)?;
+    let ns_per_event = 1_000_000_000 / rate.max(1) as u64;
+    cfg.set(0, &EventConfigV1 { kinds, _pad: 0, ns_per_event, burst_ns: ns_per_event * burst.max(1) as u64 }, 0).context("writing the event configuration")?;
+    Ok(())
+}
+
+/// Events emitted, throttled and lost, by kind, summed over CPUs (for the metrics).
+pub fn kernel_counts(map: &aya::maps::PerCpuArray<MapData, u64>) -> Result<Vec<(&'static str, &'static str, u64)>> {
+    let mut out = Vec::new();
+    for (kind, kind_name) in [(EVENT_DROP, "drop")] {
+        for (outcome, outcome_name) in [(EVENT_EMITTED, "emitted"), (EVENT_THROTTLED, "throttled"), (EVENT_LOST, "lost")] {
+            let per_cpu = map.get(&(EVENT_OUTCOMES * kind as u32 + outcome), 0).with_context(|| format!("reading {MAP_EVENT_STATS}"))?;
+            out.push((kind_name, outcome_name, per_cpu.iter().sum()));
+        }
+    }
+    Ok(out)
+}
+
+/// Reads the ring buffer until the agent stops, filling `log`.
+pub fn start_reader(ring: RingBuf<MapData>, pin_dir: PathBuf, node: String, names: Names, log: Arc<EventLog>) -> Result<()> {
+    let maps = Maps::open_pinned(&pin_dir)?;
+    // SAFETY: the ring buffer owns its descriptor, which stays open as long as it lives, and
+    // the AsyncFd owns the ring buffer.
+    let mut fd = unsafe { AsyncFd::register(ring) }.map_err(|e| anyhow::anyhow!("polling the event ring buffer: {e}"))?;
+    // Wall clock = monotonic + this offset (the kernel stamps events with CLOCK_MONOTONIC).
+    let offset_ns = jiff::Timestamp::now().as_nanosecond() - crate::dataplane::conntrack::monotonic_ns() as i128;
+    tokio::spawn(async move {
+        let mut devices: HashMap<u32, String> = HashMap::new();
+        loop {
+            let mut guard = match fd.readable_mut().await {
+                Ok(guard) => guard,
+                Err(e) => {
+                    warn!("event ring buffer: {e}; no more flow events");
+                    return;
+                }
+            };
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                if item.len() < size_of::<EventV1>() {
+                    continue;
+                }
+                // SAFETY: the kernel wrote one EventV1 (plain data) in this record.
+                let raw: EventV1 = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const EventV1) };
+                let device = devices.entry(raw.ifindex).or_insert_with(|| device_name(raw.ifindex)).clone();
+                log.push(enrich(&raw, offset_ns, device, &node, &maps, &names.read().expect("not poisoned")));
+            }
+            guard.clear_ready();
+        }
+    });
+    Ok(())
+}
+
+fn device_name(ifindex: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf has room for IF_NAMESIZE bytes, as if_indextoname needs.
+    let name = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if name.is_null() {
+        return format!("ifindex {ifindex}");
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name into buf.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
+}
+
+fn address(family: u8, words: [u32; 4]) -> IpAddr {
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    if family == 4 {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&bytes[..16]).expect("16 bytes")))
+    }
+}
+
+/// The event with names: the frontend's Service (by the maps, as the datapath finds it), the
+/// pods or nodes at either end.
+fn enrich(raw: &EventV1, offset_ns: i128, device: String, node: &str, maps: &Maps, names: &HashMap<IpAddr, String>) -> FlowEvent {
+    let time = jiff::Timestamp::from_nanosecond(offset_ns + raw.ts_ns as i128).map(|t| t.to_string()).unwrap_or_default();
+    let mut event = FlowEvent {
+        time,
+        verdict: if reason::NAMES.get(raw.reason as usize).is_some_and(|n| n.starts_with("reject_")) { "REJECTED" } else { "DROPPED" }.into(),
+        reason: reason::NAMES.get(raw.reason as usize).copied().unwrap_or("unknown").into(),
+        hook: match raw.hook {
+            HOOK_XDP => "xdp",
+            HOOK_TC => "tc",
+            _ => "tc-to-pod",
+        }
+        .into(),
+        device,
+        node: node.into(),
+        ..FlowEvent::default()
+    };
+    if raw.flags & F_EVENT_TUPLE == 0 {
+        return event;
+    }
+    let (src, dst) = (address(raw.family, raw.src), address(raw.family, raw.dst));
+    let (sport, dport) = (u16::from_be(raw.src_port), u16::from_be(raw.dst_port));
+    event.protocol = match raw.proto {
+        IPPROTO_TCP => "TCP".into(),
+        IPPROTO_UDP => "UDP".into(),
+        other => other.to_string(),
+    };
+    (event.src, event.src_port, event.dst, event.dst_port) = (Some(src), Some(sport), Some(dst), Some(dport));
+    event.service = service_of(maps, dst, dport, raw.proto);
+    event.src_name = names.get(&src).cloned();
+    event.dst_name = names.get(&dst).cloned();
+    event
+}
+
+/// The Service whose frontend `addr:port/proto` is: the exact address, else a NodePort on a
+/// node address (as the datapath looks it up).
+fn service_of(maps: &Maps, addr: IpAddr, port: u16, proto: u8) -> Option<String> {
+    fn of<A: Family>(maps: &Maps, addr: A, port: u16, proto: u8) -> Option<u32> {
+        let family = A::of(maps);
+        let key = ServiceKeyV1 { addr, port: port_raw(port), proto, scope: SCOPE_CLUSTER };
+        if let Ok(svc) = family.services.get(&key, 0) {
+            return Some(svc.service_id);
+        }
+        family.node_ips.get(&addr, 0).ok()?;
+        family.services.get(&ServiceKeyV1 { addr: A::default(), ..key }, 0).ok().map(|svc| svc.service_id)
+    }
+    let id = match addr {
+        IpAddr::V4(_) => of(maps, Addr4::from_ip(addr)?, port, proto),
+        IpAddr::V6(_) => of(maps, Addr6::from_ip(addr)?, port, proto),
+    }?;
+    maps.service_names.get(&id, 0).ok().map(|n| n.as_str().to_string())
+}
+
+/// Serves the log on a unix socket at `path` (made 0600: events name the node's traffic).
+pub async fn serve(path: PathBuf, log: Arc<EventLog>) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).with_context(|| format!("listening on {}", path.display()))?;
+    std::fs::set_permissions(&path, <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600))?;
+    info!("flow events on unix socket {}", path.display());
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let log = log.clone();
+        tokio::spawn(async move {
+            if let Err(e) = answer(stream, log).await {
+                log::debug!("events client: {e:#}");
+            }
+        });
+    }
+}
+
+async fn answer(stream: UnixStream, log: Arc<EventLog>) -> Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read).read_line(&mut line).await?;
+    let request: Request = serde_json::from_str(line.trim()).context("the request is not JSON")?;
+    // Subscribed before the held events are read: none falls between the two.
+    let mut rx = log.tx.subscribe();
+    for event in log.last(request.last) {
+        write_line(&mut write, &Line::Event(Box::new(event))).await?;
+    }
+    if !request.follow {
+        return Ok(());
+    }
+    loop {
+        match rx.recv().await {
+            Ok(event) => write_line(&mut write, &Line::Event(Box::new(event))).await?,
+            Err(broadcast::error::RecvError::Lagged(missed)) => write_line(&mut write, &Line::Missed { missed }).await?,
+            Err(broadcast::error::RecvError::Closed) => return Ok(()),
+        }
+    }
+}
+
+async fn write_line(write: &mut tokio::net::unix::OwnedWriteHalf, line: &Line) -> Result<()> {
+    let mut text = serde_json::to_string(line)?;
+    text.push('\n');
+    write.write_all(text.as_bytes()).await?;
+    Ok(())
+}

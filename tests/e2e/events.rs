@@ -1,0 +1,238 @@
+//! Flow events end to end: real drops of several reasons, each one event with its reason,
+//! 5-tuple and Service in `lbctl observe`; and a flood of drops, with the agent's memory
+//! bounded and every event it did not get counted.
+use std::{
+    net::{IpAddr, SocketAddr, UdpSocket},
+    path::PathBuf,
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use testbed::{
+    netns::Netns,
+    process::AgentProcess,
+    servers::{tcp_request, EchoServer, LongConnection},
+    topology::{Cluster, CLIENT_IP},
+};
+
+use crate::support::{agent_bin, eventually, reason_count, ManifestCopy};
+
+/// web (ExternalIP 10.99.200.30, one backend), empty (ExternalIP 10.99.200.31, no endpoint),
+/// ranged (LoadBalancer 10.99.100.32, clients of 192.0.2.0/24 only).
+const MANIFESTS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: ev}
+spec:
+  clusterIP: 10.96.7.30
+  externalIPs: [10.99.200.30]
+  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: ev, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, protocol: TCP, port: 8080}]
+endpoints: [{addresses: [10.244.1.11], conditions: {ready: true}, nodeName: node-a}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: ev}
+spec:
+  clusterIP: 10.96.7.31
+  externalIPs: [10.99.200.31]
+  ports: [{name: http, protocol: TCP, port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ranged, namespace: ev}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.7.32
+  loadBalancerSourceRanges: [192.0.2.0/24]
+  ports: [{name: echo, protocol: UDP, port: 7, targetPort: 7007, nodePort: 30732}]
+status: {loadBalancer: {ingress: [{ip: 10.99.100.32}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ranged-1, namespace: ev, labels: {kubernetes.io/service-name: ranged}}
+addressType: IPv4
+ports: [{name: echo, protocol: UDP, port: 7007}]
+endpoints: [{addresses: [10.244.1.11], conditions: {ready: true}, nodeName: node-a}]
+"#;
+
+struct Bed {
+    cluster: Cluster,
+    pins: PathBuf,
+    socket: PathBuf,
+    agent: AgentProcess,
+    _server: EchoServer,
+    _dir: ManifestCopy,
+}
+
+impl Bed {
+    fn build(tag: &str, extra: &[&str]) -> Result<Self> {
+        let mut cluster = Cluster::new(tag, &[1])?;
+        let server = EchoServer::start(&cluster.nodes[0].pods[0].ns, "web-0", 8080, 7007)?;
+        let dir = ManifestCopy::empty(tag)?;
+        dir.write("services.yaml", MANIFESTS)?;
+        let pins = cluster.pin_dir()?;
+        let socket = std::env::temp_dir().join(format!("{}-events.sock", cluster.prefix));
+        let source = ["--manifests".to_string(), dir.dir.display().to_string()];
+        let socket_arg = socket.display().to_string();
+        let args: Vec<&str> = [&["--events-socket", socket_arg.as_str()][..], extra].concat();
+        let agent = cluster.start_agent(agent_bin(), 0, &source, &pins, &args)?;
+        Ok(Self { cluster, pins, socket, agent, _server: server, _dir: dir })
+    }
+
+    fn client(&self) -> &Netns {
+        &self.cluster.client
+    }
+
+    /// `lbctl observe -o json ARGS`, one value per event.
+    fn observe(&self, args: &[&str]) -> Result<Vec<Value>> {
+        let out = Command::new(env!("CARGO_BIN_EXE_lbctl")).args(["-o", "json", "observe", "--socket"]).arg(&self.socket).args(args).output()?;
+        anyhow::ensure!(out.status.success(), "lbctl observe: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout)?.lines().map(|l| Ok(serde_json::from_str(l)?)).collect()
+    }
+
+    /// The value of one series of the agent's /metrics (`name{labels}` as printed).
+    fn metric(&self, series: &str) -> Result<u64> {
+        let (_, body) = testbed::servers::http_get(&self.cluster.nodes[0].ns, SocketAddr::from(([127, 0, 0, 1], 9970)), "/metrics", Duration::from_secs(2))?;
+        let line = body.lines().find(|l| l.starts_with(series)).with_context(|| format!("no {series} in /metrics"))?;
+        Ok(line.rsplit(' ').next().unwrap_or_default().parse()?)
+    }
+
+    /// The agent's resident memory, from /proc.
+    fn agent_rss_kib(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.agent.pid()))?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
+        Ok(line.split_whitespace().nth(1).context("a number")?.parse()?)
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        self.agent.stop();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// A malformed IPv4 packet (a header length of 16 bytes, below the 20 of any header) from the
+/// client to the node, sent on the client's `eth0` as a raw frame.
+fn send_malformed_ipv4(client: &Netns, node_mac: &str) -> Result<()> {
+    let client_mac = client.mac("eth0")?;
+    let mac = |text: &str| -> Result<[u8; 6]> {
+        let bytes: Vec<u8> = text.split(':').map(|b| u8::from_str_radix(b, 16)).collect::<Result<_, _>>()?;
+        Ok(bytes.try_into().map_err(|_| anyhow::anyhow!("a MAC"))?)
+    };
+    let (src, dst) = (mac(&client_mac)?, mac(node_mac)?);
+    let mut frame = Vec::new();
+    etherparse::PacketBuilder::ethernet2(src, dst).ipv4(CLIENT_IP.octets(), [10, 99, 200, 30], 64).tcp(40999, 80, 1, 64240).syn().write(&mut frame, &[])?;
+    frame[14] = 0x44; // version 4, IHL 4
+    frame.resize(60, 0); // a minimum-size Ethernet frame
+    let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
+    client.exec(&format!("python3 -c \"import socket; s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); s.bind(('eth0', 0)); s.send(bytes.fromhex('{hex}'))\""))?;
+    Ok(())
+}
+
+fn ip(text: &str) -> Option<IpAddr> {
+    text.parse().ok()
+}
+
+#[test]
+fn every_drop_is_one_event_with_its_reason_tuple_and_service() -> Result<()> {
+    // Room for four flows: the fifth is refused as conntrack full.
+    let bed = Bed::build("ev", &["--max-flows", "4"])?;
+    let reasons = ["reject_no_backend", "drop_source_range", "drop_ct_full", "drop_malformed_ip4"];
+    let before: Vec<u64> = reasons.iter().map(|r| reason_count(&bed.pins, r)).collect::<Result<_>>()?;
+    let quick = Duration::from_millis(300);
+
+    // No endpoint: refused with a RST.
+    assert!(tcp_request(bed.client(), SocketAddr::from(([10, 99, 200, 31], 80)), Some(41001), quick).is_err());
+    // Outside the source ranges: dropped (two datagrams, two events).
+    for port in [41002, 41003] {
+        let s = bed.client().run(move || UdpSocket::bind(("0.0.0.0", port)))??;
+        bed.client().run(move || s.send_to(b"x", "10.99.100.32:7"))??;
+    }
+    // Conntrack full: four connections held, the fifth refused.
+    let held: Vec<LongConnection> = (0..4).map(|_| LongConnection::open(bed.client(), SocketAddr::from(([10, 99, 200, 30], 80)), Duration::from_secs(2))).collect::<Result<_>>()?;
+    assert!(tcp_request(bed.client(), SocketAddr::from(([10, 99, 200, 30], 80)), Some(41005), quick).is_err(), "conntrack is full");
+    // A malformed IPv4 header. The LAN is a plain switch: the bridge's netfilter hook would
+    // drop the packet before it reaches the node (real switches do not look at IP headers).
+    bed.cluster.lan.exec("sysctl -qw net.bridge.bridge-nf-call-iptables=0")?;
+    send_malformed_ipv4(bed.client(), &bed.cluster.nodes[0].ns.mac("eth0")?)?;
+
+    let after: Vec<u64> = reasons.iter().map(|r| reason_count(&bed.pins, r)).collect::<Result<_>>()?;
+    let events = eventually(Duration::from_secs(5), || {
+        let events = bed.observe(&["--last", "100"])?;
+        let counts: Vec<u64> = reasons.iter().map(|r| events.iter().filter(|e| e["reason"] == *r).count() as u64).collect();
+        let drops: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        if counts == drops && drops.iter().all(|d| *d > 0) { Ok(events) } else { bail!("events per reason {counts:?}, drops counted {drops:?}: {events:#?}") }
+    })?;
+    drop(held);
+    let of = |reason: &str| events.iter().filter(|e| e["reason"] == reason).cloned().collect::<Vec<_>>();
+    let reject = &of("reject_no_backend")[0];
+    assert_eq!((reject["verdict"].as_str(), reject["hook"].as_str(), reject["protocol"].as_str()), (Some("REJECTED"), Some("xdp"), Some("TCP")), "{reject}");
+    assert_eq!((reject["src"].as_str().and_then(ip), reject["src_port"].as_u64(), reject["dst"].as_str(), reject["dst_port"].as_u64()), (Some(IpAddr::V4(CLIENT_IP)), Some(41001), Some("10.99.200.31"), Some(80)), "{reject}");
+    assert_eq!(reject["service"].as_str(), Some("ev/empty:http/TCP"), "{reject}");
+    let ranged = of("drop_source_range");
+    assert_eq!(ranged.iter().map(|e| e["src_port"].as_u64().unwrap()).collect::<Vec<_>>(), [41002, 41003]);
+    assert!(ranged.iter().all(|e| e["verdict"] == "DROPPED" && e["protocol"] == "UDP" && e["dst"] == "10.99.100.32" && e["service"] == "ev/ranged:echo/UDP"), "{ranged:?}");
+    let full = &of("drop_ct_full")[0];
+    assert_eq!((full["src_port"].as_u64(), full["dst"].as_str(), full["service"].as_str()), (Some(41005), Some("10.99.200.30"), Some("ev/web:http/TCP")), "{full}");
+    let bad = &of("drop_malformed_ip4")[0];
+    assert_eq!((bad["src"].is_null(), bad["hook"].as_str(), bad["device"].as_str()), (true, Some("xdp"), Some("eth0")), "a packet that does not parse has no tuple: {bad}");
+    // Filters: by reason, by port, by verdict; compact output names the Service.
+    assert_eq!(bed.observe(&["--last", "100", "--reason", "drop_source_range"])?.len(), 2);
+    assert_eq!(bed.observe(&["--last", "100", "--port", "41005"])?.len(), 1);
+    assert_eq!(bed.observe(&["--last", "100", "--verdict", "rejected"])?.len(), 1);
+    assert_eq!(bed.observe(&["--last", "100", "--service", "ranged"])?.len(), 2);
+    let compact = Command::new(env!("CARGO_BIN_EXE_lbctl")).args(["observe", "--socket"]).arg(&bed.socket).args(["--last", "100", "--reason", "reject_no_backend"]).output()?;
+    let text = String::from_utf8(compact.stdout)?;
+    assert!(text.contains("REJECTED reject_no_backend xdp eth0 TCP 10.99.0.100:41001 -> 10.99.200.31:80 service ev/empty:http/TCP"), "{text}");
+    Ok(())
+}
+
+/// A flood of drops: 200,000 datagrams outside the source ranges as fast as one client sends
+/// them. Events past the per-CPU rate are throttled and counted; every drop is an event
+/// emitted, throttled or lost; the agent keeps at most its buffer, and its memory stays put.
+#[test]
+fn a_flood_of_drops_is_rate_limited_counted_and_held_in_bounded_memory() -> Result<()> {
+    let bed = Bed::build("evf", &["--event-rate", "1000", "--event-burst", "100", "--event-buffer", "2048"])?;
+    let dropped_before = reason_count(&bed.pins, "drop_source_range")?;
+    // One scrape first: rendering /metrics reads whole maps, which takes memory of its own.
+    bed.metric("lb_flow_events_total")?;
+    let rss_before = bed.agent_rss_kib()?;
+    const PACKETS: u64 = 200_000;
+    let started = std::time::Instant::now();
+    bed.client().run(|| -> Result<()> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.connect("10.99.100.32:7")?;
+        for _ in 0..PACKETS {
+            // A full socket buffer is no failure here: the point is many drops quickly.
+            let _ = s.send(b"flood");
+        }
+        Ok(())
+    })??;
+    let seconds = started.elapsed().as_secs_f64();
+    let dropped = reason_count(&bed.pins, "drop_source_range")? - dropped_before;
+    eprintln!("flood: {dropped} drops in {seconds:.2} s ({:.0}/s)", dropped as f64 / seconds);
+    assert!(dropped >= PACKETS * 9 / 10, "{dropped} of {PACKETS} dropped");
+    let count = |outcome: &str| bed.metric(&format!("lb_flow_events_total{{kind=\"drop\",outcome=\"{outcome}\"}}"));
+    let (emitted, throttled, lost) = eventually(Duration::from_secs(5), || {
+        let counts = (count("emitted")?, count("throttled")?, count("lost")?);
+        if counts.0 + counts.1 + counts.2 >= dropped { Ok(counts) } else { bail!("{counts:?} of {dropped}") }
+    })?;
+    eprintln!("flood: events emitted {emitted}, throttled {throttled}, lost {lost}");
+    assert_eq!(emitted + throttled + lost, dropped, "every drop is an event emitted, throttled or lost");
+    assert!(throttled > 0 && emitted < dropped / 10, "the rate limit held: {emitted} emitted of {dropped}");
+    let held = bed.observe(&["--last", "100000"])?;
+    assert!(held.len() <= 2048 && held.len() >= 100, "the agent holds its buffer at most: {}", held.len());
+    let rss_after = bed.agent_rss_kib()?;
+    eprintln!("flood: agent RSS {rss_before} KiB before, {rss_after} KiB after");
+    assert!(rss_after < rss_before + 20 * 1024, "memory bounded: {rss_before} -> {rss_after} KiB");
+    Ok(())
+}
