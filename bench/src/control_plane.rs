@@ -180,6 +180,7 @@ pub fn run_case(cfg: &Config, mode: &'static str, n: usize) -> Result<Row> {
     let mut args = source;
     args.extend(["--node-name", "node-0", "--pin-dir", &pins.dir.display().to_string(), "--socket-lb=false", "--metrics-addr", "127.0.0.1:9970", "--healthz-bind-address", "127.0.0.1:10256"].map(String::from));
     args.extend(sizing);
+    args.extend(["--events-socket".to_string(), work.join("agent.sock").display().to_string()]);
     let log = work.join("agent.log");
     let started = Instant::now();
     let agent = AgentProcess::start(&cfg.agent_bin, &ns, &args, &log)?;

@@ -170,7 +170,7 @@ pub fn run(cfg: &Config) -> Result<Vec<Row>> {
         let pins = cluster.pin_dir()?;
         let log = cfg.work_dir.join(format!("agent-{n}.log"));
         // Only outside clients here: the socket hooks are not part of this comparison.
-        let args: Vec<String> = ["--manifests", manifests.to_str().unwrap(), "--node-name", "node-a", "--external-devices", "eth0", "--pin-dir", pins.to_str().unwrap(), "--maglev-table-size", "251", "--socket-lb=false"]
+        let args: Vec<String> = ["--manifests", manifests.to_str().unwrap(), "--node-name", "node-a", "--external-devices", "eth0", "--pin-dir", pins.to_str().unwrap(), "--maglev-table-size", "251", "--socket-lb=false", "--events-socket", cfg.work_dir.join(format!("agent-{n}.sock")).to_str().unwrap()]
             .iter()
             .map(|s| s.to_string())
             .collect();

@@ -73,7 +73,8 @@ pub fn run(bin_dir: &Path, manifests: &Path) -> Result<()> {
     // The agent reads a copy, to which the bare-metal step adds a pool.
     let workdir = ManifestsCopy::of(manifests)?;
     println!("== starting lb-agent on node-a with the manifests in {}", manifests.display());
-    let (agent, pin_dir) = demo.start_agent(&bin_dir.join("lb-agent"), &workdir.0, &[])?;
+    let events_socket = std::env::temp_dir().join(format!("lb-demo-events-{}.sock", std::process::id()));
+    let (agent, pin_dir) = demo.start_agent(&bin_dir.join("lb-agent"), &workdir.0, &["--events-socket", &events_socket.display().to_string()])?;
     let timeout = Duration::from_secs(2);
     let show = |what: &str, r: Result<Answer>| match r {
         Ok(a) => println!("   {what:<44} answered by {} (it saw source {})", a.backend, a.seen_source),
@@ -151,6 +152,9 @@ pub fn run(bin_dir: &Path, manifests: &Path) -> Result<()> {
     println!("   the client resolved it by ARP, answered from XDP on node-a ({}): {}", node.mac("eth0")?, neighbour.trim());
     pod_networking(bin_dir, &demo, &pin_dir)?;
     network_policy(bin_dir, &demo, &pin_dir, &workdir.0, &manifests.join("../network-policy/policy.yaml"))?;
+    println!("== flow events: lbctl observe --last 5 (the drops above, with their reason, tuple and Service)");
+    let out = Command::new(&lbctl).args(["observe", "--socket"]).arg(&events_socket).args(["--last", "5"]).output().context("running lbctl observe")?;
+    print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     println!("== lbctl address list (in node-a's namespace: it asks the agent)");
     let out = Command::new("ip").args(["netns", "exec", &node.name]).arg(&lbctl).arg("--pin-dir").arg(&pin_dir).args(["address", "list"]).output().context("running lbctl")?;
     print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

@@ -167,6 +167,10 @@ impl Cluster {
         args.extend(["--node-name", &node_name, "--external-devices", "eth0", "--pin-dir", &pin_dir, "--sync-interval-ms", "100", "--cgroup-root", &cgroup].iter().map(|s| s.to_string()));
         // The LAN ports run XDP (see `peer_xdp`), so native XDP delivers at once; a test that
         // wants another mode says so.
+        // Each agent its own flow-event socket (the default is one per node).
+        if !extra.contains(&"--events-socket") {
+            args.extend(["--events-socket".to_string(), std::env::temp_dir().join(format!("{}-agent-{n}.sock", self.prefix)).display().to_string()]);
+        }
         if !extra.contains(&"--xdp-mode") {
             args.extend(["--xdp-mode".to_string(), "native".to_string()]);
         }

@@ -349,15 +349,26 @@ fn main() -> Result<()> {
             conntrack: agent.conntrack_fill.clone(),
             event_stats: lb_agent::dataplane::maps::open_pinned(&pin_dir, lb_common::MAP_EVENT_STATS)?,
         };
-        let flow_events = tokio::spawn(lb_agent::events::serve(events_socket, agent.flow_events.clone()));
+        // Flow events are a view: the agent carries on without the socket.
+        let flow_events = tokio::spawn({
+            let (path, log) = (events_socket.clone(), agent.flow_events.clone());
+            async move {
+                if let Err(e) = lb_agent::events::serve(path.clone(), log).await {
+                    log::error!("flow events socket {}: {e:#}; lbctl observe will not work", path.display());
+                }
+                std::future::pending::<Result<()>>().await
+            }
+        });
         let server = tokio::spawn(lb_agent::metrics::serve(metrics_addr, metrics, health, scraper, agent.status.clone(), agent.policy_view()));
         let proxy_health = tokio::spawn(lb_agent::health::serve_proxy_health(healthz_addr, agent.proxy_health.clone()));
-        tokio::select! {
+        let result = tokio::select! {
             r = agent.run(shutdown_signal()) => r,
             r = server => r?,
             r = proxy_health => r?,
             r = flow_events => r?,
-        }
+        };
+        let _ = std::fs::remove_file(&events_socket);
+        result
     })
 }
 
