@@ -83,7 +83,9 @@ pub struct EventLog {
 
 impl EventLog {
     pub fn new(capacity: usize) -> Arc<Self> {
-        let (tx, _) = broadcast::channel(capacity.clamp(16, 65_536));
+        // Followers get new events through a short queue: one that falls behind is told how
+        // many it missed rather than holding memory for it.
+        let (tx, _) = broadcast::channel(capacity.clamp(16, 1024));
         Arc::new(Self { held: Mutex::new(VecDeque::with_capacity(capacity)), capacity, tx })
     }
 

@@ -20,6 +20,7 @@ pub mod announce;
 pub mod cleanup;
 pub mod dataplane;
 pub mod events;
+pub mod explain;
 pub mod health;
 pub mod heartbeat;
 pub mod ipam;

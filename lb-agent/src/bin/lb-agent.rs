@@ -164,6 +164,9 @@ struct Args {
     /// Flow events kept in memory for `lbctl observe --last`.
     #[arg(long, default_value_t = 4096)]
     event_buffer: usize,
+    /// KiB of the flow-event ring buffer (a power of two, at least 4) [default: 1024].
+    #[arg(long, value_parser = parse_ring_kib)]
+    event_ring_kib: Option<u32>,
     /// The unix socket `lbctl observe` reads flow events from.
     #[arg(long, default_value = "/run/lb-agent/events.sock")]
     events_socket: PathBuf,
@@ -257,6 +260,7 @@ fn main() -> Result<()> {
         policy_flows: args.max_policy_flows,
         ipcache: args.max_ipcache,
         policy_rules: args.max_policy_rules,
+        event_ring: args.event_ring_kib.map(|kib| kib * 1024),
     };
     if args.estimate_memory {
         let maps = lb_agent::dataplane::memory::estimate(&sizes)?;
@@ -370,6 +374,14 @@ fn main() -> Result<()> {
         let _ = std::fs::remove_file(&events_socket);
         result
     })
+}
+
+fn parse_ring_kib(s: &str) -> Result<u32, String> {
+    let kib: u32 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if kib < 4 || !kib.is_power_of_two() || kib > 1 << 20 {
+        return Err(format!("{kib} KiB: a power of two from 4 to 1048576"));
+    }
+    Ok(kib)
 }
 
 fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {

@@ -109,6 +109,17 @@ enum Command {
     /// Service and pods), from the agent's unix socket: the last ones held, then new ones with
     /// `--follow`. `-o json` prints one JSON object a line; other formats one line each.
     Observe(ObserveArgs),
+    /// The path a new packet from SRC (ip:port) to DST (ip:port/PROTO; IPv6 in brackets) would
+    /// take now, read from the live maps with the datapath's own steps: the frontend, source
+    /// ranges, a tracked flow, affinity, the flow hash and Maglev slot, the backend, SNAT, the
+    /// verdict.
+    Explain {
+        src: String,
+        dst: String,
+        /// Where the packet comes from: a client outside the node (XDP) or a pod (TC).
+        #[arg(long, value_enum, default_value_t = Origin::Outside)]
+        from: Origin,
+    },
     /// A shell completion script: `lbctl completion bash > /etc/bash_completion.d/lbctl`.
     Completion { shell: clap_complete::Shell },
 }
@@ -116,6 +127,12 @@ enum Command {
 #[derive(Subcommand)]
 enum ListOnly {
     List,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Origin {
+    Outside,
+    Pod,
 }
 
 #[derive(clap::Args)]
@@ -198,6 +215,9 @@ fn run(cli: &Cli) -> Result<()> {
         return observe(cli, args);
     }
     let maps = open_maps(&cli.pin_dir)?;
+    if let Command::Explain { src, dst, from } = &cli.command {
+        return explain(&maps, cli, src, dst, *from);
+    }
     let filter = Filter { namespace: cli.namespace.as_deref(), service: cli.service.as_deref() };
     let rows = match &cli.command {
         Command::Status => return status(&maps, cli),
@@ -216,7 +236,7 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Address { .. } => addresses(&maps, &cli.agent)?,
         Command::Endpoint { .. } => endpoints(&cli.pin_dir)?,
         Command::Policy { cmd } => network_policy(&cli.pin_dir, &cli.agent, cmd)?,
-        Command::Completion { .. } | Command::Observe(_) => unreachable!("handled above"),
+        Command::Completion { .. } | Command::Observe(_) | Command::Explain { .. } => unreachable!("handled above"),
     };
     let rows: Vec<Row> = rows.into_iter().filter(|r| filter.keeps(r)).collect();
     print(&rows, cli.output, cli.no_headers);
@@ -803,6 +823,29 @@ fn observe(cli: &Cli, args: &ObserveArgs) -> Result<()> {
             Line::Missed { missed } => writeln!(out, "... {missed} events missed (this reader fell behind)")?,
         }
         out.flush()?;
+    }
+    Ok(())
+}
+
+/// `lbctl explain`: each step on a line, or the whole explanation as JSON.
+fn explain(maps: &Maps, cli: &Cli, src: &str, dst: &str, from: Origin) -> Result<()> {
+    let src: SocketAddr = src.parse().with_context(|| format!("{src:?} is not ip:port ([ip]:port for IPv6)"))?;
+    let (dst_text, proto) = dst.rsplit_once('/').with_context(|| format!("{dst:?} is not ip:port/PROTO"))?;
+    let dst: SocketAddr = dst_text.parse().with_context(|| format!("{dst_text:?} is not ip:port ([ip]:port for IPv6)"))?;
+    let proto = match proto.to_ascii_uppercase().as_str() {
+        "TCP" => IPPROTO_TCP,
+        "UDP" => IPPROTO_UDP,
+        other => bail!("protocol {other:?}: TCP or UDP"),
+    };
+    let from = if from == Origin::Pod { lb_agent::explain::From::Pod } else { lb_agent::explain::From::Outside };
+    let e = lb_agent::explain::explain(maps, src, dst, proto, from)?;
+    if matches!(cli.output, Format::Json | Format::Yaml) {
+        println!("{}", serde_json::to_string_pretty(&e)?);
+    } else {
+        for step in &e.steps {
+            println!("{step}");
+        }
+        println!("verdict: {}", e.verdict);
     }
     Ok(())
 }

@@ -73,6 +73,8 @@ pub struct MapSizes {
     pub ipcache: Option<u32>,
     /// NetworkPolicy rule keys of this node's pods (one-port rules, and ranges and wildcards).
     pub policy_rules: Option<u32>,
+    /// Bytes of the flow-event ring buffer (a power of two, at least a page).
+    pub event_ring: Option<u32>,
 }
 
 /// Loads the object. Maps already pinned in `pin_dir` (an earlier agent's) are adopted as they
@@ -150,7 +152,7 @@ fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 46] {
         (MAP_IPCACHE_HOSTS, size_of::<IpCache4KeyV1>(), size_of::<IdentityV1>(), None),
         (MAP_IPCACHE_HOSTS6, size_of::<IpCache6KeyV1>(), size_of::<IdentityV1>(), None),
         (MAP_POLICY_EXACT, size_of::<PolicyKeyV1>(), size_of::<PolicyVerdictV1>(), None),
-        (MAP_EVENTS, 0, 0, Some(EVENT_RING_BYTES)),
+        (MAP_EVENTS, 0, 0, None),
         (MAP_EVENT_CONFIG, 4, size_of::<EventConfigV1>(), Some(1)),
         (MAP_EVENT_BUCKET, 4, size_of::<EventBucketV1>(), Some(1)),
         (MAP_EVENT_STATS, 4, 8, Some(EVENT_OUTCOMES * EVENT_KINDS as u32)),
@@ -158,7 +160,7 @@ fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 46] {
 }
 
 /// The capacities the flags ask for, of the maps whose size is a flag.
-pub(crate) fn flag_sized(sizes: &MapSizes) -> [(&'static str, u32); 25] {
+pub(crate) fn flag_sized(sizes: &MapSizes) -> [(&'static str, u32); 26] {
     use lb_common::*;
     let flows = sizes.flows.unwrap_or(MAX_FLOWS);
     let services = sizes.services.unwrap_or(MAX_SERVICES);
@@ -190,6 +192,7 @@ pub(crate) fn flag_sized(sizes: &MapSizes) -> [(&'static str, u32); 25] {
         (MAP_IPCACHE6, sizes.ipcache.unwrap_or(MAX_IPCACHE)),
         (MAP_POLICY_EXACT, sizes.policy_rules.unwrap_or(MAX_POLICY_RULES)),
         (MAP_POLICY, sizes.policy_rules.unwrap_or(MAX_POLICY_RULES)),
+        (MAP_EVENTS, sizes.event_ring.unwrap_or(EVENT_RING_BYTES)),
     ]
 }
 
@@ -258,6 +261,8 @@ fn copy_entries(ebpf: &mut Ebpf, name: &'static str, from: &Path) -> Result<usiz
         MAP_IPCACHE => copy_lpm::<IpCache4KeyV1, IdentityV1>(old, new)?,
         MAP_IPCACHE6 => copy_lpm::<IpCache6KeyV1, IdentityV1>(old, new)?,
         MAP_POLICY => copy_lpm::<PolicyKeyV1, PolicyVerdictV1>(old, new)?,
+        // Events not yet read are lost with the old ring (counted nowhere: the agent was down).
+        MAP_EVENTS => 0,
         _ => {
             let old: Array<_, MaglevSlotPair> = old.try_into()?;
             let slots = old.len() * MAGLEV_SLOTS_PER_ENTRY as u32;

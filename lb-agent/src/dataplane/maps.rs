@@ -37,6 +37,12 @@ pub trait Family: MapAddr + aya::Pod {
     fn of_mut(maps: &mut Maps) -> &mut FamilyMaps<Self>;
     fn from_ip(ip: IpAddr) -> Option<Self>;
     fn to_ip(self) -> IpAddr;
+    /// The session-affinity key of client `self` on frontend `service_id`.
+    fn affinity_key(self, service_id: u32) -> AffinityKeyV1;
+    /// The source of hairpin flows.
+    fn hairpin_ip() -> IpAddr;
+    /// The SNAT source of remote flows the agent configured, if any.
+    fn snat_ip(maps: &Maps) -> Option<IpAddr>;
 }
 
 impl Family for Addr4 {
@@ -57,6 +63,15 @@ impl Family for Addr4 {
     fn to_ip(self) -> IpAddr {
         IpAddr::V4(ip4_addr(self))
     }
+    fn affinity_key(self, service_id: u32) -> AffinityKeyV1 {
+        AffinityKeyV1::ip4(self, service_id)
+    }
+    fn hairpin_ip() -> IpAddr {
+        IpAddr::from(HAIRPIN_ADDR)
+    }
+    fn snat_ip(maps: &Maps) -> Option<IpAddr> {
+        maps.config.get(&0, 0).ok().map(|c| c.snat_addr).filter(|a| *a != 0).map(|a| a.to_ip())
+    }
 }
 
 impl Family for Addr6 {
@@ -76,6 +91,15 @@ impl Family for Addr6 {
     }
     fn to_ip(self) -> IpAddr {
         IpAddr::V6(ip6_addr(self))
+    }
+    fn affinity_key(self, service_id: u32) -> AffinityKeyV1 {
+        AffinityKeyV1::ip6(self, service_id)
+    }
+    fn hairpin_ip() -> IpAddr {
+        IpAddr::from(HAIRPIN_ADDR6)
+    }
+    fn snat_ip(maps: &Maps) -> Option<IpAddr> {
+        maps.config6.get(&0, 0).ok().map(|c| c.snat_addr).filter(|a| !a.is_zero()).map(|a| a.to_ip())
     }
 }
 
