@@ -155,6 +155,13 @@ pub fn run(bin_dir: &Path, manifests: &Path) -> Result<()> {
     println!("== flow events: lbctl observe --last 5 (the drops above, with their reason, tuple and Service)");
     let out = Command::new(&lbctl).args(["observe", "--socket"]).arg(&events_socket).args(["--last", "5"]).output().context("running lbctl observe")?;
     print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("== lbctl explain 10.99.0.100:40000 10.99.0.1:30080/TCP (where a new connection of the outside client to the NodePort would go, and why)");
+    let out = Command::new(&lbctl).arg("--pin-dir").arg(&pin_dir).args(["explain", "10.99.0.100:40000", "10.99.0.1:30080/TCP"]).output().context("running lbctl explain")?;
+    print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    match tcp_request(&demo.cluster.client, sock([10, 99, 0, 1], 30080), Some(40000), timeout) {
+        Ok(a) => println!("   {:<44} answered by {} (it saw source {})", "TCP 10.99.0.1:30080 from port 40000", a.backend, a.seen_source),
+        Err(e) => println!("   TCP 10.99.0.1:30080 from port 40000 FAILED: {e:#}"),
+    }
     println!("== lbctl address list (in node-a's namespace: it asks the agent)");
     let out = Command::new("ip").args(["netns", "exec", &node.name]).arg(&lbctl).arg("--pin-dir").arg(&pin_dir).args(["address", "list"]).output().context("running lbctl")?;
     print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
