@@ -37,9 +37,10 @@ trap 'rm -rf "$stage"' EXIT
 root="$stage/rootfs"
 mkdir -p "$root/usr/local/bin" "$root/bin" "$root/tmp" "$root/run" "$root/sys/fs/bpf" "$root/proc"
 chmod 1777 "$root/tmp"
-# The binaries without debug info, and every shared library they load, at the same paths.
+# The binaries without debug info or symbol tables (errors and panic messages stay; a
+# backtrace shows addresses), and every shared library they load, at the same paths.
 for bin in lb-agent lbctl lb-cni; do
-  strip --strip-debug -o "$root/usr/local/bin/$bin" "$bin_dir/$bin"
+  strip --strip-all -o "$root/usr/local/bin/$bin" "$bin_dir/$bin"
   for lib in $(ldd "$bin_dir/$bin" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'); do
     mkdir -p "$root$(dirname "$lib")"
     cp -L "$lib" "$root$lib"

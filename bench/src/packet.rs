@@ -215,3 +215,47 @@ pub fn run(cfg: &Config) -> Result<Vec<Row>> {
     }
     Ok(rows)
 }
+
+/// One path with flow events off and on (drops only), runs alternating.
+pub struct EventOverhead {
+    pub path: &'static str,
+    pub off: Summary,
+    pub on: Summary,
+    /// on / off of each pair of runs.
+    pub ratio: Summary,
+}
+
+/// The per-packet cost of flow events (drops only, the default): the ct-hit and ct-miss paths
+/// (which emit nothing, and check one reason) and a drop path (which emits, rate-limited:
+/// almost every iteration of a `repeat` run is throttled, as in a flood), measured with events
+/// off and on in alternating runs at 1 service.
+pub fn event_overhead(cfg: &Config) -> Result<Vec<EventOverhead>> {
+    let tb = testbed(1, (2 * cfg.single_runs * cfg.runs + 1024).next_power_of_two() as u32)?;
+    let set = |on: bool| lb_agent::events::configure(&tb.mount.dir, if on { 1 << EVENT_DROP } else { 0 }, 1000, 200);
+    let mut next_port = 0u32;
+    let mut samples: [[Vec<f64>; 2]; 3] = Default::default();
+    for _ in 0..cfg.runs {
+        for on in [false, true] {
+            set(on)?;
+            let i = on as usize;
+            samples[0][i].push(tb.time_xdp(&syn(CLIENT, 1001, VIP_A, 80), cfg.repeat)?.1);
+            samples[1][i].push(tb.time_xdp(&syn(CLIENT, 1002, VIP_RANGED, 80), cfg.repeat)?.1);
+            let one_run = Config { runs: 1, sizes: Vec::new(), ..*cfg };
+            samples[2][i].extend(single_runs(&tb, &one_run, |_| {
+                next_port += 1;
+                syn([172, 17, (next_port >> 16) as u8, (next_port >> 8) as u8], (next_port % 60_000) as u16 + 1024, VIP_MISS, 80)
+            })?);
+        }
+    }
+    let reasons = tb.dataplane.maps.reason_counts()?;
+    anyhow::ensure!(reasons[reason::DROP_SOURCE_RANGE as usize] >= cfg.repeat as u64, "the drop path did not drop");
+    let paths = ["ct hit + DNAT", "source range miss (drop, emits)", "ct miss + Maglev + DNAT (single, minus floor)"];
+    Ok(paths
+        .iter()
+        .zip(&samples)
+        .map(|(path, [off, on])| {
+            let pairs: Vec<f64> = on.iter().zip(off).map(|(a, b)| a / b).collect();
+            EventOverhead { path, off: Summary::of(off), on: Summary::of(on), ratio: Summary::of(&pairs) }
+        })
+        .collect())
+}
