@@ -216,32 +216,33 @@ pub fn run(cfg: &Config) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// One path with flow events off and on (drops only), runs alternating.
+/// One path with flow events off, drops only, and all (new connections too), runs rotating.
 pub struct EventOverhead {
     pub path: &'static str,
     pub off: Summary,
-    pub on: Summary,
-    /// on / off of each pair of runs.
-    pub ratio: Summary,
+    pub drops: Summary,
+    pub all: Summary,
+    /// drops / off and all / off, of each set of runs measured together.
+    pub drops_ratio: Summary,
+    pub all_ratio: Summary,
 }
 
-/// The per-packet cost of flow events (drops only, the default): the ct-hit and ct-miss paths
-/// (which emit nothing, and check one reason) and a drop path (which emits, rate-limited:
-/// almost every iteration of a `repeat` run is throttled, as in a flood), measured with events
-/// off and on in alternating runs at 1 service.
+/// The per-packet cost of flow events: the ct-hit path (no event), the ct-miss path (an event
+/// in "all" mode) and a drop path (an event, rate-limited: almost every iteration of a
+/// `repeat` run is throttled, as in a flood), with events off, drops only (the default) and
+/// all, in rotating runs at 1 service.
 pub fn event_overhead(cfg: &Config) -> Result<Vec<EventOverhead>> {
-    let tb = testbed(1, (2 * cfg.single_runs * cfg.runs + 1024).next_power_of_two() as u32)?;
-    let set = |on: bool| lb_agent::events::configure(&tb.mount.dir, if on { 1 << EVENT_DROP } else { 0 }, 1000, 200);
+    let tb = testbed(1, (3 * cfg.single_runs * cfg.runs + 1024).next_power_of_two() as u32)?;
+    let modes = [0, 1 << EVENT_DROP, (1 << EVENT_DROP) | (1 << EVENT_NEW_FLOW)];
     let mut next_port = 0u32;
-    let mut samples: [[Vec<f64>; 2]; 3] = Default::default();
+    let mut samples: [[Vec<f64>; 3]; 3] = Default::default();
     for _ in 0..cfg.runs {
-        for on in [false, true] {
-            set(on)?;
-            let i = on as usize;
-            samples[0][i].push(tb.time_xdp(&syn(CLIENT, 1001, VIP_A, 80), cfg.repeat)?.1);
-            samples[1][i].push(tb.time_xdp(&syn(CLIENT, 1002, VIP_RANGED, 80), cfg.repeat)?.1);
+        for (m, kinds) in modes.iter().enumerate() {
+            lb_agent::events::configure(&tb.mount.dir, *kinds, 1000, 200)?;
+            samples[0][m].push(tb.time_xdp(&syn(CLIENT, 1001, VIP_A, 80), cfg.repeat)?.1);
+            samples[1][m].push(tb.time_xdp(&syn(CLIENT, 1002, VIP_RANGED, 80), cfg.repeat)?.1);
             let one_run = Config { runs: 1, sizes: Vec::new(), ..*cfg };
-            samples[2][i].extend(single_runs(&tb, &one_run, |_| {
+            samples[2][m].extend(single_runs(&tb, &one_run, |_| {
                 next_port += 1;
                 syn([172, 17, (next_port >> 16) as u8, (next_port >> 8) as u8], (next_port % 60_000) as u16 + 1024, VIP_MISS, 80)
             })?);
@@ -249,13 +250,18 @@ pub fn event_overhead(cfg: &Config) -> Result<Vec<EventOverhead>> {
     }
     let reasons = tb.dataplane.maps.reason_counts()?;
     anyhow::ensure!(reasons[reason::DROP_SOURCE_RANGE as usize] >= cfg.repeat as u64, "the drop path did not drop");
-    let paths = ["ct hit + DNAT", "source range miss (drop, emits)", "ct miss + Maglev + DNAT (single, minus floor)"];
+    let ratio = |a: &[f64], b: &[f64]| Summary::of(&a.iter().zip(b).map(|(a, b)| a / b).collect::<Vec<_>>());
+    let paths = ["ct hit + DNAT", "source range miss (drop)", "ct miss + Maglev + DNAT (single, minus floor)"];
     Ok(paths
         .iter()
         .zip(&samples)
-        .map(|(path, [off, on])| {
-            let pairs: Vec<f64> = on.iter().zip(off).map(|(a, b)| a / b).collect();
-            EventOverhead { path, off: Summary::of(off), on: Summary::of(on), ratio: Summary::of(&pairs) }
+        .map(|(path, [off, drops, all])| EventOverhead {
+            path,
+            off: Summary::of(off),
+            drops: Summary::of(drops),
+            all: Summary::of(all),
+            drops_ratio: ratio(drops, off),
+            all_ratio: ratio(all, off),
         })
         .collect())
 }

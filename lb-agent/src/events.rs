@@ -1,5 +1,5 @@
-//! Flow events: read from the kernel's ring buffer, enriched with the Service, pod and node
-//! names, the last N kept in memory (older ones give way), and served on a local unix socket
+//! Flow events (drops and refusals; new connections with their backend when asked for): read
+//! from the kernel's ring buffer, enriched with the Service, pod and node names, the last N kept in memory (older ones give way), and served on a local unix socket
 //! to `lbctl observe`.
 //!
 //! The socket speaks JSON lines: the client sends one request (`{"last": 20, "follow":
@@ -30,7 +30,8 @@ use crate::dataplane::maps::{Family, Maps};
 pub struct FlowEvent {
     /// RFC 3339, from the kernel's monotonic timestamp.
     pub time: String,
-    /// `DROPPED` or `REJECTED` (answered with a RST or an ICMP error).
+    /// `DROPPED`, `REJECTED` (answered with a RST or an ICMP error) or `TRANSLATED` (a new
+    /// connection sent to a backend).
     pub verdict: String,
     /// The reason as `lbctl stats` names it (`drop_source_range`, ...).
     pub reason: String,
@@ -49,6 +50,9 @@ pub struct FlowEvent {
     /// `namespace/name` of the pods (or `node/<name>`) at either end, when known.
     pub src_name: Option<String>,
     pub dst_name: Option<String>,
+    /// A new connection's backend, and the source it was given when SNATed.
+    pub backend: Option<std::net::SocketAddr>,
+    pub snat: Option<std::net::SocketAddr>,
 }
 
 /// A request on the socket.
@@ -117,7 +121,7 @@ pub fn configure(pin_dir: &Path, kinds: u32, rate: u32, burst: u32) -> Result<()
 /// Events emitted, throttled and lost, by kind, summed over CPUs (for the metrics).
 pub fn kernel_counts(map: &aya::maps::PerCpuArray<MapData, u64>) -> Result<Vec<(&'static str, &'static str, u64)>> {
     let mut out = Vec::new();
-    for (kind, kind_name) in [(EVENT_DROP, "drop")] {
+    for (kind, kind_name) in [(EVENT_DROP, "drop"), (EVENT_NEW_FLOW, "new_flow")] {
         for (outcome, outcome_name) in [(EVENT_EMITTED, "emitted"), (EVENT_THROTTLED, "throttled"), (EVENT_LOST, "lost")] {
             let per_cpu = map.get(&(EVENT_OUTCOMES * kind as u32 + outcome), 0).with_context(|| format!("reading {MAP_EVENT_STATS}"))?;
             out.push((kind_name, outcome_name, per_cpu.iter().sum()));
@@ -186,7 +190,12 @@ fn enrich(raw: &EventV1, offset_ns: i128, device: String, node: &str, maps: &Map
     let time = jiff::Timestamp::from_nanosecond(offset_ns + raw.ts_ns as i128).map(|t| t.to_string()).unwrap_or_default();
     let mut event = FlowEvent {
         time,
-        verdict: if reason::NAMES.get(raw.reason as usize).is_some_and(|n| n.starts_with("reject_")) { "REJECTED" } else { "DROPPED" }.into(),
+        verdict: match raw.kind {
+            EVENT_NEW_FLOW => "TRANSLATED",
+            _ if reason::NAMES.get(raw.reason as usize).is_some_and(|n| n.starts_with("reject_")) => "REJECTED",
+            _ => "DROPPED",
+        }
+        .into(),
         reason: reason::NAMES.get(raw.reason as usize).copied().unwrap_or("unknown").into(),
         hook: match raw.hook {
             HOOK_XDP => "xdp",
@@ -209,7 +218,15 @@ fn enrich(raw: &EventV1, offset_ns: i128, device: String, node: &str, maps: &Map
         other => other.to_string(),
     };
     (event.src, event.src_port, event.dst, event.dst_port) = (Some(src), Some(sport), Some(dst), Some(dport));
-    event.service = service_of(maps, dst, dport, raw.proto);
+    if raw.kind == EVENT_NEW_FLOW {
+        event.service = maps.service_names.get(&raw.service_id, 0).ok().map(|n| n.as_str().to_string());
+        event.backend = backend_of(maps, raw.family, raw.backend_id);
+        if raw.flags & F_EVENT_SNAT != 0 {
+            event.snat = Some(std::net::SocketAddr::new(address(raw.family, raw.nat), u16::from_be(raw.nat_port)));
+        }
+    } else {
+        event.service = service_of(maps, dst, dport, raw.proto);
+    }
     event.src_name = names.get(&src).cloned();
     event.dst_name = names.get(&dst).cloned();
     event
@@ -232,6 +249,15 @@ fn service_of(maps: &Maps, addr: IpAddr, port: u16, proto: u8) -> Option<String>
         IpAddr::V6(_) => of(maps, Addr6::from_ip(addr)?, port, proto),
     }?;
     maps.service_names.get(&id, 0).ok().map(|n| n.as_str().to_string())
+}
+
+/// Backend `id` of the family, as `ip:port`.
+fn backend_of(maps: &Maps, family: u8, id: u32) -> Option<std::net::SocketAddr> {
+    fn of<A: Family>(maps: &Maps, id: u32) -> Option<std::net::SocketAddr> {
+        let be = A::of(maps).backends.get(&id, 0).ok()?;
+        Some(std::net::SocketAddr::new(be.addr.to_ip(), port_host(be.port)))
+    }
+    if family == 4 { of::<Addr4>(maps, id) } else { of::<Addr6>(maps, id) }
 }
 
 /// Serves the log on a unix socket at `path` (made 0600: events name the node's traffic).

@@ -7,6 +7,7 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use lb_common::*;
 
 use crate::{
+    events::new_flow_event,
     family::{source_allowed, Family, NewFlow},
     maps::*,
     parse::{IcmpError, Packet},
@@ -183,7 +184,11 @@ pub fn decide<A: Family>(pkt: &Packet<A>, hook: Hook, bytes: u32) -> Action<A> {
     }
     remember_affinity(&svc, &affinity, backend_id, now);
     count_traffic(&LB_BE_STAT_V1, backend_id, bytes);
-    forward_to(t, &be, snat_addr.is_some(), ct.nat_addr, ct.nat_port)
+    let action = forward_to(t, &be, snat_addr.is_some(), ct.nat_addr, ct.nat_port);
+    if let Action::Rewrite { reason: why, .. } = &action {
+        new_flow_event(t, ct, if hook == Hook::External { HOOK_XDP } else { HOOK_TC }, *why);
+    }
+    action
 }
 
 /// An ICMP error about a flow we translated, travelling back towards its client: the

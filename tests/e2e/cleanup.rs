@@ -49,7 +49,12 @@ fn cleanup_after_a_running_agent_leaves_no_program_link_or_pin() -> Result<()> {
 
     for (name, link, prog) in &links {
         assert!(bpftool_json(&["link", "show", "id", &link.to_string()]).is_err(), "link {name} (id {link}) still exists");
-        assert!(bpftool_json(&["prog", "show", "id", &prog.to_string()]).is_err(), "program of {name} (id {prog}) still loaded");
+        // A program is freed once its last reference goes, which the kernel finishes after an
+        // RCU grace period.
+        crate::support::eventually(std::time::Duration::from_secs(3), || match bpftool_json(&["prog", "show", "id", &prog.to_string()]) {
+            Err(_) => Ok(()),
+            Ok(_) => anyhow::bail!("program of {name} (id {prog}) still loaded"),
+        })?;
     }
     assert!(!node.exec("ip -d link show dev eth0")?.contains("prog/xdp"), "XDP still on eth0");
     let net = node.exec("bpftool -j net show")?;

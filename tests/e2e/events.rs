@@ -289,3 +289,28 @@ fn explain_predicts_the_backend_that_answers() -> Result<()> {
     assert!(text.contains("source ranges: 10.99.0.100 is outside every one") && text.contains("verdict: drop_source_range"), "{text}");
     Ok(())
 }
+
+/// With `--events all`, each new connection is an event with its Service, the backend it was
+/// sent to (the one that answered) and no SNAT for a local backend.
+#[test]
+fn new_connections_are_events_with_the_backend_that_answered() -> Result<()> {
+    let bed = Bed::build("evn", &["--events", "all"])?;
+    let mut answered = Vec::new();
+    for port in 43_000..43_010u16 {
+        let answer = tcp_request(bed.client(), SocketAddr::from(([10, 99, 200, 33], 80)), Some(port), Duration::from_secs(2))?;
+        let index: u8 = answer.backend.trim_start_matches("web-").parse()?;
+        answered.push((port, SocketAddr::from(([10, 244, 1, 11 + index], 8080))));
+    }
+    let events = eventually(Duration::from_secs(5), || {
+        let events = bed.observe(&["--last", "100", "--verdict", "translated"])?;
+        if events.len() >= 10 { Ok(events) } else { bail!("{} new-connection events", events.len()) }
+    })?;
+    for (port, backend) in answered {
+        let of_port: Vec<&Value> = events.iter().filter(|e| e["src_port"] == port).collect();
+        assert_eq!(of_port.len(), 1, "one event for the connection from port {port}: {events:?}");
+        let e = of_port[0];
+        assert_eq!((e["reason"].as_str(), e["hook"].as_str(), e["service"].as_str(), e["dst"].as_str()), (Some("fwd_local_backend"), Some("xdp"), Some("ev/spread:http/TCP"), Some("10.99.200.33")), "{e}");
+        assert_eq!((e["backend"].as_str(), e["snat"].is_null()), (Some(backend.to_string().as_str()), true), "{e}");
+    }
+    Ok(())
+}

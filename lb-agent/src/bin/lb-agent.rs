@@ -150,8 +150,9 @@ struct Args {
     /// NetworkPolicy). Off: another component enforces it, and every pod is open here.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     network_policy: bool,
-    /// Flow events the datapath emits: `drops` (drops and refusals, with their reason) or
-    /// `none`. Read them with `lbctl observe`.
+    /// Flow events the datapath emits: `drops` (drops and refusals, with their reason), `all`
+    /// (new connections too, with their backend and SNAT) or `none`. Read them with `lbctl
+    /// observe`.
     #[arg(long, value_enum, default_value_t = Events::Drops)]
     events: Events,
     /// Flow events each CPU may emit a second (a token bucket; the rest are counted as
@@ -193,6 +194,8 @@ enum Mode {
 enum Events {
     /// Drops and refusals.
     Drops,
+    /// Drops, refusals and new connections.
+    All,
     None,
 }
 
@@ -319,7 +322,11 @@ fn main() -> Result<()> {
         l2_announce: args.l2_announce,
         network_policy: args.network_policy,
         events: lb_agent::agent::EventsConfig {
-            kinds: if args.events == Events::Drops { 1 << lb_common::EVENT_DROP } else { 0 },
+            kinds: match args.events {
+                Events::Drops => 1 << lb_common::EVENT_DROP,
+                Events::All => (1 << lb_common::EVENT_DROP) | (1 << lb_common::EVENT_NEW_FLOW),
+                Events::None => 0,
+            },
             rate: args.event_rate,
             burst: args.event_burst,
             buffer: args.event_buffer,

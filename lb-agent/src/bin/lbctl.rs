@@ -150,7 +150,7 @@ struct ObserveArgs {
     /// held event that recent is printed (`--last` does not apply).
     #[arg(long)]
     since: Option<String>,
-    /// Only `dropped` or `rejected` events.
+    /// Only `dropped`, `rejected` or `translated` events.
     #[arg(long)]
     verdict: Option<String>,
     /// Only events of this reason (`drop_source_range`, ...; see `lbctl stats`).
@@ -877,6 +877,12 @@ fn compact(e: &lb_agent::events::FlowEvent) -> String {
     }
     if let Some(service) = &e.service {
         line += &format!(" service {service}");
+    }
+    if let Some(backend) = e.backend {
+        line += &format!(" backend {backend}");
+    }
+    if let Some(snat) = e.snat {
+        line += &format!(" snat {snat}");
     }
     line
 }

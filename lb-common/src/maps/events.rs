@@ -1,4 +1,4 @@
-//! Flow events: fixed-size records the kernel programs put in a ring buffer (`LB_EVENTS_V1`),
+//! Flow events: fixed-size records (88 bytes) the kernel programs put in a ring buffer (`LB_EVENTS_V1`),
 //! rate-limited per CPU by a token bucket (`LB_EVBKT_V1`) whose rate and burst the agent sets
 //! (`LB_EVCFG_V1`), with every emitted, throttled and lost event counted (`LB_EVSTAT_V1`).
 use super::MapAddr;
@@ -10,8 +10,10 @@ pub const MAP_EVENT_STATS: &str = "LB_EVSTAT_V1";
 
 /// A packet dropped or refused: `reason` says why.
 pub const EVENT_DROP: u8 = 0;
+/// A new connection translated to a backend (`service_id`, `backend_id`, SNAT in `nat`).
+pub const EVENT_NEW_FLOW: u8 = 1;
 /// Kinds there are (bits of `EventConfigV1::kinds`).
-pub const EVENT_KINDS: u8 = 1;
+pub const EVENT_KINDS: u8 = 2;
 
 /// Where an event happened.
 pub const HOOK_XDP: u8 = 0;
@@ -20,6 +22,8 @@ pub const HOOK_TC_TO_POD: u8 = 2;
 
 /// The event has a 5-tuple (a packet cut short before its ports has none).
 pub const F_EVENT_TUPLE: u8 = 1 << 0;
+/// A new flow's source was rewritten (`nat`, `nat_port`).
+pub const F_EVENT_SNAT: u8 = 1 << 1;
 
 /// One event. Addresses in network order, IPv4 in the first word; ports in network order.
 #[repr(C)]
@@ -41,6 +45,12 @@ pub struct EventV1 {
     pub _pad2: u16,
     pub src: [u32; 4],
     pub dst: [u32; 4],
+    /// New flows: the Service and backend ids, and the SNAT source.
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub nat_port: u16,
+    pub _pad3: u16,
+    pub nat: [u32; 4],
 }
 
 impl EventV1 {
@@ -92,7 +102,7 @@ mod layout {
 
     #[test]
     fn events() {
-        assert_layout!(EventV1, size 64, align 8, { ts_ns @ 0, kind @ 8, hook @ 9, family @ 10, flags @ 11, reason @ 12, ifindex @ 16, proto @ 20, src_port @ 22, dst_port @ 24, src @ 28, dst @ 44 });
+        assert_layout!(EventV1, size 88, align 8, { ts_ns @ 0, kind @ 8, hook @ 9, family @ 10, flags @ 11, reason @ 12, ifindex @ 16, proto @ 20, src_port @ 22, dst_port @ 24, src @ 28, dst @ 44, service_id @ 60, backend_id @ 64, nat_port @ 68, nat @ 72 });
         assert_layout!(EventConfigV1, size 24, align 8, { kinds @ 0, ns_per_event @ 8, burst_ns @ 16 });
         assert_layout!(EventBucketV1, size 16, align 8, { credit_ns @ 0, last_ns @ 8 });
     }
