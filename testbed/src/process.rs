@@ -14,6 +14,8 @@ use crate::netns::Netns;
 pub struct AgentProcess {
     pub child: Child,
     pub log: PathBuf,
+    /// Files the agent makes that a killed agent leaves behind (its flow-event socket).
+    pub leaves: Vec<PathBuf>,
 }
 
 impl AgentProcess {
@@ -29,7 +31,7 @@ impl AgentProcess {
             .stderr(Stdio::from(out))
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
-        Ok(Self { child, log: log.to_path_buf() })
+        Ok(Self { child, log: log.to_path_buf(), leaves: Vec::new() })
     }
 
     /// Waits until the log contains `needle`, or fails with the log.
@@ -88,6 +90,9 @@ impl Drop for AgentProcess {
         self.stop();
         // Read while the agent ran (failures carry it in their message); not left behind.
         let _ = std::fs::remove_file(&self.log);
+        for path in &self.leaves {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 

@@ -168,14 +168,20 @@ impl Cluster {
         // The LAN ports run XDP (see `peer_xdp`), so native XDP delivers at once; a test that
         // wants another mode says so.
         // Each agent its own flow-event socket (the default is one per node).
-        if !extra.contains(&"--events-socket") {
-            args.extend(["--events-socket".to_string(), std::env::temp_dir().join(format!("{}-agent-{n}.sock", self.prefix)).display().to_string()]);
-        }
+        let socket = match extra.iter().position(|a| *a == "--events-socket") {
+            Some(i) => PathBuf::from(extra.get(i + 1).copied().unwrap_or_default()),
+            None => {
+                let socket = std::env::temp_dir().join(format!("{}-agent-{n}.sock", self.prefix));
+                args.extend(["--events-socket".to_string(), socket.display().to_string()]);
+                socket
+            }
+        };
         if !extra.contains(&"--xdp-mode") {
             args.extend(["--xdp-mode".to_string(), "native".to_string()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut agent = AgentProcess::start(agent_bin, &self.nodes[i].ns, &args, &log)?;
+        agent.leaves.push(socket);
         agent.wait_for_log("programmed", Duration::from_secs(20))?;
         Ok(agent)
     }
