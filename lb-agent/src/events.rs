@@ -235,19 +235,10 @@ fn enrich(raw: &EventV1, offset_ns: i128, device: String, node: &str, maps: &Map
 /// The Service whose frontend `addr:port/proto` is: the exact address, else a NodePort on a
 /// node address (as the datapath looks it up).
 fn service_of(maps: &Maps, addr: IpAddr, port: u16, proto: u8) -> Option<String> {
-    fn of<A: Family>(maps: &Maps, addr: A, port: u16, proto: u8) -> Option<u32> {
-        let family = A::of(maps);
-        let key = ServiceKeyV1 { addr, port: port_raw(port), proto, scope: SCOPE_CLUSTER };
-        if let Ok(svc) = family.services.get(&key, 0) {
-            return Some(svc.service_id);
-        }
-        family.node_ips.get(&addr, 0).ok()?;
-        family.services.get(&ServiceKeyV1 { addr: A::default(), ..key }, 0).ok().map(|svc| svc.service_id)
-    }
     let id = match addr {
-        IpAddr::V4(_) => of(maps, Addr4::from_ip(addr)?, port, proto),
-        IpAddr::V6(_) => of(maps, Addr6::from_ip(addr)?, port, proto),
-    }?;
+        IpAddr::V4(_) => maps.lookup_frontend(Addr4::from_ip(addr)?, port_raw(port), proto)?.1.service_id,
+        IpAddr::V6(_) => maps.lookup_frontend(Addr6::from_ip(addr)?, port_raw(port), proto)?.1.service_id,
+    };
     maps.service_names.get(&id, 0).ok().map(|n| n.as_str().to_string())
 }
 

@@ -61,23 +61,12 @@ fn explain_family<A: Family>(maps: &Maps, src: SocketAddr, dst: SocketAddr, prot
         return verdict(&mut out, reason::FWD_REVERSE_NAT);
     }
     // 2. The frontend.
-    let mut key = ServiceKeyV1 { addr: t.dst_addr, port: t.dst_port, proto, scope: SCOPE_CLUSTER };
-    let mut svc = match family.services.get(&key, 0) {
-        Ok(svc) => svc,
-        Err(_) if family.node_ips.get(&t.dst_addr, 0).is_ok() => {
-            key.addr = A::default();
-            match family.services.get(&key, 0) {
-                Ok(svc) => svc,
-                Err(_) => {
-                    out.steps.push(format!("frontend: none ({dst} is a node address, but no NodePort {} is)", dst.port()));
-                    return verdict(&mut out, reason::PASS_NOT_SERVICE);
-                }
-            }
-        }
-        Err(_) => {
-            out.steps.push(format!("frontend: none for {dst}/{}: passed to the stack", proto_name(proto)));
-            return verdict(&mut out, reason::PASS_NOT_SERVICE);
-        }
+    let Some((mut key, mut svc)) = maps.lookup_frontend(t.dst_addr, t.dst_port, proto) else {
+        out.steps.push(match family.node_ips.get(&t.dst_addr, 0) {
+            Ok(_) => format!("frontend: none ({dst} is a node address, but no NodePort {} is)", dst.port()),
+            Err(_) => format!("frontend: none for {dst}/{}: passed to the stack", proto_name(proto)),
+        });
+        return verdict(&mut out, reason::PASS_NOT_SERVICE);
     };
     let name = maps.service_names.get(&svc.service_id, 0).map(|n| n.as_str().to_string()).unwrap_or_default();
     out.steps.push(format!("frontend: {} {dst}/{} -> {name} (service id {})", if key.addr.is_zero() { "NodePort on a node address," } else { "" }, proto_name(proto), svc.service_id));

@@ -312,7 +312,8 @@ impl NetworkPolicies {
         let old = std::mem::take(&mut self.written);
         let mut now = Written::default();
         // New policy ids start their counters at zero.
-        let new_ids: BTreeSet<u32> = wanted.rules.values().map(|(_, p)| *p).filter(|p| !old.rules.values().any(|(_, q)| q == p)).collect();
+        let old_ids: BTreeSet<u32> = old.rules.values().map(|(_, p)| *p).collect();
+        let new_ids: BTreeSet<u32> = wanted.rules.values().map(|(_, p)| *p).filter(|p| !old_ids.contains(p)).collect();
         for id in new_ids {
             if let Err(e) = self.maps.zero_counters(Some(id), None) {
                 errors.push(format!("{e:#}"));

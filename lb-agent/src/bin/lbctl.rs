@@ -786,7 +786,9 @@ fn observe(cli: &Cli, args: &ObserveArgs) -> Result<()> {
         Some(text) => Some(match text.parse::<jiff::Timestamp>() {
             Ok(t) => t,
             Err(_) => {
-                let span: jiff::SignedDuration = humantime_like(text).with_context(|| format!("--since {text:?} is neither a duration (30s, 5m, 2h) nor an RFC 3339 time"))?;
+                let not_a_time = || format!("--since {text:?} is neither a duration (30s, 5m, 2h, 1d) nor an RFC 3339 time");
+                let span: jiff::Span = text.parse().with_context(not_a_time)?;
+                let span = span.to_duration(jiff::SpanRelativeTo::days_are_24_hours()).with_context(not_a_time)?;
                 jiff::Timestamp::now() - span
             }
         }),
@@ -848,20 +850,6 @@ fn explain(maps: &Maps, cli: &Cli, src: &str, dst: &str, from: Origin) -> Result
         println!("verdict: {}", e.verdict);
     }
     Ok(())
-}
-
-/// `30s`, `5m`, `2h`, `1d` as a duration.
-fn humantime_like(text: &str) -> Option<jiff::SignedDuration> {
-    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit())?);
-    let n: i64 = number.parse().ok()?;
-    let seconds = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return None,
-    };
-    Some(jiff::SignedDuration::from_secs(n * seconds))
 }
 
 /// One event on one line: time, verdict, reason, where, the tuple, the names.

@@ -362,6 +362,19 @@ impl Maps {
         Ok(window.read())
     }
 
+    /// The frontend a packet to `addr:port/proto` (port raw, as keyed) finds, as the datapath
+    /// looks it up: the exact address, else a NodePort when `addr` is a node address.
+    pub fn lookup_frontend<A: Family>(&self, addr: A, port: u16, proto: u8) -> Option<(ServiceKeyV1<A>, ServiceV1)> {
+        let family = A::of(self);
+        let mut key = ServiceKeyV1 { addr, port, proto, scope: SCOPE_CLUSTER };
+        if let Ok(svc) = family.services.get(&key, 0) {
+            return Some((key, svc));
+        }
+        family.node_ips.get(&addr, 0).ok()?;
+        key.addr = A::default();
+        family.services.get(&key, 0).ok().map(|svc| (key, svc))
+    }
+
     /// The backend id in one slot.
     pub fn read_slot(&self, slot: u32) -> Result<u32> {
         Ok(self.read_slots(slot, 1)?[0])

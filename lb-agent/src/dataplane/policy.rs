@@ -110,12 +110,8 @@ impl PolicyMaps {
 
     /// The flows the datapath remembers as allowed, both families.
     pub fn flows(&self) -> Result<Vec<PolicyFlow>> {
-        fn of<A: Family>(map: &HashMap<MapData, CtKeyV1<A>, u8>, name: &str) -> Result<Vec<PolicyFlow>> {
-            let entries: Vec<(CtKeyV1<A>, u8)> = batch::lookup_all(map.map()).with_context(|| format!("reading {name}"))?;
-            Ok(entries.into_iter().map(|(k, _)| (k.src_addr.to_ip(), k.dst_addr.to_ip(), k.proto, u16::from_be(k.dst_port))).collect())
-        }
-        let mut flows = of(&self.flows4, MAP_POLICY_FLOWS)?;
-        flows.extend(of(&self.flows6, MAP_POLICY_FLOWS6)?);
+        let mut flows: Vec<PolicyFlow> = remembered(&self.flows4, MAP_POLICY_FLOWS)?.iter().map(flow_of).collect();
+        flows.extend(remembered(&self.flows6, MAP_POLICY_FLOWS6)?.iter().map(flow_of));
         Ok(flows)
     }
 
@@ -123,8 +119,7 @@ impl PolicyMaps {
     /// `flows`: their next packet is judged again. Returns how many were forgotten.
     pub fn forget_flows(&mut self, flows: &std::collections::HashSet<PolicyFlow>) -> Result<usize> {
         fn of<A: Family>(map: &HashMap<MapData, CtKeyV1<A>, u8>, name: &str, flows: &std::collections::HashSet<PolicyFlow>) -> Result<usize> {
-            let entries: Vec<(CtKeyV1<A>, u8)> = batch::lookup_all(map.map()).with_context(|| format!("reading {name}"))?;
-            let gone: Vec<CtKeyV1<A>> = entries.into_iter().map(|(k, _)| k).filter(|k| flows.contains(&(k.src_addr.to_ip(), k.dst_addr.to_ip(), k.proto, u16::from_be(k.dst_port)))).collect();
+            let gone: Vec<CtKeyV1<A>> = remembered(map, name)?.into_iter().filter(|k| flows.contains(&flow_of(k))).collect();
             batch::delete(map.map(), &gone).with_context(|| format!("pruning {name}"))?;
             Ok(gone.len())
         }
@@ -195,4 +190,14 @@ impl PolicyMaps {
         }
         Ok(())
     }
+}
+
+/// The keys of a policy flow table, read in batches.
+fn remembered<A: Family>(map: &HashMap<MapData, CtKeyV1<A>, u8>, name: &str) -> Result<Vec<CtKeyV1<A>>> {
+    let entries: Vec<(CtKeyV1<A>, u8)> = batch::lookup_all(map.map()).with_context(|| format!("reading {name}"))?;
+    Ok(entries.into_iter().map(|(k, _)| k).collect())
+}
+
+fn flow_of<A: Family>(k: &CtKeyV1<A>) -> PolicyFlow {
+    (k.src_addr.to_ip(), k.dst_addr.to_ip(), k.proto, u16::from_be(k.dst_port))
 }
