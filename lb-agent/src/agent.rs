@@ -134,7 +134,7 @@ pub struct Agent {
     events_sent: BTreeSet<(ServiceName, String)>,
     /// Flow events the datapath emitted, and the names they are given.
     pub flow_events: Arc<crate::events::EventLog>,
-    event_names: crate::events::Names,
+    event_names: crate::events::SharedNames,
 }
 
 impl Agent {
@@ -161,8 +161,8 @@ impl Agent {
         // Flow events: the programs are told what to emit; a task reads them.
         crate::events::configure(&cfg.pin_dir, cfg.events.kinds, cfg.events.rate, cfg.events.burst)?;
         let ring: aya::maps::RingBuf<aya::maps::MapData> = ebpf.take_map(MAP_EVENTS).context("no event ring buffer")?.try_into()?;
-        let flow_events = crate::events::EventLog::new(cfg.events.buffer);
-        let event_names = crate::events::Names::default();
+        let flow_events = crate::events::EventLog::new(cfg.events.buffer, cfg.events.rate, cfg.events.burst);
+        let event_names = crate::events::SharedNames::default();
         crate::events::start_reader(ring, cfg.pin_dir.clone(), cfg.node_name.clone(), event_names.clone(), flow_events.clone())?;
         let maps = Maps::take(&mut ebpf)?;
         let mut dataplane = Dataplane::new(maps, cfg.hash_seed as u64, cfg.maglev_min_table)?;
@@ -380,7 +380,10 @@ impl Agent {
         // Not before the first sync: until then draining backends are not known again.
         if self.synced_once && self.last_gc.is_none_or(|t| t.elapsed() >= self.cfg.gc_interval) {
             self.last_gc = Some(Instant::now());
-            let by_family = self.dataplane.collect_conntrack_by_family(conntrack::monotonic_ns())?;
+            let mut closed = Vec::new();
+            let want_closed = self.cfg.events.kinds & (1 << EVENT_CLOSE) != 0;
+            let by_family = self.dataplane.collect_conntrack_by_family(conntrack::monotonic_ns(), want_closed.then_some(&mut closed))?;
+            self.flow_events.push_closes(&closed, &self.cfg.node_name, &self.event_names.read().expect("not poisoned"));
             for (fill, family) in self.conntrack_fill.iter().zip(by_family) {
                 fill.flows.store(family.flows_kept as u64, std::sync::atomic::Ordering::Relaxed);
                 fill.replies.store(family.replies_kept as u64, std::sync::atomic::Ordering::Relaxed);
@@ -461,6 +464,8 @@ impl Agent {
         let frontends = self.dataplane.frontends().map(|(key, _, _)| key.addr).collect();
         policy.sync(&crate::netpol::input_of(&objects), &self.cfg.node_name, &self.host_ips, changed.unwrap_or_else(Instant::now), &frontends)?;
         self.policy_host_ips = Some(self.host_ips.clone());
+        let numbered = policy.view.lock().expect("not poisoned").policies.iter().filter_map(|p| Some((p.id?, p.name.clone()))).collect();
+        self.event_names.write().expect("not poisoned").policies = numbered;
         Ok(())
     }
 
@@ -489,7 +494,7 @@ impl Agent {
                 names.insert(ip, pod.metadata.id.full().to_string());
             }
         }
-        *self.event_names.write().expect("not poisoned") = names;
+        self.event_names.write().expect("not poisoned").addresses = names;
     }
 
     /// This node's pod ranges, as its Node says, for lb-cni (GET /status).

@@ -1,6 +1,8 @@
-//! Flow events (drops and refusals; new connections with their backend when asked for): read
-//! from the kernel's ring buffer, enriched with the Service, pod and node names, the last N kept in memory (older ones give way), and served on a local unix socket
-//! to `lbctl observe`.
+//! Flow events: drops and refusals; when asked for, new connections with their backend,
+//! policy verdicts of new flows, and connections closed (removed by conntrack GC). The
+//! kernel's are read from its ring buffer; closes are the agent's own. Each is enriched with
+//! the Service, pod, node and policy names, the last N kept in memory (older ones give way),
+//! and served on a local unix socket to `lbctl observe`.
 //!
 //! The socket speaks JSON lines: the client sends one request (`{"last": 20, "follow":
 //! true}`), the agent answers with the last events it holds, then (when following) each new
@@ -9,7 +11,11 @@ use std::{
     collections::{HashMap, VecDeque},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+    },
+    time::Instant,
 };
 
 use anyhow::{Context, Result};
@@ -30,12 +36,16 @@ use crate::dataplane::maps::{Family, Maps};
 pub struct FlowEvent {
     /// RFC 3339, from the kernel's monotonic timestamp.
     pub time: String,
-    /// `DROPPED`, `REJECTED` (answered with a RST or an ICMP error) or `TRANSLATED` (a new
-    /// connection sent to a backend).
+    /// `DROPPED`, `REJECTED` (answered with a RST or an ICMP error), `TRANSLATED` (a new
+    /// connection sent to a backend), `ALLOWED` (a new flow a policy rule let in or out of an
+    /// isolated pod) or `CLOSED` (a tracked connection removed).
     pub verdict: String,
-    /// The reason as `lbctl stats` names it (`drop_source_range`, ...).
+    /// The reason as `lbctl stats` names it (`drop_source_range`, ...); for `ALLOWED`, how
+    /// the rule matched (`policy_peer`, `policy_any_peer`); for `CLOSED`, why the connection
+    /// ended (`close_fin`, `close_rst`, `close_idle`, `close_backend_removed`).
     pub reason: String,
-    /// `xdp` (external device), `tc` (from a pod), `tc-to-pod` (into a pod).
+    /// `xdp` (external device), `tc` (from a pod), `tc-to-pod` (into a pod), `gc` (the
+    /// agent's conntrack GC).
     pub hook: String,
     pub device: String,
     pub node: String,
@@ -53,6 +63,12 @@ pub struct FlowEvent {
     /// A new connection's backend, and the source it was given when SNATed.
     pub backend: Option<std::net::SocketAddr>,
     pub snat: Option<std::net::SocketAddr>,
+    /// `ALLOWED`: `namespace/name` of the policy whose rule matched, and `ingress` (into
+    /// the pod at `dst`) or `egress` (out of the pod at `src`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<String>,
 }
 
 /// A request on the socket.
@@ -66,31 +82,104 @@ pub struct Request {
     pub follow: bool,
 }
 
-/// A line the agent sends: an event, or a note that a follower missed some.
+/// A line the agent sends: an event, the end of the held events it was asked for, or a note
+/// that a follower missed some.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Line {
     Event(Box<FlowEvent>),
+    /// The held events sent, how many; new ones follow (when following).
+    Held { held: usize },
     Missed { missed: u64 },
 }
 
-/// Addresses to names: pods (`namespace/name`) and nodes (`node/<name>`), refreshed by the
-/// agent when Pods or Nodes change.
-pub type Names = Arc<RwLock<HashMap<IpAddr, String>>>;
+/// The names events carry, refreshed by the agent when objects change.
+#[derive(Debug, Default)]
+pub struct Names {
+    /// Pods (`namespace/name`) and nodes (`node/<name>`) by address.
+    pub addresses: HashMap<IpAddr, String>,
+    /// NetworkPolicies (`namespace/name`) by the number the maps know them by.
+    pub policies: HashMap<u32, String>,
+}
+
+pub type SharedNames = Arc<RwLock<Names>>;
 
 /// The last events, and a channel to the followers.
 pub struct EventLog {
     held: Mutex<VecDeque<FlowEvent>>,
     capacity: usize,
     tx: broadcast::Sender<FlowEvent>,
+    /// Close events (the agent's own): the bucket that limits them, and how many were
+    /// emitted and throttled.
+    close_bucket: Mutex<TokenBucket>,
+    closes_emitted: AtomicU64,
+    closes_throttled: AtomicU64,
+}
+
+/// A token bucket in ns of credit, as the kernel's per-CPU one: an event costs
+/// `ns_per_event`, at most `burst_ns` is held.
+#[derive(Debug)]
+struct TokenBucket {
+    ns_per_event: u64,
+    burst_ns: u64,
+    credit_ns: u64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, burst: u32) -> Self {
+        let ns_per_event = 1_000_000_000 / rate.max(1) as u64;
+        let burst_ns = ns_per_event * burst.max(1) as u64;
+        Self { ns_per_event, burst_ns, credit_ns: burst_ns, last: Instant::now() }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let earned = now.saturating_duration_since(self.last).as_nanos().min(u64::MAX as u128) as u64;
+        self.last = now;
+        self.credit_ns = self.credit_ns.saturating_add(earned).min(self.burst_ns);
+        if self.credit_ns < self.ns_per_event {
+            return false;
+        }
+        self.credit_ns -= self.ns_per_event;
+        true
+    }
 }
 
 impl EventLog {
-    pub fn new(capacity: usize) -> Arc<Self> {
+    /// Holds the last `capacity` events; close events are limited to `rate` a second with
+    /// bursts of `burst`, as each CPU's kernel events are.
+    pub fn new(capacity: usize, rate: u32, burst: u32) -> Arc<Self> {
         // Followers get new events through a short queue: one that falls behind is told how
         // many it missed rather than holding memory for it.
         let (tx, _) = broadcast::channel(capacity.clamp(16, 1024));
-        Arc::new(Self { held: Mutex::new(VecDeque::with_capacity(capacity)), capacity, tx })
+        Arc::new(Self {
+            held: Mutex::new(VecDeque::with_capacity(capacity)),
+            capacity,
+            tx,
+            close_bucket: Mutex::new(TokenBucket::new(rate, burst)),
+            closes_emitted: AtomicU64::new(0),
+            closes_throttled: AtomicU64::new(0),
+        })
+    }
+
+    /// Close events, made by the agent's conntrack GC: as many as the bucket allows, the
+    /// rest counted as throttled.
+    pub fn push_closes(&self, closed: &[ClosedFlow], node: &str, names: &Names) {
+        let now = Instant::now();
+        let time = jiff::Timestamp::now().to_string();
+        for flow in closed {
+            if !self.close_bucket.lock().expect("not poisoned").take(now) {
+                self.closes_throttled.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            self.closes_emitted.fetch_add(1, Ordering::Relaxed);
+            self.push(close_event(flow, time.clone(), node, names));
+        }
+    }
+
+    /// Close events emitted and throttled.
+    pub fn close_counts(&self) -> (u64, u64) {
+        (self.closes_emitted.load(Ordering::Relaxed), self.closes_throttled.load(Ordering::Relaxed))
     }
 
     fn push(&self, event: FlowEvent) {
@@ -121,7 +210,7 @@ pub fn configure(pin_dir: &Path, kinds: u32, rate: u32, burst: u32) -> Result<()
 /// Events emitted, throttled and lost, by kind, summed over CPUs (for the metrics).
 pub fn kernel_counts(map: &aya::maps::PerCpuArray<MapData, u64>) -> Result<Vec<(&'static str, &'static str, u64)>> {
     let mut out = Vec::new();
-    for (kind, kind_name) in [(EVENT_DROP, "drop"), (EVENT_NEW_FLOW, "new_flow")] {
+    for (kind, kind_name) in [(EVENT_DROP, "drop"), (EVENT_NEW_FLOW, "new_flow"), (EVENT_POLICY, "policy")] {
         for (outcome, outcome_name) in [(EVENT_EMITTED, "emitted"), (EVENT_THROTTLED, "throttled"), (EVENT_LOST, "lost")] {
             let per_cpu = map.get(&(EVENT_OUTCOMES * kind as u32 + outcome), 0).with_context(|| format!("reading {MAP_EVENT_STATS}"))?;
             out.push((kind_name, outcome_name, per_cpu.iter().sum()));
@@ -131,7 +220,7 @@ pub fn kernel_counts(map: &aya::maps::PerCpuArray<MapData, u64>) -> Result<Vec<(
 }
 
 /// Reads the ring buffer until the agent stops, filling `log`.
-pub fn start_reader(ring: RingBuf<MapData>, pin_dir: PathBuf, node: String, names: Names, log: Arc<EventLog>) -> Result<()> {
+pub fn start_reader(ring: RingBuf<MapData>, pin_dir: PathBuf, node: String, names: SharedNames, log: Arc<EventLog>) -> Result<()> {
     let maps = Maps::open_pinned(&pin_dir)?;
     // SAFETY: the ring buffer owns its descriptor, which stays open as long as it lives, and
     // the AsyncFd owns the ring buffer.
@@ -186,17 +275,23 @@ fn address(family: u8, words: [u32; 4]) -> IpAddr {
 
 /// The event with names: the frontend's Service (by the maps, as the datapath finds it), the
 /// pods or nodes at either end.
-fn enrich(raw: &EventV1, offset_ns: i128, device: String, node: &str, maps: &Maps, names: &HashMap<IpAddr, String>) -> FlowEvent {
+fn enrich(raw: &EventV1, offset_ns: i128, device: String, node: &str, maps: &Maps, names: &Names) -> FlowEvent {
     let time = jiff::Timestamp::from_nanosecond(offset_ns + raw.ts_ns as i128).map(|t| t.to_string()).unwrap_or_default();
     let mut event = FlowEvent {
         time,
         verdict: match raw.kind {
             EVENT_NEW_FLOW => "TRANSLATED",
+            EVENT_POLICY => "ALLOWED",
             _ if reason::NAMES.get(raw.reason as usize).is_some_and(|n| n.starts_with("reject_")) => "REJECTED",
             _ => "DROPPED",
         }
         .into(),
-        reason: reason::NAMES.get(raw.reason as usize).copied().unwrap_or("unknown").into(),
+        reason: match (raw.kind, raw.reason) {
+            (EVENT_POLICY, POLICY_MATCH_ANY_PEER) => "policy_any_peer",
+            (EVENT_POLICY, _) => "policy_peer",
+            (_, why) => reason::NAMES.get(why as usize).copied().unwrap_or("unknown"),
+        }
+        .into(),
         hook: match raw.hook {
             HOOK_XDP => "xdp",
             HOOK_TC => "tc",
@@ -218,18 +313,74 @@ fn enrich(raw: &EventV1, offset_ns: i128, device: String, node: &str, maps: &Map
         other => other.to_string(),
     };
     (event.src, event.src_port, event.dst, event.dst_port) = (Some(src), Some(sport), Some(dst), Some(dport));
-    if raw.kind == EVENT_NEW_FLOW {
-        event.service = maps.service_names.get(&raw.service_id, 0).ok().map(|n| n.as_str().to_string());
-        event.backend = backend_of(maps, raw.family, raw.backend_id);
-        if raw.flags & F_EVENT_SNAT != 0 {
-            event.snat = Some(std::net::SocketAddr::new(address(raw.family, raw.nat), u16::from_be(raw.nat_port)));
+    match raw.kind {
+        EVENT_NEW_FLOW => {
+            event.service = maps.service_names.get(&raw.service_id, 0).ok().map(|n| n.as_str().to_string());
+            event.backend = backend_of(maps, raw.family, raw.backend_id);
+            if raw.flags & F_EVENT_SNAT != 0 {
+                event.snat = Some(std::net::SocketAddr::new(address(raw.family, raw.nat), u16::from_be(raw.nat_port)));
+            }
         }
-    } else {
-        event.service = service_of(maps, dst, dport, raw.proto);
+        // Judged after translation: the destination is a pod, not a frontend.
+        EVENT_POLICY => {
+            event.policy = Some(names.policies.get(&raw.policy_id).cloned().unwrap_or_else(|| format!("policy {}", raw.policy_id)));
+            event.direction = Some(if raw.direction == POLICY_INGRESS { "ingress" } else { "egress" }.into());
+        }
+        _ => event.service = service_of(maps, dst, dport, raw.proto),
     }
-    event.src_name = names.get(&src).cloned();
-    event.dst_name = names.get(&dst).cloned();
+    event.src_name = names.addresses.get(&src).cloned();
+    event.dst_name = names.addresses.get(&dst).cloned();
     event
+}
+
+/// A connection the conntrack GC removed, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClosedFlow {
+    /// The client's tuple as it reached the frontend.
+    pub src: std::net::SocketAddr,
+    pub dst: std::net::SocketAddr,
+    pub proto: u8,
+    /// `namespace/name:port/PROTO`, when the Service is still there.
+    pub service: Option<String>,
+    pub backend: Option<std::net::SocketAddr>,
+    pub snat: Option<std::net::SocketAddr>,
+    /// `close_fin`, `close_rst`, `close_idle` or `close_backend_removed`.
+    pub reason: &'static str,
+}
+
+/// Why a tracked connection ended: its backend went, a FIN or RST was seen (either way), or
+/// it stayed idle past its lifetime.
+pub fn close_reason(backend_removed: bool, flags_seen: u8) -> &'static str {
+    if backend_removed {
+        "close_backend_removed"
+    } else if flags_seen & TCP_RST != 0 {
+        "close_rst"
+    } else if flags_seen & TCP_FIN != 0 {
+        "close_fin"
+    } else {
+        "close_idle"
+    }
+}
+
+fn close_event(flow: &ClosedFlow, time: String, node: &str, names: &Names) -> FlowEvent {
+    FlowEvent {
+        time,
+        verdict: "CLOSED".into(),
+        reason: flow.reason.into(),
+        hook: "gc".into(),
+        node: node.into(),
+        protocol: if flow.proto == IPPROTO_TCP { "TCP" } else { "UDP" }.into(),
+        src: Some(flow.src.ip()),
+        src_port: Some(flow.src.port()),
+        dst: Some(flow.dst.ip()),
+        dst_port: Some(flow.dst.port()),
+        service: flow.service.clone(),
+        src_name: names.addresses.get(&flow.src.ip()).cloned(),
+        dst_name: names.addresses.get(&flow.dst.ip()).cloned(),
+        backend: flow.backend,
+        snat: flow.snat,
+        ..FlowEvent::default()
+    }
 }
 
 /// The Service whose frontend `addr:port/proto` is: the exact address, else a NodePort on a
@@ -278,9 +429,12 @@ async fn answer(stream: UnixStream, log: Arc<EventLog>) -> Result<()> {
     let request: Request = serde_json::from_str(line.trim()).context("the request is not JSON")?;
     // Subscribed before the held events are read: none falls between the two.
     let mut rx = log.tx.subscribe();
-    for event in log.last(request.last) {
+    let held = log.last(request.last);
+    let count = held.len();
+    for event in held {
         write_line(&mut write, &Line::Event(Box::new(event))).await?;
     }
+    write_line(&mut write, &Line::Held { held: count }).await?;
     if !request.follow {
         return Ok(());
     }
@@ -298,4 +452,44 @@ async fn write_line(write: &mut tokio::net::unix::OwnedWriteHalf, line: &Line) -
     text.push('\n');
     write.write_all(text.as_bytes()).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_close_is_named_by_what_ended_it() {
+        assert_eq!(close_reason(true, TCP_FIN), "close_backend_removed", "a removed backend ends the flow whatever was seen");
+        assert_eq!(close_reason(false, TCP_SYN | TCP_ACK | TCP_RST), "close_rst");
+        assert_eq!(close_reason(false, TCP_SYN | TCP_ACK | TCP_FIN), "close_fin");
+        assert_eq!(close_reason(false, TCP_SYN | TCP_ACK | TCP_FIN | TCP_RST), "close_rst", "a reset after a FIN still reset it");
+        assert_eq!(close_reason(false, 0), "close_idle", "UDP, or TCP gone quiet");
+    }
+
+    use std::time::Duration;
+
+    #[test]
+    fn close_events_past_the_burst_are_throttled_and_counted() {
+        let log = EventLog::new(64, 10, 3);
+        let flow = ClosedFlow {
+            src: "10.0.0.1:40000".parse().unwrap(),
+            dst: "10.96.0.1:80".parse().unwrap(),
+            proto: IPPROTO_TCP,
+            service: Some("ns/web:http/TCP".into()),
+            backend: Some("10.244.0.5:8080".parse().unwrap()),
+            snat: None,
+            reason: "close_fin",
+        };
+        log.push_closes(&vec![flow.clone(); 5], "node-a", &Names::default());
+        assert_eq!(log.close_counts(), (3, 2), "a burst of 3, then none until credit is earned");
+        let held = log.last(10);
+        assert_eq!(held.len(), 3);
+        assert_eq!((held[0].verdict.as_str(), held[0].reason.as_str(), held[0].hook.as_str()), ("CLOSED", "close_fin", "gc"));
+        assert_eq!((held[0].service.as_deref(), held[0].backend, held[0].src_port), (Some("ns/web:http/TCP"), flow.backend, Some(40000)));
+        // 10 a second: one event's credit after 100 ms.
+        std::thread::sleep(Duration::from_millis(120));
+        log.push_closes(&vec![flow; 2], "node-a", &Names::default());
+        assert_eq!(log.close_counts(), (4, 3));
+    }
 }

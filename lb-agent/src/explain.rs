@@ -2,8 +2,12 @@
 //! datapath's own steps and hash (`lb::decide` in the kernel): the frontend (an exact address,
 //! else a NodePort on a node address; an outside client of an `externalTrafficPolicy: Local`
 //! frontend sees its local scope), source ranges, a tracked flow, affinity, the flow hash and
-//! Maglev slot, the backend, SNAT, and the verdict.
-use std::net::{IpAddr, SocketAddr};
+//! Maglev slot, the backend, SNAT, then NetworkPolicy (the source pod's egress, the
+//! destination pod's ingress when it is on this node), and the verdict.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+};
 
 use anyhow::Result;
 use aya::maps::lpm_trie::Key;
@@ -13,7 +17,15 @@ use serde::Serialize;
 use crate::dataplane::{
     conntrack::monotonic_ns,
     maps::{Family, Maps},
+    policy::{Judgement, PolicyMaps},
 };
+
+/// The NetworkPolicy maps, and the policies' names by number (from the agent, when it
+/// answers).
+pub struct PolicyContext<'a> {
+    pub maps: &'a PolicyMaps,
+    pub names: &'a HashMap<u32, String>,
+}
 
 /// Where the packet comes from: outside the node (XDP) or from one of its pods (TC).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,12 +48,54 @@ pub struct Explanation {
     pub verdict: String,
 }
 
-/// Explains a packet `src` -> `dst` of protocol `proto` (6 or 17).
-pub fn explain(maps: &Maps, src: SocketAddr, dst: SocketAddr, proto: u8, from: From) -> Result<Explanation> {
-    match (src.ip(), dst.ip()) {
-        (IpAddr::V4(_), IpAddr::V4(_)) => explain_family::<Addr4>(maps, src, dst, proto, from),
-        (IpAddr::V6(_), IpAddr::V6(_)) => explain_family::<Addr6>(maps, src, dst, proto, from),
+/// Explains a packet `src` -> `dst` of protocol `proto` (6 or 17), with the policy checks
+/// it meets on this node when `policy` is given.
+pub fn explain(maps: &Maps, policy: Option<&PolicyContext>, src: SocketAddr, dst: SocketAddr, proto: u8, from: From) -> Result<Explanation> {
+    let mut out = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(_), IpAddr::V4(_)) => explain_family::<Addr4>(maps, src, dst, proto, from)?,
+        (IpAddr::V6(_), IpAddr::V6(_)) => explain_family::<Addr6>(maps, src, dst, proto, from)?,
         _ => anyhow::bail!("{src} and {dst} are of two families"),
+    };
+    if let Some(policy) = policy {
+        explain_policy(&mut out, policy, src, dst, proto, from);
+    }
+    Ok(out)
+}
+
+/// The policy checks of a packet that goes on (to the stack or a backend), as the kernel
+/// makes them: the source pod's egress on the packet as it travels (after DNAT and SNAT),
+/// then, when the destination is a pod of this node, its ingress. A reply passes as its flow
+/// did: not judged here.
+fn explain_policy(out: &mut Explanation, policy: &PolicyContext, src: SocketAddr, dst: SocketAddr, proto: u8, from: From) {
+    let goes_on = [reason::PASS_NOT_SERVICE, reason::FWD_LOCAL_BACKEND, reason::FWD_REMOTE_BACKEND, reason::FWD_HAIRPIN];
+    if !goes_on.iter().any(|r| out.verdict == reason::NAMES[*r as usize]) {
+        return;
+    }
+    let travelling_src = out.snat.map_or(src, |ip| SocketAddr::new(ip, src.port()));
+    let travelling_dst = out.backend.unwrap_or(dst);
+    let name = |id: u32| policy.names.get(&id).cloned().unwrap_or_else(|| format!("policy {id}"));
+    let mut checks = Vec::new();
+    if from == From::Pod {
+        checks.push((POLICY_EGRESS, "egress of the source", travelling_src));
+    }
+    if out.verdict == reason::NAMES[reason::FWD_REMOTE_BACKEND as usize] {
+        out.steps.push(format!("policy: {} is judged by its own node's ingress policy", travelling_dst.ip()));
+    } else {
+        checks.push((POLICY_INGRESS, "ingress of the destination", travelling_dst));
+    }
+    for (direction, what, pod) in checks {
+        let said = match policy.maps.judge(travelling_src, travelling_dst, proto, direction) {
+            Judgement::Open => format!("no policy isolates {}", pod.ip()),
+            Judgement::Remembered => "a flow it passed before".to_string(),
+            Judgement::Node => "the node itself passes".to_string(),
+            Judgement::Allowed { policy, any_peer } => format!("allowed by {} (a rule for {})", name(policy), if any_peer { "any peer" } else { "the peer's identity" }),
+            Judgement::Denied { identity } => {
+                out.steps.push(format!("policy, {what} {}: denied: no rule allows identity {identity} to port {}/{}", pod.ip(), travelling_dst.port(), proto_name(proto)));
+                out.verdict = reason::NAMES[reason::DROP_POLICY as usize].to_string();
+                return;
+            }
+        };
+        out.steps.push(format!("policy, {what} {}: {said}", pod.ip()));
     }
 }
 
@@ -69,7 +123,7 @@ fn explain_family<A: Family>(maps: &Maps, src: SocketAddr, dst: SocketAddr, prot
         return verdict(&mut out, reason::PASS_NOT_SERVICE);
     };
     let name = maps.service_names.get(&svc.service_id, 0).map(|n| n.as_str().to_string()).unwrap_or_default();
-    out.steps.push(format!("frontend: {} {dst}/{} -> {name} (service id {})", if key.addr.is_zero() { "NodePort on a node address," } else { "" }, proto_name(proto), svc.service_id));
+    out.steps.push(format!("frontend: {}{dst}/{} -> {name} (service id {})", if key.addr.is_zero() { "NodePort on a node address, " } else { "" }, proto_name(proto), svc.service_id));
     out.service = Some(name);
     if from == From::Outside && svc.flags & F_SVC_EXT_LOCAL != 0 {
         key.scope = SCOPE_LOCAL;

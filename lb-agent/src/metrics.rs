@@ -117,6 +117,8 @@ pub struct Scraper {
     pub conntrack: Arc<ConntrackFill>,
     /// Flow events emitted, throttled and lost (per CPU).
     pub event_stats: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+    /// The agent's own (close) events are counted there.
+    pub event_log: Arc<crate::events::EventLog>,
 }
 
 impl Scraper {
@@ -129,10 +131,13 @@ impl Scraper {
         for (reason, packets) in reason::NAMES.iter().zip(maps.reason_counts()?) {
             out.sample("lb_datapath_packets_total", &[("reason", reason)], packets);
         }
-        out.family("lb_flow_events_total", "counter", "Flow events of the datapath, by kind and outcome: emitted into the ring buffer, throttled by the per-CPU rate limit, lost (the ring buffer was full).");
+        out.family("lb_flow_events_total", "counter", "Flow events by kind and outcome: emitted (into the ring buffer; closes into the agent's log), throttled by the rate limit (per CPU; for closes, the agent's), lost (the ring buffer was full).");
         for (kind, outcome, n) in crate::events::kernel_counts(&self.event_stats)? {
             out.sample("lb_flow_events_total", &[("kind", kind), ("outcome", outcome)], n);
         }
+        let (closes_emitted, closes_throttled) = self.event_log.close_counts();
+        out.sample("lb_flow_events_total", &[("kind", "close"), ("outcome", "emitted")], closes_emitted);
+        out.sample("lb_flow_events_total", &[("kind", "close"), ("outcome", "throttled")], closes_throttled);
         let (frontends4, frontends6) = (maps.frontends::<Addr4>()?, maps.frontends::<Addr6>()?);
         let names: Vec<(u32, NameV1)> = batch::lookup_all(maps.service_names.map()).with_context(|| format!("reading {MAP_SERVICE_NAMES}"))?;
         let service_counters = maps.all_service_counters()?;

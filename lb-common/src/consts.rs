@@ -43,7 +43,7 @@ pub const MAX_POLICY_RULES: u32 = 65_536;
 pub const MAX_POLICY_FLOWS: u32 = 65_536;
 /// NetworkPolicies one node can count (ids of `LB_POLSTAT_V1`).
 pub const MAX_POLICIES: u32 = 16_384;
-/// Bytes of the flow-event ring buffer (`LB_EVENTS_V1`): about 10,000 events of 88 bytes.
+/// Bytes of the flow-event ring buffer (`LB_EVENTS_V1`): about 10,000 events of 96 bytes.
 pub const EVENT_RING_BYTES: u32 = 1 << 20;
 /// Longest `namespace/name:port` kept in `LB_SVC_NAME_V1`.
 pub const NAME_LEN: usize = 120;

@@ -186,7 +186,7 @@ pub fn decide<A: Family>(pkt: &Packet<A>, hook: Hook, bytes: u32) -> Action<A> {
     count_traffic(&LB_BE_STAT_V1, backend_id, bytes);
     let action = forward_to(t, &be, snat_addr.is_some(), ct.nat_addr, ct.nat_port);
     if let Action::Rewrite { reason: why, .. } = &action {
-        new_flow_event(t, ct, if hook == Hook::External { HOOK_XDP } else { HOOK_TC }, *why);
+        new_flow_event(t, ct, if hook == Hook::External { HOOK_XDP } else { HOOK_TC }, *why, pkt.ifindex);
     }
     action
 }

@@ -31,6 +31,8 @@ pub struct Packet<A: MapAddr> {
     pub tcp_flags: u8,
     /// The first fragment of a fragmented datagram (ports present, rest elsewhere).
     pub first_fragment: bool,
+    /// The device it arrived on (set by the hook, for flow events).
+    pub ifindex: u32,
 }
 
 /// An ICMP or ICMPv6 error (destination unreachable, packet too big, time exceeded, parameter

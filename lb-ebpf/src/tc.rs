@@ -61,6 +61,7 @@ fn tc_family<A: Family>(ctx: &TcContext, l3_off: usize, len: u32) -> (i32, u32) 
     let scratch = unsafe { &mut *scratch };
     match parse_into(data(ctx), data_end(ctx), l3_off, scratch) {
         Parsed::Packet => {
+            scratch.pkt.ifindex = ifindex;
             let (verdict, why) = match tc_balance(ctx, &scratch.pkt, ifindex, len) {
                 Balanced::Done(verdict, why) => (verdict as i16 as i32, why),
                 Balanced::Reject => tc_reject(ctx, &scratch.pkt, ifindex),
@@ -115,11 +116,11 @@ fn tc_balance<A: Family>(ctx: &TcContext, pkt: &Packet<A>, ifindex: u32, len: u3
 #[inline(never)]
 fn egress_check<A: Family>(pkt: &Packet<A>, translated: Option<&Nat<A>>) -> u32 {
     let t = &pkt.tuple;
-    let Some(to) = translated else { return policy::check(t, POLICY_EGRESS, None) };
+    let Some(to) = translated else { return policy::check(t, POLICY_EGRESS, None, pkt.ifindex) };
     let Some(scratch) = A::scratch().get_ptr_mut(0) else { return 0 };
     let travelling = unsafe { &mut (*scratch).travelling };
     *travelling = CtKeyV1 { src_addr: to.src_addr, dst_addr: to.dst_addr, src_port: to.src_port, dst_port: to.dst_port, proto: t.proto, _pad: [0; 3] };
-    policy::check(travelling, POLICY_EGRESS, Some(t))
+    policy::check(travelling, POLICY_EGRESS, Some(t), pkt.ifindex)
 }
 
 /// TC egress on the host side of every pod's device: what reaches the pod, checked against
@@ -148,11 +149,11 @@ fn to_pod_family<A: Family>(ctx: &TcContext, l3_off: usize) -> (i32, u32) {
         return (TC_ACT_OK, 0);
     };
     let scratch = unsafe { &mut *scratch };
+    let ifindex = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex };
     match parse_into(data(ctx), data_end(ctx), l3_off, scratch) {
-        Parsed::Packet => match policy::check(&scratch.pkt.tuple, POLICY_INGRESS, None) {
+        Parsed::Packet => match policy::check(&scratch.pkt.tuple, POLICY_INGRESS, None, ifindex) {
             0 => (TC_ACT_OK, 0),
             why => {
-                let ifindex = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex };
                 drop_event(Some(&scratch.pkt.tuple), why, HOOK_TC_TO_POD, ifindex);
                 (TC_ACT_SHOT, why)
             }

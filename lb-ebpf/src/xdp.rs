@@ -68,6 +68,7 @@ fn xdp_family<A: Family>(ctx: &XdpContext, l3_off: usize) -> (u32, u32) {
     let ifindex = ctx.ingress_ifindex() as u32;
     match parse_into(data(ctx), data_end(ctx), l3_off, scratch) {
         Parsed::Packet => {
+            scratch.pkt.ifindex = ifindex;
             let (verdict, why) = match xdp_balance(ctx, &scratch.pkt) {
                 Balanced::Done(verdict, why) => (verdict as u32, why),
                 Balanced::Reject => xdp_reject(ctx, &scratch.pkt),

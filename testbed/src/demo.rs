@@ -74,7 +74,8 @@ pub fn run(bin_dir: &Path, manifests: &Path) -> Result<()> {
     let workdir = ManifestsCopy::of(manifests)?;
     println!("== starting lb-agent on node-a with the manifests in {}", manifests.display());
     let events_socket = std::env::temp_dir().join(format!("lb-demo-events-{}.sock", std::process::id()));
-    let (agent, pin_dir) = demo.start_agent(&bin_dir.join("lb-agent"), &workdir.0, &["--events-socket", &events_socket.display().to_string()])?;
+    // Every kind of flow event, and conntrack GC every 2 s so that closes show within the demo.
+    let (agent, pin_dir) = demo.start_agent(&bin_dir.join("lb-agent"), &workdir.0, &["--events-socket", &events_socket.display().to_string(), "--events", "all", "--gc-interval-s", "2"])?;
     let timeout = Duration::from_secs(2);
     let show = |what: &str, r: Result<Answer>| match r {
         Ok(a) => println!("   {what:<44} answered by {} (it saw source {})", a.backend, a.seen_source),
@@ -151,10 +152,15 @@ pub fn run(bin_dir: &Path, manifests: &Path) -> Result<()> {
     let neighbour = demo.cluster.client.exec("ip neigh show 10.99.0.200 dev eth0")?;
     println!("   the client resolved it by ARP, answered from XDP on node-a ({}): {}", node.mac("eth0")?, neighbour.trim());
     pod_networking(bin_dir, &demo, &pin_dir)?;
-    network_policy(bin_dir, &demo, &pin_dir, &workdir.0, &manifests.join("../network-policy/policy.yaml"))?;
-    println!("== flow events: lbctl observe --last 5 (the drops above, with their reason, tuple and Service)");
-    let out = Command::new(&lbctl).args(["observe", "--socket"]).arg(&events_socket).args(["--last", "5"]).output().context("running lbctl observe")?;
-    print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    network_policy(bin_dir, &demo, &pin_dir, &workdir.0, &manifests.join("../network-policy/policy.yaml"), &events_socket)?;
+    for (what, args) in [
+        ("the policy drops above, with their reason, tuple and pods", ["--verdict", "dropped", "--last", "3"]),
+        ("new connections, with the backend each was sent to", ["--verdict", "translated", "--last", "3"]),
+    ] {
+        println!("== flow events: lbctl observe {} ({what})", args.join(" "));
+        let out = Command::new(&lbctl).args(["observe", "--socket"]).arg(&events_socket).args(args).output().context("running lbctl observe")?;
+        print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
     println!("== lbctl explain 10.99.0.100:40000 10.99.0.1:30080/TCP (where a new connection of the outside client to the NodePort would go, and why)");
     let out = Command::new(&lbctl).arg("--pin-dir").arg(&pin_dir).args(["explain", "10.99.0.100:40000", "10.99.0.1:30080/TCP"]).output().context("running lbctl explain")?;
     print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -162,6 +168,17 @@ pub fn run(bin_dir: &Path, manifests: &Path) -> Result<()> {
         Ok(a) => println!("   {:<44} answered by {} (it saw source {})", "TCP 10.99.0.1:30080 from port 40000", a.backend, a.seen_source),
         Err(e) => println!("   TCP 10.99.0.1:30080 from port 40000 FAILED: {e:#}"),
     }
+    println!("== flow events: lbctl observe --verdict closed --port 40000 (that connection, once conntrack GC removes it: 10 s after its FINs)");
+    let closed = (0..30).find_map(|_| {
+        let out = Command::new(&lbctl).args(["observe", "--socket"]).arg(&events_socket).args(["--verdict", "closed", "--port", "40000"]).output().ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.is_empty() {
+            std::thread::sleep(Duration::from_millis(500));
+            return None;
+        }
+        Some(text)
+    });
+    print!("{}", closed.unwrap_or_else(|| "   no close event within 15 s (FAILED)\n".into()));
     println!("== lbctl address list (in node-a's namespace: it asks the agent)");
     let out = Command::new("ip").args(["netns", "exec", &node.name]).arg(&lbctl).arg("--pin-dir").arg(&pin_dir).args(["address", "list"]).output().context("running lbctl")?;
     print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -224,7 +241,7 @@ fn pod_networking(bin_dir: &Path, demo: &Demo, pin_dir: &Path) -> Result<()> {
 /// client pod still gets through the ClusterIP; the outside client and UDP are refused at the
 /// pods; lbctl shows the policy, the identities and the pods' denials; removing the file opens
 /// them again.
-fn network_policy(bin_dir: &Path, demo: &Demo, pin_dir: &Path, workdir: &Path, policy: &Path) -> Result<()> {
+fn network_policy(bin_dir: &Path, demo: &Demo, pin_dir: &Path, workdir: &Path, policy: &Path, events_socket: &Path) -> Result<()> {
     let node = &demo.cluster.nodes[0].ns;
     println!("== NetworkPolicy: demo/web-from-clients lets only role=client pods reach app=web pods, on their \"http\" port ({})", policy.display());
     std::fs::copy(policy, workdir.join("network-policy.yaml")).with_context(|| format!("copying {}", policy.display()))?;
@@ -254,6 +271,11 @@ fn network_policy(bin_dir: &Path, demo: &Demo, pin_dir: &Path, workdir: &Path, p
     lbctl(&["policy", "list"])?;
     lbctl(&["policy", "identities"])?;
     lbctl(&["policy", "endpoints"])?;
+    lbctl(&["explain", "--from", "pod", "10.244.1.14:40000", "10.96.0.10:80/TCP"])?;
+    lbctl(&["explain", "--from", "pod", "10.244.1.14:40000", "10.96.0.10:7/UDP"])?;
+    println!("== lbctl observe --verdict allowed --last 2 (new flows the policy let in)");
+    let out = Command::new(bin_dir.join("lbctl")).args(["observe", "--socket"]).arg(events_socket).args(["--verdict", "allowed", "--last", "2"]).output().context("running lbctl observe")?;
+    print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     std::fs::remove_file(workdir.join("network-policy.yaml"))?;
     let open = (0..40).find_map(|_| tcp_request(&demo.cluster.client, nodeport, None, quick).ok().or_else(|| {
         std::thread::sleep(Duration::from_millis(100));

@@ -290,11 +290,12 @@ fn explain_predicts_the_backend_that_answers() -> Result<()> {
     Ok(())
 }
 
-/// With `--events all`, each new connection is an event with its Service, the backend it was
-/// sent to (the one that answered) and no SNAT for a local backend.
+/// With `--events flows,closes`, each new connection is an event with its Service, the backend it was
+/// sent to (the one that answered) and no SNAT for a local backend; once conntrack GC removes
+/// it (10 s after its FINs), a close event says so, with the same backend.
 #[test]
-fn new_connections_are_events_with_the_backend_that_answered() -> Result<()> {
-    let bed = Bed::build("evn", &["--events", "all"])?;
+fn new_connections_are_events_with_the_backend_that_answered_and_so_are_their_closes() -> Result<()> {
+    let bed = Bed::build("evn", &["--events", "flows,closes", "--gc-interval-s", "1"])?;
     let mut answered = Vec::new();
     for port in 43_000..43_010u16 {
         let answer = tcp_request(bed.client(), SocketAddr::from(([10, 99, 200, 33], 80)), Some(port), Duration::from_secs(2))?;
@@ -305,12 +306,34 @@ fn new_connections_are_events_with_the_backend_that_answered() -> Result<()> {
         let events = bed.observe(&["--last", "100", "--verdict", "translated"])?;
         if events.len() >= 10 { Ok(events) } else { bail!("{} new-connection events", events.len()) }
     })?;
-    for (port, backend) in answered {
+    for &(port, backend) in &answered {
         let of_port: Vec<&Value> = events.iter().filter(|e| e["src_port"] == port).collect();
         assert_eq!(of_port.len(), 1, "one event for the connection from port {port}: {events:?}");
         let e = of_port[0];
         assert_eq!((e["reason"].as_str(), e["hook"].as_str(), e["service"].as_str(), e["dst"].as_str()), (Some("fwd_local_backend"), Some("xdp"), Some("ev/spread:http/TCP"), Some("10.99.200.33")), "{e}");
         assert_eq!((e["backend"].as_str(), e["snat"].is_null()), (Some(backend.to_string().as_str()), true), "{e}");
     }
+    // Closed: removed by GC once their closing lifetime has passed.
+    let closes = eventually(Duration::from_secs(20), || {
+        let events = bed.observe(&["--last", "100", "--verdict", "closed"])?;
+        if events.len() >= 10 { Ok(events) } else { bail!("{} close events", events.len()) }
+    })?;
+    for (port, backend) in answered {
+        let of_port: Vec<&Value> = closes.iter().filter(|e| e["src_port"] == port).collect();
+        assert_eq!(of_port.len(), 1, "one close for the connection from port {port}: {closes:?}");
+        let e = of_port[0];
+        assert_eq!((e["reason"].as_str(), e["hook"].as_str(), e["service"].as_str(), e["dst"].as_str(), e["dst_port"].as_u64()), (Some("close_fin"), Some("gc"), Some("ev/spread:http/TCP"), Some("10.99.200.33"), Some(80)), "{e}");
+        assert_eq!(e["backend"].as_str(), Some(backend.to_string().as_str()), "{e}");
+    }
+    // Refusals were not asked for: a connection to the Service without endpoints is refused
+    // (counted) and is no event.
+    let refused_before = reason_count(&bed.pins, "reject_no_backend")?;
+    assert!(tcp_request(bed.client(), SocketAddr::from(([10, 99, 200, 31], 80)), Some(43_100), Duration::from_secs(2)).is_err());
+    assert_eq!(reason_count(&bed.pins, "reject_no_backend")?, refused_before + 1);
+    assert!(bed.observe(&["--last", "100", "--verdict", "rejected"])?.is_empty(), "refusals were not asked for");
+    assert_eq!(bed.metric("lb_flow_events_total{kind=\"close\",outcome=\"emitted\"}")?, 10);
+    // A filter applies before --last: the last two new connections, though closes came since.
+    let last_two: Vec<Option<u64>> = bed.observe(&["--verdict", "translated", "--last", "2"])?.iter().map(|e| e["src_port"].as_u64()).collect();
+    assert_eq!(last_two, [Some(43_008), Some(43_009)]);
     Ok(())
 }

@@ -498,22 +498,36 @@ fn pods_yaml(pods: &[(&str, &str, &str, IpAddr)]) -> String {
         .join("---\n")
 }
 
+/// One node with pods x/web, x/client (role=client) and y/other (role=client), each serving
+/// its name on port 80 over TCP and UDP, and their Namespace and Pod manifests.
+struct ThreePods {
+    cluster: Cluster,
+    ips: Vec<IpAddr>,
+    servers: Vec<EchoServer>,
+    manifests: ManifestCopy,
+}
+
+impl ThreePods {
+    const NAMES: [&str; 3] = ["x/web", "x/client", "y/other"];
+
+    fn build(tag: &str) -> Result<Self> {
+        let cluster = Cluster::new(tag, &[3])?;
+        let ips: Vec<IpAddr> = cluster.nodes[0].pods.iter().map(|p| IpAddr::V4(p.ip)).collect();
+        let servers = cluster.nodes[0].pods.iter().zip(Self::NAMES).map(|(pod, name)| EchoServer::start(&pod.ns, name, 80, 80)).collect::<Result<_>>()?;
+        let manifests = ManifestCopy::empty(tag)?;
+        manifests.write("namespaces.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: y}\n")?;
+        manifests.write("pods.yaml", &pods_yaml(&[("x", "web", "app: web", ips[0]), ("x", "client", "role: client", ips[1]), ("y", "other", "role: client", ips[2])]))?;
+        Ok(Self { cluster, ips, servers, manifests })
+    }
+}
+
 /// Standalone mode reads Namespaces, Pods and NetworkPolicies from manifests; a bad policy
 /// file is refused with an error naming it, and the policies in force stay; the pinned
 /// policy outlives the agent and a restarted agent rewrites nothing; the node reaches its
 /// isolated pods.
 #[test]
 fn standalone_manifests_enforce_policy_and_a_bad_file_disturbs_nothing() -> Result<()> {
-    let mut cluster = Cluster::new("nps", &[3])?;
-    let ips: Vec<IpAddr> = cluster.nodes[0].pods.iter().map(|p| IpAddr::V4(p.ip)).collect();
-    let names = ["x/web", "x/client", "y/other"];
-    let mut servers = Vec::new();
-    for (pod, name) in cluster.nodes[0].pods.iter().zip(names) {
-        servers.push(EchoServer::start(&pod.ns, name, 80, 80)?);
-    }
-    let manifests = ManifestCopy::empty("nps")?;
-    manifests.write("namespaces.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: y}\n")?;
-    manifests.write("pods.yaml", &pods_yaml(&[("x", "web", "app: web", ips[0]), ("x", "client", "role: client", ips[1]), ("y", "other", "role: client", ips[2])]))?;
+    let ThreePods { mut cluster, ips, servers, manifests } = ThreePods::build("nps")?;
     // x/web: TCP on its named port "http", from role=client pods of x only.
     manifests.write(
         "policy.yaml",
@@ -570,6 +584,93 @@ fn standalone_manifests_enforce_policy_and_a_bad_file_disturbs_nothing() -> Resu
         if got == (true, true, true) { Ok(()) } else { bail!("after removing the policy: {got:?}") }
     })?;
     agent.stop();
+    drop(servers);
+    Ok(())
+}
+
+/// Policy verdicts of new flows are flow events naming the policy and direction, and
+/// `lbctl explain` predicts each verdict the datapath gives, pod to pod and through a
+/// ClusterIP: x/web admits TCP on its named port from role=client pods; y's pods may send
+/// TCP to port 80 only.
+#[test]
+fn policy_verdicts_are_events_and_explain_predicts_them() -> Result<()> {
+    let ThreePods { mut cluster, ips, servers, manifests } = ThreePods::build("npv")?;
+    let names = ThreePods::NAMES;
+    manifests.write(
+        "policy.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {role: client}}}]\n    ports: [{port: http}]\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: out, namespace: y}\nspec:\n  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{namespaceSelector: {}}]\n    ports: [{port: 80, protocol: TCP}]\n",
+    )?;
+    manifests.write(
+        "service.yaml",
+        &format!("apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: x}}\nspec:\n  clusterIP: 10.96.9.10\n  ports: [{{name: tcp, protocol: TCP, port: 80}}, {{name: udp, protocol: UDP, port: 80}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: x, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: tcp, protocol: TCP, port: 80}}, {{name: udp, protocol: UDP, port: 80}}]\nendpoints: [{{addresses: [{}], conditions: {{ready: true}}, nodeName: node-a}}]\n", ips[0]),
+    )?;
+    let pin = cluster.pin_dir()?;
+    let socket = std::env::temp_dir().join(format!("{}-events.sock", cluster.prefix));
+    let source = ["--manifests".to_string(), manifests.dir.display().to_string()];
+    let mut agent = cluster.start_agent(agent_bin(), 0, &source, &pin, &["--events", "all", "--events-socket", &socket.display().to_string()])?;
+    let node = &cluster.nodes[0].ns;
+    crate::support::eventually(Duration::from_secs(5), || if agent.log_text().contains("NetworkPolicy: 2 policies") { Ok(()) } else { bail!("not programmed yet") })?;
+    let explain = |src: SocketAddr, dst: SocketAddr, proto: Proto| -> Result<Value> {
+        let cmd = format!("{} --pin-dir {} --agent 127.0.0.1:9970 -o json explain --from pod {src} {dst}/{proto:?}", env!("CARGO_BIN_EXE_lbctl"), pin.display());
+        Ok(serde_json::from_str(&node.exec(&cmd)?)?)
+    };
+
+    // Every pair, protocol and address: the verdict explain predicts is the one traffic meets.
+    let web_pod = SocketAddr::new(ips[0], 80);
+    let web_service = SocketAddr::from(([10, 96, 9, 10], 80));
+    let mut port = 45_000;
+    for (from, expected_allowed) in [(1, [true, false]), (2, [false, false])] {
+        for (proto, allowed) in [Proto::Tcp, Proto::Udp].into_iter().zip(expected_allowed) {
+            for dst in [web_pod, web_service] {
+                port += 1;
+                let e = explain(SocketAddr::new(ips[from], port), dst, proto)?;
+                let verdict = e["verdict"].as_str().context("a verdict")?;
+                let ns = cluster.nodes[0].pods[from].ns.name.clone();
+                let answered = spawn_in(&ns, move || connects(dst, proto, "x/web")).join().map_err(|_| anyhow::anyhow!("probe panicked"))??;
+                assert_eq!((verdict != "drop_policy", answered), (allowed, allowed), "{} -> {dst}/{proto:?}: explain said {verdict}, traffic {}: {e:#}", names[from], if answered { "answered" } else { "was refused" });
+            }
+        }
+    }
+    // Which check decided, and by which policy.
+    let steps = |e: &Value| e["steps"].as_array().map(|s| s.iter().filter_map(|l| l.as_str()).collect::<Vec<_>>().join("\n")).unwrap_or_default();
+    let client_in = steps(&explain(SocketAddr::new(ips[1], 46_001), web_service, Proto::Tcp)?);
+    assert!(client_in.contains(&format!("policy, egress of the source {}: no policy isolates", ips[1])) && client_in.contains(&format!("policy, ingress of the destination {}: allowed by x/web (a rule for the peer's identity)", ips[0])), "{client_in}");
+    let other_in = steps(&explain(SocketAddr::new(ips[2], 46_002), web_pod, Proto::Tcp)?);
+    assert!(other_in.contains("egress of the source") && other_in.contains("allowed by y/out") && other_in.contains(&format!("ingress of the destination {}: denied", ips[0])), "{other_in}");
+    let other_udp = steps(&explain(SocketAddr::new(ips[2], 46_003), web_pod, Proto::Udp)?);
+    assert!(other_udp.contains(&format!("egress of the source {}: denied: no rule allows identity", ips[2])) && !other_udp.contains("ingress"), "denied on the way out, never judged on the way in: {other_udp}");
+
+    // The allowed new flows were events naming their policy and direction.
+    let observe = || -> Result<Vec<Value>> {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lbctl")).args(["-o", "json", "observe", "--last", "1000", "--socket"]).arg(&socket).output()?;
+        anyhow::ensure!(out.status.success(), "lbctl observe: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout)?.lines().map(|l| Ok(serde_json::from_str(l)?)).collect()
+    };
+    let events = crate::support::eventually(Duration::from_secs(5), || {
+        let events = observe()?;
+        let allowed = events.iter().filter(|e| e["verdict"] == "ALLOWED").count();
+        if allowed >= 4 { Ok(events) } else { bail!("{allowed} policy events: {events:?}") }
+    })?;
+    let of = |src: IpAddr, verdict: &str| -> Vec<&Value> { events.iter().filter(|e| e["src"] == src.to_string() && e["verdict"] == verdict).collect() };
+    for e in of(ips[1], "ALLOWED") {
+        assert_eq!(
+            (e["policy"].as_str(), e["direction"].as_str(), e["hook"].as_str(), e["reason"].as_str(), e["dst"].as_str(), e["dst_port"].as_u64(), e["protocol"].as_str()),
+            (Some("x/web"), Some("ingress"), Some("tc-to-pod"), Some("policy_peer"), Some(ips[0].to_string().as_str()), Some(80), Some("TCP")),
+            "{e}"
+        );
+        assert_eq!((e["src_name"].as_str(), e["dst_name"].as_str()), (Some("x/client"), Some("x/web")), "{e}");
+    }
+    assert_eq!(of(ips[1], "ALLOWED").len(), 2, "x/client's two TCP flows, to the pod and through the ClusterIP: {events:?}");
+    let other_allowed = of(ips[2], "ALLOWED");
+    assert_eq!(other_allowed.len(), 2, "y/other's two TCP flows out: {events:?}");
+    for e in other_allowed {
+        assert_eq!((e["policy"].as_str(), e["direction"].as_str(), e["hook"].as_str()), (Some("y/out"), Some("egress"), Some("tc")), "{e}");
+    }
+    // Denials are drops, in the direction that denied them.
+    let denied: Vec<(&str, &str)> = of(ips[2], "DROPPED").iter().map(|e| (e["reason"].as_str().unwrap_or(""), e["hook"].as_str().unwrap_or(""))).collect();
+    assert!(denied.contains(&("drop_policy", "tc-to-pod")) && denied.contains(&("drop_policy", "tc")), "y/other refused on the way in (TCP) and out (UDP): {denied:?}");
+    agent.stop();
+    let _ = std::fs::remove_file(&socket);
     drop(servers);
     Ok(())
 }

@@ -150,11 +150,12 @@ struct Args {
     /// NetworkPolicy). Off: another component enforces it, and every pod is open here.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     network_policy: bool,
-    /// Flow events the datapath emits: `drops` (drops and refusals, with their reason), `all`
-    /// (new connections too, with their backend and SNAT) or `none`. Read them with `lbctl
-    /// observe`.
-    #[arg(long, value_enum, default_value_t = Events::Drops)]
-    events: Events,
+    /// Flow events, a comma-separated list: `drops` (drops and refusals, with their reason),
+    /// `flows` (new connections, with their backend and SNAT), `policy` (new flows a
+    /// NetworkPolicy rule allowed, with the policy), `closes` (connections conntrack GC
+    /// removed, with why), `all`, or `none`. Read them with `lbctl observe`.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "drops")]
+    events: Vec<Events>,
     /// Flow events each CPU may emit a second (a token bucket; the rest are counted as
     /// throttled).
     #[arg(long, default_value_t = 1000)]
@@ -194,9 +195,30 @@ enum Mode {
 enum Events {
     /// Drops and refusals.
     Drops,
-    /// Drops, refusals and new connections.
+    /// New connections.
+    Flows,
+    /// New flows a NetworkPolicy rule allowed.
+    Policy,
+    /// Connections removed by conntrack GC.
+    Closes,
+    /// Every kind.
     All,
     None,
+}
+
+impl Events {
+    /// `EventConfigV1::kinds` bits.
+    fn kinds(self) -> u32 {
+        use lb_common::{EVENT_CLOSE, EVENT_DROP, EVENT_NEW_FLOW, EVENT_POLICY};
+        match self {
+            Events::Drops => 1 << EVENT_DROP,
+            Events::Flows => 1 << EVENT_NEW_FLOW,
+            Events::Policy => 1 << EVENT_POLICY,
+            Events::Closes => 1 << EVENT_CLOSE,
+            Events::All => [EVENT_DROP, EVENT_NEW_FLOW, EVENT_POLICY, EVENT_CLOSE].iter().map(|k| 1 << k).sum(),
+            Events::None => 0,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -322,11 +344,7 @@ fn main() -> Result<()> {
         l2_announce: args.l2_announce,
         network_policy: args.network_policy,
         events: lb_agent::agent::EventsConfig {
-            kinds: match args.events {
-                Events::Drops => 1 << lb_common::EVENT_DROP,
-                Events::All => (1 << lb_common::EVENT_DROP) | (1 << lb_common::EVENT_NEW_FLOW),
-                Events::None => 0,
-            },
+            kinds: args.events.iter().fold(0, |kinds, e| kinds | e.kinds()),
             rate: args.event_rate,
             burst: args.event_burst,
             buffer: args.event_buffer,
@@ -359,6 +377,7 @@ fn main() -> Result<()> {
             per_backend: metrics_per_backend,
             conntrack: agent.conntrack_fill.clone(),
             event_stats: lb_agent::dataplane::maps::open_pinned(&pin_dir, lb_common::MAP_EVENT_STATS)?,
+            event_log: agent.flow_events.clone(),
         };
         // Flow events are a view: the agent carries on without the socket.
         let flow_events = tokio::spawn({

@@ -140,17 +140,18 @@ struct ObserveArgs {
     /// The agent's flow-event socket (its --events-socket).
     #[arg(long, default_value = "/run/lb-agent/events.sock")]
     socket: PathBuf,
-    /// How many of the held events to print first [default: 20, or 0 with --follow].
+    /// How many of the held events (the last that pass the filters) to print first
+    /// [default: 20, or 0 with --follow, or all with --since].
     #[arg(long)]
     last: Option<usize>,
     /// Keep printing new events as they come.
     #[arg(short, long)]
     follow: bool,
     /// Only events since this long ago (`30s`, `5m`, `2h`) or this time (RFC 3339); every
-    /// held event that recent is printed (`--last` does not apply).
+    /// held event that recent is printed (unless `--last` is given).
     #[arg(long)]
     since: Option<String>,
-    /// Only `dropped`, `rejected` or `translated` events.
+    /// Only `dropped`, `rejected`, `translated`, `allowed` or `closed` events.
     #[arg(long)]
     verdict: Option<String>,
     /// Only events of this reason (`drop_source_range`, ...; see `lbctl stats`).
@@ -794,9 +795,10 @@ fn observe(cli: &Cli, args: &ObserveArgs) -> Result<()> {
         }),
     };
     let mut stream = std::os::unix::net::UnixStream::connect(&args.socket).with_context(|| format!("connecting to {} (the agent's --events-socket): is lb-agent running on this node?", args.socket.display()))?;
-    let last = args.last.unwrap_or(if args.follow { 0 } else { 20 });
-    // A time filter looks at everything held.
-    let request = Request { last: if since.is_some() { usize::MAX } else { last }, follow: args.follow };
+    let last = args.last.unwrap_or(if args.follow { 0 } else if since.is_some() { usize::MAX } else { 20 });
+    // Filters look at everything held; the last N that pass are printed.
+    let filtered = since.is_some() || args.verdict.is_some() || args.reason.is_some() || args.pod.is_some() || args.ip.is_some() || args.port.is_some() || args.protocol.is_some() || cli.namespace.is_some() || cli.service.is_some();
+    let request = Request { last: if filtered { usize::MAX } else { last }, follow: args.follow };
     writeln!(stream, "{}", serde_json::to_string(&request)?)?;
     let name_matches = |name: &Option<String>, want: &str| name.as_deref().is_some_and(|n| n == want || n.rsplit('/').next() == Some(want));
     let keep = |e: &FlowEvent| {
@@ -812,16 +814,29 @@ fn observe(cli: &Cli, args: &ObserveArgs) -> Result<()> {
     };
     let json = matches!(cli.output, Format::Json | Format::Yaml);
     let mut out = std::io::stdout().lock();
+    let print = |out: &mut std::io::StdoutLock, e: &FlowEvent| -> Result<()> {
+        writeln!(out, "{}", if json { serde_json::to_string(e)? } else { compact(e) })?;
+        Ok(())
+    };
+    // The held events that pass, until the agent says they are all sent.
+    let mut held = std::collections::VecDeque::new();
+    let mut following = false;
     for line in std::io::BufReader::new(stream).lines() {
         match serde_json::from_str::<Line>(&line?)? {
-            Line::Event(e) if keep(&e) => {
-                if json {
-                    writeln!(out, "{}", serde_json::to_string(&e)?)?;
-                } else {
-                    writeln!(out, "{}", compact(&e))?;
+            Line::Event(e) if !keep(&e) => {}
+            Line::Event(e) if following => print(&mut out, &e)?,
+            Line::Event(e) => {
+                held.push_back(e);
+                if held.len() > last {
+                    held.pop_front();
                 }
             }
-            Line::Event(_) => {}
+            Line::Held { .. } => {
+                for e in held.drain(..) {
+                    print(&mut out, &e)?;
+                }
+                following = true;
+            }
             Line::Missed { missed } => writeln!(out, "... {missed} events missed (this reader fell behind)")?,
         }
         out.flush()?;
@@ -840,7 +855,15 @@ fn explain(maps: &Maps, cli: &Cli, src: &str, dst: &str, from: Origin) -> Result
         other => bail!("protocol {other:?}: TCP or UDP"),
     };
     let from = if from == Origin::Pod { lb_agent::explain::From::Pod } else { lb_agent::explain::From::Outside };
-    let e = lb_agent::explain::explain(maps, src, dst, proto, from)?;
+    // Policies are named by the agent; without it, by number.
+    let policy_maps = lb_agent::dataplane::policy::PolicyMaps::open_pinned(&cli.pin_dir).ok();
+    let names: std::collections::HashMap<u32, String> = lb_agent::status::get(&cli.agent, "/policy", std::time::Duration::from_millis(500))
+        .ok()
+        .and_then(|body| serde_json::from_str::<lb_agent::netpol::PolicyView>(&body).ok())
+        .map(|view| view.policies.into_iter().filter_map(|p| Some((p.id?, p.name))).collect())
+        .unwrap_or_default();
+    let policy = policy_maps.as_ref().map(|maps| lb_agent::explain::PolicyContext { maps, names: &names });
+    let e = lb_agent::explain::explain(maps, policy.as_ref(), src, dst, proto, from)?;
     if matches!(cli.output, Format::Json | Format::Yaml) {
         println!("{}", serde_json::to_string_pretty(&e)?);
     } else {
@@ -859,7 +882,8 @@ fn compact(e: &lb_agent::events::FlowEvent) -> String {
         (Some(ip), Some(port)) => format!("{ip}:{port}"),
         _ => "?".into(),
     } + &name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default();
-    let mut line = format!("{} {} {} {} {} {}", e.time, e.verdict, e.reason, e.hook, e.device, if e.protocol.is_empty() { "-" } else { &e.protocol });
+    let or_dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+    let mut line = format!("{} {} {} {} {} {}", e.time, e.verdict, e.reason, e.hook, or_dash(&e.device), or_dash(&e.protocol));
     if e.src.is_some() {
         line += &format!(" {} -> {}", end(e.src, e.src_port, &e.src_name), end(e.dst, e.dst_port, &e.dst_name));
     }
@@ -871,6 +895,9 @@ fn compact(e: &lb_agent::events::FlowEvent) -> String {
     }
     if let Some(snat) = e.snat {
         line += &format!(" snat {snat}");
+    }
+    if let (Some(policy), Some(direction)) = (&e.policy, &e.direction) {
+        line += &format!(" {direction} policy {policy}");
     }
     line
 }

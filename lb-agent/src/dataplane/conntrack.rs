@@ -6,6 +6,8 @@ use anyhow::{Context, Result};
 use aya::maps::IterableMap;
 use lb_common::*;
 
+use crate::events::{close_reason, ClosedFlow};
+
 use super::{
     batch,
     maps::{Family, Maps},
@@ -51,8 +53,8 @@ pub fn reply_key<A: MapAddr>(key: &CtKeyV1<A>, entry: &CtEntryV1<A>, backend: &B
 
 /// One pass over family `A`'s conntrack and reverse NAT, read and pruned in batches (a handful
 /// of system calls however many flows there are). `backend` gives a backend id's entry (none
-/// or zeroed: gone).
-pub fn gc<A: Family>(maps: &mut Maps, now_ns: u64, backend: impl Fn(u32) -> Option<BackendV1<A>>) -> Result<GcStats> {
+/// or zeroed: gone). Each removed connection is added to `closed` when it is given.
+pub fn gc<A: Family>(maps: &mut Maps, now_ns: u64, backend: impl Fn(u32) -> Option<BackendV1<A>>, mut closed: Option<&mut Vec<ClosedFlow>>) -> Result<GcStats> {
     let mut stats = GcStats::default();
     let [_, _, ct_name, rnat_name, ..] = A::MAPS;
     let family = A::of(maps);
@@ -78,6 +80,9 @@ pub fn gc<A: Family>(maps: &mut Maps, now_ns: u64, backend: impl Fn(u32) -> Opti
             dead_replies.push(reply);
         }
         stats.flows_removed += 1;
+        if let Some(closed) = closed.as_deref_mut() {
+            closed.push(closed_flow(maps, &key, &entry, &backend, reply_flags));
+        }
     }
     // Reverse-NAT entries whose flow is gone (the agent was down, a flow was re-selected).
     stats.replies_kept = replies.len() - dead_replies.len();
@@ -91,4 +96,20 @@ pub fn gc<A: Family>(maps: &mut Maps, now_ns: u64, backend: impl Fn(u32) -> Opti
     batch::delete(family.conntrack.map(), &dead_flows).with_context(|| format!("pruning {ct_name}"))?;
     batch::delete(family.reverse_nat.map(), &dead_replies).with_context(|| format!("pruning {rnat_name}"))?;
     Ok(stats)
+}
+
+/// A removed connection as a close event tells it: the client's tuple, its Service, backend
+/// and SNAT source, and why it ended.
+fn closed_flow<A: Family>(maps: &Maps, key: &CtKeyV1<A>, entry: &CtEntryV1<A>, backend: &BackendV1<A>, reply_flags: u8) -> ClosedFlow {
+    use std::net::SocketAddr;
+    let removed = backend.addr.is_zero();
+    ClosedFlow {
+        src: SocketAddr::new(key.src_addr.to_ip(), port_host(key.src_port)),
+        dst: SocketAddr::new(key.dst_addr.to_ip(), port_host(key.dst_port)),
+        proto: key.proto,
+        service: maps.service_names.get(&entry.service_id, 0).ok().map(|n| n.as_str().to_string()),
+        backend: (!removed).then(|| SocketAddr::new(backend.addr.to_ip(), port_host(backend.port))),
+        snat: (entry.flags & F_CT_SNAT != 0).then(|| SocketAddr::new(entry.nat_addr.to_ip(), port_host(entry.nat_port))),
+        reason: close_reason(removed, entry.tcp_flags_seen | reply_flags),
+    }
 }

@@ -155,7 +155,7 @@ fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 46] {
         (MAP_EVENTS, 0, 0, None),
         (MAP_EVENT_CONFIG, 4, size_of::<EventConfigV1>(), Some(1)),
         (MAP_EVENT_BUCKET, 4, size_of::<EventBucketV1>(), Some(1)),
-        (MAP_EVENT_STATS, 4, 8, Some(EVENT_OUTCOMES * EVENT_KINDS as u32)),
+        (MAP_EVENT_STATS, 4, 8, Some(EVENT_OUTCOMES * EVENT_KIND_SLOTS)),
     ]
 }
 

@@ -712,15 +712,16 @@ impl Dataplane {
 
     /// Collects expired flows; backends are known from what is programmed, not read back.
     pub fn collect_conntrack(&mut self, now_ns: u64) -> Result<conntrack::GcStats> {
-        let [v4, v6] = self.collect_conntrack_by_family(now_ns)?;
+        let [v4, v6] = self.collect_conntrack_by_family(now_ns, None)?;
         Ok(v4 + v6)
     }
 
-    /// The same, with each family's figures: IPv4's, then IPv6's.
-    pub fn collect_conntrack_by_family(&mut self, now_ns: u64) -> Result<[conntrack::GcStats; 2]> {
+    /// The same, with each family's figures (IPv4's, then IPv6's), and the removed
+    /// connections added to `closed` when it is given.
+    pub fn collect_conntrack_by_family(&mut self, now_ns: u64, mut closed: Option<&mut Vec<crate::events::ClosedFlow>>) -> Result<[conntrack::GcStats; 2]> {
         let ids = &self.backend_ids;
-        let v4 = conntrack::gc::<Addr4>(&mut self.maps, now_ns, |id| ids.entry(id).and_then(|e| e.of_family()))?;
-        let v6 = conntrack::gc::<Addr6>(&mut self.maps, now_ns, |id| ids.entry(id).and_then(|e| e.of_family()))?;
+        let v4 = conntrack::gc::<Addr4>(&mut self.maps, now_ns, |id| ids.entry(id).and_then(|e| e.of_family()), closed.as_deref_mut())?;
+        let v6 = conntrack::gc::<Addr6>(&mut self.maps, now_ns, |id| ids.entry(id).and_then(|e| e.of_family()), closed)?;
         Ok([v4, v6])
     }
 

@@ -3,7 +3,10 @@
 //! node's selected pods (`LB4_POLEP_V1`, `LB6_POLEP_V1`) and allow rules (`LB_POLICY_V1`, a
 //! port range written as the prefixes of an LPM key). The `policy` crate computes what they
 //! hold; this writes it.
-use std::{net::IpAddr, path::Path};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+};
 
 use anyhow::{Context, Result};
 use aya::maps::{lpm_trie::Key, Array, HashMap, IterableMap, LpmTrie, MapData};
@@ -189,6 +192,91 @@ impl PolicyMaps {
             self.remove_key(&key);
         }
         Ok(())
+    }
+}
+
+/// How a pod's policy check judges a new packet (`PolicyMaps::judge`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Judgement {
+    /// No policy isolates the pod in this direction.
+    Open,
+    /// A flow this check passed before, or the reply to one the pod's other check passed.
+    Remembered,
+    /// The peer is the node itself.
+    Node,
+    /// A rule of policy number `policy` allows it: one for the peer's identity, or for any peer.
+    Allowed { policy: u32, any_peer: bool },
+    /// No rule allows it: dropped (`drop_policy`). `identity` is the peer's.
+    Denied { identity: u32 },
+}
+
+impl PolicyMaps {
+    /// Judges `src` -> `dst` as the kernel's `policy::check` does, from the live maps: the
+    /// policy of the pod at `src` (`POLICY_EGRESS`) or at `dst` (`POLICY_INGRESS`).
+    pub fn judge(&self, src: SocketAddr, dst: SocketAddr, proto: u8, direction: u8) -> Judgement {
+        let (local, peer, isolated) = match direction {
+            POLICY_EGRESS => (src.ip(), dst.ip(), POLICY_EGRESS_ISOLATED),
+            _ => (dst.ip(), src.ip(), POLICY_INGRESS_ISOLATED),
+        };
+        let Some(ep) = self.endpoint(local) else { return Judgement::Open };
+        if self.flow_bits(src, dst, proto) & flow_bit(direction) != 0 || self.flow_bits(dst, src, proto) & flow_bit(direction ^ 1) != 0 {
+            return Judgement::Remembered;
+        }
+        if ep.flags & isolated == 0 {
+            return Judgement::Open;
+        }
+        let identity = self.identity(peer);
+        if identity == IDENTITY_HOST {
+            return Judgement::Node;
+        }
+        let mut key = PolicyKeyV1 { endpoint: ep.endpoint, identity, direction, protocol: proto, port: port_raw(dst.port()).to_ne_bytes() };
+        if let Some(policy) = self.rule(&key) {
+            return Judgement::Allowed { policy, any_peer: false };
+        }
+        key.identity = IDENTITY_ANY;
+        match self.rule(&key) {
+            Some(policy) => Judgement::Allowed { policy, any_peer: true },
+            None => Judgement::Denied { identity },
+        }
+    }
+
+    fn endpoint(&self, addr: IpAddr) -> Option<PolicyEndpointV1> {
+        match addr {
+            IpAddr::V4(_) => self.endpoints4.get(&PolicyEndpointKeyV1 { addr: Addr4::from_ip(addr)? }, 0).ok(),
+            IpAddr::V6(_) => self.endpoints6.get(&PolicyEndpointKeyV1 { addr: Addr6::from_ip(addr)? }, 0).ok(),
+        }
+    }
+
+    /// The address's own identity, else the longest prefix's, else the world.
+    fn identity(&self, addr: IpAddr) -> u32 {
+        let id = match addr {
+            IpAddr::V4(_) => {
+                let key = IpCacheKeyV1 { addr: Addr4::from_ip(addr).expect("IPv4") };
+                self.hosts4.get(&key, 0).or_else(|_| self.ipcache4.get(&Key::new(32, key), 0))
+            }
+            IpAddr::V6(_) => {
+                let key = IpCacheKeyV1 { addr: Addr6::from_ip(addr).expect("IPv6") };
+                self.hosts6.get(&key, 0).or_else(|_| self.ipcache6.get(&Key::new(128, key), 0))
+            }
+        };
+        id.map_or(IDENTITY_WORLD, |i| i.id)
+    }
+
+    /// The policy of the rule `key` matches: a full-bit one first, as the kernel looks.
+    fn rule(&self, key: &PolicyKeyV1) -> Option<u32> {
+        self.exact.get(key, 0).or_else(|_| self.rules.get(&Key::new(POLICY_PREFIX_FULL, *key), 0)).ok().map(|v| v.policy)
+    }
+
+    /// The checks that passed flow `src` -> `dst` (`flow_bit`s), 0 when it is not remembered.
+    fn flow_bits(&self, src: SocketAddr, dst: SocketAddr, proto: u8) -> u8 {
+        fn key<A: Family>(src: SocketAddr, dst: SocketAddr, proto: u8) -> Option<CtKeyV1<A>> {
+            Some(CtKeyV1 { src_addr: A::from_ip(src.ip())?, dst_addr: A::from_ip(dst.ip())?, src_port: port_raw(src.port()), dst_port: port_raw(dst.port()), proto, _pad: [0; 3] })
+        }
+        let bits = match src.ip() {
+            IpAddr::V4(_) => key::<Addr4>(src, dst, proto).and_then(|k| self.flows4.get(&k, 0).ok()),
+            IpAddr::V6(_) => key::<Addr6>(src, dst, proto).and_then(|k| self.flows6.get(&k, 0).ok()),
+        };
+        bits.unwrap_or(0)
     }
 }
 

@@ -1,4 +1,4 @@
-//! Flow events: fixed-size records (88 bytes) the kernel programs put in a ring buffer (`LB_EVENTS_V1`),
+//! Flow events: fixed-size records (96 bytes) the kernel programs put in a ring buffer (`LB_EVENTS_V1`),
 //! rate-limited per CPU by a token bucket (`LB_EVBKT_V1`) whose rate and burst the agent sets
 //! (`LB_EVCFG_V1`), with every emitted, throttled and lost event counted (`LB_EVSTAT_V1`).
 use super::MapAddr;
@@ -12,8 +12,21 @@ pub const MAP_EVENT_STATS: &str = "LB_EVSTAT_V1";
 pub const EVENT_DROP: u8 = 0;
 /// A new connection translated to a backend (`service_id`, `backend_id`, SNAT in `nat`).
 pub const EVENT_NEW_FLOW: u8 = 1;
-/// Kinds there are (bits of `EventConfigV1::kinds`).
-pub const EVENT_KINDS: u8 = 2;
+/// A new flow an isolated pod's policy allowed (`direction`, `policy_id`; `reason` says how
+/// the rule matched, `POLICY_MATCH_*`). Denials are `EVENT_DROP`s (`drop_policy`).
+pub const EVENT_POLICY: u8 = 2;
+/// A tracked connection removed by the agent's conntrack GC. Made by the agent, never by
+/// the kernel programs; a bit of `EventConfigV1::kinds` all the same.
+pub const EVENT_CLOSE: u8 = 3;
+/// Kinds the kernel programs emit (and count in `LB_EVSTAT_V1`).
+pub const EVENT_KERNEL_KINDS: u8 = 3;
+/// Kinds `LB_EVSTAT_V1` has room for: more kinds keep its pinned layout.
+pub const EVENT_KIND_SLOTS: u32 = 8;
+
+/// How a policy rule matched a flow (`reason` of an `EVENT_POLICY`).
+pub const POLICY_MATCH_PEER: u32 = 1;
+/// A rule for any peer (a port without `from`/`to`, or an empty peer).
+pub const POLICY_MATCH_ANY_PEER: u32 = 2;
 
 /// Where an event happened.
 pub const HOOK_XDP: u8 = 0;
@@ -39,7 +52,8 @@ pub struct EventV1 {
     pub reason: u32,
     pub ifindex: u32,
     pub proto: u8,
-    pub _pad: u8,
+    /// Policy events: `POLICY_INGRESS` or `POLICY_EGRESS`.
+    pub direction: u8,
     pub src_port: u16,
     pub dst_port: u16,
     pub _pad2: u16,
@@ -51,6 +65,9 @@ pub struct EventV1 {
     pub nat_port: u16,
     pub _pad3: u16,
     pub nat: [u32; 4],
+    /// Policy events: the number of the policy whose rule allowed the flow.
+    pub policy_id: u32,
+    pub _pad4: u32,
 }
 
 impl EventV1 {
@@ -85,7 +102,8 @@ pub struct EventBucketV1 {
     pub last_ns: u64,
 }
 
-/// Counters of `LB_EVSTAT_V1` (per CPU), at `EVENT_OUTCOMES * kind + outcome`.
+/// Counters of `LB_EVSTAT_V1` (per CPU), at `EVENT_OUTCOMES * kind + outcome`, for the
+/// kernel's kinds.
 pub const EVENT_EMITTED: u32 = 0;
 pub const EVENT_THROTTLED: u32 = 1;
 /// The ring buffer was full: the agent reads too slowly.
@@ -102,7 +120,7 @@ mod layout {
 
     #[test]
     fn events() {
-        assert_layout!(EventV1, size 88, align 8, { ts_ns @ 0, kind @ 8, hook @ 9, family @ 10, flags @ 11, reason @ 12, ifindex @ 16, proto @ 20, src_port @ 22, dst_port @ 24, src @ 28, dst @ 44, service_id @ 60, backend_id @ 64, nat_port @ 68, nat @ 72 });
+        assert_layout!(EventV1, size 96, align 8, { ts_ns @ 0, kind @ 8, hook @ 9, family @ 10, flags @ 11, reason @ 12, ifindex @ 16, proto @ 20, direction @ 21, src_port @ 22, dst_port @ 24, src @ 28, dst @ 44, service_id @ 60, backend_id @ 64, nat_port @ 68, nat @ 72, policy_id @ 88 });
         assert_layout!(EventConfigV1, size 24, align 8, { kinds @ 0, ns_per_event @ 8, burst_ns @ 16 });
         assert_layout!(EventBucketV1, size 16, align 8, { credit_ns @ 0, last_ns @ 8 });
     }
