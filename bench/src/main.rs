@@ -2,6 +2,7 @@
 //! and PNG plots to the output directory, and removes every namespace, mount and process it
 //! made. `--smoke` runs tiny sizes and few repeats (the test suite does, so this cannot rot).
 mod control_plane;
+mod cost;
 mod packet;
 mod plot;
 mod policy;
@@ -24,8 +25,14 @@ struct Args {
     #[arg(long)]
     smoke: bool,
     /// Suites to run.
-    #[arg(long, value_delimiter = ',', default_value = "maglev,packet,policy,dataplanes,socket,control-plane")]
+    #[arg(long, value_delimiter = ',', default_value = "maglev,packet,cost,policy,dataplanes,socket,control-plane")]
     suites: Vec<String>,
+    /// The cost suite's baseline: another build's BPF object of the same map schema (for
+    /// example the previous commit's `target/bpf/bpfel-unknown-none/release/lb-ebpf`),
+    /// measured beside this build's in the same run. Without it, this build's alone (in a
+    /// smoke run, this build's object stands in, to exercise the side-by-side code).
+    #[arg(long)]
+    baseline_object: Option<PathBuf>,
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
     out: PathBuf,
     /// Service counts of the control-plane suite [default: 1000,10000,100000].
@@ -57,6 +64,9 @@ fn main() -> Result<()> {
     }
     if args.suites.iter().any(|s| s == "packet") {
         packet_suite(&args, &mut md, &mut js)?;
+    }
+    if args.suites.iter().any(|s| s == "cost") {
+        cost_suite(&args, &mut md, &mut js)?;
     }
     if args.suites.iter().any(|s| s == "policy") {
         policy_suite(&args, &mut md, &mut js)?;
@@ -174,6 +184,30 @@ fn sweep_table<'a>(md: &mut String, unit: &str, sizes: &[usize], rows: &[(usize,
         writeln!(md, " {:.2} |", of(last).3.median / of(first).3.median)?;
     }
     Ok(paths)
+}
+
+fn cost_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    let cfg = if args.smoke { cost::Config { sizes: vec![1], batch: 20, samples: 2 } } else { cost::Config { sizes: vec![1, 100_000], batch: 500, samples: 10 } };
+    let (baseline, label) = match &args.baseline_object {
+        Some(path) => (Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?), format!("`{}`", path.display())),
+        None if args.smoke => (Some(lb_agent::dataplane::load::OBJECT.to_vec()), "this build's own object (smoke run)".to_string()),
+        None => (None, "none given".to_string()),
+    };
+    let rows = cost::run(&cfg, baseline)?;
+    writeln!(
+        md,
+        "\n## Per-packet cost by path, single runs, beside a baseline\n\n`lb_xdp`, {} samples of {} runs of `repeat = 1` per path: each sample the median minus the median of the XDP_PASS floor run the same way; the two objects' samples alternate. ns, median of the samples (min-max); the ratio is of each pair of samples. Baseline: {label}.\n\n| services | path | this build ns | baseline ns | this / baseline |\n|---|---|---|---|---|",
+        cfg.samples, cfg.batch
+    )?;
+    for r in &rows {
+        let or_dash = |s: Option<Summary>, d: usize| s.map_or("-".to_string(), |s| s.show(d));
+        writeln!(md, "| {} | {} | {} | {} | {} |", r.services, r.path, r.current.show(1), or_dash(r.baseline, 1), or_dash(r.ratio, 2))?;
+    }
+    js.insert(
+        "cost".into(),
+        json!(rows.iter().map(|r| json!({"services": r.services, "path": r.path, "ns": r.current.median, "min": r.current.min, "max": r.current.max, "baseline_ns": r.baseline.map(|s| s.median), "ratio": r.ratio.map(|s| s.median), "ratio_min": r.ratio.map(|s| s.min), "ratio_max": r.ratio.map(|s| s.max)})).collect::<Vec<_>>()),
+    );
+    Ok(())
 }
 
 fn policy_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String, serde_json::Value>) -> Result<()> {

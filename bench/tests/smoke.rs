@@ -12,7 +12,7 @@ fn every_suite_runs_and_writes_its_results() {
     let text = String::from_utf8_lossy(&run.stdout).to_string() + &String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{text}");
     let md = std::fs::read_to_string(out.join("results.md")).unwrap();
-    for heading in ["## Maglev table build", "## Per-packet cost", "## Per-packet cost of NetworkPolicy", "## Three dataplanes, one topology", "Ratios, same run", "## Node processes through the socket hook", "## Control plane at scale"] {
+    for heading in ["## Maglev table build", "## Per-packet cost", "## Per-packet cost by path, single runs, beside a baseline", "## Per-packet cost of NetworkPolicy", "## Three dataplanes, one topology", "Ratios, same run", "## Node processes through the socket hook", "## Control plane at scale"] {
         assert!(md.contains(heading), "{heading} missing:\n{md}");
     }
     for dataplane in ["lb (XDP/TC)", "iptables", "nftables"] {

@@ -569,6 +569,36 @@ fn remote_backend_is_snated_and_its_replies_translated_back() -> Result<()> {
     })
 }
 
+/// From outside, only packets to an address that replies of remote-backend flows go to are
+/// looked up as replies; a flow tracked before that filter existed gets its mark when an
+/// agent loads the maps again.
+#[test]
+fn replies_from_outside_pass_the_reply_filter_and_a_reload_marks_older_flows() -> Result<()> {
+    in_private_netns(|| {
+        let mut tb = routed_node()?;
+        tb.dataplane.apply(&[frontend([0; 4], NODE_PORT, IPPROTO_TCP, KIND_NODE_PORT, &[[10, 244, 2, 7]], false)])?;
+        let (_, out) = tb.run_xdp(&tcp_syn(CLIENT, NODE_IP, 46000, NODE_PORT))?;
+        let nat_port = decode(&out).sport;
+        let mut filter: aya::maps::Array<_, u8> = aya::maps::Array::try_from(tb.ebpf.map_mut(MAP_REPLY_FILTER).expect("the filter"))?;
+        let slot = reply_filter_slot(&ip4_raw(NODE_IP));
+        assert_eq!(filter.get(&slot, 0)?, 1, "the SNAT address is marked by the new flow");
+        let marked = (0..REPLY_FILTER_SLOTS).filter(|i| filter.get(i, 0).is_ok_and(|m| m != 0)).count();
+        assert_eq!(marked, 1, "and nothing else");
+
+        // As a flow of an older version would be: tracked, its reply address unmarked.
+        filter.set(slot, &0, 0)?;
+        let reply = tcp_ack([10, 244, 2, 7], NODE_IP, 8080, nat_port, b"");
+        let (verdict, out) = tb.run_xdp(&reply)?;
+        assert_eq!((verdict, out), (XDP_PASS, reply.clone()), "not looked up: passed untouched");
+        // An agent loading the pinned maps marks what the reverse-NAT entries expect.
+        let _reloaded = lb_agent::dataplane::load::load(&tb.mount.dir, &MapSizes::default())?;
+        let (verdict, out) = tb.run_xdp(&reply)?;
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(decode(&out).dst, CLIENT, "translated back to the client");
+        Ok(())
+    })
+}
+
 #[test]
 fn a_full_maglev_array_fails_only_the_service_that_does_not_fit() -> Result<()> {
     in_private_netns(|| {

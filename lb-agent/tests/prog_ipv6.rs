@@ -132,8 +132,8 @@ fn ipv6_new_flows_are_dnated_to_the_maglev_backend_and_replies_translated_back()
             let key = Ct6KeyV1 { src_addr: ip6_raw(CLIENT.octets()), dst_addr: ip6_raw(VIP.octets()), src_port: port_raw(sport), dst_port: port_raw(80), proto: IPPROTO_TCP, _pad: [0; 3] };
             let ct = tb.dataplane.maps.v6.conntrack.get(&key, 0)?;
             assert_eq!(ip6_addr(tb.dataplane.maps.v6.backends.get(&ct.backend_id, 0)?.addr), backend);
-            // The backend's SYN-ACK comes back from the frontend.
-            let (_, out) = tb.run_xdp(&tcp(backend, CLIENT, 8080, sport, "SA"))?;
+            // The backend's SYN-ACK, leaving its pod (TC), comes back from the frontend.
+            let (_, out) = tb.run_tc(&tcp(backend, CLIENT, 8080, sport, "SA"))?;
             let o = decode(&out);
             assert_eq!((o.src, o.sport, o.dst, o.dport), (VIP, 80, CLIENT, sport));
         }

@@ -3,7 +3,7 @@
 //! session affinity, Maglev backend selection, and SNAT port allocation (remote backends,
 //! hairpin). It only reads and writes maps; the hooks apply the returned [`Action`]. Written
 //! once for both address families ([`Family`]).
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use lb_common::*;
 
 use crate::{
@@ -56,14 +56,15 @@ const EEXIST: i32 = -17;
 #[inline(always)]
 pub fn decide<A: Family>(pkt: &Packet<A>, hook: Hook, bytes: u32) -> Action<A> {
     let t = &pkt.tuple;
-    let now = unsafe { bpf_ktime_get_ns() };
 
-    // 1. A reply of a flow we translated.
-    if let Some(rnat) = A::reverse_nat().get_ptr_mut(t) {
-        let rnat = unsafe { &mut *rnat };
-        rnat.last_seen_ns = now;
-        rnat.tcp_flags_seen |= pkt.tcp_flags;
-        return Action::Rewrite { reason: reason::FWD_REVERSE_NAT, to: reply_nat(rnat), forward: reply_forward(rnat, hook) };
+    // 1. A reply of a flow we translated. From outside, only a packet to an address that
+    //    replies of remote-backend flows are sent to can be one.
+    if hook == Hook::Pod || may_be_reply(&t.dst_addr) {
+        if let Some(rnat) = A::reverse_nat().get_ptr_mut(t) {
+            let rnat = unsafe { &mut *rnat };
+            touch(&mut rnat.last_seen_ns, &mut rnat.tcp_flags_seen, pkt.tcp_flags);
+            return Action::Rewrite { reason: reason::FWD_REVERSE_NAT, to: reply_nat(rnat), forward: reply_forward(rnat, hook) };
+        }
     }
 
     // 2. A frontend: exact address, or a NodePort on any of this node's addresses. Clients
@@ -93,8 +94,7 @@ pub fn decide<A: Family>(pkt: &Packet<A>, hook: Hook, bytes: u32) -> Action<A> {
         if ct.service_id == svc.service_id {
             if let Some(be) = A::backends().get(ct.backend_id) {
                 if !be.addr.is_zero() {
-                    ct.last_seen_ns = now;
-                    ct.tcp_flags_seen |= pkt.tcp_flags;
+                    let now = touch(&mut ct.last_seen_ns, &mut ct.tcp_flags_seen, pkt.tcp_flags);
                     if svc.flags & F_SVC_AFFINITY != 0 {
                         touch_affinity(&A::affinity_key(t.src_addr, svc.service_id), now);
                     }
@@ -115,6 +115,7 @@ pub fn decide<A: Family>(pkt: &Packet<A>, hook: Hook, bytes: u32) -> Action<A> {
     let cfg = config();
     let hash = flow_hash(t, cfg.hash_seed);
     let affinity = A::affinity_key(t.src_addr, svc.service_id);
+    let now = state_clock();
     let (backend_id, be) = match pick_backend::<A>(&svc, &affinity, hash, now) {
         Ok(picked) => picked,
         Err(why) => return Action::Drop(why),
@@ -151,6 +152,11 @@ pub fn decide<A: Family>(pkt: &Packet<A>, hook: Hook, bytes: u32) -> Action<A> {
         flags: if snat_addr.is_some() { F_CT_SNAT } else { 0 },
         ..Default::default()
     };
+    if be.flags & F_BACKEND_LOCAL == 0 {
+        // Its replies come from the network: the filter must let them through before the
+        // first one can arrive.
+        mark_reply_destination(snat_addr.as_ref().unwrap_or(&t.src_addr));
+    }
     if let Some(snat_addr) = snat_addr {
         // The reverse-NAT map is the port allocator: a port is ours once its entry is in.
         reply.dst_addr = snat_addr;
@@ -200,6 +206,46 @@ pub fn decide_icmp_error<A: Family>(err: &IcmpError<A>, hook: Hook) -> Option<(N
     // reverse-NAT map is keyed by.
     let rnat = unsafe { A::reverse_nat().get(&err.inner.reversed()) }?;
     Some((reply_nat(rnat), reply_forward(rnat, hook)))
+}
+
+/// The clock of conntrack, reverse-NAT and affinity timestamps: CLOCK_MONOTONIC at the
+/// grain of a scheduler tick, for a fraction of `bpf_ktime_get_ns`'s cost (lifetimes are
+/// seconds). Read only where a timestamp is written or compared.
+#[inline(always)]
+pub fn state_clock() -> u64 {
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// A packet of a tracked flow: its time and TCP flags recorded, each written only when it
+/// changes (an entry every CPU reads stays clean in their caches). Returns the time.
+#[inline(always)]
+fn touch(last_seen_ns: &mut u64, flags_seen: &mut u8, flags: u8) -> u64 {
+    let now = state_clock();
+    if *last_seen_ns != now {
+        *last_seen_ns = now;
+    }
+    if *flags_seen | flags != *flags_seen {
+        *flags_seen |= flags;
+    }
+    now
+}
+
+/// Whether a packet to `addr` from outside may be a reply of a remote-backend flow.
+#[inline(always)]
+fn may_be_reply<A: MapAddr>(addr: &A) -> bool {
+    LB_REPLYDST_V1.get(reply_filter_slot(addr)).is_some_and(|marked| *marked != 0)
+}
+
+/// Replies of a new remote-backend flow will come from outside to `addr`.
+#[inline(always)]
+fn mark_reply_destination<A: MapAddr>(addr: &A) {
+    let slot = reply_filter_slot(addr);
+    if let Some(marked) = LB_REPLYDST_V1.get_ptr_mut(slot) {
+        // A plain store of one byte: no read-modify-write to race with other CPUs.
+        if unsafe { *marked } == 0 {
+            unsafe { *marked = 1 };
+        }
+    }
 }
 
 /// How a reply leaves: from the frontend, to the client.
@@ -282,7 +328,9 @@ pub fn remember_affinity(svc: &ServiceV1, key: &AffinityKeyV1, backend_id: u32, 
 #[inline(always)]
 fn touch_affinity(key: &AffinityKeyV1, now: u64) {
     if let Some(affinity) = LB_AFFINITY_V1.get_ptr_mut(key) {
-        unsafe { (*affinity).last_seen_ns = now };
+        if unsafe { (*affinity).last_seen_ns } != now {
+            unsafe { (*affinity).last_seen_ns = now };
+        }
     }
 }
 

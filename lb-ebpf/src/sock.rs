@@ -7,7 +7,7 @@
 //! translated twice.
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr},
-    helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     macros::{cgroup_sock, cgroup_sock_addr},
     maps::LruHashMap,
     programs::{SockAddrContext, SockContext},
@@ -17,7 +17,7 @@ use lb_common::*;
 
 use crate::{
     family::Family,
-    lb::{lookup_frontend, pick_backend, remember_affinity},
+    lb::{lookup_frontend, pick_backend, remember_affinity, state_clock},
     maps::{count_reason, LB4_SKRNAT_V1, LB6_SKRNAT_V1, LB_SOCK_CFG_V1, LB_SOCK_SKIP_V1},
 };
 
@@ -212,7 +212,7 @@ fn to_backend<A: SockFamily, V: UserAddr<A>>(ctx: &SockAddrContext) -> i32 {
         return DENY;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = state_clock();
     // The socket cookie spreads the sockets of one namespace over the backends.
     let hash = flow_hash4(cookie as u32, (cookie >> 32) as u32, frontend_port, frontend_port, proto, 0);
     let affinity = AffinityKeyV1::netns(netns, svc.service_id);

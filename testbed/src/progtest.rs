@@ -22,8 +22,13 @@ pub struct Testbed {
 
 impl Testbed {
     pub fn new(sizes: &MapSizes) -> Result<Self> {
+        Self::with_object(sizes, load::OBJECT)
+    }
+
+    /// The same with another build's object of the same schema (a benchmark's baseline).
+    pub fn with_object(sizes: &MapSizes, object: &[u8]) -> Result<Self> {
         let mount = BpfMount::new("test")?;
-        let mut ebpf = load::load(&mount.dir, sizes)?;
+        let mut ebpf = load::load_from(&mount.dir, sizes, object)?;
         let xdp: &mut Xdp = ebpf.program_mut(load::XDP_PROGRAM).context("no XDP program")?.try_into()?;
         xdp.load().context("verifier rejected lb_xdp")?;
         let pass: &mut Xdp = ebpf.program_mut(load::XDP_PASS_PROGRAM).context("no XDP pass program")?.try_into()?;

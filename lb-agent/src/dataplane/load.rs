@@ -80,32 +80,58 @@ pub struct MapSizes {
 /// Loads the object. Maps already pinned in `pin_dir` (an earlier agent's) are adopted as they
 /// are, so their entries, conntrack included, survive a restart; missing ones are created and pinned.
 pub fn load(pin_dir: &Path, sizes: &MapSizes) -> Result<Ebpf> {
+    load_from(pin_dir, sizes, OBJECT)
+}
+
+/// The same with another build's object of schema v1 (a benchmark's baseline).
+pub fn load_from(pin_dir: &Path, sizes: &MapSizes, object: &[u8]) -> Result<Ebpf> {
     log::info!("{}", super::memory::summary(&super::memory::estimate(sizes)?));
     ensure_bpffs(pin_dir)?;
     set_aside_incompatible_pins(pin_dir)?;
     let resized = set_aside_resized_pins(pin_dir, sizes)?;
-    let mut ebpf = load_object(pin_dir, sizes)?;
+    let mut ebpf = load_object(pin_dir, sizes, object)?;
     for (name, aside) in resized {
         let copied = copy_entries(&mut ebpf, name, &aside).with_context(|| format!("copying {name} from {} into its resized map", aside.display()))?;
         std::fs::remove_file(&aside).with_context(|| format!("removing {}", aside.display()))?;
         log::info!("{name}: {copied} entries carried over into the resized map");
     }
     migrate_slot_array_v1(&mut ebpf, pin_dir)?;
+    fill_reply_filter(&mut ebpf)?;
     Ok(ebpf)
 }
 
-fn load_object(pin_dir: &Path, sizes: &MapSizes) -> Result<Ebpf> {
+/// Marks in the reply filter the destination of every reply the reverse-NAT maps expect, so
+/// that flows tracked before the filter existed (an upgrade over pinned maps) keep their
+/// replies. Idempotent; marks are only ever added.
+fn fill_reply_filter(ebpf: &mut Ebpf) -> Result<()> {
+    use aya::maps::{Array, HashMap, MapData};
+    fn destinations<A: lb_common::MapAddr + aya::Pod>(ebpf: &Ebpf, name: &str) -> Result<std::collections::BTreeSet<u32>> {
+        let map: HashMap<&MapData, CtKeyV1<A>, RevNatV1<A>> = ebpf.map(name).with_context(|| format!("no map {name}"))?.try_into()?;
+        Ok(map.keys().filter_map(|k| k.ok()).map(|k| reply_filter_slot(&k.dst_addr)).collect())
+    }
+    let mut slots = destinations::<Addr4>(ebpf, MAP_REVERSE_NAT)?;
+    slots.extend(destinations::<Addr6>(ebpf, MAP_REVERSE_NAT6)?);
+    // An object older than the filter (a benchmark's baseline) has none to fill.
+    let Some(filter) = ebpf.map_mut(MAP_REPLY_FILTER) else { return Ok(()) };
+    let mut filter: Array<&mut MapData, u8> = filter.try_into()?;
+    for slot in slots {
+        filter.set(slot, &1, 0).with_context(|| format!("marking slot {slot} of {MAP_REPLY_FILTER}"))?;
+    }
+    Ok(())
+}
+
+fn load_object(pin_dir: &Path, sizes: &MapSizes, object: &[u8]) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(pin_dir);
     for (name, capacity) in flag_sized(sizes) {
         loader.map_max_entries(name, capacity);
     }
-    loader.load(OBJECT).with_context(|| format!("loading the BPF object with maps pinned in {}", pin_dir.display()))
+    loader.load(object).with_context(|| format!("loading the BPF object with maps pinned in {}", pin_dir.display()))
 }
 
 /// Key and value sizes of every map of schema v1, as the kernel reports them, and the
 /// capacity where the schema fixes it (the rest are sized by flags).
-fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 46] {
+fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 47] {
     use lb_common::*;
     use std::mem::size_of;
     [
@@ -156,6 +182,7 @@ fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 46] {
         (MAP_EVENT_CONFIG, 4, size_of::<EventConfigV1>(), Some(1)),
         (MAP_EVENT_BUCKET, 4, size_of::<EventBucketV1>(), Some(1)),
         (MAP_EVENT_STATS, 4, 8, Some(EVENT_OUTCOMES * EVENT_KIND_SLOTS)),
+        (MAP_REPLY_FILTER, 4, 1, Some(REPLY_FILTER_SLOTS)),
     ]
 }
 

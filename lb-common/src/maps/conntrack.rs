@@ -9,6 +9,22 @@ pub const MAP_REVERSE_NAT: &str = "LB4_RNAT_V1";
 /// The IPv6 twins: `Ct6KeyV1 -> Ct6EntryV1` and `Ct6KeyV1 -> RevNat6V1`.
 pub const MAP_CONNTRACK6: &str = "LB6_CT_V1";
 pub const MAP_REVERSE_NAT6: &str = "LB6_RNAT_V1";
+/// Array `u32 -> u8`, `REPLY_FILTER_SLOTS` of them: 1 at `reply_filter_slot(addr)` for every
+/// address that replies of remote-backend flows are sent to (the SNAT address, pods that
+/// reached a remote backend), both families. From outside, a packet to an address whose slot
+/// is 0 cannot be a reply, and skips the reverse-NAT lookup. Slots are never cleared: a stale
+/// one only costs that lookup; a missing one would lose replies.
+pub const MAP_REPLY_FILTER: &str = "LB_REPLYDST_V1";
+pub const REPLY_FILTER_SLOTS: u32 = 1 << 16;
+
+/// The reply-filter slot of an address (its words folded, then a multiplicative hash).
+/// Shared by the kernel, which sets and reads it, and the agent, which fills it from
+/// reverse-NAT entries written before the filter existed.
+#[inline(always)]
+pub fn reply_filter_slot<A: MapAddr>(addr: &A) -> u32 {
+    let folded = addr.words().iter().fold(0u32, |acc, w| acc ^ w);
+    folded.wrapping_mul(0x9E37_79B1) >> 16
+}
 
 /// A flow's 5-tuple, as seen on the wire in one direction.
 #[repr(C)]
@@ -113,6 +129,18 @@ mod layout {
             last_seen_ns @ 0, backend_id @ 8, service_id @ 12, nat_addr @ 16, nat_port @ 32,
             tcp_flags_seen @ 34, flags @ 35, _pad @ 36,
         });
+    }
+
+    #[test]
+    fn reply_filter_slots_are_in_range_and_fixed() {
+        // Kernel and agent compute slots on their own: a change here must be a new map version.
+        let v4 = crate::ip4_raw([10, 99, 0, 1]);
+        let v6 = crate::ip6_raw([0xfd, 0, 0, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        let (s4, s6) = (reply_filter_slot(&v4), reply_filter_slot(&v6));
+        assert!(s4 < REPLY_FILTER_SLOTS && s6 < REPLY_FILTER_SLOTS);
+        let folded4 = u32::from_ne_bytes([10, 99, 0, 1]);
+        assert_eq!(s4, folded4.wrapping_mul(0x9E37_79B1) >> 16);
+        assert_ne!(s4, reply_filter_slot(&crate::ip4_raw([10, 99, 0, 2])), "neighbouring addresses spread");
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub use socket::*;
 pub use source_range::*;
 
 /// Every pinned map of schema v1.
-pub const ALL_MAPS: [&str; 46] = [
+pub const ALL_MAPS: [&str; 47] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_MAGLEV,
@@ -89,6 +89,7 @@ pub const ALL_MAPS: [&str; 46] = [
     MAP_EVENT_CONFIG,
     MAP_EVENT_BUCKET,
     MAP_EVENT_STATS,
+    MAP_REPLY_FILTER,
 ];
 
 /// The longest start of `text` that fits `max` bytes and ends on a character boundary: how

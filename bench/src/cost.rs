@@ -1,0 +1,172 @@
+//! Per-packet cost of every XDP path by the single-run method (as the Katran comparison was
+//! measured), with this build's object beside a baseline object (another build's, e.g. the
+//! previous commit's) in one run.
+//!
+//! Each sample is a batch of `batch` runs of `repeat = 1` per path: the median minus the
+//! median of the XDP_PASS floor run the same way, in the same batch. The two objects' batches
+//! alternate, so drift on the machine moves both alike; their ratio is taken per pair of
+//! batches. The setup follows the Katran one: a frontend of 100 local backends, one of 100
+//! remote backends (SNAT and the FIB towards node B), the rest of the frontend map filled.
+use std::net::{IpAddr, Ipv4Addr};
+
+use anyhow::{ensure, Context, Result};
+use lb_agent::dataplane::{load::MapSizes, BackendSpec, Frontend, FrontendKey};
+use lb_common::*;
+use testbed::{netns::sh, progtest::Testbed};
+
+use crate::{packet::syn, stats::Summary};
+
+pub struct Config {
+    pub sizes: Vec<usize>,
+    /// Runs of one iteration per sample.
+    pub batch: usize,
+    pub samples: usize,
+}
+
+pub struct Row {
+    pub services: usize,
+    pub path: &'static str,
+    pub current: Summary,
+    pub baseline: Option<Summary>,
+    /// current / baseline of each pair of samples measured together.
+    pub ratio: Option<Summary>,
+}
+
+/// XDP verdicts (linux/bpf.h).
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+
+const NODE_IP: [u8; 4] = [10, 99, 0, 1];
+const LOCAL_VIP: [u8; 4] = [10, 96, 0, 1];
+const REMOTE_VIP: [u8; 4] = [10, 99, 100, 1];
+const CLIENT: [u8; 4] = [192, 0, 2, 10];
+
+/// The paths: a name, the verdict each run must give, and the packet of run `i` (a new flow
+/// needs a packet of its own each run; the others repeat one).
+struct Path {
+    name: &'static str,
+    verdict: u32,
+    packet: Box<dyn Fn(usize) -> Vec<u8>>,
+}
+
+fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src, dst, 64).udp(sport, dport).write(&mut out, &[0; 16]).expect("fits a Vec");
+    out
+}
+
+/// A distinct client for new flow `i` (and `salt` to keep the paths' flows apart).
+fn new_client(i: usize, salt: u8) -> ([u8; 4], u16) {
+    ([172, 16 + salt, (i >> 8) as u8, i as u8], 1024 + (i % 60_000) as u16)
+}
+
+fn frontend(vip: [u8; 4], proto: u8, kind: u8, backends: impl Iterator<Item = [u8; 4]>, local: bool) -> Frontend {
+    Frontend {
+        key: FrontendKey { addr: IpAddr::from(vip), port: port_raw(80), proto, scope: SCOPE_CLUSTER },
+        kind,
+        name: format!("bench/{}:{proto}", Ipv4Addr::from(vip)).into(),
+        backends: backends.map(|a| BackendSpec { addr: a.into(), port: 8080, local, weight: 1 }).collect(),
+        ..Frontend::default()
+    }
+}
+
+/// A testbed of `object` with `n` frontends: the measured ones, and copies filling the map.
+fn testbed(object: &[u8], n: usize, flows: u32) -> Result<Testbed> {
+    let mut tb = Testbed::with_object(&MapSizes { flows: Some(flows), ..Default::default() }, object)?;
+    tb.dataplane.set_config(ConfigV1 { hash_seed: 0, snat_addr: ip4_raw(NODE_IP), nat_port_min: NAT_PORT_MIN, nat_port_max: NAT_PORT_MAX, _pad: 0 })?;
+    tb.dataplane.set_node_ips(&[(IpAddr::from(NODE_IP), 0)])?;
+    let local = || (0..100u8).map(|i| [10, 244, 1, i + 1]);
+    let measured = [
+        frontend(LOCAL_VIP, IPPROTO_TCP, KIND_CLUSTER_IP, local(), true),
+        frontend(LOCAL_VIP, IPPROTO_UDP, KIND_CLUSTER_IP, local(), true),
+        frontend(REMOTE_VIP, IPPROTO_TCP, KIND_LOAD_BALANCER, (0..100u8).map(|i| [10, 244, 2, i + 1]), false),
+    ];
+    tb.dataplane.apply(&measured)?;
+    let shared = tb.dataplane.service(&measured[0].key).context("programmed")?;
+    for i in 0..n.saturating_sub(measured.len()) {
+        let key = Service4KeyV1 { addr: ip4_raw([10, 200 + (i >> 16) as u8, (i >> 8) as u8, i as u8]), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER };
+        tb.dataplane.maps.v4.services.insert(&key, &shared, 0)?;
+    }
+    Ok(tb)
+}
+
+/// The measured paths, over one testbed's state: the established ones reuse the flow their
+/// first run made; the reply path answers a remote flow made here.
+fn paths(tb: &Testbed) -> Result<Vec<Path>> {
+    let (_, sent) = tb.run_xdp(&syn(CLIENT, 999, REMOTE_VIP, 80))?;
+    let nat_port = u16::from_be_bytes([sent[14 + 20], sent[14 + 21]]);
+    let backend = [sent[14 + 16], sent[14 + 17], sent[14 + 18], sent[14 + 19]];
+    let mut reply = Vec::new();
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0x0b], [2, 0, 0, 0, 0, 1]).ipv4(backend, NODE_IP, 64).tcp(8080, nat_port, 1, 64240).syn().ack(2).write(&mut reply, &[])?;
+    Ok(vec![
+        Path { name: "not a service (pass)", verdict: XDP_PASS, packet: Box::new(|_| syn(CLIENT, 1000, [10, 1, 1, 1], 80)) },
+        Path { name: "not a service, to a node address", verdict: XDP_PASS, packet: Box::new(|_| syn(CLIENT, 1000, NODE_IP, 22)) },
+        Path { name: "new flow, local backend (TCP)", verdict: XDP_PASS, packet: Box::new(|i| { let (c, p) = new_client(i, 0); syn(c, p, LOCAL_VIP, 80) }) },
+        Path { name: "established flow, local backend (TCP)", verdict: XDP_PASS, packet: Box::new(|_| syn(CLIENT, 1001, LOCAL_VIP, 80)) },
+        Path { name: "new flow, local backend (UDP)", verdict: XDP_PASS, packet: Box::new(|i| { let (c, p) = new_client(i, 1); udp(c, p, LOCAL_VIP, 80) }) },
+        Path { name: "established flow, local backend (UDP)", verdict: XDP_PASS, packet: Box::new(|_| udp(CLIENT, 1001, LOCAL_VIP, 80)) },
+        Path { name: "new flow, remote backend (SNAT + FIB)", verdict: XDP_REDIRECT, packet: Box::new(|i| { let (c, p) = new_client(i, 2); syn(c, p, REMOTE_VIP, 80) }) },
+        Path { name: "established flow, remote backend", verdict: XDP_REDIRECT, packet: Box::new(|_| syn(CLIENT, 1002, REMOTE_VIP, 80)) },
+        Path { name: "reply of a remote flow (reverse NAT + FIB)", verdict: XDP_REDIRECT, packet: Box::new(move |_| reply.clone()) },
+    ])
+}
+
+/// One sample of `path`: the median of `batch` single runs minus the floor's, from run `first` on.
+fn sample(tb: &Testbed, path: &Path, first: usize, batch: usize) -> Result<f64> {
+    let floor_packet = syn(CLIENT, 1000, [10, 1, 1, 1], 80);
+    let mut floor = Vec::with_capacity(batch);
+    let mut ns = Vec::with_capacity(batch);
+    for i in first..first + batch {
+        floor.push(tb.time_xdp_pass(&floor_packet, 1)?.1);
+        let (verdict, took) = tb.time_xdp(&(path.packet)(i), 1)?;
+        ensure!(verdict == path.verdict, "{}: verdict {verdict}, not {}", path.name, path.verdict);
+        ns.push(took);
+    }
+    Ok(Summary::of(&ns).median - Summary::of(&floor).median)
+}
+
+/// The node's link towards node B (the remote backends) with a static neighbour, in this
+/// (private) namespace, for the FIB lookups of the remote paths.
+fn routed_node() -> Result<()> {
+    sh("ip link add lbt0 type veth peer name lbt1 && ip link set lbt0 address 02:00:00:00:00:01 && ip link set lbt0 up && ip link set lbt1 up \
+        && ip addr add 10.99.0.1/24 dev lbt0 && ip route add 10.244.2.0/24 via 10.99.0.2 && ip route add default via 10.99.0.254 \
+        && ip neigh add 10.99.0.2 lladdr 02:00:00:00:00:0b dev lbt0 nud permanent \
+        && ip neigh add 10.99.0.254 lladdr 02:00:00:00:00:fe dev lbt0 nud permanent && sysctl -qw net.ipv4.conf.all.forwarding=1")?;
+    Ok(())
+}
+
+/// Runs in a private network namespace (its own routes and links, gone with it).
+pub fn run(cfg: &Config, baseline: Option<Vec<u8>>) -> Result<Vec<Row>> {
+    let (sizes, batch, samples) = (cfg.sizes.clone(), cfg.batch, cfg.samples);
+    testbed::netns::in_private_netns(move || {
+        routed_node()?;
+        let mut rows = Vec::new();
+        // Room for every new flow of both objects' runs.
+        let flows = (4 * batch * samples + 1024).next_power_of_two() as u32;
+        for n in sizes {
+            let current = testbed(lb_agent::dataplane::load::OBJECT, n, flows)?;
+            let previous = baseline.as_deref().map(|object| testbed(object, n, flows)).transpose()?;
+            let current_paths = paths(&current)?;
+            let previous_paths = previous.as_ref().map(paths).transpose()?;
+            for (i, path) in current_paths.iter().enumerate() {
+                let (mut now, mut before) = (Vec::new(), Vec::new());
+                for s in 0..samples {
+                    // Each sample's new flows are its own; the two objects' runs alternate.
+                    now.push(sample(&current, path, s * batch, batch)?);
+                    if let (Some(tb), Some(paths)) = (&previous, &previous_paths) {
+                        before.push(sample(tb, &paths[i], s * batch, batch)?);
+                    }
+                }
+                let ratios: Vec<f64> = now.iter().zip(&before).map(|(a, b)| a / b).collect();
+                rows.push(Row {
+                    services: n,
+                    path: path.name,
+                    current: Summary::of(&now),
+                    baseline: (!before.is_empty()).then(|| Summary::of(&before)),
+                    ratio: (!ratios.is_empty()).then(|| Summary::of(&ratios)),
+                });
+            }
+        }
+        Ok(rows)
+    })
+}
