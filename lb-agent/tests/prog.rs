@@ -569,32 +569,47 @@ fn remote_backend_is_snated_and_its_replies_translated_back() -> Result<()> {
     })
 }
 
-/// From outside, only packets to an address that replies of remote-backend flows go to are
-/// looked up as replies; a flow tracked before that filter existed gets its mark when an
-/// agent loads the maps again.
+/// From outside, a packet is looked up as a reply only when it goes to the SNAT address on a
+/// NAT port, or to a pod the reply filter marks (one that reached a remote backend without
+/// SNAT); a flow tracked before the filter existed gets its mark when an agent loads the maps
+/// again.
 #[test]
 fn replies_from_outside_pass_the_reply_filter_and_a_reload_marks_older_flows() -> Result<()> {
     in_private_netns(|| {
         let mut tb = routed_node()?;
-        tb.dataplane.apply(&[frontend([0; 4], NODE_PORT, IPPROTO_TCP, KIND_NODE_PORT, &[[10, 244, 2, 7]], false)])?;
+        let remote = [10, 244, 2, 7];
+        tb.dataplane.apply(&[frontend([0; 4], NODE_PORT, IPPROTO_TCP, KIND_NODE_PORT, &[remote], false), frontend(VIP, 80, IPPROTO_TCP, KIND_CLUSTER_IP, &[remote], false)])?;
+        let filter_marks = |tb: &Testbed| -> Result<Vec<u32>> {
+            let filter: aya::maps::Array<_, u8> = aya::maps::Array::try_from(tb.ebpf.map(MAP_REPLY_FILTER).expect("the filter"))?;
+            Ok((0..REPLY_FILTER_SLOTS).filter(|i| filter.get(i, 0).is_ok_and(|m| m != 0)).collect())
+        };
+        // SNAT: its reply is let through by address and port, nothing is marked.
         let (_, out) = tb.run_xdp(&tcp_syn(CLIENT, NODE_IP, 46000, NODE_PORT))?;
         let nat_port = decode(&out).sport;
-        let mut filter: aya::maps::Array<_, u8> = aya::maps::Array::try_from(tb.ebpf.map_mut(MAP_REPLY_FILTER).expect("the filter"))?;
-        let slot = reply_filter_slot(&ip4_raw(NODE_IP));
-        assert_eq!(filter.get(&slot, 0)?, 1, "the SNAT address is marked by the new flow");
-        let marked = (0..REPLY_FILTER_SLOTS).filter(|i| filter.get(i, 0).is_ok_and(|m| m != 0)).count();
-        assert_eq!(marked, 1, "and nothing else");
+        assert_eq!(filter_marks(&tb)?, Vec::<u32>::new());
+        let (verdict, out) = tb.run_xdp(&tcp_ack(remote, NODE_IP, 8080, nat_port, b""))?;
+        assert_eq!((verdict, decode(&out).dst), (XDP_REDIRECT, CLIENT), "the SNAT reply translated back");
+
+        // A pod (TC) reaching the remote backend without SNAT: its address is marked.
+        let pod = [10, 244, 1, 20];
+        let (_, out) = tb.run_tc(&tcp_syn(pod, VIP, 47000, 80))?;
+        assert_eq!((decode(&out).src, decode(&out).dst), (pod, remote), "DNAT only");
+        let slot = reply_filter_slot(&ip4_raw(pod));
+        assert_eq!(filter_marks(&tb)?, vec![slot]);
+        let reply = tcp_ack(remote, pod, 8080, 47000, b"");
+        let (verdict, out) = tb.run_xdp(&reply)?;
+        assert_eq!((verdict, decode(&out).src, decode(&out).sport), (XDP_PASS, VIP, 80), "the backend's reply arrives from outside, from the frontend");
 
         // As a flow of an older version would be: tracked, its reply address unmarked.
+        let mut filter: aya::maps::Array<_, u8> = aya::maps::Array::try_from(tb.ebpf.map_mut(MAP_REPLY_FILTER).expect("the filter"))?;
         filter.set(slot, &0, 0)?;
-        let reply = tcp_ack([10, 244, 2, 7], NODE_IP, 8080, nat_port, b"");
         let (verdict, out) = tb.run_xdp(&reply)?;
         assert_eq!((verdict, out), (XDP_PASS, reply.clone()), "not looked up: passed untouched");
         // An agent loading the pinned maps marks what the reverse-NAT entries expect.
         let _reloaded = lb_agent::dataplane::load::load(&tb.mount.dir, &MapSizes::default())?;
-        let (verdict, out) = tb.run_xdp(&reply)?;
-        assert_eq!(verdict, XDP_REDIRECT);
-        assert_eq!(decode(&out).dst, CLIENT, "translated back to the client");
+        assert_eq!(filter_marks(&tb)?, vec![slot], "the pod again, not the SNAT address");
+        let (_, out) = tb.run_xdp(&reply)?;
+        assert_eq!(decode(&out).src, VIP, "translated back");
         Ok(())
     })
 }

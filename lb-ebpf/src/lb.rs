@@ -57,9 +57,9 @@ const EEXIST: i32 = -17;
 pub fn decide<A: Family>(pkt: &Packet<A>, hook: Hook, bytes: u32) -> Action<A> {
     let t = &pkt.tuple;
 
-    // 1. A reply of a flow we translated. From outside, only a packet to an address that
-    //    replies of remote-backend flows are sent to can be one.
-    if hook == Hook::Pod || may_be_reply(&t.dst_addr) {
+    // 1. A reply of a flow we translated. From outside, only a packet to where replies of
+    //    remote-backend flows are sent can be one.
+    if hook == Hook::Pod || may_be_reply(t) {
         if let Some(rnat) = A::reverse_nat().get_ptr_mut(t) {
             let rnat = unsafe { &mut *rnat };
             touch(&mut rnat.last_seen_ns, &mut rnat.tcp_flags_seen, pkt.tcp_flags);
@@ -152,10 +152,10 @@ pub fn decide<A: Family>(pkt: &Packet<A>, hook: Hook, bytes: u32) -> Action<A> {
         flags: if snat_addr.is_some() { F_CT_SNAT } else { 0 },
         ..Default::default()
     };
-    if be.flags & F_BACKEND_LOCAL == 0 {
-        // Its replies come from the network: the filter must let them through before the
-        // first one can arrive.
-        mark_reply_destination(snat_addr.as_ref().unwrap_or(&t.src_addr));
+    if be.flags & F_BACKEND_LOCAL == 0 && snat_addr.is_none() {
+        // Its replies come from the network to the client (a pod of this node): the filter
+        // must let them through before the first one can arrive.
+        mark_reply_destination(&t.src_addr);
     }
     if let Some(snat_addr) = snat_addr {
         // The reverse-NAT map is the port allocator: a port is ours once its entry is in.
@@ -230,10 +230,17 @@ fn touch(last_seen_ns: &mut u64, flags_seen: &mut u8, flags: u8) -> u64 {
     now
 }
 
-/// Whether a packet to `addr` from outside may be a reply of a remote-backend flow.
+/// Whether a packet `t` from outside may be a reply of a remote-backend flow: to the SNAT
+/// address on a NAT port, or to an address the reply filter marks (pods that reached a
+/// remote backend without SNAT).
 #[inline(always)]
-fn may_be_reply<A: MapAddr>(addr: &A) -> bool {
-    LB_REPLYDST_V1.get(reply_filter_slot(addr)).is_some_and(|marked| *marked != 0)
+fn may_be_reply<A: Family>(t: &CtKeyV1<A>) -> bool {
+    let cfg = config();
+    let port = u16::from_be(t.dst_port);
+    if (cfg.nat_port_min..=cfg.nat_port_max).contains(&port) && t.dst_addr == A::snat_addr(&cfg) {
+        return true;
+    }
+    LB_REPLYDST_V1.get(reply_filter_slot(&t.dst_addr)).is_some_and(|marked| *marked != 0)
 }
 
 /// Replies of a new remote-backend flow will come from outside to `addr`.

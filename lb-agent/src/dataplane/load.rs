@@ -100,17 +100,22 @@ pub fn load_from(pin_dir: &Path, sizes: &MapSizes, object: &[u8]) -> Result<Ebpf
     Ok(ebpf)
 }
 
-/// Marks in the reply filter the destination of every reply the reverse-NAT maps expect, so
+/// Marks in the reply filter the destination of every reply the reverse-NAT maps expect but
+/// for SNAT replies to the SNAT address (the kernel lets those through by their port), so
 /// that flows tracked before the filter existed (an upgrade over pinned maps) keep their
 /// replies. Idempotent; marks are only ever added.
 fn fill_reply_filter(ebpf: &mut Ebpf) -> Result<()> {
     use aya::maps::{Array, HashMap, MapData};
-    fn destinations<A: lb_common::MapAddr + aya::Pod>(ebpf: &Ebpf, name: &str) -> Result<std::collections::BTreeSet<u32>> {
+    fn destinations<A: lb_common::MapAddr + aya::Pod>(ebpf: &Ebpf, name: &str, snat: A) -> Result<std::collections::BTreeSet<u32>> {
         let map: HashMap<&MapData, CtKeyV1<A>, RevNatV1<A>> = ebpf.map(name).with_context(|| format!("no map {name}"))?.try_into()?;
-        Ok(map.keys().filter_map(|k| k.ok()).map(|k| reply_filter_slot(&k.dst_addr)).collect())
+        let to_snat_address = |k: &CtKeyV1<A>, v: &RevNatV1<A>| v.flags & F_CT_SNAT != 0 && k.dst_addr == snat;
+        Ok(map.iter().filter_map(|e| e.ok()).filter(|(k, v)| !to_snat_address(k, v)).map(|(k, _)| reply_filter_slot(&k.dst_addr)).collect())
     }
-    let mut slots = destinations::<Addr4>(ebpf, MAP_REVERSE_NAT)?;
-    slots.extend(destinations::<Addr6>(ebpf, MAP_REVERSE_NAT6)?);
+    let config: Array<&MapData, ConfigV1> = ebpf.map(MAP_CONFIG).with_context(|| format!("no map {MAP_CONFIG}"))?.try_into()?;
+    let config6: Array<&MapData, Config6V1> = ebpf.map(MAP_CONFIG6).with_context(|| format!("no map {MAP_CONFIG6}"))?.try_into()?;
+    let (snat4, snat6) = (config.get(&0, 0).map_or(0, |c| c.snat_addr), config6.get(&0, 0).map_or([0; 4], |c| c.snat_addr));
+    let mut slots = destinations::<Addr4>(ebpf, MAP_REVERSE_NAT, snat4)?;
+    slots.extend(destinations::<Addr6>(ebpf, MAP_REVERSE_NAT6, snat6)?);
     // An object older than the filter (a benchmark's baseline) has none to fill.
     let Some(filter) = ebpf.map_mut(MAP_REPLY_FILTER) else { return Ok(()) };
     let mut filter: Array<&mut MapData, u8> = filter.try_into()?;

@@ -10,10 +10,11 @@ pub const MAP_REVERSE_NAT: &str = "LB4_RNAT_V1";
 pub const MAP_CONNTRACK6: &str = "LB6_CT_V1";
 pub const MAP_REVERSE_NAT6: &str = "LB6_RNAT_V1";
 /// Array `u32 -> u8`, `REPLY_FILTER_SLOTS` of them: 1 at `reply_filter_slot(addr)` for every
-/// address that replies of remote-backend flows are sent to (the SNAT address, pods that
-/// reached a remote backend), both families. From outside, a packet to an address whose slot
-/// is 0 cannot be a reply, and skips the reverse-NAT lookup. Slots are never cleared: a stale
-/// one only costs that lookup; a missing one would lose replies.
+/// address that replies of remote-backend flows are sent to without SNAT (pods of this node
+/// that reached a remote backend), both families. From outside, a packet to neither such an
+/// address nor the SNAT address on a NAT port cannot be a reply, and skips the reverse-NAT
+/// lookup. Slots are never cleared: a stale one only costs that lookup; a missing one would
+/// lose replies.
 pub const MAP_REPLY_FILTER: &str = "LB_REPLYDST_V1";
 pub const REPLY_FILTER_SLOTS: u32 = 1 << 16;
 
