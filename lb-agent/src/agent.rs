@@ -164,6 +164,10 @@ impl Agent {
         let flow_events = crate::events::EventLog::new(cfg.events.buffer, cfg.events.rate, cfg.events.burst);
         let event_names = crate::events::SharedNames::default();
         crate::events::start_reader(ring, cfg.pin_dir.clone(), cfg.node_name.clone(), event_names.clone(), flow_events.clone())?;
+        // Cached next hops follow the node's neighbours and routes.
+        if let Err(e) = crate::dataplane::next_hops::watch(&cfg.pin_dir) {
+            log::warn!("{e:#}: cached next hops only age out (1 s)");
+        }
         let maps = Maps::take(&mut ebpf)?;
         let mut dataplane = Dataplane::new(maps, cfg.hash_seed as u64, cfg.maglev_min_table)?;
         let adopted = dataplane.adopt(counters_pinned)?;

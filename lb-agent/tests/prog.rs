@@ -614,6 +614,54 @@ fn replies_from_outside_pass_the_reply_filter_and_a_reload_marks_older_flows() -
     })
 }
 
+/// Packets of an established remote flow take the next hop cached when its first packet was
+/// routed through the FIB, until a routing change bumps the generation (the agent's watcher
+/// sees the neighbour change) or a second passes; a new flow always asks the FIB.
+#[test]
+fn established_remote_flows_use_the_cached_next_hop_until_a_routing_change() -> Result<()> {
+    in_private_netns(|| {
+        let mut tb = routed_node()?;
+        tb.dataplane.apply(&[frontend([0; 4], NODE_PORT, IPPROTO_TCP, KIND_NODE_PORT, &[[10, 244, 2, 7]], false)])?;
+        let neighbour_mac = |tb: &Testbed, sport: u16| -> Result<[u8; 6]> { Ok(decode(&tb.run_xdp(&tcp_syn(CLIENT, NODE_IP, sport, NODE_PORT))?.1).eth_dst) };
+        assert_eq!(neighbour_mac(&tb, 46000)?, [2, 0, 0, 0, 0, 0x0b], "the FIB's answer");
+        let next_hops: aya::maps::HashMap<_, NextHop4KeyV1, NextHopV1> = aya::maps::HashMap::try_from(tb.ebpf.map(MAP_NEXT_HOPS).expect("the cache"))?;
+        let cached: Vec<(NextHop4KeyV1, NextHopV1)> = next_hops.iter().collect::<Result<_, _>>()?;
+        assert_eq!(cached.len(), 1, "cached: {cached:?}");
+        assert_eq!((cached[0].0.dst, cached[0].1.dmac), (ip4_raw([10, 244, 2, 7]), [2, 0, 0, 0, 0, 0x0b]));
+
+        // Node B's MAC changes; nothing watches yet, so the established flow keeps the cached
+        // next hop, and a new flow asks the FIB.
+        sh("ip neigh replace 10.99.0.2 lladdr 02:00:00:00:00:0c dev lbt0 nud permanent")?;
+        assert_eq!(neighbour_mac(&tb, 46000)?, [2, 0, 0, 0, 0, 0x0b], "established: cached");
+        assert_eq!(neighbour_mac(&tb, 46001)?, [2, 0, 0, 0, 0, 0x0c], "new flow: the FIB");
+        // (which refreshed the cache for this destination)
+        assert_eq!(neighbour_mac(&tb, 46000)?, [2, 0, 0, 0, 0, 0x0c]);
+
+        // The agent's watcher bumps the generation on the next change.
+        lb_agent::dataplane::next_hops::watch(&tb.mount.dir)?;
+        let generation = lb_agent::dataplane::next_hops::Generation::open(&tb.mount.dir)?;
+        let before = generation.get()?;
+        sh("ip neigh replace 10.99.0.2 lladdr 02:00:00:00:00:0d dev lbt0 nud permanent")?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while generation.get()? == before && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(generation.get()? != before, "the neighbour change bumped the generation");
+        assert_eq!(neighbour_mac(&tb, 46000)?, [2, 0, 0, 0, 0, 0x0d], "established: looked up again");
+
+        // Without a watcher, a cached next hop ages out within a second.
+        let mut raw: aya::maps::Array<_, u32> = aya::maps::Array::try_from(tb.ebpf.map_mut(MAP_NEXT_HOP_GENERATION).expect("the generation"))?;
+        let now = raw.get(&0, 0)?;
+        sh("ip neigh replace 10.99.0.2 lladdr 02:00:00:00:00:0e dev lbt0 nud permanent")?;
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        raw.set(0, &now, 0)?; // as if the change went unseen
+        assert_eq!(neighbour_mac(&tb, 46000)?, [2, 0, 0, 0, 0, 0x0d], "still cached");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert_eq!(neighbour_mac(&tb, 46000)?, [2, 0, 0, 0, 0, 0x0e], "aged out: the FIB again");
+        Ok(())
+    })
+}
+
 #[test]
 fn a_full_maglev_array_fails_only_the_service_that_does_not_fit() -> Result<()> {
     in_private_netns(|| {

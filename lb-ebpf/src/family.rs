@@ -28,6 +28,8 @@ pub trait Family: MapAddr + 'static {
     fn backends() -> &'static Array<BackendV1<Self>>;
     fn conntrack() -> &'static HashMap<CtKeyV1<Self>, CtEntryV1<Self>>;
     fn reverse_nat() -> &'static HashMap<CtKeyV1<Self>, RevNatV1<Self>>;
+    /// Next hops of established remote flows.
+    fn next_hops() -> &'static LruHashMap<NextHopKeyV1<Self>, NextHopV1>;
     /// This node's addresses, where NodePorts answer.
     fn node_ips() -> &'static HashMap<Self, u32>;
     fn source_ranges() -> &'static LpmTrie<SourceRangeV1<Self>, u8>;
@@ -93,6 +95,9 @@ pub struct Scratch<A: MapAddr> {
     pub new_flow: NewFlow<A>,
     /// A translated packet's tuple as it travels on, for the pod's egress policy.
     pub travelling: CtKeyV1<A>,
+    /// A routed packet's next-hop cache key and entry.
+    pub route_key: NextHopKeyV1<A>,
+    pub route: NextHopV1,
 }
 
 /// A new flow's entries, before they go into the conntrack and reverse-NAT maps.
@@ -142,6 +147,10 @@ impl Family for Addr4 {
     #[inline(always)]
     fn reverse_nat() -> &'static HashMap<Ct4KeyV1, RevNat4V1> {
         &LB4_RNAT_V1
+    }
+    #[inline(always)]
+    fn next_hops() -> &'static LruHashMap<NextHop4KeyV1, NextHopV1> {
+        &LB4_NEXTHOP_V1
     }
     #[inline(always)]
     fn node_ips() -> &'static HashMap<u32, u32> {
@@ -245,6 +254,10 @@ impl Family for Addr6 {
     #[inline(always)]
     fn reverse_nat() -> &'static HashMap<Ct6KeyV1, RevNat6V1> {
         &LB6_RNAT_V1
+    }
+    #[inline(always)]
+    fn next_hops() -> &'static LruHashMap<NextHop6KeyV1, NextHopV1> {
+        &LB6_NEXTHOP_V1
     }
     #[inline(always)]
     fn node_ips() -> &'static HashMap<[u32; 4], u32> {

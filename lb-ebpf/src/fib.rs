@@ -1,7 +1,8 @@
 //! Route lookups for rewritten packets, shared by both hooks and both families.
 use aya_ebpf::bindings::{bpf_fib_lookup, bpf_redir_neigh};
+use lb_common::*;
 
-use crate::family::Family;
+use crate::{family::Family, lb::state_clock, maps::LB_NHGEN_V1, rewrite::Nat};
 
 pub const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 pub const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
@@ -27,4 +28,78 @@ pub fn next_hop<A: Family>(p: &bpf_fib_lookup) -> bpf_redir_neigh {
     nh.nh_family = A::AF as u32;
     A::set_next_hop(&mut nh, p);
     nh
+}
+
+/// Routes a translated packet `to` whose `params` are set: for a packet of an established
+/// flow (`cached`), the next hop cached for its source, destination and arriving device,
+/// while it is of the current generation, unexpired, and the packet fits its MTU; otherwise
+/// the FIB (`lookup`), whose answer is cached. Returns the FIB's code; on success `params`
+/// holds the device to send on and the MACs.
+#[inline(always)]
+pub fn route<A: Family>(params: &mut bpf_fib_lookup, to: &Nat<A>, cached: bool, lookup: impl FnOnce(&mut bpf_fib_lookup) -> i64) -> i64 {
+    let arrived_on = params.ifindex;
+    if cached && cached_next_hop(params, to) {
+        return BPF_FIB_LKUP_RET_SUCCESS;
+    }
+    // Read before the lookup: a change during it leaves the answer stale, as it may be.
+    let generation = generation();
+    let rc = lookup(params);
+    if rc == BPF_FIB_LKUP_RET_SUCCESS {
+        remember_next_hop(params, to, arrived_on, generation);
+    }
+    rc
+}
+
+/// Fills `params` from a fresh cached next hop; false when there is none. The key is built
+/// in the per-CPU scratch space (an IPv6 one does not fit the stack beside the packet path).
+#[inline(never)]
+fn cached_next_hop<A: Family>(params: &mut bpf_fib_lookup, to: &Nat<A>) -> bool {
+    let Some(scratch) = A::scratch().get_ptr_mut(0) else { return false };
+    let key = unsafe { &mut (*scratch).route_key };
+    (key.src, key.dst, key.ifindex) = (to.src_addr, to.dst_addr, params.ifindex);
+    let Some(hop) = (unsafe { A::next_hops().get(key) }) else { return false };
+    let tot_len = unsafe { params.__bindgen_anon_1.tot_len };
+    if hop.generation != generation() || tot_len > hop.mtu || state_clock() >= hop.expires_ns {
+        return false;
+    }
+    params.ifindex = hop.ifindex;
+    let macs = unsafe { &mut params.__bindgen_anon_6.__bindgen_anon_2 };
+    (macs.dmac, macs.smac) = (hop.dmac, hop.smac);
+    true
+}
+
+/// Caches what the FIB answered for `to` arriving on `arrived_on`, as of `generation`.
+#[inline(never)]
+fn remember_next_hop<A: Family>(params: &bpf_fib_lookup, to: &Nat<A>, arrived_on: u32, generation: u32) {
+    let Some(scratch) = A::scratch().get_ptr_mut(0) else { return };
+    let (key, hop) = unsafe { (&mut (*scratch).route_key, &mut (*scratch).route) };
+    (key.src, key.dst, key.ifindex) = (to.src_addr, to.dst_addr, arrived_on);
+    let macs = unsafe { params.__bindgen_anon_6.__bindgen_anon_2 };
+    *hop = NextHopV1 {
+        expires_ns: state_clock() + NEXT_HOP_TTL_NS,
+        ifindex: params.ifindex,
+        generation,
+        mtu: unsafe { params.__bindgen_anon_1.mtu_result },
+        dmac: macs.dmac,
+        smac: macs.smac,
+        _pad: [0; 2],
+    };
+    match A::next_hops().get_ptr_mut(key) {
+        // The same answer (new flows to one backend share it): only its time is extended, a
+        // single store, where an insert would take the LRU's locks.
+        Some(old) if unsafe { (*old).ifindex == hop.ifindex && (*old).generation == hop.generation && (*old).mtu == hop.mtu && (*old).dmac == hop.dmac && (*old).smac == hop.smac } => unsafe {
+            (*old).expires_ns = hop.expires_ns;
+        },
+        // A new or changed answer replaces the entry whole. Full: the least recently used
+        // goes; its flow is looked up again.
+        _ => {
+            let _ = A::next_hops().insert(key, hop, 0);
+        }
+    }
+}
+
+/// The generation the agent bumps on neighbour, route, address and link changes.
+#[inline(always)]
+fn generation() -> u32 {
+    LB_NHGEN_V1.get(0).copied().unwrap_or(0)
 }

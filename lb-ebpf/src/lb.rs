@@ -30,8 +30,11 @@ pub enum Forward {
     /// Hand it to the kernel stack, which routes it.
     Stack,
     /// Route it here with a FIB lookup: its source is a node address (SNAT, or the reply of a
-    /// NodePort flow), which the stack would drop as martian.
+    /// NodePort flow), which the stack would drop as martian. A new flow's first packet.
     Fib,
+    /// The same for a packet of an established flow (or a reply): the next hop cached for
+    /// it while fresh, else the FIB.
+    FibCached,
 }
 
 pub enum Action<A: Family> {
@@ -99,7 +102,7 @@ pub fn decide<A: Family>(pkt: &Packet<A>, hook: Hook, bytes: u32) -> Action<A> {
                         touch_affinity(&A::affinity_key(t.src_addr, svc.service_id), now);
                     }
                     count_traffic(&LB_BE_STAT_V1, ct.backend_id, bytes);
-                    return forward_to(t, be, ct.flags & F_CT_SNAT != 0, ct.nat_addr, ct.nat_port);
+                    return forward_to(t, be, ct.flags & F_CT_SNAT != 0, ct.nat_addr, ct.nat_port, Forward::FibCached);
                 }
             }
         }
@@ -190,7 +193,7 @@ pub fn decide<A: Family>(pkt: &Packet<A>, hook: Hook, bytes: u32) -> Action<A> {
     }
     remember_affinity(&svc, &affinity, backend_id, now);
     count_traffic(&LB_BE_STAT_V1, backend_id, bytes);
-    let action = forward_to(t, &be, snat_addr.is_some(), ct.nat_addr, ct.nat_port);
+    let action = forward_to(t, &be, snat_addr.is_some(), ct.nat_addr, ct.nat_port, Forward::Fib);
     if let Action::Rewrite { reason: why, .. } = &action {
         new_flow_event(t, ct, if hook == Hook::External { HOOK_XDP } else { HOOK_TC }, *why, pkt.ifindex);
     }
@@ -265,7 +268,7 @@ fn reply_nat<A: Family>(rnat: &RevNatV1<A>) -> Nat<A> {
 #[inline(always)]
 fn reply_forward<A: Family>(rnat: &RevNatV1<A>, hook: Hook) -> Forward {
     if rnat.flags & F_CT_SNAT != 0 || hook == Hook::Pod {
-        Forward::Fib
+        Forward::FibCached
     } else {
         Forward::Stack
     }
@@ -342,7 +345,9 @@ fn touch_affinity(key: &AffinityKeyV1, now: u64) {
 }
 
 #[inline(always)]
-fn forward_to<A: Family>(t: &CtKeyV1<A>, be: &BackendV1<A>, snat: bool, nat_addr: A, nat_port: u16) -> Action<A> {
+/// A packet of flow `t` to backend `be`, SNATed or not; `routed` is how a SNATed one is
+/// routed (`Fib` for a new flow, `FibCached` for an established one).
+fn forward_to<A: Family>(t: &CtKeyV1<A>, be: &BackendV1<A>, snat: bool, nat_addr: A, nat_port: u16, routed: Forward) -> Action<A> {
     let reason = if snat && nat_addr == A::hairpin_addr() {
         reason::FWD_HAIRPIN
     } else if be.flags & F_BACKEND_LOCAL != 0 {
@@ -352,7 +357,7 @@ fn forward_to<A: Family>(t: &CtKeyV1<A>, be: &BackendV1<A>, snat: bool, nat_addr
     };
     if snat {
         let to = Nat { src_addr: nat_addr, src_port: nat_port, dst_addr: be.addr, dst_port: be.port };
-        return Action::Rewrite { reason, to, forward: Forward::Fib };
+        return Action::Rewrite { reason, to, forward: routed };
     }
     let to = Nat { src_addr: t.src_addr, src_port: t.src_port, dst_addr: be.addr, dst_port: be.port };
     Action::Rewrite { reason, to, forward: Forward::Stack }

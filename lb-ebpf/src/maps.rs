@@ -106,6 +106,12 @@ pub static LB_EVBKT_V1: PerCpuArray<EventBucketV1> = PerCpuArray::pinned(1, 0);
 pub static LB_EVSTAT_V1: PerCpuArray<u64> = PerCpuArray::pinned(EVENT_OUTCOMES * EVENT_KIND_SLOTS, 0);
 #[map]
 pub static LB_REPLYDST_V1: Array<u8> = Array::pinned(REPLY_FILTER_SLOTS, 0);
+#[map]
+pub static LB4_NEXTHOP_V1: LruHashMap<NextHop4KeyV1, NextHopV1> = LruHashMap::pinned(MAX_NEXT_HOPS, 0);
+#[map]
+pub static LB6_NEXTHOP_V1: LruHashMap<NextHop6KeyV1, NextHopV1> = LruHashMap::pinned(MAX_NEXT_HOPS, 0);
+#[map]
+pub static LB_NHGEN_V1: Array<u32> = Array::pinned(1, 0);
 
 /// Per-CPU scratch space of each family's path (not pinned: nothing in it outlives a packet).
 #[map]

@@ -224,7 +224,9 @@ pub fn parse_ipv6(data: usize, data_end: usize, l3_off: usize, out: &mut Scratch
     let mut next = ip.next_hdr;
     let mut off = l3_off + Ipv6Hdr::LEN;
     let mut first_fragment = false;
-    for _ in 0..IPV6_MAX_EXT_HEADERS {
+    // Most packets carry TCP or UDP right after the fixed header: no chain to walk.
+    let chained = next != IPPROTO_TCP && next != IPPROTO_UDP;
+    for _ in 0..if chained { IPV6_MAX_EXT_HEADERS } else { 0 } {
         if !is_walkable_extension(next) {
             break;
         }

@@ -12,7 +12,7 @@ use lb_common::{reason, Addr4, Addr6, CtKeyV1, HOOK_TC, HOOK_TC_TO_POD, IPPROTO_
 use crate::{
     events::drop_event,
     family::{parse_into, Family},
-    fib::{fib_params, next_hop, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
+    fib::{fib_params, next_hop, route, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
     lb::{decide, decide_icmp_error, Action, Balanced, Forward, Hook},
     maps::count_reason,
     parse::{parse_l2, IcmpError, Network, Packet, Parsed},
@@ -101,7 +101,8 @@ fn tc_balance<A: Family>(ctx: &TcContext, pkt: &Packet<A>, ifindex: u32, len: u3
                 0 if apply_nat(&w, pkt, &to).is_err() => (TC_ACT_SHOT, reason::DROP_TRUNCATED_L4),
                 0 => match forward {
                     Forward::Stack => (TC_ACT_OK, why),
-                    Forward::Fib => (tc_fib_forward(ctx, pkt.l3_off, pkt.tuple.proto, &to, ifindex), why),
+                    Forward::Fib => (tc_fib_forward(ctx, pkt.l3_off, pkt.tuple.proto, &to, ifindex, false), why),
+                    Forward::FibCached => (tc_fib_forward(ctx, pkt.l3_off, pkt.tuple.proto, &to, ifindex, true), why),
                 },
                 denied => (TC_ACT_SHOT, denied),
             }
@@ -192,7 +193,7 @@ fn tc_icmp_error<A: Family>(ctx: &TcContext, err: &IcmpError<A>, ifindex: u32) -
     }
     match forward {
         Forward::Stack => (TC_ACT_OK, reason::FWD_ICMP_ERROR),
-        Forward::Fib => (tc_fib_forward(ctx, err.l3_off, A::ICMP_PROTO, &to, ifindex), reason::FWD_ICMP_ERROR),
+        Forward::Fib | Forward::FibCached => (tc_fib_forward(ctx, err.l3_off, A::ICMP_PROTO, &to, ifindex, false), reason::FWD_ICMP_ERROR),
     }
 }
 
@@ -207,11 +208,11 @@ fn tc_icmp_port_unreachable<A: Family>(ctx: &TcContext, pkt: &Packet<A>) -> Resu
 
 /// Routes a rewritten packet here; falls back to the stack when the FIB has no answer.
 #[inline(always)]
-fn tc_fib_forward<A: Family>(ctx: &TcContext, l3_off: usize, proto: u8, to: &Nat<A>, ingress: u32) -> i32 {
+fn tc_fib_forward<A: Family>(ctx: &TcContext, l3_off: usize, proto: u8, to: &Nat<A>, ingress: u32, cached: bool) -> i32 {
     let Some(mut params) = fib_params(data(ctx), data_end(ctx), l3_off, proto, to.src_addr, to.dst_addr, ingress) else {
         return TC_ACT_OK;
     };
-    let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut params, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
+    let rc = route(&mut params, to, cached, |p| unsafe { fib_lookup(ctx.as_ptr(), p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) });
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
         let macs = unsafe { params.__bindgen_anon_6.__bindgen_anon_2 };
         let mut eth = [0u8; 12];

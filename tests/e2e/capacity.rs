@@ -59,7 +59,7 @@ fn printed_map_memory_is_what_the_kernel_charges() -> Result<()> {
         totals.push(charged);
         drop(agent);
     }
-    // Maps of fixed size (the reply filter's 64 KiB, the L2 and endpoint tables) set a floor.
+    // Maps of fixed size (the reply filter, the next-hop cache, the L2 and endpoint tables) set a floor.
     assert!(totals[1] > 50 * totals[0], "the flags size the maps: {totals:?}");
     Ok(())
 }

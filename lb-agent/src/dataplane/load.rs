@@ -136,7 +136,7 @@ fn load_object(pin_dir: &Path, sizes: &MapSizes, object: &[u8]) -> Result<Ebpf> 
 
 /// Key and value sizes of every map of schema v1, as the kernel reports them, and the
 /// capacity where the schema fixes it (the rest are sized by flags).
-fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 47] {
+fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 50] {
     use lb_common::*;
     use std::mem::size_of;
     [
@@ -188,6 +188,9 @@ fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 47] {
         (MAP_EVENT_BUCKET, 4, size_of::<EventBucketV1>(), Some(1)),
         (MAP_EVENT_STATS, 4, 8, Some(EVENT_OUTCOMES * EVENT_KIND_SLOTS)),
         (MAP_REPLY_FILTER, 4, 1, Some(REPLY_FILTER_SLOTS)),
+        (MAP_NEXT_HOPS, size_of::<NextHop4KeyV1>(), size_of::<NextHopV1>(), Some(MAX_NEXT_HOPS)),
+        (MAP_NEXT_HOPS6, size_of::<NextHop6KeyV1>(), size_of::<NextHopV1>(), Some(MAX_NEXT_HOPS)),
+        (MAP_NEXT_HOP_GENERATION, 4, 4, Some(1)),
     ]
 }
 

@@ -21,6 +21,7 @@ mod id_index;
 pub mod load;
 pub mod maps;
 pub mod memory;
+pub mod next_hops;
 pub mod policy;
 mod slices;
 mod slots;

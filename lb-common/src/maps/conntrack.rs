@@ -16,7 +16,8 @@ pub const MAP_REVERSE_NAT6: &str = "LB6_RNAT_V1";
 /// lookup. Slots are never cleared: a stale one only costs that lookup; a missing one would
 /// lose replies.
 pub const MAP_REPLY_FILTER: &str = "LB_REPLYDST_V1";
-pub const REPLY_FILTER_SLOTS: u32 = 1 << 16;
+/// A few hundred marked pods leave most of 16,384 slots clear (128 KiB: array values take 8 bytes).
+pub const REPLY_FILTER_SLOTS: u32 = 1 << 14;
 
 /// The reply-filter slot of an address (its words folded, then a multiplicative hash).
 /// Shared by the kernel, which sets and reads it, and the agent, which fills it from
@@ -24,7 +25,7 @@ pub const REPLY_FILTER_SLOTS: u32 = 1 << 16;
 #[inline(always)]
 pub fn reply_filter_slot<A: MapAddr>(addr: &A) -> u32 {
     let folded = addr.words().iter().fold(0u32, |acc, w| acc ^ w);
-    folded.wrapping_mul(0x9E37_79B1) >> 16
+    folded.wrapping_mul(0x9E37_79B1) >> 18
 }
 
 /// A flow's 5-tuple, as seen on the wire in one direction.
@@ -140,7 +141,7 @@ mod layout {
         let (s4, s6) = (reply_filter_slot(&v4), reply_filter_slot(&v6));
         assert!(s4 < REPLY_FILTER_SLOTS && s6 < REPLY_FILTER_SLOTS);
         let folded4 = u32::from_ne_bytes([10, 99, 0, 1]);
-        assert_eq!(s4, folded4.wrapping_mul(0x9E37_79B1) >> 16);
+        assert_eq!(s4, folded4.wrapping_mul(0x9E37_79B1) >> 18);
         assert_ne!(s4, reply_filter_slot(&crate::ip4_raw([10, 99, 0, 2])), "neighbouring addresses spread");
     }
 

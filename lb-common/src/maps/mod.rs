@@ -7,6 +7,7 @@
 //! - [`source_range`]: loadBalancerSourceRanges;
 //! - [`backend`]: backends and the shared Maglev slot array;
 //! - [`conntrack`]: tracked flows and reverse NAT;
+//! - [`nexthop`]: next hops of established remote flows;
 //! - [`counters`]: traffic and verdict counters;
 //! - [`config`]: settings and node addresses the agent gives the datapath;
 //! - [`socket`]: socket-level balancing of the node's own processes;
@@ -22,6 +23,7 @@ pub mod endpoint;
 pub mod events;
 pub mod family;
 pub mod l2;
+pub mod nexthop;
 pub mod policy;
 pub mod service;
 pub mod socket;
@@ -36,13 +38,14 @@ pub use endpoint::*;
 pub use events::*;
 pub use family::*;
 pub use l2::*;
+pub use nexthop::*;
 pub use policy::*;
 pub use service::*;
 pub use socket::*;
 pub use source_range::*;
 
 /// Every pinned map of schema v1.
-pub const ALL_MAPS: [&str; 47] = [
+pub const ALL_MAPS: [&str; 50] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_MAGLEV,
@@ -90,6 +93,9 @@ pub const ALL_MAPS: [&str; 47] = [
     MAP_EVENT_BUCKET,
     MAP_EVENT_STATS,
     MAP_REPLY_FILTER,
+    MAP_NEXT_HOPS,
+    MAP_NEXT_HOPS6,
+    MAP_NEXT_HOP_GENERATION,
 ];
 
 /// The longest start of `text` that fits `max` bytes and ends on a character boundary: how
