@@ -127,7 +127,7 @@ impl Cluster {
             .collect::<Result<_>>()?;
         let ebpf = self.lan.run(move || -> Result<aya::Ebpf> {
             // Only the program is used: keep its maps as small as they go.
-            let tiny = MapSizes { flows: Some(1), maglev_slots: Some(1), services: Some(1), backends: Some(1), sockets: Some(1), affinity: Some(1), policy_flows: Some(1), ipcache: Some(1), policy_rules: Some(1), event_ring: Some(4096) };
+            let tiny = MapSizes { flows: Some(1), maglev_slots: Some(1), services: Some(1), backends: Some(1), sockets: Some(1), affinity: Some(1), policy_flows: Some(1), ipcache: Some(1), policy_rules: Some(1), event_ring: Some(4096), next_hops: Some(1) };
             let mut ebpf = load::load(&pin_dir, &tiny)?;
             let prog: &mut aya::programs::Xdp = ebpf.program_mut(load::XDP_PASS_PROGRAM).context("no lb_xdp_pass")?.try_into()?;
             prog.load()?;

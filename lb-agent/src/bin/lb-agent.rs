@@ -142,6 +142,11 @@ struct Args {
     /// [default: 65536].
     #[arg(long)]
     max_policy_rules: Option<u32>,
+    /// Capacity of the next-hop cache of established remote flows (LRU: one entry per
+    /// source, destination and arriving device; past it, flows ask the FIB), each family
+    /// [default: 16384].
+    #[arg(long)]
+    max_next_hops: Option<u32>,
     /// Answer ARP and NDP on the external devices for the LoadBalancerIPPool addresses this
     /// node owns, and announce them (gratuitous ARP, unsolicited NA).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -285,6 +290,7 @@ fn main() -> Result<()> {
         policy_flows: args.max_policy_flows,
         ipcache: args.max_ipcache,
         policy_rules: args.max_policy_rules,
+        next_hops: args.max_next_hops,
         event_ring: args.event_ring_kib.map(|kib| kib * 1024),
     };
     if args.estimate_memory {

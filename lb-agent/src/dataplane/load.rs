@@ -75,6 +75,8 @@ pub struct MapSizes {
     pub policy_rules: Option<u32>,
     /// Bytes of the flow-event ring buffer (a power of two, at least a page).
     pub event_ring: Option<u32>,
+    /// Next hops cached for established remote flows, per family (LRU).
+    pub next_hops: Option<u32>,
 }
 
 /// Loads the object. Maps already pinned in `pin_dir` (an earlier agent's) are adopted as they
@@ -188,14 +190,14 @@ fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 50] {
         (MAP_EVENT_BUCKET, 4, size_of::<EventBucketV1>(), Some(1)),
         (MAP_EVENT_STATS, 4, 8, Some(EVENT_OUTCOMES * EVENT_KIND_SLOTS)),
         (MAP_REPLY_FILTER, 4, 1, Some(REPLY_FILTER_SLOTS)),
-        (MAP_NEXT_HOPS, size_of::<NextHop4KeyV1>(), size_of::<NextHopV1>(), Some(MAX_NEXT_HOPS)),
-        (MAP_NEXT_HOPS6, size_of::<NextHop6KeyV1>(), size_of::<NextHopV1>(), Some(MAX_NEXT_HOPS)),
+        (MAP_NEXT_HOPS, size_of::<NextHop4KeyV1>(), size_of::<NextHopV1>(), None),
+        (MAP_NEXT_HOPS6, size_of::<NextHop6KeyV1>(), size_of::<NextHopV1>(), None),
         (MAP_NEXT_HOP_GENERATION, 4, 4, Some(1)),
     ]
 }
 
 /// The capacities the flags ask for, of the maps whose size is a flag.
-pub(crate) fn flag_sized(sizes: &MapSizes) -> [(&'static str, u32); 26] {
+pub(crate) fn flag_sized(sizes: &MapSizes) -> [(&'static str, u32); 28] {
     use lb_common::*;
     let flows = sizes.flows.unwrap_or(MAX_FLOWS);
     let services = sizes.services.unwrap_or(MAX_SERVICES);
@@ -227,6 +229,8 @@ pub(crate) fn flag_sized(sizes: &MapSizes) -> [(&'static str, u32); 26] {
         (MAP_IPCACHE6, sizes.ipcache.unwrap_or(MAX_IPCACHE)),
         (MAP_POLICY_EXACT, sizes.policy_rules.unwrap_or(MAX_POLICY_RULES)),
         (MAP_POLICY, sizes.policy_rules.unwrap_or(MAX_POLICY_RULES)),
+        (MAP_NEXT_HOPS, sizes.next_hops.unwrap_or(MAX_NEXT_HOPS)),
+        (MAP_NEXT_HOPS6, sizes.next_hops.unwrap_or(MAX_NEXT_HOPS)),
         (MAP_EVENTS, sizes.event_ring.unwrap_or(EVENT_RING_BYTES)),
     ]
 }
@@ -298,6 +302,8 @@ fn copy_entries(ebpf: &mut Ebpf, name: &'static str, from: &Path) -> Result<usiz
         MAP_POLICY => copy_lpm::<PolicyKeyV1, PolicyVerdictV1>(old, new)?,
         // Events not yet read are lost with the old ring (counted nowhere: the agent was down).
         MAP_EVENTS => 0,
+        // A cache: it fills again from the FIB.
+        MAP_NEXT_HOPS | MAP_NEXT_HOPS6 => 0,
         _ => {
             let old: Array<_, MaglevSlotPair> = old.try_into()?;
             let slots = old.len() * MAGLEV_SLOTS_PER_ENTRY as u32;

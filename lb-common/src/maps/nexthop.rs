@@ -9,8 +9,9 @@ pub const MAP_NEXT_HOPS6: &str = "LB6_NEXTHOP_V1";
 /// Array `0 -> u32`: the generation the agent bumps on every neighbour, route, address or
 /// link change; entries of an older one are looked up again.
 pub const MAP_NEXT_HOP_GENERATION: &str = "LB_NHGEN_V1";
-/// Next hops cached per family (source, destination and device triples in use).
-pub const MAX_NEXT_HOPS: u32 = 65_536;
+/// Next hops cached per family (source, destination and device triples in use), unless
+/// `--max-next-hops` says otherwise.
+pub const MAX_NEXT_HOPS: u32 = 16_384;
 /// A cached next hop is used for at most this long: changes the agent misses (it is down)
 /// last no longer.
 pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
