@@ -1,10 +1,13 @@
 //! Flow events: a record in the ring buffer for what the agent asked to see (drops only, by
 //! default), as long as this CPU's token bucket has credit. Every event is counted as
 //! emitted, throttled (no credit) or lost (the ring buffer full).
-use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::ring_buf::RingBufEntry};
+use aya_ebpf::maps::ring_buf::RingBufEntry;
 use lb_common::*;
 
-use crate::maps::{LB_EVBKT_V1, LB_EVCFG_V1, LB_EVENTS_V1, LB_EVSTAT_V1};
+use crate::{
+    lb::state_clock,
+    maps::{LB_EVBKT_V1, LB_EVCFG_V1, LB_EVENTS_V1, LB_EVSTAT_V1},
+};
 
 #[inline(always)]
 fn count(kind: u8, outcome: u32) {
@@ -38,7 +41,9 @@ fn reserve<A: MapAddr>(kind: u8, hook: u8, reason: u32, t: Option<&CtKeyV1<A>>, 
     if cfg.kinds & (1 << kind) == 0 {
         return None;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The tick-grained clock (as Cilium's monitor, events are ordered by the ring, not by
+    // their time): the precise one would cost a new flow's event half again.
+    let now = state_clock();
     if !take_credit(cfg, now) {
         count(kind, EVENT_THROTTLED);
         return None;
