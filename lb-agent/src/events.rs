@@ -15,7 +15,6 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, RwLock,
     },
-    time::Instant,
 };
 
 use anyhow::{Context, Result};
@@ -111,38 +110,9 @@ pub struct EventLog {
     tx: broadcast::Sender<FlowEvent>,
     /// Close events (the agent's own): the bucket that limits them, and how many were
     /// emitted and throttled.
-    close_bucket: Mutex<TokenBucket>,
+    close_bucket: Mutex<(EventConfigV1, EventBucketV1)>,
     closes_emitted: AtomicU64,
     closes_throttled: AtomicU64,
-}
-
-/// A token bucket in ns of credit, as the kernel's per-CPU one: an event costs
-/// `ns_per_event`, at most `burst_ns` is held.
-#[derive(Debug)]
-struct TokenBucket {
-    ns_per_event: u64,
-    burst_ns: u64,
-    credit_ns: u64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: u32, burst: u32) -> Self {
-        let ns_per_event = 1_000_000_000 / rate.max(1) as u64;
-        let burst_ns = ns_per_event * burst.max(1) as u64;
-        Self { ns_per_event, burst_ns, credit_ns: burst_ns, last: Instant::now() }
-    }
-
-    fn take(&mut self, now: Instant) -> bool {
-        let earned = now.saturating_duration_since(self.last).as_nanos().min(u64::MAX as u128) as u64;
-        self.last = now;
-        self.credit_ns = self.credit_ns.saturating_add(earned).min(self.burst_ns);
-        if self.credit_ns < self.ns_per_event {
-            return false;
-        }
-        self.credit_ns -= self.ns_per_event;
-        true
-    }
 }
 
 impl EventLog {
@@ -156,7 +126,7 @@ impl EventLog {
             held: Mutex::new(VecDeque::with_capacity(capacity)),
             capacity,
             tx,
-            close_bucket: Mutex::new(TokenBucket::new(rate, burst)),
+            close_bucket: Mutex::new((EventConfigV1::new(1 << EVENT_CLOSE, rate, burst), EventBucketV1::default())),
             closes_emitted: AtomicU64::new(0),
             closes_throttled: AtomicU64::new(0),
         })
@@ -165,10 +135,12 @@ impl EventLog {
     /// Close events, made by the agent's conntrack GC: as many as the bucket allows, the
     /// rest counted as throttled.
     pub fn push_closes(&self, closed: &[ClosedFlow], node: &str, names: &Names) {
-        let now = Instant::now();
+        let now = crate::dataplane::conntrack::monotonic_ns();
         let time = jiff::Timestamp::now().to_string();
+        let mut limit = self.close_bucket.lock().expect("not poisoned");
+        let (cfg, bucket) = &mut *limit;
         for flow in closed {
-            if !self.close_bucket.lock().expect("not poisoned").take(now) {
+            if !bucket.take(cfg, now) {
                 self.closes_throttled.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
@@ -202,8 +174,7 @@ impl EventLog {
 /// second per CPU with bursts of `burst`.
 pub fn configure(pin_dir: &Path, kinds: u32, rate: u32, burst: u32) -> Result<()> {
     let mut cfg: aya::maps::Array<MapData, EventConfigV1> = crate::dataplane::maps::open_pinned(pin_dir, MAP_EVENT_CONFIG)?;
-    let ns_per_event = 1_000_000_000 / rate.max(1) as u64;
-    cfg.set(0, &EventConfigV1 { kinds, _pad: 0, ns_per_event, burst_ns: ns_per_event * burst.max(1) as u64 }, 0).context("writing the event configuration")?;
+    cfg.set(0, &EventConfigV1::new(kinds, rate, burst), 0).context("writing the event configuration")?;
     Ok(())
 }
 

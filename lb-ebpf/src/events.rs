@@ -20,15 +20,7 @@ fn count(kind: u8, outcome: u32) {
 #[inline(always)]
 fn take_credit(cfg: &EventConfigV1, now: u64) -> bool {
     let Some(bucket) = LB_EVBKT_V1.get_ptr_mut(0) else { return false };
-    let bucket = unsafe { &mut *bucket };
-    let credit = bucket.credit_ns.saturating_add(now.saturating_sub(bucket.last_ns)).min(cfg.burst_ns);
-    bucket.last_ns = now;
-    if credit < cfg.ns_per_event {
-        bucket.credit_ns = credit;
-        return false;
-    }
-    bucket.credit_ns = credit - cfg.ns_per_event;
-    true
+    unsafe { (*bucket).take(cfg, now) }
 }
 
 /// An event of `kind` reserved in the ring buffer, zeroed and with its common fields

@@ -94,12 +94,37 @@ pub struct EventConfigV1 {
     pub burst_ns: u64,
 }
 
+impl EventConfigV1 {
+    /// Emits `kinds`, at most `rate` events a second with bursts of `burst`.
+    pub fn new(kinds: u32, rate: u32, burst: u32) -> Self {
+        let ns_per_event = 1_000_000_000 / rate.max(1) as u64;
+        Self { kinds, _pad: 0, ns_per_event, burst_ns: ns_per_event * burst.max(1) as u64 }
+    }
+}
+
 /// One CPU's token bucket, in ns of credit (an event costs `ns_per_event`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventBucketV1 {
     pub credit_ns: u64,
     pub last_ns: u64,
+}
+
+impl EventBucketV1 {
+    /// Takes one event's credit at `now` (ns); false when there is none. The kernel's
+    /// per-CPU buckets and the agent's bucket for close events are this one. A new bucket
+    /// (`last_ns` 0) starts full.
+    #[inline(always)]
+    pub fn take(&mut self, cfg: &EventConfigV1, now: u64) -> bool {
+        let credit = self.credit_ns.saturating_add(now.saturating_sub(self.last_ns)).min(cfg.burst_ns);
+        self.last_ns = now;
+        if credit < cfg.ns_per_event {
+            self.credit_ns = credit;
+            return false;
+        }
+        self.credit_ns = credit - cfg.ns_per_event;
+        true
+    }
 }
 
 /// Counters of `LB_EVSTAT_V1` (per CPU), at `EVENT_OUTCOMES * kind + outcome`, for the
