@@ -1,12 +1,14 @@
 //! Per-packet cost of every XDP path by the single-run method (as the Katran comparison was
 //! measured), with this build's object beside a baseline object (another build's, e.g. the
-//! previous commit's) in one run.
+//! previous commit's) and beside Katran's balancer, in one run.
 //!
 //! Each sample is a batch of `batch` runs of `repeat = 1` per path: the median minus the
 //! median of the XDP_PASS floor run the same way, in the same batch. The two objects' batches
 //! alternate, so drift on the machine moves both alike; their ratio is taken per pair of
 //! batches. The setup follows the Katran one: a frontend of 100 local backends, one of 100
 //! remote backends (SNAT and the FIB towards node B), the rest of the frontend map filled.
+//! Katran gets the same frontends as VIPs of 100 reals each and the same packets; it has no
+//! "remote" path of its own (every VIP packet is encapsulated to its real) and no replies.
 use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{ensure, Context, Result};
@@ -14,7 +16,11 @@ use lb_agent::dataplane::{load::MapSizes, BackendSpec, Frontend, FrontendKey};
 use lb_common::*;
 use testbed::{netns::sh, progtest::Testbed};
 
-use crate::{packet::syn, stats::Summary};
+use crate::{
+    katran::{Katran, Vip},
+    packet::syn,
+    stats::Summary,
+};
 
 pub struct Config {
     pub sizes: Vec<usize>,
@@ -30,10 +36,14 @@ pub struct Row {
     pub baseline: Option<Summary>,
     /// current / baseline of each pair of samples measured together.
     pub ratio: Option<Summary>,
+    pub katran: Option<Summary>,
+    /// current / Katran of each pair of samples measured together.
+    pub katran_ratio: Option<Summary>,
 }
 
 /// XDP verdicts (linux/bpf.h).
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
 const NODE_IP: [u8; 4] = [10, 99, 0, 1];
@@ -41,12 +51,22 @@ const LOCAL_VIP: [u8; 4] = [10, 96, 0, 1];
 const REMOTE_VIP: [u8; 4] = [10, 99, 100, 1];
 const CLIENT: [u8; 4] = [192, 0, 2, 10];
 
-/// The paths: a name, the verdict each run must give, and the packet of run `i` (a new flow
-/// needs a packet of its own each run; the others repeat one).
+/// The paths: a name, the verdict each run must give (and Katran's, when it has the path), the
+/// packet of run `i` (a new flow needs a packet of its own each run; the others repeat one),
+/// and for an established flow the packet that opens it.
 struct Path {
     name: &'static str,
     verdict: u32,
+    katran_verdict: Option<u32>,
     packet: Box<dyn Fn(usize) -> Vec<u8>>,
+    opening: Option<Vec<u8>>,
+}
+
+/// A TCP segment of an established connection (ACK): Katran looks a SYN up in no flow table.
+fn ack(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src, dst, 64).tcp(sport, dport, 2, 64240).ack(1).write(&mut out, &[]).expect("fits a Vec");
+    out
 }
 
 fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
@@ -58,6 +78,23 @@ fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
 /// A distinct client for new flow `i` (and `salt` to keep the paths' flows apart).
 fn new_client(i: usize, salt: u8) -> ([u8; 4], u16) {
     ([172, 16 + salt, (i >> 8) as u8, i as u8], 1024 + (i % 60_000) as u16)
+}
+
+fn local_backends() -> impl Iterator<Item = [u8; 4]> {
+    (0..100u8).map(|i| [10, 244, 1, i + 1])
+}
+
+fn remote_backends() -> impl Iterator<Item = [u8; 4]> {
+    (0..100u8).map(|i| [10, 244, 2, i + 1])
+}
+
+/// Katran's VIPs: the measured frontends.
+fn katran_vips() -> Vec<Vip> {
+    vec![
+        Vip { addr: LOCAL_VIP, port: 80, proto: IPPROTO_TCP, reals: local_backends().collect() },
+        Vip { addr: LOCAL_VIP, port: 80, proto: IPPROTO_UDP, reals: local_backends().collect() },
+        Vip { addr: REMOTE_VIP, port: 80, proto: IPPROTO_TCP, reals: remote_backends().collect() },
+    ]
 }
 
 fn frontend(vip: [u8; 4], proto: u8, kind: u8, backends: impl Iterator<Item = [u8; 4]>, local: bool) -> Frontend {
@@ -75,11 +112,10 @@ fn testbed(object: &[u8], n: usize, flows: u32) -> Result<Testbed> {
     let mut tb = Testbed::with_object(&MapSizes { flows: Some(flows), ..Default::default() }, object)?;
     tb.dataplane.set_config(ConfigV1 { hash_seed: 0, snat_addr: ip4_raw(NODE_IP), nat_port_min: NAT_PORT_MIN, nat_port_max: NAT_PORT_MAX, _pad: 0 })?;
     tb.dataplane.set_node_ips(&[(IpAddr::from(NODE_IP), 0)])?;
-    let local = || (0..100u8).map(|i| [10, 244, 1, i + 1]);
     let measured = [
-        frontend(LOCAL_VIP, IPPROTO_TCP, KIND_CLUSTER_IP, local(), true),
-        frontend(LOCAL_VIP, IPPROTO_UDP, KIND_CLUSTER_IP, local(), true),
-        frontend(REMOTE_VIP, IPPROTO_TCP, KIND_LOAD_BALANCER, (0..100u8).map(|i| [10, 244, 2, i + 1]), false),
+        frontend(LOCAL_VIP, IPPROTO_TCP, KIND_CLUSTER_IP, local_backends(), true),
+        frontend(LOCAL_VIP, IPPROTO_UDP, KIND_CLUSTER_IP, local_backends(), true),
+        frontend(REMOTE_VIP, IPPROTO_TCP, KIND_LOAD_BALANCER, remote_backends(), false),
     ];
     tb.dataplane.apply(&measured)?;
     let shared = tb.dataplane.service(&measured[0].key).context("programmed")?;
@@ -98,31 +134,50 @@ fn paths(tb: &Testbed) -> Result<Vec<Path>> {
     let backend = [sent[14 + 16], sent[14 + 17], sent[14 + 18], sent[14 + 19]];
     let mut reply = Vec::new();
     etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0x0b], [2, 0, 0, 0, 0, 1]).ipv4(backend, NODE_IP, 64).tcp(8080, nat_port, 1, 64240).syn().ack(2).write(&mut reply, &[])?;
+    let path = |name, verdict, katran_verdict, packet: Box<dyn Fn(usize) -> Vec<u8>>, opening| Path { name, verdict, katran_verdict, packet, opening };
+    let (pass, encapsulated) = (Some(XDP_PASS), Some(XDP_TX));
     Ok(vec![
-        Path { name: "not a service (pass)", verdict: XDP_PASS, packet: Box::new(|_| syn(CLIENT, 1000, [10, 1, 1, 1], 80)) },
-        Path { name: "not a service, to a node address", verdict: XDP_PASS, packet: Box::new(|_| syn(CLIENT, 1000, NODE_IP, 22)) },
-        Path { name: "new flow, local backend (TCP)", verdict: XDP_PASS, packet: Box::new(|i| { let (c, p) = new_client(i, 0); syn(c, p, LOCAL_VIP, 80) }) },
-        Path { name: "established flow, local backend (TCP)", verdict: XDP_PASS, packet: Box::new(|_| syn(CLIENT, 1001, LOCAL_VIP, 80)) },
-        Path { name: "new flow, local backend (UDP)", verdict: XDP_PASS, packet: Box::new(|i| { let (c, p) = new_client(i, 1); udp(c, p, LOCAL_VIP, 80) }) },
-        Path { name: "established flow, local backend (UDP)", verdict: XDP_PASS, packet: Box::new(|_| udp(CLIENT, 1001, LOCAL_VIP, 80)) },
-        Path { name: "new flow, remote backend (SNAT + FIB)", verdict: XDP_REDIRECT, packet: Box::new(|i| { let (c, p) = new_client(i, 2); syn(c, p, REMOTE_VIP, 80) }) },
-        Path { name: "established flow, remote backend", verdict: XDP_REDIRECT, packet: Box::new(|_| syn(CLIENT, 1002, REMOTE_VIP, 80)) },
-        Path { name: "reply of a remote flow (reverse NAT + FIB)", verdict: XDP_REDIRECT, packet: Box::new(move |_| reply.clone()) },
+        path("not a service (pass)", XDP_PASS, pass, Box::new(|_| syn(CLIENT, 1000, [10, 1, 1, 1], 80)), None),
+        path("not a service, to a node address", XDP_PASS, pass, Box::new(|_| syn(CLIENT, 1000, NODE_IP, 22)), None),
+        path("new flow, local backend (TCP)", XDP_PASS, encapsulated, Box::new(|i| { let (c, p) = new_client(i, 0); syn(c, p, LOCAL_VIP, 80) }), None),
+        path("established flow, local backend (TCP)", XDP_PASS, encapsulated, Box::new(|_| ack(CLIENT, 1001, LOCAL_VIP, 80)), Some(syn(CLIENT, 1001, LOCAL_VIP, 80))),
+        path("new flow, local backend (UDP)", XDP_PASS, encapsulated, Box::new(|i| { let (c, p) = new_client(i, 1); udp(c, p, LOCAL_VIP, 80) }), None),
+        path("established flow, local backend (UDP)", XDP_PASS, encapsulated, Box::new(|_| udp(CLIENT, 1001, LOCAL_VIP, 80)), Some(udp(CLIENT, 1001, LOCAL_VIP, 80))),
+        path("new flow, remote backend (SNAT + FIB)", XDP_REDIRECT, encapsulated, Box::new(|i| { let (c, p) = new_client(i, 2); syn(c, p, REMOTE_VIP, 80) }), None),
+        path("established flow, remote backend", XDP_REDIRECT, encapsulated, Box::new(|_| ack(CLIENT, 1002, REMOTE_VIP, 80)), Some(syn(CLIENT, 1002, REMOTE_VIP, 80))),
+        path("reply of a remote flow (reverse NAT + FIB)", XDP_REDIRECT, None, Box::new(move |_| reply.clone()), None),
     ])
 }
 
-/// One sample of `path`: the median of `batch` single runs minus the floor's, from run `first` on.
-fn sample(tb: &Testbed, path: &Path, first: usize, batch: usize) -> Result<f64> {
+/// One sample of a path: the median of `batch` single runs (`run_once(i)`: the verdict and ns
+/// of run `i`, from run `first` on) minus the median of the floor's, run in between.
+fn sample(tb: &Testbed, name: &str, verdict: u32, first: usize, batch: usize, run_once: impl Fn(usize) -> Result<(u32, f64)>) -> Result<f64> {
     let floor_packet = syn(CLIENT, 1000, [10, 1, 1, 1], 80);
     let mut floor = Vec::with_capacity(batch);
     let mut ns = Vec::with_capacity(batch);
     for i in first..first + batch {
         floor.push(tb.time_xdp_pass(&floor_packet, 1)?.1);
-        let (verdict, took) = tb.time_xdp(&(path.packet)(i), 1)?;
-        ensure!(verdict == path.verdict, "{}: verdict {verdict}, not {}", path.name, path.verdict);
+        let (got, took) = run_once(i)?;
+        ensure!(got == verdict, "{name}: verdict {got}, not {verdict}");
         ns.push(took);
     }
     Ok(Summary::of(&ns).median - Summary::of(&floor).median)
+}
+
+/// Katran's answer to a path's packet checked once: passed untouched, or encapsulated to one of
+/// the VIP's reals.
+fn check_katran(katran: &Katran, path: &Path) -> Result<()> {
+    let Some(verdict) = path.katran_verdict else { return Ok(()) };
+    let packet = (path.packet)(usize::MAX / 2);
+    let (got, _, out) = katran.run(&packet)?;
+    ensure!(got == verdict, "Katran, {}: verdict {got}, not {verdict}", path.name);
+    if verdict == XDP_TX {
+        let reals: Vec<[u8; 4]> = local_backends().chain(remote_backends()).collect();
+        Katran::check_encapsulated(&out, &reals).with_context(|| format!("Katran, {}", path.name))?;
+    } else {
+        ensure!(out == packet, "Katran, {}: a passed packet was changed", path.name);
+    }
+    Ok(())
 }
 
 /// The node's link towards node B (the remote backends) with a static neighbour, in this
@@ -136,7 +191,7 @@ fn routed_node() -> Result<()> {
 }
 
 /// Runs in a private network namespace (its own routes and links, gone with it).
-pub fn run(cfg: &Config, baseline: Option<Vec<u8>>) -> Result<Vec<Row>> {
+pub fn run(cfg: &Config, baseline: Option<Vec<u8>>, katran: Option<Vec<u8>>) -> Result<Vec<Row>> {
     let (sizes, batch, samples) = (cfg.sizes.clone(), cfg.batch, cfg.samples);
     testbed::netns::in_private_netns(move || {
         routed_node()?;
@@ -146,24 +201,49 @@ pub fn run(cfg: &Config, baseline: Option<Vec<u8>>) -> Result<Vec<Row>> {
         for n in sizes {
             let current = testbed(lb_agent::dataplane::load::OBJECT, n, flows)?;
             let previous = baseline.as_deref().map(|object| testbed(object, n, flows)).transpose()?;
+            let katran = katran.as_deref().map(|object| Katran::load(object, &katran_vips(), flows)).transpose()?;
             let current_paths = paths(&current)?;
             let previous_paths = previous.as_ref().map(paths).transpose()?;
             for (i, path) in current_paths.iter().enumerate() {
-                let (mut now, mut before) = (Vec::new(), Vec::new());
-                for s in 0..samples {
-                    // Each sample's new flows are its own; the two objects' runs alternate.
-                    now.push(sample(&current, path, s * batch, batch)?);
-                    if let (Some(tb), Some(paths)) = (&previous, &previous_paths) {
-                        before.push(sample(tb, &paths[i], s * batch, batch)?);
+                if let Some(opening) = &path.opening {
+                    current.run_xdp(opening)?;
+                    if let Some(tb) = &previous {
+                        tb.run_xdp(opening)?;
+                    }
+                    if let Some(katran) = &katran {
+                        katran.run(opening)?;
                     }
                 }
-                let ratios: Vec<f64> = now.iter().zip(&before).map(|(a, b)| a / b).collect();
+                let katran = katran.as_ref().filter(|_| path.katran_verdict.is_some());
+                if let Some(katran) = katran {
+                    check_katran(katran, path)?;
+                }
+                let (mut now, mut before, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
+                for s in 0..samples {
+                    // Each sample's new flows are its own; the programs' runs alternate.
+                    let first = s * batch;
+                    now.push(sample(&current, path.name, path.verdict, first, batch, |i| current.time_xdp(&(path.packet)(i), 1))?);
+                    if let (Some(tb), Some(paths)) = (&previous, &previous_paths) {
+                        let path = &paths[i];
+                        before.push(sample(tb, path.name, path.verdict, first, batch, |i| tb.time_xdp(&(path.packet)(i), 1))?);
+                    }
+                    if let (Some(katran), Some(verdict)) = (katran, path.katran_verdict) {
+                        let flows = katran.flows()?;
+                        theirs.push(sample(&current, path.name, verdict, first, batch, |i| katran.run(&(path.packet)(i)).map(|(v, ns, _)| (v, ns)))?);
+                        let added = katran.flows()? - flows;
+                        let expected = if path.opening.is_none() && verdict == XDP_TX && (path.packet)(0) != (path.packet)(1) { batch } else { 0 };
+                        ensure!(added == expected, "Katran, {}: {added} flows cached, not {expected}", path.name);
+                    }
+                }
+                let ratio_to = |other: &[f64]| (!other.is_empty()).then(|| Summary::of(&now.iter().zip(other).map(|(a, b)| a / b).collect::<Vec<_>>()));
                 rows.push(Row {
                     services: n,
                     path: path.name,
                     current: Summary::of(&now),
                     baseline: (!before.is_empty()).then(|| Summary::of(&before)),
-                    ratio: (!ratios.is_empty()).then(|| Summary::of(&ratios)),
+                    ratio: ratio_to(&before),
+                    katran: (!theirs.is_empty()).then(|| Summary::of(&theirs)),
+                    katran_ratio: ratio_to(&theirs),
                 });
             }
         }

@@ -3,6 +3,7 @@
 //! made. `--smoke` runs tiny sizes and few repeats (the test suite does, so this cannot rot).
 mod control_plane;
 mod cost;
+mod katran;
 mod packet;
 mod plot;
 mod policy;
@@ -33,6 +34,10 @@ struct Args {
     /// smoke run, this build's object stands in, to exercise the side-by-side code).
     #[arg(long)]
     baseline_object: Option<PathBuf>,
+    /// Katran's balancer (`bench/katran/build.sh` builds it from a Katran checkout), measured
+    /// by the cost suite beside this build on the same paths and packets.
+    #[arg(long)]
+    katran_object: Option<PathBuf>,
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
     out: PathBuf,
     /// Service counts of the control-plane suite [default: 1000,10000,100000].
@@ -193,19 +198,22 @@ fn cost_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String, ser
         None if args.smoke => (Some(lb_agent::dataplane::load::OBJECT.to_vec()), "this build's own object (smoke run)".to_string()),
         None => (None, "none given".to_string()),
     };
-    let rows = cost::run(&cfg, baseline)?;
+    let katran = args.katran_object.as_ref().map(|path| std::fs::read(path).with_context(|| format!("reading {}", path.display()))).transpose()?;
+    let katran_label = args.katran_object.as_ref().map_or("not given".to_string(), |path| format!("`{}`", path.display()));
+    let rows = cost::run(&cfg, baseline, katran)?;
     writeln!(
         md,
-        "\n## Per-packet cost by path, single runs, beside a baseline\n\n`lb_xdp`, {} samples of {} runs of `repeat = 1` per path: each sample the median minus the median of the XDP_PASS floor run the same way; the two objects' samples alternate. ns, median of the samples (min-max); the ratio is of each pair of samples. Baseline: {label}.\n\n| services | path | this build ns | baseline ns | this / baseline |\n|---|---|---|---|---|",
+        "\n## Per-packet cost by path, single runs, beside a baseline and Katran\n\n`lb_xdp`, {} samples of {} runs of `repeat = 1` per path: each sample the median minus the median of the XDP_PASS floor run the same way; the programs' samples alternate. ns, median of the samples (min-max); a ratio is of each pair of samples. Baseline: {label}. Katran: {katran_label} (every VIP packet IPIP-encapsulated to a real, XDP_TX; it has no reply path).\n\n| services | path | this build ns | baseline ns | this / baseline | Katran ns | this / Katran |\n|---|---|---|---|---|---|---|",
         cfg.samples, cfg.batch
     )?;
     for r in &rows {
         let or_dash = |s: Option<Summary>, d: usize| s.map_or("-".to_string(), |s| s.show(d));
-        writeln!(md, "| {} | {} | {} | {} | {} |", r.services, r.path, r.current.show(1), or_dash(r.baseline, 1), or_dash(r.ratio, 2))?;
+        writeln!(md, "| {} | {} | {} | {} | {} | {} | {} |", r.services, r.path, r.current.show(1), or_dash(r.baseline, 1), or_dash(r.ratio, 2), or_dash(r.katran, 1), or_dash(r.katran_ratio, 2))?;
     }
+    let median = |s: Option<Summary>| s.map(|s| s.median);
     js.insert(
         "cost".into(),
-        json!(rows.iter().map(|r| json!({"services": r.services, "path": r.path, "ns": r.current.median, "min": r.current.min, "max": r.current.max, "baseline_ns": r.baseline.map(|s| s.median), "ratio": r.ratio.map(|s| s.median), "ratio_min": r.ratio.map(|s| s.min), "ratio_max": r.ratio.map(|s| s.max)})).collect::<Vec<_>>()),
+        json!(rows.iter().map(|r| json!({"services": r.services, "path": r.path, "ns": r.current.median, "min": r.current.min, "max": r.current.max, "baseline_ns": median(r.baseline), "ratio": median(r.ratio), "ratio_min": r.ratio.map(|s| s.min), "ratio_max": r.ratio.map(|s| s.max), "katran_ns": median(r.katran), "katran_ratio": median(r.katran_ratio), "katran_ratio_min": r.katran_ratio.map(|s| s.min), "katran_ratio_max": r.katran_ratio.map(|s| s.max)})).collect::<Vec<_>>()),
     );
     Ok(())
 }
