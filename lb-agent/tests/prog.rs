@@ -614,6 +614,58 @@ fn replies_from_outside_pass_the_reply_filter_and_a_reload_marks_older_flows() -
     })
 }
 
+/// A packet that matches no exact frontend is looked up as a NodePort only on a port some
+/// NodePort uses: the agent keeps the filter equal to the frontend maps (a port stays marked
+/// while any family, protocol or scope uses it), and an agent loading pinned maps marks the
+/// NodePorts an earlier one left.
+#[test]
+fn nodeports_answer_on_the_ports_the_filter_marks_and_a_reload_marks_pinned_ones() -> Result<()> {
+    in_private_netns(|| {
+        let mut tb = testbed();
+        tb.dataplane.set_node_ips(&[(IpAddr::from(NODE_IP), 0)])?;
+        let marked = |tb: &Testbed| -> Result<Vec<u16>> {
+            let filter = tb.dataplane.maps.nodeport_filter.as_ref().expect("the filter");
+            let mut ports = Vec::new();
+            for word in 0..NODEPORT_FILTER_WORDS {
+                let bits = filter.get(&word, 0)?;
+                ports.extend((0..64u32).filter(|b| bits & (1 << b) != 0).map(|b| port_host((word * 64 + b) as u16)));
+            }
+            Ok(ports)
+        };
+        let backend = [10, 244, 1, 5];
+        let tcp = frontend([0; 4], NODE_PORT, IPPROTO_TCP, KIND_NODE_PORT, &[backend], true);
+        let udp_np = frontend([0; 4], NODE_PORT, IPPROTO_UDP, KIND_NODE_PORT, &[backend], true);
+        let cluster_ip = frontend(VIP, 80, IPPROTO_TCP, KIND_CLUSTER_IP, &[backend], true);
+        tb.dataplane.apply(&[tcp.clone(), udp_np.clone(), cluster_ip.clone()])?;
+        assert_eq!(marked(&tb)?, vec![NODE_PORT], "the NodePorts' port only");
+        let to_node_port = tcp_syn(CLIENT, NODE_IP, 46000, NODE_PORT);
+        let (verdict, out) = tb.run_xdp(&to_node_port)?;
+        assert_eq!((verdict, decode(&out).dst, decode(&out).dport), (XDP_PASS, backend, 8080), "DNAT to the backend");
+        let to_ssh = tcp_syn(CLIENT, NODE_IP, 46000, 22);
+        assert_eq!(tb.run_xdp(&to_ssh)?, (XDP_PASS, to_ssh.clone()), "the node's own port: untouched");
+
+        // The TCP NodePort goes; the UDP one keeps the port marked.
+        tb.dataplane.apply(&[udp_np.clone(), cluster_ip.clone()])?;
+        assert_eq!(marked(&tb)?, vec![NODE_PORT]);
+        let to_gone = tcp_syn(CLIENT, NODE_IP, 46001, NODE_PORT);
+        assert_eq!(tb.run_xdp(&to_gone)?, (XDP_PASS, to_gone.clone()), "no TCP NodePort any more");
+        tb.dataplane.apply(&[cluster_ip.clone()])?;
+        assert_eq!(marked(&tb)?, Vec::<u16>::new(), "no NodePort, no mark");
+
+        // A NodePort as an agent without the filter would have left it: in the frontend map,
+        // its port unmarked. It is not looked up until an agent loads the pinned maps again.
+        tb.dataplane.apply(&[tcp.clone(), cluster_ip.clone()])?;
+        tb.dataplane.maps.mark_node_port(port_raw(NODE_PORT), false)?;
+        let to_pinned = tcp_syn(CLIENT, NODE_IP, 46002, NODE_PORT);
+        assert_eq!(tb.run_xdp(&to_pinned)?, (XDP_PASS, to_pinned.clone()), "unmarked: passed untouched");
+        let _reloaded = lb_agent::dataplane::load::load(&tb.mount.dir, &MapSizes::default())?;
+        assert_eq!(marked(&tb)?, vec![NODE_PORT], "marked from the pinned frontend map");
+        let (_, out) = tb.run_xdp(&to_pinned)?;
+        assert_eq!(decode(&out).dst, backend, "answered");
+        Ok(())
+    })
+}
+
 /// Packets of an established remote flow take the next hop cached when its first packet was
 /// routed through the FIB, until a routing change bumps the generation (the agent's watcher
 /// sees the neighbour change) or a second passes; a new flow always asks the FIB.

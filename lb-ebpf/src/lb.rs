@@ -282,6 +282,11 @@ pub fn lookup_frontend<A: Family>(addr: A, port: u16, proto: u8) -> Option<(Serv
     if let Some(svc) = unsafe { A::services().get(&key) } {
         return Some((key, *svc));
     }
+    // A NodePort: only on a port some NodePort uses, and only on this node's addresses.
+    let (word, bit) = nodeport_bit(port);
+    if !LB_NODEPORT_V1.get(word).is_some_and(|used| *used & bit != 0) {
+        return None;
+    }
     unsafe { A::node_ips().get(&addr) }?;
     key.addr = A::default();
     unsafe { A::services().get(&key) }.map(|svc| (key, *svc))

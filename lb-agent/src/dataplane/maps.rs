@@ -128,6 +128,9 @@ pub struct Maps {
     pub affinity_match: HashMap<MapData, AffinityMatchKeyV1, u8>,
     pub sock_config: Array<MapData, SockConfigV1>,
     pub sock_skip: HashMap<MapData, u64, u8>,
+    /// Ports some NodePort frontend uses (see [`MAP_NODEPORT_FILTER`]); an object older than
+    /// the filter (a benchmark's baseline) has none.
+    pub nodeport_filter: Option<Array<MapData, u64>>,
     /// Capacity of the conntrack (and reverse-NAT) map, which the loader may have resized.
     pub flow_capacity: u32,
     /// The region of the slot array the last table was written through.
@@ -192,6 +195,10 @@ impl Maps {
             affinity_match: typed!(MAP_AFFINITY_MATCH),
             sock_config: typed!(MAP_SOCK_CONFIG),
             sock_skip: typed!(MAP_SOCK_SKIP),
+            nodeport_filter: match open(MAP_NODEPORT_FILTER) {
+                Ok(map) => Some(map.try_into().with_context(|| format!("map {MAP_NODEPORT_FILTER} has an unexpected type or layout"))?),
+                Err(_) => None,
+            },
         })
     }
 
@@ -270,6 +277,10 @@ impl Maps {
     }
 
     pub fn insert_frontend(&mut self, key: &FrontendKey, entry: &ServiceV1) -> Result<()> {
+        if key.is_node_port() {
+            // Marked first: the entry is looked up from the moment it is written.
+            self.mark_node_port(key.port, true)?;
+        }
         match (key.entry::<Addr4>(), key.entry::<Addr6>()) {
             (Some(k), _) => self.v4.services.insert(&k, entry, 0).with_context(|| format!("writing {MAP_SERVICES}")),
             (_, Some(k)) => self.v6.services.insert(&k, entry, 0).with_context(|| format!("writing {MAP_SERVICES6}")),
@@ -282,6 +293,32 @@ impl Maps {
             (Some(k), _) => self.v4.services.remove(&k)?,
             (_, Some(k)) => self.v6.services.remove(&k)?,
             _ => unreachable!("an address is of one family"),
+        }
+        if key.is_node_port() && !self.node_port_in_use(key.port) {
+            self.mark_node_port(key.port, false)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a NodePort frontend of either family, protocol or scope is on `port` (raw): what
+    /// the frontend maps hold, not what this agent wrote, so that one an earlier agent left is
+    /// counted too.
+    pub fn node_port_in_use(&self, port: u16) -> bool {
+        let keys = [IPPROTO_TCP, IPPROTO_UDP].into_iter().flat_map(|proto| [SCOPE_CLUSTER, SCOPE_LOCAL].map(|scope| (proto, scope)));
+        keys.into_iter().any(|(proto, scope)| {
+            self.v4.services.get(&ServiceKeyV1 { addr: 0, port, proto, scope }, 0).is_ok() || self.v6.services.get(&ServiceKeyV1 { addr: [0; 4], port, proto, scope }, 0).is_ok()
+        })
+    }
+
+    /// Marks (or clears) `port` (raw) in the NodePort filter (the agent is its one writer).
+    pub fn mark_node_port(&mut self, port: u16, used: bool) -> Result<()> {
+        if let Some(filter) = &mut self.nodeport_filter {
+            let (word, bit) = nodeport_bit(port);
+            let old = filter.get(&word, 0).with_context(|| format!("reading {MAP_NODEPORT_FILTER}"))?;
+            let new = if used { old | bit } else { old & !bit };
+            if new != old {
+                filter.set(word, &new, 0).with_context(|| format!("writing {MAP_NODEPORT_FILTER}"))?;
+            }
         }
         Ok(())
     }

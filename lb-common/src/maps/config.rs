@@ -8,6 +8,19 @@ pub const MAP_NODE_IPS: &str = "LB4_NODEIP_V1";
 pub const MAP_NODE_IPS6: &str = "LB6_NODEIP_V1";
 /// Array with one `Config6V1`: the IPv6 settings.
 pub const MAP_CONFIG6: &str = "LB6_CONFIG_V1";
+/// Array `u32 -> u64`, a bitmap of the 65,536 ports, indexed by a port as it is on the wire
+/// (the raw `u16`, see [`nodeport_bit`]): set while some NodePort frontend (address 0) of
+/// either family uses that port. A packet that matches no exact frontend is looked up as a
+/// NodePort only on a set port, so traffic to the node's own services (SSH, the kubelet)
+/// costs no node-address lookup. Only the agent writes it.
+pub const MAP_NODEPORT_FILTER: &str = "LB_NODEPORT_V1";
+pub const NODEPORT_FILTER_WORDS: u32 = (1 << 16) / 64;
+
+/// The word of `LB_NODEPORT_V1` and the bit in it for a raw port.
+#[inline(always)]
+pub fn nodeport_bit(port: u16) -> (u32, u64) {
+    (port as u32 / 64, 1 << (port % 64))
+}
 
 /// Settings the datapath reads on every packet.
 #[repr(C)]
