@@ -614,6 +614,44 @@ fn replies_from_outside_pass_the_reply_filter_and_a_reload_marks_older_flows() -
     })
 }
 
+/// From a pod, a packet is looked up as a reply only when it comes from a local backend: the
+/// agent marks a local backend's address while a frontend holds it, and an agent loading
+/// pinned maps marks the source of every tracked reply.
+#[test]
+fn replies_from_pods_are_looked_up_only_from_local_backends() -> Result<()> {
+    in_private_netns(|| {
+        let mut tb = testbed();
+        let (client, backend) = ([10, 244, 1, 20], [10, 244, 1, 5]);
+        let marks = |tb: &Testbed| -> Result<Vec<u32>> {
+            let filter = tb.dataplane.maps.local_backends.as_ref().expect("the filter");
+            Ok((0..REPLY_FILTER_SLOTS).filter(|i| filter.get(i, 0).is_ok_and(|m| m != 0)).collect())
+        };
+        let slot = reply_filter_slot(&ip4_raw(backend));
+        let svc = frontend(VIP, 80, IPPROTO_TCP, KIND_CLUSTER_IP, &[backend], true);
+        let remote = frontend([10, 96, 0, 11], 80, IPPROTO_TCP, KIND_CLUSTER_IP, &[[10, 244, 2, 7]], false);
+        tb.dataplane.apply(&[svc.clone(), remote.clone()])?;
+        assert_eq!(marks(&tb)?, vec![slot], "the local backend only");
+        let (_, out) = tb.run_tc(&tcp_syn(client, VIP, 47000, 80))?;
+        assert_eq!(decode(&out).dst, backend);
+        let reply = tcp_ack(backend, client, 8080, 47000, b"");
+        let (_, out) = tb.run_tc(&reply)?;
+        assert_eq!((decode(&out).src, decode(&out).sport), (VIP, 80), "the reply from the frontend");
+
+        // Unmarked, as under an agent without the filter: not looked up, passed untouched.
+        tb.dataplane.maps.local_backends.as_mut().expect("the filter").set(slot, &0, 0)?;
+        assert_eq!(tb.run_tc(&reply)?, (TC_ACT_OK, reply.clone()));
+        let _reloaded = lb_agent::dataplane::load::load(&tb.mount.dir, &MapSizes::default())?;
+        assert_eq!(marks(&tb)?, vec![slot], "marked from the reverse-NAT entry");
+        let (_, out) = tb.run_tc(&reply)?;
+        assert_eq!(decode(&out).src, VIP, "translated again");
+
+        // The last frontend of the backend goes, and its mark with it.
+        tb.dataplane.apply(&[remote.clone()])?;
+        assert_eq!(marks(&tb)?, Vec::<u32>::new());
+        Ok(())
+    })
+}
+
 /// A packet that matches no exact frontend is looked up as a NodePort only on a port some
 /// NodePort uses: the agent keeps the filter equal to the frontend maps (a port stays marked
 /// while any family, protocol or scope uses it), and an agent loading pinned maps marks the

@@ -61,8 +61,8 @@ pub fn decide<A: Family>(pkt: &Packet<A>, hook: Hook, bytes: u32) -> Action<A> {
     let t = &pkt.tuple;
 
     // 1. A reply of a flow we translated. From outside, only a packet to where replies of
-    //    remote-backend flows are sent can be one.
-    if hook == Hook::Pod || may_be_reply(t) {
+    //    remote-backend flows are sent can be one; from a pod, only one from a local backend.
+    if may_be_reply(t, hook) {
         if let Some(rnat) = A::reverse_nat().get_ptr_mut(t) {
             let rnat = unsafe { &mut *rnat };
             touch(&mut rnat.last_seen_ns, &mut rnat.tcp_flags_seen, pkt.tcp_flags);
@@ -233,11 +233,14 @@ fn touch(last_seen_ns: &mut u64, flags_seen: &mut u8, flags: u8) -> u64 {
     now
 }
 
-/// Whether a packet `t` from outside may be a reply of a remote-backend flow: to the SNAT
-/// address on a NAT port, or to an address the reply filter marks (pods that reached a
-/// remote backend without SNAT).
+/// Whether packet `t` may be a reply of a translated flow. From a pod: when it comes from a
+/// local backend. From outside: when it goes to the SNAT address on a NAT port, or to an
+/// address the reply filter marks (pods that reached a remote backend without SNAT).
 #[inline(always)]
-fn may_be_reply<A: Family>(t: &CtKeyV1<A>) -> bool {
+fn may_be_reply<A: Family>(t: &CtKeyV1<A>, hook: Hook) -> bool {
+    if hook == Hook::Pod {
+        return LB_LOCALBE_V1.get(reply_filter_slot(&t.src_addr)).is_some_and(|marked| *marked != 0);
+    }
     let cfg = config();
     let port = u16::from_be(t.dst_port);
     if (cfg.nat_port_min..=cfg.nat_port_max).contains(&port) && t.dst_addr == A::snat_addr(&cfg) {

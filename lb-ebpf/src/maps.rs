@@ -109,6 +109,8 @@ pub static LB_EVSTAT_V1: PerCpuArray<u64> = PerCpuArray::pinned(EVENT_OUTCOMES *
 #[map]
 pub static LB_REPLYDST_V1: Array<u8> = Array::pinned(REPLY_FILTER_SLOTS, 0);
 #[map]
+pub static LB_LOCALBE_V1: Array<u8> = Array::pinned(REPLY_FILTER_SLOTS, 0);
+#[map]
 pub static LB4_NEXTHOP_V1: LruHashMap<NextHop4KeyV1, NextHopV1> = LruHashMap::pinned(MAX_NEXT_HOPS, 0);
 #[map]
 pub static LB6_NEXTHOP_V1: LruHashMap<NextHop6KeyV1, NextHopV1> = LruHashMap::pinned(MAX_NEXT_HOPS, 0);

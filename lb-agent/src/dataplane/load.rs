@@ -128,24 +128,35 @@ fn fill_nodeport_filter(ebpf: &mut Ebpf) -> Result<()> {
 /// Marks in the reply filter the destination of every reply the reverse-NAT maps expect but
 /// for SNAT replies to the SNAT address (the kernel lets those through by their port), so
 /// that flows tracked before the filter existed (an upgrade over pinned maps) keep their
-/// replies. Idempotent; marks are only ever added.
+/// replies; and marks every reply's source (a backend) in the local-backend filter, which the
+/// agent's dataplane then keeps. Idempotent; marks are only added here.
 fn fill_reply_filter(ebpf: &mut Ebpf) -> Result<()> {
     use aya::maps::{Array, HashMap, MapData};
-    fn destinations<A: lb_common::MapAddr + aya::Pod>(ebpf: &Ebpf, name: &str, snat: A) -> Result<std::collections::BTreeSet<u32>> {
+    type Slots = std::collections::BTreeSet<u32>;
+    fn slots<A: lb_common::MapAddr + aya::Pod>(ebpf: &Ebpf, name: &str, snat: A, destinations: &mut Slots, sources: &mut Slots) -> Result<()> {
         let map: HashMap<&MapData, CtKeyV1<A>, RevNatV1<A>> = ebpf.map(name).with_context(|| format!("no map {name}"))?.try_into()?;
         let to_snat_address = |k: &CtKeyV1<A>, v: &RevNatV1<A>| v.flags & F_CT_SNAT != 0 && k.dst_addr == snat;
-        Ok(map.iter().filter_map(|e| e.ok()).filter(|(k, v)| !to_snat_address(k, v)).map(|(k, _)| reply_filter_slot(&k.dst_addr)).collect())
+        for (k, v) in map.iter().filter_map(|e| e.ok()) {
+            if !to_snat_address(&k, &v) {
+                destinations.insert(reply_filter_slot(&k.dst_addr));
+            }
+            sources.insert(reply_filter_slot(&k.src_addr));
+        }
+        Ok(())
     }
     let config: Array<&MapData, ConfigV1> = ebpf.map(MAP_CONFIG).with_context(|| format!("no map {MAP_CONFIG}"))?.try_into()?;
     let config6: Array<&MapData, Config6V1> = ebpf.map(MAP_CONFIG6).with_context(|| format!("no map {MAP_CONFIG6}"))?.try_into()?;
     let (snat4, snat6) = (config.get(&0, 0).map_or(0, |c| c.snat_addr), config6.get(&0, 0).map_or([0; 4], |c| c.snat_addr));
-    let mut slots = destinations::<Addr4>(ebpf, MAP_REVERSE_NAT, snat4)?;
-    slots.extend(destinations::<Addr6>(ebpf, MAP_REVERSE_NAT6, snat6)?);
-    // An object older than the filter (a benchmark's baseline) has none to fill.
-    let Some(filter) = ebpf.map_mut(MAP_REPLY_FILTER) else { return Ok(()) };
-    let mut filter: Array<&mut MapData, u8> = filter.try_into()?;
-    for slot in slots {
-        filter.set(slot, &1, 0).with_context(|| format!("marking slot {slot} of {MAP_REPLY_FILTER}"))?;
+    let (mut destinations, mut sources) = (Slots::new(), Slots::new());
+    slots::<Addr4>(ebpf, MAP_REVERSE_NAT, snat4, &mut destinations, &mut sources)?;
+    slots::<Addr6>(ebpf, MAP_REVERSE_NAT6, snat6, &mut destinations, &mut sources)?;
+    for (name, marked) in [(MAP_REPLY_FILTER, destinations), (MAP_LOCAL_BACKENDS, sources)] {
+        // An object older than the filter (a benchmark's baseline) has none to fill.
+        let Some(filter) = ebpf.map_mut(name) else { continue };
+        let mut filter: Array<&mut MapData, u8> = filter.try_into()?;
+        for slot in marked {
+            filter.set(slot, &1, 0).with_context(|| format!("marking slot {slot} of {name}"))?;
+        }
     }
     Ok(())
 }
@@ -161,7 +172,7 @@ fn load_object(pin_dir: &Path, sizes: &MapSizes, object: &[u8]) -> Result<Ebpf> 
 
 /// Key and value sizes of every map of schema v1, as the kernel reports them, and the
 /// capacity where the schema fixes it (the rest are sized by flags).
-fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 51] {
+fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 52] {
     use lb_common::*;
     use std::mem::size_of;
     [
@@ -217,6 +228,7 @@ fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 51] {
         (MAP_NEXT_HOPS6, size_of::<NextHop6KeyV1>(), size_of::<NextHopV1>(), None),
         (MAP_NEXT_HOP_GENERATION, 4, 4, Some(1)),
         (MAP_NODEPORT_FILTER, 4, 8, Some(NODEPORT_FILTER_WORDS)),
+        (MAP_LOCAL_BACKENDS, 4, 1, Some(REPLY_FILTER_SLOTS)),
     ]
 }
 

@@ -103,6 +103,14 @@ impl Family for Addr6 {
     }
 }
 
+/// A map an older object (a benchmark's baseline) lacks: `None` when it is missing.
+fn optional<T: TryFrom<Map, Error = aya::maps::MapError>>(map: Result<Map>, name: &str) -> Result<Option<T>> {
+    match map {
+        Ok(map) => Ok(Some(map.try_into().with_context(|| format!("map {name} has an unexpected type or layout"))?)),
+        Err(_) => Ok(None),
+    }
+}
+
 /// Opens the map pinned as `name` in `pin_dir` as the typed map `T` (its kind read from the
 /// kernel): for the maps `Maps` does not hold.
 pub fn open_pinned<T: TryFrom<Map, Error = aya::maps::MapError>>(pin_dir: &Path, name: &str) -> Result<T> {
@@ -131,6 +139,10 @@ pub struct Maps {
     /// Ports some NodePort frontend uses (see [`MAP_NODEPORT_FILTER`]); an object older than
     /// the filter (a benchmark's baseline) has none.
     pub nodeport_filter: Option<Array<MapData, u64>>,
+    /// Local backends' addresses (see [`MAP_LOCAL_BACKENDS`]; none in an older object), and
+    /// how many held local backends each slot stands for.
+    pub local_backends: Option<Array<MapData, u8>>,
+    local_backend_slots: std::collections::HashMap<u32, u32>,
     /// Capacity of the conntrack (and reverse-NAT) map, which the loader may have resized.
     pub flow_capacity: u32,
     /// The region of the slot array the last table was written through.
@@ -195,10 +207,9 @@ impl Maps {
             affinity_match: typed!(MAP_AFFINITY_MATCH),
             sock_config: typed!(MAP_SOCK_CONFIG),
             sock_skip: typed!(MAP_SOCK_SKIP),
-            nodeport_filter: match open(MAP_NODEPORT_FILTER) {
-                Ok(map) => Some(map.try_into().with_context(|| format!("map {MAP_NODEPORT_FILTER} has an unexpected type or layout"))?),
-                Err(_) => None,
-            },
+            nodeport_filter: optional(open(MAP_NODEPORT_FILTER), MAP_NODEPORT_FILTER)?,
+            local_backends: optional(open(MAP_LOCAL_BACKENDS), MAP_LOCAL_BACKENDS)?,
+            local_backend_slots: Default::default(),
         })
     }
 
@@ -308,6 +319,27 @@ impl Maps {
         keys.into_iter().any(|(proto, scope)| {
             self.v4.services.get(&ServiceKeyV1 { addr: 0, port, proto, scope }, 0).is_ok() || self.v6.services.get(&ServiceKeyV1 { addr: [0; 4], port, proto, scope }, 0).is_ok()
         })
+    }
+
+    /// Counts a backend the dataplane starts (`held`) or stops holding in the local-backend
+    /// filter, when it is local: a slot is marked while a held local backend is at it. Marked
+    /// before the backend's first flow, cleared after its last frontend let it go.
+    pub fn count_local_backend(&mut self, entry: &BackendEntry, held: bool) -> Result<()> {
+        let (flags, slot) = match entry {
+            BackendEntry::V4(b) => (b.flags, reply_filter_slot(&b.addr)),
+            BackendEntry::V6(b) => (b.flags, reply_filter_slot(&b.addr)),
+        };
+        let Some(filter) = self.local_backends.as_mut().filter(|_| flags & F_BACKEND_LOCAL != 0) else { return Ok(()) };
+        let count = self.local_backend_slots.entry(slot).or_default();
+        let before = *count;
+        *count = if held { before + 1 } else { before.saturating_sub(1) };
+        if (before == 0) != (*count == 0) {
+            filter.set(slot, &((*count > 0) as u8), 0).with_context(|| format!("writing {MAP_LOCAL_BACKENDS}"))?;
+        }
+        if *count == 0 {
+            self.local_backend_slots.remove(&slot);
+        }
+        Ok(())
     }
 
     /// Marks (or clears) `port` (raw) in the NodePort filter (the agent is its one writer).

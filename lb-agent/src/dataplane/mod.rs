@@ -364,7 +364,11 @@ impl Dataplane {
             }
             // Draining backends are in no slot; they are found again by the next apply.
             for id in &ids {
-                self.backend_ids.acquire(*id, self.maps.backend(&key.addr, *id)?);
+                let backend = self.maps.backend(&key.addr, *id)?;
+                if self.backend_ids.get(&backend).is_none() {
+                    self.maps.count_local_backend(&backend, true)?;
+                }
+                self.backend_ids.acquire(*id, backend);
                 self.next_backend_id = self.next_backend_id.max(id + 1);
             }
             let name = self.maps.service_names.get(&entry.service_id, 0).map(|n| n.as_str().to_string()).unwrap_or_default();
@@ -677,6 +681,7 @@ impl Dataplane {
         if reused || !self.fresh_ids_zeroed {
             self.maps.backend_stats.set(id, &TrafficCountersV1::default(), 0)?;
         }
+        self.maps.count_local_backend(&entry, true)?;
         self.maps.set_backend(id, &entry).context("writing a backend")?;
         self.backend_ids.acquire(id, entry);
         Ok(id)
@@ -687,7 +692,9 @@ impl Dataplane {
             let entry = self.backend_ids.entry(*id);
             if self.backend_ids.release(*id) {
                 // A zeroed entry reads as "gone": flows pinned to it re-select (see lb.rs).
-                self.maps.set_backend(*id, &BackendEntry::cleared(entry.unwrap_or_default()))?;
+                let entry = entry.unwrap_or_default();
+                self.maps.set_backend(*id, &BackendEntry::cleared(entry))?;
+                self.maps.count_local_backend(&entry, false)?;
                 self.free_backend_ids.push(*id);
             }
         }

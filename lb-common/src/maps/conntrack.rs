@@ -18,6 +18,10 @@ pub const MAP_REVERSE_NAT6: &str = "LB6_RNAT_V1";
 pub const MAP_REPLY_FILTER: &str = "LB_REPLYDST_V1";
 /// A few hundred marked pods leave most of 16,384 slots clear (128 KiB: array values take 8 bytes).
 pub const REPLY_FILTER_SLOTS: u32 = 1 << 14;
+/// Array `u32 -> u8` of the same slots: 1 at `reply_filter_slot(addr)` for every local backend
+/// (both families), which only the agent writes. From a pod, only a packet from a local
+/// backend can be a reply of a translated flow; any other skips the reverse-NAT lookup.
+pub const MAP_LOCAL_BACKENDS: &str = "LB_LOCALBE_V1";
 
 /// The reply-filter slot of an address (its words folded, then a multiplicative hash).
 /// Shared by the kernel, which sets and reads it, and the agent, which fills it from
