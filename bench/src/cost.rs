@@ -12,7 +12,10 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{ensure, Context, Result};
-use lb_agent::dataplane::{load::MapSizes, BackendSpec, Frontend, FrontendKey};
+use lb_agent::dataplane::{
+    load::{MapSizes, TC_PROGRAM},
+    BackendSpec, Frontend, FrontendKey,
+};
 use lb_common::*;
 use testbed::{netns::sh, progtest::Testbed};
 
@@ -45,17 +48,23 @@ pub struct Row {
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
 
 const NODE_IP: [u8; 4] = [10, 99, 0, 1];
 const LOCAL_VIP: [u8; 4] = [10, 96, 0, 1];
 const REMOTE_VIP: [u8; 4] = [10, 99, 100, 1];
 const CLIENT: [u8; 4] = [192, 0, 2, 10];
+/// A pod of this node, a client of the local frontend.
+const POD: [u8; 4] = [10, 244, 1, 200];
 
 /// The paths: a name, the verdict each run must give (and Katran's, when it has the path), the
 /// packet of run `i` (a new flow needs a packet of its own each run; the others repeat one),
 /// and for an established flow the packet that opens it.
 struct Path {
     name: &'static str,
+    /// Through `lb_tc`, from a pod (else `lb_xdp`, from outside).
+    tc: bool,
     verdict: u32,
     katran_verdict: Option<u32>,
     packet: Box<dyn Fn(usize) -> Vec<u8>>,
@@ -134,8 +143,13 @@ fn paths(tb: &Testbed) -> Result<Vec<Path>> {
     let backend = [sent[14 + 16], sent[14 + 17], sent[14 + 18], sent[14 + 19]];
     let mut reply = Vec::new();
     etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0x0b], [2, 0, 0, 0, 0, 1]).ipv4(backend, NODE_IP, 64).tcp(8080, nat_port, 1, 64240).syn().ack(2).write(&mut reply, &[])?;
-    let path = |name, verdict, katran_verdict, packet: Box<dyn Fn(usize) -> Vec<u8>>, opening| Path { name, verdict, katran_verdict, packet, opening };
+    let path = |name, verdict, katran_verdict, packet: Box<dyn Fn(usize) -> Vec<u8>>, opening| Path { name, tc: false, verdict, katran_verdict, packet, opening };
+    let from_pod = |name, verdict, packet: Box<dyn Fn(usize) -> Vec<u8>>| Path { name, tc: true, verdict, katran_verdict: None, packet, opening: None };
     let (pass, encapsulated) = (Some(XDP_PASS), Some(XDP_TX));
+    // The local flow the pod opened, and its backend's reply.
+    let (_, sent) = tb.run_tc(&syn(POD, 1003, LOCAL_VIP, 80))?;
+    let local_backend = [sent[14 + 16], sent[14 + 17], sent[14 + 18], sent[14 + 19]];
+    let local_reply = ack(local_backend, 8080, POD, 1003);
     Ok(vec![
         path("not a service (pass)", XDP_PASS, pass, Box::new(|_| syn(CLIENT, 1000, [10, 1, 1, 1], 80)), None),
         path("not a service, to a node address", XDP_PASS, pass, Box::new(|_| syn(CLIENT, 1000, NODE_IP, 22)), None),
@@ -146,22 +160,46 @@ fn paths(tb: &Testbed) -> Result<Vec<Path>> {
         path("new flow, remote backend (SNAT + FIB)", XDP_REDIRECT, encapsulated, Box::new(|i| { let (c, p) = new_client(i, 2); syn(c, p, REMOTE_VIP, 80) }), None),
         path("established flow, remote backend", XDP_REDIRECT, encapsulated, Box::new(|_| ack(CLIENT, 1002, REMOTE_VIP, 80)), Some(syn(CLIENT, 1002, REMOTE_VIP, 80))),
         path("reply of a remote flow (reverse NAT + FIB)", XDP_REDIRECT, None, Box::new(move |_| reply.clone()), None),
+        from_pod("from a pod, not a service (TC)", TC_ACT_OK, Box::new(|_| ack(POD, 1000, [10, 1, 1, 1], 80))),
+        from_pod("from a pod, established flow, local backend (TC)", TC_ACT_OK, Box::new(|_| ack(POD, 1003, LOCAL_VIP, 80))),
+        // Routed here (its source is the frontend), through the FIB: redirected.
+        from_pod("reply of a local backend to a pod (TC, reverse NAT + FIB)", TC_ACT_REDIRECT, Box::new(move |_| local_reply.clone())),
     ])
 }
 
 /// One sample of a path: the median of `batch` single runs (`run_once(i)`: the verdict and ns
-/// of run `i`, from run `first` on) minus the median of the floor's, run in between.
-fn sample(tb: &Testbed, name: &str, verdict: u32, first: usize, batch: usize, run_once: impl Fn(usize) -> Result<(u32, f64)>) -> Result<f64> {
-    let floor_packet = syn(CLIENT, 1000, [10, 1, 1, 1], 80);
+/// of run `i`, from run `first` on) minus the median of the floor's, run in between. The floor
+/// of an XDP path is the XDP_PASS program; of a TC path, `lb_tc` on an ARP frame (which it
+/// leaves at once).
+fn sample(tb: &Testbed, path: &Path, verdict: u32, first: usize, batch: usize, run_once: impl Fn(usize) -> Result<(u32, f64)>) -> Result<f64> {
+    let name = path.name;
+    let floor_run = || if path.tc { tb.time_tc(TC_PROGRAM, &arp(), 1) } else { tb.time_xdp_pass(&syn(CLIENT, 1000, [10, 1, 1, 1], 80), 1) };
     let mut floor = Vec::with_capacity(batch);
     let mut ns = Vec::with_capacity(batch);
     for i in first..first + batch {
-        floor.push(tb.time_xdp_pass(&floor_packet, 1)?.1);
+        floor.push(floor_run()?.1);
         let (got, took) = run_once(i)?;
         ensure!(got == verdict, "{name}: verdict {got}, not {verdict}");
         ns.push(took);
     }
     Ok(Summary::of(&ns).median - Summary::of(&floor).median)
+}
+
+/// An ARP request: the floor of the TC paths.
+fn arp() -> Vec<u8> {
+    let mut frame = vec![0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 2, 0, 0, 0, 0, 1, 0x08, 0x06];
+    frame.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1, 10, 244, 1, 200, 0, 0, 0, 0, 0, 0, 10, 244, 1, 1]);
+    frame
+}
+
+/// This build's run of a path's packet `i`: through `lb_tc` or `lb_xdp`.
+fn run_path(tb: &Testbed, path: &Path, i: usize) -> Result<(u32, f64)> {
+    let packet = (path.packet)(i);
+    if path.tc {
+        tb.time_tc(TC_PROGRAM, &packet, 1)
+    } else {
+        tb.time_xdp(&packet, 1)
+    }
 }
 
 /// Katran's answer to a path's packet checked once: passed untouched, or encapsulated to one of
@@ -222,14 +260,14 @@ pub fn run(cfg: &Config, baseline: Option<Vec<u8>>, katran: Option<Vec<u8>>) -> 
                 for s in 0..samples {
                     // Each sample's new flows are its own; the programs' runs alternate.
                     let first = s * batch;
-                    now.push(sample(&current, path.name, path.verdict, first, batch, |i| current.time_xdp(&(path.packet)(i), 1))?);
+                    now.push(sample(&current, path, path.verdict, first, batch, |i| run_path(&current, path, i))?);
                     if let (Some(tb), Some(paths)) = (&previous, &previous_paths) {
                         let path = &paths[i];
-                        before.push(sample(tb, path.name, path.verdict, first, batch, |i| tb.time_xdp(&(path.packet)(i), 1))?);
+                        before.push(sample(tb, path, path.verdict, first, batch, |i| run_path(tb, path, i))?);
                     }
                     if let (Some(katran), Some(verdict)) = (katran, path.katran_verdict) {
                         let flows = katran.flows()?;
-                        theirs.push(sample(&current, path.name, verdict, first, batch, |i| katran.run(&(path.packet)(i)).map(|(v, ns, _)| (v, ns)))?);
+                        theirs.push(sample(&current, path, verdict, first, batch, |i| katran.run(&(path.packet)(i)).map(|(v, ns, _)| (v, ns)))?);
                         let added = katran.flows()? - flows;
                         let expected = if path.opening.is_none() && verdict == XDP_TX && (path.packet)(0) != (path.packet)(1) { batch } else { 0 };
                         ensure!(added == expected, "Katran, {}: {added} flows cached, not {expected}", path.name);
