@@ -203,7 +203,7 @@ fn cost_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String, ser
     let rows = cost::run(&cfg, baseline, katran)?;
     writeln!(
         md,
-        "\n## Per-packet cost by path, single runs, beside a baseline and Katran\n\n`lb_xdp`, {} samples of {} runs of `repeat = 1` per path: each sample the median minus the median of the XDP_PASS floor run the same way; the programs' samples alternate. ns, median of the samples (min-max); a ratio is of each pair of samples. Baseline: {label}. Katran: {katran_label} (every VIP packet IPIP-encapsulated to a real, XDP_TX; it has no reply path).\n\n| services | path | this build ns | baseline ns | this / baseline | Katran ns | this / Katran |\n|---|---|---|---|---|---|---|",
+        "\n## Per-packet cost by path, single runs, beside a baseline and Katran\n\n`lb_xdp` (`lb_tc` for the TC paths), {} samples of {} runs of `repeat = 1` per path: each sample the median minus the median of the floor run the same way (the XDP_PASS program; for TC, `lb_tc` on an ARP frame); the programs' samples alternate. ns, median of the samples (min-max); a ratio is of each pair of samples. Baseline: {label}. Katran: {katran_label} (every VIP packet IPIP-encapsulated to a real, XDP_TX; it has no reply path).\n\n| services | path | this build ns | baseline ns | this / baseline | Katran ns | this / Katran |\n|---|---|---|---|---|---|---|",
         cfg.samples, cfg.batch
     )?;
     for r in &rows {
