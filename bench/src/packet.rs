@@ -107,12 +107,12 @@ fn testbed(n: usize, flows: u32) -> Result<Testbed> {
     let shared = tb.dataplane.service(&measured[2].key).expect("programmed");
     for i in 0..n.saturating_sub(7) {
         let key = Service4KeyV1 { addr: ip4_raw([10, 200 + (i >> 16) as u8, (i >> 8) as u8, i as u8]), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER };
-        tb.dataplane.maps.v4.services.insert(&key, &shared, 0)?;
+        tb.dataplane.maps.insert_frontend(&key.into(), &shared, true)?;
     }
     for i in 0..n.saturating_sub(3) {
         let addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, (i >> 16) as u16, i as u16);
         let key = Service6KeyV1 { addr: ip6_raw(addr.octets()), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER };
-        tb.dataplane.maps.v6.services.insert(&key, &shared, 0)?;
+        tb.dataplane.maps.insert_frontend(&key.into(), &shared, true)?;
     }
     Ok(tb)
 }

@@ -652,6 +652,53 @@ fn replies_from_pods_are_looked_up_only_from_local_backends() -> Result<()> {
     })
 }
 
+/// A packet is looked up as an exact frontend's only at an address the frontend-address
+/// filter marks: the agent keeps a bit set while a frontend has an address it stands for, and
+/// an agent loading pinned maps marks the frontends an earlier one left.
+#[test]
+fn frontends_are_looked_up_only_at_addresses_the_filter_marks() -> Result<()> {
+    in_private_netns(|| {
+        let mut tb = testbed();
+        let set_bits = |tb: &Testbed| -> Result<Vec<(u32, u64)>> {
+            let filter = tb.dataplane.maps.frontend_filter.as_ref().expect("the filter");
+            let mut bits = Vec::new();
+            for word in 0..FRONTEND_FILTER_WORDS {
+                let w = filter.get(&word, 0)?;
+                bits.extend((0..64).filter(|b| w & (1u64 << b) != 0).map(|b| (word, 1u64 << b)));
+            }
+            Ok(bits)
+        };
+        let backend = [10, 244, 1, 5];
+        let tcp = frontend(VIP, 80, IPPROTO_TCP, KIND_CLUSTER_IP, &[backend], true);
+        let udp_svc = frontend(VIP, 53, IPPROTO_UDP, KIND_CLUSTER_IP, &[backend], true);
+        let node_port = frontend([0; 4], NODE_PORT, IPPROTO_TCP, KIND_NODE_PORT, &[backend], true);
+        tb.dataplane.apply(&[tcp.clone(), udp_svc.clone(), node_port.clone()])?;
+        let vip_bit = frontend_filter_bit(&ip4_raw(VIP));
+        assert_eq!(set_bits(&tb)?, vec![vip_bit], "the frontends' address, not the NodePort's");
+        let to_vip = tcp_syn(CLIENT, VIP, 46000, 80);
+        let (_, out) = tb.run_xdp(&to_vip)?;
+        assert_eq!(decode(&out).dst, backend);
+
+        // The TCP frontend goes; the UDP one keeps the address marked.
+        tb.dataplane.apply(&[udp_svc.clone(), node_port.clone()])?;
+        assert_eq!(set_bits(&tb)?, vec![vip_bit]);
+        tb.dataplane.apply(&[node_port.clone()])?;
+        assert_eq!(set_bits(&tb)?, Vec::<(u32, u64)>::new(), "no frontend at the address, no mark");
+
+        // A frontend as an agent without the filter would have left it: in the frontend map,
+        // its address unmarked. It is not looked up until an agent loads the pinned maps again.
+        tb.dataplane.apply(&[tcp.clone(), node_port.clone()])?;
+        tb.dataplane.maps.frontend_filter.as_mut().expect("the filter").set(vip_bit.0, &0, 0)?;
+        let to_pinned = tcp_syn(CLIENT, VIP, 46001, 80);
+        assert_eq!(tb.run_xdp(&to_pinned)?, (XDP_PASS, to_pinned.clone()), "unmarked: passed untouched");
+        let _reloaded = lb_agent::dataplane::load::load(&tb.mount.dir, &MapSizes::default())?;
+        assert_eq!(set_bits(&tb)?, vec![vip_bit], "marked from the pinned frontend map");
+        let (_, out) = tb.run_xdp(&to_pinned)?;
+        assert_eq!(decode(&out).dst, backend, "answered");
+        Ok(())
+    })
+}
+
 /// A packet that matches no exact frontend is looked up as a NodePort only on a port some
 /// NodePort uses: the agent keeps the filter equal to the frontend maps (a port stays marked
 /// while any family, protocol or scope uses it), and an agent loading pinned maps marks the

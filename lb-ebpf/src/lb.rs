@@ -282,8 +282,12 @@ fn reply_forward<A: Family>(rnat: &RevNatV1<A>, hook: Hook) -> Forward {
 #[inline(always)]
 pub fn lookup_frontend<A: Family>(addr: A, port: u16, proto: u8) -> Option<(ServiceKeyV1<A>, ServiceV1)> {
     let mut key = ServiceKeyV1 { addr, port, proto, scope: SCOPE_CLUSTER };
-    if let Some(svc) = unsafe { A::services().get(&key) } {
-        return Some((key, *svc));
+    // An exact frontend: only at an address some frontend has.
+    let (word, bit) = frontend_filter_bit(&addr);
+    if LB_FEADDR_V1.get(word).is_some_and(|used| *used & bit != 0) {
+        if let Some(svc) = unsafe { A::services().get(&key) } {
+            return Some((key, *svc));
+        }
     }
     // A NodePort: only on a port some NodePort uses, and only on this node's addresses.
     let (word, bit) = nodeport_bit(port);

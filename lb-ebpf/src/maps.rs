@@ -55,6 +55,8 @@ pub static LB6_NODEIP_V1: HashMap<[u32; 4], u32> = HashMap::pinned(MAX_NODE_IPS,
 #[map]
 pub static LB_NODEPORT_V1: Array<u64> = Array::pinned(NODEPORT_FILTER_WORDS, 0);
 #[map]
+pub static LB_FEADDR_V1: Array<u64> = Array::pinned(FRONTEND_FILTER_WORDS, 0);
+#[map]
 pub static LB6_CONFIG_V1: Array<Config6V1> = Array::pinned(1, 0);
 #[map]
 pub static LB6_SRCRANGE_V1: LpmTrie<SourceRange6V1, u8> = LpmTrie::pinned(MAX_SOURCE_RANGES, 0);

@@ -99,28 +99,39 @@ pub fn load_from(pin_dir: &Path, sizes: &MapSizes, object: &[u8]) -> Result<Ebpf
     }
     migrate_slot_array_v1(&mut ebpf, pin_dir)?;
     fill_reply_filter(&mut ebpf)?;
-    fill_nodeport_filter(&mut ebpf)?;
+    fill_frontend_filters(&mut ebpf)?;
     Ok(ebpf)
 }
 
-/// Marks in the NodePort filter the port of every NodePort frontend the pinned maps hold, so
-/// that those an earlier agent wrote (an upgrade over pinned maps) answer before this agent's
-/// first apply. Idempotent; marks are only added here (a removal clears its own).
-fn fill_nodeport_filter(ebpf: &mut Ebpf) -> Result<()> {
+/// Marks in the NodePort filter the port of every NodePort frontend the pinned maps hold, and
+/// in the frontend-address filter the address of every other, so that those an earlier agent
+/// wrote (an upgrade over pinned maps) answer before this agent's first apply (whose adoption
+/// then counts them). Idempotent; marks are only added here (a removal clears its own).
+fn fill_frontend_filters(ebpf: &mut Ebpf) -> Result<()> {
     use aya::maps::{Array, HashMap, MapData};
-    fn ports<A: lb_common::MapAddr + aya::Pod>(ebpf: &Ebpf, name: &str) -> Result<Vec<u16>> {
+    type Bits = std::collections::BTreeSet<(u32, u64)>;
+    fn bits<A: lb_common::MapAddr + aya::Pod>(ebpf: &Ebpf, name: &str, ports: &mut Bits, addrs: &mut Bits) -> Result<()> {
         let map: HashMap<&MapData, ServiceKeyV1<A>, ServiceV1> = ebpf.map(name).with_context(|| format!("no map {name}"))?.try_into()?;
-        Ok(map.keys().filter_map(|k| k.ok()).filter(|k| k.addr.is_zero()).map(|k| k.port).collect())
+        for k in map.keys().filter_map(|k| k.ok()) {
+            if k.addr.is_zero() {
+                ports.insert(nodeport_bit(k.port));
+            } else {
+                addrs.insert(frontend_filter_bit(&k.addr));
+            }
+        }
+        Ok(())
     }
-    let mut used = ports::<Addr4>(ebpf, MAP_SERVICES)?;
-    used.extend(ports::<Addr6>(ebpf, MAP_SERVICES6)?);
-    // An object older than the filter (a benchmark's baseline) has none to fill.
-    let Some(filter) = ebpf.map_mut(MAP_NODEPORT_FILTER) else { return Ok(()) };
-    let mut filter: Array<&mut MapData, u64> = filter.try_into()?;
-    for port in used {
-        let (word, bit) = nodeport_bit(port);
-        let marked = filter.get(&word, 0)? | bit;
-        filter.set(word, &marked, 0).with_context(|| format!("marking port {} in {MAP_NODEPORT_FILTER}", port_host(port)))?;
+    let (mut ports, mut addrs) = (Bits::new(), Bits::new());
+    bits::<Addr4>(ebpf, MAP_SERVICES, &mut ports, &mut addrs)?;
+    bits::<Addr6>(ebpf, MAP_SERVICES6, &mut ports, &mut addrs)?;
+    for (name, marked) in [(MAP_NODEPORT_FILTER, ports), (MAP_FRONTEND_FILTER, addrs)] {
+        // An object older than the filter (a benchmark's baseline) has none to fill.
+        let Some(filter) = ebpf.map_mut(name) else { continue };
+        let mut filter: Array<&mut MapData, u64> = filter.try_into()?;
+        for (word, bit) in marked {
+            let words = filter.get(&word, 0)? | bit;
+            filter.set(word, &words, 0).with_context(|| format!("marking word {word} of {name}"))?;
+        }
     }
     Ok(())
 }
@@ -172,7 +183,7 @@ fn load_object(pin_dir: &Path, sizes: &MapSizes, object: &[u8]) -> Result<Ebpf> 
 
 /// Key and value sizes of every map of schema v1, as the kernel reports them, and the
 /// capacity where the schema fixes it (the rest are sized by flags).
-fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 52] {
+fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 53] {
     use lb_common::*;
     use std::mem::size_of;
     [
@@ -229,6 +240,7 @@ fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 52] {
         (MAP_NEXT_HOP_GENERATION, 4, 4, Some(1)),
         (MAP_NODEPORT_FILTER, 4, 8, Some(NODEPORT_FILTER_WORDS)),
         (MAP_LOCAL_BACKENDS, 4, 1, Some(REPLY_FILTER_SLOTS)),
+        (MAP_FRONTEND_FILTER, 4, 8, Some(FRONTEND_FILTER_WORDS)),
     ]
 }
 

@@ -143,6 +143,10 @@ pub struct Maps {
     /// how many held local backends each slot stands for.
     pub local_backends: Option<Array<MapData, u8>>,
     local_backend_slots: std::collections::HashMap<u32, u32>,
+    /// Frontend addresses (see [`MAP_FRONTEND_FILTER`]; none in an older object), and how many
+    /// frontends each set bit stands for.
+    pub frontend_filter: Option<Array<MapData, u64>>,
+    frontend_filter_counts: std::collections::HashMap<(u32, u64), u32>,
     /// Capacity of the conntrack (and reverse-NAT) map, which the loader may have resized.
     pub flow_capacity: u32,
     /// The region of the slot array the last table was written through.
@@ -210,6 +214,8 @@ impl Maps {
             nodeport_filter: optional(open(MAP_NODEPORT_FILTER), MAP_NODEPORT_FILTER)?,
             local_backends: optional(open(MAP_LOCAL_BACKENDS), MAP_LOCAL_BACKENDS)?,
             local_backend_slots: Default::default(),
+            frontend_filter: optional(open(MAP_FRONTEND_FILTER), MAP_FRONTEND_FILTER)?,
+            frontend_filter_counts: Default::default(),
         })
     }
 
@@ -287,10 +293,13 @@ impl Maps {
         Ok(())
     }
 
-    pub fn insert_frontend(&mut self, key: &FrontendKey, entry: &ServiceV1) -> Result<()> {
+    /// Writes a frontend; `new`: not in the map yet. Its address (or NodePort port) is marked
+    /// first: the entry is looked up from the moment it is written.
+    pub fn insert_frontend(&mut self, key: &FrontendKey, entry: &ServiceV1, new: bool) -> Result<()> {
         if key.is_node_port() {
-            // Marked first: the entry is looked up from the moment it is written.
             self.mark_node_port(key.port, true)?;
+        } else if new {
+            self.count_frontend_address(key, true)?;
         }
         match (key.entry::<Addr4>(), key.entry::<Addr6>()) {
             (Some(k), _) => self.v4.services.insert(&k, entry, 0).with_context(|| format!("writing {MAP_SERVICES}")),
@@ -305,8 +314,36 @@ impl Maps {
             (_, Some(k)) => self.v6.services.remove(&k)?,
             _ => unreachable!("an address is of one family"),
         }
-        if key.is_node_port() && !self.node_port_in_use(key.port) {
-            self.mark_node_port(key.port, false)?;
+        if key.is_node_port() {
+            if !self.node_port_in_use(key.port) {
+                self.mark_node_port(key.port, false)?;
+            }
+        } else {
+            self.count_frontend_address(key, false)?;
+        }
+        Ok(())
+    }
+
+    /// Counts a frontend (not a NodePort) in (`held`) or out of the frontend-address filter:
+    /// a bit is set while a frontend whose address it stands for is in the maps.
+    pub fn count_frontend_address(&mut self, key: &FrontendKey, held: bool) -> Result<()> {
+        let at = match (key.entry::<Addr4>(), key.entry::<Addr6>()) {
+            (Some(k), _) => frontend_filter_bit(&k.addr),
+            (_, Some(k)) => frontend_filter_bit(&k.addr),
+            _ => unreachable!("an address is of one family"),
+        };
+        let Some(filter) = self.frontend_filter.as_mut() else { return Ok(()) };
+        let count = self.frontend_filter_counts.entry(at).or_default();
+        let before = *count;
+        *count = if held { before + 1 } else { before.saturating_sub(1) };
+        if (before == 0) != (*count == 0) {
+            let (word, bit) = at;
+            let old = filter.get(&word, 0).with_context(|| format!("reading {MAP_FRONTEND_FILTER}"))?;
+            let new = if *count > 0 { old | bit } else { old & !bit };
+            filter.set(word, &new, 0).with_context(|| format!("writing {MAP_FRONTEND_FILTER}"))?;
+        }
+        if *count == 0 {
+            self.frontend_filter_counts.remove(&at);
         }
         Ok(())
     }

@@ -376,6 +376,9 @@ impl Dataplane {
             let frontend = Arc::new(Frontend { key: *key, kind: entry.kind, name: name.into(), ..Frontend::default() });
             let programmed = Programmed::new(frontend, *entry, ids, affinity_ids.remove(&entry.service_id).unwrap_or_default(), ranges.remove(&entry.service_id).unwrap_or_default());
             self.services.insert(*key, Box::new(programmed));
+            if !key.is_node_port() {
+                self.maps.count_frontend_address(key, true)?;
+            }
         }
         self.next_service_id = max_service_id.map_or(0, |m| m + 1);
         let used: std::collections::HashSet<u32> = entries.iter().map(|(_, e)| e.service_id).collect();
@@ -581,7 +584,7 @@ impl Dataplane {
             kind: frontend.kind,
             flags: frontend.flags(),
         };
-        self.maps.insert_frontend(&frontend.key, &entry).with_context(|| format!("writing service {}", frontend.name))?;
+        self.maps.insert_frontend(&frontend.key, &entry, old.is_none()).with_context(|| format!("writing service {}", frontend.name))?;
 
         // 4. Free what the old state used: its table, its backends, the affinity it allowed to
         //    backends it no longer has (affinity to them ends now), its old ranges.

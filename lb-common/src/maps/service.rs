@@ -10,6 +10,23 @@ pub const MAP_SERVICES6: &str = "LB6_SVC_V1";
 pub const MAP_SERVICE_NAMES: &str = "LB_SVC_NAME_V1";
 /// Array `service id -> ServiceOptsV1`: settings read only when a `F_SVC_*` flag asks for them.
 pub const MAP_SERVICE_OPTS: &str = "LB_SVC_OPTS_V1";
+/// Array `u32 -> u64`, a bitmap of `FRONTEND_FILTER_WORDS * 64` bits: set at
+/// `frontend_filter_bit(addr)` while a frontend of either family other than a NodePort has
+/// that address. A packet to an address whose bit is clear is no such frontend's and skips the
+/// frontend lookup (most of a node's traffic: to pods, to the node, to the world). Only the
+/// agent writes it.
+pub const MAP_FRONTEND_FILTER: &str = "LB_FEADDR_V1";
+/// 2^20 bits (128 KiB): 100,000 frontend addresses leave nine in ten clear.
+pub const FRONTEND_FILTER_WORDS: u32 = (1 << 20) / 64;
+
+/// The word of `LB_FEADDR_V1` and the bit in it for an address (its words folded, then a
+/// multiplicative hash to 20 bits). Shared by the kernel, which reads it, and the agent.
+#[inline(always)]
+pub fn frontend_filter_bit<A: MapAddr>(addr: &A) -> (u32, u64) {
+    let folded = addr.words().iter().fold(0u32, |acc, w| acc ^ w);
+    let bit = folded.wrapping_mul(0x9E37_79B1) >> 12;
+    (bit / 64, 1 << (bit % 64))
+}
 
 /// A frontend: where clients send. A NodePort frontend has the zero address and matches every
 /// address of the node (`LB4_NODEIP_V1`).
