@@ -652,6 +652,42 @@ fn replies_from_pods_are_looked_up_only_from_local_backends() -> Result<()> {
     })
 }
 
+/// A tracked flow's packet finds its frontend by the id its conntrack entry holds, while that
+/// id is the frontend's: with no id entries (an older agent's maps) the flow is still forwarded,
+/// by the frontend lookup, and a reload writes them; once the frontend is removed its flows
+/// stop; and when its id goes to another frontend, they do not follow it.
+#[test]
+fn tracked_flows_find_their_frontend_by_id_while_it_is_theirs() -> Result<()> {
+    in_private_netns(|| {
+        let mut tb = testbed();
+        let (backend, other_backend) = ([10, 244, 1, 5], [10, 244, 1, 6]);
+        let svc = frontend(VIP, 80, IPPROTO_TCP, KIND_CLUSTER_IP, &[backend], true);
+        tb.dataplane.apply(&[svc.clone()])?;
+        let entry = tb.dataplane.service(&svc.key).expect("programmed");
+        let by_id = |tb: &Testbed, id: u32| -> Result<ServiceByIdV1> { Ok(tb.dataplane.maps.service_by_id.as_ref().expect("the map").get(&id, 0)?) };
+        assert_eq!(by_id(&tb, entry.service_id)?, ServiceByIdV1 { addr: [ip4_raw(VIP), 0, 0, 0], port: port_raw(80), proto: IPPROTO_TCP, family: 4, entry });
+        let (_, out) = tb.run_xdp(&tcp_syn(CLIENT, VIP, 46000, 80))?;
+        assert_eq!(decode(&out).dst, backend);
+        let segment = tcp_ack(CLIENT, VIP, 46000, 80, b"x");
+        assert_eq!(decode(&tb.run_xdp(&segment)?.1).dst, backend, "tracked");
+
+        tb.dataplane.maps.service_by_id.as_mut().expect("the map").set(entry.service_id, &ServiceByIdV1::default(), 0)?;
+        assert_eq!(decode(&tb.run_xdp(&segment)?.1).dst, backend, "tracked, through the frontend lookup");
+        let _reloaded = lb_agent::dataplane::load::load(&tb.mount.dir, &MapSizes::default())?;
+        assert_eq!(by_id(&tb, entry.service_id)?.entry, entry, "written from the frontend map");
+
+        tb.dataplane.apply(&[])?;
+        assert_eq!(by_id(&tb, entry.service_id)?, ServiceByIdV1::default(), "cleared with the frontend");
+        assert_eq!(tb.run_xdp(&segment)?, (XDP_PASS, segment.clone()), "no frontend: untouched");
+
+        let other = frontend([10, 96, 0, 11], 80, IPPROTO_TCP, KIND_CLUSTER_IP, &[other_backend], true);
+        tb.dataplane.apply(&[other.clone()])?;
+        assert_eq!(tb.dataplane.service(&other.key).expect("programmed").service_id, entry.service_id, "the id handed out again");
+        assert_eq!(tb.run_xdp(&segment)?, (XDP_PASS, segment.clone()), "the old flow does not follow its id");
+        Ok(())
+    })
+}
+
 /// A packet is looked up as an exact frontend's only at an address the frontend-address
 /// filter marks: the agent keeps a bit set while a frontend has an address it stands for, and
 /// an agent loading pinned maps marks the frontends an earlier one left.

@@ -70,7 +70,28 @@ pub fn decide<A: Family>(pkt: &Packet<A>, hook: Hook, bytes: u32) -> Action<A> {
         }
     }
 
-    // 2. A frontend: exact address, or a NodePort on any of this node's addresses. Clients
+    // 2. A tracked flow: its frontend is found by the id its conntrack entry holds, while that
+    //    id is still this frontend's, without hashing the frontend's key. Only a packet to
+    //    where a frontend may be (its address or NodePort marked) is looked up at all.
+    if !may_be_frontend(t) {
+        return Action::Pass(reason::PASS_NOT_SERVICE);
+    }
+    let tracked = A::conntrack().get_ptr_mut(t);
+    if let Some(ct) = tracked {
+        let ct = unsafe { &mut *ct };
+        if let Some(by_id) = LB_SVC_BYID_V1.get(ct.service_id).filter(|f| f.matches(&t.dst_addr, t.dst_port, t.proto)) {
+            let svc = by_id.entry;
+            if let Some(refused) = admit(pkt, &svc) {
+                return refused;
+            }
+            if let Some(action) = forward_tracked(pkt, &svc, ct, bytes) {
+                count_traffic(&LB_SVC_STAT_V1, svc.service_id, bytes);
+                return action;
+            }
+        }
+    }
+
+    // 3. A frontend: exact address, or a NodePort on any of this node's addresses. Clients
     //    from outside see an externalTrafficPolicy: Local frontend through its local scope.
     let Some((mut key, mut svc)) = lookup_frontend(t.dst_addr, t.dst_port, t.proto) else {
         return Action::Pass(reason::PASS_NOT_SERVICE);
@@ -82,33 +103,20 @@ pub fn decide<A: Family>(pkt: &Packet<A>, hook: Hook, bytes: u32) -> Action<A> {
             None => return Action::Drop(reason::DROP_NO_LOCAL_BACKEND),
         };
     }
-    if pkt.first_fragment {
-        // The later fragments could not follow the rewrite.
-        return Action::Drop(reason::DROP_SERVICE_FRAGMENT);
-    }
-    if svc.flags & F_SVC_SOURCE_RANGES != 0 && !source_allowed(svc.service_id, t.src_addr) {
-        return Action::Drop(reason::DROP_SOURCE_RANGE);
+    if let Some(refused) = admit(pkt, &svc) {
+        return refused;
     }
     count_traffic(&LB_SVC_STAT_V1, svc.service_id, bytes);
 
-    // 3. An established flow keeps its backend while that backend exists.
-    if let Some(ct) = A::conntrack().get_ptr_mut(t) {
-        let ct = unsafe { &mut *ct };
-        if ct.service_id == svc.service_id {
-            if let Some(be) = A::backends().get(ct.backend_id) {
-                if !be.addr.is_zero() {
-                    let now = touch(&mut ct.last_seen_ns, &mut ct.tcp_flags_seen, pkt.tcp_flags);
-                    if svc.flags & F_SVC_AFFINITY != 0 {
-                        touch_affinity(&A::affinity_key(t.src_addr, svc.service_id), now);
-                    }
-                    count_traffic(&LB_BE_STAT_V1, ct.backend_id, bytes);
-                    return forward_to(t, be, ct.flags & F_CT_SNAT != 0, ct.nat_addr, ct.nat_port, Forward::FibCached);
-                }
-            }
+    // 4. An established flow keeps its backend while that backend exists (here: one whose
+    //    frontend's id step 2 did not find current, as under an agent that wrote no ids).
+    if let Some(ct) = tracked {
+        if let Some(action) = forward_tracked(pkt, &svc, unsafe { &mut *ct }, bytes) {
+            return action;
         }
     }
 
-    // 4. A new flow: the client's affinity, else Maglev picks the backend from the flow hash.
+    // 5. A new flow: the client's affinity, else Maglev picks the backend from the flow hash.
     if svc.maglev_size == 0 {
         if key.scope == SCOPE_LOCAL {
             return Action::Drop(reason::DROP_NO_LOCAL_BACKEND);
@@ -198,6 +206,44 @@ pub fn decide<A: Family>(pkt: &Packet<A>, hook: Hook, bytes: u32) -> Action<A> {
         new_flow_event(t, ct, if hook == Hook::External { HOOK_XDP } else { HOOK_TC }, *why, pkt.ifindex);
     }
     action
+}
+
+/// Whether a packet `t` may be to a frontend: its address is marked as some frontend's, or its
+/// port as some NodePort's. Most of a node's traffic is neither, and costs no lookup.
+#[inline(always)]
+fn may_be_frontend<A: Family>(t: &CtKeyV1<A>) -> bool {
+    let (word, bit) = frontend_filter_bit(&t.dst_addr);
+    let (port_word, port_bit) = nodeport_bit(t.dst_port);
+    LB_FEADDR_V1.get(word).is_some_and(|used| *used & bit != 0) || LB_NODEPORT_V1.get(port_word).is_some_and(|used| *used & port_bit != 0)
+}
+
+/// What refuses a packet to frontend `svc` before its flow is looked at: a first fragment
+/// (the later ones could not follow the rewrite), a client outside the source ranges.
+#[inline(always)]
+fn admit<A: Family>(pkt: &Packet<A>, svc: &ServiceV1) -> Option<Action<A>> {
+    if pkt.first_fragment {
+        return Some(Action::Drop(reason::DROP_SERVICE_FRAGMENT));
+    }
+    if svc.flags & F_SVC_SOURCE_RANGES != 0 && !source_allowed(svc.service_id, pkt.tuple.src_addr) {
+        return Some(Action::Drop(reason::DROP_SOURCE_RANGE));
+    }
+    None
+}
+
+/// A packet of tracked flow `ct`, of frontend `svc`: to its backend while the entry is this
+/// frontend's and the backend exists; `None` sends it on as a new flow.
+#[inline(always)]
+fn forward_tracked<A: Family>(pkt: &Packet<A>, svc: &ServiceV1, ct: &mut CtEntryV1<A>, bytes: u32) -> Option<Action<A>> {
+    if ct.service_id != svc.service_id {
+        return None;
+    }
+    let be = A::backends().get(ct.backend_id).filter(|be| !be.addr.is_zero())?;
+    let now = touch(&mut ct.last_seen_ns, &mut ct.tcp_flags_seen, pkt.tcp_flags);
+    if svc.flags & F_SVC_AFFINITY != 0 {
+        touch_affinity(&A::affinity_key(pkt.tuple.src_addr, svc.service_id), now);
+    }
+    count_traffic(&LB_BE_STAT_V1, ct.backend_id, bytes);
+    Some(forward_to(&pkt.tuple, be, ct.flags & F_CT_SNAT != 0, ct.nat_addr, ct.nat_port, Forward::FibCached))
 }
 
 /// An ICMP error about a flow we translated, travelling back towards its client: the

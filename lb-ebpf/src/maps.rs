@@ -33,6 +33,8 @@ pub static LB_SVC_NAME_V1: Array<NameV1> = Array::pinned(MAX_SERVICES, 0);
 #[map]
 pub static LB_SVC_OPTS_V1: Array<ServiceOptsV1> = Array::pinned(MAX_SERVICES, 0);
 #[map]
+pub static LB_SVC_BYID_V1: Array<ServiceByIdV1> = Array::pinned(MAX_SERVICES, 0);
+#[map]
 pub static LB_AFFINITY_V1: LruHashMap<AffinityKeyV1, AffinityV1> = LruHashMap::pinned(MAX_AFFINITY, 0);
 #[map]
 pub static LB_AFF_MATCH_V1: HashMap<AffinityMatchKeyV1, u8> = HashMap::pinned(MAX_BACKENDS, 0);

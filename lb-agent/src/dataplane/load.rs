@@ -104,26 +104,34 @@ pub fn load_from(pin_dir: &Path, sizes: &MapSizes, object: &[u8]) -> Result<Ebpf
 }
 
 /// Marks in the NodePort filter the port of every NodePort frontend the pinned maps hold, and
-/// in the frontend-address filter the address of every other, so that those an earlier agent
-/// wrote (an upgrade over pinned maps) answer before this agent's first apply (whose adoption
-/// then counts them). Idempotent; marks are only added here (a removal clears its own).
+/// in the frontend-address filter the address of every other, and writes each one's id entry,
+/// so that those an earlier agent wrote (an upgrade over pinned maps) answer, and their tracked
+/// flows skip the frontend lookup, before this agent's first apply (whose adoption then counts
+/// them). Idempotent; marks are only added here (a removal clears its own).
 fn fill_frontend_filters(ebpf: &mut Ebpf) -> Result<()> {
     use aya::maps::{Array, HashMap, MapData};
     type Bits = std::collections::BTreeSet<(u32, u64)>;
-    fn bits<A: lb_common::MapAddr + aya::Pod>(ebpf: &Ebpf, name: &str, ports: &mut Bits, addrs: &mut Bits) -> Result<()> {
+    fn bits<A: super::maps::Family>(ebpf: &Ebpf, name: &str, ports: &mut Bits, addrs: &mut Bits, by_id: &mut Vec<ServiceByIdV1>) -> Result<()> {
         let map: HashMap<&MapData, ServiceKeyV1<A>, ServiceV1> = ebpf.map(name).with_context(|| format!("no map {name}"))?.try_into()?;
-        for k in map.keys().filter_map(|k| k.ok()) {
+        for (k, entry) in map.iter().filter_map(|e| e.ok()) {
             if k.addr.is_zero() {
                 ports.insert(nodeport_bit(k.port));
             } else {
                 addrs.insert(frontend_filter_bit(&k.addr));
             }
+            by_id.push(super::FrontendKey::of(&k).by_id(&entry));
         }
         Ok(())
     }
-    let (mut ports, mut addrs) = (Bits::new(), Bits::new());
-    bits::<Addr4>(ebpf, MAP_SERVICES, &mut ports, &mut addrs)?;
-    bits::<Addr6>(ebpf, MAP_SERVICES6, &mut ports, &mut addrs)?;
+    let (mut ports, mut addrs, mut by_id) = (Bits::new(), Bits::new(), Vec::new());
+    bits::<Addr4>(ebpf, MAP_SERVICES, &mut ports, &mut addrs, &mut by_id)?;
+    bits::<Addr6>(ebpf, MAP_SERVICES6, &mut ports, &mut addrs, &mut by_id)?;
+    if let Some(map) = ebpf.map_mut(MAP_SERVICE_BY_ID) {
+        let mut map: Array<&mut MapData, ServiceByIdV1> = map.try_into()?;
+        for frontend in by_id {
+            map.set(frontend.entry.service_id, &frontend, 0).with_context(|| format!("writing {MAP_SERVICE_BY_ID}"))?;
+        }
+    }
     for (name, marked) in [(MAP_NODEPORT_FILTER, ports), (MAP_FRONTEND_FILTER, addrs)] {
         // An object older than the filter (a benchmark's baseline) has none to fill.
         let Some(filter) = ebpf.map_mut(name) else { continue };
@@ -183,7 +191,7 @@ fn load_object(pin_dir: &Path, sizes: &MapSizes, object: &[u8]) -> Result<Ebpf> 
 
 /// Key and value sizes of every map of schema v1, as the kernel reports them, and the
 /// capacity where the schema fixes it (the rest are sized by flags).
-fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 53] {
+fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 54] {
     use lb_common::*;
     use std::mem::size_of;
     [
@@ -241,11 +249,12 @@ fn expected_layouts() -> [(&'static str, usize, usize, Option<u32>); 53] {
         (MAP_NODEPORT_FILTER, 4, 8, Some(NODEPORT_FILTER_WORDS)),
         (MAP_LOCAL_BACKENDS, 4, 1, Some(REPLY_FILTER_SLOTS)),
         (MAP_FRONTEND_FILTER, 4, 8, Some(FRONTEND_FILTER_WORDS)),
+        (MAP_SERVICE_BY_ID, 4, size_of::<ServiceByIdV1>(), None),
     ]
 }
 
 /// The capacities the flags ask for, of the maps whose size is a flag.
-pub(crate) fn flag_sized(sizes: &MapSizes) -> [(&'static str, u32); 28] {
+pub(crate) fn flag_sized(sizes: &MapSizes) -> [(&'static str, u32); 29] {
     use lb_common::*;
     let flows = sizes.flows.unwrap_or(MAX_FLOWS);
     let services = sizes.services.unwrap_or(MAX_SERVICES);
@@ -262,6 +271,7 @@ pub(crate) fn flag_sized(sizes: &MapSizes) -> [(&'static str, u32); 28] {
         (MAP_SERVICE_STATS, services),
         (MAP_SERVICE_NAMES, services),
         (MAP_SERVICE_OPTS, services),
+        (MAP_SERVICE_BY_ID, services),
         (MAP_BACKENDS, backends),
         (MAP_BACKENDS6, backends),
         (MAP_BACKEND_STATS, backends),
@@ -336,6 +346,7 @@ fn copy_entries(ebpf: &mut Ebpf, name: &'static str, from: &Path) -> Result<usiz
         MAP_BACKENDS6 => copy_by_index::<Backend6V1>(old, new)?,
         MAP_SERVICE_NAMES => copy_by_index::<NameV1>(old, new)?,
         MAP_SERVICE_OPTS => copy_by_index::<ServiceOptsV1>(old, new)?,
+        MAP_SERVICE_BY_ID => copy_by_index::<ServiceByIdV1>(old, new)?,
         MAP_SERVICE_STATS | MAP_BACKEND_STATS => copy_by_index::<TrafficCountersV1>(old, new)?,
         MAP_AFFINITY => copy_hash::<AffinityKeyV1, AffinityV1>(old, new)?,
         MAP_SOCK_REVNAT => copy_hash::<SockRevNat4KeyV1, SockRevNat4V1>(old, new)?,

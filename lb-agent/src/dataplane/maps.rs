@@ -147,6 +147,8 @@ pub struct Maps {
     /// frontends each set bit stands for.
     pub frontend_filter: Option<Array<MapData, u64>>,
     frontend_filter_counts: std::collections::HashMap<(u32, u64), u32>,
+    /// Frontends by service id (see [`MAP_SERVICE_BY_ID`]; none in an older object).
+    pub service_by_id: Option<Array<MapData, ServiceByIdV1>>,
     /// Capacity of the conntrack (and reverse-NAT) map, which the loader may have resized.
     pub flow_capacity: u32,
     /// The region of the slot array the last table was written through.
@@ -216,6 +218,7 @@ impl Maps {
             local_backend_slots: Default::default(),
             frontend_filter: optional(open(MAP_FRONTEND_FILTER), MAP_FRONTEND_FILTER)?,
             frontend_filter_counts: Default::default(),
+            service_by_id: optional(open(MAP_SERVICE_BY_ID), MAP_SERVICE_BY_ID)?,
         })
     }
 
@@ -301,6 +304,9 @@ impl Maps {
         } else if new {
             self.count_frontend_address(key, true)?;
         }
+        if let Some(by_id) = &mut self.service_by_id {
+            by_id.set(entry.service_id, &key.by_id(entry), 0).with_context(|| format!("writing {MAP_SERVICE_BY_ID}"))?;
+        }
         match (key.entry::<Addr4>(), key.entry::<Addr6>()) {
             (Some(k), _) => self.v4.services.insert(&k, entry, 0).with_context(|| format!("writing {MAP_SERVICES}")),
             (_, Some(k)) => self.v6.services.insert(&k, entry, 0).with_context(|| format!("writing {MAP_SERVICES6}")),
@@ -308,11 +314,15 @@ impl Maps {
         }
     }
 
-    pub fn remove_frontend(&mut self, key: &FrontendKey) -> Result<()> {
+    /// Removes a frontend, and its id's entry in `LB_SVC_BYID_V1` after it.
+    pub fn remove_frontend(&mut self, key: &FrontendKey, service_id: u32) -> Result<()> {
         match (key.entry::<Addr4>(), key.entry::<Addr6>()) {
             (Some(k), _) => self.v4.services.remove(&k)?,
             (_, Some(k)) => self.v6.services.remove(&k)?,
             _ => unreachable!("an address is of one family"),
+        }
+        if let Some(by_id) = &mut self.service_by_id {
+            by_id.set(service_id, &ServiceByIdV1::default(), 0).with_context(|| format!("clearing {MAP_SERVICE_BY_ID}"))?;
         }
         if key.is_node_port() {
             if !self.node_port_in_use(key.port) {

@@ -77,6 +77,15 @@ impl FrontendKey {
     pub fn is_node_port(&self) -> bool {
         self.addr.is_unspecified()
     }
+
+    /// This frontend with `entry`, as `LB_SVC_BYID_V1` holds it.
+    pub fn by_id(&self, entry: &ServiceV1) -> ServiceByIdV1 {
+        let (addr, family) = match self.addr {
+            IpAddr::V4(a) => ([ip4_raw(a.octets()), 0, 0, 0], 4),
+            IpAddr::V6(a) => (ip6_raw(a.octets()), 6),
+        };
+        ServiceByIdV1 { addr, port: self.port, proto: self.proto, family, entry: *entry }
+    }
 }
 
 /// `10.96.0.10:80`, `[fd00::10]:80`; a NodePort `*:30080` or `[*]:30080`.
@@ -602,7 +611,7 @@ impl Dataplane {
 
     fn remove(&mut self, key: &FrontendKey) -> Result<()> {
         let Some(old) = self.services.remove(key) else { return Ok(()) };
-        self.maps.remove_frontend(key).with_context(|| format!("removing service {}", old.frontend.name))?;
+        self.maps.remove_frontend(key, old.entry.service_id).with_context(|| format!("removing service {}", old.frontend.name))?;
         if old.entry.maglev_size > 0 {
             self.tables.release(old.entry.maglev_offset);
         }

@@ -45,7 +45,7 @@ pub use socket::*;
 pub use source_range::*;
 
 /// Every pinned map of schema v1.
-pub const ALL_MAPS: [&str; 53] = [
+pub const ALL_MAPS: [&str; 54] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_MAGLEV,
@@ -99,6 +99,7 @@ pub const ALL_MAPS: [&str; 53] = [
     MAP_NODEPORT_FILTER,
     MAP_LOCAL_BACKENDS,
     MAP_FRONTEND_FILTER,
+    MAP_SERVICE_BY_ID,
 ];
 
 /// The longest start of `text` that fits `max` bytes and ends on a character boundary: how

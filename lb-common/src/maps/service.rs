@@ -10,6 +10,46 @@ pub const MAP_SERVICES6: &str = "LB6_SVC_V1";
 pub const MAP_SERVICE_NAMES: &str = "LB_SVC_NAME_V1";
 /// Array `service id -> ServiceOptsV1`: settings read only when a `F_SVC_*` flag asks for them.
 pub const MAP_SERVICE_OPTS: &str = "LB_SVC_OPTS_V1";
+/// Array `service id -> ServiceByIdV1`: each frontend's key and entry by its id, written with
+/// the frontend (before its entry in the frontend map) and cleared after it. A tracked flow's
+/// packet finds its frontend here from its conntrack entry instead of hashing the frontend key;
+/// one whose key no longer matches (the frontend is gone, or its id went to another) takes the
+/// frontend lookup. An agent loading pinned maps writes it from the frontend maps.
+pub const MAP_SERVICE_BY_ID: &str = "LB_SVC_BYID_V1";
+
+/// A frontend as `LB_SVC_BYID_V1` holds it, for either family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceByIdV1 {
+    /// The frontend's address as raw words (IPv4 in the first; all zero for a NodePort).
+    pub addr: [u32; 4],
+    /// Raw (network order), as in the frontend key.
+    pub port: u16,
+    pub proto: u8,
+    /// 4 or 6; 0: no frontend has this id.
+    pub family: u8,
+    pub entry: ServiceV1,
+}
+
+impl ServiceByIdV1 {
+    /// Whether this is the frontend a packet to `addr`:`port` (raw) over `proto` of family `A`
+    /// was tracked for: its own address, or any (a NodePort: the flow went to a node address).
+    #[inline(always)]
+    pub fn matches<A: MapAddr>(&self, addr: &A, port: u16, proto: u8) -> bool {
+        let words = addr.words();
+        let family = if words.len() == 1 { 4 } else { 6 };
+        if self.family != family || self.port != port || self.proto != proto {
+            return false;
+        }
+        let node_port = self.addr == [0; 4];
+        let mut same = true;
+        for i in 0..words.len() {
+            same &= self.addr[i] == words[i];
+        }
+        node_port || same
+    }
+}
+
 /// Array `u32 -> u64`, a bitmap of `FRONTEND_FILTER_WORDS * 64` bits: set at
 /// `frontend_filter_bit(addr)` while a frontend of either family other than a NodePort has
 /// that address. A packet to an address whose bit is clear is no such frontend's and skips the
@@ -102,7 +142,7 @@ impl NameV1 {
 }
 
 #[cfg(feature = "user")]
-super::impl_pod!(ServiceV1, ServiceOptsV1, NameV1);
+super::impl_pod!(ServiceV1, ServiceOptsV1, NameV1, ServiceByIdV1);
 #[cfg(feature = "user")]
 super::impl_pod!(generic ServiceKeyV1);
 
@@ -122,6 +162,24 @@ mod layout {
         assert_layout!(ServiceV1, size 16, align 4, {
             service_id @ 0, maglev_offset @ 4, maglev_size @ 8, backend_count @ 12, kind @ 14, flags @ 15,
         });
+    }
+
+    #[test]
+    fn service_by_id() {
+        assert_layout!(ServiceByIdV1, size 36, align 4, { addr @ 0, port @ 16, proto @ 18, family @ 19, entry @ 20 });
+    }
+
+    #[test]
+    fn service_by_id_matches_its_frontend_or_any_node_address_for_a_node_port() {
+        let vip = crate::ip4_raw([10, 96, 0, 1]);
+        let by_id = ServiceByIdV1 { addr: [vip, 0, 0, 0], port: 80u16.to_be(), proto: 6, family: 4, entry: ServiceV1::default() };
+        assert!(by_id.matches(&vip, 80u16.to_be(), 6));
+        assert!(!by_id.matches(&crate::ip4_raw([10, 96, 0, 2]), 80u16.to_be(), 6), "another address");
+        assert!(!by_id.matches(&vip, 81u16.to_be(), 6) && !by_id.matches(&vip, 80u16.to_be(), 17), "another port or protocol");
+        assert!(!by_id.matches(&[vip, 0, 0, 0], 80u16.to_be(), 6), "another family");
+        let node_port = ServiceByIdV1 { addr: [0; 4], port: 30080u16.to_be(), proto: 6, family: 6, entry: ServiceV1::default() };
+        assert!(node_port.matches(&crate::ip6_raw([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]), 30080u16.to_be(), 6));
+        assert!(!ServiceByIdV1::default().matches(&vip, 0, 0), "no frontend has the id");
     }
 
     #[test]
