@@ -130,7 +130,7 @@ fn testbed(object: &[u8], n: usize, flows: u32) -> Result<Testbed> {
     let shared = tb.dataplane.service(&measured[0].key).context("programmed")?;
     for i in 0..n.saturating_sub(measured.len()) {
         let key = Service4KeyV1 { addr: ip4_raw([10, 200 + (i >> 16) as u8, (i >> 8) as u8, i as u8]), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER };
-        tb.dataplane.maps.insert_frontend(&key.into(), &shared, true)?;
+        crate::packet::fill(tb.dataplane.maps.v4.services.insert(&key, &shared, 0), &mut tb, key.into())?;
     }
     Ok(tb)
 }

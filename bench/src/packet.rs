@@ -107,14 +107,22 @@ fn testbed(n: usize, flows: u32) -> Result<Testbed> {
     let shared = tb.dataplane.service(&measured[2].key).expect("programmed");
     for i in 0..n.saturating_sub(7) {
         let key = Service4KeyV1 { addr: ip4_raw([10, 200 + (i >> 16) as u8, (i >> 8) as u8, i as u8]), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER };
-        tb.dataplane.maps.insert_frontend(&key.into(), &shared, true)?;
+        fill(tb.dataplane.maps.v4.services.insert(&key, &shared, 0), &mut tb, key.into())?;
     }
     for i in 0..n.saturating_sub(3) {
         let addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, (i >> 16) as u16, i as u16);
         let key = Service6KeyV1 { addr: ip6_raw(addr.octets()), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER };
-        tb.dataplane.maps.insert_frontend(&key.into(), &shared, true)?;
+        fill(tb.dataplane.maps.v6.services.insert(&key, &shared, 0), &mut tb, key.into())?;
     }
     Ok(tb)
+}
+
+/// A filler frontend written into the frontend map (beside the agent's writer, so that the
+/// measured frontend keeps the id entry they share), and its address marked in the filter as
+/// the agent marks a frontend's.
+pub(crate) fn fill(written: Result<(), aya::maps::MapError>, tb: &mut Testbed, key: FrontendKey) -> Result<()> {
+    written?;
+    tb.dataplane.maps.count_frontend_address(&key, true)
 }
 
 /// `single_runs` runs of `repeat = 1` on `packet(i)`, per sample the median minus the median
