@@ -76,7 +76,9 @@ pub fn decide<A: Family>(pkt: &Packet<A>, hook: Hook, bytes: u32) -> Action<A> {
     if !may_be_frontend(t) {
         return Action::Pass(reason::PASS_NOT_SERVICE);
     }
-    let tracked = A::conntrack().get_ptr_mut(t);
+    // A SYN opens a flow: looked up (a retransmission's) only after its frontend.
+    let opening = pkt.tcp_flags & TCP_SYN != 0;
+    let tracked = if opening { None } else { A::conntrack().get_ptr_mut(t) };
     if let Some(ct) = tracked {
         let ct = unsafe { &mut *ct };
         if let Some(by_id) = LB_SVC_BYID_V1.get(ct.service_id).filter(|f| f.matches(&t.dst_addr, t.dst_port, t.proto)) {
@@ -110,6 +112,7 @@ pub fn decide<A: Family>(pkt: &Packet<A>, hook: Hook, bytes: u32) -> Action<A> {
 
     // 4. An established flow keeps its backend while that backend exists (here: one whose
     //    frontend's id step 2 did not find current, as under an agent that wrote no ids).
+    let tracked = if opening { A::conntrack().get_ptr_mut(t) } else { tracked };
     if let Some(ct) = tracked {
         if let Some(action) = forward_tracked(pkt, &svc, unsafe { &mut *ct }, bytes) {
             return action;
