@@ -21,7 +21,7 @@ use testbed::{netns::sh, progtest::Testbed};
 
 use crate::{
     katran::{Katran, Vip},
-    packet::syn,
+    packet::{ack, syn},
     stats::Summary,
 };
 
@@ -71,12 +71,6 @@ struct Path {
     opening: Option<Vec<u8>>,
 }
 
-/// A TCP segment of an established connection (ACK): Katran looks a SYN up in no flow table.
-fn ack(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
-    let mut out = Vec::new();
-    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src, dst, 64).tcp(sport, dport, 2, 64240).ack(1).write(&mut out, &[]).expect("fits a Vec");
-    out
-}
 
 fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
     let mut out = Vec::new();

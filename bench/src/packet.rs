@@ -60,14 +60,25 @@ const NOT_A_SERVICE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x1, 0, 0, 0, 0, 0, 1);
 
 /// An Ethernet/IP/TCP SYN of either family.
 pub(crate) fn syn(src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u16) -> Vec<u8> {
+    segment(src, sport, dst, dport, true)
+}
+
+/// A TCP segment of an established connection (ACK), of either family.
+pub(crate) fn ack(src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u16) -> Vec<u8> {
+    segment(src, sport, dst, dport, false)
+}
+
+fn segment(src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u16, opening: bool) -> Vec<u8> {
     let builder = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
     let ip = match (src.into(), dst.into()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => builder.ipv4(s.octets(), d.octets(), 64),
         (IpAddr::V6(s), IpAddr::V6(d)) => builder.ipv6(s.octets(), d.octets(), 64),
         _ => panic!("a packet has one family"),
     };
+    let tcp = ip.tcp(sport, dport, 1, 64240);
+    let tcp = if opening { tcp.syn() } else { tcp.ack(1) };
     let mut out = Vec::new();
-    ip.tcp(sport, dport, 1, 64240).syn().write(&mut out, &[]).expect("a SYN fits a Vec");
+    tcp.write(&mut out, &[]).expect("a segment fits a Vec");
     out
 }
 
@@ -163,11 +174,11 @@ pub fn run(cfg: &Config) -> Result<Vec<Row>> {
             ("XDP_PASS floor", syn(CLIENT, 1000, [10, 1, 1, 1], 80), true),
             ("not a service (pass)", syn(CLIENT, 1000, [10, 1, 1, 1], 80), false),
             ("drop (truncated TCP)", truncated, false),
-            ("ct hit + DNAT", syn(CLIENT, 1001, VIP_A, 80), false),
+            ("ct hit + DNAT", ack(CLIENT, 1001, VIP_A, 80), false),
             ("source range miss (drop)", syn(CLIENT, 1002, VIP_RANGED, 80), false),
             ("eTP Local, no local endpoint (drop)", syn(CLIENT, 1003, VIP_LOCAL, 80), false),
             ("IPv6 not a service (pass)", syn(CLIENT6, 1000, NOT_A_SERVICE6, 80), false),
-            ("IPv6 ct hit + DNAT", syn(CLIENT6, 1001, VIP6_A, 80), false),
+            ("IPv6 ct hit + DNAT", ack(CLIENT6, 1001, VIP6_A, 80), false),
         ];
         // Runs interleaved across the paths: drift during the run shifts every path alike, so
         // the ratios between paths (IPv6 to IPv4 among them) hold.
@@ -247,7 +258,7 @@ pub fn event_overhead(cfg: &Config) -> Result<Vec<EventOverhead>> {
     for _ in 0..cfg.runs {
         for (m, kinds) in modes.iter().enumerate() {
             lb_agent::events::configure(&tb.mount.dir, *kinds, 1000, 200)?;
-            samples[0][m].push(tb.time_xdp(&syn(CLIENT, 1001, VIP_A, 80), cfg.repeat)?.1);
+            samples[0][m].push(tb.time_xdp(&ack(CLIENT, 1001, VIP_A, 80), cfg.repeat)?.1);
             samples[1][m].push(tb.time_xdp(&syn(CLIENT, 1002, VIP_RANGED, 80), cfg.repeat)?.1);
             let one_run = Config { runs: 1, sizes: Vec::new(), ..*cfg };
             samples[2][m].extend(single_runs(&tb, &one_run, |_| {

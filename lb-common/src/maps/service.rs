@@ -59,12 +59,18 @@ pub const MAP_FRONTEND_FILTER: &str = "LB_FEADDR_V1";
 /// 2^20 bits (128 KiB): 100,000 frontend addresses leave nine in ten clear.
 pub const FRONTEND_FILTER_WORDS: u32 = (1 << 20) / 64;
 
-/// The word of `LB_FEADDR_V1` and the bit in it for an address (its words folded, then a
-/// multiplicative hash to 20 bits). Shared by the kernel, which reads it, and the agent.
+/// The word of `LB_FEADDR_V1` and the bit in it for an address: a multiplicative hash to 20
+/// bits, each word mixed in after the last was multiplied (an XOR of the words would give
+/// structured IPv6 addresses, a Service range and a pod range, the same bit by design).
+/// Shared by the kernel, which reads it, and the agent.
 #[inline(always)]
 pub fn frontend_filter_bit<A: MapAddr>(addr: &A) -> (u32, u64) {
-    let folded = addr.words().iter().fold(0u32, |acc, w| acc ^ w);
-    let bit = folded.wrapping_mul(0x9E37_79B1) >> 12;
+    let words = addr.words();
+    let mut hash = 0u32;
+    for i in 0..words.len() {
+        hash = (hash ^ words[i]).wrapping_mul(0x9E37_79B1);
+    }
+    let bit = hash >> 12;
     (bit / 64, 1 << (bit % 64))
 }
 
@@ -180,6 +186,21 @@ mod layout {
         let node_port = ServiceByIdV1 { addr: [0; 4], port: 30080u16.to_be(), proto: 6, family: 6, entry: ServiceV1::default() };
         assert!(node_port.matches(&crate::ip6_raw([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]), 30080u16.to_be(), 6));
         assert!(!ServiceByIdV1::default().matches(&vip, 0, 0), "no frontend has the id");
+    }
+
+    #[test]
+    fn frontend_filter_bits_spread_structured_ipv6_addresses() {
+        // A Service range and a pod range of one prefix: an XOR of the words would map the
+        // 512th Service address onto the pod's bit.
+        let pod = crate::ip6_raw([0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        let service = |i: u16| crate::ip6_raw([0xfd, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (i >> 8) as u8, i as u8]);
+        let pod_bit = frontend_filter_bit(&pod);
+        let collisions = (0..4096).filter(|i| frontend_filter_bit(&service(*i)) == pod_bit).count();
+        assert_eq!(collisions, 0);
+        let v4 = crate::ip4_raw([10, 96, 0, 1]);
+        let bit = v4.wrapping_mul(0x9E37_79B1) >> 12;
+        assert_eq!(frontend_filter_bit(&v4), (bit / 64, 1 << (bit % 64)), "fixed: kernel and agent compute it apart");
+        assert!(FRONTEND_FILTER_WORDS * 64 == 1 << 20);
     }
 
     #[test]
