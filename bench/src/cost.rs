@@ -126,6 +126,7 @@ fn testbed(object: &[u8], n: usize, flows: u32) -> Result<Testbed> {
         let key = Service4KeyV1 { addr: ip4_raw([10, 200 + (i >> 16) as u8, (i >> 8) as u8, i as u8]), port: port_raw(80), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER };
         crate::packet::fill(tb.dataplane.maps.v4.services.insert(&key, &shared, 0), &mut tb, key.into())?;
     }
+    crate::packet::clear_of_frontends(&tb, &[[10, 1, 1, 1].into()])?;
     Ok(tb)
 }
 

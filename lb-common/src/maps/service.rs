@@ -60,17 +60,20 @@ pub const MAP_FRONTEND_FILTER: &str = "LB_FEADDR_V1";
 pub const FRONTEND_FILTER_WORDS: u32 = (1 << 20) / 64;
 
 /// The word of `LB_FEADDR_V1` and the bit in it for an address: a multiplicative hash to 20
-/// bits, each word mixed in after the last was multiplied (an XOR of the words would give
-/// structured IPv6 addresses, a Service range and a pod range, the same bit by design).
-/// Shared by the kernel, which reads it, and the agent.
+/// bits, each word mixed in after the last was multiplied and its high bits folded down (a
+/// product alone carries no high bit down: IPv6 addresses that differ in a word's high half,
+/// a Service range and a pod range, would then share bits by design). Shared by the kernel,
+/// which reads it, and the agent.
 #[inline(always)]
 pub fn frontend_filter_bit<A: MapAddr>(addr: &A) -> (u32, u64) {
+    const K: u32 = 0x9E37_79B1;
     let words = addr.words();
     let mut hash = 0u32;
     for i in 0..words.len() {
-        hash = (hash ^ words[i]).wrapping_mul(0x9E37_79B1);
+        hash = (hash ^ words[i]).wrapping_mul(K);
+        hash ^= hash >> 15;
     }
-    let bit = hash >> 12;
+    let bit = hash.wrapping_mul(K) >> 12;
     (bit / 64, 1 << (bit % 64))
 }
 
@@ -197,8 +200,25 @@ mod layout {
         let pod_bit = frontend_filter_bit(&pod);
         let collisions = (0..4096).filter(|i| frontend_filter_bit(&service(*i)) == pod_bit).count();
         assert_eq!(collisions, 0);
+        // 65,536 Service addresses of one range set about as many bits as random ones would
+        // (1 - e^-1/16 of 2^20: 60,600), so a pod address hits one about one time in 17.
+        let mut set = [0u64; FRONTEND_FILTER_WORDS as usize];
+        for i in 0..=u16::MAX {
+            let (word, bit) = frontend_filter_bit(&service(i));
+            set[word as usize] |= bit;
+        }
+        let bits: u32 = set.iter().map(|w| w.count_ones()).sum();
+        assert!(bits > 60_000, "{bits} bits");
+        let on_a_set_bit = |addr| {
+            let (word, bit) = frontend_filter_bit(&addr);
+            set[word as usize] & bit != 0
+        };
+        let pods = (0..4096u16).filter(|i| on_a_set_bit(crate::ip6_raw([0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (i >> 8) as u8, *i as u8]))).count();
+        assert!(pods < 4096 / 10, "{pods} of 4,096 pod addresses on a Service's bit");
         let v4 = crate::ip4_raw([10, 96, 0, 1]);
-        let bit = v4.wrapping_mul(0x9E37_79B1) >> 12;
+        let mut hash = v4.wrapping_mul(0x9E37_79B1);
+        hash ^= hash >> 15;
+        let bit = hash.wrapping_mul(0x9E37_79B1) >> 12;
         assert_eq!(frontend_filter_bit(&v4), (bit / 64, 1 << (bit % 64)), "fixed: kernel and agent compute it apart");
         assert!(FRONTEND_FILTER_WORDS * 64 == 1 << 20);
     }
