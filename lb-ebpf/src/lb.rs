@@ -331,9 +331,10 @@ fn reply_forward<A: Family>(rnat: &RevNatV1<A>, hook: Hook) -> Forward {
 #[inline(always)]
 pub fn lookup_frontend<A: Family>(addr: A, port: u16, proto: u8) -> Option<(ServiceKeyV1<A>, ServiceV1)> {
     let mut key = ServiceKeyV1 { addr, port, proto, scope: SCOPE_CLUSTER };
-    // An exact frontend: only at an address some frontend has.
+    // An exact frontend: only at an address some frontend has. The zero address is looked
+    // up as it is: a socket bound or connected to it reaches a NodePort's entry.
     let (word, bit) = frontend_filter_bit(&addr);
-    if LB_FEADDR_V1.get(word).is_some_and(|used| *used & bit != 0) {
+    if addr.is_zero() || LB_FEADDR_V1.get(word).is_some_and(|used| *used & bit != 0) {
         if let Some(svc) = unsafe { A::services().get(&key) } {
             return Some((key, *svc));
         }
