@@ -146,7 +146,7 @@ pub(crate) fn clear_of_frontends(tb: &Testbed, addrs: &[IpAddr]) -> Result<()> {
             IpAddr::V4(a) => frontend_filter_bit(&ip4_raw(a.octets())),
             IpAddr::V6(a) => frontend_filter_bit(&ip6_raw(a.octets())),
         };
-        anyhow::ensure!(filter.get(&word, 0)? & bit == 0, "{addr} shares a frontend's filter bit: pick another not-a-service address");
+        anyhow::ensure!(filter.get(word) & bit == 0, "{addr} shares a frontend's filter bit: pick another not-a-service address");
     }
     Ok(())
 }

@@ -699,7 +699,7 @@ fn frontends_are_looked_up_only_at_addresses_the_filter_marks() -> Result<()> {
             let filter = tb.dataplane.maps.frontend_filter.as_ref().expect("the filter");
             let mut bits = Vec::new();
             for word in 0..FRONTEND_FILTER_WORDS {
-                let w = filter.get(&word, 0)?;
+                let w = filter.get(word);
                 bits.extend((0..64).filter(|b| w & (1u64 << b) != 0).map(|b| (word, 1u64 << b)));
             }
             Ok(bits)
@@ -724,7 +724,7 @@ fn frontends_are_looked_up_only_at_addresses_the_filter_marks() -> Result<()> {
         // A frontend as an agent without the filter would have left it: in the frontend map,
         // its address unmarked. It is not looked up until an agent loads the pinned maps again.
         tb.dataplane.apply(&[tcp.clone(), node_port.clone()])?;
-        tb.dataplane.maps.frontend_filter.as_mut().expect("the filter").set(vip_bit.0, &0, 0)?;
+        tb.dataplane.maps.frontend_filter.as_ref().expect("the filter").set(vip_bit.0, vip_bit.1, false);
         let to_pinned = tcp_syn(CLIENT, VIP, 46001, 80);
         assert_eq!(tb.run_xdp(&to_pinned)?, (XDP_PASS, to_pinned.clone()), "unmarked: passed untouched");
         let _reloaded = lb_agent::dataplane::load::load(&tb.mount.dir, &MapSizes::default())?;
@@ -748,7 +748,7 @@ fn nodeports_answer_on_the_ports_the_filter_marks_and_a_reload_marks_pinned_ones
             let filter = tb.dataplane.maps.nodeport_filter.as_ref().expect("the filter");
             let mut ports = Vec::new();
             for word in 0..NODEPORT_FILTER_WORDS {
-                let bits = filter.get(&word, 0)?;
+                let bits = filter.get(word);
                 ports.extend((0..64u32).filter(|b| bits & (1 << b) != 0).map(|b| port_host((word * 64 + b) as u16)));
             }
             Ok(ports)

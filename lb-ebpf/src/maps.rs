@@ -55,9 +55,9 @@ pub static LB6_RNAT_V1: HashMap<Ct6KeyV1, RevNat6V1> = HashMap::pinned(MAX_FLOWS
 #[map]
 pub static LB6_NODEIP_V1: HashMap<[u32; 4], u32> = HashMap::pinned(MAX_NODE_IPS, 0);
 #[map]
-pub static LB_NODEPORT_V1: Array<u64> = Array::pinned(NODEPORT_FILTER_WORDS, 0);
+pub static LB_NODEPORT_V1: Array<u64> = Array::pinned(NODEPORT_FILTER_WORDS, FILTER_MAP_FLAGS);
 #[map]
-pub static LB_FEADDR_V1: Array<u64> = Array::pinned(FRONTEND_FILTER_WORDS, 0);
+pub static LB_FEADDR_V1: Array<u64> = Array::pinned(FRONTEND_FILTER_WORDS, FILTER_MAP_FLAGS);
 #[map]
 pub static LB6_CONFIG_V1: Array<Config6V1> = Array::pinned(1, 0);
 #[map]

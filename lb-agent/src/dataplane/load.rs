@@ -136,9 +136,14 @@ fn fill_frontend_filters(ebpf: &mut Ebpf) -> Result<()> {
         // An object older than the filter (a benchmark's baseline) has none to fill.
         let Some(filter) = ebpf.map_mut(name) else { continue };
         let mut filter: Array<&mut MapData, u64> = filter.try_into()?;
+        // One update per word, however many frontends mark it.
+        let mut words = std::collections::BTreeMap::<u32, u64>::new();
         for (word, bit) in marked {
-            let words = filter.get(&word, 0)? | bit;
-            filter.set(word, &words, 0).with_context(|| format!("marking word {word} of {name}"))?;
+            *words.entry(word).or_default() |= bit;
+        }
+        for (word, bits) in words {
+            let marked = filter.get(&word, 0)? | bits;
+            filter.set(word, &marked, 0).with_context(|| format!("marking word {word} of {name}"))?;
         }
     }
     Ok(())

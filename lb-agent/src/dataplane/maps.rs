@@ -10,7 +10,7 @@ use lb_common::*;
 
 use aya::maps::lpm_trie::Key as LpmKey;
 
-use super::{batch, slots::SlotWindow, BackendEntry, FrontendKey};
+use super::{batch, bitmap::Bitmap, slots::SlotWindow, BackendEntry, FrontendKey};
 
 /// The maps that hold one address family's entries.
 pub struct FamilyMaps<A: MapAddr + aya::Pod> {
@@ -111,6 +111,12 @@ fn optional<T: TryFrom<Map, Error = aya::maps::MapError>>(map: Result<Map>, name
     }
 }
 
+/// A bitmap of `words` words an older object lacks, mapped: `None` when it is missing.
+fn bitmap(map: Result<Map>, name: &str, words: u32) -> Result<Option<Bitmap>> {
+    let Some(array): Option<Array<MapData, u64>> = optional(map, name)? else { return Ok(None) };
+    Ok(Some(Bitmap::map(array.map(), words).with_context(|| format!("mapping {name}"))?))
+}
+
 /// Opens the map pinned as `name` in `pin_dir` as the typed map `T` (its kind read from the
 /// kernel): for the maps `Maps` does not hold.
 pub fn open_pinned<T: TryFrom<Map, Error = aya::maps::MapError>>(pin_dir: &Path, name: &str) -> Result<T> {
@@ -138,14 +144,14 @@ pub struct Maps {
     pub sock_skip: HashMap<MapData, u64, u8>,
     /// Ports some NodePort frontend uses (see [`MAP_NODEPORT_FILTER`]); an object older than
     /// the filter (a benchmark's baseline) has none.
-    pub nodeport_filter: Option<Array<MapData, u64>>,
+    pub nodeport_filter: Option<Bitmap>,
     /// Local backends' addresses (see [`MAP_LOCAL_BACKENDS`]; none in an older object), and
     /// how many held local backends each slot stands for.
     pub local_backends: Option<Array<MapData, u8>>,
     local_backend_slots: std::collections::HashMap<u32, u32>,
     /// Frontend addresses (see [`MAP_FRONTEND_FILTER`]; none in an older object), and how many
     /// frontends each set bit stands for.
-    pub frontend_filter: Option<Array<MapData, u64>>,
+    pub frontend_filter: Option<Bitmap>,
     frontend_filter_counts: std::collections::HashMap<(u32, u64), u32>,
     /// Frontends by service id (see [`MAP_SERVICE_BY_ID`]; none in an older object).
     pub service_by_id: Option<Array<MapData, ServiceByIdV1>>,
@@ -213,10 +219,10 @@ impl Maps {
             affinity_match: typed!(MAP_AFFINITY_MATCH),
             sock_config: typed!(MAP_SOCK_CONFIG),
             sock_skip: typed!(MAP_SOCK_SKIP),
-            nodeport_filter: optional(open(MAP_NODEPORT_FILTER), MAP_NODEPORT_FILTER)?,
+            nodeport_filter: bitmap(open(MAP_NODEPORT_FILTER), MAP_NODEPORT_FILTER, NODEPORT_FILTER_WORDS)?,
             local_backends: optional(open(MAP_LOCAL_BACKENDS), MAP_LOCAL_BACKENDS)?,
             local_backend_slots: Default::default(),
-            frontend_filter: optional(open(MAP_FRONTEND_FILTER), MAP_FRONTEND_FILTER)?,
+            frontend_filter: bitmap(open(MAP_FRONTEND_FILTER), MAP_FRONTEND_FILTER, FRONTEND_FILTER_WORDS)?,
             frontend_filter_counts: Default::default(),
             service_by_id: optional(open(MAP_SERVICE_BY_ID), MAP_SERVICE_BY_ID)?,
         })
@@ -342,15 +348,13 @@ impl Maps {
             (_, Some(k)) => frontend_filter_bit(&k.addr),
             _ => unreachable!("an address is of one family"),
         };
-        let Some(filter) = self.frontend_filter.as_mut() else { return Ok(()) };
+        let Some(filter) = self.frontend_filter.as_ref() else { return Ok(()) };
         let count = self.frontend_filter_counts.entry(at).or_default();
         let before = *count;
         *count = if held { before + 1 } else { before.saturating_sub(1) };
         if (before == 0) != (*count == 0) {
             let (word, bit) = at;
-            let old = filter.get(&word, 0).with_context(|| format!("reading {MAP_FRONTEND_FILTER}"))?;
-            let new = if *count > 0 { old | bit } else { old & !bit };
-            filter.set(word, &new, 0).with_context(|| format!("writing {MAP_FRONTEND_FILTER}"))?;
+            filter.set(word, bit, *count > 0);
         }
         if *count == 0 {
             self.frontend_filter_counts.remove(&at);
@@ -391,13 +395,9 @@ impl Maps {
 
     /// Marks (or clears) `port` (raw) in the NodePort filter (the agent is its one writer).
     pub fn mark_node_port(&mut self, port: u16, used: bool) -> Result<()> {
-        if let Some(filter) = &mut self.nodeport_filter {
+        if let Some(filter) = &self.nodeport_filter {
             let (word, bit) = nodeport_bit(port);
-            let old = filter.get(&word, 0).with_context(|| format!("reading {MAP_NODEPORT_FILTER}"))?;
-            let new = if used { old | bit } else { old & !bit };
-            if new != old {
-                filter.set(word, &new, 0).with_context(|| format!("writing {MAP_NODEPORT_FILTER}"))?;
-            }
+            filter.set(word, bit, used);
         }
         Ok(())
     }

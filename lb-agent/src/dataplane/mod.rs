@@ -15,6 +15,7 @@
 //! - [`sockets`]: ending node sockets left on a removed backend.
 mod backends;
 pub mod batch;
+pub mod bitmap;
 pub mod conntrack;
 pub mod endpoints;
 mod id_index;
