@@ -14,6 +14,8 @@ pub struct Bitmap {
     words: *mut AtomicU64,
     len: usize,
     mapping_len: usize,
+    /// Held open: programs loaded after the maps were taken name this descriptor.
+    _map: MapData,
 }
 
 // SAFETY: the mapping is owned by the bitmap, and its words are only touched atomically.
@@ -21,8 +23,8 @@ unsafe impl Send for Bitmap {}
 unsafe impl Sync for Bitmap {}
 
 impl Bitmap {
-    /// Maps all `len` words of `array`.
-    pub fn map(array: &MapData, len: u32) -> io::Result<Self> {
+    /// Maps all `len` words of `array`, keeping it.
+    pub fn map(array: MapData, len: u32) -> io::Result<Self> {
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
         let mapping_len = (len as usize * 8).div_ceil(page) * page;
@@ -33,7 +35,7 @@ impl Bitmap {
             let e = io::Error::last_os_error();
             return Err(io::Error::new(e.kind(), format!("mapping a bitmap of {len} words (is the pinned array BPF_F_MMAPABLE?): {e}")));
         }
-        Ok(Self { words: mapping.cast(), len: len as usize, mapping_len })
+        Ok(Self { words: mapping.cast(), len: len as usize, mapping_len, _map: array })
     }
 
     fn word(&self, word: u32) -> &AtomicU64 {

@@ -113,8 +113,8 @@ fn optional<T: TryFrom<Map, Error = aya::maps::MapError>>(map: Result<Map>, name
 
 /// A bitmap of `words` words an older object lacks, mapped: `None` when it is missing.
 fn bitmap(map: Result<Map>, name: &str, words: u32) -> Result<Option<Bitmap>> {
-    let Some(array): Option<Array<MapData, u64>> = optional(map, name)? else { return Ok(None) };
-    Ok(Some(Bitmap::map(array.map(), words).with_context(|| format!("mapping {name}"))?))
+    let Some(Map::Array(data)) = map.ok() else { return Ok(None) };
+    Ok(Some(Bitmap::map(data, words).with_context(|| format!("mapping {name}"))?))
 }
 
 /// Opens the map pinned as `name` in `pin_dir` as the typed map `T` (its kind read from the
