@@ -161,8 +161,8 @@ impl Agent {
         // Flow events: the programs are told what to emit; a task reads them.
         crate::events::configure(&cfg.pin_dir, cfg.events.kinds, cfg.events.rate, cfg.events.burst)?;
         let ring: aya::maps::RingBuf<aya::maps::MapData> = ebpf.take_map(MAP_EVENTS).context("no event ring buffer")?.try_into()?;
-        let flow_events = crate::events::EventLog::new(cfg.events.buffer, cfg.events.rate, cfg.events.burst);
         let event_names = crate::events::SharedNames::default();
+        let flow_events = crate::events::EventLog::new(cfg.events.buffer, cfg.events.rate, cfg.events.burst, event_names.clone());
         crate::events::start_reader(ring, cfg.pin_dir.clone(), cfg.node_name.clone(), event_names.clone(), flow_events.clone())?;
         // Cached next hops follow the node's neighbours and routes.
         if let Err(e) = crate::dataplane::next_hops::watch(&cfg.pin_dir) {

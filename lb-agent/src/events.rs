@@ -113,12 +113,15 @@ pub struct EventLog {
     close_bucket: Mutex<(EventConfigV1, EventBucketV1)>,
     closes_emitted: AtomicU64,
     closes_throttled: AtomicU64,
+    /// The names the agent knows now: an event read before its pods were named gets them
+    /// when it is served.
+    names: SharedNames,
 }
 
 impl EventLog {
     /// Holds the last `capacity` events; close events are limited to `rate` a second with
     /// bursts of `burst`, as each CPU's kernel events are.
-    pub fn new(capacity: usize, rate: u32, burst: u32) -> Arc<Self> {
+    pub fn new(capacity: usize, rate: u32, burst: u32, names: SharedNames) -> Arc<Self> {
         // Followers get new events through a short queue: one that falls behind is told how
         // many it missed rather than holding memory for it.
         let (tx, _) = broadcast::channel(capacity.clamp(16, 1024));
@@ -129,6 +132,7 @@ impl EventLog {
             close_bucket: Mutex::new((EventConfigV1::new(1 << EVENT_CLOSE, rate, burst), EventBucketV1::default())),
             closes_emitted: AtomicU64::new(0),
             closes_throttled: AtomicU64::new(0),
+            names,
         })
     }
 
@@ -166,7 +170,17 @@ impl EventLog {
 
     pub fn last(&self, n: usize) -> Vec<FlowEvent> {
         let held = self.held.lock().expect("not poisoned");
-        held.iter().skip(held.len().saturating_sub(n)).cloned().collect()
+        let names = self.names.read().expect("not poisoned");
+        let name = |addr: Option<IpAddr>| addr.and_then(|a| names.addresses.get(&a).cloned());
+        held.iter()
+            .skip(held.len().saturating_sub(n))
+            .cloned()
+            .map(|mut event| {
+                event.src_name = event.src_name.or_else(|| name(event.src));
+                event.dst_name = event.dst_name.or_else(|| name(event.dst));
+                event
+            })
+            .collect()
     }
 }
 
@@ -442,7 +456,8 @@ mod tests {
 
     #[test]
     fn close_events_past_the_burst_are_throttled_and_counted() {
-        let log = EventLog::new(64, 10, 3);
+        let names = SharedNames::default();
+        let log = EventLog::new(64, 10, 3, names.clone());
         let flow = ClosedFlow {
             src: "10.0.0.1:40000".parse().unwrap(),
             dst: "10.96.0.1:80".parse().unwrap(),
@@ -458,6 +473,10 @@ mod tests {
         assert_eq!(held.len(), 3);
         assert_eq!((held[0].verdict.as_str(), held[0].reason.as_str(), held[0].hook.as_str()), ("CLOSED", "close_fin", "gc"));
         assert_eq!((held[0].service.as_deref(), held[0].backend, held[0].src_port), (Some("ns/web:http/TCP"), flow.backend, Some(40000)));
+        assert_eq!(held[0].src_name, None, "pushed before the client was named");
+        // Named later (the agent's next sync): served with the name.
+        names.write().unwrap().addresses.insert(flow.src.ip(), "x/client".into());
+        assert_eq!(log.last(10)[0].src_name.as_deref(), Some("x/client"));
         // 10 a second: one event's credit after 100 ms.
         std::thread::sleep(Duration::from_millis(120));
         log.push_closes(&vec![flow; 2], "node-a", &Names::default());
