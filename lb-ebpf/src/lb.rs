@@ -215,9 +215,21 @@ pub fn decide<A: Family>(pkt: &Packet<A>, hook: Hook, bytes: u32) -> Action<A> {
 /// port as some NodePort's. Most of a node's traffic is neither, and costs no lookup.
 #[inline(always)]
 fn may_be_frontend<A: Family>(t: &CtKeyV1<A>) -> bool {
-    let (word, bit) = frontend_filter_bit(&t.dst_addr);
-    let (port_word, port_bit) = nodeport_bit(t.dst_port);
-    LB_FEADDR_V1.get(word).is_some_and(|used| *used & bit != 0) || LB_NODEPORT_V1.get(port_word).is_some_and(|used| *used & port_bit != 0)
+    frontend_address(&t.dst_addr) || node_port(t.dst_port)
+}
+
+/// Whether the frontend-address filter marks `addr` (some frontend may have it).
+#[inline(always)]
+fn frontend_address<A: MapAddr>(addr: &A) -> bool {
+    let (word, bit) = frontend_filter_bit(addr);
+    LB_FEADDR_V1.get(word).is_some_and(|used| *used & bit != 0)
+}
+
+/// Whether the NodePort filter marks `port` (raw; some NodePort uses it).
+#[inline(always)]
+fn node_port(port: u16) -> bool {
+    let (word, bit) = nodeport_bit(port);
+    LB_NODEPORT_V1.get(word).is_some_and(|used| *used & bit != 0)
 }
 
 /// What refuses a packet to frontend `svc` before its flow is looked at: a first fragment
@@ -333,15 +345,13 @@ pub fn lookup_frontend<A: Family>(addr: A, port: u16, proto: u8) -> Option<(Serv
     let mut key = ServiceKeyV1 { addr, port, proto, scope: SCOPE_CLUSTER };
     // An exact frontend: only at an address some frontend has. The zero address is looked
     // up as it is: a socket bound or connected to it reaches a NodePort's entry.
-    let (word, bit) = frontend_filter_bit(&addr);
-    if addr.is_zero() || LB_FEADDR_V1.get(word).is_some_and(|used| *used & bit != 0) {
+    if addr.is_zero() || frontend_address(&addr) {
         if let Some(svc) = unsafe { A::services().get(&key) } {
             return Some((key, *svc));
         }
     }
     // A NodePort: only on a port some NodePort uses, and only on this node's addresses.
-    let (word, bit) = nodeport_bit(port);
-    if !LB_NODEPORT_V1.get(word).is_some_and(|used| *used & bit != 0) {
+    if !node_port(port) {
         return None;
     }
     unsafe { A::node_ips().get(&addr) }?;

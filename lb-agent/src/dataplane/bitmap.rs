@@ -28,13 +28,7 @@ impl Bitmap {
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
         let mapping_len = (len as usize * 8).div_ceil(page) * page;
-        let fd = array.fd().as_fd().as_raw_fd();
-        // SAFETY: a fresh shared mapping of the map's own pages; the kernel checks the range.
-        let mapping = unsafe { libc::mmap(std::ptr::null_mut(), mapping_len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
-        if mapping == libc::MAP_FAILED {
-            let e = io::Error::last_os_error();
-            return Err(io::Error::new(e.kind(), format!("mapping a bitmap of {len} words (is the pinned array BPF_F_MMAPABLE?): {e}")));
-        }
+        let mapping = map_shared(&array, 0, mapping_len).map_err(|e| io::Error::new(e.kind(), format!("mapping a bitmap of {len} words: {e}")))?;
         Ok(Self { words: mapping.cast(), len: len as usize, mapping_len, _map: array })
     }
 
@@ -57,6 +51,19 @@ impl Bitmap {
     pub fn get(&self, word: u32) -> u64 {
         self.word(word).load(Ordering::SeqCst)
     }
+}
+
+/// A shared read-write mapping of `len` bytes of an array map's pages from byte `offset` (a
+/// page boundary).
+pub(super) fn map_shared(array: &MapData, offset: usize, len: usize) -> io::Result<*mut libc::c_void> {
+    let fd = array.fd().as_fd().as_raw_fd();
+    // SAFETY: a fresh shared mapping of the map's own pages; the kernel checks the range.
+    let mapping = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, offset as libc::off_t) };
+    if mapping == libc::MAP_FAILED {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("is the pinned array BPF_F_MMAPABLE? {e}")));
+    }
+    Ok(mapping)
 }
 
 impl Drop for Bitmap {

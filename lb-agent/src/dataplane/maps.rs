@@ -103,6 +103,24 @@ impl Family for Addr6 {
     }
 }
 
+/// How many held things stand for each filter mark: a mark is set while one does.
+#[derive(Default)]
+struct Holders<K>(std::collections::HashMap<K, u32>);
+
+impl<K: std::hash::Hash + Eq + Copy> Holders<K> {
+    /// One more (`held`) or one fewer holder of `key`; the mark's new state when it changes.
+    fn change(&mut self, key: K, held: bool) -> Option<bool> {
+        let count = self.0.entry(key).or_default();
+        let before = *count;
+        *count = if held { before + 1 } else { before.saturating_sub(1) };
+        let after = *count;
+        if after == 0 {
+            self.0.remove(&key);
+        }
+        ((before == 0) != (after == 0)).then_some(after > 0)
+    }
+}
+
 /// A map an older object (a benchmark's baseline) lacks: `None` when it is missing.
 fn optional<T: TryFrom<Map, Error = aya::maps::MapError>>(map: Result<Map>, name: &str) -> Result<Option<T>> {
     match map {
@@ -148,11 +166,11 @@ pub struct Maps {
     /// Local backends' addresses (see [`MAP_LOCAL_BACKENDS`]; none in an older object), and
     /// how many held local backends each slot stands for.
     pub local_backends: Option<Array<MapData, u8>>,
-    local_backend_slots: std::collections::HashMap<u32, u32>,
+    local_backend_slots: Holders<u32>,
     /// Frontend addresses (see [`MAP_FRONTEND_FILTER`]; none in an older object), and how many
     /// frontends each set bit stands for.
     pub frontend_filter: Option<Bitmap>,
-    frontend_filter_counts: std::collections::HashMap<(u32, u64), u32>,
+    frontend_filter_counts: Holders<(u32, u64)>,
     /// Frontends by service id (see [`MAP_SERVICE_BY_ID`]; none in an older object).
     pub service_by_id: Option<Array<MapData, ServiceByIdV1>>,
     /// Capacity of the conntrack (and reverse-NAT) map, which the loader may have resized.
@@ -349,15 +367,8 @@ impl Maps {
             _ => unreachable!("an address is of one family"),
         };
         let Some(filter) = self.frontend_filter.as_ref() else { return Ok(()) };
-        let count = self.frontend_filter_counts.entry(at).or_default();
-        let before = *count;
-        *count = if held { before + 1 } else { before.saturating_sub(1) };
-        if (before == 0) != (*count == 0) {
-            let (word, bit) = at;
-            filter.set(word, bit, *count > 0);
-        }
-        if *count == 0 {
-            self.frontend_filter_counts.remove(&at);
+        if let Some(marked) = self.frontend_filter_counts.change(at, held) {
+            filter.set(at.0, at.1, marked);
         }
         Ok(())
     }
@@ -381,14 +392,8 @@ impl Maps {
             BackendEntry::V6(b) => (b.flags, reply_filter_slot(&b.addr)),
         };
         let Some(filter) = self.local_backends.as_mut().filter(|_| flags & F_BACKEND_LOCAL != 0) else { return Ok(()) };
-        let count = self.local_backend_slots.entry(slot).or_default();
-        let before = *count;
-        *count = if held { before + 1 } else { before.saturating_sub(1) };
-        if (before == 0) != (*count == 0) {
-            filter.set(slot, &((*count > 0) as u8), 0).with_context(|| format!("writing {MAP_LOCAL_BACKENDS}"))?;
-        }
-        if *count == 0 {
-            self.local_backend_slots.remove(&slot);
+        if let Some(marked) = self.local_backend_slots.change(slot, held) {
+            filter.set(slot, &(marked as u8), 0).with_context(|| format!("writing {MAP_LOCAL_BACKENDS}"))?;
         }
         Ok(())
     }

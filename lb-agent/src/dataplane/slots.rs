@@ -5,7 +5,6 @@
 //! agent's resident memory.
 use std::{
     io,
-    os::fd::{AsFd, AsRawFd},
     sync::atomic::{fence, AtomicU32, Ordering},
 };
 
@@ -38,13 +37,7 @@ impl SlotWindow {
         let end = begin + count.max(1) * MAGLEV_SLOT_STRIDE;
         let page_begin = begin / page * page;
         let mapping_len = (end - page_begin).div_ceil(page) * page;
-        let fd = array.fd().as_fd().as_raw_fd();
-        // SAFETY: a fresh shared mapping of the map's own pages; the kernel checks the range.
-        let mapping = unsafe { libc::mmap(std::ptr::null_mut(), mapping_len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, page_begin as libc::off_t) };
-        if mapping == libc::MAP_FAILED {
-            let e = io::Error::last_os_error();
-            return Err(io::Error::new(e.kind(), format!("mapping slots {first}+{count} (is the pinned array BPF_F_MMAPABLE?): {e}")));
-        }
+        let mapping = super::bitmap::map_shared(array, page_begin, mapping_len).map_err(|e| io::Error::new(e.kind(), format!("mapping slots {first}+{count}: {e}")))?;
         Ok(Self { mapping, mapping_len, start: begin - page_begin, first, count })
     }
 
