@@ -787,11 +787,11 @@ fn nodeports_answer_on_the_ports_the_filter_marks_and_a_reload_marks_pinned_ones
     })
 }
 
-/// Packets of an established remote flow take the next hop cached when its first packet was
-/// routed through the FIB, until a routing change bumps the generation (the agent's watcher
-/// sees the neighbour change) or a second passes; a new flow always asks the FIB.
+/// Packets of remote flows, new and established, take the next hop cached when a first packet
+/// to their backend was routed through the FIB, until a routing change bumps the generation
+/// (the agent's watcher sees the neighbour change) or a second passes.
 #[test]
-fn established_remote_flows_use_the_cached_next_hop_until_a_routing_change() -> Result<()> {
+fn remote_flows_new_and_established_use_the_cached_next_hop_until_a_routing_change() -> Result<()> {
     in_private_netns(|| {
         let mut tb = routed_node()?;
         tb.dataplane.apply(&[frontend([0; 4], NODE_PORT, IPPROTO_TCP, KIND_NODE_PORT, &[[10, 244, 2, 7]], false)])?;
@@ -802,13 +802,12 @@ fn established_remote_flows_use_the_cached_next_hop_until_a_routing_change() -> 
         assert_eq!(cached.len(), 1, "cached: {cached:?}");
         assert_eq!((cached[0].0.dst, cached[0].1.dmac), (ip4_raw([10, 244, 2, 7]), [2, 0, 0, 0, 0, 0x0b]));
 
-        // Node B's MAC changes; nothing watches yet, so the established flow keeps the cached
-        // next hop, and a new flow asks the FIB.
+        // Node B's MAC changes; nothing watches yet, so flows keep the cached next hop, the
+        // established one and a new one alike.
         sh("ip neigh replace 10.99.0.2 lladdr 02:00:00:00:00:0c dev lbt0 nud permanent")?;
         assert_eq!(neighbour_mac(&tb, 46000)?, [2, 0, 0, 0, 0, 0x0b], "established: cached");
-        assert_eq!(neighbour_mac(&tb, 46001)?, [2, 0, 0, 0, 0, 0x0c], "new flow: the FIB");
-        // (which refreshed the cache for this destination)
-        assert_eq!(neighbour_mac(&tb, 46000)?, [2, 0, 0, 0, 0, 0x0c]);
+        assert_eq!(neighbour_mac(&tb, 46001)?, [2, 0, 0, 0, 0, 0x0b], "new flow: cached");
+        assert_eq!(next_hops.iter().count(), 1, "one next hop for the one backend");
 
         // The agent's watcher bumps the generation on the next change.
         lb_agent::dataplane::next_hops::watch(&tb.mount.dir)?;
@@ -821,6 +820,7 @@ fn established_remote_flows_use_the_cached_next_hop_until_a_routing_change() -> 
         }
         assert!(generation.get()? != before, "the neighbour change bumped the generation");
         assert_eq!(neighbour_mac(&tb, 46000)?, [2, 0, 0, 0, 0, 0x0d], "established: looked up again");
+        assert_eq!(neighbour_mac(&tb, 46002)?, [2, 0, 0, 0, 0, 0x0d], "new flow: the new answer");
 
         // Without a watcher, a cached next hop ages out within a second.
         let mut raw: aya::maps::Array<_, u32> = aya::maps::Array::try_from(tb.ebpf.map_mut(MAP_NEXT_HOP_GENERATION).expect("the generation"))?;

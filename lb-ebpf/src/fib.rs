@@ -30,11 +30,13 @@ pub fn next_hop<A: Family>(p: &bpf_fib_lookup) -> bpf_redir_neigh {
     nh
 }
 
-/// Routes a translated packet `to` whose `params` are set: for a packet of an established
-/// flow (`cached`), the next hop cached for its source, destination and arriving device,
-/// while it is of the current generation, unexpired, and the packet fits its MTU; otherwise
-/// the FIB (`lookup`), whose answer is cached. Returns the FIB's code; on success `params`
-/// holds the device to send on and the MACs.
+/// Routes a translated packet `to` whose `params` are set: with `cached` (every packet of a
+/// flow, new or established, and its replies), the next hop cached for its source,
+/// destination and arriving device, while it is of the current generation, unexpired, and the
+/// packet fits its MTU; otherwise the FIB (`lookup`), whose answer is cached. Ports do not
+/// enter the lookup, so a new flow to a backend another flow reached takes its next hop
+/// without asking again. Returns the FIB's code; on success `params` holds the device to
+/// send on and the MACs.
 #[inline(always)]
 pub fn route<A: Family>(params: &mut bpf_fib_lookup, to: &Nat<A>, cached: bool, lookup: impl FnOnce(&mut bpf_fib_lookup) -> i64) -> i64 {
     let arrived_on = params.ifindex;
@@ -85,7 +87,7 @@ fn remember_next_hop<A: Family>(params: &bpf_fib_lookup, to: &Nat<A>, arrived_on
         _pad: [0; 2],
     };
     match A::next_hops().get_ptr_mut(key) {
-        // The same answer (new flows to one backend share it): only its time is extended, a
+        // The same answer (an expired entry looked up again): only its time is extended, a
         // single store, where an insert would take the LRU's locks.
         Some(old) if unsafe { (*old).ifindex == hop.ifindex && (*old).generation == hop.generation && (*old).mtu == hop.mtu && (*old).dmac == hop.dmac && (*old).smac == hop.smac } => unsafe {
             (*old).expires_ns = hop.expires_ns;

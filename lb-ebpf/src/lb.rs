@@ -29,12 +29,10 @@ pub enum Hook {
 pub enum Forward {
     /// Hand it to the kernel stack, which routes it.
     Stack,
-    /// Route it here with a FIB lookup: its source is a node address (SNAT, or the reply of a
-    /// NodePort flow), which the stack would drop as martian. A new flow's first packet.
+    /// Route it here: its source is a node address (SNAT, or the reply of a NodePort flow),
+    /// which the stack would drop as martian. The next hop cached for its source, destination
+    /// and device while fresh (new flows to a backend share it), else the FIB.
     Fib,
-    /// The same for a packet of an established flow (or a reply): the next hop cached for
-    /// it while fresh, else the FIB.
-    FibCached,
 }
 
 pub enum Action<A: Family> {
@@ -204,7 +202,7 @@ pub fn decide<A: Family>(pkt: &Packet<A>, hook: Hook, bytes: u32) -> Action<A> {
     }
     remember_affinity(&svc, &affinity, backend_id, now);
     count_traffic(&LB_BE_STAT_V1, backend_id, bytes);
-    let action = forward_to(t, &be, snat_addr.is_some(), ct.nat_addr, ct.nat_port, Forward::Fib);
+    let action = forward_to(t, &be, snat_addr.is_some(), ct.nat_addr, ct.nat_port);
     if let Action::Rewrite { reason: why, .. } = &action {
         new_flow_event(t, ct, if hook == Hook::External { HOOK_XDP } else { HOOK_TC }, *why, pkt.ifindex);
     }
@@ -258,7 +256,7 @@ fn forward_tracked<A: Family>(pkt: &Packet<A>, svc: &ServiceV1, ct: &mut CtEntry
         touch_affinity(&A::affinity_key(pkt.tuple.src_addr, svc.service_id), now);
     }
     count_traffic(&LB_BE_STAT_V1, ct.backend_id, bytes);
-    Some(forward_to(&pkt.tuple, be, ct.flags & F_CT_SNAT != 0, ct.nat_addr, ct.nat_port, Forward::FibCached))
+    Some(forward_to(&pkt.tuple, be, ct.flags & F_CT_SNAT != 0, ct.nat_addr, ct.nat_port))
 }
 
 /// An ICMP error about a flow we translated, travelling back towards its client: the
@@ -332,7 +330,7 @@ fn reply_nat<A: Family>(rnat: &RevNatV1<A>) -> Nat<A> {
 #[inline(always)]
 fn reply_forward<A: Family>(rnat: &RevNatV1<A>, hook: Hook) -> Forward {
     if rnat.flags & F_CT_SNAT != 0 || hook == Hook::Pod {
-        Forward::FibCached
+        Forward::Fib
     } else {
         Forward::Stack
     }
@@ -417,9 +415,8 @@ fn touch_affinity(key: &AffinityKeyV1, now: u64) {
 }
 
 #[inline(always)]
-/// A packet of flow `t` to backend `be`, SNATed or not; `routed` is how a SNATed one is
-/// routed (`Fib` for a new flow, `FibCached` for an established one).
-fn forward_to<A: Family>(t: &CtKeyV1<A>, be: &BackendV1<A>, snat: bool, nat_addr: A, nat_port: u16, routed: Forward) -> Action<A> {
+/// A packet of flow `t` to backend `be`, SNATed (and routed here) or not.
+fn forward_to<A: Family>(t: &CtKeyV1<A>, be: &BackendV1<A>, snat: bool, nat_addr: A, nat_port: u16) -> Action<A> {
     let reason = if snat && nat_addr == A::hairpin_addr() {
         reason::FWD_HAIRPIN
     } else if be.flags & F_BACKEND_LOCAL != 0 {
@@ -429,7 +426,7 @@ fn forward_to<A: Family>(t: &CtKeyV1<A>, be: &BackendV1<A>, snat: bool, nat_addr
     };
     if snat {
         let to = Nat { src_addr: nat_addr, src_port: nat_port, dst_addr: be.addr, dst_port: be.port };
-        return Action::Rewrite { reason, to, forward: routed };
+        return Action::Rewrite { reason, to, forward: Forward::Fib };
     }
     let to = Nat { src_addr: t.src_addr, src_port: t.src_port, dst_addr: be.addr, dst_port: be.port };
     Action::Rewrite { reason, to, forward: Forward::Stack }

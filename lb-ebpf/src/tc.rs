@@ -102,8 +102,7 @@ fn tc_balance<A: Family>(ctx: &TcContext, pkt: &Packet<A>, ifindex: u32, len: u3
                 0 if apply_nat(&w, pkt, &to).is_err() => (TC_ACT_SHOT, reason::DROP_TRUNCATED_L4),
                 0 => match forward {
                     Forward::Stack => (TC_ACT_OK, why),
-                    Forward::Fib => (tc_fib_forward(ctx, pkt.l3_off, pkt.tuple.proto, &to, ifindex, false), why),
-                    Forward::FibCached => (tc_fib_forward(ctx, pkt.l3_off, pkt.tuple.proto, &to, ifindex, true), why),
+                    Forward::Fib => (tc_fib_forward(ctx, pkt.l3_off, pkt.tuple.proto, &to, ifindex, true), why),
                 },
                 denied => (TC_ACT_SHOT, denied),
             }
@@ -194,7 +193,7 @@ fn tc_icmp_error<A: Family>(ctx: &TcContext, err: &IcmpError<A>, ifindex: u32) -
     }
     match forward {
         Forward::Stack => (TC_ACT_OK, reason::FWD_ICMP_ERROR),
-        Forward::Fib | Forward::FibCached => (tc_fib_forward(ctx, err.l3_off, A::ICMP_PROTO, &to, ifindex, false), reason::FWD_ICMP_ERROR),
+        Forward::Fib => (tc_fib_forward(ctx, err.l3_off, A::ICMP_PROTO, &to, ifindex, false), reason::FWD_ICMP_ERROR),
     }
 }
 

@@ -104,8 +104,7 @@ fn xdp_balance<A: Family>(ctx: &XdpContext, pkt: &Packet<A>) -> Balanced {
             } else {
                 match forward {
                     Forward::Stack => (xdp_action::XDP_PASS, why),
-                    Forward::Fib => xdp_fib_forward(ctx, pkt.l3_off, pkt.tuple.proto, &to, why, false),
-                    Forward::FibCached => xdp_fib_forward(ctx, pkt.l3_off, pkt.tuple.proto, &to, why, true),
+                    Forward::Fib => xdp_fib_forward(ctx, pkt.l3_off, pkt.tuple.proto, &to, why, true),
                 }
             }
         }
@@ -141,7 +140,7 @@ fn xdp_icmp_error<A: Family>(ctx: &XdpContext, err: &IcmpError<A>) -> (u32, u32)
     }
     match forward {
         Forward::Stack => (xdp_action::XDP_PASS, reason::FWD_ICMP_ERROR),
-        Forward::Fib | Forward::FibCached => xdp_fib_forward(ctx, err.l3_off, A::ICMP_PROTO, &to, reason::FWD_ICMP_ERROR, false),
+        Forward::Fib => xdp_fib_forward(ctx, err.l3_off, A::ICMP_PROTO, &to, reason::FWD_ICMP_ERROR, false),
     }
 }
 
@@ -160,8 +159,8 @@ fn xdp_icmp_port_unreachable<A: Family>(ctx: &XdpContext, pkt: &Packet<A>) -> Re
     write_icmp_port_unreachable::<A>(data(ctx), data_end(ctx), &quote)
 }
 
-/// Sends a rewritten packet straight out the device the FIB names (or its cached answer, for
-/// an established flow: `cached`), with its MACs.
+/// Sends a rewritten packet straight out the device the FIB names (or its cached answer while
+/// fresh: `cached`, all but ICMP errors, which are rare), with its MACs.
 #[inline(always)]
 fn xdp_fib_forward<A: Family>(ctx: &XdpContext, l3_off: usize, proto: u8, to: &Nat<A>, why: u32, cached: bool) -> (u32, u32) {
     let ingress = ctx.ingress_ifindex() as u32;
