@@ -42,6 +42,12 @@ pub struct Row {
     pub katran: Option<Summary>,
     /// current / Katran of each pair of samples measured together.
     pub katran_ratio: Option<Summary>,
+    /// Wall-clock ns of a run, system call included (what the kernel's clock leaves out:
+    /// work a run defers, such as an allocator's refill, is here), this build's and the
+    /// baseline's, and their difference per pair of samples.
+    pub wall: Summary,
+    pub baseline_wall: Option<Summary>,
+    pub wall_difference: Option<Summary>,
 }
 
 /// XDP verdicts (linux/bpf.h).
@@ -165,19 +171,24 @@ fn paths(tb: &Testbed) -> Result<Vec<Path>> {
 /// One sample of a path: the median of `batch` single runs (`run_once(i)`: the verdict and ns
 /// of run `i`, from run `first` on) minus the median of the floor's, run in between. The floor
 /// of an XDP path is the XDP_PASS program; of a TC path, `lb_tc` on an ARP frame (which it
-/// leaves at once).
-fn sample(tb: &Testbed, path: &Path, verdict: u32, first: usize, batch: usize, run_once: impl Fn(usize) -> Result<(u32, f64)>) -> Result<f64> {
+/// leaves at once). Beside it, the median wall-clock ns of the path's runs (each packet
+/// built beforehand).
+fn sample(tb: &Testbed, path: &Path, verdict: u32, first: usize, batch: usize, run_once: impl Fn(&[u8]) -> Result<(u32, f64)>) -> Result<(f64, f64)> {
     let name = path.name;
     let floor_run = || if path.tc { tb.time_tc(TC_PROGRAM, &arp(), 1) } else { tb.time_xdp_pass(&syn(CLIENT, 1000, [10, 1, 1, 1], 80), 1) };
     let mut floor = Vec::with_capacity(batch);
     let mut ns = Vec::with_capacity(batch);
+    let mut wall = Vec::with_capacity(batch);
     for i in first..first + batch {
         floor.push(floor_run()?.1);
-        let (got, took) = run_once(i)?;
+        let packet = (path.packet)(i);
+        let started = std::time::Instant::now();
+        let (got, took) = run_once(&packet)?;
+        wall.push(started.elapsed().as_nanos() as f64);
         ensure!(got == verdict, "{name}: verdict {got}, not {verdict}");
         ns.push(took);
     }
-    Ok(Summary::of(&ns).median - Summary::of(&floor).median)
+    Ok((Summary::of(&ns).median - Summary::of(&floor).median, Summary::of(&wall).median))
 }
 
 /// An ARP request: the floor of the TC paths.
@@ -187,13 +198,12 @@ fn arp() -> Vec<u8> {
     frame
 }
 
-/// This build's run of a path's packet `i`: through `lb_tc` or `lb_xdp`.
-fn run_path(tb: &Testbed, path: &Path, i: usize) -> Result<(u32, f64)> {
-    let packet = (path.packet)(i);
+/// This build's run of a path's packet: through `lb_tc` or `lb_xdp`.
+fn run_path(tb: &Testbed, path: &Path, packet: &[u8]) -> Result<(u32, f64)> {
     if path.tc {
-        tb.time_tc(TC_PROGRAM, &packet, 1)
+        tb.time_tc(TC_PROGRAM, packet, 1)
     } else {
-        tb.time_xdp(&packet, 1)
+        tb.time_xdp(packet, 1)
     }
 }
 
@@ -252,17 +262,22 @@ pub fn run(cfg: &Config, baseline: Option<Vec<u8>>, katran: Option<Vec<u8>>) -> 
                     check_katran(katran, path)?;
                 }
                 let (mut now, mut before, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
+                let (mut now_wall, mut before_wall) = (Vec::new(), Vec::new());
                 for s in 0..samples {
                     // Each sample's new flows are its own; the programs' runs alternate.
                     let first = s * batch;
-                    now.push(sample(&current, path, path.verdict, first, batch, |i| run_path(&current, path, i))?);
+                    let (ns, wall) = sample(&current, path, path.verdict, first, batch, |packet| run_path(&current, path, packet))?;
+                    now.push(ns);
+                    now_wall.push(wall);
                     if let (Some(tb), Some(paths)) = (&previous, &previous_paths) {
                         let path = &paths[i];
-                        before.push(sample(tb, path, path.verdict, first, batch, |i| run_path(tb, path, i))?);
+                        let (ns, wall) = sample(tb, path, path.verdict, first, batch, |packet| run_path(tb, path, packet))?;
+                        before.push(ns);
+                        before_wall.push(wall);
                     }
                     if let (Some(katran), Some(verdict)) = (katran, path.katran_verdict) {
                         let flows = katran.flows()?;
-                        theirs.push(sample(&current, path, verdict, first, batch, |i| katran.run(&(path.packet)(i)).map(|(v, ns, _)| (v, ns)))?);
+                        theirs.push(sample(&current, path, verdict, first, batch, |packet| katran.run(packet).map(|(v, ns, _)| (v, ns)))?.0);
                         let added = katran.flows()? - flows;
                         let expected = if path.opening.is_none() && verdict == XDP_TX && (path.packet)(0) != (path.packet)(1) { batch } else { 0 };
                         ensure!(added == expected, "Katran, {}: {added} flows cached, not {expected}", path.name);
@@ -277,6 +292,9 @@ pub fn run(cfg: &Config, baseline: Option<Vec<u8>>, katran: Option<Vec<u8>>) -> 
                     ratio: ratio_to(&before),
                     katran: (!theirs.is_empty()).then(|| Summary::of(&theirs)),
                     katran_ratio: ratio_to(&theirs),
+                    wall: Summary::of(&now_wall),
+                    baseline_wall: (!before_wall.is_empty()).then(|| Summary::of(&before_wall)),
+                    wall_difference: (!before_wall.is_empty()).then(|| Summary::of(&now_wall.iter().zip(&before_wall).map(|(a, b)| a - b).collect::<Vec<_>>())),
                 });
             }
         }

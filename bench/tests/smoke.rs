@@ -27,6 +27,12 @@ fn every_suite_runs_and_writes_its_results() {
         assert!(row["cold_start_s"].as_f64().unwrap() > 0.0 && row["edits"].as_u64().unwrap() > 0, "{row}");
     }
     assert_eq!(json["control_plane"].as_array().unwrap().len(), 2);
+    // Every path by the kernel's clock and by the wall clock, beside the baseline (in a smoke
+    // run, this build's own object).
+    for row in json["cost"].as_array().unwrap() {
+        assert!(row["ns"].as_f64().is_some() && row["wall_ns"].as_f64().unwrap() > 0.0 && row["baseline_wall_ns"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    assert!(md.contains("The same runs by the wall clock"), "{md}");
     for png in ["packet_cost.png", "conns_per_s.png", "latency_p99.png", "update_ms.png"] {
         let bytes = std::fs::read(out.join(png)).unwrap();
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{png} is a PNG");
