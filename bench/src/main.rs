@@ -212,7 +212,7 @@ fn cost_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String, ser
     }
     writeln!(
         md,
-        "\nThe same runs by the wall clock, system call included: what the kernel's clock leaves out (work a run defers, such as an allocator's refill) shows in the difference, beside about 2 µs of system call. ns per run, median of the samples' medians (min-max); the difference is of each pair of samples.\n\n| services | path | this build ns | baseline ns | this - baseline ns |\n|---|---|---|---|---|"
+        "\nThe same runs by the wall clock, system call included: what the kernel's clock leaves out (work a run defers, such as an allocator's refill) shows in the difference, beside about 2 µs of system call. ns per run: of each sample the mean (deferred work is done in bulk every so many runs), then the median of the samples (min-max); the difference is of each pair of samples.\n\n| services | path | this build ns | baseline ns | this - baseline ns |\n|---|---|---|---|---|"
     )?;
     for r in &rows {
         let or_dash = |s: Option<Summary>| s.map_or("-".to_string(), |s| s.show(0));
