@@ -788,26 +788,46 @@ fn nodeports_answer_on_the_ports_the_filter_marks_and_a_reload_marks_pinned_ones
 }
 
 /// Packets of remote flows, new and established, take the next hop cached when a first packet
-/// to their backend was routed through the FIB, until a routing change bumps the generation
-/// (the agent's watcher sees the neighbour change) or a second passes.
+/// to their backend was routed through the FIB (in the CPU's slot of the backend's id; replies
+/// by their route key), until a routing change bumps the generation (the agent's watcher sees
+/// the neighbour change) or a second passes.
 #[test]
 fn remote_flows_new_and_established_use_the_cached_next_hop_until_a_routing_change() -> Result<()> {
     in_private_netns(|| {
         let mut tb = routed_node()?;
         tb.dataplane.apply(&[frontend([0; 4], NODE_PORT, IPPROTO_TCP, KIND_NODE_PORT, &[[10, 244, 2, 7]], false)])?;
         let neighbour_mac = |tb: &Testbed, sport: u16| -> Result<[u8; 6]> { Ok(decode(&tb.run_xdp(&tcp_syn(CLIENT, NODE_IP, sport, NODE_PORT))?.1).eth_dst) };
-        assert_eq!(neighbour_mac(&tb, 46000)?, [2, 0, 0, 0, 0, 0x0b], "the FIB's answer");
-        let next_hops: aya::maps::HashMap<_, NextHop4KeyV1, NextHopV1> = aya::maps::HashMap::try_from(tb.ebpf.map(MAP_NEXT_HOPS).expect("the cache"))?;
-        let cached: Vec<(NextHop4KeyV1, NextHopV1)> = next_hops.iter().collect::<Result<_, _>>()?;
-        assert_eq!(cached.len(), 1, "cached: {cached:?}");
-        assert_eq!((cached[0].0.dst, cached[0].1.dmac), (ip4_raw([10, 244, 2, 7]), [2, 0, 0, 0, 0, 0x0b]));
+        // Every CPU's cached next hops towards backends.
+        let backend_hops = |tb: &Testbed| -> Result<Vec<(u32, BackendNextHop4V1)>> {
+            let slots: aya::maps::PerCpuArray<_, BackendNextHop4V1> = aya::maps::PerCpuArray::try_from(tb.ebpf.map(MAP_BACKEND_NEXT_HOPS).expect("the backends' cache"))?;
+            let mut used = Vec::new();
+            for slot in 0..BACKEND_NEXT_HOP_SLOTS {
+                used.extend(slots.get(&slot, 0)?.iter().filter(|h| h.key.dst != 0).map(|h| (slot, *h)));
+            }
+            Ok(used)
+        };
+        let first = decode(&tb.run_xdp(&tcp_syn(CLIENT, NODE_IP, 46000, NODE_PORT))?.1);
+        assert_eq!(first.eth_dst, [2, 0, 0, 0, 0, 0x0b], "the FIB's answer");
+        let id = tb.dataplane.maps.v4.backends.iter().position(|be| be.is_ok_and(|be| be.addr == ip4_raw([10, 244, 2, 7]))).expect("programmed") as u32;
+        let cached = backend_hops(&tb)?;
+        assert_eq!(cached.len(), 1, "on the one CPU that ran it: {cached:?}");
+        let (slot, hop) = cached[0];
+        assert_eq!((slot, hop.key, hop.hop.dmac), (backend_next_hop_slot(id), NextHop4KeyV1 { src: ip4_raw(NODE_IP), dst: ip4_raw([10, 244, 2, 7]), ifindex: hop.key.ifindex }, [2, 0, 0, 0, 0, 0x0b]));
+        // The reply, routed back to the client, is cached by its route key in the shared LRU.
+        let next_hops: aya::maps::HashMap<_, NextHop4KeyV1, NextHopV1> = aya::maps::HashMap::try_from(tb.ebpf.map(MAP_NEXT_HOPS).expect("the replies' cache"))?;
+        assert_eq!(next_hops.iter().count(), 0, "no reply yet");
+        let (verdict, out) = tb.run_xdp(&tcp_ack([10, 244, 2, 7], NODE_IP, 8080, first.sport, b""))?;
+        assert_eq!((verdict, decode(&out).eth_dst), (XDP_REDIRECT, [2, 0, 0, 0, 0, 0xfe]));
+        let replies: Vec<(NextHop4KeyV1, NextHopV1)> = next_hops.iter().collect::<Result<_, _>>()?;
+        assert_eq!(replies.len(), 1, "{replies:?}");
+        assert_eq!((replies[0].0.src, replies[0].0.dst, replies[0].1.dmac), (ip4_raw(NODE_IP), ip4_raw(CLIENT), [2, 0, 0, 0, 0, 0xfe]));
 
         // Node B's MAC changes; nothing watches yet, so flows keep the cached next hop, the
         // established one and a new one alike.
         sh("ip neigh replace 10.99.0.2 lladdr 02:00:00:00:00:0c dev lbt0 nud permanent")?;
         assert_eq!(neighbour_mac(&tb, 46000)?, [2, 0, 0, 0, 0, 0x0b], "established: cached");
         assert_eq!(neighbour_mac(&tb, 46001)?, [2, 0, 0, 0, 0, 0x0b], "new flow: cached");
-        assert_eq!(next_hops.iter().count(), 1, "one next hop for the one backend");
+        assert_eq!(backend_hops(&tb)?.len(), 1, "one next hop for the one backend");
 
         // The agent's watcher bumps the generation on the next change.
         lb_agent::dataplane::next_hops::watch(&tb.mount.dir)?;

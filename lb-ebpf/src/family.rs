@@ -28,8 +28,10 @@ pub trait Family: MapAddr + 'static {
     fn backends() -> &'static Array<BackendV1<Self>>;
     fn conntrack() -> &'static HashMap<CtKeyV1<Self>, CtEntryV1<Self>>;
     fn reverse_nat() -> &'static HashMap<CtKeyV1<Self>, RevNatV1<Self>>;
-    /// Next hops of established remote flows.
+    /// Next hops of replies routed here, by route key.
     fn next_hops() -> &'static LruHashMap<NextHopKeyV1<Self>, NextHopV1>;
+    /// Next hops towards backends, by backend id, per CPU.
+    fn backend_next_hops() -> &'static PerCpuArray<BackendNextHopV1<Self>>;
     /// This node's addresses, where NodePorts answer.
     fn node_ips() -> &'static HashMap<Self, u32>;
     fn source_ranges() -> &'static LpmTrie<SourceRangeV1<Self>, u8>;
@@ -153,6 +155,10 @@ impl Family for Addr4 {
         &LB4_NEXTHOP_V1
     }
     #[inline(always)]
+    fn backend_next_hops() -> &'static PerCpuArray<BackendNextHop4V1> {
+        &LB4_BENH_V1
+    }
+    #[inline(always)]
     fn node_ips() -> &'static HashMap<u32, u32> {
         &LB4_NODEIP_V1
     }
@@ -258,6 +264,10 @@ impl Family for Addr6 {
     #[inline(always)]
     fn next_hops() -> &'static LruHashMap<NextHop6KeyV1, NextHopV1> {
         &LB6_NEXTHOP_V1
+    }
+    #[inline(always)]
+    fn backend_next_hops() -> &'static PerCpuArray<BackendNextHop6V1> {
+        &LB6_BENH_V1
     }
     #[inline(always)]
     fn node_ips() -> &'static HashMap<[u32; 4], u32> {

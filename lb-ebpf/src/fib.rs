@@ -30,36 +30,75 @@ pub fn next_hop<A: Family>(p: &bpf_fib_lookup) -> bpf_redir_neigh {
     nh
 }
 
-/// Routes a translated packet `to` whose `params` are set: with `cached` (every packet of a
-/// flow, new or established, and its replies), the next hop cached for its source,
-/// destination and arriving device, while it is of the current generation, unexpired, and the
-/// packet fits its MTU; otherwise the FIB (`lookup`), whose answer is cached. Ports do not
-/// enter the lookup, so a new flow to a backend another flow reached takes its next hop
-/// without asking again. Returns the FIB's code; on success `params` holds the device to
-/// send on and the MACs.
+/// Where the next hop of a packet routed here is cached.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum NextHopCache {
+    /// Nowhere: the FIB answers each one (ICMP errors, which are rare).
+    None,
+    /// In this CPU's slot of the backend's id: packets to a backend, of new flows and
+    /// established ones alike (an array read, no hash).
+    Backend(u32),
+    /// By route key in the shared LRU: replies, whose destinations are clients.
+    RouteKey,
+}
+
+/// Routes a translated packet `to` whose `params` are set: the next hop `cache` holds for its
+/// source, destination and arriving device, while it is of the current generation, unexpired,
+/// and the packet fits its MTU; otherwise the FIB (`lookup`), whose answer is cached. Ports do
+/// not enter the lookup, so a new flow to a backend another flow reached takes its next hop
+/// without asking again. Returns the FIB's code; on success `params` holds the device to send
+/// on and the MACs.
 #[inline(always)]
-pub fn route<A: Family>(params: &mut bpf_fib_lookup, to: &Nat<A>, cached: bool, lookup: impl FnOnce(&mut bpf_fib_lookup) -> i64) -> i64 {
+pub fn route<A: Family>(params: &mut bpf_fib_lookup, to: &Nat<A>, cache: NextHopCache, lookup: impl FnOnce(&mut bpf_fib_lookup) -> i64) -> i64 {
     let arrived_on = params.ifindex;
-    if cached && cached_next_hop(params, to) {
+    let cached = match cache {
+        NextHopCache::None => false,
+        NextHopCache::Backend(id) => backend_next_hop(params, to, id),
+        NextHopCache::RouteKey => route_key_next_hop(params, to),
+    };
+    if cached {
         return BPF_FIB_LKUP_RET_SUCCESS;
     }
     // Read before the lookup: a change during it leaves the answer stale, as it may be.
     let generation = generation();
     let rc = lookup(params);
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
-        remember_next_hop(params, to, arrived_on, generation);
+        match cache {
+            NextHopCache::None => {}
+            NextHopCache::Backend(id) => remember_backend_next_hop(params, to, arrived_on, generation, id),
+            NextHopCache::RouteKey => remember_route_key_next_hop(params, to, arrived_on, generation),
+        }
     }
     rc
 }
 
-/// Fills `params` from a fresh cached next hop; false when there is none. The key is built
-/// in the per-CPU scratch space (an IPv6 one does not fit the stack beside the packet path).
+/// Fills `params` from this CPU's next hop towards backend `id`, when it answers this packet's
+/// route key and is fresh.
+#[inline(always)]
+fn backend_next_hop<A: Family>(params: &mut bpf_fib_lookup, to: &Nat<A>, id: u32) -> bool {
+    let Some(slot) = A::backend_next_hops().get(backend_next_hop_slot(id)) else { return false };
+    let key = &slot.key;
+    key.src == to.src_addr && key.dst == to.dst_addr && key.ifindex == params.ifindex && use_if_fresh(params, &slot.hop)
+}
+
+/// Fills `params` from the shared cache's next hop for this packet's route key, when fresh.
+/// The key is built in the per-CPU scratch space (an IPv6 one does not fit the stack beside
+/// the packet path).
 #[inline(never)]
-fn cached_next_hop<A: Family>(params: &mut bpf_fib_lookup, to: &Nat<A>) -> bool {
+fn route_key_next_hop<A: Family>(params: &mut bpf_fib_lookup, to: &Nat<A>) -> bool {
     let Some(scratch) = A::scratch().get_ptr_mut(0) else { return false };
     let key = unsafe { &mut (*scratch).route_key };
     (key.src, key.dst, key.ifindex) = (to.src_addr, to.dst_addr, params.ifindex);
-    let Some(hop) = (unsafe { A::next_hops().get(key) }) else { return false };
+    match unsafe { A::next_hops().get(key) } {
+        Some(hop) => use_if_fresh(params, hop),
+        None => false,
+    }
+}
+
+/// Fills `params` from `hop` when it is of the current generation, unexpired, and the packet
+/// fits its MTU; false otherwise.
+#[inline(always)]
+fn use_if_fresh(params: &mut bpf_fib_lookup, hop: &NextHopV1) -> bool {
     let tot_len = unsafe { params.__bindgen_anon_1.tot_len };
     if hop.generation != generation() || tot_len > hop.mtu || state_clock() >= hop.expires_ns {
         return false;
@@ -70,14 +109,11 @@ fn cached_next_hop<A: Family>(params: &mut bpf_fib_lookup, to: &Nat<A>) -> bool 
     true
 }
 
-/// Caches what the FIB answered for `to` arriving on `arrived_on`, as of `generation`.
-#[inline(never)]
-fn remember_next_hop<A: Family>(params: &bpf_fib_lookup, to: &Nat<A>, arrived_on: u32, generation: u32) {
-    let Some(scratch) = A::scratch().get_ptr_mut(0) else { return };
-    let (key, hop) = unsafe { (&mut (*scratch).route_key, &mut (*scratch).route) };
-    (key.src, key.dst, key.ifindex) = (to.src_addr, to.dst_addr, arrived_on);
+/// What the FIB answered in `params`, as of `generation`, to keep for a second.
+#[inline(always)]
+fn answer(params: &bpf_fib_lookup, generation: u32) -> NextHopV1 {
     let macs = unsafe { params.__bindgen_anon_6.__bindgen_anon_2 };
-    *hop = NextHopV1 {
+    NextHopV1 {
         expires_ns: state_clock() + NEXT_HOP_TTL_NS,
         ifindex: params.ifindex,
         generation,
@@ -85,7 +121,28 @@ fn remember_next_hop<A: Family>(params: &bpf_fib_lookup, to: &Nat<A>, arrived_on
         dmac: macs.dmac,
         smac: macs.smac,
         _pad: [0; 2],
-    };
+    }
+}
+
+/// Keeps what the FIB answered for `to` arriving on `arrived_on` in this CPU's slot of
+/// backend `id` (plain stores: no other CPU writes it).
+#[inline(always)]
+fn remember_backend_next_hop<A: Family>(params: &bpf_fib_lookup, to: &Nat<A>, arrived_on: u32, generation: u32, id: u32) {
+    let Some(slot) = A::backend_next_hops().get_ptr_mut(backend_next_hop_slot(id)) else { return };
+    unsafe {
+        (*slot).hop = answer(params, generation);
+        (*slot).key = NextHopKeyV1 { src: to.src_addr, dst: to.dst_addr, ifindex: arrived_on };
+    }
+}
+
+/// Caches what the FIB answered for `to` arriving on `arrived_on`, as of `generation`, in the
+/// shared LRU.
+#[inline(never)]
+fn remember_route_key_next_hop<A: Family>(params: &bpf_fib_lookup, to: &Nat<A>, arrived_on: u32, generation: u32) {
+    let Some(scratch) = A::scratch().get_ptr_mut(0) else { return };
+    let (key, hop) = unsafe { (&mut (*scratch).route_key, &mut (*scratch).route) };
+    (key.src, key.dst, key.ifindex) = (to.src_addr, to.dst_addr, arrived_on);
+    *hop = answer(params, generation);
     match A::next_hops().get_ptr_mut(key) {
         // The same answer (an expired entry looked up again): only its time is extended, a
         // single store, where an insert would take the LRU's locks.

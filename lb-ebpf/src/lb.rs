@@ -9,6 +9,7 @@ use lb_common::*;
 use crate::{
     events::new_flow_event,
     family::{source_allowed, Family, NewFlow},
+    fib::NextHopCache,
     maps::*,
     parse::{IcmpError, Packet},
     rewrite::Nat,
@@ -30,9 +31,9 @@ pub enum Forward {
     /// Hand it to the kernel stack, which routes it.
     Stack,
     /// Route it here: its source is a node address (SNAT, or the reply of a NodePort flow),
-    /// which the stack would drop as martian. The next hop cached for its source, destination
-    /// and device while fresh (new flows to a backend share it), else the FIB.
-    Fib,
+    /// which the stack would drop as martian. The next hop where it is cached while fresh
+    /// (new flows to a backend share it), else the FIB.
+    Fib(NextHopCache),
 }
 
 pub enum Action<A: Family> {
@@ -202,7 +203,7 @@ pub fn decide<A: Family>(pkt: &Packet<A>, hook: Hook, bytes: u32) -> Action<A> {
     }
     remember_affinity(&svc, &affinity, backend_id, now);
     count_traffic(&LB_BE_STAT_V1, backend_id, bytes);
-    let action = forward_to(t, &be, snat_addr.is_some(), ct.nat_addr, ct.nat_port);
+    let action = forward_to(t, backend_id, &be, snat_addr.is_some(), ct.nat_addr, ct.nat_port);
     if let Action::Rewrite { reason: why, .. } = &action {
         new_flow_event(t, ct, if hook == Hook::External { HOOK_XDP } else { HOOK_TC }, *why, pkt.ifindex);
     }
@@ -256,7 +257,7 @@ fn forward_tracked<A: Family>(pkt: &Packet<A>, svc: &ServiceV1, ct: &mut CtEntry
         touch_affinity(&A::affinity_key(pkt.tuple.src_addr, svc.service_id), now);
     }
     count_traffic(&LB_BE_STAT_V1, ct.backend_id, bytes);
-    Some(forward_to(&pkt.tuple, be, ct.flags & F_CT_SNAT != 0, ct.nat_addr, ct.nat_port))
+    Some(forward_to(&pkt.tuple, ct.backend_id, be, ct.flags & F_CT_SNAT != 0, ct.nat_addr, ct.nat_port))
 }
 
 /// An ICMP error about a flow we translated, travelling back towards its client: the
@@ -330,7 +331,7 @@ fn reply_nat<A: Family>(rnat: &RevNatV1<A>) -> Nat<A> {
 #[inline(always)]
 fn reply_forward<A: Family>(rnat: &RevNatV1<A>, hook: Hook) -> Forward {
     if rnat.flags & F_CT_SNAT != 0 || hook == Hook::Pod {
-        Forward::Fib
+        Forward::Fib(NextHopCache::RouteKey)
     } else {
         Forward::Stack
     }
@@ -415,8 +416,8 @@ fn touch_affinity(key: &AffinityKeyV1, now: u64) {
 }
 
 #[inline(always)]
-/// A packet of flow `t` to backend `be`, SNATed (and routed here) or not.
-fn forward_to<A: Family>(t: &CtKeyV1<A>, be: &BackendV1<A>, snat: bool, nat_addr: A, nat_port: u16) -> Action<A> {
+/// A packet of flow `t` to backend `be` (id `backend_id`), SNATed (and routed here) or not.
+fn forward_to<A: Family>(t: &CtKeyV1<A>, backend_id: u32, be: &BackendV1<A>, snat: bool, nat_addr: A, nat_port: u16) -> Action<A> {
     let reason = if snat && nat_addr == A::hairpin_addr() {
         reason::FWD_HAIRPIN
     } else if be.flags & F_BACKEND_LOCAL != 0 {
@@ -426,7 +427,7 @@ fn forward_to<A: Family>(t: &CtKeyV1<A>, be: &BackendV1<A>, snat: bool, nat_addr
     };
     if snat {
         let to = Nat { src_addr: nat_addr, src_port: nat_port, dst_addr: be.addr, dst_port: be.port };
-        return Action::Rewrite { reason, to, forward: Forward::Fib };
+        return Action::Rewrite { reason, to, forward: Forward::Fib(NextHopCache::Backend(backend_id)) };
     }
     let to = Nat { src_addr: t.src_addr, src_port: t.src_port, dst_addr: be.addr, dst_port: be.port };
     Action::Rewrite { reason, to, forward: Forward::Stack }

@@ -120,6 +120,12 @@ pub static LB4_NEXTHOP_V1: LruHashMap<NextHop4KeyV1, NextHopV1> = LruHashMap::pi
 pub static LB6_NEXTHOP_V1: LruHashMap<NextHop6KeyV1, NextHopV1> = LruHashMap::pinned(MAX_NEXT_HOPS, 0);
 #[map]
 pub static LB_NHGEN_V1: Array<u32> = Array::pinned(1, 0);
+/// Next hops towards backends, a slot per backend id on each CPU (not pinned: a cache that
+/// a new load fills again).
+#[map]
+pub static LB4_BENH_V1: PerCpuArray<BackendNextHop4V1> = PerCpuArray::with_max_entries(BACKEND_NEXT_HOP_SLOTS, 0);
+#[map]
+pub static LB6_BENH_V1: PerCpuArray<BackendNextHop6V1> = PerCpuArray::with_max_entries(BACKEND_NEXT_HOP_SLOTS, 0);
 
 /// Per-CPU scratch space of each family's path (not pinned: nothing in it outlives a packet).
 #[map]

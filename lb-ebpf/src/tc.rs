@@ -13,7 +13,7 @@ use crate::{
     csum,
     events::drop_event,
     family::{parse_into, Family},
-    fib::{fib_params, next_hop, route, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
+    fib::{fib_params, next_hop, route, NextHopCache, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
     lb::{decide, decide_icmp_error, Action, Balanced, Forward, Hook},
     maps::count_reason,
     parse::{parse_l2, ptr_at, IcmpError, Network, Packet, Parsed},
@@ -102,7 +102,7 @@ fn tc_balance<A: Family>(ctx: &TcContext, pkt: &Packet<A>, ifindex: u32, len: u3
                 0 if apply_nat(&w, pkt, &to).is_err() => (TC_ACT_SHOT, reason::DROP_TRUNCATED_L4),
                 0 => match forward {
                     Forward::Stack => (TC_ACT_OK, why),
-                    Forward::Fib => (tc_fib_forward(ctx, pkt.l3_off, pkt.tuple.proto, &to, ifindex, true), why),
+                    Forward::Fib(cache) => (tc_fib_forward(ctx, pkt.l3_off, pkt.tuple.proto, &to, ifindex, cache), why),
                 },
                 denied => (TC_ACT_SHOT, denied),
             }
@@ -193,7 +193,7 @@ fn tc_icmp_error<A: Family>(ctx: &TcContext, err: &IcmpError<A>, ifindex: u32) -
     }
     match forward {
         Forward::Stack => (TC_ACT_OK, reason::FWD_ICMP_ERROR),
-        Forward::Fib => (tc_fib_forward(ctx, err.l3_off, A::ICMP_PROTO, &to, ifindex, false), reason::FWD_ICMP_ERROR),
+        Forward::Fib(_) => (tc_fib_forward(ctx, err.l3_off, A::ICMP_PROTO, &to, ifindex, NextHopCache::None), reason::FWD_ICMP_ERROR),
     }
 }
 
@@ -208,11 +208,11 @@ fn tc_icmp_port_unreachable<A: Family>(ctx: &TcContext, pkt: &Packet<A>) -> Resu
 
 /// Routes a rewritten packet here; falls back to the stack when the FIB has no answer.
 #[inline(always)]
-fn tc_fib_forward<A: Family>(ctx: &TcContext, l3_off: usize, proto: u8, to: &Nat<A>, ingress: u32, cached: bool) -> i32 {
+fn tc_fib_forward<A: Family>(ctx: &TcContext, l3_off: usize, proto: u8, to: &Nat<A>, ingress: u32, cache: NextHopCache) -> i32 {
     let Some(mut params) = fib_params(data(ctx), data_end(ctx), l3_off, proto, to.src_addr, to.dst_addr, ingress) else {
         return TC_ACT_OK;
     };
-    let rc = route(&mut params, to, cached, |p| unsafe { fib_lookup(ctx.as_ptr(), p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) });
+    let rc = route(&mut params, to, cache, |p| unsafe { fib_lookup(ctx.as_ptr(), p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) });
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
         let macs = unsafe { params.__bindgen_anon_6.__bindgen_anon_2 };
         let mut eth = [0u8; 12];

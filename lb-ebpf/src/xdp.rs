@@ -15,7 +15,7 @@ use crate::{
     csum,
     events::drop_event,
     family::{parse_into, Family},
-    fib::{fib_params, route, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
+    fib::{fib_params, route, NextHopCache, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
     l2::{advertisement_len, answer_arp, solicited, write_advertisement},
     lb::{decide, decide_icmp_error, Action, Balanced, Forward, Hook},
     maps::count_reason,
@@ -104,7 +104,7 @@ fn xdp_balance<A: Family>(ctx: &XdpContext, pkt: &Packet<A>) -> Balanced {
             } else {
                 match forward {
                     Forward::Stack => (xdp_action::XDP_PASS, why),
-                    Forward::Fib => xdp_fib_forward(ctx, pkt.l3_off, pkt.tuple.proto, &to, why, true),
+                    Forward::Fib(cache) => xdp_fib_forward(ctx, pkt.l3_off, pkt.tuple.proto, &to, why, cache),
                 }
             }
         }
@@ -140,7 +140,7 @@ fn xdp_icmp_error<A: Family>(ctx: &XdpContext, err: &IcmpError<A>) -> (u32, u32)
     }
     match forward {
         Forward::Stack => (xdp_action::XDP_PASS, reason::FWD_ICMP_ERROR),
-        Forward::Fib => xdp_fib_forward(ctx, err.l3_off, A::ICMP_PROTO, &to, reason::FWD_ICMP_ERROR, false),
+        Forward::Fib(_) => xdp_fib_forward(ctx, err.l3_off, A::ICMP_PROTO, &to, reason::FWD_ICMP_ERROR, NextHopCache::None),
     }
 }
 
@@ -159,15 +159,15 @@ fn xdp_icmp_port_unreachable<A: Family>(ctx: &XdpContext, pkt: &Packet<A>) -> Re
     write_icmp_port_unreachable::<A>(data(ctx), data_end(ctx), &quote)
 }
 
-/// Sends a rewritten packet straight out the device the FIB names (or its cached answer while
-/// fresh: `cached`, all but ICMP errors, which are rare), with its MACs.
+/// Sends a rewritten packet straight out the device the FIB names (or its answer `cache`
+/// holds, while fresh), with its MACs.
 #[inline(always)]
-fn xdp_fib_forward<A: Family>(ctx: &XdpContext, l3_off: usize, proto: u8, to: &Nat<A>, why: u32, cached: bool) -> (u32, u32) {
+fn xdp_fib_forward<A: Family>(ctx: &XdpContext, l3_off: usize, proto: u8, to: &Nat<A>, why: u32, cache: NextHopCache) -> (u32, u32) {
     let ingress = ctx.ingress_ifindex() as u32;
     let Some(mut params) = fib_params(data(ctx), data_end(ctx), l3_off, proto, to.src_addr, to.dst_addr, ingress) else {
         return (xdp_action::XDP_DROP, reason::DROP_TRUNCATED_L4);
     };
-    let rc = route(&mut params, to, cached, |p| unsafe { fib_lookup(ctx.as_ptr(), p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) });
+    let rc = route(&mut params, to, cache, |p| unsafe { fib_lookup(ctx.as_ptr(), p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) });
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
         // XDP cannot resolve a neighbour; the stack can (and queues the packet meanwhile). The
         // agent sets accept_local on external devices so a node source address is not martian.
