@@ -142,9 +142,9 @@ struct Args {
     /// [default: 65536].
     #[arg(long)]
     max_policy_rules: Option<u32>,
-    /// Capacity of the next-hop cache of established remote flows (LRU: one entry per
-    /// source, destination and arriving device; past it, flows ask the FIB), each family
-    /// [default: 16384].
+    /// Capacity of the next-hop cache of replies routed here (LRU: one entry per source,
+    /// destination and arriving device; past it, replies ask the FIB), each family
+    /// [default: 16384]. Next hops towards backends are cached per CPU by backend id.
     #[arg(long)]
     max_next_hops: Option<u32>,
     /// Answer ARP and NDP on the external devices for the LoadBalancerIPPool addresses this

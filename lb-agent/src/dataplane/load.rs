@@ -75,7 +75,7 @@ pub struct MapSizes {
     pub policy_rules: Option<u32>,
     /// Bytes of the flow-event ring buffer (a power of two, at least a page).
     pub event_ring: Option<u32>,
-    /// Next hops cached for established remote flows, per family (LRU).
+    /// Next hops cached for replies routed here, per family (LRU).
     pub next_hops: Option<u32>,
 }
 

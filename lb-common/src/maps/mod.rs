@@ -7,7 +7,7 @@
 //! - [`source_range`]: loadBalancerSourceRanges;
 //! - [`backend`]: backends and the shared Maglev slot array;
 //! - [`conntrack`]: tracked flows and reverse NAT;
-//! - [`nexthop`]: next hops of established remote flows;
+//! - [`nexthop`]: next hops of packets routed here (towards backends per CPU, replies by route key);
 //! - [`counters`]: traffic and verdict counters;
 //! - [`config`]: settings and node addresses the agent gives the datapath;
 //! - [`socket`]: socket-level balancing of the node's own processes;
