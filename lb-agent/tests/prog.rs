@@ -392,6 +392,48 @@ fn ct_miss_selects_the_maglev_backend_and_rewrites_with_valid_checksums() -> Res
     })
 }
 
+/// A UDP datagram without a checksum (0 means none in IPv4) keeps none through DNAT, from
+/// outside (XDP) and from a pod (TC), and through the reverse NAT of its reply; its IPv4
+/// header checksum is kept right. One with a checksum that comes out 0 is sent as 0xffff.
+#[test]
+fn udp_without_a_checksum_keeps_none_through_every_rewrite() -> Result<()> {
+    in_private_netns(|| {
+        let mut tb = testbed();
+        tb.dataplane.apply(&[frontend(VIP, 53, IPPROTO_UDP, KIND_CLUSTER_IP, &BACKENDS, true)])?;
+        let without_checksum = |mut frame: Vec<u8>| {
+            frame[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
+            frame
+        };
+        let checked = |frame: &[u8]| -> ([u8; 4], [u8; 4], u16, u16, [u8; 2]) {
+            let ip = etherparse::Ipv4HeaderSlice::from_slice(&frame[14..]).expect("IPv4").to_header();
+            assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "IPv4 header checksum");
+            let l4 = &frame[14 + 20..];
+            (ip.source, ip.destination, u16::from_be_bytes([l4[0], l4[1]]), u16::from_be_bytes([l4[2], l4[3]]), [l4[6], l4[7]])
+        };
+        for (sport, from_pod) in [(41000u16, false), (41001, true)] {
+            let query = without_checksum(udp(CLIENT, VIP, sport, 53, b"query"));
+            let (_, out) = if from_pod { tb.run_tc(&query)? } else { tb.run_xdp(&query)? };
+            let (src, backend, out_sport, dport, csum) = checked(&out);
+            assert_eq!((src, out_sport, dport, csum), (CLIENT, sport, 8080, [0, 0]), "DNAT, still no checksum (from a pod: {from_pod})");
+            assert!(BACKENDS.contains(&backend));
+            let answer = without_checksum(udp(backend, CLIENT, 8080, sport, b"answer"));
+            let (_, out) = tb.run_tc(&answer)?;
+            assert_eq!(checked(&out), (VIP, CLIENT, 53, sport, [0, 0]), "reverse NAT, still no checksum");
+        }
+        // A checksummed datagram whose rewritten checksum comes out 0 is sent as 0xffff: its
+        // payload word is chosen to cancel the rest of the translated datagram's sum.
+        let backend = decode(&tb.run_xdp(&udp(CLIENT, VIP, 42000, 53, &[0, 0]))?.1).dst;
+        let translated = etherparse::PacketBuilder::ipv4(CLIENT, backend, 64).udp(42000, 8080);
+        let mut bytes = Vec::new();
+        translated.write(&mut bytes, &[0, 0])?;
+        let sum_without_payload = u16::from_be_bytes([bytes[20 + 6], bytes[20 + 7]]);
+        let (_, out) = tb.run_xdp(&udp(CLIENT, VIP, 42000, 53, &sum_without_payload.to_be_bytes()))?;
+        assert_eq!(u16::from_be_bytes([out[14 + 20 + 6], out[14 + 20 + 7]]), 0xffff, "a computed 0 goes out as 0xffff");
+        decode(&out);
+        Ok(())
+    })
+}
+
 #[test]
 fn ct_hit_keeps_the_flow_on_its_backend_when_the_table_changes() -> Result<()> {
     in_private_netns(|| {

@@ -33,14 +33,51 @@ pub struct Fault;
 pub trait PacketWriter {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
-    /// Replace an address in the packet's IP header (one word for IPv4, four for IPv6; words
-    /// that do not change are not touched): covered by the IPv4 header checksum and by the L4
-    /// pseudo-header.
-    fn replace_addr<A: Family>(&self, pkt: &Packet<A>, off: usize, old: &A, new: &A) -> Result<(), Fault>;
-    /// Replace 2 bytes of the L4 header, covered by the L4 checksum only.
-    fn replace_l4_u16<A: Family>(&self, pkt: &Packet<A>, off: usize, old: u16, new: u16) -> Result<(), Fault>;
-    /// Replace 4 bytes of the L4 header, covered by the L4 checksum only.
-    fn replace_l4_u32<A: Family>(&self, pkt: &Packet<A>, off: usize, old: u32, new: u32) -> Result<(), Fault>;
+    /// Writes `bytes` at `off` straight into the packet's headers.
+    #[inline(always)]
+    fn write<const N: usize>(&self, off: usize, bytes: [u8; N]) -> Result<(), Fault> {
+        // An opaque offset: LLVM would otherwise drop a bound check that an earlier, larger
+        // one implies, and the verifier, which tracks each pointer apart, would refuse the access.
+        let field = ptr_at::<[u8; N]>(self.data(), self.data_end(), core::hint::black_box(off)).ok_or(Fault)?;
+        unsafe { *field = bytes };
+        Ok(())
+    }
+    /// Writes the words of an address in the IP header that change (one for IPv4, four for
+    /// IPv6); returns their summed checksum difference, for [`PacketWriter::update_csums`].
+    #[inline(always)]
+    fn write_addr<A: Family>(&self, off: usize, old: &A, new: &A) -> Result<u32, Fault> {
+        let (old, new) = (old.words(), new.words());
+        let mut diff = 0;
+        for i in 0..old.len() {
+            if old[i] != new[i] {
+                self.write(off + 4 * i, new[i].to_ne_bytes())?;
+                diff += csum::diff4(old[i], new[i]);
+            }
+        }
+        Ok(diff)
+    }
+    /// Writes 2 bytes of the L4 header when they change; returns their checksum difference.
+    #[inline(always)]
+    fn write_l4_u16(&self, off: usize, old: u16, new: u16) -> Result<u32, Fault> {
+        if old == new {
+            return Ok(0);
+        }
+        self.write(off, new.to_ne_bytes())?;
+        Ok((!old) as u32 + new as u32)
+    }
+    /// Writes 4 bytes of the L4 header when they change; returns their checksum difference.
+    #[inline(always)]
+    fn write_l4_u32(&self, off: usize, old: u32, new: u32) -> Result<u32, Fault> {
+        if old == new {
+            return Ok(0);
+        }
+        self.write(off, new.to_ne_bytes())?;
+        Ok(csum::diff4(old, new))
+    }
+    /// Brings the checksums up to the fields written, each in one update: `addrs` is what the
+    /// addresses changed (the IPv4 header checksum and the L4 pseudo-header cover them),
+    /// `ports` what the L4 header's own fields did.
+    fn update_csums<A: Family>(&self, pkt: &Packet<A>, addrs: u32, ports: u32) -> Result<(), Fault>;
     /// Replace 4 bytes of an address in an ICMP error's own IP header: covered by the IPv4
     /// header checksum, or by the ICMPv6 checksum's pseudo-header (ICMPv4 has none).
     fn replace_icmp_outer_word<A: Family>(&self, err: &IcmpError<A>, off: usize, old: u32, new: u32) -> Result<(), Fault>;
@@ -81,15 +118,10 @@ fn replace_icmp_addr<W: PacketWriter, A: Family>(w: &W, at: AddrIn<A>, off: usiz
 #[inline(always)]
 pub fn apply_nat<W: PacketWriter, A: Family>(w: &W, pkt: &Packet<A>, to: &Nat<A>) -> Result<(), Fault> {
     let t = &pkt.tuple;
-    w.replace_addr(pkt, pkt.l3_off + A::SRC_OFF, &t.src_addr, &to.src_addr)?;
-    w.replace_addr(pkt, pkt.l3_off + A::DST_OFF, &t.dst_addr, &to.dst_addr)?;
-    if t.src_port != to.src_port {
-        w.replace_l4_u16(pkt, pkt.l4_off + L4_SRC_PORT, t.src_port, to.src_port)?;
-    }
-    if t.dst_port != to.dst_port {
-        w.replace_l4_u16(pkt, pkt.l4_off + L4_DST_PORT, t.dst_port, to.dst_port)?;
-    }
-    Ok(())
+    // Every field first; then each checksum once, with the summed difference.
+    let addrs = w.write_addr(pkt.l3_off + A::SRC_OFF, &t.src_addr, &to.src_addr)? + w.write_addr(pkt.l3_off + A::DST_OFF, &t.dst_addr, &to.dst_addr)?;
+    let ports = w.write_l4_u16(pkt.l4_off + L4_SRC_PORT, t.src_port, to.src_port)? + w.write_l4_u16(pkt.l4_off + L4_DST_PORT, t.dst_port, to.dst_port)?;
+    w.update_csums(pkt, addrs, ports)
 }
 
 /// Rewrites an ICMP error about a translated flow the way the flow's replies are rewritten
@@ -143,11 +175,11 @@ pub fn make_tcp_reset<W: PacketWriter, A: Family>(w: &W, pkt: &Packet<A>) -> Res
         )
     };
     let t = &pkt.tuple;
-    // Swapping addresses and ports leaves every checksum as it was.
-    w.replace_addr(pkt, pkt.l3_off + A::SRC_OFF, &t.src_addr, &t.dst_addr)?;
-    w.replace_addr(pkt, pkt.l3_off + A::DST_OFF, &t.dst_addr, &t.src_addr)?;
-    w.replace_l4_u16(pkt, pkt.l4_off + L4_SRC_PORT, t.src_port, t.dst_port)?;
-    w.replace_l4_u16(pkt, pkt.l4_off + L4_DST_PORT, t.dst_port, t.src_port)?;
+    // Swapping addresses and ports leaves every checksum as it was: their differences cancel.
+    w.write_addr(pkt.l3_off + A::SRC_OFF, &t.src_addr, &t.dst_addr)?;
+    w.write_addr(pkt.l3_off + A::DST_OFF, &t.dst_addr, &t.src_addr)?;
+    w.write_l4_u16(pkt.l4_off + L4_SRC_PORT, t.src_port, t.dst_port)?;
+    w.write_l4_u16(pkt.l4_off + L4_DST_PORT, t.dst_port, t.src_port)?;
 
     let flags = pkt.tcp_flags;
     let (new_seq, new_ack, new_flags) = if flags & TCP_ACK != 0 {
@@ -157,10 +189,11 @@ pub fn make_tcp_reset<W: PacketWriter, A: Family>(w: &W, pkt: &Packet<A>) -> Res
         (0, u32::from_be(seq).wrapping_add(consumed).to_be(), TCP_RST | TCP_ACK)
     };
     let new_flags_word = u16::from_ne_bytes([flags_word.to_ne_bytes()[0], new_flags]);
-    w.replace_l4_u32(pkt, pkt.l4_off + TCP_SEQ, seq, new_seq)?;
-    w.replace_l4_u32(pkt, pkt.l4_off + TCP_ACK_SEQ, ack_seq, new_ack)?;
-    w.replace_l4_u16(pkt, pkt.l4_off + TCP_FLAGS_WORD, flags_word, new_flags_word)?;
-    w.replace_l4_u16(pkt, pkt.l4_off + TCP_WINDOW, window, 0)?;
+    let fields = w.write_l4_u32(pkt.l4_off + TCP_SEQ, seq, new_seq)?
+        + w.write_l4_u32(pkt.l4_off + TCP_ACK_SEQ, ack_seq, new_ack)?
+        + w.write_l4_u16(pkt.l4_off + TCP_FLAGS_WORD, flags_word, new_flags_word)?
+        + w.write_l4_u16(pkt.l4_off + TCP_WINDOW, window, 0)?;
+    w.update_csums(pkt, 0, fields)?;
     Ok(())
 }
 

@@ -250,17 +250,6 @@ impl TcWriter<'_> {
     fn l4_flags<A: Family>(pkt: &Packet<A>) -> u64 {
         if pkt.tuple.proto == IPPROTO_UDP { BPF_F_MARK_MANGLED_0 } else { 0 }
     }
-
-    /// Writes `bytes` at `off` straight into the packet's headers (pulled into the linear
-    /// part; the verifier makes the skb writable for a program that writes it), where
-    /// `bpf_skb_store_bytes` would be a helper call per field.
-    #[inline(always)]
-    fn write<const N: usize>(&self, off: usize, bytes: [u8; N]) -> Result<(), Fault> {
-        // An opaque offset: see `XdpWriter::store_with_csum`.
-        let field = ptr_at::<[u8; N]>(data(self.0), data_end(self.0), core::hint::black_box(off)).ok_or(Fault)?;
-        unsafe { *field = bytes };
-        Ok(())
-    }
 }
 
 impl PacketWriter for TcWriter<'_> {
@@ -270,36 +259,24 @@ impl PacketWriter for TcWriter<'_> {
     fn data_end(&self) -> usize {
         data_end(self.0)
     }
-    // The csum helpers know the skb's checksum state (CHECKSUM_PARTIAL from pods included).
-    // The changed words are written, then each checksum takes their summed difference in one
-    // call (size 0: "by difference"); an IPv6 address is four words.
+    // Fields are written straight into the headers (pulled into the linear part; the
+    // verifier makes the skb writable for a program that writes it), where
+    // `bpf_skb_store_bytes` would be a helper call per field. The csum helpers know the skb's
+    // checksum state (CHECKSUM_PARTIAL from pods included), so a checksum takes its summed
+    // difference in one call (size 0: "by difference"): the addresses' with the pseudo-header
+    // flag (a partial checksum holds only the pseudo-header's sum), the ports' without.
     #[inline(always)]
-    fn replace_addr<A: Family>(&self, pkt: &Packet<A>, off: usize, old: &A, new: &A) -> Result<(), Fault> {
-        let (old, new) = (old.words(), new.words());
-        let mut diff = 0;
-        for i in 0..old.len() {
-            if old[i] != new[i] {
-                self.write(off + 4 * i, new[i].to_ne_bytes())?;
-                diff += csum::diff4(old[i], new[i]);
+    fn update_csums<A: Family>(&self, pkt: &Packet<A>, addrs: u32, ports: u32) -> Result<(), Fault> {
+        if addrs != 0 {
+            if let Some(csum_off) = A::HEADER_CSUM_OFF {
+                self.0.l3_csum_replace(pkt.l3_off + csum_off, 0, addrs as u64, 0).map_err(|_| Fault)?;
             }
+            self.0.l4_csum_replace(l4_csum_off(pkt), 0, addrs as u64, BPF_F_PSEUDO_HDR | Self::l4_flags(pkt)).map_err(|_| Fault)?;
         }
-        if diff == 0 {
-            return Ok(());
+        if ports != 0 {
+            self.0.l4_csum_replace(l4_csum_off(pkt), 0, ports as u64, Self::l4_flags(pkt)).map_err(|_| Fault)?;
         }
-        if let Some(csum_off) = A::HEADER_CSUM_OFF {
-            self.0.l3_csum_replace(pkt.l3_off + csum_off, 0, diff as u64, 0).map_err(|_| Fault)?;
-        }
-        self.0.l4_csum_replace(l4_csum_off(pkt), 0, diff as u64, BPF_F_PSEUDO_HDR | Self::l4_flags(pkt)).map_err(|_| Fault)
-    }
-    #[inline(always)]
-    fn replace_l4_u16<A: Family>(&self, pkt: &Packet<A>, off: usize, old: u16, new: u16) -> Result<(), Fault> {
-        self.write(off, new.to_ne_bytes())?;
-        self.0.l4_csum_replace(l4_csum_off(pkt), old as u64, new as u64, Self::l4_flags(pkt) | 2).map_err(|_| Fault)
-    }
-    #[inline(always)]
-    fn replace_l4_u32<A: Family>(&self, pkt: &Packet<A>, off: usize, old: u32, new: u32) -> Result<(), Fault> {
-        self.write(off, new.to_ne_bytes())?;
-        self.0.l4_csum_replace(l4_csum_off(pkt), old as u64, new as u64, Self::l4_flags(pkt) | 4).map_err(|_| Fault)
+        Ok(())
     }
     #[inline(always)]
     fn replace_icmp_outer_word<A: Family>(&self, err: &IcmpError<A>, off: usize, old: u32, new: u32) -> Result<(), Fault> {

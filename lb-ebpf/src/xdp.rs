@@ -243,39 +243,19 @@ impl PacketWriter for XdpWriter<'_> {
     fn data_end(&self) -> usize {
         data_end(self.0)
     }
-    /// All the changed words written, then each checksum updated once with their summed
-    /// difference (an IPv6 address is four words).
+    /// The IPv4 header checksum takes what the addresses changed; the L4 checksum that and
+    /// what its own fields did, in one update.
     #[inline(always)]
-    fn replace_addr<A: Family>(&self, pkt: &Packet<A>, off: usize, old: &A, new: &A) -> Result<(), Fault> {
-        let (old, new) = (old.words(), new.words());
-        let mut diff = 0;
-        for i in 0..old.len() {
-            if old[i] != new[i] {
-                let field = ptr_at::<[u8; 4]>(data(self.0), data_end(self.0), core::hint::black_box(off + 4 * i)).ok_or(Fault)?;
-                unsafe { *field = new[i].to_ne_bytes() };
-                diff += csum::diff4(old[i], new[i]);
-            }
+    fn update_csums<A: Family>(&self, pkt: &Packet<A>, addrs: u32, ports: u32) -> Result<(), Fault> {
+        if let (Some(csum_off), true) = (A::HEADER_CSUM_OFF, addrs != 0) {
+            let ip_csum = ptr_at::<u16>(data(self.0), data_end(self.0), core::hint::black_box(pkt.l3_off + csum_off)).ok_or(Fault)?;
+            unsafe { *ip_csum = csum::apply(*ip_csum, addrs) };
         }
-        if diff == 0 {
+        let l4 = addrs + ports;
+        if l4 == 0 {
             return Ok(());
         }
-        if let Some(csum_off) = A::HEADER_CSUM_OFF {
-            let ip_csum = ptr_at::<u16>(data(self.0), data_end(self.0), core::hint::black_box(pkt.l3_off + csum_off)).ok_or(Fault)?;
-            unsafe { *ip_csum = csum::apply(*ip_csum, diff) };
-        }
-        self.update_l4_csum(pkt, |c| csum::apply(c, diff))
-    }
-    #[inline(always)]
-    fn replace_l4_u16<A: Family>(&self, pkt: &Packet<A>, off: usize, old: u16, new: u16) -> Result<(), Fault> {
-        let field = ptr_at::<[u8; 2]>(self.data(), self.data_end(), off).ok_or(Fault)?;
-        unsafe { *field = new.to_ne_bytes() };
-        self.update_l4_csum(pkt, |c| csum::replace2(c, old, new))
-    }
-    #[inline(always)]
-    fn replace_l4_u32<A: Family>(&self, pkt: &Packet<A>, off: usize, old: u32, new: u32) -> Result<(), Fault> {
-        let field = ptr_at::<[u8; 4]>(self.data(), self.data_end(), off).ok_or(Fault)?;
-        unsafe { *field = new.to_ne_bytes() };
-        self.update_l4_csum(pkt, |c| csum::replace4(c, old, new))
+        self.update_l4_csum(pkt, |c| csum::apply(c, l4))
     }
     #[inline(always)]
     fn replace_icmp_outer_word<A: Family>(&self, err: &IcmpError<A>, off: usize, old: u32, new: u32) -> Result<(), Fault> {
