@@ -73,7 +73,8 @@ pub fn route<A: Family>(params: &mut bpf_fib_lookup, to: &Nat<A>, cache: NextHop
 }
 
 /// Fills `params` from this CPU's next hop towards backend `id`, when it answers this packet's
-/// route key and is fresh.
+/// route key and is fresh. Inlined, as is its `remember_`: as BPF functions, LLVM passes them
+/// the address words as arguments past the fifth, on a stack the verifier refuses.
 #[inline(always)]
 fn backend_next_hop<A: Family>(params: &mut bpf_fib_lookup, to: &Nat<A>, id: u32) -> bool {
     let Some(slot) = A::backend_next_hops().get(backend_next_hop_slot(id)) else { return false };
