@@ -10,6 +10,12 @@ pub fn diff4(old: u32, new: u32) -> u32 {
     (!old & 0xffff) + (!old >> 16) + (new & 0xffff) + (new >> 16)
 }
 
+/// The same for 2 bytes.
+#[inline(always)]
+pub fn diff2(old: u16, new: u16) -> u32 {
+    (!old) as u32 + new as u32
+}
+
 /// Applies an unfolded difference to a checksum.
 #[inline(always)]
 pub fn apply(csum: u16, diff: u32) -> u16 {
@@ -23,5 +29,5 @@ pub fn replace4(csum: u16, old: u32, new: u32) -> u16 {
 
 #[inline(always)]
 pub fn replace2(csum: u16, old: u16, new: u16) -> u16 {
-    !fold((!csum) as u32 + (!old) as u32 + new as u32)
+    apply(csum, diff2(old, new))
 }

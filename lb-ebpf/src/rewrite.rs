@@ -63,7 +63,7 @@ pub trait PacketWriter {
             return Ok(0);
         }
         self.write(off, new.to_ne_bytes())?;
-        Ok((!old) as u32 + new as u32)
+        Ok(csum::diff2(old, new))
     }
     /// Writes 4 bytes of the L4 header when they change; returns their checksum difference.
     #[inline(always)]

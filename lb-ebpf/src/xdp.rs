@@ -205,33 +205,19 @@ fn data_end(ctx: &XdpContext) -> usize {
 struct XdpWriter<'a>(&'a XdpContext);
 
 impl XdpWriter<'_> {
+    /// The checksum at `csum_off` (an opaque offset, as in `PacketWriter::write`).
+    #[inline(always)]
+    fn csum_at(&self, csum_off: usize) -> Result<&mut u16, Fault> {
+        let csum = ptr_at::<u16>(self.data(), self.data_end(), core::hint::black_box(csum_off)).ok_or(Fault)?;
+        Ok(unsafe { &mut *csum })
+    }
+
     /// Writes `bytes` at `off` and updates the checksum at `csum_off` with `update`.
     #[inline(always)]
     fn store_with_csum<const N: usize>(&self, csum_off: usize, off: usize, bytes: [u8; N], update: impl Fn(u16) -> u16) -> Result<(), Fault> {
-        // Opaque offsets: LLVM would otherwise drop a bound check that an earlier, larger one
-        // implies, and the verifier, which tracks each pointer apart, would refuse the access.
-        let (csum_off, off) = (core::hint::black_box(csum_off), core::hint::black_box(off));
-        let field = ptr_at::<[u8; N]>(self.data(), self.data_end(), off).ok_or(Fault)?;
-        let csum = ptr_at::<u16>(self.data(), self.data_end(), csum_off).ok_or(Fault)?;
-        unsafe {
-            *field = bytes;
-            *csum = update(*csum);
-        }
-        Ok(())
-    }
-
-    /// Applies `update` to the L4 checksum; a zero UDP checksum means "none" and stays zero.
-    #[inline(always)]
-    fn update_l4_csum<A: Family>(&self, pkt: &Packet<A>, update: impl Fn(u16) -> u16) -> Result<(), Fault> {
-        let csum = ptr_at::<u16>(self.data(), self.data_end(), l4_csum_off(pkt)).ok_or(Fault)?;
-        unsafe {
-            let udp = pkt.tuple.proto == IPPROTO_UDP;
-            if udp && *csum == 0 {
-                return Ok(());
-            }
-            let new = update(*csum);
-            *csum = if udp && new == 0 { 0xffff } else { new };
-        }
+        self.write(off, bytes)?;
+        let csum = self.csum_at(csum_off)?;
+        *csum = update(*csum);
         Ok(())
     }
 }
@@ -248,14 +234,22 @@ impl PacketWriter for XdpWriter<'_> {
     #[inline(always)]
     fn update_csums<A: Family>(&self, pkt: &Packet<A>, addrs: u32, ports: u32) -> Result<(), Fault> {
         if let (Some(csum_off), true) = (A::HEADER_CSUM_OFF, addrs != 0) {
-            let ip_csum = ptr_at::<u16>(data(self.0), data_end(self.0), core::hint::black_box(pkt.l3_off + csum_off)).ok_or(Fault)?;
-            unsafe { *ip_csum = csum::apply(*ip_csum, addrs) };
+            let ip_csum = self.csum_at(pkt.l3_off + csum_off)?;
+            *ip_csum = csum::apply(*ip_csum, addrs);
         }
         let l4 = addrs + ports;
         if l4 == 0 {
             return Ok(());
         }
-        self.update_l4_csum(pkt, |c| csum::apply(c, l4))
+        // A zero UDP checksum means "none" and stays zero; a computed zero is sent as 0xffff.
+        let l4_csum = self.csum_at(l4_csum_off(pkt))?;
+        let udp = pkt.tuple.proto == IPPROTO_UDP;
+        if udp && *l4_csum == 0 {
+            return Ok(());
+        }
+        let new = csum::apply(*l4_csum, l4);
+        *l4_csum = if udp && new == 0 { 0xffff } else { new };
+        Ok(())
     }
     #[inline(always)]
     fn replace_icmp_outer_word<A: Family>(&self, err: &IcmpError<A>, off: usize, old: u32, new: u32) -> Result<(), Fault> {
