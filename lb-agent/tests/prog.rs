@@ -836,6 +836,8 @@ fn nodeports_answer_on_the_ports_the_filter_marks_and_a_reload_marks_pinned_ones
 #[test]
 fn remote_flows_new_and_established_use_the_cached_next_hop_until_a_routing_change() -> Result<()> {
     in_private_netns(|| {
+        // Next hops towards backends are cached per CPU: every packet here runs on this one.
+        pin_to_this_cpu()?;
         let mut tb = routed_node()?;
         tb.dataplane.apply(&[frontend([0; 4], NODE_PORT, IPPROTO_TCP, KIND_NODE_PORT, &[[10, 244, 2, 7]], false)])?;
         let neighbour_mac = |tb: &Testbed, sport: u16| -> Result<[u8; 6]> { Ok(decode(&tb.run_xdp(&tcp_syn(CLIENT, NODE_IP, sport, NODE_PORT))?.1).eth_dst) };
@@ -895,6 +897,19 @@ fn remote_flows_new_and_established_use_the_cached_next_hop_until_a_routing_chan
         assert_eq!(neighbour_mac(&tb, 46000)?, [2, 0, 0, 0, 0, 0x0e], "aged out: the FIB again");
         Ok(())
     })
+}
+
+/// Keeps the calling thread (and the programs its test runs run) on the CPU it is on.
+fn pin_to_this_cpu() -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is an empty set; the calls only read and write it.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        anyhow::ensure!(cpu >= 0, "sched_getcpu: {}", std::io::Error::last_os_error());
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        anyhow::ensure!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[test]
