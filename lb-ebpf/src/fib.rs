@@ -30,16 +30,17 @@ pub fn next_hop<A: Family>(p: &bpf_fib_lookup) -> bpf_redir_neigh {
     nh
 }
 
-/// Where the next hop of a packet routed here is cached.
+/// Where the next hop of a packet routed here is cached. `now` is the state clock as the
+/// decision read it: a cached answer's age is judged by it, without reading the clock again.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum NextHopCache {
     /// Nowhere: the FIB answers each one (ICMP errors, which are rare).
     None,
     /// In this CPU's slot of the backend's id: packets to a backend, of new flows and
     /// established ones alike (an array read, no hash).
-    Backend(u32),
+    Backend { id: u32, now: u64 },
     /// By route key in the shared LRU: replies, whose destinations are clients.
-    RouteKey,
+    RouteKey { now: u64 },
 }
 
 /// Routes a translated packet `to` whose `params` are set: the next hop `cache` holds for its
@@ -53,8 +54,8 @@ pub fn route<A: Family>(params: &mut bpf_fib_lookup, to: &Nat<A>, cache: NextHop
     let arrived_on = params.ifindex;
     let cached = match cache {
         NextHopCache::None => false,
-        NextHopCache::Backend(id) => backend_next_hop(params, to, id),
-        NextHopCache::RouteKey => route_key_next_hop(params, to),
+        NextHopCache::Backend { id, now } => backend_next_hop(params, to, id, now),
+        NextHopCache::RouteKey { now } => route_key_next_hop(params, to, now),
     };
     if cached {
         return BPF_FIB_LKUP_RET_SUCCESS;
@@ -65,8 +66,8 @@ pub fn route<A: Family>(params: &mut bpf_fib_lookup, to: &Nat<A>, cache: NextHop
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
         match cache {
             NextHopCache::None => {}
-            NextHopCache::Backend(id) => remember_backend_next_hop(params, to, arrived_on, generation, id),
-            NextHopCache::RouteKey => remember_route_key_next_hop(params, to, arrived_on, generation),
+            NextHopCache::Backend { id, now } => remember_backend_next_hop(params, to, arrived_on, generation, id, now),
+            NextHopCache::RouteKey { .. } => remember_route_key_next_hop(params, to, arrived_on, generation),
         }
     }
     rc
@@ -76,32 +77,32 @@ pub fn route<A: Family>(params: &mut bpf_fib_lookup, to: &Nat<A>, cache: NextHop
 /// route key and is fresh. Inlined, as is its `remember_`: as BPF functions, LLVM passes them
 /// the address words as arguments past the fifth, on a stack the verifier refuses.
 #[inline(always)]
-fn backend_next_hop<A: Family>(params: &mut bpf_fib_lookup, to: &Nat<A>, id: u32) -> bool {
+fn backend_next_hop<A: Family>(params: &mut bpf_fib_lookup, to: &Nat<A>, id: u32, now: u64) -> bool {
     let Some(slot) = A::backend_next_hops().get(backend_next_hop_slot(id)) else { return false };
     let key = &slot.key;
-    key.src == to.src_addr && key.dst == to.dst_addr && key.ifindex == params.ifindex && use_if_fresh(params, &slot.hop)
+    key.src == to.src_addr && key.dst == to.dst_addr && key.ifindex == params.ifindex && use_if_fresh(params, &slot.hop, now)
 }
 
 /// Fills `params` from the shared cache's next hop for this packet's route key, when fresh.
 /// The key is built in the per-CPU scratch space (an IPv6 one does not fit the stack beside
 /// the packet path).
 #[inline(never)]
-fn route_key_next_hop<A: Family>(params: &mut bpf_fib_lookup, to: &Nat<A>) -> bool {
+fn route_key_next_hop<A: Family>(params: &mut bpf_fib_lookup, to: &Nat<A>, now: u64) -> bool {
     let Some(scratch) = A::scratch().get_ptr_mut(0) else { return false };
     let key = unsafe { &mut (*scratch).route_key };
     (key.src, key.dst, key.ifindex) = (to.src_addr, to.dst_addr, params.ifindex);
     match unsafe { A::next_hops().get(key) } {
-        Some(hop) => use_if_fresh(params, hop),
+        Some(hop) => use_if_fresh(params, hop, now),
         None => false,
     }
 }
 
-/// Fills `params` from `hop` when it is of the current generation, unexpired, and the packet
-/// fits its MTU; false otherwise.
+/// Fills `params` from `hop` when it is of the current generation, unexpired at `now`, and the
+/// packet fits its MTU; false otherwise.
 #[inline(always)]
-fn use_if_fresh(params: &mut bpf_fib_lookup, hop: &NextHopV1) -> bool {
+fn use_if_fresh(params: &mut bpf_fib_lookup, hop: &NextHopV1, now: u64) -> bool {
     let tot_len = unsafe { params.__bindgen_anon_1.tot_len };
-    if hop.generation != generation() || tot_len > hop.mtu || state_clock() >= hop.expires_ns {
+    if hop.generation != generation() || tot_len > hop.mtu || now >= hop.expires_ns {
         return false;
     }
     params.ifindex = hop.ifindex;
@@ -110,12 +111,12 @@ fn use_if_fresh(params: &mut bpf_fib_lookup, hop: &NextHopV1) -> bool {
     true
 }
 
-/// What the FIB answered in `params`, as of `generation`, to keep for a second.
+/// What the FIB answered in `params`, as of `generation`, to keep for a second from `now`.
 #[inline(always)]
-fn answer(params: &bpf_fib_lookup, generation: u32) -> NextHopV1 {
+fn answer(params: &bpf_fib_lookup, generation: u32, now: u64) -> NextHopV1 {
     let macs = unsafe { params.__bindgen_anon_6.__bindgen_anon_2 };
     NextHopV1 {
-        expires_ns: state_clock() + NEXT_HOP_TTL_NS,
+        expires_ns: now + NEXT_HOP_TTL_NS,
         ifindex: params.ifindex,
         generation,
         mtu: unsafe { params.__bindgen_anon_1.mtu_result },
@@ -128,22 +129,23 @@ fn answer(params: &bpf_fib_lookup, generation: u32) -> NextHopV1 {
 /// Keeps what the FIB answered for `to` arriving on `arrived_on` in this CPU's slot of
 /// backend `id` (plain stores: no other CPU writes it).
 #[inline(always)]
-fn remember_backend_next_hop<A: Family>(params: &bpf_fib_lookup, to: &Nat<A>, arrived_on: u32, generation: u32, id: u32) {
+fn remember_backend_next_hop<A: Family>(params: &bpf_fib_lookup, to: &Nat<A>, arrived_on: u32, generation: u32, id: u32, now: u64) {
     let Some(slot) = A::backend_next_hops().get_ptr_mut(backend_next_hop_slot(id)) else { return };
     unsafe {
-        (*slot).hop = answer(params, generation);
+        (*slot).hop = answer(params, generation, now);
         (*slot).key = NextHopKeyV1 { src: to.src_addr, dst: to.dst_addr, ifindex: arrived_on };
     }
 }
 
 /// Caches what the FIB answered for `to` arriving on `arrived_on`, as of `generation`, in the
-/// shared LRU.
+/// shared LRU. It reads the clock itself: `now` would be a BPF call's sixth argument (LLVM
+/// passes `to` as its two addresses), and after a FIB lookup one more read costs little.
 #[inline(never)]
 fn remember_route_key_next_hop<A: Family>(params: &bpf_fib_lookup, to: &Nat<A>, arrived_on: u32, generation: u32) {
     let Some(scratch) = A::scratch().get_ptr_mut(0) else { return };
     let (key, hop) = unsafe { (&mut (*scratch).route_key, &mut (*scratch).route) };
     (key.src, key.dst, key.ifindex) = (to.src_addr, to.dst_addr, arrived_on);
-    *hop = answer(params, generation);
+    *hop = answer(params, generation, state_clock());
     match A::next_hops().get_ptr_mut(key) {
         // The same answer (an expired entry looked up again): only its time is extended, a
         // single store, where an insert would take the LRU's locks.

@@ -64,8 +64,9 @@ pub fn decide<A: Family>(pkt: &Packet<A>, hook: Hook, bytes: u32) -> Action<A> {
     if may_be_reply(t, hook) {
         if let Some(rnat) = A::reverse_nat().get_ptr_mut(t) {
             let rnat = unsafe { &mut *rnat };
-            touch(&mut rnat.last_seen_ns, &mut rnat.tcp_flags_seen, pkt.tcp_flags);
-            return Action::Rewrite { reason: reason::FWD_REVERSE_NAT, to: reply_nat(rnat), forward: reply_forward(rnat, hook) };
+            let now = touch(&mut rnat.last_seen_ns, &mut rnat.tcp_flags_seen, pkt.tcp_flags);
+            let forward = if reply_routed(rnat, hook) { Forward::Fib(NextHopCache::RouteKey { now }) } else { Forward::Stack };
+            return Action::Rewrite { reason: reason::FWD_REVERSE_NAT, to: reply_nat(rnat), forward };
         }
     }
 
@@ -203,7 +204,7 @@ pub fn decide<A: Family>(pkt: &Packet<A>, hook: Hook, bytes: u32) -> Action<A> {
     }
     remember_affinity(&svc, &affinity, backend_id, now);
     count_traffic(&LB_BE_STAT_V1, backend_id, bytes);
-    let action = forward_to(t, backend_id, &be, snat_addr.is_some(), ct.nat_addr, ct.nat_port);
+    let action = forward_to(t, backend_id, &be, snat_addr.is_some(), ct.nat_addr, ct.nat_port, now);
     if let Action::Rewrite { reason: why, .. } = &action {
         new_flow_event(t, ct, if hook == Hook::External { HOOK_XDP } else { HOOK_TC }, *why, pkt.ifindex);
     }
@@ -257,7 +258,7 @@ fn forward_tracked<A: Family>(pkt: &Packet<A>, svc: &ServiceV1, ct: &mut CtEntry
         touch_affinity(&A::affinity_key(pkt.tuple.src_addr, svc.service_id), now);
     }
     count_traffic(&LB_BE_STAT_V1, ct.backend_id, bytes);
-    Some(forward_to(&pkt.tuple, ct.backend_id, be, ct.flags & F_CT_SNAT != 0, ct.nat_addr, ct.nat_port))
+    Some(forward_to(&pkt.tuple, ct.backend_id, be, ct.flags & F_CT_SNAT != 0, ct.nat_addr, ct.nat_port, now))
 }
 
 /// An ICMP error about a flow we translated, travelling back towards its client: the
@@ -268,7 +269,9 @@ pub fn decide_icmp_error<A: Family>(err: &IcmpError<A>, hook: Hook) -> Option<(N
     // The quoted datagram went client (or SNAT binding) -> backend; its reply is what the
     // reverse-NAT map is keyed by.
     let rnat = unsafe { A::reverse_nat().get(&err.inner.reversed()) }?;
-    Some((reply_nat(rnat), reply_forward(rnat, hook)))
+    // Routed by the FIB each time: errors are rare, and their route keys are not the flow's.
+    let forward = if reply_routed(rnat, hook) { Forward::Fib(NextHopCache::None) } else { Forward::Stack };
+    Some((reply_nat(rnat), forward))
 }
 
 /// The clock of conntrack, reverse-NAT and affinity timestamps: CLOCK_MONOTONIC at the
@@ -327,14 +330,11 @@ fn reply_nat<A: Family>(rnat: &RevNatV1<A>) -> Nat<A> {
     Nat { src_addr: rnat.src_addr, dst_addr: rnat.dst_addr, src_port: rnat.src_port, dst_port: rnat.dst_port }
 }
 
-/// A reply with a node or frontend source must be routed here: the stack would call it martian.
+/// Whether a reply must be routed here: with a node or frontend source, the stack would call
+/// it martian.
 #[inline(always)]
-fn reply_forward<A: Family>(rnat: &RevNatV1<A>, hook: Hook) -> Forward {
-    if rnat.flags & F_CT_SNAT != 0 || hook == Hook::Pod {
-        Forward::Fib(NextHopCache::RouteKey)
-    } else {
-        Forward::Stack
-    }
+fn reply_routed<A: Family>(rnat: &RevNatV1<A>, hook: Hook) -> bool {
+    rnat.flags & F_CT_SNAT != 0 || hook == Hook::Pod
 }
 
 /// The frontend for a destination: the exact address, else a NodePort when the address is
@@ -415,9 +415,10 @@ fn touch_affinity(key: &AffinityKeyV1, now: u64) {
     }
 }
 
+/// A packet of flow `t` to backend `be` (id `backend_id`), SNATed (and routed here) or not;
+/// `now` is the state clock this packet's decision read.
 #[inline(always)]
-/// A packet of flow `t` to backend `be` (id `backend_id`), SNATed (and routed here) or not.
-fn forward_to<A: Family>(t: &CtKeyV1<A>, backend_id: u32, be: &BackendV1<A>, snat: bool, nat_addr: A, nat_port: u16) -> Action<A> {
+fn forward_to<A: Family>(t: &CtKeyV1<A>, backend_id: u32, be: &BackendV1<A>, snat: bool, nat_addr: A, nat_port: u16, now: u64) -> Action<A> {
     let reason = if snat && nat_addr == A::hairpin_addr() {
         reason::FWD_HAIRPIN
     } else if be.flags & F_BACKEND_LOCAL != 0 {
@@ -427,7 +428,7 @@ fn forward_to<A: Family>(t: &CtKeyV1<A>, backend_id: u32, be: &BackendV1<A>, sna
     };
     if snat {
         let to = Nat { src_addr: nat_addr, src_port: nat_port, dst_addr: be.addr, dst_port: be.port };
-        return Action::Rewrite { reason, to, forward: Forward::Fib(NextHopCache::Backend(backend_id)) };
+        return Action::Rewrite { reason, to, forward: Forward::Fib(NextHopCache::Backend { id: backend_id, now }) };
     }
     let to = Nat { src_addr: t.src_addr, src_port: t.src_port, dst_addr: be.addr, dst_port: be.port };
     Action::Rewrite { reason, to, forward: Forward::Stack }

@@ -193,7 +193,7 @@ fn tc_icmp_error<A: Family>(ctx: &TcContext, err: &IcmpError<A>, ifindex: u32) -
     }
     match forward {
         Forward::Stack => (TC_ACT_OK, reason::FWD_ICMP_ERROR),
-        Forward::Fib(_) => (tc_fib_forward(ctx, err.l3_off, A::ICMP_PROTO, &to, ifindex, NextHopCache::None), reason::FWD_ICMP_ERROR),
+        Forward::Fib(cache) => (tc_fib_forward(ctx, err.l3_off, A::ICMP_PROTO, &to, ifindex, cache), reason::FWD_ICMP_ERROR),
     }
 }
 

@@ -140,7 +140,7 @@ fn xdp_icmp_error<A: Family>(ctx: &XdpContext, err: &IcmpError<A>) -> (u32, u32)
     }
     match forward {
         Forward::Stack => (xdp_action::XDP_PASS, reason::FWD_ICMP_ERROR),
-        Forward::Fib(_) => xdp_fib_forward(ctx, err.l3_off, A::ICMP_PROTO, &to, reason::FWD_ICMP_ERROR, NextHopCache::None),
+        Forward::Fib(cache) => xdp_fib_forward(ctx, err.l3_off, A::ICMP_PROTO, &to, reason::FWD_ICMP_ERROR, cache),
     }
 }
 
