@@ -17,7 +17,10 @@ use lb_agent::dataplane::{
     BackendSpec, Frontend, FrontendKey,
 };
 use lb_common::*;
-use testbed::{netns::sh, progtest::Testbed};
+use testbed::{
+    netns::sh,
+    progtest::{ifindex, Testbed},
+};
 
 use crate::{
     katran::{Katran, Vip},
@@ -71,6 +74,10 @@ struct Path {
     name: &'static str,
     /// Through `lb_tc`, from a pod (else `lb_xdp`, from outside).
     tc: bool,
+    /// The device an XDP path's packets arrive on: the one towards the remote backends (a node
+    /// with one device, where they go back out with XDP_TX), else loopback (they are
+    /// redirected to that device).
+    ingress: Option<u32>,
     verdict: u32,
     katran_verdict: Option<u32>,
     packet: Box<dyn Fn(usize) -> Vec<u8>>,
@@ -144,8 +151,11 @@ fn paths(tb: &Testbed) -> Result<Vec<Path>> {
     let backend = [sent[14 + 16], sent[14 + 17], sent[14 + 18], sent[14 + 19]];
     let mut reply = Vec::new();
     etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0x0b], [2, 0, 0, 0, 0, 1]).ipv4(backend, NODE_IP, 64).tcp(8080, nat_port, 1, 64240).syn().ack(2).write(&mut reply, &[])?;
-    let path = |name, verdict, katran_verdict, packet: Box<dyn Fn(usize) -> Vec<u8>>, opening| Path { name, tc: false, verdict, katran_verdict, packet, opening };
-    let from_pod = |name, verdict, packet: Box<dyn Fn(usize) -> Vec<u8>>| Path { name, tc: true, verdict, katran_verdict: None, packet, opening: None };
+    let path = |name, verdict, katran_verdict, packet: Box<dyn Fn(usize) -> Vec<u8>>, opening| Path { name, tc: false, ingress: None, verdict, katran_verdict, packet, opening };
+    let on_one_device = |name, packet: Box<dyn Fn(usize) -> Vec<u8>>, opening| -> Result<Path> {
+        Ok(Path { name, tc: false, ingress: Some(ifindex("lbt0")?), verdict: XDP_TX, katran_verdict: Some(XDP_TX), packet, opening })
+    };
+    let from_pod = |name, verdict, packet: Box<dyn Fn(usize) -> Vec<u8>>| Path { name, tc: true, ingress: None, verdict, katran_verdict: None, packet, opening: None };
     let (pass, encapsulated) = (Some(XDP_PASS), Some(XDP_TX));
     // The local flow the pod opened, and its backend's reply.
     let (_, sent) = tb.run_tc(&syn(POD, 1003, LOCAL_VIP, 80))?;
@@ -160,6 +170,8 @@ fn paths(tb: &Testbed) -> Result<Vec<Path>> {
         path("established flow, local backend (UDP)", XDP_PASS, encapsulated, Box::new(|_| udp(CLIENT, 1001, LOCAL_VIP, 80)), Some(udp(CLIENT, 1001, LOCAL_VIP, 80))),
         path("new flow, remote backend (SNAT + FIB)", XDP_REDIRECT, encapsulated, Box::new(|i| { let (c, p) = new_client(i, 2); syn(c, p, REMOTE_VIP, 80) }), None),
         path("established flow, remote backend", XDP_REDIRECT, encapsulated, Box::new(|_| ack(CLIENT, 1002, REMOTE_VIP, 80)), Some(syn(CLIENT, 1002, REMOTE_VIP, 80))),
+        on_one_device("new flow, remote backend, one device (SNAT + FIB, XDP_TX)", Box::new(|i| { let (c, p) = new_client(i, 3); syn(c, p, REMOTE_VIP, 80) }), None)?,
+        on_one_device("established flow, remote backend, one device (XDP_TX)", Box::new(|_| ack(CLIENT, 1004, REMOTE_VIP, 80)), Some(syn(CLIENT, 1004, REMOTE_VIP, 80)))?,
         path("reply of a remote flow (reverse NAT + FIB)", XDP_REDIRECT, None, Box::new(move |_| reply.clone()), None),
         from_pod("from a pod, not a service (TC)", TC_ACT_OK, Box::new(|_| ack(POD, 1000, [10, 1, 1, 1], 80))),
         from_pod("from a pod, established flow, local backend (TC)", TC_ACT_OK, Box::new(|_| ack(POD, 1003, LOCAL_VIP, 80))),
@@ -201,11 +213,20 @@ fn arp() -> Vec<u8> {
 
 /// This build's run of a path's packet: through `lb_tc` or `lb_xdp`.
 fn run_path(tb: &Testbed, path: &Path, packet: &[u8]) -> Result<(u32, f64)> {
-    if path.tc {
-        tb.time_tc(TC_PROGRAM, packet, 1)
-    } else {
-        tb.time_xdp(packet, 1)
+    match (path.tc, path.ingress) {
+        (true, _) => tb.time_tc(TC_PROGRAM, packet, 1),
+        (false, Some(ingress)) => tb.time_xdp_on(packet, ingress, 1),
+        (false, None) => tb.time_xdp(packet, 1),
     }
+}
+
+/// Opens an established path's flow, arriving where its packets will.
+fn open(tb: &Testbed, path: &Path, opening: &[u8]) -> Result<()> {
+    match path.ingress {
+        Some(ingress) => tb.run_xdp_on(opening, ingress)?,
+        None => tb.run_xdp(opening)?,
+    };
+    Ok(())
 }
 
 /// Katran's answer to a path's packet checked once: passed untouched, or encapsulated to one of
@@ -213,7 +234,7 @@ fn run_path(tb: &Testbed, path: &Path, packet: &[u8]) -> Result<(u32, f64)> {
 fn check_katran(katran: &Katran, path: &Path) -> Result<()> {
     let Some(verdict) = path.katran_verdict else { return Ok(()) };
     let packet = (path.packet)(usize::MAX / 2);
-    let (got, _, out) = katran.run(&packet)?;
+    let (got, _, out) = katran.run(&packet, path.ingress)?;
     ensure!(got == verdict, "Katran, {}: verdict {got}, not {verdict}", path.name);
     if verdict == XDP_TX {
         let reals: Vec<[u8; 4]> = local_backends().chain(remote_backends()).collect();
@@ -250,12 +271,12 @@ pub fn run(cfg: &Config, baseline: Option<Vec<u8>>, katran: Option<Vec<u8>>) -> 
             let previous_paths = previous.as_ref().map(paths).transpose()?;
             for (i, path) in current_paths.iter().enumerate() {
                 if let Some(opening) = &path.opening {
-                    current.run_xdp(opening)?;
+                    open(&current, path, opening)?;
                     if let Some(tb) = &previous {
-                        tb.run_xdp(opening)?;
+                        open(tb, path, opening)?;
                     }
                     if let Some(katran) = &katran {
-                        katran.run(opening)?;
+                        katran.run(opening, path.ingress)?;
                     }
                 }
                 let katran = katran.as_ref().filter(|_| path.katran_verdict.is_some());
@@ -278,7 +299,7 @@ pub fn run(cfg: &Config, baseline: Option<Vec<u8>>, katran: Option<Vec<u8>>) -> 
                     }
                     if let (Some(katran), Some(verdict)) = (katran, path.katran_verdict) {
                         let flows = katran.flows()?;
-                        theirs.push(sample(&current, path, verdict, first, batch, |packet| katran.run(packet).map(|(v, ns, _)| (v, ns)))?.0);
+                        theirs.push(sample(&current, path, verdict, first, batch, |packet| katran.run(packet, path.ingress).map(|(v, ns, _)| (v, ns)))?.0);
                         let added = katran.flows()? - flows;
                         let expected = if path.opening.is_none() && verdict == XDP_TX && (path.packet)(0) != (path.packet)(1) { batch } else { 0 };
                         ensure!(added == expected, "Katran, {}: {added} flows cached, not {expected}", path.name);

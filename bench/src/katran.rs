@@ -11,6 +11,7 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
     Ebpf, EbpfLoader, Pod,
 };
+use testbed::progtest::xdp_md;
 
 /// From `balancer_consts.h`.
 const RING_SIZE: u32 = 65_537;
@@ -111,11 +112,14 @@ impl Katran {
         Ok(())
     }
 
-    /// One run on `packet`: the verdict, the kernel's time in ns and the packet as it left.
-    pub fn run(&self, packet: &[u8]) -> Result<(u32, f64, Vec<u8>)> {
+    /// One run on `packet` (arriving on device `ingress`, else loopback): the verdict, the
+    /// kernel's time in ns and the packet as it left.
+    pub fn run(&self, packet: &[u8], ingress: Option<u32>) -> Result<(u32, f64, Vec<u8>)> {
         let prog: &Xdp = self.ebpf.program(PROGRAM).context("no balancer_ingress")?.try_into()?;
         let mut out = vec![0u8; packet.len() + 256];
-        let result = prog.test_run(TestRunOptions { data_in: Some(packet), data_out: Some(&mut out), repeat: 1, ..Default::default() }).context("BPF_PROG_TEST_RUN")?;
+        let ctx = ingress.map(|ingress| xdp_md(packet, ingress));
+        let options = TestRunOptions { data_in: Some(packet), data_out: Some(&mut out), ctx_in: ctx.as_deref(), repeat: 1, ..Default::default() };
+        let result = prog.test_run(options).context("BPF_PROG_TEST_RUN")?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value, result.duration.as_nanos() as f64, out))
     }

@@ -12,7 +12,7 @@ use etherparse::{
 use lb_agent::dataplane::{load::MapSizes, BackendSpec, Frontend, FrontendKey};
 use testbed::{
     netns::{in_private_netns, sh},
-    progtest::Testbed,
+    progtest::{ifindex, Testbed},
 };
 use lb_common::*;
 
@@ -607,6 +607,17 @@ fn remote_backend_is_snated_and_its_replies_translated_back() -> Result<()> {
         assert_ne!(decode(&out).sport, nat_port);
         let snat_entries = tb.dataplane.maps.v4.reverse_nat.iter().filter_map(|e| e.ok()).filter(|(_, v)| v.flags & F_CT_SNAT != 0).count();
         assert_eq!(snat_entries, 2);
+
+        // On a node with one device, a flow arrives where its backend's route leaves: sent back
+        // out the same way (XDP_TX), rewritten as it would be redirected, new and established.
+        let lbt0 = ifindex("lbt0")?;
+        for packet in [tcp_syn(CLIENT, NODE_IP, 46002, NODE_PORT), tcp_ack(CLIENT, NODE_IP, 46002, NODE_PORT, b"x")] {
+            let (verdict, out) = tb.run_xdp_on(&packet, lbt0)?;
+            assert_eq!(verdict, XDP_TX, "back out lbt0");
+            let o = decode(&out);
+            assert_eq!((o.src, o.dst, o.dport), (NODE_IP, [10, 244, 2, 7], 8080));
+            assert_eq!((o.eth_src, o.eth_dst), ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 0x0b]));
+        }
         Ok(())
     })
 }

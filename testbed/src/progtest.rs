@@ -48,6 +48,20 @@ impl Testbed {
         run(&|o| prog.test_run(o), packet, 1).map(|(verdict, out, _)| (verdict, out))
     }
 
+    /// The same, for `packet` arriving on device `ingress` (an ifindex of this namespace).
+    pub fn run_xdp_on(&self, packet: &[u8], ingress: u32) -> Result<(u32, Vec<u8>)> {
+        let prog: &Xdp = self.ebpf.program(load::XDP_PROGRAM).context("no XDP program")?.try_into()?;
+        let ctx = xdp_md(packet, ingress);
+        run(&|o| prog.test_run(TestRunOptions { ctx_in: Some(&ctx), ..o }), packet, 1).map(|(verdict, out, _)| (verdict, out))
+    }
+
+    /// `time_xdp` for `packet` arriving on device `ingress`.
+    pub fn time_xdp_on(&self, packet: &[u8], ingress: u32, repeat: u32) -> Result<(u32, f64)> {
+        let prog: &Xdp = self.ebpf.program(load::XDP_PROGRAM).context("no XDP program")?.try_into()?;
+        let ctx = xdp_md(packet, ingress);
+        run(&|o| prog.test_run(TestRunOptions { ctx_in: Some(&ctx), ..o }), packet, repeat).map(|(verdict, _, ns)| (verdict, ns))
+    }
+
     /// Runs `lb_tc` once on `packet`.
     pub fn run_tc(&self, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
         let prog: &SchedClassifier = self.ebpf.program(load::TC_PROGRAM).context("no TC program")?.try_into()?;
@@ -79,6 +93,21 @@ impl Testbed {
     fn time(&self, program: &str, packet: &[u8], repeat: u32) -> Result<(u32, f64)> {
         let prog: &Xdp = self.ebpf.program(program).with_context(|| format!("no program {program}"))?.try_into()?;
         run(&|o| prog.test_run(o), packet, repeat).map(|(verdict, _, ns)| (verdict, ns))
+    }
+}
+
+/// The `struct xdp_md` that BPF_PROG_TEST_RUN takes for `packet` arriving on `ingress`: data
+/// at 0, data_end at its length, no metadata, receive queue 0.
+pub fn xdp_md(packet: &[u8], ingress: u32) -> Vec<u8> {
+    [0, packet.len() as u32, 0, ingress, 0, 0].iter().flat_map(|word| word.to_ne_bytes()).collect()
+}
+
+/// The ifindex of link `name` in this thread's network namespace.
+pub fn ifindex(name: &str) -> Result<u32> {
+    let name = std::ffi::CString::new(name)?;
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(std::io::Error::last_os_error()).with_context(|| format!("no link {name:?}")),
+        index => Ok(index),
     }
 }
 
