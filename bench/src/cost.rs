@@ -33,6 +33,10 @@ pub struct Config {
     /// Runs of one iteration per sample.
     pub batch: usize,
     pub samples: usize,
+    /// Loads of each object per size, taken in turn sample by sample: where a load's program
+    /// and maps happen to land moves its figures by about one 10 ns step of the kernel's
+    /// clock (seen with one object on both sides), so no single load speaks for an object.
+    pub loads: usize,
 }
 
 pub struct Row {
@@ -257,49 +261,53 @@ fn routed_node() -> Result<()> {
 
 /// Runs in a private network namespace (its own routes and links, gone with it).
 pub fn run(cfg: &Config, baseline: Option<Vec<u8>>, katran: Option<Vec<u8>>) -> Result<Vec<Row>> {
-    let (sizes, batch, samples) = (cfg.sizes.clone(), cfg.batch, cfg.samples);
+    let (sizes, batch, samples, loads) = (cfg.sizes.clone(), cfg.batch, cfg.samples, cfg.loads);
     testbed::netns::in_private_netns(move || {
         routed_node()?;
         let mut rows = Vec::new();
         // Room for every new flow of both objects' runs.
         let flows = (4 * batch * samples + 1024).next_power_of_two() as u32;
         for n in sizes {
-            let current = testbed(lb_agent::dataplane::load::OBJECT, n, flows)?;
-            let previous = baseline.as_deref().map(|object| testbed(object, n, flows)).transpose()?;
-            let katran = katran.as_deref().map(|object| Katran::load(object, &katran_vips(), flows)).transpose()?;
-            let current_paths = paths(&current)?;
-            let previous_paths = previous.as_ref().map(paths).transpose()?;
-            for (i, path) in current_paths.iter().enumerate() {
+            let load = |object: &[u8]| -> Result<Vec<(Testbed, Vec<Path>)>> {
+                (0..loads).map(|_| testbed(object, n, flows).and_then(|tb| paths(&tb).map(|paths| (tb, paths)))).collect()
+            };
+            let current = load(lb_agent::dataplane::load::OBJECT)?;
+            let previous = baseline.as_deref().map(load).transpose()?;
+            let katran = katran.as_deref().map(|object| (0..loads).map(|_| Katran::load(object, &katran_vips(), flows)).collect::<Result<Vec<_>>>()).transpose()?;
+            for (i, path) in current[0].1.iter().enumerate() {
                 if let Some(opening) = &path.opening {
-                    open(&current, path, opening)?;
-                    if let Some(tb) = &previous {
+                    for (tb, _) in current.iter().chain(previous.iter().flatten()) {
                         open(tb, path, opening)?;
                     }
-                    if let Some(katran) = &katran {
+                    for katran in katran.iter().flatten() {
                         katran.run(opening, path.ingress)?;
                     }
                 }
                 let katran = katran.as_ref().filter(|_| path.katran_verdict.is_some());
-                if let Some(katran) = katran {
+                for katran in katran.iter().copied().flatten() {
                     check_katran(katran, path)?;
                 }
                 let (mut now, mut before, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
                 let (mut now_wall, mut before_wall) = (Vec::new(), Vec::new());
                 for s in 0..samples {
-                    // Each sample's new flows are its own; the programs' runs alternate.
+                    // Each sample's new flows are its own; the programs' runs alternate, each
+                    // object's loads in turn.
                     let first = s * batch;
-                    let (ns, wall) = sample(&current, path, path.verdict, first, batch, |packet| run_path(&current, path, packet))?;
+                    let (tb, paths) = &current[s % loads];
+                    let path = &paths[i];
+                    let (ns, wall) = sample(tb, path, path.verdict, first, batch, |packet| run_path(tb, path, packet))?;
                     now.push(ns);
                     now_wall.push(wall);
-                    if let (Some(tb), Some(paths)) = (&previous, &previous_paths) {
+                    if let Some((tb, paths)) = previous.as_ref().map(|loaded| &loaded[s % loads]) {
                         let path = &paths[i];
                         let (ns, wall) = sample(tb, path, path.verdict, first, batch, |packet| run_path(tb, path, packet))?;
                         before.push(ns);
                         before_wall.push(wall);
                     }
-                    if let (Some(katran), Some(verdict)) = (katran, path.katran_verdict) {
+                    if let (Some(katran), Some(verdict)) = (katran.map(|loaded| &loaded[s % loads]), path.katran_verdict) {
+                        let tb = &current[s % loads].0;
                         let flows = katran.flows()?;
-                        theirs.push(sample(&current, path, verdict, first, batch, |packet| katran.run(packet, path.ingress).map(|(v, ns, _)| (v, ns)))?.0);
+                        theirs.push(sample(tb, path, verdict, first, batch, |packet| katran.run(packet, path.ingress).map(|(v, ns, _)| (v, ns)))?.0);
                         let added = katran.flows()? - flows;
                         let expected = if path.opening.is_none() && verdict == XDP_TX && (path.packet)(0) != (path.packet)(1) { batch } else { 0 };
                         ensure!(added == expected, "Katran, {}: {added} flows cached, not {expected}", path.name);

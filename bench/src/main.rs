@@ -192,7 +192,11 @@ fn sweep_table<'a>(md: &mut String, unit: &str, sizes: &[usize], rows: &[(usize,
 }
 
 fn cost_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String, serde_json::Value>) -> Result<()> {
-    let cfg = if args.smoke { cost::Config { sizes: vec![1], batch: 20, samples: 2 } } else { cost::Config { sizes: vec![1, 100_000], batch: 500, samples: 10 } };
+    let cfg = if args.smoke {
+        cost::Config { sizes: vec![1], batch: 20, samples: 2, loads: 2 }
+    } else {
+        cost::Config { sizes: vec![1, 100_000], batch: 500, samples: 12, loads: 3 }
+    };
     let (baseline, label) = match &args.baseline_object {
         Some(path) => (Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?), format!("`{}`", path.display())),
         None if args.smoke => (Some(lb_agent::dataplane::load::OBJECT.to_vec()), "this build's own object (smoke run)".to_string()),
@@ -203,8 +207,8 @@ fn cost_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String, ser
     let rows = cost::run(&cfg, baseline, katran)?;
     writeln!(
         md,
-        "\n## Per-packet cost by path, single runs, beside a baseline and Katran\n\n`lb_xdp` (`lb_tc` for the TC paths), {} samples of {} runs of `repeat = 1` per path: each sample the median minus the median of the floor run the same way (the XDP_PASS program; for TC, `lb_tc` on an ARP frame); the programs' samples alternate. ns, median of the samples (min-max); a ratio is of each pair of samples. Baseline: {label}. Katran: {katran_label} (every VIP packet IPIP-encapsulated to a real, XDP_TX; it has no reply path).\n\n| services | path | this build ns | baseline ns | this / baseline | Katran ns | this / Katran |\n|---|---|---|---|---|---|---|",
-        cfg.samples, cfg.batch
+        "\n## Per-packet cost by path, single runs, beside a baseline and Katran\n\n`lb_xdp` (`lb_tc` for the TC paths), {} samples of {} runs of `repeat = 1` per path: each sample the median minus the median of the floor run the same way (the XDP_PASS program; for TC, `lb_tc` on an ARP frame); the programs' samples alternate, and each object is loaded {} times, its loads taking the samples in turn (where one load lands moves its figures by about one 10 ns step). ns, median of the samples (min-max); a ratio is of each pair of samples. Baseline: {label}. Katran: {katran_label} (every VIP packet IPIP-encapsulated to a real, XDP_TX; it has no reply path).\n\n| services | path | this build ns | baseline ns | this / baseline | Katran ns | this / Katran |\n|---|---|---|---|---|---|---|",
+        cfg.samples, cfg.batch, cfg.loads
     )?;
     for r in &rows {
         let or_dash = |s: Option<Summary>, d: usize| s.map_or("-".to_string(), |s| s.show(d));
