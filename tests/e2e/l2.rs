@@ -243,7 +243,9 @@ fn kubernetes_pool_address_is_written_to_status_and_answered_by_one_node() -> Re
     let bed = Bed::new("l2k", &[0, 0, 2])?;
     bed.service("web", "10.96.2.1", json!({}), &node_c_endpoints(2))?;
     bed.wait_for_status("web", "10.99.0.200")?;
-    let (answer, owner) = bed.request()?;
+    // The status follows the Service; its EndpointSlice reaches the owner's datapath on its
+    // own, and a request before it may be refused (seen once in CI as "connection refused").
+    let (answer, owner) = eventually(Duration::from_secs(10), || bed.request())?;
     assert!(answer.backend.starts_with("web-3"), "{answer:?}");
     assert_eq!(answer.seen_source, IpAddr::V4(bed.cluster.nodes[owner].ip), "a remote backend sees the owner's node address (SNAT)");
     // Exactly the owner answers for it, and both agents agree on who that is.
