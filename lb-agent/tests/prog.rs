@@ -4,7 +4,7 @@ mod common;
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use common::*;
 use etherparse::{
     EtherType, Ethernet2Header, Icmpv6Type, IpAuthHeader, IpFragOffset, IpHeaders, IpNumber, Ipv4Header, Ipv4Options, Ipv6Extensions, Ipv6FragmentHeader, Ipv6Header, Ipv6RawExtHeader, Ipv6RoutingExtensions, PacketBuilder, SlicedPacket, TransportSlice, VlanId,
@@ -430,6 +430,46 @@ fn udp_without_a_checksum_keeps_none_through_every_rewrite() -> Result<()> {
         let (_, out) = tb.run_xdp(&udp(CLIENT, VIP, 42000, 53, &sum_without_payload.to_be_bytes()))?;
         assert_eq!(u16::from_be_bytes([out[14 + 20 + 6], out[14 + 20 + 7]]), 0xffff, "a computed 0 goes out as 0xffff");
         decode(&out);
+        Ok(())
+    })
+}
+
+/// The state clock is read from jiffies as the loader calibrated them, in step with
+/// CLOCK_MONOTONIC; the datapath follows what `LB_CLOCK_V1` says, and without it reads
+/// `bpf_ktime_get_coarse_ns`, the same time.
+#[test]
+fn the_state_clock_runs_on_calibrated_jiffies_in_step_with_clock_monotonic() -> Result<()> {
+    use aya::maps::{Array, MapData};
+    use lb_agent::dataplane::conntrack::monotonic_ns;
+    in_private_netns(|| {
+        let mut tb = testbed();
+        tb.dataplane.apply(&[frontend(VIP, 80, IPPROTO_TCP, KIND_CLUSTER_IP, &BACKENDS, true)])?;
+        let mut clock: Array<MapData, StateClockV1> = Array::try_from(tb.ebpf.take_map(MAP_STATE_CLOCK).context("no clock map")?)?;
+        let calibrated = clock.get(&0, 0)?;
+        assert!([10_000_000, 4_000_000, 3_333_333, 1_000_000].contains(&calibrated.tick_ns), "{calibrated:?}");
+        // A new flow's timestamp against the clock around it, at a tick's grain (from
+        // jiffies as from the coarse clock: up to two ticks behind).
+        let mut port = 47000;
+        let mut stamp_of_a_new_flow = |tb: &Testbed| -> Result<(u64, u64, u64)> {
+            port += 1;
+            let before = monotonic_ns();
+            tb.run_xdp(&tcp_syn(CLIENT, VIP, port, 80))?;
+            let after = monotonic_ns();
+            let ct = tb.dataplane.maps.v4.conntrack.get(&flow_key(CLIENT, VIP, port, 80, IPPROTO_TCP), 0)?;
+            Ok((before, ct.last_seen_ns, after))
+        };
+        let grain = 2 * calibrated.tick_ns;
+        let (before, stamp, after) = stamp_of_a_new_flow(&tb)?;
+        assert!(before.saturating_sub(grain) <= stamp && stamp <= after, "calibrated: {before} <= {stamp} <= {after}");
+        // The datapath reads the map: an offset an hour on puts the stamp an hour on.
+        let hour = 3_600_000_000_000;
+        clock.set(0, &StateClockV1 { offset_ns: calibrated.offset_ns.wrapping_add(hour), ..calibrated }, 0)?;
+        let (before, stamp, after) = stamp_of_a_new_flow(&tb)?;
+        assert!(before + hour - grain <= stamp && stamp <= after + hour, "an hour on: {before} + 1 h <= {stamp} <= {after} + 1 h");
+        // Not calibrated: the helper's coarse clock, the same time.
+        clock.set(0, &StateClockV1::default(), 0)?;
+        let (before, stamp, after) = stamp_of_a_new_flow(&tb)?;
+        assert!(before.saturating_sub(grain) <= stamp && stamp <= after, "uncalibrated: {before} <= {stamp} <= {after}");
         Ok(())
     })
 }

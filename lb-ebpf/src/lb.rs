@@ -3,7 +3,10 @@
 //! session affinity, Maglev backend selection, and SNAT port allocation (remote backends,
 //! hairpin). It only reads and writes maps; the hooks apply the returned [`Action`]. Written
 //! once for both address families ([`Family`]).
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
+};
 use lb_common::*;
 
 use crate::{
@@ -274,12 +277,16 @@ pub fn decide_icmp_error<A: Family>(err: &IcmpError<A>, hook: Hook) -> Option<(N
     Some((reply_nat(rnat), forward))
 }
 
-/// The clock of conntrack, reverse-NAT and affinity timestamps: CLOCK_MONOTONIC at the
-/// grain of a scheduler tick, for a fraction of `bpf_ktime_get_ns`'s cost (lifetimes are
-/// seconds). Read only where a timestamp is written or compared.
+/// The clock of conntrack, reverse-NAT, affinity and next-hop timestamps: CLOCK_MONOTONIC at
+/// the grain of a scheduler tick (lifetimes are seconds), read once per packet where a
+/// timestamp is written or compared. From jiffies, a load and no call, once the agent has
+/// calibrated them (`LB_CLOCK_V1`); until then from `bpf_ktime_get_coarse_ns`.
 #[inline(always)]
 pub fn state_clock() -> u64 {
-    unsafe { bpf_ktime_get_coarse_ns() }
+    match LB_CLOCK_V1.get(0) {
+        Some(clock) if clock.tick_ns != 0 => clock.at(unsafe { bpf_jiffies64() }),
+        _ => unsafe { bpf_ktime_get_coarse_ns() },
+    }
 }
 
 /// A packet of a tracked flow: its time and TCP flags recorded, each written only when it

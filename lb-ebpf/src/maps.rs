@@ -127,6 +127,11 @@ pub static LB4_BENH_V1: PerCpuArray<BackendNextHop4V1> = PerCpuArray::with_max_e
 #[map]
 pub static LB6_BENH_V1: PerCpuArray<BackendNextHop6V1> = PerCpuArray::with_max_entries(BACKEND_NEXT_HOP_SLOTS, 0);
 
+/// How to read the state clock from jiffies (see `lb_common::StateClockV1`; not pinned: each
+/// load is calibrated afresh).
+#[map]
+pub static LB_CLOCK_V1: Array<StateClockV1> = Array::with_max_entries(1, 0);
+
 /// Per-CPU scratch space of each family's path (not pinned: nothing in it outlives a packet).
 #[map]
 pub static LB4_SCRATCH: PerCpuArray<Scratch<Addr4>> = PerCpuArray::with_max_entries(1, 0);

@@ -3,7 +3,7 @@
 //! ARP and neighbour solicitations for announced load-balancer addresses are answered here.
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, xdp_action},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     macros::xdp,
     programs::XdpContext,
     EbpfContext,
@@ -267,6 +267,17 @@ impl PacketWriter for XdpWriter<'_> {
     fn replace_icmp_u32(&self, icmp_off: usize, off: usize, old: u32, new: u32) -> Result<(), Fault> {
         self.store_with_csum(icmp_off + 2, off, new.to_ne_bytes(), |c| csum::replace4(c, old, new))
     }
+}
+
+/// Writes jiffies and `bpf_ktime_get_coarse_ns`, read together, over the first 16 bytes of
+/// the packet, which it passes: the agent runs it (BPF_PROG_TEST_RUN, never attached) to
+/// calibrate the state clock.
+#[xdp]
+pub fn lb_clock_probe(ctx: XdpContext) -> u32 {
+    if let Some(out) = ptr_at::<[u64; 2]>(data(&ctx), data_end(&ctx), 0) {
+        unsafe { core::ptr::write_unaligned(out, [bpf_jiffies64(), bpf_ktime_get_coarse_ns()]) };
+    }
+    xdp_action::XDP_PASS
 }
 
 /// Passes everything. The floor for per-packet benchmarks, and the program a veth peer needs

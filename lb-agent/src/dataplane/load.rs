@@ -98,6 +98,10 @@ pub fn load_from(pin_dir: &Path, sizes: &MapSizes, object: &[u8]) -> Result<Ebpf
         log::info!("{name}: {copied} entries carried over into the resized map");
     }
     migrate_slot_array_v1(&mut ebpf, pin_dir)?;
+    match super::clock::calibrate(&mut ebpf) {
+        Ok(clock) => log::info!("state clock: jiffies of {} ns, read without a helper call", clock.tick_ns),
+        Err(e) => log::warn!("{e:#}: the datapath reads its state clock through bpf_ktime_get_coarse_ns"),
+    }
     fill_reply_filter(&mut ebpf)?;
     fill_frontend_filters(&mut ebpf)?;
     Ok(ebpf)

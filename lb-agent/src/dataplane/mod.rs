@@ -16,6 +16,7 @@
 mod backends;
 pub mod batch;
 pub mod bitmap;
+pub mod clock;
 pub mod conntrack;
 pub mod endpoints;
 mod id_index;

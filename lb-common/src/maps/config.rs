@@ -6,6 +6,9 @@ pub const MAP_CONFIG: &str = "LB_CONFIG_V1";
 pub const MAP_NODE_IPS: &str = "LB4_NODEIP_V1";
 /// Hash `raw IPv6 -> ifindex`: the same for the node's IPv6 addresses.
 pub const MAP_NODE_IPS6: &str = "LB6_NODEIP_V1";
+/// Array with one `StateClockV1` (not pinned): how the datapath reads its state clock from
+/// jiffies, written by the agent when it loads the programs.
+pub const MAP_STATE_CLOCK: &str = "LB_CLOCK_V1";
 /// Array with one `Config6V1`: the IPv6 settings.
 pub const MAP_CONFIG6: &str = "LB6_CONFIG_V1";
 /// Array `u32 -> u64`, a bitmap of the 65,536 ports, indexed by a port as it is on the wire
@@ -45,8 +48,31 @@ pub struct Config6V1 {
     pub snat_addr: [u32; 4],
 }
 
+/// The state clock (the time of conntrack, reverse-NAT, affinity and next-hop entries:
+/// CLOCK_MONOTONIC in ns at the grain of a tick) as `jiffies * tick_ns + offset_ns`, wrapping.
+/// Reading jiffies is a load the verifier inlines; `bpf_ktime_get_coarse_ns`, what the
+/// datapath reads while `tick_ns` is 0, is a helper call. The kernel advances jiffies by whole
+/// ticks of CLOCK_MONOTONIC, so one calibration holds until the next boot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateClockV1 {
+    /// ns per jiffy (the kernel's `TICK_NSEC`); 0 before the agent calibrates.
+    pub tick_ns: u64,
+    /// CLOCK_MONOTONIC minus `jiffies * tick_ns`, wrapping (jiffies start near 2^32 ticks
+    /// before boot).
+    pub offset_ns: u64,
+}
+
+impl StateClockV1 {
+    /// The state clock at `jiffies`.
+    #[inline(always)]
+    pub fn at(&self, jiffies: u64) -> u64 {
+        jiffies.wrapping_mul(self.tick_ns).wrapping_add(self.offset_ns)
+    }
+}
+
 #[cfg(feature = "user")]
-super::impl_pod!(ConfigV1, Config6V1);
+super::impl_pod!(ConfigV1, Config6V1, StateClockV1);
 
 #[cfg(test)]
 mod layout {
@@ -59,5 +85,6 @@ mod layout {
             hash_seed @ 0, snat_addr @ 4, nat_port_min @ 8, nat_port_max @ 10, _pad @ 12,
         });
         assert_layout!(Config6V1, size 16, align 4, { snat_addr @ 0 });
+        assert_layout!(StateClockV1, size 16, align 8, { tick_ns @ 0, offset_ns @ 8 });
     }
 }

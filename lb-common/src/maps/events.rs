@@ -42,7 +42,8 @@ pub const F_EVENT_SNAT: u8 = 1 << 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventV1 {
-    /// CLOCK_MONOTONIC ns at the grain of a tick (`bpf_ktime_get_coarse_ns`: 4 ms at HZ=250).
+    /// CLOCK_MONOTONIC ns at the grain of a tick (the state clock, `StateClockV1`: 4 ms at
+    /// HZ=250).
     pub ts_ns: u64,
     pub kind: u8,
     pub hook: u8,

@@ -43,7 +43,7 @@ pub type NextHop6KeyV1 = NextHopKeyV1<Addr6>;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NextHopV1 {
-    /// The state clock (`bpf_ktime_get_coarse_ns`) past which the entry is stale.
+    /// The state clock (`StateClockV1`) past which the entry is stale.
     pub expires_ns: u64,
     pub ifindex: u32,
     pub generation: u32,
