@@ -77,9 +77,23 @@ pub fn drop_event<A: MapAddr>(t: Option<&CtKeyV1<A>>, reason: u32, hook: u8, ifi
     }
 }
 
-/// A new flow `t`, translated as its conntrack entry `ct` says (service, backend, SNAT).
-#[inline(never)]
+/// Whether the agent asked for events of `kind`.
+#[inline(always)]
+fn wanted(kind: u8) -> bool {
+    LB_EVCFG_V1.get(0).is_some_and(|cfg| cfg.kinds & (1 << kind) != 0)
+}
+
+/// A new flow `t`, translated as its conntrack entry `ct` says (service, backend, SNAT). The
+/// check is inlined: with new-flow events off (the default), a new flow makes no call.
+#[inline(always)]
 pub fn new_flow_event<A: MapAddr>(t: &CtKeyV1<A>, ct: &CtEntryV1<A>, hook: u8, reason: u32, ifindex: u32) {
+    if wanted(EVENT_NEW_FLOW) {
+        emit_new_flow_event(t, ct, hook, reason, ifindex);
+    }
+}
+
+#[inline(never)]
+fn emit_new_flow_event<A: MapAddr>(t: &CtKeyV1<A>, ct: &CtEntryV1<A>, hook: u8, reason: u32, ifindex: u32) {
     if let Some(mut entry) = reserve(EVENT_NEW_FLOW, hook, reason, Some(t), ifindex) {
         let e = entry.as_mut_ptr();
         unsafe {
