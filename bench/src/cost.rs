@@ -37,6 +37,8 @@ pub struct Config {
     /// and maps happen to land moves its figures by about one 10 ns step of the kernel's
     /// clock (seen with one object on both sides), so no single load speaks for an object.
     pub loads: usize,
+    /// Iterations of one `repeat` run, for the paths that leave the packet as it was.
+    pub repeat: u32,
 }
 
 pub struct Row {
@@ -55,6 +57,11 @@ pub struct Row {
     pub wall: Summary,
     pub baseline_wall: Option<Summary>,
     pub wall_difference: Option<Summary>,
+    /// For a path that leaves the packet as it was (so that every iteration of a `repeat` run
+    /// takes it again): the kernel's mean ns of a `repeat` run minus the floor's, this build's
+    /// and the baseline's, a value per load and round. Free of the 10 ns grain of single runs.
+    pub repeat: Option<Summary>,
+    pub baseline_repeat: Option<Summary>,
 }
 
 /// XDP verdicts (linux/bpf.h).
@@ -208,6 +215,37 @@ fn sample(tb: &Testbed, path: &Path, verdict: u32, first: usize, batch: usize, r
     Ok((Summary::of(&ns).median - Summary::of(&floor).median, wall.iter().sum::<f64>() / batch as f64))
 }
 
+/// `repeat` runs of a path that leaves its packet as it was, each minus the floor's: three
+/// rounds on every load. `None` for a path that rewrites its packet (checked on the first load).
+fn repeat_runs(loaded: &[(Testbed, Vec<Path>)], i: usize, repeat: u32) -> Result<Option<Summary>> {
+    let (tb, paths) = &loaded[0];
+    let packet = (paths[i].packet)(0);
+    let (verdict, out) = if paths[i].tc { tb.run_tc(&packet)? } else { tb.run_xdp(&packet)? };
+    if out != packet || (verdict != XDP_PASS && verdict != TC_ACT_OK) || packet != (paths[i].packet)(1) {
+        return Ok(None);
+    }
+    let mut ns = Vec::new();
+    for _ in 0..3 {
+        for (tb, paths) in loaded {
+            let path = &paths[i];
+            let (took, floor) = if path.tc {
+                (tb.time_tc(TC_PROGRAM, &packet, repeat)?.1, tb.time_tc(TC_PROGRAM, &arp(), repeat)?.1)
+            } else {
+                (run_path_repeat(tb, path, &packet, repeat)?, tb.time_xdp_pass(&syn(CLIENT, 1000, [10, 1, 1, 1], 80), repeat)?.1)
+            };
+            ns.push(took - floor);
+        }
+    }
+    Ok(Some(Summary::of(&ns)))
+}
+
+fn run_path_repeat(tb: &Testbed, path: &Path, packet: &[u8], repeat: u32) -> Result<f64> {
+    Ok(match path.ingress {
+        Some(ingress) => tb.time_xdp_on(packet, ingress, repeat)?.1,
+        None => tb.time_xdp(packet, repeat)?.1,
+    })
+}
+
 /// An ARP request: the floor of the TC paths.
 fn arp() -> Vec<u8> {
     let mut frame = vec![0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 2, 0, 0, 0, 0, 1, 0x08, 0x06];
@@ -261,7 +299,7 @@ fn routed_node() -> Result<()> {
 
 /// Runs in a private network namespace (its own routes and links, gone with it).
 pub fn run(cfg: &Config, baseline: Option<Vec<u8>>, katran: Option<Vec<u8>>) -> Result<Vec<Row>> {
-    let (sizes, batch, samples, loads) = (cfg.sizes.clone(), cfg.batch, cfg.samples, cfg.loads);
+    let (sizes, batch, samples, loads, repeat) = (cfg.sizes.clone(), cfg.batch, cfg.samples, cfg.loads, cfg.repeat);
     testbed::netns::in_private_netns(move || {
         routed_node()?;
         let mut rows = Vec::new();
@@ -313,6 +351,11 @@ pub fn run(cfg: &Config, baseline: Option<Vec<u8>>, katran: Option<Vec<u8>>) -> 
                         ensure!(added == expected, "Katran, {}: {added} flows cached, not {expected}", path.name);
                     }
                 }
+                let repeated = repeat_runs(&current, i, repeat)?;
+                let baseline_repeated = match (&previous, repeated.is_some()) {
+                    (Some(loaded), true) => repeat_runs(loaded, i, repeat)?,
+                    _ => None,
+                };
                 let ratio_to = |other: &[f64]| (!other.is_empty()).then(|| Summary::of(&now.iter().zip(other).map(|(a, b)| a / b).collect::<Vec<_>>()));
                 rows.push(Row {
                     services: n,
@@ -325,6 +368,8 @@ pub fn run(cfg: &Config, baseline: Option<Vec<u8>>, katran: Option<Vec<u8>>) -> 
                     wall: Summary::of(&now_wall),
                     baseline_wall: (!before_wall.is_empty()).then(|| Summary::of(&before_wall)),
                     wall_difference: (!before_wall.is_empty()).then(|| Summary::of(&now_wall.iter().zip(&before_wall).map(|(a, b)| a - b).collect::<Vec<_>>())),
+                    repeat: repeated,
+                    baseline_repeat: baseline_repeated,
                 });
             }
         }
