@@ -192,19 +192,17 @@ fn paths(tb: &Testbed) -> Result<Vec<Path>> {
 }
 
 /// One sample of a path: the median of `batch` single runs (`run_once(i)`: the verdict and ns
-/// of run `i`, from run `first` on) minus the median of the floor's, run in between. The floor
-/// of an XDP path is the XDP_PASS program; of a TC path, `lb_tc` on an ARP frame (which it
-/// leaves at once). Beside it, the mean wall-clock ns of the path's runs (each packet built
+/// of run `i`, from run `first` on) minus the median of the floor's ([`floor`]), run in
+/// between. Beside it, the mean wall-clock ns of the path's runs (each packet built
 /// beforehand): a mean, as work deferred and done in bulk every so many runs (an
 /// allocator's refill) is in no median.
 fn sample(tb: &Testbed, path: &Path, verdict: u32, first: usize, batch: usize, run_once: impl Fn(&[u8]) -> Result<(u32, f64)>) -> Result<(f64, f64)> {
     let name = path.name;
-    let floor_run = || if path.tc { tb.time_tc(TC_PROGRAM, &arp(), 1) } else { tb.time_xdp_pass(&syn(CLIENT, 1000, [10, 1, 1, 1], 80), 1) };
-    let mut floor = Vec::with_capacity(batch);
+    let mut floors = Vec::with_capacity(batch);
     let mut ns = Vec::with_capacity(batch);
     let mut wall = Vec::with_capacity(batch);
     for i in first..first + batch {
-        floor.push(floor_run()?.1);
+        floors.push(floor(tb, path, 1)?.1);
         let packet = (path.packet)(i);
         let started = std::time::Instant::now();
         let (got, took) = run_once(&packet)?;
@@ -212,7 +210,7 @@ fn sample(tb: &Testbed, path: &Path, verdict: u32, first: usize, batch: usize, r
         ensure!(got == verdict, "{name}: verdict {got}, not {verdict}");
         ns.push(took);
     }
-    Ok((Summary::of(&ns).median - Summary::of(&floor).median, wall.iter().sum::<f64>() / batch as f64))
+    Ok((Summary::of(&ns).median - Summary::of(&floors).median, wall.iter().sum::<f64>() / batch as f64))
 }
 
 /// `repeat` runs of a path that leaves its packet as it was, each minus the floor's: three
@@ -228,22 +226,20 @@ fn repeat_runs(loaded: &[(Testbed, Vec<Path>)], i: usize, repeat: u32) -> Result
     for _ in 0..3 {
         for (tb, paths) in loaded {
             let path = &paths[i];
-            let (took, floor) = if path.tc {
-                (tb.time_tc(TC_PROGRAM, &packet, repeat)?.1, tb.time_tc(TC_PROGRAM, &arp(), repeat)?.1)
-            } else {
-                (run_path_repeat(tb, path, &packet, repeat)?, tb.time_xdp_pass(&syn(CLIENT, 1000, [10, 1, 1, 1], 80), repeat)?.1)
-            };
-            ns.push(took - floor);
+            ns.push(run_path(tb, path, &packet, repeat)?.1 - floor(tb, path, repeat)?.1);
         }
     }
     Ok(Some(Summary::of(&ns)))
 }
 
-fn run_path_repeat(tb: &Testbed, path: &Path, packet: &[u8], repeat: u32) -> Result<f64> {
-    Ok(match path.ingress {
-        Some(ingress) => tb.time_xdp_on(packet, ingress, repeat)?.1,
-        None => tb.time_xdp(packet, repeat)?.1,
-    })
+/// The floor of a path, run `repeat` times: the XDP_PASS program, or for a TC path `lb_tc` on
+/// an ARP frame (which it leaves at once).
+fn floor(tb: &Testbed, path: &Path, repeat: u32) -> Result<(u32, f64)> {
+    if path.tc {
+        tb.time_tc(TC_PROGRAM, &arp(), repeat)
+    } else {
+        tb.time_xdp_pass(&syn(CLIENT, 1000, [10, 1, 1, 1], 80), repeat)
+    }
 }
 
 /// An ARP request: the floor of the TC paths.
@@ -253,12 +249,12 @@ fn arp() -> Vec<u8> {
     frame
 }
 
-/// This build's run of a path's packet: through `lb_tc` or `lb_xdp`.
-fn run_path(tb: &Testbed, path: &Path, packet: &[u8]) -> Result<(u32, f64)> {
+/// A testbed's run of a path's packet, `repeat` times: through `lb_tc` or `lb_xdp`.
+fn run_path(tb: &Testbed, path: &Path, packet: &[u8], repeat: u32) -> Result<(u32, f64)> {
     match (path.tc, path.ingress) {
-        (true, _) => tb.time_tc(TC_PROGRAM, packet, 1),
-        (false, Some(ingress)) => tb.time_xdp_on(packet, ingress, 1),
-        (false, None) => tb.time_xdp(packet, 1),
+        (true, _) => tb.time_tc(TC_PROGRAM, packet, repeat),
+        (false, Some(ingress)) => tb.time_xdp_on(packet, ingress, repeat),
+        (false, None) => tb.time_xdp(packet, repeat),
     }
 }
 
@@ -333,12 +329,12 @@ pub fn run(cfg: &Config, baseline: Option<Vec<u8>>, katran: Option<Vec<u8>>) -> 
                     let first = s * batch;
                     let (tb, paths) = &current[s % loads];
                     let path = &paths[i];
-                    let (ns, wall) = sample(tb, path, path.verdict, first, batch, |packet| run_path(tb, path, packet))?;
+                    let (ns, wall) = sample(tb, path, path.verdict, first, batch, |packet| run_path(tb, path, packet, 1))?;
                     now.push(ns);
                     now_wall.push(wall);
                     if let Some((tb, paths)) = previous.as_ref().map(|loaded| &loaded[s % loads]) {
                         let path = &paths[i];
-                        let (ns, wall) = sample(tb, path, path.verdict, first, batch, |packet| run_path(tb, path, packet))?;
+                        let (ns, wall) = sample(tb, path, path.verdict, first, batch, |packet| run_path(tb, path, packet, 1))?;
                         before.push(ns);
                         before_wall.push(wall);
                     }
