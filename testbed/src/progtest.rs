@@ -44,22 +44,17 @@ impl Testbed {
 
     /// Runs `lb_xdp` once on `packet`: the verdict and the packet as the program left it.
     pub fn run_xdp(&self, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let prog: &Xdp = self.ebpf.program(load::XDP_PROGRAM).context("no XDP program")?.try_into()?;
-        run(&|o| prog.test_run(o), packet, 1).map(|(verdict, out, _)| (verdict, out))
+        self.xdp(load::XDP_PROGRAM, packet, None, 1).map(|(verdict, out, _)| (verdict, out))
     }
 
     /// The same, for `packet` arriving on device `ingress` (an ifindex of this namespace).
     pub fn run_xdp_on(&self, packet: &[u8], ingress: u32) -> Result<(u32, Vec<u8>)> {
-        let prog: &Xdp = self.ebpf.program(load::XDP_PROGRAM).context("no XDP program")?.try_into()?;
-        let ctx = xdp_md(packet, ingress);
-        run(&|o| prog.test_run(TestRunOptions { ctx_in: Some(&ctx), ..o }), packet, 1).map(|(verdict, out, _)| (verdict, out))
+        self.xdp(load::XDP_PROGRAM, packet, Some(ingress), 1).map(|(verdict, out, _)| (verdict, out))
     }
 
     /// `time_xdp` for `packet` arriving on device `ingress`.
     pub fn time_xdp_on(&self, packet: &[u8], ingress: u32, repeat: u32) -> Result<(u32, f64)> {
-        let prog: &Xdp = self.ebpf.program(load::XDP_PROGRAM).context("no XDP program")?.try_into()?;
-        let ctx = xdp_md(packet, ingress);
-        run(&|o| prog.test_run(TestRunOptions { ctx_in: Some(&ctx), ..o }), packet, repeat).map(|(verdict, _, ns)| (verdict, ns))
+        self.xdp(load::XDP_PROGRAM, packet, Some(ingress), repeat).map(|(verdict, _, ns)| (verdict, ns))
     }
 
     /// Runs `lb_tc` once on `packet`.
@@ -76,12 +71,12 @@ impl Testbed {
 
     /// Runs `lb_xdp` with `repeat` iterations; returns the kernel's mean time per run in ns.
     pub fn time_xdp(&self, packet: &[u8], repeat: u32) -> Result<(u32, f64)> {
-        self.time(load::XDP_PROGRAM, packet, repeat)
+        self.xdp(load::XDP_PROGRAM, packet, None, repeat).map(|(verdict, _, ns)| (verdict, ns))
     }
 
     /// The same for `lb_xdp_pass`, the floor.
     pub fn time_xdp_pass(&self, packet: &[u8], repeat: u32) -> Result<(u32, f64)> {
-        self.time(load::XDP_PASS_PROGRAM, packet, repeat)
+        self.xdp(load::XDP_PASS_PROGRAM, packet, None, repeat).map(|(verdict, _, ns)| (verdict, ns))
     }
 
     /// The same for a TC program (`lb_tc`, `lb_tc_to_pod`).
@@ -90,9 +85,12 @@ impl Testbed {
         run(&|o| prog.test_run(o), packet, repeat).map(|(verdict, _, ns)| (verdict, ns))
     }
 
-    fn time(&self, program: &str, packet: &[u8], repeat: u32) -> Result<(u32, f64)> {
+    /// XDP program `program` on `packet`, arriving on device `ingress` (else loopback),
+    /// `repeat` times: the verdict, the packet as it left and the kernel's mean ns a run.
+    fn xdp(&self, program: &str, packet: &[u8], ingress: Option<u32>, repeat: u32) -> Result<(u32, Vec<u8>, f64)> {
         let prog: &Xdp = self.ebpf.program(program).with_context(|| format!("no program {program}"))?.try_into()?;
-        run(&|o| prog.test_run(o), packet, repeat).map(|(verdict, _, ns)| (verdict, ns))
+        let ctx = ingress.map(|ingress| xdp_md(packet, ingress));
+        run(&|o| prog.test_run(TestRunOptions { ctx_in: ctx.as_deref(), ..o }), packet, repeat)
     }
 }
 
