@@ -18,6 +18,8 @@ command -v podman >/dev/null || missing+=(podman)
 command -v runc >/dev/null || missing+=(runc)
 [ -x /usr/bin/busybox ] && /usr/bin/busybox --list | grep -qx sysctl || missing+=(busybox-static)
 command -v strip >/dev/null || missing+=(binutils)
+# lb-bench's map-cost suite builds its small BPF object (bench/maps/build.sh) with clang.
+command -v clang >/dev/null || command -v clang-14 >/dev/null || missing+=(clang)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 # The reference CNI plugins: lb-cni's tests chain portmap after it and delegate to host-local.
 [ -x /usr/lib/cni/portmap ] && [ -x /usr/lib/cni/host-local ] || missing+=(containernetworking-plugins)

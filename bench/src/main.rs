@@ -4,6 +4,7 @@
 mod control_plane;
 mod cost;
 mod katran;
+mod mapcost;
 mod packet;
 mod plot;
 mod policy;
@@ -38,6 +39,10 @@ struct Args {
     /// by the cost suite beside this build on the same paths and packets.
     #[arg(long)]
     katran_object: Option<PathBuf>,
+    /// The map-cost suite's object (`bench/maps/build.sh OUT` builds it): a new flow's map work
+    /// alone, in maps shaped like lb_xdp's and Katran's. The suite runs only when asked for.
+    #[arg(long)]
+    map_object: Option<PathBuf>,
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
     out: PathBuf,
     /// Service counts of the control-plane suite [default: 1000,10000,100000].
@@ -72,6 +77,9 @@ fn main() -> Result<()> {
     }
     if args.suites.iter().any(|s| s == "cost") {
         cost_suite(&args, &mut md, &mut js)?;
+    }
+    if args.suites.iter().any(|s| s == "map-cost") {
+        map_cost_suite(&args, &mut md, &mut js)?;
     }
     if args.suites.iter().any(|s| s == "policy") {
         policy_suite(&args, &mut md, &mut js)?;
@@ -189,6 +197,34 @@ fn sweep_table<'a>(md: &mut String, unit: &str, sizes: &[usize], rows: &[(usize,
         writeln!(md, " {:.2} |", of(last).3.median / of(first).3.median)?;
     }
     Ok(paths)
+}
+
+fn map_cost_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    let path = args.map_object.as_ref().context("the map-cost suite needs --map-object (bench/maps/build.sh OUT builds it)")?;
+    let object = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let cfg = if args.smoke {
+        mapcost::Config { sizes: vec![1024], samples: 2, loads: 2, batch: 20, repeat: 100 }
+    } else {
+        mapcost::Config { sizes: vec![32_768, 1_048_576], samples: 24, loads: 3, batch: 500, repeat: 2_000 }
+    };
+    let rows = mapcost::run_suite(&cfg, &object)?;
+    writeln!(
+        md,
+        "\n## A new flow's map work alone\n\n`{}`: every run or iteration on a key never used before. Maps shaped like lb_xdp's conntrack and reverse NAT (preallocated hash maps, 16-byte keys, 24- and 32-byte values) and Katran's flow cache (an LRU hash, 40-byte keys, 16-byte values), with `flows` entries. Single: per sample {} runs of `repeat = 1` (as the cost suite measures a new flow), each beside a run of the floor (the key counter alone), the median minus the floor's. Repeat: one run of `repeat = {}` per sample (a warm loop), its mean minus the floor's. {} samples; each program has loads of its own ({}), taken in turn, whose maps fill only with its own keys (checked). ns per new key, median of the samples (min-max); the ratio is to Katran's lookup and insert, of each sample's single runs.\n\n| flows | map work | single ns | / Katran's | repeat ns |\n|---|---|---|---|---|",
+        path.display(),
+        cfg.batch,
+        cfg.repeat,
+        cfg.samples,
+        cfg.loads
+    )?;
+    for r in &rows {
+        writeln!(md, "| {} | {} | {} | {} | {} |", r.flows, r.work, r.single.show(1), r.katran_ratio.show(2), r.repeat.show(1))?;
+    }
+    js.insert(
+        "map_cost".into(),
+        json!(rows.iter().map(|r| json!({"flows": r.flows, "work": r.work, "ns": r.single.median, "min": r.single.min, "max": r.single.max, "katran_ratio": r.katran_ratio.median, "katran_ratio_min": r.katran_ratio.min, "katran_ratio_max": r.katran_ratio.max, "repeat_ns": r.repeat.median})).collect::<Vec<_>>()),
+    );
+    Ok(())
 }
 
 fn cost_suite(args: &Args, md: &mut String, js: &mut serde_json::Map<String, serde_json::Value>) -> Result<()> {

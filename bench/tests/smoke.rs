@@ -39,3 +39,28 @@ fn every_suite_runs_and_writes_its_results() {
     }
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+/// The map-cost suite on its object, built as its README section says: every work row measured,
+/// and each load's maps found holding exactly the keys its runs inserted (the suite checks).
+#[test]
+fn map_cost_suite_builds_its_object_and_runs() {
+    let bench = Path::new(env!("CARGO_BIN_EXE_lb-bench"));
+    let out = std::env::temp_dir().join(format!("lb-bench-map-cost-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    let object = out.join("map-cost.o");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("maps/build.sh");
+    let built = Command::new("bash").arg(&script).arg(&object).output().unwrap();
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    let run = Command::new(bench).args(["--smoke", "--suites", "map-cost", "--map-object"]).arg(&object).arg("--out").arg(&out).output().unwrap();
+    let text = String::from_utf8_lossy(&run.stdout).to_string() + &String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{text}");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let rows = json["map_cost"].as_array().unwrap();
+    assert_eq!(rows.len(), 8, "{rows:?}");
+    let katran = rows.iter().find(|r| r["work"].as_str().unwrap().starts_with("Katran")).unwrap();
+    assert_eq!(katran["katran_ratio"].as_f64(), Some(1.0));
+    for row in rows {
+        assert!(row["ns"].as_f64().is_some() && row["repeat_ns"].as_f64().is_some(), "{row}");
+    }
+    std::fs::remove_dir_all(&out).unwrap();
+}
