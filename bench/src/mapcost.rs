@@ -6,9 +6,10 @@
 //! Every run or iteration of a program is on a key never used before (a counter in the object).
 //! Each sample has, per program, `batch` single runs (`repeat = 1`, as the cost suite measures a
 //! new flow), each beside a run of the floor (the counter alone): the median minus the floor's;
-//! and one run of `repeat` iterations (a warm loop) minus the floor's. Each program has a load of its own, so that its maps fill only with its own
-//! keys; the programs alternate sample by sample, and `loads` fresh loads take the samples in
-//! turn. After its samples, each load's maps must hold exactly the keys its runs inserted.
+//! and one run of `repeat` iterations (a warm loop) minus the floor's. Each program has a load
+//! of its own, so that its maps fill only with its own keys; the programs take turns within a
+//! sample, and `loads` fresh loads take the samples in turn. After its samples, each load's maps
+//! must hold exactly the keys its runs inserted.
 use anyhow::{ensure, Context, Result};
 use aya::{
     maps::{HashMap, MapData},
