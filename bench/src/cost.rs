@@ -5,8 +5,9 @@
 //! Each sample is a batch of `batch` runs of `repeat = 1` per path: the median minus the
 //! median of the XDP_PASS floor run the same way, in the same batch. The two objects' batches
 //! alternate, so drift on the machine moves both alike; their ratio is taken per pair of
-//! batches. The setup follows the Katran one: a frontend of 100 local backends, one of 100
-//! remote backends (SNAT and the FIB towards node B), the rest of the frontend map filled.
+//! batches. The setup follows the Katran one: a frontend of 100 local backends and one of 100
+//! remote backends (SNAT and the FIB towards node B), each for TCP and UDP, the rest of the
+//! frontend map filled.
 //! Katran gets the same frontends as VIPs of 100 reals each and the same packets; it has no
 //! "remote" path of its own (every VIP packet is encapsulated to its real) and no replies.
 use std::net::{IpAddr, Ipv4Addr};
@@ -121,6 +122,7 @@ fn katran_vips() -> Vec<Vip> {
         Vip { addr: LOCAL_VIP, port: 80, proto: IPPROTO_TCP, reals: local_backends().collect() },
         Vip { addr: LOCAL_VIP, port: 80, proto: IPPROTO_UDP, reals: local_backends().collect() },
         Vip { addr: REMOTE_VIP, port: 80, proto: IPPROTO_TCP, reals: remote_backends().collect() },
+        Vip { addr: REMOTE_VIP, port: 80, proto: IPPROTO_UDP, reals: remote_backends().collect() },
     ]
 }
 
@@ -143,6 +145,7 @@ fn testbed(object: &[u8], n: usize, flows: u32) -> Result<Testbed> {
         frontend(LOCAL_VIP, IPPROTO_TCP, KIND_CLUSTER_IP, local_backends(), true),
         frontend(LOCAL_VIP, IPPROTO_UDP, KIND_CLUSTER_IP, local_backends(), true),
         frontend(REMOTE_VIP, IPPROTO_TCP, KIND_LOAD_BALANCER, remote_backends(), false),
+        frontend(REMOTE_VIP, IPPROTO_UDP, KIND_LOAD_BALANCER, remote_backends(), false),
     ];
     tb.dataplane.apply(&measured)?;
     let shared = tb.dataplane.service(&measured[0].key).context("programmed")?;
@@ -175,12 +178,16 @@ fn paths(tb: &Testbed) -> Result<Vec<Path>> {
     Ok(vec![
         path("not a service (pass)", XDP_PASS, pass, Box::new(|_| syn(CLIENT, 1000, [10, 1, 1, 1], 80)), None),
         path("not a service, to a node address", XDP_PASS, pass, Box::new(|_| syn(CLIENT, 1000, NODE_IP, 22)), None),
+        // The address's filter bit is set: the frontend lookup runs, and misses.
+        path("to a frontend's address, no Service on the port", XDP_PASS, pass, Box::new(|_| syn(CLIENT, 1000, LOCAL_VIP, 81)), None),
         path("new flow, local backend (TCP)", XDP_PASS, encapsulated, Box::new(|i| { let (c, p) = new_client(i, 0); syn(c, p, LOCAL_VIP, 80) }), None),
         path("established flow, local backend (TCP)", XDP_PASS, encapsulated, Box::new(|_| ack(CLIENT, 1001, LOCAL_VIP, 80)), Some(syn(CLIENT, 1001, LOCAL_VIP, 80))),
         path("new flow, local backend (UDP)", XDP_PASS, encapsulated, Box::new(|i| { let (c, p) = new_client(i, 1); udp(c, p, LOCAL_VIP, 80) }), None),
         path("established flow, local backend (UDP)", XDP_PASS, encapsulated, Box::new(|_| udp(CLIENT, 1001, LOCAL_VIP, 80)), Some(udp(CLIENT, 1001, LOCAL_VIP, 80))),
         path("new flow, remote backend (SNAT + FIB)", XDP_REDIRECT, encapsulated, Box::new(|i| { let (c, p) = new_client(i, 2); syn(c, p, REMOTE_VIP, 80) }), None),
         path("established flow, remote backend", XDP_REDIRECT, encapsulated, Box::new(|_| ack(CLIENT, 1002, REMOTE_VIP, 80)), Some(syn(CLIENT, 1002, REMOTE_VIP, 80))),
+        path("new flow, remote backend (UDP, SNAT + FIB)", XDP_REDIRECT, encapsulated, Box::new(|i| { let (c, p) = new_client(i, 4); udp(c, p, REMOTE_VIP, 80) }), None),
+        path("established flow, remote backend (UDP)", XDP_REDIRECT, encapsulated, Box::new(|_| udp(CLIENT, 1005, REMOTE_VIP, 80)), Some(udp(CLIENT, 1005, REMOTE_VIP, 80))),
         on_one_device("new flow, remote backend, one device (SNAT + FIB, XDP_TX)", Box::new(|i| { let (c, p) = new_client(i, 3); syn(c, p, REMOTE_VIP, 80) }), None)?,
         on_one_device("established flow, remote backend, one device (XDP_TX)", Box::new(|_| ack(CLIENT, 1004, REMOTE_VIP, 80)), Some(syn(CLIENT, 1004, REMOTE_VIP, 80)))?,
         path("reply of a remote flow (reverse NAT + FIB)", XDP_REDIRECT, None, Box::new(move |_| reply.clone()), None),
