@@ -130,23 +130,24 @@ fn testbed(n: usize, flows: u32) -> Result<Testbed> {
 }
 
 /// A filler frontend written into the frontend map (beside the agent's writer, so that the
-/// measured frontend keeps the id entry they share), and its address marked in the filter as
-/// the agent marks a frontend's.
+/// measured frontend keeps the id entry they share), and marked in the filter as the agent
+/// marks a frontend.
 pub(crate) fn fill(written: Result<(), aya::maps::MapError>, tb: &mut Testbed, key: FrontendKey) -> Result<()> {
     written?;
-    tb.dataplane.maps.count_frontend_address(&key, true)
+    tb.dataplane.maps.count_frontend(&key, true)
 }
 
-/// The not-a-service rows measure addresses whose frontend-filter bit is clear, as nine in ten
-/// are with 100,000 frontends (one on a set bit pays the frontend lookup, as before the filter).
+/// The not-a-service rows send to TCP port 80 of addresses whose frontend-filter bit there is
+/// clear, as nine in ten are with 100,000 frontends (one on a set bit pays the frontend
+/// lookup, as before the filter).
 pub(crate) fn clear_of_frontends(tb: &Testbed, addrs: &[IpAddr]) -> Result<()> {
     let Some(filter) = tb.dataplane.maps.frontend_filter.as_ref() else { return Ok(()) };
     for addr in addrs {
         let (word, bit) = match addr {
-            IpAddr::V4(a) => frontend_filter_bit(&ip4_raw(a.octets())),
-            IpAddr::V6(a) => frontend_filter_bit(&ip6_raw(a.octets())),
+            IpAddr::V4(a) => frontend_filter_bit(&ip4_raw(a.octets()), port_raw(80), IPPROTO_TCP),
+            IpAddr::V6(a) => frontend_filter_bit(&ip6_raw(a.octets()), port_raw(80), IPPROTO_TCP),
         };
-        anyhow::ensure!(filter.get(word) & bit == 0, "{addr} shares a frontend's filter bit: pick another not-a-service address");
+        anyhow::ensure!(filter.get(word) & bit == 0, "{addr}:80 shares a frontend's filter bit: pick another not-a-service address");
     }
     Ok(())
 }

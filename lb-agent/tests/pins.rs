@@ -166,6 +166,35 @@ fn a_v1_slot_array_is_carried_over_into_the_packed_one() -> Result<()> {
     Ok(())
 }
 
+/// Version 1 of the frontend filter (by address alone), as an earlier agent pinned it, goes
+/// at load; version 2 is marked at once for the frontends the pinned map holds, by address,
+/// port and protocol.
+#[test]
+fn a_v1_frontend_filter_is_retired_and_v2_marks_the_pinned_frontends() -> Result<()> {
+    let mount = BpfMount::new("pins")?;
+    let sizes = MapSizes { maglev_slots: Some(4096), ..Default::default() };
+    let svc = ServiceV1 { service_id: 0, maglev_offset: 0, maglev_size: 0, backend_count: 0, kind: KIND_CLUSTER_IP, flags: 0 };
+    let key = Service4KeyV1 { addr: ip4_raw([10, 96, 0, 1]), port: port_raw(443), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER };
+    {
+        let mut ebpf = load::load(&mount.dir, &sizes)?;
+        let mut maps = Maps::take(&mut ebpf)?;
+        maps.v4.services.insert(&key, &svc, 0)?;
+        let (word, bit) = frontend_filter_bit(&key.addr, key.port, key.proto);
+        maps.frontend_filter.as_ref().expect("the filter").set(word, bit, false);
+    }
+    let path = mount.dir.join(MAP_FRONTEND_FILTER_V1);
+    sh(&format!("bpftool map create {} type array key 4 value 8 entries {FRONTEND_FILTER_WORDS} name {MAP_FRONTEND_FILTER_V1}", path.display()))?;
+    let mut ebpf = load::load(&mount.dir, &sizes)?;
+    let maps = Maps::take(&mut ebpf)?;
+    assert!(!path.exists(), "the v1 filter's pin is gone");
+    let filter = maps.frontend_filter.as_ref().expect("the filter");
+    let (word, bit) = frontend_filter_bit(&key.addr, key.port, key.proto);
+    assert_ne!(filter.get(word) & bit, 0, "the pinned frontend is marked by address, port and protocol");
+    let (word, bit) = frontend_filter_bit(&key.addr, port_raw(80), IPPROTO_TCP);
+    assert_eq!(filter.get(word) & bit, 0, "its address on another port is not");
+    Ok(())
+}
+
 /// A u32 as bpftool's little-endian hex bytes.
 fn hex_le(v: u32) -> String {
     v.to_le_bytes().iter().map(|b| format!("0x{b:02x}")).collect::<Vec<_>>().join(" ")

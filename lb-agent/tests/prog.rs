@@ -781,11 +781,12 @@ fn tracked_flows_find_their_frontend_by_id_while_it_is_theirs() -> Result<()> {
     })
 }
 
-/// A packet is looked up as an exact frontend's only at an address the frontend-address
-/// filter marks: the agent keeps a bit set while a frontend has an address it stands for, and
-/// an agent loading pinned maps marks the frontends an earlier one left.
+/// A packet is looked up as an exact frontend's only where the frontend filter marks its
+/// address, port and protocol: the agent keeps a bit set while a frontend it stands for is in
+/// the maps, and an agent loading pinned maps marks the frontends an earlier one left. A
+/// packet to a frontend's address on a port no Service uses (a scan) is not looked up.
 #[test]
-fn frontends_are_looked_up_only_at_addresses_the_filter_marks() -> Result<()> {
+fn frontends_are_looked_up_only_where_the_filter_marks_them() -> Result<()> {
     in_private_netns(|| {
         let mut tb = testbed();
         let set_bits = |tb: &Testbed| -> Result<Vec<(u32, u64)>> {
@@ -797,31 +798,50 @@ fn frontends_are_looked_up_only_at_addresses_the_filter_marks() -> Result<()> {
             }
             Ok(bits)
         };
+        let sorted = |mut bits: Vec<(u32, u64)>| {
+            bits.sort();
+            bits
+        };
         let backend = [10, 244, 1, 5];
         let tcp = frontend(VIP, 80, IPPROTO_TCP, KIND_CLUSTER_IP, &[backend], true);
         let udp_svc = frontend(VIP, 53, IPPROTO_UDP, KIND_CLUSTER_IP, &[backend], true);
         let node_port = frontend([0; 4], NODE_PORT, IPPROTO_TCP, KIND_NODE_PORT, &[backend], true);
         tb.dataplane.apply(&[tcp.clone(), udp_svc.clone(), node_port.clone()])?;
-        let vip_bit = frontend_filter_bit(&ip4_raw(VIP));
-        assert_eq!(set_bits(&tb)?, vec![vip_bit], "the frontends' address, not the NodePort's");
+        let tcp_bit = frontend_filter_bit(&ip4_raw(VIP), port_raw(80), IPPROTO_TCP);
+        let udp_bit = frontend_filter_bit(&ip4_raw(VIP), port_raw(53), IPPROTO_UDP);
+        assert_eq!(set_bits(&tb)?, sorted(vec![tcp_bit, udp_bit]), "the two frontends, not the NodePort");
         let to_vip = tcp_syn(CLIENT, VIP, 46000, 80);
         let (_, out) = tb.run_xdp(&to_vip)?;
         assert_eq!(decode(&out).dst, backend);
 
-        // The TCP frontend goes; the UDP one keeps the address marked.
+        // The frontend's address on another port: a frontend there that the filter does not
+        // mark (written into the map alone) is not looked up; marked, it is.
+        let scan = tcp_syn(CLIENT, VIP, 46002, 81);
+        let other_port = frontend(VIP, 81, IPPROTO_TCP, KIND_CLUSTER_IP, &[backend], true);
+        let entry = tb.dataplane.service(&tcp.key).expect("programmed");
+        let other_key = Service4KeyV1 { addr: ip4_raw(VIP), port: port_raw(81), proto: IPPROTO_TCP, scope: SCOPE_CLUSTER };
+        tb.dataplane.maps.v4.services.insert(&other_key, &entry, 0)?;
+        assert_eq!(tb.run_xdp(&scan)?, (XDP_PASS, scan.clone()), "another port of a marked address: passed untouched");
+        tb.dataplane.maps.v4.services.remove(&other_key)?;
+        tb.dataplane.apply(&[tcp.clone(), udp_svc.clone(), node_port.clone(), other_port.clone()])?;
+        let (_, out) = tb.run_xdp(&scan)?;
+        assert_eq!(decode(&out).dst, backend, "a frontend on that port: marked and answered");
+        tb.dataplane.apply(&[tcp.clone(), udp_svc.clone(), node_port.clone()])?;
+
+        // The TCP frontend goes; the UDP one keeps its own bit.
         tb.dataplane.apply(&[udp_svc.clone(), node_port.clone()])?;
-        assert_eq!(set_bits(&tb)?, vec![vip_bit]);
+        assert_eq!(set_bits(&tb)?, vec![udp_bit]);
         tb.dataplane.apply(&[node_port.clone()])?;
-        assert_eq!(set_bits(&tb)?, Vec::<(u32, u64)>::new(), "no frontend at the address, no mark");
+        assert_eq!(set_bits(&tb)?, Vec::<(u32, u64)>::new(), "no frontend, no mark");
 
         // A frontend as an agent without the filter would have left it: in the frontend map,
-        // its address unmarked. It is not looked up until an agent loads the pinned maps again.
+        // unmarked. It is not looked up until an agent loads the pinned maps again.
         tb.dataplane.apply(&[tcp.clone(), node_port.clone()])?;
-        tb.dataplane.maps.frontend_filter.as_ref().expect("the filter").set(vip_bit.0, vip_bit.1, false);
+        tb.dataplane.maps.frontend_filter.as_ref().expect("the filter").set(tcp_bit.0, tcp_bit.1, false);
         let to_pinned = tcp_syn(CLIENT, VIP, 46001, 80);
         assert_eq!(tb.run_xdp(&to_pinned)?, (XDP_PASS, to_pinned.clone()), "unmarked: passed untouched");
         let _reloaded = lb_agent::dataplane::load::load(&tb.mount.dir, &MapSizes::default())?;
-        assert_eq!(set_bits(&tb)?, vec![vip_bit], "marked from the pinned frontend map");
+        assert_eq!(set_bits(&tb)?, vec![tcp_bit], "marked from the pinned frontend map");
         let (_, out) = tb.run_xdp(&to_pinned)?;
         assert_eq!(decode(&out).dst, backend, "answered");
         Ok(())

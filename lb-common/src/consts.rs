@@ -11,7 +11,7 @@ pub const MAGLEV_SLOTS: u32 = 1 << 24;
 /// tables through a memory mapping instead of a system call per slot. Its 8-byte elements hold
 /// two slots each, so slot `i` is at byte `i * MAGLEV_SLOT_STRIDE` of the mapping.
 pub const MAGLEV_MAP_FLAGS: u32 = 1 << 10;
-/// Creation flags of the bitmaps the agent sets bit by bit (`LB_NODEPORT_V1`, `LB_FEADDR_V1`):
+/// Creation flags of the bitmaps the agent sets bit by bit (`LB_NODEPORT_V1`, `LB_FEADDR_V2`):
 /// `BPF_F_MMAPABLE` too, so that setting a bit is a store, not a lookup and an update.
 pub const FILTER_MAP_FLAGS: u32 = MAGLEV_MAP_FLAGS;
 pub const MAGLEV_SLOT_STRIDE: usize = 4;

@@ -214,18 +214,20 @@ pub fn decide<A: Family>(pkt: &Packet<A>, hook: Hook, bytes: u32) -> Action<A> {
     action
 }
 
-/// Whether a packet `t` may be to a frontend: its address is marked as some frontend's, or its
-/// port as some NodePort's. Most of a node's traffic is neither, and costs no lookup.
+/// Whether a packet `t` may be to a frontend: its address, port and protocol are marked as
+/// some frontend's, or its port as some NodePort's. Most of a node's traffic is neither, nor
+/// is a scan of a frontend's other ports, and costs no lookup.
 #[inline(always)]
 fn may_be_frontend<A: Family>(t: &CtKeyV1<A>) -> bool {
-    frontend_address(&t.dst_addr) || node_port(t.dst_port)
+    frontend_marked(&t.dst_addr, t.dst_port, t.proto) || node_port(t.dst_port)
 }
 
-/// Whether the frontend-address filter marks `addr` (some frontend may have it).
+/// Whether the frontend filter marks `addr`, `port` (raw) and `proto` (some frontend may
+/// have them).
 #[inline(always)]
-fn frontend_address<A: MapAddr>(addr: &A) -> bool {
-    let (word, bit) = frontend_filter_bit(addr);
-    LB_FEADDR_V1.get(word).is_some_and(|used| *used & bit != 0)
+fn frontend_marked<A: MapAddr>(addr: &A, port: u16, proto: u8) -> bool {
+    let (word, bit) = frontend_filter_bit(addr, port, proto);
+    LB_FEADDR_V2.get(word).is_some_and(|used| *used & bit != 0)
 }
 
 /// Whether the NodePort filter marks `port` (raw; some NodePort uses it).
@@ -349,9 +351,9 @@ fn reply_routed<A: Family>(rnat: &RevNatV1<A>, hook: Hook) -> bool {
 #[inline(always)]
 pub fn lookup_frontend<A: Family>(addr: A, port: u16, proto: u8) -> Option<(ServiceKeyV1<A>, ServiceV1)> {
     let mut key = ServiceKeyV1 { addr, port, proto, scope: SCOPE_CLUSTER };
-    // An exact frontend: only at an address some frontend has. The zero address is looked
-    // up as it is: a socket bound or connected to it reaches a NodePort's entry.
-    if addr.is_zero() || frontend_address(&addr) {
+    // An exact frontend: only where the filter marks one. The zero address is looked up as
+    // it is: a socket bound or connected to it reaches a NodePort's entry.
+    if addr.is_zero() || frontend_marked(&addr, port, proto) {
         if let Some(svc) = unsafe { A::services().get(&key) } {
             return Some((key, *svc));
         }

@@ -57,7 +57,7 @@ pub static LB6_NODEIP_V1: HashMap<[u32; 4], u32> = HashMap::pinned(MAX_NODE_IPS,
 #[map]
 pub static LB_NODEPORT_V1: Array<u64> = Array::pinned(NODEPORT_FILTER_WORDS, FILTER_MAP_FLAGS);
 #[map]
-pub static LB_FEADDR_V1: Array<u64> = Array::pinned(FRONTEND_FILTER_WORDS, FILTER_MAP_FLAGS);
+pub static LB_FEADDR_V2: Array<u64> = Array::pinned(FRONTEND_FILTER_WORDS, FILTER_MAP_FLAGS);
 #[map]
 pub static LB6_CONFIG_V1: Array<Config6V1> = Array::pinned(1, 0);
 #[map]

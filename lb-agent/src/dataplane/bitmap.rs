@@ -1,5 +1,5 @@
 //! A bitmap array map (`BPF_F_MMAPABLE`, `u64` words) seen through a memory mapping of the
-//! whole array: the filters the datapath reads (`LB_NODEPORT_V1`, `LB_FEADDR_V1`) are set and
+//! whole array: the filters the datapath reads (`LB_NODEPORT_V1`, `LB_FEADDR_V2`) are set and
 //! cleared bit by bit with atomic stores, not a map lookup and update per bit (a cold start
 //! writes one per frontend).
 use std::{

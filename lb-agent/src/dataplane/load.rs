@@ -98,6 +98,7 @@ pub fn load_from(pin_dir: &Path, sizes: &MapSizes, object: &[u8]) -> Result<Ebpf
         log::info!("{name}: {copied} entries carried over into the resized map");
     }
     migrate_slot_array_v1(&mut ebpf, pin_dir)?;
+    retire_frontend_filter_v1(&ebpf, pin_dir)?;
     match super::clock::calibrate(&mut ebpf) {
         Ok(clock) => log::info!("state clock: jiffies of {} ns, read without a helper call", clock.tick_ns),
         Err(e) => log::warn!("{e:#}: the datapath reads its state clock through bpf_ktime_get_coarse_ns"),
@@ -115,28 +116,30 @@ pub fn load_from(pin_dir: &Path, sizes: &MapSizes, object: &[u8]) -> Result<Ebpf
 fn fill_frontend_filters(ebpf: &mut Ebpf) -> Result<()> {
     use aya::maps::{Array, HashMap, MapData};
     type Bits = std::collections::BTreeSet<(u32, u64)>;
-    fn bits<A: super::maps::Family>(ebpf: &Ebpf, name: &str, ports: &mut Bits, addrs: &mut Bits, by_id: &mut Vec<ServiceByIdV1>) -> Result<()> {
+    fn bits<A: super::maps::Family>(ebpf: &Ebpf, name: &str, v1: bool, ports: &mut Bits, frontends: &mut Bits, by_id: &mut Vec<ServiceByIdV1>) -> Result<()> {
         let map: HashMap<&MapData, ServiceKeyV1<A>, ServiceV1> = ebpf.map(name).with_context(|| format!("no map {name}"))?.try_into()?;
         for (k, entry) in map.iter().filter_map(|e| e.ok()) {
             if k.addr.is_zero() {
                 ports.insert(nodeport_bit(k.port));
             } else {
-                addrs.insert(frontend_filter_bit(&k.addr));
+                frontends.insert(super::maps::frontend_bit(&k, v1));
             }
             by_id.push(super::FrontendKey::of(&k).by_id(&entry));
         }
         Ok(())
     }
-    let (mut ports, mut addrs, mut by_id) = (Bits::new(), Bits::new(), Vec::new());
-    bits::<Addr4>(ebpf, MAP_SERVICES, &mut ports, &mut addrs, &mut by_id)?;
-    bits::<Addr6>(ebpf, MAP_SERVICES6, &mut ports, &mut addrs, &mut by_id)?;
+    // An object of version 1 of the frontend filter marks addresses alone.
+    let (frontend_filter, v1) = if ebpf.map(MAP_FRONTEND_FILTER).is_some() { (MAP_FRONTEND_FILTER, false) } else { (MAP_FRONTEND_FILTER_V1, true) };
+    let (mut ports, mut frontends, mut by_id) = (Bits::new(), Bits::new(), Vec::new());
+    bits::<Addr4>(ebpf, MAP_SERVICES, v1, &mut ports, &mut frontends, &mut by_id)?;
+    bits::<Addr6>(ebpf, MAP_SERVICES6, v1, &mut ports, &mut frontends, &mut by_id)?;
     if let Some(map) = ebpf.map_mut(MAP_SERVICE_BY_ID) {
         let mut map: Array<&mut MapData, ServiceByIdV1> = map.try_into()?;
         for frontend in by_id {
             map.set(frontend.entry.service_id, &frontend, 0).with_context(|| format!("writing {MAP_SERVICE_BY_ID}"))?;
         }
     }
-    for (name, marked) in [(MAP_NODEPORT_FILTER, ports), (MAP_FRONTEND_FILTER, addrs)] {
+    for (name, marked) in [(MAP_NODEPORT_FILTER, ports), (frontend_filter, frontends)] {
         // An object older than the filter (a benchmark's baseline) has none to fill.
         let Some(filter) = ebpf.map_mut(name) else { continue };
         let mut filter: Array<&mut MapData, u64> = filter.try_into()?;
@@ -411,6 +414,18 @@ fn migrate_slot_array_v1(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<()> {
     let copied = copy_slots(|slot| Ok(old.get(&slot, 0)?), old.len(), new, &slices)?;
     std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
     log::info!("{MAP_MAGLEV_V1}: {copied} slots of {} tables carried over into {MAP_MAGLEV} (two slots an element, half the memory)", slices.len());
+    Ok(())
+}
+
+/// Version 1 of the frontend filter (by address alone) gives way to version 2, which
+/// `fill_frontend_filters` fills from the frontend maps: in an object that has version 2, the
+/// old filter's pin goes (the old programs hold their map until they are replaced).
+fn retire_frontend_filter_v1(ebpf: &Ebpf, pin_dir: &Path) -> Result<()> {
+    let path = pin_path(pin_dir, MAP_FRONTEND_FILTER_V1);
+    if ebpf.map(MAP_FRONTEND_FILTER).is_some() && path.exists() {
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        log::info!("{MAP_FRONTEND_FILTER_V1} retired: {MAP_FRONTEND_FILTER} marks each frontend's address, port and protocol");
+    }
     Ok(())
 }
 

@@ -130,6 +130,16 @@ fn optional<T: TryFrom<Map, Error = aya::maps::MapError>>(map: Result<Map>, name
 }
 
 /// A bitmap of `words` words an older object lacks, mapped: `None` when it is missing.
+/// The bit of frontend `key` (not a NodePort) in the frontend filter: by address, port and
+/// protocol, or (`v1`, an object of version 1) by address alone.
+pub(crate) fn frontend_bit<A: MapAddr>(key: &ServiceKeyV1<A>, v1: bool) -> (u32, u64) {
+    if v1 {
+        frontend_filter_bit_v1(&key.addr)
+    } else {
+        frontend_filter_bit(&key.addr, key.port, key.proto)
+    }
+}
+
 fn bitmap(map: Result<Map>, name: &str, words: u32) -> Result<Option<Bitmap>> {
     let Some(Map::Array(data)) = map.ok() else { return Ok(None) };
     Ok(Some(Bitmap::map(data, words).with_context(|| format!("mapping {name}"))?))
@@ -167,9 +177,11 @@ pub struct Maps {
     /// how many held local backends each slot stands for.
     pub local_backends: Option<Array<MapData, u8>>,
     local_backend_slots: Holders<u32>,
-    /// Frontend addresses (see [`MAP_FRONTEND_FILTER`]; none in an older object), and how many
-    /// frontends each set bit stands for.
+    /// Frontends' addresses, ports and protocols (see [`MAP_FRONTEND_FILTER`]; an object of
+    /// version 1 has [`MAP_FRONTEND_FILTER_V1`], by address alone; an older one none), and how
+    /// many frontends each set bit stands for.
     pub frontend_filter: Option<Bitmap>,
+    frontend_filter_v1: bool,
     frontend_filter_counts: Holders<(u32, u64)>,
     /// Frontends by service id (see [`MAP_SERVICE_BY_ID`]; none in an older object).
     pub service_by_id: Option<Array<MapData, ServiceByIdV1>>,
@@ -200,6 +212,10 @@ impl Maps {
                 open($name)?.try_into().with_context(|| format!("map {} has an unexpected type or layout", $name))?
             };
         }
+        let (frontend_filter, frontend_filter_v1) = match bitmap(open(MAP_FRONTEND_FILTER), MAP_FRONTEND_FILTER, FRONTEND_FILTER_WORDS)? {
+            Some(filter) => (Some(filter), false),
+            None => (bitmap(open(MAP_FRONTEND_FILTER_V1), MAP_FRONTEND_FILTER_V1, FRONTEND_FILTER_WORDS)?, true),
+        };
         let conntrack = open(MAP_CONNTRACK)?;
         let flow_capacity = match &conntrack {
             Map::HashMap(data) => data.info()?.max_entries(),
@@ -240,7 +256,8 @@ impl Maps {
             nodeport_filter: bitmap(open(MAP_NODEPORT_FILTER), MAP_NODEPORT_FILTER, NODEPORT_FILTER_WORDS)?,
             local_backends: optional(open(MAP_LOCAL_BACKENDS), MAP_LOCAL_BACKENDS)?,
             local_backend_slots: Default::default(),
-            frontend_filter: bitmap(open(MAP_FRONTEND_FILTER), MAP_FRONTEND_FILTER, FRONTEND_FILTER_WORDS)?,
+            frontend_filter,
+            frontend_filter_v1,
             frontend_filter_counts: Default::default(),
             service_by_id: optional(open(MAP_SERVICE_BY_ID), MAP_SERVICE_BY_ID)?,
         })
@@ -326,7 +343,7 @@ impl Maps {
         if key.is_node_port() {
             self.mark_node_port(key.port, true)?;
         } else if new {
-            self.count_frontend_address(key, true)?;
+            self.count_frontend(key, true)?;
         }
         if let Some(by_id) = &mut self.service_by_id {
             by_id.set(entry.service_id, &key.by_id(entry), 0).with_context(|| format!("writing {MAP_SERVICE_BY_ID}"))?;
@@ -353,17 +370,17 @@ impl Maps {
                 self.mark_node_port(key.port, false)?;
             }
         } else {
-            self.count_frontend_address(key, false)?;
+            self.count_frontend(key, false)?;
         }
         Ok(())
     }
 
-    /// Counts a frontend (not a NodePort) in (`held`) or out of the frontend-address filter:
-    /// a bit is set while a frontend whose address it stands for is in the maps.
-    pub fn count_frontend_address(&mut self, key: &FrontendKey, held: bool) -> Result<()> {
+    /// Counts a frontend (not a NodePort) in (`held`) or out of the frontend filter: a bit is
+    /// set while a frontend it stands for is in the maps.
+    pub fn count_frontend(&mut self, key: &FrontendKey, held: bool) -> Result<()> {
         let at = match (key.entry::<Addr4>(), key.entry::<Addr6>()) {
-            (Some(k), _) => frontend_filter_bit(&k.addr),
-            (_, Some(k)) => frontend_filter_bit(&k.addr),
+            (Some(k), _) => frontend_bit(&k, self.frontend_filter_v1),
+            (_, Some(k)) => frontend_bit(&k, self.frontend_filter_v1),
             _ => unreachable!("an address is of one family"),
         };
         let Some(filter) = self.frontend_filter.as_ref() else { return Ok(()) };

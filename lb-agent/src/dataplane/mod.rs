@@ -388,7 +388,7 @@ impl Dataplane {
             let programmed = Programmed::new(frontend, *entry, ids, affinity_ids.remove(&entry.service_id).unwrap_or_default(), ranges.remove(&entry.service_id).unwrap_or_default());
             self.services.insert(*key, Box::new(programmed));
             if !key.is_node_port() {
-                self.maps.count_frontend_address(key, true)?;
+                self.maps.count_frontend(key, true)?;
             }
         }
         self.next_service_id = max_service_id.map_or(0, |m| m + 1);

@@ -51,30 +51,59 @@ impl ServiceByIdV1 {
 }
 
 /// Array `u32 -> u64`, a bitmap of `FRONTEND_FILTER_WORDS * 64` bits: set at
-/// `frontend_filter_bit(addr)` while a frontend of either family other than a NodePort has
-/// that address. A packet to an address whose bit is clear is no such frontend's and skips the
-/// frontend lookup (most of a node's traffic: to pods, to the node, to the world). Only the
-/// agent writes it.
-pub const MAP_FRONTEND_FILTER: &str = "LB_FEADDR_V1";
-/// 2^20 bits (128 KiB): 100,000 frontend addresses leave nine in ten clear.
+/// `frontend_filter_bit(addr, port, proto)` while a frontend of either family other than a
+/// NodePort has that address, port and protocol. A packet whose bit is clear is no such
+/// frontend's and skips the frontend lookup: most of a node's traffic (to pods, to the node,
+/// to the world), and what reaches a frontend's address on a port no Service uses (a scan, a
+/// flood on random ports). Only the agent writes it.
+pub const MAP_FRONTEND_FILTER: &str = "LB_FEADDR_V2";
+/// Version 1 of the filter, set by address alone. An agent loading an object of version 2
+/// removes its pin; an object of version 1 (another build's, such as a benchmark's baseline)
+/// is served through it.
+pub const MAP_FRONTEND_FILTER_V1: &str = "LB_FEADDR_V1";
+/// 2^20 bits (128 KiB): 100,000 frontends leave nine in ten clear.
 pub const FRONTEND_FILTER_WORDS: u32 = (1 << 20) / 64;
 
-/// The word of `LB_FEADDR_V1` and the bit in it for an address: a multiplicative hash to 20
-/// bits, each word mixed in after the last was multiplied and its high bits folded down (a
-/// product alone carries no high bit down: IPv6 addresses that differ in a word's high half,
-/// a Service range and a pod range, would then share bits by design). Shared by the kernel,
-/// which reads it, and the agent.
+const FILTER_MULTIPLIER: u32 = 0x9E37_79B1;
+
+/// One word into a filter hash: mixed in after the last was multiplied and its high bits
+/// folded down (a product alone carries no high bit down: IPv6 addresses that differ in a
+/// word's high half, a Service range and a pod range, would then share bits by design).
 #[inline(always)]
-pub fn frontend_filter_bit<A: MapAddr>(addr: &A) -> (u32, u64) {
-    const K: u32 = 0x9E37_79B1;
+fn mix_filter_word(hash: u32, word: u32) -> u32 {
+    let hash = (hash ^ word).wrapping_mul(FILTER_MULTIPLIER);
+    hash ^ (hash >> 15)
+}
+
+/// The word and bit of a filter hash: a multiplicative hash to 20 bits.
+#[inline(always)]
+fn filter_word_bit(hash: u32) -> (u32, u64) {
+    let bit = hash.wrapping_mul(FILTER_MULTIPLIER) >> 12;
+    (bit / 64, 1 << (bit % 64))
+}
+
+#[inline(always)]
+fn address_filter_hash<A: MapAddr>(addr: &A) -> u32 {
     let words = addr.words();
     let mut hash = 0u32;
     for i in 0..words.len() {
-        hash = (hash ^ words[i]).wrapping_mul(K);
-        hash ^= hash >> 15;
+        hash = mix_filter_word(hash, words[i]);
     }
-    let bit = hash.wrapping_mul(K) >> 12;
-    (bit / 64, 1 << (bit % 64))
+    hash
+}
+
+/// The word of `LB_FEADDR_V2` and the bit in it for a frontend's address, port (raw) and
+/// protocol: the address's words, then port and protocol as one more. Shared by the kernel,
+/// which reads it, and the agent.
+#[inline(always)]
+pub fn frontend_filter_bit<A: MapAddr>(addr: &A, port: u16, proto: u8) -> (u32, u64) {
+    filter_word_bit(mix_filter_word(address_filter_hash(addr), (port as u32) << 8 | proto as u32))
+}
+
+/// The word of `LB_FEADDR_V1` and the bit in it: by the address alone (objects of version 1).
+#[inline(always)]
+pub fn frontend_filter_bit_v1<A: MapAddr>(addr: &A) -> (u32, u64) {
+    filter_word_bit(address_filter_hash(addr))
 }
 
 /// A frontend: where clients send. A NodePort frontend has the zero address and matches every
@@ -193,33 +222,50 @@ mod layout {
 
     #[test]
     fn frontend_filter_bits_spread_structured_ipv6_addresses() {
+        let http = 80u16.to_be();
         // A Service range and a pod range of one prefix: an XOR of the words would map the
         // 512th Service address onto the pod's bit.
         let pod = crate::ip6_raw([0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
         let service = |i: u16| crate::ip6_raw([0xfd, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (i >> 8) as u8, i as u8]);
-        let pod_bit = frontend_filter_bit(&pod);
-        let collisions = (0..4096).filter(|i| frontend_filter_bit(&service(*i)) == pod_bit).count();
+        let pod_bit = frontend_filter_bit(&pod, http, 6);
+        let collisions = (0..4096).filter(|i| frontend_filter_bit(&service(*i), http, 6) == pod_bit).count();
         assert_eq!(collisions, 0);
-        // 65,536 Service addresses of one range set about as many bits as random ones would
+        // 65,536 Services of one range set about as many bits as random ones would
         // (1 - e^-1/16 of 2^20: 60,600), so a pod address hits one about one time in 17.
         let mut set = [0u64; FRONTEND_FILTER_WORDS as usize];
         for i in 0..=u16::MAX {
-            let (word, bit) = frontend_filter_bit(&service(i));
+            let (word, bit) = frontend_filter_bit(&service(i), http, 6);
             set[word as usize] |= bit;
         }
         let bits: u32 = set.iter().map(|w| w.count_ones()).sum();
         assert!(bits > 60_000, "{bits} bits");
-        let on_a_set_bit = |addr| {
-            let (word, bit) = frontend_filter_bit(&addr);
-            set[word as usize] & bit != 0
-        };
-        let pods = (0..4096u16).filter(|i| on_a_set_bit(crate::ip6_raw([0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (i >> 8) as u8, *i as u8]))).count();
+        let on_a_set_bit = |(word, bit): (u32, u64)| set[word as usize] & bit != 0;
+        let pods = (0..4096u16).filter(|i| on_a_set_bit(frontend_filter_bit(&crate::ip6_raw([0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (i >> 8) as u8, *i as u8]), http, 6))).count();
         assert!(pods < 4096 / 10, "{pods} of 4,096 pod addresses on a Service's bit");
+        // The other ports and the other protocol of the Services' own addresses spread as well:
+        // a scan of a frontend's ports pays the lookup about as seldom.
+        let other_ports = (0..4096u16).filter(|i| on_a_set_bit(frontend_filter_bit(&service(*i), (1024 + *i).to_be(), 6))).count();
+        let udp = (0..4096u16).filter(|i| on_a_set_bit(frontend_filter_bit(&service(*i), http, 17))).count();
+        assert!(other_ports < 4096 / 10 && udp < 4096 / 10, "{other_ports} other ports, {udp} UDP of 4,096 on a set bit");
+    }
+
+    #[test]
+    fn frontend_filter_bits_are_fixed() {
+        // Kernel and agent compute them apart: a change here must be a new map version.
+        let mix = |hash: u32, word: u32| {
+            let hash = (hash ^ word).wrapping_mul(0x9E37_79B1);
+            hash ^ (hash >> 15)
+        };
+        let at = |hash: u32| {
+            let bit = hash.wrapping_mul(0x9E37_79B1) >> 12;
+            (bit / 64, 1u64 << (bit % 64))
+        };
         let v4 = crate::ip4_raw([10, 96, 0, 1]);
-        let mut hash = v4.wrapping_mul(0x9E37_79B1);
-        hash ^= hash >> 15;
-        let bit = hash.wrapping_mul(0x9E37_79B1) >> 12;
-        assert_eq!(frontend_filter_bit(&v4), (bit / 64, 1 << (bit % 64)), "fixed: kernel and agent compute it apart");
+        let port = 80u16.to_be();
+        assert_eq!(frontend_filter_bit(&v4, port, 6), at(mix(mix(0, v4), (port as u32) << 8 | 6)));
+        assert_eq!(frontend_filter_bit_v1(&v4), at(mix(0, v4)), "version 1: the address alone");
+        assert_ne!(frontend_filter_bit(&v4, port, 6), frontend_filter_bit(&v4, 443u16.to_be(), 6), "another port");
+        assert_ne!(frontend_filter_bit(&v4, port, 6), frontend_filter_bit(&v4, port, 17), "another protocol");
         assert!(FRONTEND_FILTER_WORDS * 64 == 1 << 20);
     }
 
