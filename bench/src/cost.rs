@@ -63,6 +63,8 @@ pub struct Row {
     /// and the baseline's, a value per load and round. Free of the 10 ns grain of single runs.
     pub repeat: Option<Summary>,
     pub baseline_repeat: Option<Summary>,
+    /// The same for Katran, where it passes the packet too (minus this build's floor).
+    pub katran_repeat: Option<Summary>,
 }
 
 /// XDP verdicts (linux/bpf.h).
@@ -239,6 +241,25 @@ fn repeat_runs(loaded: &[(Testbed, Vec<Path>)], i: usize, repeat: u32) -> Result
     Ok(Some(Summary::of(&ns)))
 }
 
+/// Katran's `repeat` runs of a path that both leave as it was, each minus the floor's (this
+/// build's testbed of the same load): three rounds on every load.
+fn katran_repeat_runs(katran: &[Katran], current: &[(Testbed, Vec<Path>)], i: usize, repeat: u32) -> Result<Option<Summary>> {
+    let path = &current[0].1[i];
+    if path.katran_verdict != Some(XDP_PASS) {
+        return Ok(None);
+    }
+    let packet = (path.packet)(0);
+    let mut ns = Vec::new();
+    for _ in 0..3 {
+        for (katran, (tb, _)) in katran.iter().zip(current) {
+            let (verdict, took) = katran.time(&packet, path.ingress, repeat)?;
+            ensure!(verdict == XDP_PASS, "Katran, {}: verdict {verdict}, not XDP_PASS", path.name);
+            ns.push(took - floor(tb, path, repeat)?.1);
+        }
+    }
+    Ok(Some(Summary::of(&ns)))
+}
+
 /// The floor of a path, run `repeat` times: the XDP_PASS program, or for a TC path `lb_tc` on
 /// an ARP frame (which it leaves at once).
 fn floor(tb: &Testbed, path: &Path, repeat: u32) -> Result<(u32, f64)> {
@@ -359,6 +380,10 @@ pub fn run(cfg: &Config, baseline: Option<Vec<u8>>, katran: Option<Vec<u8>>) -> 
                     (Some(loaded), true) => repeat_runs(loaded, i, repeat)?,
                     _ => None,
                 };
+                let katran_repeated = match (&katran, repeated.is_some()) {
+                    (Some(katran), true) => katran_repeat_runs(katran, &current, i, repeat)?,
+                    _ => None,
+                };
                 let ratio_to = |other: &[f64]| (!other.is_empty()).then(|| Summary::of(&now.iter().zip(other).map(|(a, b)| a / b).collect::<Vec<_>>()));
                 rows.push(Row {
                     services: n,
@@ -373,6 +398,7 @@ pub fn run(cfg: &Config, baseline: Option<Vec<u8>>, katran: Option<Vec<u8>>) -> 
                     wall_difference: (!before_wall.is_empty()).then(|| Summary::of(&now_wall.iter().zip(&before_wall).map(|(a, b)| a - b).collect::<Vec<_>>())),
                     repeat: repeated,
                     baseline_repeat: baseline_repeated,
+                    katran_repeat: katran_repeated,
                 });
             }
         }

@@ -115,10 +115,20 @@ impl Katran {
     /// One run on `packet` (arriving on device `ingress`, else loopback): the verdict, the
     /// kernel's time in ns and the packet as it left.
     pub fn run(&self, packet: &[u8], ingress: Option<u32>) -> Result<(u32, f64, Vec<u8>)> {
+        self.test_run(packet, ingress, 1)
+    }
+
+    /// `repeat` runs on `packet` (one that Katran leaves as it was, so that every iteration
+    /// takes the same path): the verdict and the kernel's mean ns.
+    pub fn time(&self, packet: &[u8], ingress: Option<u32>, repeat: u32) -> Result<(u32, f64)> {
+        self.test_run(packet, ingress, repeat).map(|(verdict, ns, _)| (verdict, ns))
+    }
+
+    fn test_run(&self, packet: &[u8], ingress: Option<u32>, repeat: u32) -> Result<(u32, f64, Vec<u8>)> {
         let prog: &Xdp = self.ebpf.program(PROGRAM).context("no balancer_ingress")?.try_into()?;
         let mut out = vec![0u8; packet.len() + 256];
         let ctx = ingress.map(|ingress| xdp_md(packet, ingress));
-        let options = TestRunOptions { data_in: Some(packet), data_out: Some(&mut out), ctx_in: ctx.as_deref(), repeat: 1, ..Default::default() };
+        let options = TestRunOptions { data_in: Some(packet), data_out: Some(&mut out), ctx_in: ctx.as_deref(), repeat, ..Default::default() };
         let result = prog.test_run(options).context("BPF_PROG_TEST_RUN")?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value, result.duration.as_nanos() as f64, out))
