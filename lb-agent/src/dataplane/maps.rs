@@ -129,7 +129,6 @@ fn optional<T: TryFrom<Map, Error = aya::maps::MapError>>(map: Result<Map>, name
     }
 }
 
-/// A bitmap of `words` words an older object lacks, mapped: `None` when it is missing.
 /// The bit of frontend `key` (not a NodePort) in the frontend filter: by address, port and
 /// protocol, or (`v1`, an object of version 1) by address alone.
 pub(crate) fn frontend_bit<A: MapAddr>(key: &ServiceKeyV1<A>, v1: bool) -> (u32, u64) {
@@ -140,6 +139,7 @@ pub(crate) fn frontend_bit<A: MapAddr>(key: &ServiceKeyV1<A>, v1: bool) -> (u32,
     }
 }
 
+/// A bitmap of `words` words an older object lacks, mapped: `None` when it is missing.
 fn bitmap(map: Result<Map>, name: &str, words: u32) -> Result<Option<Bitmap>> {
     let Some(Map::Array(data)) = map.ok() else { return Ok(None) };
     Ok(Some(Bitmap::map(data, words).with_context(|| format!("mapping {name}"))?))
