@@ -231,14 +231,11 @@ fn repeat_runs(loaded: &[(Testbed, Vec<Path>)], i: usize, repeat: u32) -> Result
     if out != packet || (verdict != XDP_PASS && verdict != TC_ACT_OK) || packet != (paths[i].packet)(1) {
         return Ok(None);
     }
-    let mut ns = Vec::new();
-    for _ in 0..3 {
-        for (tb, paths) in loaded {
-            let path = &paths[i];
-            ns.push(run_path(tb, path, &packet, repeat)?.1 - floor(tb, path, repeat)?.1);
-        }
-    }
-    Ok(Some(Summary::of(&ns)))
+    three_rounds(loaded, i, repeat, |load| {
+        let (tb, paths) = &loaded[load];
+        Ok(run_path(tb, &paths[i], &packet, repeat)?.1)
+    })
+    .map(Some)
 }
 
 /// Katran's `repeat` runs of a path that both leave as it was, each minus the floor's (this
@@ -249,15 +246,24 @@ fn katran_repeat_runs(katran: &[Katran], current: &[(Testbed, Vec<Path>)], i: us
         return Ok(None);
     }
     let packet = (path.packet)(0);
+    three_rounds(current, i, repeat, |load| {
+        let (verdict, took) = katran[load].time(&packet, path.ingress, repeat)?;
+        ensure!(verdict == XDP_PASS, "Katran, {}: verdict {verdict}, not XDP_PASS", path.name);
+        Ok(took)
+    })
+    .map(Some)
+}
+
+/// Three rounds over the loads: `run(load)` (a `repeat` run of path `i` on load `load`), minus
+/// that load's floor run the same way.
+fn three_rounds(loaded: &[(Testbed, Vec<Path>)], i: usize, repeat: u32, run: impl Fn(usize) -> Result<f64>) -> Result<Summary> {
     let mut ns = Vec::new();
     for _ in 0..3 {
-        for (katran, (tb, _)) in katran.iter().zip(current) {
-            let (verdict, took) = katran.time(&packet, path.ingress, repeat)?;
-            ensure!(verdict == XDP_PASS, "Katran, {}: verdict {verdict}, not XDP_PASS", path.name);
-            ns.push(took - floor(tb, path, repeat)?.1);
+        for (load, (tb, paths)) in loaded.iter().enumerate() {
+            ns.push(run(load)? - floor(tb, &paths[i], repeat)?.1);
         }
     }
-    Ok(Some(Summary::of(&ns)))
+    Ok(Summary::of(&ns))
 }
 
 /// The floor of a path, run `repeat` times: the XDP_PASS program, or for a TC path `lb_tc` on

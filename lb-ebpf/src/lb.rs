@@ -75,8 +75,10 @@ pub fn decide<A: Family>(pkt: &Packet<A>, hook: Hook, bytes: u32) -> Action<A> {
 
     // 2. A tracked flow: its frontend is found by the id its conntrack entry holds, while that
     //    id is still this frontend's, without hashing the frontend's key. Only a packet to
-    //    where a frontend may be (its address or NodePort marked) is looked up at all.
-    if !may_be_frontend(t) {
+    //    where a frontend may be (its destination or NodePort marked) is looked up at all;
+    //    step 3 reuses the filter's answer.
+    let marked = frontend_marked(&t.dst_addr, t.dst_port, t.proto);
+    if !marked && !node_port(t.dst_port) {
         return Action::Pass(reason::PASS_NOT_SERVICE);
     }
     // A SYN opens a flow: looked up (a retransmission's) only after its frontend.
@@ -98,7 +100,7 @@ pub fn decide<A: Family>(pkt: &Packet<A>, hook: Hook, bytes: u32) -> Action<A> {
 
     // 3. A frontend: exact address, or a NodePort on any of this node's addresses. Clients
     //    from outside see an externalTrafficPolicy: Local frontend through its local scope.
-    let Some((mut key, mut svc)) = lookup_frontend(t.dst_addr, t.dst_port, t.proto) else {
+    let Some((mut key, mut svc)) = lookup_frontend_where(t.dst_addr, t.dst_port, t.proto, marked || t.dst_addr.is_zero()) else {
         return Action::Pass(reason::PASS_NOT_SERVICE);
     };
     if hook == Hook::External && svc.flags & F_SVC_EXT_LOCAL != 0 {
@@ -214,16 +216,9 @@ pub fn decide<A: Family>(pkt: &Packet<A>, hook: Hook, bytes: u32) -> Action<A> {
     action
 }
 
-/// Whether a packet `t` may be to a frontend: its address, port and protocol are marked as
-/// some frontend's, or its port as some NodePort's. Most of a node's traffic is neither, nor
-/// is a scan of a frontend's other ports, and costs no lookup.
-#[inline(always)]
-fn may_be_frontend<A: Family>(t: &CtKeyV1<A>) -> bool {
-    frontend_marked(&t.dst_addr, t.dst_port, t.proto) || node_port(t.dst_port)
-}
-
 /// Whether the frontend filter marks `addr`, `port` (raw) and `proto` (some frontend may
-/// have them).
+/// have them). Most of a node's traffic is unmarked, and so is a scan of a frontend's other
+/// ports: on no NodePort's port, such a packet costs no lookup.
 #[inline(always)]
 fn frontend_marked<A: MapAddr>(addr: &A, port: u16, proto: u8) -> bool {
     let (word, bit) = frontend_filter_bit(addr, port, proto);
@@ -350,10 +345,17 @@ fn reply_routed<A: Family>(rnat: &RevNatV1<A>, hook: Hook) -> bool {
 /// one of this node's. Shared by the packet hooks and the socket hooks.
 #[inline(always)]
 pub fn lookup_frontend<A: Family>(addr: A, port: u16, proto: u8) -> Option<(ServiceKeyV1<A>, ServiceV1)> {
-    let mut key = ServiceKeyV1 { addr, port, proto, scope: SCOPE_CLUSTER };
     // An exact frontend: only where the filter marks one. The zero address is looked up as
     // it is: a socket bound or connected to it reaches a NodePort's entry.
-    if addr.is_zero() || frontend_marked(&addr, port, proto) {
+    lookup_frontend_where(addr, port, proto, addr.is_zero() || frontend_marked(&addr, port, proto))
+}
+
+/// [`lookup_frontend`] for a caller that has read the filter already: `exact`, whether to
+/// look the destination up as an exact frontend.
+#[inline(always)]
+fn lookup_frontend_where<A: Family>(addr: A, port: u16, proto: u8, exact: bool) -> Option<(ServiceKeyV1<A>, ServiceV1)> {
+    let mut key = ServiceKeyV1 { addr, port, proto, scope: SCOPE_CLUSTER };
+    if exact {
         if let Some(svc) = unsafe { A::services().get(&key) } {
             return Some((key, *svc));
         }

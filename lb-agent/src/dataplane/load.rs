@@ -9,6 +9,8 @@ use anyhow::{bail, Context, Result};
 use aya::{maps::IterableMap, Ebpf, EbpfLoader};
 use lb_common::*;
 
+use super::maps::FrontendFilter;
+
 /// The object lb-ebpf compiles to (see build.rs).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_BPF_OBJECT"));
 
@@ -116,30 +118,30 @@ pub fn load_from(pin_dir: &Path, sizes: &MapSizes, object: &[u8]) -> Result<Ebpf
 fn fill_frontend_filters(ebpf: &mut Ebpf) -> Result<()> {
     use aya::maps::{Array, HashMap, MapData};
     type Bits = std::collections::BTreeSet<(u32, u64)>;
-    fn bits<A: super::maps::Family>(ebpf: &Ebpf, name: &str, v1: bool, ports: &mut Bits, frontends: &mut Bits, by_id: &mut Vec<ServiceByIdV1>) -> Result<()> {
+    fn bits<A: super::maps::Family>(ebpf: &Ebpf, name: &str, filter: FrontendFilter, ports: &mut Bits, frontends: &mut Bits, by_id: &mut Vec<ServiceByIdV1>) -> Result<()> {
         let map: HashMap<&MapData, ServiceKeyV1<A>, ServiceV1> = ebpf.map(name).with_context(|| format!("no map {name}"))?.try_into()?;
         for (k, entry) in map.iter().filter_map(|e| e.ok()) {
             if k.addr.is_zero() {
                 ports.insert(nodeport_bit(k.port));
             } else {
-                frontends.insert(super::maps::frontend_bit(&k, v1));
+                frontends.insert(filter.bit(&k));
             }
             by_id.push(super::FrontendKey::of(&k).by_id(&entry));
         }
         Ok(())
     }
-    // An object of version 1 of the frontend filter marks addresses alone.
-    let (frontend_filter, v1) = if ebpf.map(MAP_FRONTEND_FILTER).is_some() { (MAP_FRONTEND_FILTER, false) } else { (MAP_FRONTEND_FILTER_V1, true) };
+    // The object's version of the frontend filter (an older object has none to fill).
+    let filter = frontend_filter_of(ebpf).unwrap_or(FrontendFilter::V2);
     let (mut ports, mut frontends, mut by_id) = (Bits::new(), Bits::new(), Vec::new());
-    bits::<Addr4>(ebpf, MAP_SERVICES, v1, &mut ports, &mut frontends, &mut by_id)?;
-    bits::<Addr6>(ebpf, MAP_SERVICES6, v1, &mut ports, &mut frontends, &mut by_id)?;
+    bits::<Addr4>(ebpf, MAP_SERVICES, filter, &mut ports, &mut frontends, &mut by_id)?;
+    bits::<Addr6>(ebpf, MAP_SERVICES6, filter, &mut ports, &mut frontends, &mut by_id)?;
     if let Some(map) = ebpf.map_mut(MAP_SERVICE_BY_ID) {
         let mut map: Array<&mut MapData, ServiceByIdV1> = map.try_into()?;
         for frontend in by_id {
             map.set(frontend.entry.service_id, &frontend, 0).with_context(|| format!("writing {MAP_SERVICE_BY_ID}"))?;
         }
     }
-    for (name, marked) in [(MAP_NODEPORT_FILTER, ports), (frontend_filter, frontends)] {
+    for (name, marked) in [(MAP_NODEPORT_FILTER, ports), (filter.map_name(), frontends)] {
         // An object older than the filter (a benchmark's baseline) has none to fill.
         let Some(filter) = ebpf.map_mut(name) else { continue };
         let mut filter: Array<&mut MapData, u64> = filter.try_into()?;
@@ -422,11 +424,16 @@ fn migrate_slot_array_v1(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<()> {
 /// old filter's pin goes (the old programs hold their map until they are replaced).
 fn retire_frontend_filter_v1(ebpf: &Ebpf, pin_dir: &Path) -> Result<()> {
     let path = pin_path(pin_dir, MAP_FRONTEND_FILTER_V1);
-    if ebpf.map(MAP_FRONTEND_FILTER).is_some() && path.exists() {
+    if frontend_filter_of(ebpf) == Some(FrontendFilter::V2) && path.exists() {
         std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         log::info!("{MAP_FRONTEND_FILTER_V1} retired: {MAP_FRONTEND_FILTER} marks each frontend's address, port and protocol");
     }
     Ok(())
+}
+
+/// The version of the frontend filter a loaded object has, if any.
+fn frontend_filter_of(ebpf: &Ebpf) -> Option<FrontendFilter> {
+    FrontendFilter::NEWEST_FIRST.into_iter().find(|version| ebpf.map(version.map_name()).is_some())
 }
 
 /// The Maglev slices the frontends in the loaded map `name` use.

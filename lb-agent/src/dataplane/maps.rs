@@ -129,13 +129,32 @@ fn optional<T: TryFrom<Map, Error = aya::maps::MapError>>(map: Result<Map>, name
     }
 }
 
-/// The bit of frontend `key` (not a NodePort) in the frontend filter: by address, port and
-/// protocol, or (`v1`, an object of version 1) by address alone.
-pub(crate) fn frontend_bit<A: MapAddr>(key: &ServiceKeyV1<A>, v1: bool) -> (u32, u64) {
-    if v1 {
-        frontend_filter_bit_v1(&key.addr)
-    } else {
-        frontend_filter_bit(&key.addr, key.port, key.proto)
+/// The versions of the frontend filter, newest first: an object has one of them (one older
+/// still, none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FrontendFilter {
+    /// `LB_FEADDR_V2`: by address, port and protocol.
+    V2,
+    /// `LB_FEADDR_V1`: by address alone (another build's object, such as a benchmark's baseline).
+    V1,
+}
+
+impl FrontendFilter {
+    pub(crate) const NEWEST_FIRST: [Self; 2] = [Self::V2, Self::V1];
+
+    pub(crate) fn map_name(self) -> &'static str {
+        match self {
+            Self::V2 => MAP_FRONTEND_FILTER,
+            Self::V1 => MAP_FRONTEND_FILTER_V1,
+        }
+    }
+
+    /// The bit of frontend `key` (not a NodePort).
+    pub(crate) fn bit<A: MapAddr>(self, key: &ServiceKeyV1<A>) -> (u32, u64) {
+        match self {
+            Self::V2 => frontend_filter_bit(&key.addr, key.port, key.proto),
+            Self::V1 => frontend_filter_bit_v1(&key.addr),
+        }
     }
 }
 
@@ -181,7 +200,7 @@ pub struct Maps {
     /// version 1 has [`MAP_FRONTEND_FILTER_V1`], by address alone; an older one none), and how
     /// many frontends each set bit stands for.
     pub frontend_filter: Option<Bitmap>,
-    frontend_filter_v1: bool,
+    frontend_filter_version: FrontendFilter,
     frontend_filter_counts: Holders<(u32, u64)>,
     /// Frontends by service id (see [`MAP_SERVICE_BY_ID`]; none in an older object).
     pub service_by_id: Option<Array<MapData, ServiceByIdV1>>,
@@ -212,10 +231,13 @@ impl Maps {
                 open($name)?.try_into().with_context(|| format!("map {} has an unexpected type or layout", $name))?
             };
         }
-        let (frontend_filter, frontend_filter_v1) = match bitmap(open(MAP_FRONTEND_FILTER), MAP_FRONTEND_FILTER, FRONTEND_FILTER_WORDS)? {
-            Some(filter) => (Some(filter), false),
-            None => (bitmap(open(MAP_FRONTEND_FILTER_V1), MAP_FRONTEND_FILTER_V1, FRONTEND_FILTER_WORDS)?, true),
-        };
+        let (mut frontend_filter, mut frontend_filter_version) = (None, FrontendFilter::V2);
+        for version in FrontendFilter::NEWEST_FIRST {
+            if let Some(filter) = bitmap(open(version.map_name()), version.map_name(), FRONTEND_FILTER_WORDS)? {
+                (frontend_filter, frontend_filter_version) = (Some(filter), version);
+                break;
+            }
+        }
         let conntrack = open(MAP_CONNTRACK)?;
         let flow_capacity = match &conntrack {
             Map::HashMap(data) => data.info()?.max_entries(),
@@ -257,7 +279,7 @@ impl Maps {
             local_backends: optional(open(MAP_LOCAL_BACKENDS), MAP_LOCAL_BACKENDS)?,
             local_backend_slots: Default::default(),
             frontend_filter,
-            frontend_filter_v1,
+            frontend_filter_version,
             frontend_filter_counts: Default::default(),
             service_by_id: optional(open(MAP_SERVICE_BY_ID), MAP_SERVICE_BY_ID)?,
         })
@@ -379,8 +401,8 @@ impl Maps {
     /// set while a frontend it stands for is in the maps.
     pub fn count_frontend(&mut self, key: &FrontendKey, held: bool) -> Result<()> {
         let at = match (key.entry::<Addr4>(), key.entry::<Addr6>()) {
-            (Some(k), _) => frontend_bit(&k, self.frontend_filter_v1),
-            (_, Some(k)) => frontend_bit(&k, self.frontend_filter_v1),
+            (Some(k), _) => self.frontend_filter_version.bit(&k),
+            (_, Some(k)) => self.frontend_filter_version.bit(&k),
             _ => unreachable!("an address is of one family"),
         };
         let Some(filter) = self.frontend_filter.as_ref() else { return Ok(()) };
